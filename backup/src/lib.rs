@@ -1,0 +1,1 @@
+//! Backup side: keeps the replica, watches heartbeats, fails over.

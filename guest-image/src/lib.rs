@@ -1,0 +1,1 @@
+//! The built-in guest, built from guest/ and embedded as an ELF image.

@@ -1,0 +1,1 @@
+//! Output commit: guest frames held per epoch until the backup acknowledges it.

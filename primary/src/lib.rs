@@ -1,0 +1,1 @@
+//! Primary side: runs the protected VM and streams epoch checkpoints.

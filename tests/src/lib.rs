@@ -1,0 +1,1 @@
+//! End-to-end and fault-injection tests: network namespaces, TAPs, real processes.

@@ -1,0 +1,1 @@
+//! Replication wire protocol between primary and backup.
