@@ -1,0 +1,1 @@
+//! PCI: configuration mechanism #1 and the device trait.

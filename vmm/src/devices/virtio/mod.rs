@@ -1,0 +1,1 @@
+//! virtio devices over the virtio-pci modern transport.
