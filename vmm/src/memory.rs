@@ -1,10 +1,17 @@
 //! Guest memory: one memfd-backed region starting at guest physical address 0.
 //!
-//! Every write the VMM itself makes through [`GuestMem`] is recorded in the region's
-//! [`AtomicBitmap`]: KVM's dirty log only sees writes made by the guest, so the checkpoint
-//! engine ORs this bitmap into KVM's (virtio RX buffers and used rings are written here).
+//! The memfd lets a checkpoint read pages without going through the VMM's mapping and lets a
+//! replica be mapped by a restored VM without a copy. Every write the VMM itself makes
+//! through [`GuestMem`] is recorded in the region's [`AtomicBitmap`]: KVM's dirty log only
+//! sees writes made by the guest, so the checkpoint engine ORs this bitmap into KVM's
+//! (virtio RX buffers and used rings are written here).
+
+use std::ffi::CStr;
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd};
 
 use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 /// Guest memory as the whole VMM sees it: dirty-tracked mmap regions.
 pub type GuestMem = vm_memory::GuestMemoryMmap<AtomicBitmap>;
@@ -13,3 +20,150 @@ pub type GuestRegion = vm_memory::GuestRegionMmap<AtomicBitmap>;
 
 /// Size of a guest page, the unit of dirty tracking and of checkpoint transfer.
 pub const PAGE_SIZE: usize = 4096;
+
+/// Largest RAM the built-in guest layout supports: RAM ends where the MMIO hole begins.
+pub const MAX_MEM_SIZE: u64 = crate::layout::MMIO_HOLE_START;
+
+/// Errors creating guest memory.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    #[error("guest memory size {0} bytes is not a non-zero multiple of 2 MiB")]
+    BadSize(u64),
+    #[error("guest memory size {size} bytes is above the maximum of {max} bytes")]
+    TooLarge { size: u64, max: u64 },
+    #[error("memfd_create for guest memory failed")]
+    Memfd(#[source] std::io::Error),
+    #[error("sizing the guest memory file to {size} bytes failed")]
+    Truncate {
+        size: u64,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("mapping guest memory failed")]
+    Map(#[source] vm_memory::mmap::FromRangesError),
+}
+
+/// Guest RAM together with the file that backs it.
+pub struct Memory {
+    mem: GuestMem,
+    file: File,
+    size: u64,
+}
+
+impl Memory {
+    /// Creates `size` bytes of zeroed guest RAM at GPA 0, backed by a new memfd.
+    pub fn new(size: u64) -> Result<Self, MemoryError> {
+        if size == 0 || size % (2 << 20) != 0 {
+            return Err(MemoryError::BadSize(size));
+        }
+        if size > MAX_MEM_SIZE {
+            return Err(MemoryError::TooLarge {
+                size,
+                max: MAX_MEM_SIZE,
+            });
+        }
+        let name: &CStr = c"twin-guest-ram";
+        // SAFETY: `name` is a valid NUL-terminated string; the returned fd is checked and
+        // owned by the `File` below.
+        let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(MemoryError::Memfd(std::io::Error::last_os_error()));
+        }
+        // SAFETY: `fd` is a fresh, valid file descriptor that nothing else owns.
+        let file = unsafe { File::from_raw_fd(fd) };
+        file.set_len(size)
+            .map_err(|source| MemoryError::Truncate { size, source })?;
+        let mem = Self::map(&file, size)?;
+        Ok(Memory { mem, file, size })
+    }
+
+    fn map(file: &File, size: u64) -> Result<GuestMem, MemoryError> {
+        let clone = file.try_clone().map_err(MemoryError::Memfd)?;
+        GuestMem::from_ranges_with_files([(
+            GuestAddress(0),
+            size as usize,
+            Some(FileOffset::new(clone, 0)),
+        )])
+        .map_err(MemoryError::Map)
+    }
+
+    pub fn guest_memory(&self) -> &GuestMem {
+        &self.mem
+    }
+
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    pub fn page_count(&self) -> usize {
+        (self.size as usize) / PAGE_SIZE
+    }
+
+    /// Host address of the mapping of GPA 0, for `KVM_SET_USER_MEMORY_REGION`.
+    pub fn host_address(&self) -> u64 {
+        let region = self.mem.iter().next().expect("guest memory has one region");
+        region.as_ptr() as u64
+    }
+
+    /// The whole of guest RAM as a byte slice, for checkpoint page copies.
+    ///
+    /// Reads race with the guest when vCPUs run; callers read only while vCPUs and devices
+    /// are paused, or accept torn pages that a later epoch resends.
+    pub fn as_slice(&self) -> &[u8] {
+        let region = self.mem.iter().next().expect("guest memory has one region");
+        // SAFETY: the region maps `len` bytes for as long as `self.mem` lives, and this
+        // borrow is tied to `self`. Concurrent guest writes only change byte values.
+        unsafe { std::slice::from_raw_parts(region.as_ptr(), region.len() as usize) }
+    }
+
+    /// Takes the VMM's own dirty bitmap (one bit per page, u64 words, like KVM's log) and
+    /// clears it.
+    pub fn take_vmm_dirty_bitmap(&self) -> Vec<u64> {
+        let region = self.mem.iter().next().expect("guest memory has one region");
+        region.get_mmap().bitmap().get_and_reset()
+    }
+
+    /// Raw fd of the backing memfd.
+    pub fn raw_fd(&self) -> i32 {
+        self.file.as_raw_fd()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::Bytes;
+
+    #[test]
+    fn vmm_writes_are_tracked_and_reset() {
+        let m = Memory::new(4 << 20).unwrap();
+        assert_eq!(m.page_count(), 1024);
+        m.guest_memory()
+            .write_obj(0xdead_beefu32, GuestAddress(5 * PAGE_SIZE as u64 + 8))
+            .unwrap();
+        m.guest_memory()
+            .write_slice(&[1u8; 2], GuestAddress(64 * PAGE_SIZE as u64 - 1))
+            .unwrap();
+        let bm = m.take_vmm_dirty_bitmap();
+        let set: Vec<usize> = (0..1024)
+            .filter(|&p| bm[p / 64] & (1 << (p % 64)) != 0)
+            .collect();
+        assert_eq!(set, vec![5, 63, 64]);
+        assert!(m.take_vmm_dirty_bitmap().iter().all(|&w| w == 0));
+        assert_eq!(m.as_slice()[5 * PAGE_SIZE + 8], 0xef);
+    }
+
+    #[test]
+    fn rejects_bad_sizes() {
+        assert!(matches!(Memory::new(0), Err(MemoryError::BadSize(0))));
+        assert!(matches!(Memory::new(3 << 20), Err(MemoryError::BadSize(_))));
+        assert!(matches!(
+            Memory::new(8 << 30),
+            Err(MemoryError::TooLarge { .. })
+        ));
+    }
+}

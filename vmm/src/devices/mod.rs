@@ -2,5 +2,7 @@
 
 pub mod bus;
 pub mod pci;
+pub mod power;
+pub mod serial;
 pub mod tap;
 pub mod virtio;

@@ -1,0 +1,346 @@
+//! vCPU threads: the run loop, exit dispatch, and pause/resume.
+//!
+//! Pausing follows Cloud Hypervisor and Firecracker: the controller sets the requested
+//! state, then kicks each vCPU thread with a real-time signal whose handler sets the
+//! thread's `kvm_run.immediate_exit`. That closes the race where the signal arrives just
+//! before `KVM_RUN`: the run then returns `EINTR` at once. Before reporting itself paused a
+//! vCPU enters `KVM_RUN` once more with `immediate_exit` set, so an MMIO/PIO exit whose
+//! result KVM has not consumed yet completes and the captured registers are consistent.
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::thread::JoinHandle;
+
+use kvm_bindings::{kvm_run, CpuId, KVM_MAX_CPUID_ENTRIES};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+
+use crate::devices::bus::Bus;
+use crate::VmEvent;
+
+/// Errors creating, configuring or controlling vCPUs.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    #[error("creating vCPU {id} failed")]
+    Create {
+        id: u8,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("vCPU ioctl {op} failed")]
+    Ioctl {
+        op: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("registering the vCPU kick signal handler failed")]
+    Signal(#[source] vmm_sys_util::errno::Error),
+    #[error("spawning the vCPU {id} thread failed")]
+    Spawn {
+        id: u8,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn ioctl(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError {
+    move |source| VcpuError::Ioctl { op, source }
+}
+
+/// Signal used to kick a vCPU thread out of `KVM_RUN`.
+pub fn kick_signal() -> i32 {
+    SIGRTMIN()
+}
+
+thread_local! {
+    static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+extern "C" fn handle_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    let run = KVM_RUN.with(|r| r.get());
+    if !run.is_null() {
+        // SAFETY: the pointer was set by this thread to its vCPU's `kvm_run` mapping, which
+        // stays mapped while the thread's `VcpuFd` lives (the thread clears the pointer
+        // before dropping it). A volatile byte store is async-signal-safe.
+        unsafe { std::ptr::addr_of_mut!((*run).immediate_exit).write_volatile(1) };
+    }
+}
+
+/// Installs the kick signal handler (idempotent; call before starting vCPUs).
+pub fn register_kick_handler() -> Result<(), VcpuError> {
+    register_signal_handler(kick_signal(), handle_kick).map_err(VcpuError::Signal)
+}
+
+const REQ_RUN: u8 = 0;
+const REQ_PAUSE: u8 = 1;
+const REQ_STOP: u8 = 2;
+
+/// Shared pause/resume/stop control of all vCPUs of one VM.
+#[derive(Default)]
+pub struct VcpuControl {
+    requested: AtomicU8,
+    state: Mutex<ControlState>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct ControlState {
+    /// vCPU threads currently parked in the paused state.
+    parked: usize,
+    /// vCPU threads that have left their run loop for good.
+    exited: usize,
+}
+
+/// A vCPU: its fd (shared so the controller can read state while the thread is parked)
+/// and, once started, its thread.
+pub struct Vcpu {
+    pub id: u8,
+    fd: Arc<Mutex<VcpuFd>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Vcpu {
+    pub fn new(vm: &kvm_ioctls::VmFd, id: u8) -> Result<Self, VcpuError> {
+        let fd = vm
+            .create_vcpu(id as u64)
+            .map_err(|source| VcpuError::Create { id, source })?;
+        Ok(Vcpu {
+            id,
+            fd: Arc::new(Mutex::new(fd)),
+            thread: None,
+        })
+    }
+
+    /// Locks the vCPU fd. Only call while the vCPU is paused or not yet started: the
+    /// vCPU thread holds this lock while it runs.
+    pub fn fd(&self) -> std::sync::MutexGuard<'_, VcpuFd> {
+        self.fd.lock().expect("vCPU fd lock poisoned")
+    }
+
+    /// Gives the vCPU the host's supported CPUID less what the guest must not see.
+    pub fn configure_cpuid(&self, kvm: &kvm_ioctls::Kvm, vcpus: u8) -> Result<(), VcpuError> {
+        let mut cpuid: CpuId = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(ioctl("KVM_GET_SUPPORTED_CPUID"))?;
+        for e in cpuid.as_mut_slice() {
+            match e.function {
+                1 => {
+                    // x2APIC, TSC-deadline, PCID and CX16 cannot be offered under PVM
+                    // (design brief §1); the LAPIC runs in xAPIC mode.
+                    e.ecx &= !((1 << 21) | (1 << 24) | (1 << 17) | (1 << 13));
+                    e.ebx = (e.ebx & 0x00ff_ffff) | ((self.id as u32) << 24);
+                    e.ebx = (e.ebx & 0xff00_ffff) | ((vcpus as u32) << 16);
+                }
+                0xb | 0x1f => e.edx = self.id as u32,
+                _ => {}
+            }
+        }
+        self.fd()
+            .set_cpuid2(&cpuid)
+            .map_err(ioctl("KVM_SET_CPUID2"))
+    }
+
+    /// Starts the vCPU thread running the guest until `control` says otherwise.
+    pub fn start(
+        &mut self,
+        control: Arc<VcpuControl>,
+        pio: Arc<RwLock<Bus>>,
+        mmio: Arc<RwLock<Bus>>,
+        events: Sender<VmEvent>,
+    ) -> Result<(), VcpuError> {
+        let fd = self.fd.clone();
+        let id = self.id;
+        let thread = std::thread::Builder::new()
+            .name(format!("vcpu{id}"))
+            .spawn(move || run_loop(id, fd, control, pio, mmio, events))
+            .map_err(|source| VcpuError::Spawn { id, source })?;
+        self.thread = Some(thread);
+        Ok(())
+    }
+
+    pub fn kick(&self) {
+        if let Some(t) = &self.thread {
+            // A vCPU thread that already exited cannot be kicked; that is fine.
+            let _ = t.kill(kick_signal());
+        }
+    }
+
+    pub fn join(&mut self) {
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl VcpuControl {
+    /// Asks every vCPU to stop at its next exit, kicks them and waits until all `count`
+    /// are parked (or have exited).
+    pub fn pause(&self, vcpus: &[Vcpu]) {
+        let mut st = self.state.lock().expect("vcpu control poisoned");
+        if self.requested.load(Ordering::Acquire) == REQ_STOP {
+            return;
+        }
+        self.requested.store(REQ_PAUSE, Ordering::Release);
+        for v in vcpus {
+            v.kick();
+        }
+        while st.parked + st.exited < vcpus.len() {
+            st = self.changed.wait(st).expect("vcpu control poisoned");
+        }
+    }
+
+    /// Lets parked vCPUs run again.
+    pub fn resume(&self) {
+        let _st = self.state.lock().expect("vcpu control poisoned");
+        if self.requested.load(Ordering::Acquire) == REQ_PAUSE {
+            self.requested.store(REQ_RUN, Ordering::Release);
+        }
+        self.changed.notify_all();
+    }
+
+    /// Stops all vCPUs for good and joins their threads.
+    pub fn stop(&self, vcpus: &mut [Vcpu]) {
+        {
+            let _st = self.state.lock().expect("vcpu control poisoned");
+            self.requested.store(REQ_STOP, Ordering::Release);
+            self.changed.notify_all();
+        }
+        for v in vcpus.iter() {
+            v.kick();
+        }
+        for v in vcpus.iter_mut() {
+            v.join();
+        }
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.requested.load(Ordering::Acquire) == REQ_PAUSE
+    }
+}
+
+fn run_loop(
+    id: u8,
+    fd: Arc<Mutex<VcpuFd>>,
+    control: Arc<VcpuControl>,
+    pio: Arc<RwLock<Bus>>,
+    mmio: Arc<RwLock<Bus>>,
+    events: Sender<VmEvent>,
+) {
+    let run_ptr: *mut kvm_run = fd.lock().expect("vcpu fd poisoned").get_kvm_run();
+    KVM_RUN.with(|r| r.set(run_ptr));
+    let outcome = loop {
+        if control.requested.load(Ordering::Acquire) != REQ_RUN {
+            // Park without holding the fd lock so the controller can capture state.
+            let go_on = {
+                let mut guard = fd.lock().expect("vcpu fd poisoned");
+                // Complete a pending MMIO/PIO exit without running guest code, so state
+                // captured while parked is consistent.
+                guard.set_kvm_immediate_exit(1);
+                let _ = guard.run();
+                guard.set_kvm_immediate_exit(0);
+                drop(guard);
+                park_unlocked(id, &control)
+            };
+            if !go_on {
+                break None;
+            }
+            continue;
+        }
+        let mut guard = fd.lock().expect("vcpu fd poisoned");
+        let exit = match guard.run() {
+            Ok(exit) => exit,
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                guard.set_kvm_immediate_exit(0);
+                continue;
+            }
+            Err(e) => {
+                break Some(VmEvent::VcpuFailed {
+                    vcpu: id,
+                    reason: format!("KVM_RUN: {e}"),
+                })
+            }
+        };
+        match exit {
+            VcpuExit::IoOut(port, data) => {
+                pio.read()
+                    .expect("pio bus poisoned")
+                    .write(port as u64, data);
+            }
+            VcpuExit::IoIn(port, data) => {
+                pio.read()
+                    .expect("pio bus poisoned")
+                    .read(port as u64, data);
+            }
+            VcpuExit::MmioWrite(addr, data) => {
+                if !mmio.read().expect("mmio bus poisoned").write(addr, data) {
+                    tracing::debug!(
+                        vcpu = id,
+                        addr = format_args!("{addr:#x}"),
+                        "write to unbacked MMIO"
+                    );
+                }
+            }
+            VcpuExit::MmioRead(addr, data) => {
+                if !mmio.read().expect("mmio bus poisoned").read(addr, data) {
+                    tracing::debug!(
+                        vcpu = id,
+                        addr = format_args!("{addr:#x}"),
+                        "read of unbacked MMIO"
+                    );
+                }
+            }
+            VcpuExit::Hlt => break Some(VmEvent::GuestHalted { vcpu: id }),
+            VcpuExit::Shutdown => break Some(VmEvent::GuestReset { vcpu: id }),
+            VcpuExit::SystemEvent(kind, _) => {
+                break Some(VmEvent::GuestReset { vcpu: id }).filter(|_| kind != 0)
+            }
+            VcpuExit::InternalError => {
+                let rip = guard.get_regs().map(|r| r.rip).unwrap_or(0);
+                break Some(VmEvent::VcpuFailed {
+                    vcpu: id,
+                    reason: format!("KVM internal error (emulation failure?) at rip {rip:#x}"),
+                });
+            }
+            VcpuExit::FailEntry(reason, cpu) => {
+                break Some(VmEvent::VcpuFailed {
+                    vcpu: id,
+                    reason: format!("VM entry failed: hardware reason {reason:#x} on cpu {cpu}"),
+                })
+            }
+            other => {
+                break Some(VmEvent::VcpuFailed {
+                    vcpu: id,
+                    reason: format!("unhandled exit {other:?}"),
+                })
+            }
+        }
+    };
+    KVM_RUN.with(|r| r.set(std::ptr::null_mut()));
+    {
+        let mut st = control.state.lock().expect("vcpu control poisoned");
+        st.exited += 1;
+        control.changed.notify_all();
+    }
+    if let Some(ev) = outcome {
+        let _ = events.send(ev);
+    }
+}
+
+/// Parks until resumed (true) or stopped (false); the fd lock is not held.
+fn park_unlocked(id: u8, control: &VcpuControl) -> bool {
+    let mut st = control.state.lock().expect("vcpu control poisoned");
+    st.parked += 1;
+    control.changed.notify_all();
+    tracing::trace!(vcpu = id, "parked");
+    loop {
+        match control.requested.load(Ordering::Acquire) {
+            REQ_PAUSE => st = control.changed.wait(st).expect("vcpu control poisoned"),
+            req => {
+                st.parked -= 1;
+                return req == REQ_RUN;
+            }
+        }
+    }
+}
