@@ -5,10 +5,12 @@
 //! the guest powers off or is controlled (paused, checkpointed, resumed) by the caller.
 
 pub mod boot;
+pub mod container;
 pub mod devices;
 pub mod interrupt;
 pub mod layout;
 pub mod memory;
+pub mod state;
 pub mod vcpu;
 pub mod vm;
 
@@ -66,6 +68,91 @@ pub struct VmConfig {
     pub guest_elf: std::borrow::Cow<'static, [u8]>,
 }
 
+/// Guest-visible configuration a restored VM must be rebuilt with.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MachineConfig {
+    pub mem_size: u64,
+    pub vcpus: u8,
+    pub mac: Option<[u8; 6]>,
+}
+
+/// State of every device. Each device is saved by its own `save_state`; a device that
+/// cannot save makes the whole capture fail.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct DeviceStates {
+    pub serial: devices::serial::SerialDeviceState,
+}
+
+/// The whole VM except guest memory: what a checkpoint or snapshot carries beside pages.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct MachineState {
+    pub config: MachineConfig,
+    /// Saved before KVM state (see `Vmm::capture_state`).
+    pub devices: DeviceStates,
+    pub vm: state::VmState,
+    pub vcpus: Vec<state::VcpuState>,
+}
+
+impl MachineState {
+    pub fn encode(&self) -> Result<Vec<u8>, container::ContainerError> {
+        container::encode(container::Kind::MachineState, self)
+    }
+
+    pub fn decode(data: &[u8]) -> Result<Self, container::ContainerError> {
+        container::decode(data, container::Kind::MachineState, container::DEFAULT_MAX_PAYLOAD)
+    }
+}
+
+/// Host resources a restored VM gets from its caller, not from the saved state.
+pub struct HostResources {
+    pub tap: Option<String>,
+    pub console: ConsoleOut,
+}
+
+/// Time spent in each phase of one checkpoint.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct CheckpointTimings {
+    /// From the pause request until every vCPU is parked.
+    pub stop_ns: u64,
+    pub device_state_ns: u64,
+    pub kvm_state_ns: u64,
+    pub harvest_ns: u64,
+    pub copy_ns: u64,
+    /// From the pause request until the vCPUs run again: the guest-visible pause.
+    pub pause_ns: u64,
+}
+
+/// One checkpoint: the machine state and the pages written since the previous one.
+pub struct Checkpoint {
+    pub state: MachineState,
+    /// Dirty-page bitmap (KVM's log OR the VMM's), one bit per page.
+    pub dirty: Vec<u64>,
+    /// Contents of the dirty pages, in bitmap order, `PAGE_SIZE` bytes each.
+    pub pages: Vec<u8>,
+    pub timings: CheckpointTimings,
+}
+
+impl Checkpoint {
+    /// Indices of the dirty pages, ascending.
+    pub fn dirty_pages(&self) -> impl Iterator<Item = usize> + '_ {
+        bitmap_pages(&self.dirty)
+    }
+}
+
+/// Indices of the set bits of a page bitmap, ascending.
+pub fn bitmap_pages(bitmap: &[u64]) -> impl Iterator<Item = usize> + '_ {
+    bitmap.iter().enumerate().flat_map(|(w, &bits)| {
+        let mut b = bits;
+        std::iter::from_fn(move || {
+            (b != 0).then(|| {
+                let i = b.trailing_zeros() as usize;
+                b &= b - 1;
+                w * 64 + i
+            })
+        })
+    })
+}
+
 /// Errors building or running a VM.
 #[derive(Debug, thiserror::Error)]
 pub enum VmmError {
@@ -93,6 +180,12 @@ pub enum VmmError {
     },
     #[error("network device")]
     Net(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("capturing or restoring KVM state")]
+    State(#[from] state::StateError),
+    #[error("restoring the {0} device")]
+    DeviceRestore(&'static str, #[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("the saved state has {saved} vCPUs, but {expected} were configured")]
+    VcpuMismatch { saved: usize, expected: u8 },
 }
 
 /// One VM and its devices.
@@ -107,6 +200,8 @@ pub struct Vmm {
     events_rx: Receiver<VmEvent>,
     vm: Vm,
     memory: Memory,
+    config: MachineConfig,
+    msr_indices: Vec<u32>,
     started: bool,
 }
 
@@ -119,34 +214,15 @@ fn set_lapic_reg(lapic: &mut kvm_lapic_state, reg: usize, value: u32) {
 impl Vmm {
     /// Builds the VM: memory, KVM VM, vCPUs, devices, and loads the built-in guest.
     pub fn new(cfg: VmConfig) -> Result<Self, VmmError> {
-        if cfg.vcpus == 0 || cfg.vcpus > 64 {
-            return Err(VmmError::VcpuCount(cfg.vcpus));
-        }
         let memory = Memory::new(cfg.mem_size)?;
-        let vm = Vm::new(&memory)?;
-        vcpu::register_kick_handler()?;
-
-        let mut vcpus = Vec::with_capacity(cfg.vcpus as usize);
-        for id in 0..cfg.vcpus {
-            let v = Vcpu::new(vm.fd(), id)?;
-            v.configure_cpuid(vm.kvm(), cfg.vcpus)?;
-            vcpus.push(v);
-        }
-        let tsc_khz = vcpus[0].fd().get_tsc_khz().map_err(VmmError::TscKhz)? as u64;
-
-        let (events_tx, events_rx) = channel();
-        let mut pio = Bus::new();
-        let mmio = Bus::new();
-        let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventFd)?;
-        vm.register_irqfd(&serial_irq, COM1_IRQ)?;
-        let serial = Arc::new(Mutex::new(SerialDevice::new(serial_irq, cfg.console)));
-        pio.insert(serial.clone(), COM1_PORT, 8)?;
-        pio.insert(
-            Arc::new(Mutex::new(PowerDevice::new(events_tx.clone()))),
-            POWER_PORT,
-            1,
-        )?;
-
+        let config = MachineConfig {
+            mem_size: cfg.mem_size,
+            vcpus: cfg.vcpus,
+            mac: cfg.net.as_ref().map(|n| n.mac),
+        };
+        let host = HostResources { tap: cfg.net.map(|n| n.tap), console: cfg.console };
+        let vmm = Self::build(config, memory, host, None)?;
+        let tsc_khz = vmm.vcpus[0].fd().get_tsc_khz().map_err(VmmError::TscKhz)? as u64;
         let params = BootParams {
             mem_size: cfg.mem_size,
             tsc_khz,
@@ -155,23 +231,16 @@ impl Vmm {
             gateway: cfg.gateway,
             guest_args: cfg.guest_args,
         };
-        let entry = boot::load_builtin_guest(memory.guest_memory(), &cfg.guest_elf, &params)?;
-        for v in &vcpus {
+        let entry = boot::load_builtin_guest(vmm.memory.guest_memory(), &cfg.guest_elf, &params)?;
+        for v in &vmm.vcpus {
             let fd = v.fd();
-            let sregs = fd.get_sregs().map_err(|source| VcpuError::Ioctl {
-                op: "KVM_GET_SREGS",
-                source,
-            })?;
+            let sregs = fd
+                .get_sregs()
+                .map_err(|source| VcpuError::Ioctl { op: "KVM_GET_SREGS", source })?;
             fd.set_sregs(&boot::initial_sregs(sregs))
-                .map_err(|source| VcpuError::Ioctl {
-                    op: "KVM_SET_SREGS",
-                    source,
-                })?;
+                .map_err(|source| VcpuError::Ioctl { op: "KVM_SET_SREGS", source })?;
             fd.set_regs(&boot::initial_regs(entry))
-                .map_err(|source| VcpuError::Ioctl {
-                    op: "KVM_SET_REGS",
-                    source,
-                })?;
+                .map_err(|source| VcpuError::Ioctl { op: "KVM_SET_REGS", source })?;
             let mut lapic = fd
                 .get_lapic()
                 .map_err(|source| VmmError::Lapic { vcpu: v.id, source })?;
@@ -181,6 +250,58 @@ impl Vmm {
             fd.set_lapic(&lapic)
                 .map_err(|source| VmmError::Lapic { vcpu: v.id, source })?;
         }
+        Ok(vmm)
+    }
+
+    /// Rebuilds a VM from saved state and guest memory that already holds the guest's
+    /// pages. Host resources (TAP, console) come from the caller.
+    pub fn restore(state: &MachineState, memory: Memory, host: HostResources) -> Result<Self, VmmError> {
+        let vmm = Self::build(state.config.clone(), memory, host, Some(&state.devices))?;
+        if state.vcpus.len() != vmm.vcpus.len() {
+            return Err(VmmError::VcpuMismatch { saved: state.vcpus.len(), expected: state.config.vcpus });
+        }
+        state::restore_vm(vmm.vm.fd(), &state.vm)?;
+        for (v, s) in vmm.vcpus.iter().zip(&state.vcpus) {
+            state::restore_vcpu(&v.fd(), s)?;
+        }
+        Ok(vmm)
+    }
+
+    /// Creates KVM VM, vCPUs and devices around `memory`; devices start from `devices` when
+    /// restoring.
+    fn build(
+        config: MachineConfig,
+        memory: Memory,
+        host: HostResources,
+        devices: Option<&DeviceStates>,
+    ) -> Result<Self, VmmError> {
+        if config.vcpus == 0 || config.vcpus > 64 {
+            return Err(VmmError::VcpuCount(config.vcpus));
+        }
+        let vm = Vm::new(&memory)?;
+        vcpu::register_kick_handler()?;
+
+        let mut vcpus = Vec::with_capacity(config.vcpus as usize);
+        for id in 0..config.vcpus {
+            let v = Vcpu::new(vm.fd(), id)?;
+            v.configure_cpuid(vm.kvm(), config.vcpus)?;
+            vcpus.push(v);
+        }
+        let msr_indices = state::saveable_msrs(vm.kvm(), &vcpus[0].fd())?;
+
+        let (events_tx, events_rx) = channel();
+        let mut pio = Bus::new();
+        let mmio = Bus::new();
+        let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventFd)?;
+        vm.register_irqfd(&serial_irq, COM1_IRQ)?;
+        let serial = match devices {
+            None => SerialDevice::new(serial_irq, host.console),
+            Some(d) => SerialDevice::from_state(&d.serial, serial_irq, host.console)
+                .map_err(|e| VmmError::DeviceRestore("serial", format!("{e:?}").into()))?,
+        };
+        let serial = Arc::new(Mutex::new(serial));
+        pio.insert(serial.clone(), COM1_PORT, 8)?;
+        pio.insert(Arc::new(Mutex::new(PowerDevice::new(events_tx.clone()))), POWER_PORT, 1)?;
 
         Ok(Vmm {
             vcpus,
@@ -192,6 +313,8 @@ impl Vmm {
             events_rx,
             vm,
             memory,
+            config,
+            msr_indices,
             started: false,
         })
     }
@@ -247,6 +370,97 @@ impl Vmm {
 
     pub fn serial(&self) -> &Arc<Mutex<SerialDevice>> {
         &self.serial
+    }
+
+    /// Captures devices, then KVM VM state, then every vCPU. vCPUs must be paused and the
+    /// caller must hold the device locks (see [`Vmm::checkpoint`]).
+    fn capture_locked(&self, serial: &SerialDevice) -> Result<(MachineState, u64, u64), VmmError> {
+        let t = std::time::Instant::now();
+        // Devices first: a device quiescing may still raise an interrupt, which must land
+        // in the LAPIC/IOAPIC state captured after it (Firecracker learned this).
+        let devices = DeviceStates { serial: serial.state() };
+        let device_ns = t.elapsed().as_nanos() as u64;
+        let vm = state::capture_vm(self.vm.fd())?;
+        let mut vcpus = Vec::with_capacity(self.vcpus.len());
+        for v in &self.vcpus {
+            vcpus.push(state::capture_vcpu(v.id, &v.fd(), &self.msr_indices)?);
+        }
+        let kvm_ns = t.elapsed().as_nanos() as u64 - device_ns;
+        Ok((MachineState { config: self.config.clone(), devices, vm, vcpus }, device_ns, kvm_ns))
+    }
+
+    /// Captures the whole state of a VM the caller has paused (and keeps paused).
+    pub fn capture_paused(&self) -> Result<MachineState, VmmError> {
+        let serial = self.serial.lock().expect("serial lock poisoned");
+        self.capture_locked(&serial).map(|(s, _, _)| s)
+    }
+
+    /// Pauses the VM, captures its whole state, resumes it. No pages.
+    pub fn capture_state(&self) -> Result<MachineState, VmmError> {
+        self.pause();
+        let serial = self.serial.lock().expect("serial lock poisoned");
+        let r = self.capture_locked(&serial).map(|(s, _, _)| s);
+        drop(serial);
+        self.resume();
+        r
+    }
+
+    /// Starts dirty-page tracking: KVM's log on, both logs cleared. The next checkpoint
+    /// returns the pages written from now on.
+    pub fn start_dirty_tracking(&mut self) -> Result<(), VmmError> {
+        self.vm.set_dirty_logging(true)?;
+        self.vm.take_dirty_log()?;
+        self.memory.take_vmm_dirty_bitmap();
+        Ok(())
+    }
+
+    /// One epoch checkpoint: pause, capture device + KVM state, harvest the dirty pages
+    /// (KVM's log OR the VMM's own bitmap) and copy them, resume. With `copy_pages` false
+    /// only the bitmap is returned (the caller reads memory itself while the VM stays
+    /// paused, e.g. for a snapshot that keeps the VM stopped).
+    pub fn checkpoint(&self, copy_pages: bool) -> Result<Checkpoint, VmmError> {
+        let t0 = std::time::Instant::now();
+        self.pause();
+        let stop_ns = t0.elapsed().as_nanos() as u64;
+        let serial = self.serial.lock().expect("serial lock poisoned");
+        let r = self.checkpoint_locked(&serial, copy_pages);
+        drop(serial);
+        self.resume();
+        let mut cp = r?;
+        cp.timings.stop_ns = stop_ns;
+        cp.timings.pause_ns = t0.elapsed().as_nanos() as u64;
+        Ok(cp)
+    }
+
+    fn checkpoint_locked(&self, serial: &SerialDevice, copy_pages: bool) -> Result<Checkpoint, VmmError> {
+        let (state, device_state_ns, kvm_state_ns) = self.capture_locked(serial)?;
+        let t = std::time::Instant::now();
+        let mut dirty = self.vm.take_dirty_log()?;
+        for (d, v) in dirty.iter_mut().zip(self.memory.take_vmm_dirty_bitmap()) {
+            *d |= v;
+        }
+        let harvest_ns = t.elapsed().as_nanos() as u64;
+        let t = std::time::Instant::now();
+        let mut pages = Vec::new();
+        if copy_pages {
+            let ram = self.memory.as_slice();
+            let n: usize = dirty.iter().map(|w| w.count_ones() as usize).sum();
+            pages.reserve_exact(n * memory::PAGE_SIZE);
+            for p in bitmap_pages(&dirty) {
+                pages.extend_from_slice(&ram[p * memory::PAGE_SIZE..(p + 1) * memory::PAGE_SIZE]);
+            }
+        }
+        let copy_ns = t.elapsed().as_nanos() as u64;
+        Ok(Checkpoint {
+            state,
+            dirty,
+            pages,
+            timings: CheckpointTimings { device_state_ns, kvm_state_ns, harvest_ns, copy_ns, ..Default::default() },
+        })
+    }
+
+    pub fn config(&self) -> &MachineConfig {
+        &self.config
     }
 
     /// Stops vCPUs and device workers; the VM can be dropped after this.

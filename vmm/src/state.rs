@@ -1,0 +1,180 @@
+//! Capture and restore of KVM state: per vCPU and per VM.
+//!
+//! What is captured is everything KVM holds for a guest: registers, special registers,
+//! XSAVE (x87/SSE/AVX, which also covers the legacy FPU image), XCRs, the MSRs KVM reports
+//! as saveable and that this host can read, LAPIC, MP state, pending events, debug
+//! registers; per VM the PIC pair, IOAPIC, PIT and the KVM clock. Device state is captured
+//! separately and before this (see `Vmm::capture_state`), so an interrupt a device raises
+//! while it is quiesced is already in the LAPIC/IOAPIC state saved here.
+
+use kvm_bindings::{
+    kvm_clock_data, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_msr_entry,
+    kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, Msrs,
+    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
+};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use serde::{Deserialize, Serialize};
+
+/// Errors capturing or restoring KVM state; `op` names the ioctl.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("{op} failed")]
+    Ioctl {
+        op: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("KVM restored only {done} of {total} MSRs (first refused: {first_refused:#x})")]
+    PartialMsrs { done: usize, total: usize, first_refused: u32 },
+    #[error("too many MSRs for one KVM call")]
+    MsrList,
+}
+
+fn ioctl(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> StateError {
+    move |source| StateError::Ioctl { op, source }
+}
+
+/// Everything KVM holds for one vCPU.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct VcpuState {
+    pub id: u8,
+    pub regs: kvm_regs,
+    pub sregs: kvm_sregs,
+    pub xsave: kvm_xsave,
+    pub xcrs: kvm_xcrs,
+    pub msrs: Vec<kvm_msr_entry>,
+    pub lapic: kvm_lapic_state,
+    pub mp_state: kvm_mp_state,
+    pub events: kvm_vcpu_events,
+    pub debugregs: kvm_debugregs,
+    pub tsc_khz: u32,
+}
+
+/// Everything KVM holds for the VM itself.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct VmState {
+    pub pic_master: kvm_irqchip,
+    pub pic_slave: kvm_irqchip,
+    pub ioapic: kvm_irqchip,
+    pub pit: kvm_pit_state2,
+    pub clock: kvm_clock_data,
+}
+
+/// MSR indices KVM says are saveable and that this vCPU can actually read. Probed once per
+/// VM: `KVM_GET_MSRS` stops at the first MSR it refuses, so one bad index would silently
+/// truncate every later capture.
+pub fn saveable_msrs(kvm: &Kvm, vcpu: &VcpuFd) -> Result<Vec<u32>, StateError> {
+    let list = kvm.get_msr_index_list().map_err(ioctl("KVM_GET_MSR_INDEX_LIST"))?;
+    let mut ok = Vec::new();
+    for &index in list.as_slice() {
+        let mut one = Msrs::from_entries(&[kvm_msr_entry { index, ..Default::default() }])
+            .map_err(|_| StateError::MsrList)?;
+        if vcpu.get_msrs(&mut one) == Ok(1) {
+            ok.push(index);
+        }
+    }
+    Ok(ok)
+}
+
+/// Captures vCPU `id`. The vCPU must be paused.
+pub fn capture_vcpu(id: u8, vcpu: &VcpuFd, msr_indices: &[u32]) -> Result<VcpuState, StateError> {
+    // Events first: reading them does not change them, but later reads (MSRs) could make
+    // KVM process pending work on some hosts.
+    let events = vcpu.get_vcpu_events().map_err(ioctl("KVM_GET_VCPU_EVENTS"))?;
+    let mp_state = vcpu.get_mp_state().map_err(ioctl("KVM_GET_MP_STATE"))?;
+    let regs = vcpu.get_regs().map_err(ioctl("KVM_GET_REGS"))?;
+    let sregs = vcpu.get_sregs().map_err(ioctl("KVM_GET_SREGS"))?;
+    let xsave = vcpu.get_xsave().map_err(ioctl("KVM_GET_XSAVE"))?;
+    let xcrs = vcpu.get_xcrs().map_err(ioctl("KVM_GET_XCRS"))?;
+    let debugregs = vcpu.get_debug_regs().map_err(ioctl("KVM_GET_DEBUGREGS"))?;
+    let lapic = vcpu.get_lapic().map_err(ioctl("KVM_GET_LAPIC"))?;
+    let entries: Vec<kvm_msr_entry> = msr_indices
+        .iter()
+        .map(|&index| kvm_msr_entry { index, ..Default::default() })
+        .collect();
+    let mut msrs = Msrs::from_entries(&entries).map_err(|_| StateError::MsrList)?;
+    let n = vcpu.get_msrs(&mut msrs).map_err(ioctl("KVM_GET_MSRS"))?;
+    if n != entries.len() {
+        return Err(StateError::PartialMsrs {
+            done: n,
+            total: entries.len(),
+            first_refused: entries[n].index,
+        });
+    }
+    let tsc_khz = vcpu.get_tsc_khz().map_err(ioctl("KVM_GET_TSC_KHZ"))?;
+    Ok(VcpuState {
+        id,
+        regs,
+        sregs,
+        xsave,
+        xcrs,
+        msrs: msrs.as_slice().to_vec(),
+        lapic,
+        mp_state,
+        events,
+        debugregs,
+        tsc_khz,
+    })
+}
+
+/// Restores a vCPU created with the same CPUID. Order follows what KVM needs: special
+/// registers before MSRs (EFER), LAPIC before events, events last.
+pub fn restore_vcpu(vcpu: &VcpuFd, s: &VcpuState) -> Result<(), StateError> {
+    if vcpu.get_tsc_khz().ok() != Some(s.tsc_khz) {
+        // Keeps guest time at the right rate on a host with another TSC frequency; a
+        // host that cannot scale refuses, and the guest then sees this host's rate.
+        if let Err(e) = vcpu.set_tsc_khz(s.tsc_khz) {
+            tracing::warn!(khz = s.tsc_khz, "cannot set the guest TSC frequency: {e}");
+        }
+    }
+    vcpu.set_sregs(&s.sregs).map_err(ioctl("KVM_SET_SREGS"))?;
+    let mut msrs = Msrs::from_entries(&s.msrs).map_err(|_| StateError::MsrList)?;
+    let n = vcpu.set_msrs(&msrs).map_err(ioctl("KVM_SET_MSRS"))?;
+    if n != s.msrs.len() {
+        return Err(StateError::PartialMsrs {
+            done: n,
+            total: s.msrs.len(),
+            first_refused: msrs.as_mut_slice()[n].index,
+        });
+    }
+    vcpu.set_regs(&s.regs).map_err(ioctl("KVM_SET_REGS"))?;
+    // SAFETY: the guest's CPUID offers no dynamically enabled XSTATE features (AMX), so
+    // the state fits the legacy 4096-byte `kvm_xsave` that KVM reads.
+    unsafe { vcpu.set_xsave(&s.xsave) }.map_err(ioctl("KVM_SET_XSAVE"))?;
+    vcpu.set_xcrs(&s.xcrs).map_err(ioctl("KVM_SET_XCRS"))?;
+    vcpu.set_debug_regs(&s.debugregs).map_err(ioctl("KVM_SET_DEBUGREGS"))?;
+    vcpu.set_lapic(&s.lapic).map_err(ioctl("KVM_SET_LAPIC"))?;
+    vcpu.set_mp_state(s.mp_state).map_err(ioctl("KVM_SET_MP_STATE"))?;
+    vcpu.set_vcpu_events(&s.events).map_err(ioctl("KVM_SET_VCPU_EVENTS"))?;
+    Ok(())
+}
+
+fn get_chip(vm: &VmFd, chip_id: u32) -> Result<kvm_irqchip, StateError> {
+    let mut chip = kvm_irqchip { chip_id, ..Default::default() };
+    vm.get_irqchip(&mut chip).map_err(ioctl("KVM_GET_IRQCHIP"))?;
+    Ok(chip)
+}
+
+/// Captures the VM-wide KVM state. vCPUs must be paused.
+pub fn capture_vm(vm: &VmFd) -> Result<VmState, StateError> {
+    Ok(VmState {
+        pic_master: get_chip(vm, KVM_IRQCHIP_PIC_MASTER)?,
+        pic_slave: get_chip(vm, KVM_IRQCHIP_PIC_SLAVE)?,
+        ioapic: get_chip(vm, KVM_IRQCHIP_IOAPIC)?,
+        pit: vm.get_pit2().map_err(ioctl("KVM_GET_PIT2"))?,
+        clock: vm.get_clock().map_err(ioctl("KVM_GET_CLOCK"))?,
+    })
+}
+
+/// Restores VM-wide state into a VM created with an irqchip and PIT.
+pub fn restore_vm(vm: &VmFd, s: &VmState) -> Result<(), StateError> {
+    vm.set_pit2(&s.pit).map_err(ioctl("KVM_SET_PIT2"))?;
+    // Only the clock value is restored; the flags/realtime fields describe the source
+    // host and KVM rejects most of them.
+    let clock = kvm_clock_data { clock: s.clock.clock, ..Default::default() };
+    vm.set_clock(&clock).map_err(ioctl("KVM_SET_CLOCK"))?;
+    for chip in [&s.pic_master, &s.pic_slave, &s.ioapic] {
+        vm.set_irqchip(chip).map_err(ioctl("KVM_SET_IRQCHIP"))?;
+    }
+    Ok(())
+}
