@@ -1,0 +1,714 @@
+//! The messages of the replication protocol and the limits they must respect.
+//!
+//! Control messages are small and are encoded with bincode 1.3 (fixed-width little-endian
+//! integers, a byte limit equal to the frame payload, trailing bytes rejected). The bulk
+//! messages of the checkpoint stream ([`Pages`], [`SyncPages`], [`State`]) have a hand-made
+//! layout (see `PROTOCOL.md`) so that page data is copied once on encode (straight from guest
+//! memory into the output buffer) and never on decode ([`Bytes`] slices of the receive buffer).
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// Version of the protocol spoken by this build. A peer speaking another version is refused
+/// during the handshake: checkpoints are only meaningful between identical formats.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Version string of this build, sent in [`Hello`] so that a refusal can name both sides.
+pub const SOFTWARE_VERSION: &str = concat!("twin ", env!("CARGO_PKG_VERSION"));
+
+/// Largest vCPU/device state blob of one epoch. The state of a few vCPUs and devices is a few
+/// hundred KiB; the cap keeps a corrupt or hostile `EpochBegin` from reserving gigabytes.
+pub const MAX_STATE_LEN: usize = 16 << 20;
+
+/// Largest opaque VM configuration blob in [`VmDescription`].
+pub const MAX_CONFIG_LEN: usize = 1 << 20;
+
+/// Largest free-text field (software version, refusal detail, goodbye reason).
+pub const MAX_TEXT_LEN: usize = 4096;
+
+/// Smallest page size accepted. Pages are the unit of dirty tracking; anything below this is
+/// a bug, not a configuration.
+pub const MIN_PAGE_SIZE: u32 = 512;
+
+/// Largest page size accepted (2 MiB huge pages).
+pub const MAX_PAGE_SIZE: u32 = 2 << 20;
+
+/// Which end of a replication session a peer is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Role {
+    /// Runs the VM and streams checkpoints.
+    Primary,
+    /// Keeps the replica and takes over when the primary is lost.
+    Backup,
+}
+
+/// Identity of a protected VM. Both ends must agree on it: a backup holding the replica of
+/// one VM must never apply checkpoints of another.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct VmId(pub [u8; 16]);
+
+impl fmt::Display for VmId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for b in self.0 {
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for VmId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "VmId({self})")
+    }
+}
+
+/// First message of a connection, sent by the primary.
+///
+/// Wire compatibility rule: `protocol_version` is the first field and stays a little-endian
+/// `u32` forever, so that a peer of any version can read it and refuse cleanly even when the
+/// rest of the message does not decode.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// [`PROTOCOL_VERSION`] of the sender.
+    pub protocol_version: u32,
+    /// Human-readable build version of the sender, for error messages.
+    pub software_version: String,
+    /// Role the sender takes in this session.
+    pub role: Role,
+    /// The VM being protected.
+    pub vm_id: VmId,
+    /// Replication generation: increases every time the primary starts a fresh session
+    /// (e.g. after losing a backup), so that a backup can tell a new full sync from a stale
+    /// connection of an old session.
+    pub generation: u64,
+}
+
+impl Hello {
+    /// A `Hello` of this build.
+    pub fn new(role: Role, vm_id: VmId, generation: u64) -> Self {
+        Self {
+            protocol_version: PROTOCOL_VERSION,
+            software_version: SOFTWARE_VERSION.to_owned(),
+            role,
+            vm_id,
+            generation,
+        }
+    }
+}
+
+/// Positive answer to [`Hello`], sent by the backup.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HelloAck {
+    /// [`PROTOCOL_VERSION`] of the sender (equal to the one in `Hello`).
+    pub protocol_version: u32,
+    /// Build version of the sender.
+    pub software_version: String,
+    /// Echo of the accepted VM identity.
+    pub vm_id: VmId,
+    /// Echo of the accepted generation.
+    pub generation: u64,
+}
+
+/// Why a peer refused a session. Encoded as a `u32` code so that codes added by a later
+/// version still decode (as [`RefuseReason::Other`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(from = "u32", into = "u32")]
+pub enum RefuseReason {
+    /// The peers speak different protocol versions.
+    VersionMismatch,
+    /// The peer announced a role that cannot talk to us (e.g. two primaries).
+    WrongRole,
+    /// The backup holds (or expects) another VM.
+    VmMismatch,
+    /// The generation is older than one the backup already served.
+    StaleGeneration,
+    /// The backup already serves a session.
+    Busy,
+    /// The peer violated the protocol (bad frame, bad sequence).
+    ProtocolError,
+    /// A code this build does not know.
+    Other(u32),
+}
+
+impl From<u32> for RefuseReason {
+    fn from(code: u32) -> Self {
+        match code {
+            1 => Self::VersionMismatch,
+            2 => Self::WrongRole,
+            3 => Self::VmMismatch,
+            4 => Self::StaleGeneration,
+            5 => Self::Busy,
+            6 => Self::ProtocolError,
+            other => Self::Other(other),
+        }
+    }
+}
+
+impl From<RefuseReason> for u32 {
+    fn from(reason: RefuseReason) -> u32 {
+        match reason {
+            RefuseReason::VersionMismatch => 1,
+            RefuseReason::WrongRole => 2,
+            RefuseReason::VmMismatch => 3,
+            RefuseReason::StaleGeneration => 4,
+            RefuseReason::Busy => 5,
+            RefuseReason::ProtocolError => 6,
+            RefuseReason::Other(code) => code,
+        }
+    }
+}
+
+impl fmt::Display for RefuseReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::VersionMismatch => f.write_str("protocol version mismatch"),
+            Self::WrongRole => f.write_str("wrong role"),
+            Self::VmMismatch => f.write_str("VM identity mismatch"),
+            Self::StaleGeneration => f.write_str("stale replication generation"),
+            Self::Busy => f.write_str("backup busy with another session"),
+            Self::ProtocolError => f.write_str("protocol error"),
+            Self::Other(code) => write!(f, "unknown reason {code}"),
+        }
+    }
+}
+
+/// Negative answer to [`Hello`], or a last word before closing on a protocol error. Its
+/// layout (`u32` code, string) is frozen so that any version can read any version's refusal.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Refuse {
+    /// Machine-readable reason.
+    pub reason: RefuseReason,
+    /// Human-readable detail, e.g. both version numbers.
+    pub detail: String,
+}
+
+/// Static description of the protected VM, sent by the primary after the handshake.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmDescription {
+    /// Bytes of guest RAM, a multiple of `page_size`.
+    pub mem_size: u64,
+    /// Size of a page of the checkpoint stream (a power of two).
+    pub page_size: u32,
+    /// Number of vCPUs.
+    pub vcpus: u32,
+    /// MAC address of the guest NIC, so the backup can take it over.
+    pub mac: [u8; 6],
+    /// Opaque VMM configuration (at most [`MAX_CONFIG_LEN`] bytes).
+    pub config: Vec<u8>,
+}
+
+impl VmDescription {
+    /// The page geometry this description implies.
+    pub fn geometry(&self) -> Result<Geometry, GeometryError> {
+        Geometry::new(self.mem_size, self.page_size)
+    }
+}
+
+/// Page geometry of a replicated memory: what page indices and sizes are valid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Geometry {
+    page_size: u32,
+    page_count: u64,
+}
+
+/// A memory size / page size pair that cannot describe guest memory.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GeometryError {
+    /// The page size is not a power of two within the accepted range.
+    #[error("page size {page_size} is not a power of two in [{MIN_PAGE_SIZE}, {MAX_PAGE_SIZE}]")]
+    PageSize {
+        /// The rejected page size.
+        page_size: u32,
+    },
+    /// The memory size is zero or not a multiple of the page size.
+    #[error("memory size {mem_size} is not a non-zero multiple of the page size {page_size}")]
+    MemSize {
+        /// The rejected memory size.
+        mem_size: u64,
+        /// The page size it was checked against.
+        page_size: u32,
+    },
+}
+
+impl Geometry {
+    /// Geometry of `mem_size` bytes in pages of `page_size` bytes.
+    pub fn new(mem_size: u64, page_size: u32) -> Result<Self, GeometryError> {
+        check_page_size(page_size).map_err(|_| GeometryError::PageSize { page_size })?;
+        if mem_size == 0 || mem_size % u64::from(page_size) != 0 {
+            return Err(GeometryError::MemSize {
+                mem_size,
+                page_size,
+            });
+        }
+        Ok(Self {
+            page_size,
+            page_count: mem_size / u64::from(page_size),
+        })
+    }
+
+    /// Size of a page in bytes.
+    pub fn page_size(&self) -> u32 {
+        self.page_size
+    }
+
+    /// Number of pages; valid indices are `0..page_count`.
+    pub fn page_count(&self) -> u64 {
+        self.page_count
+    }
+
+    /// Bytes of memory described.
+    pub fn mem_size(&self) -> u64 {
+        self.page_count * u64::from(self.page_size)
+    }
+}
+
+/// Initial synchronisation: a batch of full pages. A page may be sent more than once during
+/// an iterative sync; the last copy wins.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SyncPages {
+    /// Page size of every page in the batch.
+    pub page_size: u32,
+    /// The pages.
+    pub pages: Vec<Page>,
+}
+
+/// Initial synchronisation: pages that are all zeroes, by index only.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncZeroPages {
+    /// Indices of pages that are entirely zero.
+    pub indices: Vec<u64>,
+}
+
+/// End of the initial synchronisation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncDone {
+    /// Number of page entries sent during the sync (full pages plus zero-page indices), so
+    /// the backup can detect a lost batch.
+    pub pages_sent: u64,
+}
+
+/// Start of the checkpoint of one epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EpochBegin {
+    /// Epoch number: exactly one more than the previous epoch of the session.
+    pub epoch: u64,
+    /// Number of dirty pages the epoch carries, over all its `Pages` batches.
+    pub page_count: u64,
+    /// Length of the epoch's `State` blob.
+    pub state_len: u64,
+}
+
+/// One guest page of a checkpoint (owned; on decode a zero-copy slice of the receive buffer).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Page {
+    /// Page index (guest physical address / page size).
+    pub index: u64,
+    /// Exactly `page_size` bytes.
+    pub data: Bytes,
+}
+
+/// A borrowed page, for encoding straight from guest memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageRef<'a> {
+    /// Page index.
+    pub index: u64,
+    /// Exactly `page_size` bytes.
+    pub data: &'a [u8],
+}
+
+impl Page {
+    /// Borrow as a [`PageRef`].
+    pub fn as_ref(&self) -> PageRef<'_> {
+        PageRef {
+            index: self.index,
+            data: &self.data,
+        }
+    }
+}
+
+/// A batch of the dirty pages of one epoch. An epoch may span several batches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pages {
+    /// Epoch the pages belong to.
+    pub epoch: u64,
+    /// Page size of every page in the batch.
+    pub page_size: u32,
+    /// The pages, each exactly `page_size` bytes.
+    pub pages: Vec<Page>,
+}
+
+/// Borrowed form of [`Pages`], encoded without first copying pages into owned buffers.
+#[derive(Debug, Clone, Copy)]
+pub struct PagesRef<'a> {
+    /// Epoch the pages belong to.
+    pub epoch: u64,
+    /// Page size of every page in the batch.
+    pub page_size: u32,
+    /// The pages.
+    pub pages: &'a [PageRef<'a>],
+}
+
+/// Borrowed form of [`SyncPages`].
+#[derive(Debug, Clone, Copy)]
+pub struct SyncPagesRef<'a> {
+    /// Page size of every page in the batch.
+    pub page_size: u32,
+    /// The pages.
+    pub pages: &'a [PageRef<'a>],
+}
+
+/// vCPU and device state of one epoch (opaque to this crate).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct State {
+    /// Epoch the state belongs to.
+    pub epoch: u64,
+    /// Opaque state, at most [`MAX_STATE_LEN`] bytes.
+    pub blob: Bytes,
+}
+
+/// Borrowed form of [`State`].
+#[derive(Debug, Clone, Copy)]
+pub struct StateRef<'a> {
+    /// Epoch the state belongs to.
+    pub epoch: u64,
+    /// Opaque state.
+    pub blob: &'a [u8],
+}
+
+/// End of the checkpoint of one epoch; carries what the backup must verify before applying.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EpochEnd {
+    /// Epoch being closed.
+    pub epoch: u64,
+    /// Number of pages sent (equal to `EpochBegin::page_count`).
+    pub page_count: u64,
+    /// Page bytes plus state bytes of the epoch.
+    pub total_bytes: u64,
+    /// [`crate::EpochChecksum`] of the epoch's content, in order.
+    pub checksum: u64,
+}
+
+/// The backup has applied (committed) the checkpoint of `epoch` and every earlier one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ack {
+    /// Highest committed epoch.
+    pub epoch: u64,
+}
+
+/// Liveness probe, sent both ways at a fixed interval.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    /// Sender's heartbeat counter (increases by one per heartbeat).
+    pub seq: u64,
+    /// Sender's monotonic clock when sent, in nanoseconds (for RTT estimates by echo only:
+    /// the two clocks are not comparable).
+    pub sent_at_ns: u64,
+    /// Primary: last epoch sent. Backup: last epoch committed.
+    pub last_epoch: u64,
+}
+
+/// Orderly end of a session: the peer will close the connection and expects no failover.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Goodbye {
+    /// Why the session ends.
+    pub reason: String,
+}
+
+/// Any message of the protocol.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    /// See [`Hello`].
+    Hello(Hello),
+    /// See [`HelloAck`].
+    HelloAck(HelloAck),
+    /// See [`Refuse`].
+    Refuse(Refuse),
+    /// See [`VmDescription`].
+    VmDescription(VmDescription),
+    /// See [`SyncPages`].
+    SyncPages(SyncPages),
+    /// See [`SyncZeroPages`].
+    SyncZeroPages(SyncZeroPages),
+    /// See [`SyncDone`].
+    SyncDone(SyncDone),
+    /// See [`EpochBegin`].
+    EpochBegin(EpochBegin),
+    /// See [`Pages`].
+    Pages(Pages),
+    /// See [`State`].
+    State(State),
+    /// See [`EpochEnd`].
+    EpochEnd(EpochEnd),
+    /// See [`Ack`].
+    Ack(Ack),
+    /// See [`Heartbeat`].
+    Heartbeat(Heartbeat),
+    /// See [`Goodbye`].
+    Goodbye(Goodbye),
+}
+
+/// Type byte of a frame. The values are part of the wire format and never reused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum FrameType {
+    /// [`Hello`]
+    Hello = 1,
+    /// [`HelloAck`]
+    HelloAck = 2,
+    /// [`Refuse`]
+    Refuse = 3,
+    /// [`VmDescription`]
+    VmDescription = 4,
+    /// [`SyncPages`]
+    SyncPages = 5,
+    /// [`SyncZeroPages`]
+    SyncZeroPages = 6,
+    /// [`SyncDone`]
+    SyncDone = 7,
+    /// [`EpochBegin`]
+    EpochBegin = 8,
+    /// [`Pages`]
+    Pages = 9,
+    /// [`State`]
+    State = 10,
+    /// [`EpochEnd`]
+    EpochEnd = 11,
+    /// [`Ack`]
+    Ack = 12,
+    /// [`Heartbeat`]
+    Heartbeat = 13,
+    /// [`Goodbye`]
+    Goodbye = 14,
+}
+
+impl FrameType {
+    /// Every frame type, in wire order.
+    pub const ALL: [FrameType; 14] = [
+        Self::Hello,
+        Self::HelloAck,
+        Self::Refuse,
+        Self::VmDescription,
+        Self::SyncPages,
+        Self::SyncZeroPages,
+        Self::SyncDone,
+        Self::EpochBegin,
+        Self::Pages,
+        Self::State,
+        Self::EpochEnd,
+        Self::Ack,
+        Self::Heartbeat,
+        Self::Goodbye,
+    ];
+
+    /// The frame type with wire value `value`, if any.
+    pub fn from_u8(value: u8) -> Option<Self> {
+        Self::ALL.get(usize::from(value).checked_sub(1)?).copied()
+    }
+}
+
+impl Message {
+    /// The frame type this message is sent in.
+    pub fn frame_type(&self) -> FrameType {
+        match self {
+            Self::Hello(_) => FrameType::Hello,
+            Self::HelloAck(_) => FrameType::HelloAck,
+            Self::Refuse(_) => FrameType::Refuse,
+            Self::VmDescription(_) => FrameType::VmDescription,
+            Self::SyncPages(_) => FrameType::SyncPages,
+            Self::SyncZeroPages(_) => FrameType::SyncZeroPages,
+            Self::SyncDone(_) => FrameType::SyncDone,
+            Self::EpochBegin(_) => FrameType::EpochBegin,
+            Self::Pages(_) => FrameType::Pages,
+            Self::State(_) => FrameType::State,
+            Self::EpochEnd(_) => FrameType::EpochEnd,
+            Self::Ack(_) => FrameType::Ack,
+            Self::Heartbeat(_) => FrameType::Heartbeat,
+            Self::Goodbye(_) => FrameType::Goodbye,
+        }
+    }
+
+    /// Check the limits a message must respect beyond what its layout enforces (text and
+    /// blob lengths, page sizes). Run by the encoder, so we never send what a peer would
+    /// refuse, and by the decoder.
+    pub fn validate(&self) -> Result<(), ValidationError> {
+        match self {
+            Self::Hello(h) => check_text("software_version", &h.software_version),
+            Self::HelloAck(a) => check_text("software_version", &a.software_version),
+            Self::Refuse(r) => check_text("detail", &r.detail),
+            Self::Goodbye(g) => check_text("reason", &g.reason),
+            Self::VmDescription(d) => {
+                check_len("config", d.config.len(), MAX_CONFIG_LEN)?;
+                d.geometry().map(|_| ()).map_err(ValidationError::Geometry)
+            }
+            Self::SyncPages(s) => check_pages(s.page_size, s.pages.iter().map(Page::as_ref)),
+            Self::Pages(p) => check_pages(p.page_size, p.pages.iter().map(Page::as_ref)),
+            Self::State(s) => check_len("state", s.blob.len(), MAX_STATE_LEN),
+            Self::EpochBegin(b) => check_len(
+                "state_len",
+                usize::try_from(b.state_len).unwrap_or(usize::MAX),
+                MAX_STATE_LEN,
+            ),
+            Self::SyncZeroPages(_)
+            | Self::SyncDone(_)
+            | Self::EpochEnd(_)
+            | Self::Ack(_)
+            | Self::Heartbeat(_) => Ok(()),
+        }
+    }
+}
+
+/// A message that breaks a limit of the protocol.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ValidationError {
+    /// A text or blob field is longer than its cap.
+    #[error("field `{field}` is {len} bytes, more than the {max} allowed")]
+    TooLong {
+        /// Field name.
+        field: &'static str,
+        /// Its length.
+        len: usize,
+        /// The cap.
+        max: usize,
+    },
+    /// The page size is not a power of two within range.
+    #[error("page size {page_size} is not a power of two in [{MIN_PAGE_SIZE}, {MAX_PAGE_SIZE}]")]
+    PageSize {
+        /// The rejected page size.
+        page_size: u32,
+    },
+    /// A page's data is not exactly one page long.
+    #[error("page {index} has {len} bytes, not the page size {page_size}")]
+    PageLength {
+        /// Page index.
+        index: u64,
+        /// Its data length.
+        len: usize,
+        /// Expected length.
+        page_size: u32,
+    },
+    /// The VM description's geometry is invalid.
+    #[error("invalid VM geometry")]
+    Geometry(#[source] GeometryError),
+}
+
+pub(crate) fn check_page_size(page_size: u32) -> Result<(), ValidationError> {
+    if page_size.is_power_of_two() && (MIN_PAGE_SIZE..=MAX_PAGE_SIZE).contains(&page_size) {
+        Ok(())
+    } else {
+        Err(ValidationError::PageSize { page_size })
+    }
+}
+
+pub(crate) fn check_pages<'a>(
+    page_size: u32,
+    pages: impl Iterator<Item = PageRef<'a>>,
+) -> Result<(), ValidationError> {
+    check_page_size(page_size)?;
+    for p in pages {
+        if p.data.len() != page_size as usize {
+            return Err(ValidationError::PageLength {
+                index: p.index,
+                len: p.data.len(),
+                page_size,
+            });
+        }
+    }
+    Ok(())
+}
+
+fn check_len(field: &'static str, len: usize, max: usize) -> Result<(), ValidationError> {
+    if len > max {
+        Err(ValidationError::TooLong { field, len, max })
+    } else {
+        Ok(())
+    }
+}
+
+fn check_text(field: &'static str, text: &str) -> Result<(), ValidationError> {
+    check_len(field, text.len(), MAX_TEXT_LEN)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frame_type_round_trips_through_u8() {
+        for t in FrameType::ALL {
+            assert_eq!(FrameType::from_u8(t as u8), Some(t));
+        }
+        assert_eq!(FrameType::from_u8(0), None);
+        assert_eq!(FrameType::from_u8(15), None);
+        assert_eq!(FrameType::from_u8(255), None);
+    }
+
+    #[test]
+    fn refuse_reason_codes_are_stable() {
+        for code in 0..10u32 {
+            assert_eq!(u32::from(RefuseReason::from(code)), code);
+        }
+        assert_eq!(RefuseReason::from(1), RefuseReason::VersionMismatch);
+    }
+
+    #[test]
+    fn geometry_rejects_bad_sizes() {
+        assert!(Geometry::new(1 << 20, 4096).is_ok());
+        assert_eq!(Geometry::new(1 << 20, 4096).unwrap().page_count(), 256);
+        assert!(matches!(
+            Geometry::new(1 << 20, 4095),
+            Err(GeometryError::PageSize { .. })
+        ));
+        assert!(matches!(
+            Geometry::new(0, 4096),
+            Err(GeometryError::MemSize { .. })
+        ));
+        assert!(matches!(
+            Geometry::new(4096 + 1, 4096),
+            Err(GeometryError::MemSize { .. })
+        ));
+        assert!(matches!(
+            Geometry::new(1 << 30, 4 << 20),
+            Err(GeometryError::PageSize { .. })
+        ));
+    }
+
+    #[test]
+    fn validate_enforces_caps() {
+        let long = "x".repeat(MAX_TEXT_LEN + 1);
+        let g = Message::Goodbye(Goodbye { reason: long });
+        assert!(matches!(
+            g.validate(),
+            Err(ValidationError::TooLong {
+                field: "reason",
+                ..
+            })
+        ));
+        let p = Message::Pages(Pages {
+            epoch: 1,
+            page_size: 4096,
+            pages: vec![Page {
+                index: 3,
+                data: Bytes::from(vec![0; 100]),
+            }],
+        });
+        assert!(matches!(
+            p.validate(),
+            Err(ValidationError::PageLength { index: 3, .. })
+        ));
+        let b = Message::EpochBegin(EpochBegin {
+            epoch: 1,
+            page_count: 0,
+            state_len: MAX_STATE_LEN as u64 + 1,
+        });
+        assert!(b.validate().is_err());
+    }
+
+    #[test]
+    fn vm_id_displays_as_hex() {
+        let mut id = [0u8; 16];
+        id[0] = 0xab;
+        id[15] = 0x01;
+        assert_eq!(VmId(id).to_string(), "ab000000000000000000000000000001");
+    }
+}
