@@ -78,3 +78,30 @@ pub fn require_kvm() {
         panic!("twin-tests: /dev/kvm exists but cannot be opened read-write: {e}");
     }
 }
+
+/// Checks `cond` until it holds or `timeout` passes (then a timeout error naming `what`).
+/// For conditions nothing signals (a neighbour entry, a file appearing): it re-checks at
+/// growing intervals from 5 ms up to 100 ms. An error from `cond` ends the wait.
+pub fn wait_until(
+    what: &str,
+    timeout: std::time::Duration,
+    mut cond: impl FnMut() -> Result<bool>,
+) -> Result<()> {
+    use std::time::{Duration, Instant};
+    let deadline = Instant::now() + timeout;
+    let mut pause = Duration::from_millis(5);
+    loop {
+        if cond()? {
+            return Ok(());
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(HarnessError::Timeout {
+                what: what.to_string(),
+                after: timeout,
+            });
+        }
+        std::thread::sleep(pause.min(left));
+        pause = (pause * 2).min(Duration::from_millis(100));
+    }
+}

@@ -276,9 +276,10 @@ pub enum Cut {
     /// `ip link set rep0 down` on the primary side: both ends lose carrier, sends fail
     /// locally with "network unreachable" on the primary.
     LinkDown,
-    /// Silently drop every frame (ARP included) travelling in a direction, with an nftables
-    /// `netdev` ingress chain on the receiving end: like a broken cable or a partition, the
-    /// sender sees no error.
+    /// Silently drop every IPv4 packet travelling in a direction, with an nftables `netdev`
+    /// ingress rule on the receiving end: like a partition, the sender sees no error. ARP is
+    /// let through so that a one-way cut stays one-way (with ARP dropped too, neither side
+    /// could resolve the other once its neighbour entry expires).
     Drop(Direction),
 }
 
@@ -362,10 +363,14 @@ impl Ha {
                         };
                         receiver.ns.run_with_input(
                             &["nft", "-f", "-"],
+                            // Replace the table, so that repeating a cut stays one rule.
                             &format!(
-                                "table netdev {CUT_TABLE} {{\n\
+                                "add table netdev {CUT_TABLE}\n\
+                                 delete table netdev {CUT_TABLE}\n\
+                                 table netdev {CUT_TABLE} {{\n\
                                  \tchain ingress_{REPL_IF} {{\n\
-                                 \t\ttype filter hook ingress device \"{REPL_IF}\" priority 0; policy drop;\n\
+                                 \t\ttype filter hook ingress device \"{REPL_IF}\" priority 0;\n\
+                                 \t\tmeta protocol ip drop\n\
                                  \t}}\n\
                                  }}\n"
                             ),
