@@ -1,1 +1,49 @@
 //! virtio devices over the virtio-pci modern transport.
+//!
+//! [`pci::VirtioPciDevice`] is the transport (configuration space, capabilities, common
+//! configuration, ISR, notifications, MSI-X, queue state); a [`VirtioDevice`] plugged into it
+//! supplies the device type, features, device configuration and queue processing.
+//! [`net`] is virtio-net on a TAP.
+
+pub mod net;
+pub mod pci;
+
+pub use pci::{QueueContext, VirtioPciDevice, VirtioPciError, VirtioPciState};
+
+/// Feature bit: the device conforms to virtio 1.0 or later (no legacy interface).
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+
+/// Device-status bits (virtio 1.2, 2.1).
+pub mod status {
+    pub const ACKNOWLEDGE: u8 = 1;
+    pub const DRIVER: u8 = 2;
+    pub const DRIVER_OK: u8 = 4;
+    pub const FEATURES_OK: u8 = 8;
+    pub const NEEDS_RESET: u8 = 0x40;
+    pub const FAILED: u8 = 0x80;
+}
+
+/// MSI-X vector number meaning "no vector".
+pub const VIRTIO_MSI_NO_VECTOR: u16 = 0xffff;
+
+/// A virtio device model behind the transport.
+pub trait VirtioDevice: Send {
+    /// virtio device id (1 = network); the PCI device id is `0x1040 + id`.
+    fn device_type(&self) -> u16;
+    /// PCI class and subclass.
+    fn pci_class(&self) -> (u8, u8);
+    /// Largest size of each queue; the number of entries is the number of queues.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// Feature bits offered to the driver (the transport adds nothing).
+    fn features(&self) -> u64;
+    /// Reads device-specific configuration at `offset`; bytes past it read as zero.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Writes device-specific configuration at `offset`.
+    fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// The driver set DRIVER_OK: queues are configured and may be used.
+    fn activate(&mut self, ctx: &mut QueueContext<'_>);
+    /// The driver reset the device (the transport has already reset the queues).
+    fn reset(&mut self);
+    /// The driver notified `queue` (called in the vCPU thread that took the MMIO exit).
+    fn queue_notify(&mut self, queue: usize, ctx: &mut QueueContext<'_>);
+}
