@@ -559,3 +559,429 @@ impl EpochAssembler {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::FrameCodec;
+    use crate::epoch_encoder::EpochEncoder;
+    use crate::message::PageRef;
+    use bytes::BytesMut;
+    use tokio_util::codec::Decoder;
+
+    const PS: u32 = 4096;
+
+    fn geometry() -> Geometry {
+        Geometry::new(64 * u64::from(PS), PS).unwrap()
+    }
+
+    fn data(index: u64, salt: u8) -> Vec<u8> {
+        (0..PS as usize)
+            .map(|i| (i as u8).wrapping_mul(salt) ^ index as u8)
+            .collect()
+    }
+
+    /// The messages of a well-formed epoch, produced by the real encoder and decoder, with
+    /// pages in batches of `batch`.
+    fn epoch_msgs(epoch: u64, indices: &[u64], state: &[u8], batch: usize) -> Vec<EpochMessage> {
+        let datas: Vec<Vec<u8>> = indices.iter().map(|&i| data(i, epoch as u8)).collect();
+        let refs: Vec<PageRef<'_>> = indices
+            .iter()
+            .zip(&datas)
+            .map(|(&index, d)| PageRef { index, data: d })
+            .collect();
+        let codec = FrameCodec::new();
+        let mut buf = BytesMut::new();
+        let mut enc = EpochEncoder::begin(
+            codec,
+            EpochBegin {
+                epoch,
+                page_count: indices.len() as u64,
+                state_len: state.len() as u64,
+            },
+            PS,
+            &mut buf,
+        )
+        .unwrap();
+        for chunk in refs.chunks(batch.max(1)) {
+            enc.pages(chunk, &mut buf).unwrap();
+        }
+        enc.state(state, &mut buf).unwrap();
+        enc.end(&mut buf).unwrap();
+        let mut dec = codec;
+        let mut out = Vec::new();
+        while let Some(m) = dec.decode_eof(&mut buf).unwrap() {
+            out.push(EpochMessage::try_from(m).unwrap());
+        }
+        out
+    }
+
+    fn feed(
+        a: &mut EpochAssembler,
+        msgs: Vec<EpochMessage>,
+    ) -> Result<Option<CompleteEpoch>, AssembleError> {
+        let mut last = None;
+        for m in msgs {
+            last = a.push(m)?;
+        }
+        Ok(last)
+    }
+
+    fn assert_idle_at(a: &EpochAssembler, next: u64) {
+        assert_eq!(a.open_epoch(), None);
+        assert_eq!(a.next_epoch(), next);
+    }
+
+    #[test]
+    fn whole_epochs_are_yielded_in_order() {
+        let mut a = EpochAssembler::new(geometry(), 1);
+        let c = feed(&mut a, epoch_msgs(1, &[5, 0, 63], b"state1", 2))
+            .unwrap()
+            .unwrap();
+        assert_eq!(c.epoch, 1);
+        assert_eq!(
+            c.pages.iter().map(|p| p.index).collect::<Vec<_>>(),
+            [5, 0, 63]
+        );
+        assert_eq!(c.pages[0].data, data(5, 1));
+        assert_eq!(c.state, &b"state1"[..]);
+        // The same page may be dirty again in the next epoch; empty epochs are fine.
+        let c = feed(&mut a, epoch_msgs(2, &[5], b"", 1)).unwrap().unwrap();
+        assert_eq!(c.pages[0].data, data(5, 2));
+        let c = feed(&mut a, epoch_msgs(3, &[], b"s", 1)).unwrap().unwrap();
+        assert!(c.pages.is_empty());
+        assert_idle_at(&a, 4);
+    }
+
+    #[test]
+    fn only_end_yields() {
+        let mut a = EpochAssembler::new(geometry(), 1);
+        let msgs = epoch_msgs(1, &[1, 2], b"x", 1);
+        let n = msgs.len();
+        for (i, m) in msgs.into_iter().enumerate() {
+            let r = a.push(m).unwrap();
+            assert_eq!(r.is_some(), i == n - 1);
+        }
+    }
+
+    #[test]
+    fn gap_and_duplicate_epochs_are_refused() {
+        let mut a = EpochAssembler::new(geometry(), 1);
+        assert_eq!(
+            feed(&mut a, epoch_msgs(2, &[1], b"", 1)),
+            Err(AssembleError::Gap {
+                expected: 1,
+                got: 2
+            })
+        );
+        feed(&mut a, epoch_msgs(1, &[1], b"", 1)).unwrap().unwrap();
+        assert_eq!(
+            feed(&mut a, epoch_msgs(1, &[1], b"", 1)),
+            Err(AssembleError::Stale { epoch: 1, next: 2 })
+        );
+        assert_idle_at(&a, 2);
+    }
+
+    #[test]
+    fn begin_while_open_discards_the_partial_epoch() {
+        let mut a = EpochAssembler::new(geometry(), 1);
+        let msgs = epoch_msgs(1, &[1, 2], b"", 1);
+        a.push(msgs[0].clone()).unwrap();
+        a.push(msgs[1].clone()).unwrap();
+        assert_eq!(
+            a.push(msgs[0].clone()),
+            Err(AssembleError::BeginWhileOpen { open: 1, got: 1 })
+        );
+        assert_idle_at(&a, 1);
+        // The discarded pages' duplicate markers were cleared: a clean retry succeeds.
+        feed(&mut a, msgs).unwrap().unwrap();
+    }
+
+    #[test]
+    fn messages_without_an_open_epoch_are_refused() {
+        let mut a = EpochAssembler::new(geometry(), 1);
+        let msgs = epoch_msgs(1, &[1], b"s", 1);
+        for m in &msgs[1..] {
+            let err = a.push(m.clone()).unwrap_err();
+            assert!(
+                matches!(err, AssembleError::NotOpen { epoch: 1, .. }),
+                "{err}"
+            );
+        }
+        assert_idle_at(&a, 1);
+    }
+
+    #[test]
+    fn messages_of_another_epoch_are_refused() {
+        let one = epoch_msgs(1, &[1], b"s", 1);
+        let two = epoch_msgs(2, &[1], b"s", 1);
+        for other in &two[1..] {
+            let mut a = EpochAssembler::new(geometry(), 1);
+            a.push(one[0].clone()).unwrap();
+            let err = a.push(other.clone()).unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    AssembleError::WrongEpoch {
+                        open: 1,
+                        got: 2,
+                        ..
+                    }
+                ),
+                "{err}"
+            );
+            assert_idle_at(&a, 1);
+        }
+    }
+
+    #[test]
+    fn reordered_batches_fail_the_checksum() {
+        let mut a = EpochAssembler::new(geometry(), 1);
+        let mut msgs = epoch_msgs(1, &[1, 2], b"s", 1);
+        msgs.swap(1, 2);
+        assert!(matches!(
+            feed(&mut a, msgs),
+            Err(AssembleError::Checksum { epoch: 1, .. })
+        ));
+        assert_idle_at(&a, 1);
+    }
+
+    #[test]
+    fn page_errors_are_typed() {
+        let begin = |n| {
+            EpochMessage::Begin(EpochBegin {
+                epoch: 1,
+                page_count: n,
+                state_len: 0,
+            })
+        };
+        let pages = |size: u32, list: Vec<(u64, usize)>| {
+            EpochMessage::Pages(Pages {
+                epoch: 1,
+                page_size: size,
+                pages: list
+                    .into_iter()
+                    .map(|(index, len)| Page {
+                        index,
+                        data: Bytes::from(vec![0; len]),
+                    })
+                    .collect(),
+            })
+        };
+        let cases: Vec<(Vec<EpochMessage>, AssembleError)> = vec![
+            (
+                vec![begin(1), pages(4096, vec![(64, 4096)])],
+                AssembleError::PageOutOfRange {
+                    epoch: 1,
+                    index: 64,
+                    page_count: 64,
+                },
+            ),
+            (
+                vec![begin(2), pages(4096, vec![(3, 4096), (3, 4096)])],
+                AssembleError::DuplicatePage { epoch: 1, index: 3 },
+            ),
+            (
+                vec![
+                    begin(2),
+                    pages(4096, vec![(3, 4096)]),
+                    pages(4096, vec![(3, 4096)]),
+                ],
+                AssembleError::DuplicatePage { epoch: 1, index: 3 },
+            ),
+            (
+                vec![begin(1), pages(4096, vec![(1, 4096), (2, 4096)])],
+                AssembleError::ExcessPages {
+                    epoch: 1,
+                    declared: 1,
+                },
+            ),
+            (
+                vec![begin(1), pages(8192, vec![(1, 8192)])],
+                AssembleError::PageSize {
+                    epoch: 1,
+                    expected: 4096,
+                    got: 8192,
+                },
+            ),
+            (
+                vec![begin(1), pages(4096, vec![(1, 10)])],
+                AssembleError::PageLength {
+                    epoch: 1,
+                    index: 1,
+                    len: 10,
+                    page_size: 4096,
+                },
+            ),
+            (
+                vec![begin(65)],
+                AssembleError::TooManyPagesDeclared {
+                    epoch: 1,
+                    declared: 65,
+                    max: 64,
+                },
+            ),
+        ];
+        for (msgs, expected) in cases {
+            let mut a = EpochAssembler::new(geometry(), 1);
+            assert_eq!(feed(&mut a, msgs), Err(expected));
+            assert_idle_at(&a, 1);
+            // Whatever was marked before the error was cleared.
+            feed(&mut a, epoch_msgs(1, &[1, 2, 3, 63], b"", 1))
+                .unwrap()
+                .unwrap();
+        }
+    }
+
+    #[test]
+    fn state_errors_are_typed() {
+        let msgs = epoch_msgs(1, &[1, 2], b"abc", 1);
+        let (begin, p1, p2, state, end) = (
+            msgs[0].clone(),
+            msgs[1].clone(),
+            msgs[2].clone(),
+            msgs[3].clone(),
+            msgs[4].clone(),
+        );
+        let wrong_len = EpochMessage::State(State {
+            epoch: 1,
+            blob: Bytes::from_static(b"ab"),
+        });
+        let cases: Vec<(Vec<EpochMessage>, AssembleError)> = vec![
+            (
+                vec![begin.clone(), p1.clone(), state.clone()],
+                AssembleError::MissingPages {
+                    epoch: 1,
+                    declared: 2,
+                    received: 1,
+                },
+            ),
+            (
+                vec![
+                    begin.clone(),
+                    p1.clone(),
+                    p2.clone(),
+                    state.clone(),
+                    state.clone(),
+                ],
+                AssembleError::DuplicateState { epoch: 1 },
+            ),
+            (
+                vec![begin.clone(), p1.clone(), p2.clone(), wrong_len],
+                AssembleError::StateLength {
+                    epoch: 1,
+                    declared: 3,
+                    got: 2,
+                },
+            ),
+            (
+                vec![begin.clone(), p1.clone(), p2.clone(), end.clone()],
+                AssembleError::MissingState { epoch: 1 },
+            ),
+            (
+                vec![EpochMessage::Begin(EpochBegin {
+                    epoch: 1,
+                    page_count: 0,
+                    state_len: MAX_STATE_LEN as u64 + 1,
+                })],
+                AssembleError::StateTooLarge {
+                    epoch: 1,
+                    declared: MAX_STATE_LEN as u64 + 1,
+                    max: MAX_STATE_LEN as u64,
+                },
+            ),
+        ];
+        for (msgs, expected) in cases {
+            let mut a = EpochAssembler::new(geometry(), 1);
+            assert_eq!(feed(&mut a, msgs), Err(expected));
+            assert_idle_at(&a, 1);
+        }
+        // Pages after the state: a begin for one page, state can't come first... use an
+        // epoch with zero pages whose state arrives, then a page.
+        let zero = epoch_msgs(1, &[], b"abc", 1);
+        let mut a = EpochAssembler::new(geometry(), 1);
+        let late = EpochMessage::Pages(Pages {
+            epoch: 1,
+            page_size: PS,
+            pages: vec![],
+        });
+        assert_eq!(
+            feed(&mut a, vec![zero[0].clone(), zero[1].clone(), late]),
+            Err(AssembleError::PagesAfterState { epoch: 1 })
+        );
+    }
+
+    #[test]
+    fn end_errors_are_typed() {
+        let msgs = epoch_msgs(1, &[1, 2], b"abc", 2);
+        let EpochMessage::End(end) = msgs[3].clone() else {
+            panic!("not an end");
+        };
+        let mut bad_count = end;
+        bad_count.page_count = 1;
+        let mut bad_bytes = end;
+        bad_bytes.total_bytes += 1;
+        let mut bad_sum = end;
+        bad_sum.checksum ^= 1;
+        for (bad, is_sum) in [(bad_count, false), (bad_bytes, false), (bad_sum, true)] {
+            let mut a = EpochAssembler::new(geometry(), 1);
+            let mut m = msgs[..3].to_vec();
+            m.push(EpochMessage::End(bad));
+            let err = feed(&mut a, m).unwrap_err();
+            if is_sum {
+                assert!(
+                    matches!(err, AssembleError::Checksum { epoch: 1, .. }),
+                    "{err}"
+                );
+            } else {
+                assert!(
+                    matches!(err, AssembleError::EndMismatch { epoch: 1, .. }),
+                    "{err}"
+                );
+            }
+            assert_idle_at(&a, 1);
+        }
+        // A corrupted page (valid frame, wrong content) fails the checksum.
+        let mut m = msgs.clone();
+        if let EpochMessage::Pages(p) = &mut m[1] {
+            let mut d = p.pages[0].data.to_vec();
+            d[0] ^= 1;
+            p.pages[0].data = Bytes::from(d);
+        }
+        let mut a = EpochAssembler::new(geometry(), 1);
+        assert!(matches!(
+            feed(&mut a, m),
+            Err(AssembleError::Checksum { .. })
+        ));
+    }
+
+    #[test]
+    fn epoch_overflow_is_refused() {
+        let mut a = EpochAssembler::new(geometry(), u64::MAX);
+        assert_eq!(
+            a.push(EpochMessage::Begin(EpochBegin {
+                epoch: u64::MAX,
+                page_count: 0,
+                state_len: 0
+            })),
+            Err(AssembleError::EpochOverflow)
+        );
+    }
+
+    #[test]
+    fn non_epoch_messages_are_handed_back() {
+        let m = Message::Ack(crate::message::Ack { epoch: 1 });
+        assert_eq!(EpochMessage::try_from(m.clone()), Err(m));
+    }
+
+    #[test]
+    fn discard_drops_the_open_epoch() {
+        let mut a = EpochAssembler::new(geometry(), 1);
+        let msgs = epoch_msgs(1, &[1], b"", 1);
+        a.push(msgs[0].clone()).unwrap();
+        a.push(msgs[1].clone()).unwrap();
+        assert_eq!(a.discard(), Some(1));
+        assert_eq!(a.discard(), None);
+        feed(&mut a, msgs).unwrap().unwrap();
+    }
+}

@@ -179,3 +179,105 @@ impl EpochEncoder {
         Ok(end)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::EpochBegin;
+
+    fn begin(pages: u64, state: u64) -> (EpochEncoder, BytesMut) {
+        let mut buf = BytesMut::new();
+        let e = EpochEncoder::begin(
+            FrameCodec::new(),
+            EpochBegin {
+                epoch: 4,
+                page_count: pages,
+                state_len: state,
+            },
+            4096,
+            &mut buf,
+        )
+        .unwrap();
+        (e, buf)
+    }
+
+    #[test]
+    fn order_violations_are_refused() {
+        let page = vec![0u8; 4096];
+        let refs = [
+            PageRef {
+                index: 0,
+                data: &page,
+            },
+            PageRef {
+                index: 1,
+                data: &page,
+            },
+        ];
+        let (mut e, mut buf) = begin(1, 2);
+        assert!(matches!(
+            e.pages(&refs, &mut buf),
+            Err(EpochEncodeError::ExcessPages {
+                epoch: 4,
+                declared: 1
+            })
+        ));
+        assert!(matches!(
+            e.state(b"ab", &mut buf),
+            Err(EpochEncodeError::StateOutOfOrder { .. })
+        ));
+        e.pages(&refs[..1], &mut buf).unwrap();
+        assert!(matches!(
+            e.state(b"abc", &mut buf),
+            Err(EpochEncodeError::StateLength {
+                len: 3,
+                declared: 2,
+                ..
+            })
+        ));
+        e.state(b"ab", &mut buf).unwrap();
+        assert!(matches!(
+            e.pages(&[], &mut buf),
+            Err(EpochEncodeError::PagesAfterState { epoch: 4 })
+        ));
+        let end = e.end(&mut buf).unwrap();
+        assert_eq!(end.page_count, 1);
+        assert_eq!(end.total_bytes, 4098);
+        let (e, mut buf) = begin(0, 0);
+        assert!(matches!(
+            e.end(&mut buf),
+            Err(EpochEncodeError::MissingState { epoch: 4 })
+        ));
+    }
+
+    #[test]
+    fn pages_are_split_at_the_frame_cap() {
+        let page = vec![7u8; 4096];
+        let refs: Vec<_> = (0..5).map(|index| PageRef { index, data: &page }).collect();
+        let mut buf = BytesMut::new();
+        let codec = FrameCodec::with_max_frame_len(2 * (4096 + 8) + 16);
+        let mut e = EpochEncoder::begin(
+            codec,
+            EpochBegin {
+                epoch: 1,
+                page_count: 5,
+                state_len: 0,
+            },
+            4096,
+            &mut buf,
+        )
+        .unwrap();
+        e.pages(&refs, &mut buf).unwrap();
+        e.state(b"", &mut buf).unwrap();
+        e.end(&mut buf).unwrap();
+        let mut dec = codec;
+        let mut batches = 0;
+        while let Some(m) = tokio_util::codec::Decoder::decode_eof(&mut dec, &mut buf).unwrap() {
+            if let Message::Pages(p) = m {
+                assert!(p.pages.len() <= 2);
+                batches += 1;
+            }
+        }
+        assert_eq!(batches, 3);
+    }
+}
