@@ -5,8 +5,10 @@ use std::process::ExitStatus;
 use std::time::Duration;
 
 /// Everything the harness can fail with. Messages name the namespace, command or request
-/// involved so that a failing test says what broke without a debugger.
-#[derive(Debug, thiserror::Error)]
+/// involved so that a failing test says what broke without a debugger. `Debug` prints the
+/// same message as `Display`, so `.expect()` in a test shows it readably (multi-line process
+/// output included).
+#[derive(thiserror::Error)]
 pub enum HarnessError {
     /// An I/O operation failed; `context` says which one.
     #[error("{context}: {source}")]
@@ -81,6 +83,12 @@ pub enum HarnessError {
     /// A caller passed something the harness cannot use (e.g. a key with a space in it).
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+}
+
+impl std::fmt::Debug for HarnessError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
 }
 
 impl HarnessError {
