@@ -185,13 +185,17 @@ pub(crate) mod testutil {
     /// `AF_PACKET` socket bound to it: frames sent on the socket come out of the TAP's fd,
     /// frames written to the fd arrive on the socket. None when not privileged.
     pub struct TestTap {
-        pub tap: Tap,
+        pub tap: std::sync::Arc<Tap>,
         pub sock: OwnedFd,
     }
 
     pub fn test_tap() -> Option<TestTap> {
         static N: AtomicU32 = AtomicU32::new(0);
-        let name = format!("twt{}x{}", std::process::id() % 100_000, N.fetch_add(1, Ordering::Relaxed));
+        let name = format!(
+            "twt{}x{}",
+            std::process::id() % 100_000,
+            N.fetch_add(1, Ordering::Relaxed)
+        );
         let tap = match Tap::open(&name) {
             Ok(t) => t,
             Err(e) => {
@@ -236,7 +240,10 @@ pub(crate) mod testutil {
                 std::mem::size_of::<libc::sockaddr_ll>() as u32,
             );
             assert_eq!(r, 0);
-            Some(TestTap { tap, sock })
+            Some(TestTap {
+                tap: std::sync::Arc::new(tap),
+                sock,
+            })
         }
     }
 
@@ -244,9 +251,8 @@ pub(crate) mod testutil {
         /// Sends `frame` from the host side (it comes out of the TAP fd).
         pub fn inject(&self, frame: &[u8]) {
             // SAFETY: `frame` is a valid buffer for the duration of the call.
-            let n = unsafe {
-                libc::send(self.sock.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0)
-            };
+            let n =
+                unsafe { libc::send(self.sock.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
             assert_eq!(n, frame.len() as isize);
         }
 

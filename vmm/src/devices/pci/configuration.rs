@@ -336,27 +336,30 @@ impl PciConfiguration {
     }
 
     pub fn from_state(state: &PciConfigurationState) -> Result<Self, PciConfigError> {
-        let regs: [u32; NUM_CONFIG_REGISTERS] = state
-            .regs
-            .as_slice()
-            .try_into()
-            .map_err(|_| PciConfigError::StateSize {
-                found: state.regs.len(),
-            })?;
-        let writable: [u32; NUM_CONFIG_REGISTERS] = state
-            .writable
-            .as_slice()
-            .try_into()
-            .map_err(|_| PciConfigError::StateSize {
-                found: state.writable.len(),
-            })?;
-        let bars: [Option<BarSlot>; NUM_BARS] = state
-            .bars
-            .as_slice()
-            .try_into()
-            .map_err(|_| PciConfigError::BarIndex {
-                index: state.bars.len(),
-            })?;
+        let regs: [u32; NUM_CONFIG_REGISTERS] =
+            state
+                .regs
+                .as_slice()
+                .try_into()
+                .map_err(|_| PciConfigError::StateSize {
+                    found: state.regs.len(),
+                })?;
+        let writable: [u32; NUM_CONFIG_REGISTERS] =
+            state
+                .writable
+                .as_slice()
+                .try_into()
+                .map_err(|_| PciConfigError::StateSize {
+                    found: state.writable.len(),
+                })?;
+        let bars: [Option<BarSlot>; NUM_BARS] =
+            state
+                .bars
+                .as_slice()
+                .try_into()
+                .map_err(|_| PciConfigError::BarIndex {
+                    index: state.bars.len(),
+                })?;
         Ok(Self {
             regs,
             writable,
@@ -412,8 +415,15 @@ mod tests {
     #[test]
     fn bar64_sizing_then_restore_reports_nothing() {
         let mut c = PciConfiguration::new(header());
-        c.add_bar(0, 0xc000_0000, 0x8000, BarKind::Mmio64 { prefetchable: false })
-            .unwrap();
+        c.add_bar(
+            0,
+            0xc000_0000,
+            0x8000,
+            BarKind::Mmio64 {
+                prefetchable: false,
+            },
+        )
+        .unwrap();
         assert_eq!(c.read_reg(4), 0xc000_0004);
         assert_eq!(c.read_reg(5), 0);
         // Linux order: size low, restore low, size high, restore high.
@@ -434,8 +444,15 @@ mod tests {
     #[test]
     fn bar_reprogramming_is_reported() {
         let mut c = PciConfiguration::new(header());
-        c.add_bar(0, 0xc000_0000, 0x8000, BarKind::Mmio64 { prefetchable: false })
-            .unwrap();
+        c.add_bar(
+            0,
+            0xc000_0000,
+            0x8000,
+            BarKind::Mmio64 {
+                prefetchable: false,
+            },
+        )
+        .unwrap();
         c.add_bar(2, 0xc001_0000, 0x1000, BarKind::Mmio32).unwrap();
         // Low bits below the size are not writable.
         assert_eq!(
@@ -472,15 +489,28 @@ mod tests {
     fn bar_validation() {
         let mut c = PciConfiguration::new(header());
         let k = BarKind::Mmio32;
-        assert!(matches!(c.add_bar(6, 0, 16, k), Err(PciConfigError::BarIndex { .. })));
+        assert!(matches!(
+            c.add_bar(6, 0, 16, k),
+            Err(PciConfigError::BarIndex { .. })
+        ));
         assert!(matches!(
             c.add_bar(5, 0, 16, BarKind::Mmio64 { prefetchable: true }),
             Err(PciConfigError::BarIndex { .. })
         ));
-        assert!(matches!(c.add_bar(0, 0, 24, k), Err(PciConfigError::BarSize { .. })));
-        assert!(matches!(c.add_bar(0, 0x10, 0x100, k), Err(PciConfigError::BarAddress { .. })));
-        c.add_bar(0, 0, 0x100, BarKind::Mmio64 { prefetchable: true }).unwrap();
-        assert!(matches!(c.add_bar(1, 0, 0x100, k), Err(PciConfigError::BarInUse { .. })));
+        assert!(matches!(
+            c.add_bar(0, 0, 24, k),
+            Err(PciConfigError::BarSize { .. })
+        ));
+        assert!(matches!(
+            c.add_bar(0, 0x10, 0x100, k),
+            Err(PciConfigError::BarAddress { .. })
+        ));
+        c.add_bar(0, 0, 0x100, BarKind::Mmio64 { prefetchable: true })
+            .unwrap();
+        assert!(matches!(
+            c.add_bar(1, 0, 0x100, k),
+            Err(PciConfigError::BarInUse { .. })
+        ));
         assert_eq!(c.read_reg(4), 0xc);
     }
 
@@ -504,8 +534,15 @@ mod tests {
     #[test]
     fn state_round_trip() {
         let mut c = PciConfiguration::new(header());
-        c.add_bar(0, 0xc000_0000, 0x8000, BarKind::Mmio64 { prefetchable: false })
-            .unwrap();
+        c.add_bar(
+            0,
+            0xc000_0000,
+            0x8000,
+            BarKind::Mmio64 {
+                prefetchable: false,
+            },
+        )
+        .unwrap();
         c.add_capability(0x09, &[2, 0], &[0, 0xff]).unwrap();
         write32(&mut c, 1, 0x6);
         write32(&mut c, 4, u32::MAX);

@@ -38,8 +38,12 @@ pub trait PciDevice: Send {
     fn read_config_register(&mut self, reg: usize) -> u32;
     /// Writes `data` (1, 2 or 4 bytes) at byte `offset` within register `reg`. Returns the
     /// BAR move the write made, if any.
-    fn write_config_register(&mut self, reg: usize, offset: u64, data: &[u8])
-        -> Option<BarReprogram>;
+    fn write_config_register(
+        &mut self,
+        reg: usize,
+        offset: u64,
+        data: &[u8],
+    ) -> Option<BarReprogram>;
     /// The BARs the device decodes, at their current addresses.
     fn bars(&self) -> Vec<PciBar>;
 }
@@ -158,8 +162,10 @@ impl PciRoot {
     pub fn restore(state: &PciRootState) -> Result<Self, PciConfigError> {
         let mut root = Self::new();
         root.config_address = state.config_address;
-        root.host_bridge.lock().expect("host bridge lock poisoned").config =
-            PciConfiguration::from_state(&state.host_bridge)?;
+        root.host_bridge
+            .lock()
+            .expect("host bridge lock poisoned")
+            .config = PciConfiguration::from_state(&state.host_bridge)?;
         Ok(root)
     }
 
@@ -239,7 +245,11 @@ impl PciRoot {
             return;
         };
         if offset as usize + data.len() > 4 {
-            tracing::warn!(offset, len = data.len(), "PCI config data access crosses dword");
+            tracing::warn!(
+                offset,
+                len = data.len(),
+                "PCI config data access crosses dword"
+            );
             return;
         }
         let moved = dev
@@ -309,7 +319,9 @@ mod tests {
                 subsystem_vendor_id: 0x1af4,
                 subsystem_id: 1,
             });
-            config.add_bar(0, 0xc000_0000, 0x1000, BarKind::Mmio32).unwrap();
+            config
+                .add_bar(0, 0xc000_0000, 0x1000, BarKind::Mmio32)
+                .unwrap();
             Self { config }
         }
     }

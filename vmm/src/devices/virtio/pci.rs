@@ -307,7 +307,12 @@ fn build_config<D: VirtioDevice>(
     config.add_capability(PCI_CAP_ID_VNDR, &b, &none(b.len()))?;
     let b = vcap(VIRTIO_PCI_CAP_ISR_CFG, ISR_OFFSET, ISR_LEN, 0);
     config.add_capability(PCI_CAP_ID_VNDR, &b, &none(b.len()))?;
-    let b = vcap(VIRTIO_PCI_CAP_DEVICE_CFG, DEVICE_CFG_OFFSET, DEVICE_CFG_LEN, 0);
+    let b = vcap(
+        VIRTIO_PCI_CAP_DEVICE_CFG,
+        DEVICE_CFG_OFFSET,
+        DEVICE_CFG_LEN,
+        0,
+    );
     config.add_capability(PCI_CAP_ID_VNDR, &b, &none(b.len()))?;
     let mut b = vcap(
         VIRTIO_PCI_CAP_NOTIFY_CFG,
@@ -401,7 +406,8 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
             .iter()
             .enumerate()
             .map(|(index, q)| {
-                VirtQueue::from_state(q).map_err(|source| VirtioPciError::QueueState { index, source })
+                VirtQueue::from_state(q)
+                    .map_err(|source| VirtioPciError::QueueState { index, source })
             })
             .collect::<Result<_, _>>()?;
         Ok(Self {
@@ -528,10 +534,14 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
             (0x14, 1) => u64::from(self.notifier.device_status),
             (0x15, 1) => u64::from(self.notifier.config_generation),
             (0x16, 2) => u64::from(self.queue_select),
-            (0x18, 2) => self.selected_queue().map_or(0, |q| u64::from(q.queue.size())),
+            (0x18, 2) => self
+                .selected_queue()
+                .map_or(0, |q| u64::from(q.queue.size())),
             (0x1a, 2) => self
                 .selected_queue()
-                .map_or(u64::from(VIRTIO_MSI_NO_VECTOR), |q| u64::from(q.msix_vector)),
+                .map_or(u64::from(VIRTIO_MSI_NO_VECTOR), |q| {
+                    u64::from(q.msix_vector)
+                }),
             (0x1c, 2) => self
                 .selected_queue()
                 .map_or(0, |q| u64::from(q.queue.ready())),
@@ -550,7 +560,11 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
                 }
             }
             _ => {
-                tracing::warn!(offset, len, "unaligned or out-of-range virtio common config read");
+                tracing::warn!(
+                    offset,
+                    len,
+                    "unaligned or out-of-range virtio common config read"
+                );
                 0
             }
         };
@@ -584,13 +598,21 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
                         q.queue.set_ready(true);
                     }
                 } else {
-                    tracing::warn!(queue = self.queue_select, value = v, "queue_enable write other than 1 ignored");
+                    tracing::warn!(
+                        queue = self.queue_select,
+                        value = v,
+                        "queue_enable write other than 1 ignored"
+                    );
                 }
             }
             (0x20..=0x37, 4 | 8) if offset % 4 == 0 && (len == 4 || offset % 8 == 0) => {
                 let field = (offset - 0x20) / 8;
                 let shift = offset % 8 * 8;
-                let keep = if len == 8 { 0 } else { !(0xffff_ffffu64 << shift) };
+                let keep = if len == 8 {
+                    0
+                } else {
+                    !(0xffff_ffffu64 << shift)
+                };
                 let name = ["queue_desc", "queue_driver", "queue_device"][field as usize];
                 self.with_unready_queue(name, |q| {
                     let cur = match field {
@@ -608,9 +630,16 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
                 });
             }
             (0x04 | 0x12 | 0x15 | 0x1e, _) => {
-                tracing::warn!(offset, "write to a read-only virtio common config field ignored")
+                tracing::warn!(
+                    offset,
+                    "write to a read-only virtio common config field ignored"
+                )
             }
-            _ => tracing::warn!(offset, len, "unaligned or out-of-range virtio common config write"),
+            _ => tracing::warn!(
+                offset,
+                len,
+                "unaligned or out-of-range virtio common config write"
+            ),
         }
     }
 
@@ -623,7 +652,11 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
     ) {
         let select = self.queue_select;
         let Some(q) = self.selected_queue() else {
-            tracing::warn!(queue = select, field, "write to a queue that does not exist ignored");
+            tracing::warn!(
+                queue = select,
+                field,
+                "write to a queue that does not exist ignored"
+            );
             return;
         };
         if q.queue.ready() {
@@ -652,7 +685,10 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
         let offered = self.device.features();
         let want = u64::from(v) << shift;
         if want & !offered != 0 {
-            tracing::warn!(unoffered = want & !offered, "driver acked features the device did not offer; dropped");
+            tracing::warn!(
+                unoffered = want & !offered,
+                "driver acked features the device did not offer; dropped"
+            );
         }
         self.driver_features = self.driver_features & !mask | want & offered;
     }
@@ -670,7 +706,10 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
                 tracing::warn!("driver did not accept VIRTIO_F_VERSION_1; FEATURES_OK refused");
                 new &= !status::FEATURES_OK;
             } else {
-                tracing::debug!(features = self.driver_features, "virtio features negotiated");
+                tracing::debug!(
+                    features = self.driver_features,
+                    "virtio features negotiated"
+                );
             }
         }
         if new & status::FAILED != 0 && old & status::FAILED == 0 {
@@ -684,7 +723,10 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
 
     fn activate(&mut self) {
         if !self.notifier.live() {
-            tracing::warn!(status = self.notifier.device_status, "DRIVER_OK without FEATURES_OK; queues stay stopped");
+            tracing::warn!(
+                status = self.notifier.device_status,
+                "DRIVER_OK without FEATURES_OK; queues stay stopped"
+            );
             return;
         }
         let mem = &self.mem;
@@ -707,7 +749,10 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
     fn notify(&mut self, offset: u64) {
         let index = (offset / u64::from(NOTIFY_MULTIPLIER)) as usize;
         if index >= self.queues.len() {
-            tracing::warn!(queue = index, "notification for a queue that does not exist");
+            tracing::warn!(
+                queue = index,
+                "notification for a queue that does not exist"
+            );
             return;
         }
         if !self.notifier.live() {
@@ -763,7 +808,11 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
             {
                 self.notifier.msix.write_table(o - MSIX_TABLE_OFFSET, data)
             }
-            _ => tracing::warn!(offset, len = data.len(), "write to a read-only or unbacked virtio BAR offset ignored"),
+            _ => tracing::warn!(
+                offset,
+                len = data.len(),
+                "write to a read-only or unbacked virtio BAR offset ignored"
+            ),
         }
     }
 
@@ -779,7 +828,12 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
             && offset % length as u64 == 0
             && offset + length as u64 <= BAR_SIZE;
         if !ok {
-            tracing::warn!(bar, offset, length, "invalid VIRTIO_PCI_CAP_PCI_CFG access ignored");
+            tracing::warn!(
+                bar,
+                offset,
+                length,
+                "invalid VIRTIO_PCI_CAP_PCI_CFG access ignored"
+            );
         }
         ok.then_some((offset, length))
     }
@@ -1003,7 +1057,8 @@ pub(crate) mod tests {
         root.add_device(d.clone()).unwrap();
         let root = Arc::new(Mutex::new(root));
         let mut bus = crate::devices::bus::Bus::new();
-        bus.insert(root, PciRoot::PORT_BASE, PciRoot::PORT_LEN).unwrap();
+        bus.insert(root, PciRoot::PORT_BASE, PciRoot::PORT_LEN)
+            .unwrap();
         let sel = |reg: u32| (1u32 << 31 | 1 << 11 | reg << 2).to_le_bytes();
         bus.write(0xcf8, &sel(4));
         bus.write(0xcfc, &u32::MAX.to_le_bytes());
@@ -1050,7 +1105,11 @@ pub(crate) mod tests {
         w(&mut d, 0x1a, 2, 2);
         assert_eq!(r(&mut d, 0x1a, 2), 2);
         w(&mut d, 0x1a, 2, 3);
-        assert_eq!(r(&mut d, 0x1a, 2), 0xffff, "vector past the table reads NO_VECTOR");
+        assert_eq!(
+            r(&mut d, 0x1a, 2),
+            0xffff,
+            "vector past the table reads NO_VECTOR"
+        );
         w(&mut d, 0x18, 2, 8);
         assert_eq!(r(&mut d, 0x18, 2), 8);
         w(&mut d, 0x20, 8, 0x1_2340);
@@ -1191,7 +1250,9 @@ pub(crate) mod tests {
         assert_eq!(d2.msix_cap_reg, d.msix_cap_reg);
         let mut bad = s.clone();
         bad.queues.pop();
-        assert!(VirtioPciDevice::from_state(&bad, Dummy::default(), m.clone(), rec.clone()).is_err());
+        assert!(
+            VirtioPciDevice::from_state(&bad, Dummy::default(), m.clone(), rec.clone()).is_err()
+        );
         let mut bad = s;
         bad.queues[0].size = 3;
         assert!(VirtioPciDevice::from_state(&bad, Dummy::default(), m, rec).is_err());
