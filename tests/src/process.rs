@@ -141,6 +141,18 @@ struct LogState {
     open: u8,
 }
 
+impl LogState {
+    /// The first line at or after index `from` satisfying `pred`, with the mark past it.
+    fn find_after(&self, from: usize, pred: impl Fn(&str) -> bool) -> Option<(Mark, String)> {
+        self.lines
+            .iter()
+            .enumerate()
+            .skip(from)
+            .find(|(_, (_, l))| pred(l))
+            .map(|(i, (_, l))| (Mark(i + 1), l.clone()))
+    }
+}
+
 #[derive(Debug, Default)]
 struct Log {
     state: Mutex<LogState>,
@@ -400,14 +412,8 @@ impl TwinProcess {
         let exited = {
             let mut state = self.log.lock();
             loop {
-                if let Some((i, (_, line))) = state
-                    .lines
-                    .iter()
-                    .enumerate()
-                    .skip(next)
-                    .find(|(_, (_, l))| pred(l))
-                {
-                    return Ok((Mark(i + 1), line.clone()));
+                if let Some(found) = state.find_after(next, &pred) {
+                    return Ok(found);
                 }
                 next = state.lines.len();
                 let left = deadline.saturating_duration_since(Instant::now());
@@ -430,17 +436,9 @@ impl TwinProcess {
         if exited {
             // Lines may still have been in the pipes when the exit was seen: drain, look again.
             let _ = self.wait_exit(Duration::from_secs(2));
-            let state = self.log.lock();
-            if let Some((i, (_, line))) = state
-                .lines
-                .iter()
-                .enumerate()
-                .skip(next)
-                .find(|(_, (_, l))| pred(l))
-            {
-                return Ok((Mark(i + 1), line.clone()));
+            if let Some(found) = self.log.lock().find_after(next, &pred) {
+                return Ok(found);
             }
-            drop(state);
             Err(self.exited_error(what))
         } else {
             Err(HarnessError::Timeout {

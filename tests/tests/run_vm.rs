@@ -109,8 +109,10 @@ fn run_with_a_missing_tap_fails_with_one_line_naming_it() {
     .expect("twin run with a missing TAP exits by itself");
     assert!(
         !done.status.success(),
-        "twin run with a missing TAP succeeded: {}",
-        describe_status(done.status)
+        "twin run with a missing TAP succeeded ({}); output:\n{}{}",
+        describe_status(done.status),
+        done.stdout,
+        done.stderr
     );
     let lines = done.nonempty_lines();
     assert_eq!(
@@ -141,8 +143,10 @@ fn run_with_a_bad_memory_size_fails_naming_it() {
     .expect("twin run with a bad size exits by itself");
     assert!(
         !done.status.success(),
-        "twin run --mem 12Q succeeded: {}",
-        describe_status(done.status)
+        "twin run --mem 12Q succeeded ({}); output:\n{}{}",
+        describe_status(done.status),
+        done.stdout,
+        done.stderr
     );
     let output = format!("{}{}", done.stdout, done.stderr);
     assert!(
