@@ -201,6 +201,11 @@ impl Net {
         let mem = ctx.mem();
         let mut used = 0usize;
         while let Some(queue) = ctx.queue(TX_QUEUE) {
+            // Bounded so a guest racing more chains in cannot hold the vCPU here forever;
+            // chains added meanwhile come with their own notification.
+            if used == usize::from(QUEUE_SIZE) {
+                break;
+            }
             let chain = match queue.iter(mem).map(|mut it| it.next()) {
                 Ok(Some(c)) => c,
                 Ok(None) => break,

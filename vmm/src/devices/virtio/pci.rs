@@ -75,6 +75,8 @@ pub enum VirtioPciError {
         #[source]
         source: virtio_queue::Error,
     },
+    #[error("saved state is of PCI device {saved:#010x}, not {device:#010x}")]
+    DeviceMismatch { saved: u32, device: u32 },
     #[error("saved state has {found} queues, the device has {expected}")]
     QueueCount { found: usize, expected: usize },
 }
@@ -399,8 +401,14 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
         let msix = Msix::from_state(&state.msix, msi)?;
         // The capability layout is a function of the device; rebuild it to find the
         // offsets, then take the saved register contents.
-        let (_, caps) = build_config(&device, &msix, 0)?;
+        let (fresh, caps) = build_config(&device, &msix, 0)?;
         let config = PciConfiguration::from_state(&state.pci)?;
+        if config.read_reg(0) != fresh.read_reg(0) {
+            return Err(VirtioPciError::DeviceMismatch {
+                saved: config.read_reg(0),
+                device: fresh.read_reg(0),
+            });
+        }
         let queues = state
             .queues
             .iter()
@@ -560,15 +568,44 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
                 }
             }
             _ => {
-                tracing::warn!(
-                    offset,
-                    len,
-                    "unaligned or out-of-range virtio common config read"
-                );
-                0
+                // Not a natural-width field access (the spec forbids it). Reads have no
+                // side effects, so serve the bytes anyway rather than confuse the driver.
+                tracing::debug!(offset, len, "non-natural virtio common config read");
+                let snap = self.common_snapshot();
+                for (i, b) in data.iter_mut().enumerate() {
+                    *b = snap.get(offset as usize + i).copied().unwrap_or(0);
+                }
+                return;
             }
         };
         data.copy_from_slice(&value.to_le_bytes()[..len]);
+    }
+
+    /// The whole common configuration as the driver would read it field by field.
+    fn common_snapshot(&mut self) -> [u8; COMMON_LEN as usize] {
+        const FIELDS: [(u64, usize); 16] = [
+            (0x00, 4),
+            (0x04, 4),
+            (0x08, 4),
+            (0x0c, 4),
+            (0x10, 2),
+            (0x12, 2),
+            (0x14, 1),
+            (0x15, 1),
+            (0x16, 2),
+            (0x18, 2),
+            (0x1a, 2),
+            (0x1c, 2),
+            (0x1e, 2),
+            (0x20, 8),
+            (0x28, 8),
+            (0x30, 8),
+        ];
+        let mut snap = [0u8; COMMON_LEN as usize];
+        for (off, len) in FIELDS {
+            self.common_read(off, &mut snap[off as usize..off as usize + len]);
+        }
+        snap
     }
 
     fn common_write(&mut self, offset: u64, data: &[u8]) {
@@ -1121,6 +1158,11 @@ pub(crate) mod tests {
         w(&mut d, 0x16, 2, 5);
         assert_eq!(r(&mut d, 0x18, 2), 0);
         w(&mut d, 0x18, 2, 8);
+        // Non-natural reads are served from the field values.
+        w(&mut d, 0x16, 2, 1);
+        assert_eq!(r(&mut d, 0x14, 4), 0x0001_000b);
+        assert_eq!(r(&mut d, 0x12, 1), 2);
+        assert_eq!(r(&mut d, 0x40, 4), 0);
         // Device config and ISR.
         assert_eq!(r(&mut d, 0x2000, 4), 0x0403_0201);
         assert_eq!(r(&mut d, 0x2004, 4), 0x0605);
@@ -1253,6 +1295,22 @@ pub(crate) mod tests {
         assert!(
             VirtioPciDevice::from_state(&bad, Dummy::default(), m.clone(), rec.clone()).is_err()
         );
+        let mut bad = s.clone();
+        bad.pci = PciConfiguration::new(PciHeader {
+            vendor_id: 0x1af4,
+            device_id: 0x1042,
+            revision: 1,
+            class: 1,
+            subclass: 0,
+            prog_if: 0,
+            subsystem_vendor_id: 0,
+            subsystem_id: 0,
+        })
+        .state();
+        assert!(matches!(
+            VirtioPciDevice::from_state(&bad, Dummy::default(), m.clone(), rec.clone()),
+            Err(VirtioPciError::DeviceMismatch { .. })
+        ));
         let mut bad = s;
         bad.queues[0].size = 3;
         assert!(VirtioPciDevice::from_state(&bad, Dummy::default(), m, rec).is_err());
