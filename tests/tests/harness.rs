@@ -402,7 +402,11 @@ fn ha_topology_bridges_both_host_taps_to_the_client() {
     let mut p_tap = ha.primary.tap.open().expect("open primary tap");
     let mut b_tap = ha.backup.tap.open().expect("open backup tap");
     assert!(client_arp_seen_on(ha.client_ns(), &mut b_tap, LONG).is_some());
-    while let Some(f) = p_tap.recv_frame(Duration::from_millis(200)).expect("read") {
+    let quiet_until = Instant::now() + Duration::from_secs(1);
+    while let Some(f) = p_tap
+        .recv_frame(quiet_until.saturating_duration_since(Instant::now()))
+        .expect("read")
+    {
         assert!(
             arp_request_for(&f, GUEST_ADDR).is_none(),
             "isolated primary got the client's ARP"
@@ -480,6 +484,12 @@ fn processes_are_watched_signalled_and_report_early_exit() {
     )
     .expect("spawn");
     assert_eq!(p.wait_for_line("ready", LONG).expect("ready"), "ready");
+    // Namespaces come with IPv6 off (no router solicitations or DAD towards the guest).
+    assert_eq!(
+        ns.run(&["cat", "/proc/sys/net/ipv6/conf/all/disable_ipv6"])
+            .expect("cat"),
+        "1\n"
+    );
     // It runs inside the namespace.
     let ino = |path: &str| {
         use std::os::unix::fs::MetadataExt;
