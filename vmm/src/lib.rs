@@ -25,7 +25,10 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::boot::{BootError, BootParams};
 use crate::devices::bus::{Bus, BusError};
 use crate::devices::power::PowerDevice;
+use crate::devices::pci::PciRoot;
 use crate::devices::serial::{ConsoleOut, SerialDevice};
+use crate::devices::tap::Tap;
+use crate::devices::virtio::net::{NetResources, NetSink, NetWorker, TapSink, VirtioNet};
 use crate::layout::*;
 use crate::memory::{Memory, MemoryError};
 use crate::vcpu::{Vcpu, VcpuControl, VcpuError};
@@ -75,6 +78,9 @@ pub struct MachineConfig {
     pub mem_size: u64,
     pub vcpus: u8,
     pub mac: Option<[u8; 6]>,
+    /// The guest's address when the host knows it (built-in guest), for the gratuitous
+    /// ARP a restored VM announces itself with.
+    pub ip: Option<Ipv4Addr>,
 }
 
 /// State of every device. Each device is saved by its own `save_state`; a device that
@@ -82,6 +88,8 @@ pub struct MachineConfig {
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub struct DeviceStates {
     pub serial: devices::serial::SerialDeviceState,
+    pub pci: devices::pci::PciRootState,
+    pub net: Option<devices::virtio::net::VirtioNetState>,
 }
 
 /// The whole VM except guest memory: what a checkpoint or snapshot carries beside pages.
@@ -183,8 +191,12 @@ pub enum VmmError {
     Net(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("capturing or restoring KVM state")]
     State(#[from] state::StateError),
+    #[error("saving the {0} device")]
+    DeviceSave(&'static str, #[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("restoring the {0} device")]
     DeviceRestore(&'static str, #[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("the saved state has a network device but no TAP was given for it")]
+    NoTap,
     #[error("the saved state has {saved} vCPUs, but {expected} were configured")]
     VcpuMismatch { saved: usize, expected: u8 },
 }
@@ -197,6 +209,8 @@ pub struct Vmm {
     pio: Arc<RwLock<Bus>>,
     mmio: Arc<RwLock<Bus>>,
     serial: Arc<Mutex<SerialDevice>>,
+    pci: Arc<Mutex<PciRoot>>,
+    net: Option<NetDevice>,
     events_tx: Sender<VmEvent>,
     events_rx: Receiver<VmEvent>,
     vm: Vm,
@@ -204,6 +218,13 @@ pub struct Vmm {
     config: MachineConfig,
     msr_indices: Vec<u32>,
     started: bool,
+}
+
+/// The NIC: the device, its TAP and, while running, its RX worker.
+struct NetDevice {
+    dev: Arc<Mutex<VirtioNet>>,
+    tap: Arc<Tap>,
+    worker: Option<NetWorker>,
 }
 
 fn set_lapic_reg(lapic: &mut kvm_lapic_state, reg: usize, value: u32) {
@@ -220,6 +241,7 @@ impl Vmm {
             mem_size: cfg.mem_size,
             vcpus: cfg.vcpus,
             mac: cfg.net.as_ref().map(|n| n.mac),
+            ip: Some(cfg.ip),
         };
         let host = HostResources { tap: cfg.net.map(|n| n.tap), console: cfg.console };
         let vmm = Self::build(config, memory, host, None)?;
@@ -304,12 +326,46 @@ impl Vmm {
         pio.insert(serial.clone(), COM1_PORT, 8)?;
         pio.insert(Arc::new(Mutex::new(PowerDevice::new(events_tx.clone()))), POWER_PORT, 1)?;
 
+        let mut mmio = mmio;
+        let mut pci = match devices {
+            None => PciRoot::new(),
+            Some(d) => PciRoot::restore(&d.pci).map_err(|e| VmmError::DeviceRestore("PCI root", e.into()))?,
+        };
+        let saved_net = devices.and_then(|d| d.net.as_ref());
+        let net = match (config.mac, host.tap) {
+            (Some(mac), Some(tap_name)) => {
+                let tap = Arc::new(Tap::open(&tap_name).map_err(|e| VmmError::Net(e.into()))?);
+                let res = NetResources {
+                    mem: memory.guest_memory().clone(),
+                    msi: vm.msi_sender(),
+                    sink: TapSink::boxed(tap.clone()),
+                };
+                let dev = match saved_net {
+                    None => VirtioNet::new_net(mac, PCI_MMIO_START, res),
+                    Some(st) => VirtioNet::restore(st, res),
+                }
+                .map_err(|e| VmmError::Net(e.into()))?;
+                let bar = dev.bar_addr();
+                let dev = Arc::new(Mutex::new(dev));
+                // Devices are re-added in the same order on restore, so they keep their slots.
+                pci.add_device(dev.clone()).map_err(|e| VmmError::Net(e.into()))?;
+                mmio.insert(dev.clone(), bar, devices::virtio::pci::BAR_SIZE)?;
+                Some(NetDevice { dev, tap, worker: None })
+            }
+            (Some(_), None) if saved_net.is_some() => return Err(VmmError::NoTap),
+            _ => None,
+        };
+        let pci = Arc::new(Mutex::new(pci));
+        pio.insert(pci.clone(), PCI_CONFIG_PORT, PCI_CONFIG_PORT_SIZE)?;
+
         Ok(Vmm {
             vcpus,
             control: Arc::new(VcpuControl::default()),
             pio: Arc::new(RwLock::new(pio)),
             mmio: Arc::new(RwLock::new(mmio)),
             serial,
+            pci,
+            net,
             events_tx,
             events_rx,
             vm,
@@ -322,6 +378,9 @@ impl Vmm {
 
     /// Starts the vCPU threads.
     pub fn start(&mut self) -> Result<(), VmmError> {
+        if let Some(net) = &mut self.net {
+            net.worker = Some(NetWorker::start(net.dev.clone(), net.tap.clone()).map_err(|e| VmmError::Net(e.into()))?);
+        }
         for v in &mut self.vcpus {
             v.start(
                 self.control.clone(),
@@ -375,11 +434,15 @@ impl Vmm {
 
     /// Captures devices, then KVM VM state, then every vCPU. vCPUs must be paused and the
     /// caller must hold the device locks (see [`Vmm::checkpoint`]).
-    fn capture_locked(&self, serial: &SerialDevice) -> Result<(MachineState, u64, u64), VmmError> {
+    fn capture_locked(&self, locked: &LockedDevices<'_>) -> Result<(MachineState, u64, u64), VmmError> {
         let t = std::time::Instant::now();
         // Devices first: a device quiescing may still raise an interrupt, which must land
         // in the LAPIC/IOAPIC state captured after it (Firecracker learned this).
-        let devices = DeviceStates { serial: serial.state() };
+        let net = match &locked.net {
+            Some(n) => Some(n.save_state().map_err(|e| VmmError::DeviceSave("virtio-net", e.into()))?),
+            None => None,
+        };
+        let devices = DeviceStates { serial: locked.serial.state(), pci: locked.pci.save_state(), net };
         let device_ns = t.elapsed().as_nanos() as u64;
         let vm = state::capture_vm(self.vm.fd())?;
         let mut vcpus = Vec::with_capacity(self.vcpus.len());
@@ -390,18 +453,56 @@ impl Vmm {
         Ok((MachineState { config: self.config.clone(), devices, vm, vcpus }, device_ns, kvm_ns))
     }
 
+    /// [`Vmm::checkpoint`] for a VM the caller has already paused (and keeps paused).
+    pub fn checkpoint_paused(&self, copy_pages: bool) -> Result<Checkpoint, VmmError> {
+        let locked = self.lock_devices();
+        self.checkpoint_locked(&locked, copy_pages)
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.control.is_paused()
+    }
+
     /// Captures the whole state of a VM the caller has paused (and keeps paused).
     pub fn capture_paused(&self) -> Result<MachineState, VmmError> {
+        let locked = self.lock_devices();
+        self.capture_locked(&locked).map(|(s, _, _)| s)
+    }
+
+    /// Holds every device lock: device workers (the virtio-net RX thread) write guest
+    /// memory only under their lock, so with vCPUs paused and these held, guest memory
+    /// and device state stand still.
+    fn lock_devices(&self) -> LockedDevices<'_> {
+        // Same order as a vCPU's config-space access: PCI root, then the device.
+        let pci = self.pci.lock().expect("PCI root lock poisoned");
+        let net = self.net.as_ref().map(|n| n.dev.lock().expect("net device lock poisoned"));
         let serial = self.serial.lock().expect("serial lock poisoned");
-        self.capture_locked(&serial).map(|(s, _, _)| s)
+        LockedDevices { net, pci, serial }
+    }
+
+    /// Replaces where the guest's transmitted frames go (the output-commit buffer);
+    /// returns the previous sink. No-op without a NIC.
+    pub fn set_net_sink(&self, sink: Box<dyn NetSink>) -> Option<Box<dyn NetSink>> {
+        let net = self.net.as_ref()?;
+        Some(net.dev.lock().expect("net device lock poisoned").device_mut().set_sink(sink))
+    }
+
+    /// The NIC's TAP, for frames the host sends on the guest's behalf (gratuitous ARP).
+    pub fn tap(&self) -> Option<Arc<Tap>> {
+        self.net.as_ref().map(|n| n.tap.clone())
+    }
+
+    /// Whether the NIC's RX worker is alive (false after it failed).
+    pub fn net_healthy(&self) -> bool {
+        self.net.as_ref().is_none_or(|n| n.worker.as_ref().is_none_or(|w| w.is_running()))
     }
 
     /// Pauses the VM, captures its whole state, resumes it. No pages.
     pub fn capture_state(&self) -> Result<MachineState, VmmError> {
         self.pause();
-        let serial = self.serial.lock().expect("serial lock poisoned");
-        let r = self.capture_locked(&serial).map(|(s, _, _)| s);
-        drop(serial);
+        let locked = self.lock_devices();
+        let r = self.capture_locked(&locked).map(|(s, _, _)| s);
+        drop(locked);
         self.resume();
         r
     }
@@ -423,9 +524,9 @@ impl Vmm {
         let t0 = std::time::Instant::now();
         self.pause();
         let stop_ns = t0.elapsed().as_nanos() as u64;
-        let serial = self.serial.lock().expect("serial lock poisoned");
-        let r = self.checkpoint_locked(&serial, copy_pages);
-        drop(serial);
+        let locked = self.lock_devices();
+        let r = self.checkpoint_locked(&locked, copy_pages);
+        drop(locked);
         self.resume();
         let mut cp = r?;
         cp.timings.stop_ns = stop_ns;
@@ -433,8 +534,8 @@ impl Vmm {
         Ok(cp)
     }
 
-    fn checkpoint_locked(&self, serial: &SerialDevice, copy_pages: bool) -> Result<Checkpoint, VmmError> {
-        let (state, device_state_ns, kvm_state_ns) = self.capture_locked(serial)?;
+    fn checkpoint_locked(&self, locked: &LockedDevices<'_>, copy_pages: bool) -> Result<Checkpoint, VmmError> {
+        let (state, device_state_ns, kvm_state_ns) = self.capture_locked(locked)?;
         let t = std::time::Instant::now();
         let mut dirty = self.vm.take_dirty_log()?;
         for (d, v) in dirty.iter_mut().zip(self.memory.take_vmm_dirty_bitmap()) {
@@ -470,7 +571,19 @@ impl Vmm {
             self.control.stop(&mut self.vcpus);
             self.started = false;
         }
+        if let Some(w) = self.net.as_mut().and_then(|n| n.worker.take()) {
+            if let Err(e) = w.stop() {
+                tracing::warn!("network worker ended with an error: {e}");
+            }
+        }
     }
+}
+
+/// Device locks held during a capture (taken PCI root → NIC → serial; the NIC before its sink).
+struct LockedDevices<'a> {
+    net: Option<std::sync::MutexGuard<'a, VirtioNet>>,
+    pci: std::sync::MutexGuard<'a, PciRoot>,
+    serial: std::sync::MutexGuard<'a, SerialDevice>,
 }
 
 impl Drop for Vmm {

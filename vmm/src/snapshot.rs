@@ -332,8 +332,8 @@ mod tests {
 
     fn state(mem_size: u64) -> MachineState {
         MachineState {
-            config: MachineConfig { mem_size, vcpus: 1, mac: None },
-            devices: DeviceStates { serial: SerialDeviceState::default() },
+            config: MachineConfig { mem_size, vcpus: 1, mac: None, ip: None },
+            devices: DeviceStates { serial: SerialDeviceState::default(), pci: crate::devices::pci::PciRoot::new().save_state(), net: None },
             vm: VmState {
                 pic_master: Default::default(),
                 pic_slave: Default::default(),
