@@ -1,0 +1,192 @@
+//! Host-side tests: the embedded image honours the boot contract, and the guest's pure
+//! modules (argument parsing, request parsing, page format) behave.
+
+use super::guest_args::{self, ArgError, GuestArgs, Pattern};
+use super::guest_pagefmt::{self as pagefmt, PageError, WORDS};
+use super::guest_proto::{self as proto, Command};
+use super::GUEST_ELF;
+
+fn u16_at(b: &[u8], o: usize) -> u16 {
+    u16::from_le_bytes(b[o..o + 2].try_into().unwrap())
+}
+fn u32_at(b: &[u8], o: usize) -> u32 {
+    u32::from_le_bytes(b[o..o + 4].try_into().unwrap())
+}
+fn u64_at(b: &[u8], o: usize) -> u64 {
+    u64::from_le_bytes(b[o..o + 8].try_into().unwrap())
+}
+
+/// (p_offset, p_paddr, p_filesz, p_memsz) of every PT_LOAD.
+fn loads(elf: &[u8]) -> Vec<(usize, u64, usize, u64)> {
+    let phoff = u64_at(elf, 32) as usize;
+    let phentsize = usize::from(u16_at(elf, 54));
+    (0..usize::from(u16_at(elf, 56)))
+        .map(|i| phoff + i * phentsize)
+        .filter(|&p| u32_at(elf, p) == 1)
+        .map(|p| {
+            (
+                u64_at(elf, p + 8) as usize,
+                u64_at(elf, p + 24),
+                u64_at(elf, p + 32) as usize,
+                u64_at(elf, p + 40),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn image_is_a_static_x86_64_executable_with_the_guest_header_first() {
+    let elf = GUEST_ELF;
+    assert_eq!(&elf[..4], b"\x7fELF");
+    assert_eq!(elf[4], 2, "ELF64");
+    assert_eq!(u16_at(elf, 16), 2, "ET_EXEC");
+    assert_eq!(u16_at(elf, 18), 62, "x86-64");
+    let entry = u64_at(elf, 24);
+    let loads = loads(elf);
+    let (off, paddr, filesz, _) = *loads.iter().min_by_key(|l| l.1).unwrap();
+    assert_eq!(paddr, super::LOAD_ADDR);
+    let h = &elf[off..off + filesz];
+    assert_eq!(&h[..8], b"TWINGST\0");
+    assert_eq!(u32_at(h, 8), 1, "header version");
+    assert_eq!(u32_at(h, 12), 2080, "header size");
+    assert_eq!(u64_at(h, 16), entry, "header entry = e_entry");
+    let stack_top = u64_at(h, 24);
+    assert_eq!(stack_top % 16, 0);
+    let end = loads.iter().map(|l| l.1 + l.3).max().unwrap();
+    assert!(
+        stack_top > super::LOAD_ADDR && stack_top <= end,
+        "stack inside the image"
+    );
+    let vector = |v: usize| u64_at(h, 32 + 8 * v);
+    for v in 0..256 {
+        let addr = vector(v);
+        let in_text = loads.iter().any(|l| addr >= l.1 && addr < l.1 + l.2 as u64);
+        assert!(
+            in_text,
+            "vector {v:#x} -> {addr:#x} is not in a loaded segment"
+        );
+    }
+    for v in [6, 0x20, 0x21, 0x22, 0x23, 0xFF] {
+        assert!(
+            vector(v) != vector(0),
+            "vector {v:#x} has a handler of its own"
+        );
+    }
+    assert!(loads
+        .iter()
+        .all(|l| l.1 >= super::LOAD_ADDR && l.1 + l.3 < 0xC000_0000));
+}
+
+#[test]
+fn args_defaults_and_sizes() {
+    assert_eq!(guest_args::parse("").unwrap(), GuestArgs::default());
+    let a = guest_args::parse("dirty=64M/s,wss=128M hz=250,pattern=random,console=off").unwrap();
+    assert_eq!(a.dirty_bytes_per_sec, 64 << 20);
+    assert_eq!(a.wss_bytes, 128 << 20);
+    assert_eq!(a.hz, 250);
+    assert_eq!(a.pattern, Pattern::Random);
+    assert!(!a.console);
+    assert_eq!(guest_args::parse("dirty=0").unwrap().dirty_bytes_per_sec, 0);
+    assert_eq!(
+        guest_args::parse("dirty=1G").unwrap().dirty_bytes_per_sec,
+        1 << 30
+    );
+    assert_eq!(
+        guest_args::parse("wss=5000").unwrap().wss_bytes,
+        8192,
+        "rounded up to pages"
+    );
+    assert_eq!(guest_args::parse_size("2GiB"), Some(2 << 30));
+    assert_eq!(guest_args::parse_size("16k"), Some(16 << 10));
+    assert_eq!(guest_args::parse_size("12x"), None);
+    assert_eq!(guest_args::parse_size("M"), None);
+    assert_eq!(guest_args::parse_size("99999999999999999999"), None);
+    assert_eq!(guest_args::parse_size("17179869184G"), None, "overflow");
+}
+
+#[test]
+fn args_errors_are_clear() {
+    let e = guest_args::parse("dirty=64M/s,speed=3").unwrap_err();
+    assert_eq!(e, ArgError::UnknownKey("speed"));
+    assert!(e.to_string().contains("unknown guest argument \"speed\""));
+    assert!(matches!(
+        guest_args::parse("dirty"),
+        Err(ArgError::NotKeyValue("dirty"))
+    ));
+    assert!(matches!(
+        guest_args::parse("hz=0"),
+        Err(ArgError::BadValue { key: "hz", .. })
+    ));
+    assert!(matches!(
+        guest_args::parse("wss=lots"),
+        Err(ArgError::BadValue { key: "wss", .. })
+    ));
+    assert!(matches!(
+        guest_args::parse("dirty=1M,wss=0"),
+        Err(ArgError::BadValue { key: "wss", .. })
+    ));
+}
+
+#[test]
+fn requests_parse() {
+    assert_eq!(proto::parse(b"INCR k"), Ok(Command::Incr(b"k")));
+    assert_eq!(proto::parse(b"incr  k\r"), Ok(Command::Incr(b"k")));
+    assert_eq!(proto::parse(b"GET a:b"), Ok(Command::Get(b"a:b")));
+    assert_eq!(proto::parse(b"SET k 42"), Ok(Command::Set(b"k", 42)));
+    assert_eq!(proto::parse(b"PING"), Ok(Command::Ping));
+    assert_eq!(proto::parse(b"TIME"), Ok(Command::Time));
+    assert_eq!(proto::parse(b"STATS"), Ok(Command::Stats));
+    assert_eq!(proto::parse(b"VERIFY"), Ok(Command::Verify));
+    assert!(proto::parse(b"").is_err());
+    assert!(proto::parse(b"INCR").is_err());
+    assert!(proto::parse(b"INCR a b").is_err());
+    assert!(proto::parse(b"SET k").is_err());
+    assert!(proto::parse(b"SET k -1").is_err());
+    assert!(proto::parse(b"SET k 18446744073709551616").is_err());
+    assert_eq!(
+        proto::parse(b"SET k 18446744073709551615"),
+        Ok(Command::Set(b"k", u64::MAX))
+    );
+    assert!(proto::parse(b"PING x").is_err());
+    assert!(proto::parse(b"FLY")
+        .unwrap_err()
+        .starts_with("unknown command"));
+    assert!(proto::parse(&[b'x'; 200].map(|b| b)[..]).is_err());
+    let long_key = [b"GET ".as_slice(), &[b'k'; proto::MAX_KEY + 1]].concat();
+    assert!(proto::parse(&long_key).is_err());
+}
+
+#[test]
+fn page_format_detects_stale_and_torn_pages() {
+    let mut page = [0u64; WORDS];
+    pagefmt::fill(&mut page, 7, 3);
+    assert_eq!(pagefmt::check(&page, 7, 3), Ok(()));
+    assert_eq!(
+        pagefmt::check(&page, 8, 3),
+        Err(PageError::Index { found: 7 })
+    );
+    assert_eq!(
+        pagefmt::check(&page, 7, 4),
+        Err(PageError::Seq { found: 3 })
+    );
+    let mut torn = page;
+    torn[100] ^= 1;
+    assert!(matches!(
+        pagefmt::check(&torn, 7, 3),
+        Err(PageError::Checksum { .. })
+    ));
+    // A stale body under a new header (a lost write of the body) is caught too.
+    let mut newer = [0u64; WORDS];
+    pagefmt::fill(&mut newer, 7, 4);
+    let mut mixed = page;
+    mixed[..3].copy_from_slice(&newer[..3]);
+    assert!(matches!(
+        pagefmt::check(&mixed, 7, 4),
+        Err(PageError::Checksum { .. })
+    ));
+    // Bodies differ between versions and between pages.
+    let mut other = [0u64; WORDS];
+    pagefmt::fill(&mut other, 8, 3);
+    assert_ne!(page[3..], newer[3..]);
+    assert_ne!(page[3..], other[3..]);
+}

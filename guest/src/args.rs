@@ -1,0 +1,180 @@
+//! `--guest-args` parsing: `key=value` items separated by commas or spaces.
+//!
+//! Pure `core` code: also compiled into host unit tests by `twin-guest-image`.
+
+use core::fmt;
+
+/// Page size of the workload.
+pub const PAGE: u64 = 4096;
+
+/// Default working-set size: 64 MiB.
+pub const DEFAULT_WSS: u64 = 64 << 20;
+/// Default timer frequency.
+pub const DEFAULT_HZ: u32 = 100;
+/// Highest timer frequency accepted.
+pub const MAX_HZ: u32 = 10_000;
+
+/// Order in which the workload writes the pages of its working set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pattern {
+    /// Round-robin: page 0, 1, 2, … then wrap.
+    Sequential,
+    /// Pseudo-random (a fixed-seed xorshift generator), with repeats.
+    Random,
+}
+
+/// The parsed guest arguments.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GuestArgs {
+    /// Workload write rate in bytes per second (0 = workload off).
+    pub dirty_bytes_per_sec: u64,
+    /// Working-set size in bytes (a multiple of [`PAGE`]).
+    pub wss_bytes: u64,
+    /// LAPIC timer frequency.
+    pub hz: u32,
+    /// Page order of the workload.
+    pub pattern: Pattern,
+    /// Serve the line protocol on COM1 too (polled once per timer tick).
+    pub console: bool,
+}
+
+impl Default for GuestArgs {
+    fn default() -> Self {
+        GuestArgs {
+            dirty_bytes_per_sec: 0,
+            wss_bytes: DEFAULT_WSS,
+            hz: DEFAULT_HZ,
+            pattern: Pattern::Sequential,
+            console: true,
+        }
+    }
+}
+
+/// Why the arguments were refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ArgError<'a> {
+    /// An item without `=`.
+    NotKeyValue(&'a str),
+    /// A key this guest does not know.
+    UnknownKey(&'a str),
+    /// A known key with a value that does not parse or is out of range.
+    BadValue {
+        key: &'a str,
+        value: &'a str,
+        why: &'static str,
+    },
+}
+
+impl fmt::Display for ArgError<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ArgError::NotKeyValue(item) => {
+                write!(f, "guest argument {item:?} is not of the form key=value")
+            }
+            ArgError::UnknownKey(key) => write!(
+                f,
+                "unknown guest argument {key:?} (known: dirty=<rate>/s, wss=<size>, hz=<n>, pattern=seq|random, console=on|off)"
+            ),
+            ArgError::BadValue { key, value, why } => {
+                write!(f, "bad value {value:?} for guest argument {key}: {why}")
+            }
+        }
+    }
+}
+
+/// Parse a size such as `4096`, `64K`, `128M`, `1G`, `2GiB` (binary multiples).
+pub fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let digits_end = s
+        .bytes()
+        .position(|b| !b.is_ascii_digit())
+        .unwrap_or(s.len());
+    if digits_end == 0 {
+        return None;
+    }
+    let mut n: u64 = 0;
+    for b in s[..digits_end].bytes() {
+        n = n.checked_mul(10)?.checked_add(u64::from(b - b'0'))?;
+    }
+    let mut rest = s[digits_end..].as_bytes();
+    let shift = match rest.first().map(u8::to_ascii_uppercase) {
+        None => 0,
+        Some(b'K') => 10,
+        Some(b'M') => 20,
+        Some(b'G') => 30,
+        Some(b'T') => 40,
+        Some(b'B') => 0,
+        Some(_) => return None,
+    };
+    if shift != 0 {
+        rest = &rest[1..];
+        if rest.first() == Some(&b'i') {
+            rest = &rest[1..];
+        }
+    }
+    if matches!(rest.first(), Some(b'B') | Some(b'b')) {
+        rest = &rest[1..];
+    }
+    if !rest.is_empty() {
+        return None;
+    }
+    if shift != 0 && n.leading_zeros() < shift {
+        return None;
+    }
+    Some(n << shift)
+}
+
+/// Parse the whole argument string.
+pub fn parse(args: &str) -> Result<GuestArgs, ArgError<'_>> {
+    let mut out = GuestArgs::default();
+    for item in args.split([',', ' ', '\t', '\n']) {
+        if item.is_empty() {
+            continue;
+        }
+        let Some((key, value)) = item.split_once('=') else {
+            return Err(ArgError::NotKeyValue(item));
+        };
+        let bad = |why| ArgError::BadValue { key, value, why };
+        match key {
+            "dirty" => {
+                let rate = value.strip_suffix("/s").unwrap_or(value);
+                out.dirty_bytes_per_sec =
+                    parse_size(rate).ok_or(bad("expected bytes per second, e.g. 64M/s"))?;
+            }
+            "wss" => {
+                let size = parse_size(value).ok_or(bad("expected a size, e.g. 128M"))?;
+                out.wss_bytes = size.checked_add(PAGE - 1).ok_or(bad("too large"))? / PAGE * PAGE;
+            }
+            "hz" => {
+                let hz = parse_size(value).ok_or(bad("expected a frequency in Hz, e.g. 100"))?;
+                if hz == 0 || hz > u64::from(MAX_HZ) {
+                    return Err(bad("must be between 1 and 10000"));
+                }
+                out.hz = hz as u32;
+            }
+            "pattern" => {
+                out.pattern = match value {
+                    "seq" | "sequential" => Pattern::Sequential,
+                    "rand" | "random" => Pattern::Random,
+                    _ => return Err(bad("expected seq or random")),
+                };
+            }
+            "console" => {
+                out.console = match value {
+                    "on" | "1" | "yes" => true,
+                    "off" | "0" | "no" => false,
+                    _ => return Err(bad("expected on or off")),
+                };
+            }
+            _ => return Err(ArgError::UnknownKey(key)),
+        }
+    }
+    if out.dirty_bytes_per_sec > 0 && out.wss_bytes == 0 {
+        return Err(ArgError::BadValue {
+            key: "wss",
+            value: "0",
+            why: "the workload (dirty > 0) needs a working set of at least one page",
+        });
+    }
+    Ok(out)
+}

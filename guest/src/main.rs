@@ -1,0 +1,239 @@
+//! The built-in Twin guest.
+//!
+//! A freestanding program that runs at CPL 3 with a few dozen instructions of CPL-0
+//! assembly (see `arch.rs` and ARCHITECTURE.md, "The built-in guest and its boot
+//! contract"). It drives a virtio-net device, runs smoltcp with a TCP line service on port
+//! 7000, and a memory workload that dirties pages at a configured rate.
+
+#![no_std]
+#![no_main]
+
+extern crate alloc;
+
+mod apic;
+mod arch;
+mod args;
+mod boot;
+mod mem;
+mod net;
+mod pagefmt;
+mod pci;
+mod proto;
+mod serial;
+mod service;
+mod time;
+mod virtio;
+mod workload;
+
+use crate::arch::{irq_count, power_off, rdtsc, EXIT_CONFIG, EXIT_DEVICE, EXIT_PANIC, IRQ_TOTAL};
+use crate::boot::BootInfo;
+use crate::service::Guest;
+use alloc::collections::BTreeMap;
+use core::panic::PanicInfo;
+
+const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Lowest guest-physical address that is not RAM (PCI MMIO window).
+const MMIO_START: u64 = 0xC000_0000;
+/// Heap the guest needs besides the workload's sequence table.
+const MIN_HEAP: u64 = 8 << 20;
+
+extern "C" {
+    static __image_end: u8;
+}
+
+fn fail(status: u8, msg: core::fmt::Arguments<'_>) -> ! {
+    println!("twin-guest: error: {}", msg);
+    power_off(status)
+}
+
+fn mib(bytes: u64) -> u64 {
+    bytes >> 20
+}
+
+/// CPL-3 entry (called by `_start` in `arch.rs` with RDI = &BootInfo).
+#[no_mangle]
+extern "C" fn twin_main(boot: *const BootInfo) -> ! {
+    let tsc0 = rdtsc();
+    apic::quiet_legacy_interrupts();
+
+    // SAFETY: the boot contract puts BootInfo at 0x6000; the VMM does not change it.
+    let boot = match unsafe { BootInfo::from_ptr(boot) } {
+        Ok(b) => b,
+        Err(why) => fail(EXIT_CONFIG, format_args!("{why}")),
+    };
+    let ip = boot.ipv4_addr;
+    let gw = boot.ipv4_gateway;
+    println!(
+        "twin-guest {VERSION}: boot mem={}M tsc_khz={} ip={}.{}.{}.{}/{} gw={}.{}.{}.{} args={:?}",
+        mib(boot.mem_size),
+        boot.tsc_khz,
+        ip[0],
+        ip[1],
+        ip[2],
+        ip[3],
+        boot.ipv4_prefix_len,
+        gw[0],
+        gw[1],
+        gw[2],
+        gw[3],
+        boot.args()
+    );
+    let args = match args::parse(boot.args()) {
+        Ok(a) => a,
+        Err(e) => fail(EXIT_CONFIG, format_args!("{e}")),
+    };
+
+    // Memory: [image end, wss base) is the heap; [wss base, top of RAM) the working set.
+    let image_end = core::ptr::addr_of!(__image_end) as u64;
+    let ram_top = boot.mem_size.min(MMIO_START) & !(args::PAGE - 1);
+    let seq_table = args.wss_bytes / args::PAGE * 8;
+    let need = image_end + MIN_HEAP + seq_table + args.wss_bytes;
+    if need > ram_top {
+        fail(
+            EXIT_CONFIG,
+            format_args!(
+                "wss={}M does not fit in RAM: {}M of RAM below {:#x}, the image ends at {:#x} and \
+                 the guest needs {}M of heap besides; use wss <= {}M or more memory",
+                mib(args.wss_bytes),
+                mib(ram_top),
+                MMIO_START,
+                image_end,
+                mib(MIN_HEAP + seq_table),
+                mib(ram_top.saturating_sub(image_end + MIN_HEAP) * 4096 / 4104),
+            ),
+        );
+    }
+    let wss_base = ram_top - args.wss_bytes;
+    // SAFETY: [image_end, wss_base) is RAM used by nothing else: above the image and
+    // below the working set (the VMM's structures are all below 0x100000).
+    unsafe { mem::init_heap(image_end as usize, (wss_base - image_end) as usize) };
+
+    let mut clock = time::Clock::new(tsc0, boot.tsc_khz);
+    let timer_count = apic::start_timer(args.hz);
+    println!(
+        "twin-guest: timer {} Hz (LAPIC initial count {timer_count}), heap {}M at {image_end:#x}",
+        args.hz,
+        mib(wss_base - image_end)
+    );
+
+    // SAFETY: [wss_base, ram_top) is page-aligned RAM used by nothing else.
+    let mut workload = unsafe {
+        workload::Workload::new(
+            wss_base as usize,
+            args.wss_bytes,
+            args.dirty_bytes_per_sec,
+            args.pattern,
+        )
+    };
+    let t = clock.now_ns();
+    workload.fill_all();
+    println!(
+        "twin-guest: workload wss={}M ({} pages at {wss_base:#x}) filled in {} ms; dirty={} B/s ({} pages/s, {:?})",
+        mib(args.wss_bytes),
+        workload.pages(),
+        (clock.now_ns() - t) / 1_000_000,
+        args.dirty_bytes_per_sec,
+        args.dirty_bytes_per_sec / args::PAGE,
+        args.pattern,
+    );
+
+    let mut net = match pci::find(virtio::VENDOR, virtio::DEVICE_NET) {
+        None => {
+            println!("twin-guest: warning: no virtio-net device (1af4:1041) on PCI bus 0; running without network");
+            None
+        }
+        Some(f) => match virtio::VirtioNet::init(f, apic::id()) {
+            Ok(dev) => {
+                let i = dev.info;
+                let m = i.mac;
+                println!(
+                    "twin-guest: virtio-net at 00:{:02x}.{} mac={:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}{} features={:#x} queues rx={} tx={} link={}",
+                    i.pci.device,
+                    i.pci.function,
+                    m[0], m[1], m[2], m[3], m[4], m[5],
+                    if i.mac_from_device { "" } else { " (generated)" },
+                    i.features,
+                    i.rx_size,
+                    i.tx_size,
+                    if i.link_up { "up" } else { "down" },
+                );
+                Some(net::Net::new(
+                    dev,
+                    boot.ipv4_addr,
+                    boot.ipv4_prefix_len,
+                    boot.ipv4_gateway,
+                    clock.now_ns(),
+                    rdtsc(),
+                ))
+            }
+            Err(why) => fail(EXIT_DEVICE, format_args!("virtio-net: {why}")),
+        },
+    };
+
+    let mut g = Guest {
+        clock,
+        workload,
+        kv: BTreeMap::new(),
+        requests: 0,
+        halts: 0,
+        loops: 0,
+    };
+    println!(
+        "twin-guest: ready: tcp {}.{}.{}.{}:{} ({} ms after entry)",
+        ip[0],
+        ip[1],
+        ip[2],
+        ip[3],
+        net::PORT,
+        g.clock.now_ns() / 1_000_000
+    );
+
+    g.workload.start(g.clock.now_ns());
+    let mut console = args.console.then(serial::Console::new);
+    main_loop(&mut g, net.as_mut(), console.as_mut())
+}
+
+fn main_loop(
+    g: &mut Guest,
+    mut net: Option<&mut net::Net>,
+    mut console: Option<&mut serial::Console>,
+) -> ! {
+    loop {
+        g.loops += 1;
+        let seen = irq_count(IRQ_TOTAL);
+        let now = g.clock.now_ns();
+        let mut busy = false;
+        if let Some(n) = net.as_deref_mut() {
+            busy |= n.poll(g, now);
+        }
+        if let Some(c) = console.as_deref_mut() {
+            let stats = net.as_deref().map(net::Net::stats).unwrap_or_default();
+            busy |= c.poll(g, &stats);
+        }
+        busy |= g.workload.step(now);
+        if busy {
+            if let Some(n) = net.as_deref_mut() {
+                n.dev.busy();
+            }
+            continue;
+        }
+        if let Some(n) = net.as_deref_mut() {
+            if n.dev.prepare_idle() || n.wants_poll(now) {
+                continue;
+            }
+        }
+        g.halts += 1;
+        arch::halt(seen);
+    }
+}
+
+#[panic_handler]
+fn panic(info: &PanicInfo<'_>) -> ! {
+    println!("\ntwin-guest: panic: {info}");
+    power_off(EXIT_PANIC)
+}
+
+/// Referenced by the prebuilt `liballoc`; never called with `panic = "abort"`.
+#[no_mangle]
+extern "C" fn rust_eh_personality() {}

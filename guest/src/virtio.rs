@@ -1,0 +1,727 @@
+//! virtio-net over virtio-pci (modern, virtio 1.x) with MSI-X and split virtqueues, and
+//! its `smoltcp` device.
+//!
+//! Memory is identity-mapped, so ring and buffer addresses given to the device are the
+//! pointers' values. Interrupts are NAPI-style: while the main loop is busy it polls the
+//! rings with device interrupts suppressed (`VIRTQ_AVAIL_F_NO_INTERRUPT`); before halting
+//! it re-enables them and checks the rings once more ([`VirtioNet::prepare_idle`]).
+
+use crate::arch::{mb, VEC_CONFIG, VEC_RX, VEC_TX};
+use crate::pci::PciFunction;
+use alloc::alloc::{alloc_zeroed, Layout};
+use alloc::vec::Vec;
+use core::sync::atomic::{fence, Ordering};
+use smoltcp::phy::{self, Device, DeviceCapabilities, Medium};
+use smoltcp::time::Instant;
+
+/// virtio PCI vendor ID.
+pub const VENDOR: u16 = 0x1AF4;
+/// Modern virtio-net PCI device ID.
+pub const DEVICE_NET: u16 = 0x1041;
+
+const STATUS_ACKNOWLEDGE: u8 = 1;
+const STATUS_DRIVER: u8 = 2;
+const STATUS_DRIVER_OK: u8 = 4;
+const STATUS_FEATURES_OK: u8 = 8;
+const STATUS_FAILED: u8 = 0x80;
+
+const F_MAC: u64 = 1 << 5;
+const F_STATUS: u64 = 1 << 16;
+const F_VERSION_1: u64 = 1 << 32;
+
+const CAP_COMMON: u8 = 1;
+const CAP_NOTIFY: u8 = 2;
+const CAP_ISR: u8 = 3;
+const CAP_DEVICE: u8 = 4;
+
+// Common configuration structure offsets.
+const C_DEVICE_FEATURE_SELECT: usize = 0x00;
+const C_DEVICE_FEATURE: usize = 0x04;
+const C_DRIVER_FEATURE_SELECT: usize = 0x08;
+const C_DRIVER_FEATURE: usize = 0x0C;
+const C_MSIX_CONFIG: usize = 0x10;
+const C_NUM_QUEUES: usize = 0x12;
+const C_DEVICE_STATUS: usize = 0x14;
+const C_QUEUE_SELECT: usize = 0x16;
+const C_QUEUE_SIZE: usize = 0x18;
+const C_QUEUE_MSIX_VECTOR: usize = 0x1A;
+const C_QUEUE_ENABLE: usize = 0x1C;
+const C_QUEUE_NOTIFY_OFF: usize = 0x1E;
+const C_QUEUE_DESC: usize = 0x20;
+const C_QUEUE_DRIVER: usize = 0x28;
+const C_QUEUE_DEVICE: usize = 0x30;
+
+const NO_VECTOR: u16 = 0xFFFF;
+
+const VIRTQ_DESC_F_WRITE: u16 = 2;
+const VIRTQ_AVAIL_F_NO_INTERRUPT: u16 = 1;
+const VIRTQ_USED_F_NO_NOTIFY: u16 = 1;
+
+/// Size of `virtio_net_hdr_v1` (VERSION_1 is always negotiated).
+pub const NET_HDR_LEN: usize = 12;
+/// Bytes per packet buffer: header + a full Ethernet frame (1514), rounded up.
+const BUF_LEN: usize = 2048;
+/// Largest Ethernet frame (without FCS) we send or accept.
+pub const MAX_FRAME: usize = 1514;
+/// Queue size we ask for (the device may offer less).
+const MAX_QUEUE_SIZE: u16 = 256;
+
+/// Why the device could not be brought up.
+pub type InitError = &'static str;
+
+fn mmio_read8(addr: usize) -> u8 {
+    // SAFETY: `addr` is inside a BAR region of the virtio device (identity-mapped MMIO,
+    // uncached); reads have no memory-safety effects.
+    unsafe { (addr as *const u8).read_volatile() }
+}
+fn mmio_write8(addr: usize, v: u8) {
+    // SAFETY: see `mmio_read8`.
+    unsafe { (addr as *mut u8).write_volatile(v) }
+}
+fn mmio_read16(addr: usize) -> u16 {
+    // SAFETY: see `mmio_read8`.
+    unsafe { (addr as *const u16).read_volatile() }
+}
+fn mmio_write16(addr: usize, v: u16) {
+    // SAFETY: see `mmio_read8`.
+    unsafe { (addr as *mut u16).write_volatile(v) }
+}
+fn mmio_read32(addr: usize) -> u32 {
+    // SAFETY: see `mmio_read8`.
+    unsafe { (addr as *const u32).read_volatile() }
+}
+fn mmio_write32(addr: usize, v: u32) {
+    // SAFETY: see `mmio_read8`.
+    unsafe { (addr as *mut u32).write_volatile(v) }
+}
+/// 64-bit register written as two 32-bit halves, low first (as Linux does).
+fn mmio_write64(addr: usize, v: u64) {
+    mmio_write32(addr, v as u32);
+    mmio_write32(addr + 4, (v >> 32) as u32);
+}
+
+/// Allocate zeroed, page-aligned memory that lives for the rest of the guest's life.
+fn alloc_pages(bytes: usize) -> Result<usize, InitError> {
+    let layout = Layout::from_size_align(bytes.max(1), 4096).map_err(|_| "bad layout")?;
+    // SAFETY: the layout has a non-zero size.
+    let p = unsafe { alloc_zeroed(layout) };
+    if p.is_null() {
+        return Err("out of memory for virtqueues");
+    }
+    Ok(p as usize)
+}
+
+/// A split virtqueue as the driver sees it.
+struct Virtq {
+    size: u16,
+    desc: usize,
+    avail: usize,
+    used: usize,
+    notify: usize,
+    queue_index: u16,
+    /// Next avail index to publish.
+    avail_idx: u16,
+    /// Used index we have consumed up to.
+    last_used: u16,
+}
+
+impl Virtq {
+    fn alloc(size: u16, notify: usize, queue_index: u16) -> Result<Virtq, InitError> {
+        let n = usize::from(size);
+        let desc = alloc_pages(16 * n)?;
+        let avail = alloc_pages(6 + 2 * n)?;
+        let used = alloc_pages(6 + 8 * n)?;
+        Ok(Virtq {
+            size,
+            desc,
+            avail,
+            used,
+            notify,
+            queue_index,
+            avail_idx: 0,
+            last_used: 0,
+        })
+    }
+
+    fn set_desc(&mut self, id: u16, addr: u64, len: u32, flags: u16) {
+        let d = self.desc + 16 * usize::from(id);
+        // SAFETY: id < size; the descriptor table is ours (page-aligned heap allocation).
+        unsafe {
+            (d as *mut u64).write_volatile(addr);
+            ((d + 8) as *mut u32).write_volatile(len);
+            ((d + 12) as *mut u16).write_volatile(flags);
+            ((d + 14) as *mut u16).write_volatile(0);
+        }
+    }
+
+    fn set_desc_len(&mut self, id: u16, len: u32) {
+        let d = self.desc + 16 * usize::from(id);
+        // SAFETY: as in `set_desc`.
+        unsafe { ((d + 8) as *mut u32).write_volatile(len) };
+    }
+
+    /// Put descriptor `id` in the avail ring (not yet visible: see [`Virtq::publish`]).
+    fn push_avail(&mut self, id: u16) {
+        let slot = usize::from(self.avail_idx % self.size);
+        // SAFETY: slot < size; the avail ring is ours.
+        unsafe { ((self.avail + 4 + 2 * slot) as *mut u16).write_volatile(id) };
+        self.avail_idx = self.avail_idx.wrapping_add(1);
+    }
+
+    /// Make pushed entries visible to the device.
+    fn publish(&mut self) {
+        fence(Ordering::Release);
+        // SAFETY: the avail ring's idx field is ours.
+        unsafe { ((self.avail + 2) as *mut u16).write_volatile(self.avail_idx) };
+    }
+
+    fn set_avail_flags(&mut self, flags: u16) {
+        // SAFETY: the avail ring's flags field is ours.
+        unsafe { (self.avail as *mut u16).write_volatile(flags) };
+    }
+
+    fn used_idx(&self) -> u16 {
+        // SAFETY: the used ring is ours; the device writes it (volatile read).
+        unsafe { ((self.used + 2) as *const u16).read_volatile() }
+    }
+
+    fn used_flags(&self) -> u16 {
+        // SAFETY: as in `used_idx`.
+        unsafe { (self.used as *const u16).read_volatile() }
+    }
+
+    fn has_used(&self) -> bool {
+        self.used_idx() != self.last_used
+    }
+
+    /// Take the next used element: (descriptor id, bytes written).
+    fn pop_used(&mut self) -> Option<(u16, u32)> {
+        if !self.has_used() {
+            return None;
+        }
+        fence(Ordering::Acquire);
+        let slot = usize::from(self.last_used % self.size);
+        let e = self.used + 4 + 8 * slot;
+        // SAFETY: slot < size; the used ring is ours.
+        let (id, len) = unsafe {
+            (
+                ((e) as *const u32).read_volatile(),
+                ((e + 4) as *const u32).read_volatile(),
+            )
+        };
+        self.last_used = self.last_used.wrapping_add(1);
+        if id >= u32::from(self.size) {
+            panic!(
+                "virtio queue {}: device returned bad descriptor id {id}",
+                self.queue_index
+            );
+        }
+        Some((id as u16, len))
+    }
+
+    /// Notify the device, unless it asked not to be.
+    fn kick(&mut self) -> bool {
+        mb();
+        if self.used_flags() & VIRTQ_USED_F_NO_NOTIFY != 0 {
+            return false;
+        }
+        mmio_write16(self.notify, self.queue_index);
+        true
+    }
+}
+
+/// Receive side: every descriptor owns one buffer for good.
+pub struct RxQueue {
+    q: Virtq,
+    bufs: usize,
+    /// Buffers given back to the avail ring since the last kick decision.
+    reposted: u16,
+    pub packets: u64,
+    pub bytes: u64,
+    pub kicks: u64,
+    pub bad_len: u64,
+}
+
+/// Transmit side: a stack of free descriptors, each with its own buffer.
+pub struct TxQueue {
+    q: Virtq,
+    bufs: usize,
+    free: Vec<u16>,
+    kick_pending: bool,
+    pub packets: u64,
+    pub bytes: u64,
+    pub kicks: u64,
+    pub dropped: u64,
+}
+
+impl TxQueue {
+    /// Return completed descriptors to the free stack.
+    pub fn reclaim(&mut self) {
+        while let Some((id, _)) = self.q.pop_used() {
+            self.free.push(id);
+        }
+    }
+
+    fn buf(&self, id: u16) -> *mut u8 {
+        (self.bufs + BUF_LEN * usize::from(id)) as *mut u8
+    }
+
+    /// Send one frame built by `f` into a `len`-byte buffer. Without a free descriptor the
+    /// frame is built into scratch space and dropped.
+    fn send<R>(&mut self, len: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
+        if self.free.is_empty() {
+            self.reclaim();
+        }
+        let len = len.min(BUF_LEN - NET_HDR_LEN);
+        let Some(id) = self.free.pop() else {
+            self.dropped += 1;
+            let mut scratch = [0u8; BUF_LEN];
+            return f(&mut scratch[..len]);
+        };
+        let buf = self.buf(id);
+        // SAFETY: descriptor `id` is free, so its buffer is ours alone; it is BUF_LEN bytes
+        // and NET_HDR_LEN + len <= BUF_LEN.
+        let frame = unsafe {
+            core::ptr::write_bytes(buf, 0, NET_HDR_LEN);
+            core::slice::from_raw_parts_mut(buf.add(NET_HDR_LEN), len)
+        };
+        let r = f(frame);
+        self.q.set_desc_len(id, (NET_HDR_LEN + len) as u32);
+        self.q.push_avail(id);
+        self.q.publish();
+        self.kick_pending = true;
+        self.packets += 1;
+        self.bytes += len as u64;
+        r
+    }
+
+    /// Kick the device if frames were queued since the last kick.
+    pub fn flush(&mut self) {
+        if self.kick_pending {
+            self.kick_pending = false;
+            if self.q.kick() {
+                self.kicks += 1;
+            }
+        }
+    }
+
+    pub fn has_free(&self) -> bool {
+        !self.free.is_empty()
+    }
+}
+
+impl RxQueue {
+    fn buf(&self, id: u16) -> *const u8 {
+        (self.bufs + BUF_LEN * usize::from(id)) as *const u8
+    }
+
+    fn repost(&mut self, id: u16) {
+        self.q.push_avail(id);
+        self.q.publish();
+        self.reposted += 1;
+    }
+
+    /// Kick the device if it may be short of buffers. It can only be waiting for us when
+    /// it has used every buffer we gave it; kick once fewer than a quarter are left.
+    pub fn flush(&mut self) {
+        if self.reposted == 0 {
+            return;
+        }
+        let outstanding_before = self
+            .q
+            .avail_idx
+            .wrapping_sub(self.reposted)
+            .wrapping_sub(self.q.used_idx());
+        self.reposted = 0;
+        if outstanding_before < self.q.size / 4 && self.q.kick() {
+            self.kicks += 1;
+        }
+    }
+}
+
+/// Features and identity of the device, for the boot log.
+#[derive(Debug, Clone, Copy)]
+pub struct NetInfo {
+    pub pci: PciFunction,
+    pub mac: [u8; 6],
+    pub mac_from_device: bool,
+    pub features: u64,
+    pub rx_size: u16,
+    pub tx_size: u16,
+    pub link_up: bool,
+}
+
+/// The driver.
+pub struct VirtioNet {
+    common: usize,
+    device_cfg: usize,
+    pub rx: RxQueue,
+    pub tx: TxQueue,
+    pub info: NetInfo,
+}
+
+struct Caps {
+    common: Option<usize>,
+    notify: Option<(usize, u32)>,
+    isr: Option<usize>,
+    device: Option<usize>,
+    msix: Option<u8>,
+}
+
+fn read_caps(f: PciFunction) -> Caps {
+    let mut caps = Caps {
+        common: None,
+        notify: None,
+        isr: None,
+        device: None,
+        msix: None,
+    };
+    for at in f.capabilities() {
+        match f.read8(at) {
+            0x09 => {
+                let cfg_type = f.read8(at + 3);
+                let bar = f.read8(at + 4);
+                let offset = f.read32(at + 8);
+                let Some(base) = f.bar_address(bar) else {
+                    continue;
+                };
+                let addr = (base + u64::from(offset)) as usize;
+                match cfg_type {
+                    CAP_COMMON if caps.common.is_none() => caps.common = Some(addr),
+                    CAP_NOTIFY if caps.notify.is_none() => {
+                        caps.notify = Some((addr, f.read32(at + 16)));
+                    }
+                    CAP_ISR if caps.isr.is_none() => caps.isr = Some(addr),
+                    CAP_DEVICE if caps.device.is_none() => caps.device = Some(addr),
+                    _ => {}
+                }
+            }
+            0x11 if caps.msix.is_none() => caps.msix = Some(at),
+            _ => {}
+        }
+    }
+    caps
+}
+
+impl VirtioNet {
+    /// Bring up the device at `f` (virtio 1.x initialization sequence, MSI-X to LAPIC
+    /// `apic_id`).
+    pub fn init(f: PciFunction, apic_id: u8) -> Result<VirtioNet, InitError> {
+        let caps = read_caps(f);
+        let common = caps
+            .common
+            .ok_or("no virtio common configuration capability")?;
+        let (notify_base, notify_mult) = caps.notify.ok_or("no virtio notify capability")?;
+        let device_cfg = caps
+            .device
+            .ok_or("no virtio device configuration capability")?;
+        let msix = caps.msix.ok_or("no MSI-X capability")?;
+        f.enable_memory_and_bus_master();
+
+        let status = |s: u8| mmio_write8(common + C_DEVICE_STATUS, s);
+        // Reset, and wait for the device to acknowledge it.
+        status(0);
+        let mut spins = 0;
+        while mmio_read8(common + C_DEVICE_STATUS) != 0 {
+            spins += 1;
+            if spins > 1_000_000 {
+                return Err("device did not reset");
+            }
+            core::hint::spin_loop();
+        }
+        status(STATUS_ACKNOWLEDGE);
+        status(STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+
+        let mut offered = 0u64;
+        for sel in 0..2u32 {
+            mmio_write32(common + C_DEVICE_FEATURE_SELECT, sel);
+            offered |= u64::from(mmio_read32(common + C_DEVICE_FEATURE)) << (32 * sel);
+        }
+        if offered & F_VERSION_1 == 0 {
+            status(STATUS_FAILED);
+            return Err("device does not offer VIRTIO_F_VERSION_1");
+        }
+        let features = offered & (F_VERSION_1 | F_MAC | F_STATUS);
+        for sel in 0..2u32 {
+            mmio_write32(common + C_DRIVER_FEATURE_SELECT, sel);
+            mmio_write32(common + C_DRIVER_FEATURE, (features >> (32 * sel)) as u32);
+        }
+        let s = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK;
+        status(s);
+        if mmio_read8(common + C_DEVICE_STATUS) & STATUS_FEATURES_OK == 0 {
+            status(STATUS_FAILED);
+            return Err("device refused our features (FEATURES_OK not set)");
+        }
+        if mmio_read16(common + C_NUM_QUEUES) < 2 {
+            status(STATUS_FAILED);
+            return Err("device has fewer than 2 queues");
+        }
+
+        // MSI-X: entry 0 = config changes, 1 = RX, 2 = TX. Enable with the function
+        // masked, program the table, then unmask.
+        let msg_ctl = f.read16(msix + 2);
+        let table_size = (msg_ctl & 0x7FF) + 1;
+        if table_size < 3 {
+            status(STATUS_FAILED);
+            return Err("MSI-X table has fewer than 3 entries");
+        }
+        let table_reg = f.read32(msix + 4);
+        let table_bar = f
+            .bar_address((table_reg & 7) as u8)
+            .ok_or("MSI-X table BAR unassigned")?;
+        let table = (table_bar + u64::from(table_reg & !7)) as usize;
+        f.write16(msix + 2, msg_ctl | 0x8000 | 0x4000);
+        for (entry, vector) in [(0usize, VEC_CONFIG), (1, VEC_RX), (2, VEC_TX)] {
+            let e = table + 16 * entry;
+            mmio_write32(e, 0xFEE0_0000 | (u32::from(apic_id) << 12));
+            mmio_write32(e + 4, 0);
+            mmio_write32(e + 8, u32::from(vector));
+            mmio_write32(e + 12, 0); // unmask
+        }
+        f.write16(msix + 2, (msg_ctl | 0x8000) & !0x4000);
+
+        mmio_write16(common + C_MSIX_CONFIG, 0);
+        if mmio_read16(common + C_MSIX_CONFIG) == NO_VECTOR {
+            status(STATUS_FAILED);
+            return Err("device refused MSI-X vector 0 for config changes");
+        }
+
+        let setup = |index: u16, vector: u16| -> Result<Virtq, InitError> {
+            mmio_write16(common + C_QUEUE_SELECT, index);
+            let max = mmio_read16(common + C_QUEUE_SIZE);
+            if max == 0 {
+                return Err("queue not available");
+            }
+            // Split virtqueue sizes must be powers of two; take the largest <= both limits.
+            let mut size = max.min(MAX_QUEUE_SIZE);
+            size = 1 << (15 - size.leading_zeros());
+            let notify_off = mmio_read16(common + C_QUEUE_NOTIFY_OFF);
+            let notify = notify_base + usize::from(notify_off) * notify_mult as usize;
+            let q = Virtq::alloc(size, notify, index)?;
+            mmio_write16(common + C_QUEUE_SIZE, size);
+            mmio_write64(common + C_QUEUE_DESC, q.desc as u64);
+            mmio_write64(common + C_QUEUE_DRIVER, q.avail as u64);
+            mmio_write64(common + C_QUEUE_DEVICE, q.used as u64);
+            mmio_write16(common + C_QUEUE_MSIX_VECTOR, vector);
+            if mmio_read16(common + C_QUEUE_MSIX_VECTOR) == NO_VECTOR {
+                return Err("device refused a queue MSI-X vector");
+            }
+            Ok(q)
+        };
+        let rxq = setup(0, 1).inspect_err(|_| status(STATUS_FAILED))?;
+        let txq = setup(1, 2).inspect_err(|_| status(STATUS_FAILED))?;
+
+        // RX: every descriptor gets a device-writable buffer, all posted.
+        let rx_bufs = alloc_pages(BUF_LEN * usize::from(rxq.size))?;
+        let mut rx = RxQueue {
+            q: rxq,
+            bufs: rx_bufs,
+            reposted: 0,
+            packets: 0,
+            bytes: 0,
+            kicks: 0,
+            bad_len: 0,
+        };
+        for id in 0..rx.q.size {
+            let addr = rx.bufs + BUF_LEN * usize::from(id);
+            rx.q.set_desc(id, addr as u64, BUF_LEN as u32, VIRTQ_DESC_F_WRITE);
+            rx.q.push_avail(id);
+        }
+        rx.q.publish();
+
+        // TX: descriptors point at their buffers; lengths are set per packet. Completion
+        // interrupts are off unless we run out of descriptors.
+        let tx_bufs = alloc_pages(BUF_LEN * usize::from(txq.size))?;
+        let mut tx = TxQueue {
+            q: txq,
+            bufs: tx_bufs,
+            free: Vec::with_capacity(usize::from(MAX_QUEUE_SIZE)),
+            kick_pending: false,
+            packets: 0,
+            bytes: 0,
+            kicks: 0,
+            dropped: 0,
+        };
+        for id in (0..tx.q.size).rev() {
+            let addr = tx.bufs + BUF_LEN * usize::from(id);
+            tx.q.set_desc(id, addr as u64, 0, 0);
+            tx.free.push(id);
+        }
+        tx.q.set_avail_flags(VIRTQ_AVAIL_F_NO_INTERRUPT);
+        // RX interrupts on until the main loop is busy.
+        rx.q.set_avail_flags(0);
+
+        for index in 0..2u16 {
+            mmio_write16(common + C_QUEUE_SELECT, index);
+            mmio_write16(common + C_QUEUE_ENABLE, 1);
+        }
+
+        let mac_from_device = features & F_MAC != 0;
+        let mut mac = [0x02, 0x74, 0x77, 0x69, 0x6e, 0x01];
+        if mac_from_device {
+            for (i, b) in mac.iter_mut().enumerate() {
+                *b = mmio_read8(device_cfg + i);
+            }
+        }
+        status(s | STATUS_DRIVER_OK);
+        if mmio_read8(common + C_DEVICE_STATUS) & STATUS_FAILED != 0 {
+            return Err("device failed after DRIVER_OK");
+        }
+        rx.kick_now();
+
+        let mut net = VirtioNet {
+            common,
+            device_cfg,
+            info: NetInfo {
+                pci: f,
+                mac,
+                mac_from_device,
+                features,
+                rx_size: rx.q.size,
+                tx_size: tx.q.size,
+                link_up: true,
+            },
+            rx,
+            tx,
+        };
+        net.info.link_up = net.link_up();
+        Ok(net)
+    }
+
+    /// Link status (always up without VIRTIO_NET_F_STATUS).
+    pub fn link_up(&self) -> bool {
+        if self.info.features & F_STATUS == 0 {
+            return true;
+        }
+        mmio_read16(self.device_cfg + 6) & 1 != 0
+    }
+
+    /// Device status register (for diagnostics: NEEDS_RESET = 0x40).
+    pub fn device_status(&self) -> u8 {
+        mmio_read8(self.common + C_DEVICE_STATUS)
+    }
+
+    /// Push out queued frames and refilled buffers.
+    pub fn flush(&mut self) {
+        self.tx.flush();
+        self.rx.flush();
+    }
+
+    /// Is there anything to receive?
+    pub fn rx_pending(&self) -> bool {
+        self.rx.q.has_used()
+    }
+
+    /// Suppress RX interrupts: the main loop is polling.
+    pub fn busy(&mut self) {
+        self.rx.q.set_avail_flags(VIRTQ_AVAIL_F_NO_INTERRUPT);
+    }
+
+    /// About to halt: re-enable the interrupts we need to be woken by (RX always, TX only
+    /// while out of descriptors), then look once more. Returns `true` if there is work
+    /// after all (do not halt).
+    pub fn prepare_idle(&mut self) -> bool {
+        self.rx.q.set_avail_flags(0);
+        let tx_starved = !self.tx.has_free();
+        self.tx.q.set_avail_flags(if tx_starved {
+            0
+        } else {
+            VIRTQ_AVAIL_F_NO_INTERRUPT
+        });
+        mb();
+        self.rx.q.has_used() || (tx_starved && self.tx.q.has_used())
+    }
+
+    /// Send a raw Ethernet frame built by `f`.
+    pub fn send_frame(&mut self, len: usize, f: impl FnOnce(&mut [u8])) {
+        self.tx.send(len, f);
+    }
+}
+
+impl RxQueue {
+    fn kick_now(&mut self) {
+        if self.q.kick() {
+            self.kicks += 1;
+        }
+    }
+}
+
+/// A received frame: buffer `id` goes back to the device when the token is dropped.
+pub struct RxToken<'a> {
+    rx: &'a mut RxQueue,
+    id: u16,
+    len: usize,
+}
+
+impl phy::RxToken for RxToken<'_> {
+    fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
+        // SAFETY: the device has finished with buffer `id` (it is in the used ring) and
+        // wrote `len` <= BUF_LEN bytes; it is not reposted until this token drops.
+        let frame =
+            unsafe { core::slice::from_raw_parts(self.rx.buf(self.id).add(NET_HDR_LEN), self.len) };
+        f(frame)
+    }
+}
+
+impl Drop for RxToken<'_> {
+    fn drop(&mut self) {
+        self.rx.repost(self.id);
+    }
+}
+
+/// Permission to send one frame.
+pub struct TxToken<'a> {
+    tx: &'a mut TxQueue,
+}
+
+impl phy::TxToken for TxToken<'_> {
+    fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
+        self.tx.send(len, f)
+    }
+}
+
+impl Device for VirtioNet {
+    type RxToken<'a> = RxToken<'a>;
+    type TxToken<'a> = TxToken<'a>;
+
+    fn receive(&mut self, _ts: Instant) -> Option<(RxToken<'_>, TxToken<'_>)> {
+        loop {
+            let (id, written) = self.rx.q.pop_used()?;
+            let written = written as usize;
+            if written <= NET_HDR_LEN || written > BUF_LEN {
+                self.rx.bad_len += 1;
+                self.rx.repost(id);
+                continue;
+            }
+            let len = written - NET_HDR_LEN;
+            self.rx.packets += 1;
+            self.rx.bytes += len as u64;
+            return Some((
+                RxToken {
+                    rx: &mut self.rx,
+                    id,
+                    len,
+                },
+                TxToken { tx: &mut self.tx },
+            ));
+        }
+    }
+
+    fn transmit(&mut self, _ts: Instant) -> Option<TxToken<'_>> {
+        if !self.tx.has_free() {
+            self.tx.reclaim();
+            if !self.tx.has_free() {
+                return None;
+            }
+        }
+        Some(TxToken { tx: &mut self.tx })
+    }
+
+    fn capabilities(&self) -> DeviceCapabilities {
+        let mut caps = DeviceCapabilities::default();
+        caps.medium = Medium::Ethernet;
+        caps.max_transmission_unit = MAX_FRAME;
+        caps.max_burst_size = None;
+        caps
+    }
+}

@@ -1,0 +1,165 @@
+//! The memory workload: writes whole pages of its working set at a fixed rate, paced by the
+//! TSC clock, and verifies them on request.
+//!
+//! Each page's sequence number lives in a table on the heap, outside the working set. A
+//! checkpoint/restore that lost a page write leaves a page whose header does not match the
+//! table (or whose body does not match its checksum), and `VERIFY` reports it.
+
+use crate::args::{Pattern, PAGE};
+use crate::pagefmt::{self, PageError, WORDS};
+use alloc::vec;
+use alloc::vec::Vec;
+
+/// Most pages written per main-loop iteration (256 KiB), so the network stays responsive.
+pub const BUDGET: u64 = 64;
+
+/// Outcome of [`Workload::verify`].
+pub struct Verify {
+    pub pages: u64,
+    pub bad: u64,
+    /// The first bad page: (index, what is wrong, sequence number expected).
+    pub first: Option<(u64, PageError, u64)>,
+}
+
+/// The workload state (all in guest memory, so it is checkpointed with the VM).
+pub struct Workload {
+    base: usize,
+    pages: u64,
+    seq: Vec<u64>,
+    rate: u64,
+    pattern: Pattern,
+    cursor: u64,
+    rng: u64,
+    start_ns: u64,
+    /// Pages accounted for by the pacing since `start_ns` (written + skipped).
+    paced: u64,
+    /// Largest backlog carried over (100 ms of writes, at least one budget).
+    max_backlog: u64,
+    /// Pages written by the workload (not counting the initial fill).
+    pub written: u64,
+    /// Pages the pacing gave up on because the guest could not keep up.
+    pub skipped: u64,
+}
+
+impl Workload {
+    /// A workload over `[base, base + bytes)` writing `rate` bytes per second.
+    ///
+    /// # Safety
+    /// The range must be page-aligned RAM used by nothing else for the guest's life.
+    pub unsafe fn new(base: usize, bytes: u64, rate: u64, pattern: Pattern) -> Workload {
+        let pages = bytes / PAGE;
+        let per_sec = rate / PAGE;
+        Workload {
+            base,
+            pages,
+            seq: vec![0; pages as usize],
+            rate,
+            pattern,
+            cursor: 0,
+            rng: 0x2545_F491_4F6C_DD1D,
+            start_ns: 0,
+            paced: 0,
+            max_backlog: (per_sec / 10).max(BUDGET),
+            written: 0,
+            skipped: 0,
+        }
+    }
+
+    /// Pages in the working set.
+    pub fn pages(&self) -> u64 {
+        self.pages
+    }
+
+    /// Write rate in bytes per second.
+    pub fn rate(&self) -> u64 {
+        self.rate
+    }
+
+    fn page(&mut self, i: u64) -> &mut [u64; WORDS] {
+        debug_assert!(i < self.pages);
+        // SAFETY: i < pages, the region is ours alone (see `new`), page-aligned.
+        unsafe { &mut *((self.base + (i * PAGE) as usize) as *mut [u64; WORDS]) }
+    }
+
+    fn write_page(&mut self, i: u64) {
+        let seq = self.seq[i as usize] + 1;
+        self.seq[i as usize] = seq;
+        pagefmt::fill(self.page(i), i, seq);
+    }
+
+    /// Give every page a valid first version (sequence number 1).
+    pub fn fill_all(&mut self) {
+        for i in 0..self.pages {
+            self.write_page(i);
+        }
+    }
+
+    /// Start pacing writes from `now_ns`.
+    pub fn start(&mut self, now_ns: u64) {
+        self.start_ns = now_ns;
+        self.paced = 0;
+    }
+
+    fn next_page(&mut self) -> u64 {
+        match self.pattern {
+            Pattern::Sequential => {
+                let i = self.cursor;
+                self.cursor = if i + 1 >= self.pages { 0 } else { i + 1 };
+                i
+            }
+            Pattern::Random => {
+                // xorshift64*, scaled to [0, pages) with a multiply-high.
+                let mut x = self.rng;
+                x ^= x >> 12;
+                x ^= x << 25;
+                x ^= x >> 27;
+                self.rng = x;
+                let r = x.wrapping_mul(0x2545_F491_4F6C_DD1D);
+                ((u128::from(r) * u128::from(self.pages)) >> 64) as u64
+            }
+        }
+    }
+
+    /// Write the pages due by `now_ns` (at most [`BUDGET`]). Returns whether it wrote any.
+    pub fn step(&mut self, now_ns: u64) -> bool {
+        if self.rate == 0 || self.pages == 0 {
+            return false;
+        }
+        let elapsed = u128::from(now_ns.saturating_sub(self.start_ns));
+        let target = (u128::from(self.rate) * elapsed / (u128::from(PAGE) * 1_000_000_000)) as u64;
+        let mut due = target.saturating_sub(self.paced);
+        if due > self.max_backlog {
+            let excess = due - self.max_backlog;
+            self.paced += excess;
+            self.skipped += excess;
+            due = self.max_backlog;
+        }
+        let n = due.min(BUDGET);
+        for _ in 0..n {
+            let i = self.next_page();
+            self.write_page(i);
+        }
+        self.paced += n;
+        self.written += n;
+        n > 0
+    }
+
+    /// Check every page of the working set.
+    pub fn verify(&mut self) -> Verify {
+        let mut out = Verify {
+            pages: self.pages,
+            bad: 0,
+            first: None,
+        };
+        for i in 0..self.pages {
+            let seq = self.seq[i as usize];
+            if let Err(e) = pagefmt::check(self.page(i), i, seq) {
+                out.bad += 1;
+                if out.first.is_none() {
+                    out.first = Some((i, e, seq));
+                }
+            }
+        }
+        out
+    }
+}
