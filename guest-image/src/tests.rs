@@ -80,12 +80,12 @@ fn image_is_a_static_x86_64_executable_with_the_guest_header_first() {
 #[test]
 fn args_defaults_and_sizes() {
     assert_eq!(guest_args::parse("").unwrap(), GuestArgs::default());
-    let a = guest_args::parse("dirty=64M/s,wss=128M hz=250,pattern=random,console=off").unwrap();
+    let a = guest_args::parse("dirty=64M/s,wss=128M hz=250,pattern=random,console=on").unwrap();
     assert_eq!(a.dirty_bytes_per_sec, 64 << 20);
     assert_eq!(a.wss_bytes, 128 << 20);
     assert_eq!(a.hz, 250);
     assert_eq!(a.pattern, Pattern::Random);
-    assert!(!a.console);
+    assert!(a.console);
     assert_eq!(guest_args::parse("dirty=0").unwrap().dirty_bytes_per_sec, 0);
     assert_eq!(
         guest_args::parse("dirty=1G").unwrap().dirty_bytes_per_sec,

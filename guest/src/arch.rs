@@ -36,8 +36,6 @@ pub const VEC_RX: u8 = 0x22;
 pub const VEC_TX: u8 = 0x23;
 /// Base of the (masked) legacy 8259 PIC vectors after remapping.
 pub const VEC_PIC_BASE: u8 = 0x30;
-/// LAPIC spurious-interrupt vector (SVR = 0x1FF).
-pub const VEC_SPURIOUS: u8 = 0xFF;
 
 /// Interrupt counters, incremented by the CPL-0 handlers. Index [`IRQ_TOTAL`] counts every
 /// interrupt and is what the halt call compares against.
@@ -228,7 +226,7 @@ twin_fault_common:
     lea rsi, [rip + twin_fault_msg_end]
     call twin_cpl0_puts
     mov dx, 0x501
-    mov al, 3
+    mov al, {exit_status}
     out dx, al
 2:  cli
     hlt
@@ -293,7 +291,8 @@ twin_fault_msg_rax:
 twin_fault_msg_end:
     .asciz " -- powering off\r\n"
     .text
-"#
+"#,
+    exit_status = const EXIT_CPU_EXCEPTION,
 );
 
 /// Halt until the next interrupt, unless one arrived after `seen` (the value of the total

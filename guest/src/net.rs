@@ -15,7 +15,7 @@ use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr, Ipv4Add
 /// TCP port of the service.
 pub const PORT: u16 = 7000;
 /// Concurrent connections served.
-pub const SOCKETS: usize = 16;
+pub const SOCKETS: usize = 32;
 const RX_BUF: usize = 8 << 10;
 const TX_BUF: usize = 16 << 10;
 
@@ -38,6 +38,7 @@ pub struct Net {
     connections: u64,
     reply: Reply,
     pub gratuitous_arps: u64,
+    reported_reset: bool,
 }
 
 fn instant(ns: u64) -> Instant {
@@ -96,6 +97,7 @@ impl Net {
             connections: 0,
             reply: Reply::new(),
             gratuitous_arps: 0,
+            reported_reset: false,
         };
         net.announce();
         net
@@ -132,6 +134,7 @@ impl Net {
             rx_kicks: self.dev.rx.kicks,
             tx_kicks: self.dev.tx.kicks,
             connections: self.connections,
+            gratuitous_arps: self.gratuitous_arps,
         }
     }
 
@@ -141,6 +144,20 @@ impl Net {
         let config = irq_count(IRQ_CONFIG);
         if config != self.config_seen {
             self.config_seen = config;
+            if self.dev.needs_reset() && !self.reported_reset {
+                self.reported_reset = true;
+                crate::println!(
+                    "twin-guest: warning: virtio-net set DEVICE_NEEDS_RESET; the network is down"
+                );
+            }
+            let up = self.dev.link_up();
+            if up != self.dev.info.link_up {
+                self.dev.info.link_up = up;
+                crate::println!(
+                    "twin-guest: virtio-net link {}",
+                    if up { "up" } else { "down" }
+                );
+            }
             self.announce();
         }
         let (rx0, tx0) = (self.dev.rx.packets, self.dev.tx.packets);

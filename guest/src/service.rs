@@ -35,6 +35,7 @@ pub struct NetStats {
     pub rx_kicks: u64,
     pub tx_kicks: u64,
     pub connections: u64,
+    pub gratuitous_arps: u64,
 }
 
 /// A fixed-size reply line.
@@ -157,7 +158,7 @@ impl Guest {
             out,
             " config_irqs={} other_irqs={} loops={} dirty_rate={} pages_skipped={} \
              rx_packets={} tx_packets={} tx_dropped={} rx_kicks={} tx_kicks={} connections={} \
-             heap_used={} heap_free={}",
+             gratuitous_arps={} heap_used={} heap_free={}",
             irq_count(IRQ_CONFIG),
             irq_count(IRQ_OTHER),
             self.loops,
@@ -169,6 +170,7 @@ impl Guest {
             net.rx_kicks,
             net.tx_kicks,
             net.connections,
+            net.gratuitous_arps,
             heap_used,
             heap_free,
         )

@@ -23,6 +23,7 @@ const STATUS_ACKNOWLEDGE: u8 = 1;
 const STATUS_DRIVER: u8 = 2;
 const STATUS_DRIVER_OK: u8 = 4;
 const STATUS_FEATURES_OK: u8 = 8;
+const STATUS_NEEDS_RESET: u8 = 0x40;
 const STATUS_FAILED: u8 = 0x80;
 
 const F_MAC: u64 = 1 << 5;
@@ -596,20 +597,15 @@ impl VirtioNet {
         mmio_read16(self.device_cfg + 6) & 1 != 0
     }
 
-    /// Device status register (for diagnostics: NEEDS_RESET = 0x40).
-    pub fn device_status(&self) -> u8 {
-        mmio_read8(self.common + C_DEVICE_STATUS)
+    /// Has the device set DEVICE_NEEDS_RESET (it stopped using our queues)?
+    pub fn needs_reset(&self) -> bool {
+        mmio_read8(self.common + C_DEVICE_STATUS) & STATUS_NEEDS_RESET != 0
     }
 
     /// Push out queued frames and refilled buffers.
     pub fn flush(&mut self) {
         self.tx.flush();
         self.rx.flush();
-    }
-
-    /// Is there anything to receive?
-    pub fn rx_pending(&self) -> bool {
-        self.rx.q.has_used()
     }
 
     /// Suppress RX interrupts: the main loop is polling.
