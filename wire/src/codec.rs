@@ -26,7 +26,8 @@ use tokio_util::codec::{Decoder, Encoder};
 const PAGES_PREFIX: usize = 16;
 /// Bytes before the page indices in a `SyncPages` payload: page_size u32, count u32.
 const SYNC_PAGES_PREFIX: usize = 8;
-/// Bytes before the blob in a `State` payload: epoch u64.
+/// Bytes before the blob in a `State` payload: epoch u64. (`SyncZeroPages` is just
+/// `index u64 × n`.)
 const STATE_PREFIX: usize = 8;
 
 /// Encoder and decoder of frames. Holds only its configuration, so one value can serve both
@@ -180,6 +181,14 @@ pub enum LayoutError {
         need: usize,
         /// Payload length.
         have: usize,
+    },
+    /// The payload length is not a multiple of its element size.
+    #[error("payload of {len} bytes is not a whole number of {unit}-byte entries")]
+    NotMultiple {
+        /// Payload length.
+        len: usize,
+        /// Entry size.
+        unit: usize,
     },
     /// The payload length does not match the page count and size it declares.
     #[error("payload is {actual} bytes but {count} pages of {page_size} bytes need {expected}")]
@@ -403,6 +412,26 @@ impl FrameCodec {
         )
     }
 
+    /// Encode a batch of zero-page indices (initial sync).
+    pub fn encode_zero_pages(
+        &self,
+        indices: &[u64],
+        dst: &mut BytesMut,
+    ) -> Result<(), EncodeError> {
+        let frame_type = FrameType::SyncZeroPages;
+        let len = indices.len() as u64 * 8;
+        self.check_len(frame_type, len)?;
+        let start = dst.len();
+        dst.reserve(HEADER_LEN + len as usize);
+        dst.put_bytes(0, HEADER_LEN);
+        for &i in indices {
+            dst.put_u64_le(i);
+        }
+        let crc = crc64(&dst[start + HEADER_LEN..]);
+        Self::finish_frame(dst, start, frame_type, crc);
+        Ok(())
+    }
+
     /// Encode the state blob of an epoch from a borrowed slice.
     pub fn encode_state(&self, state: StateRef<'_>, dst: &mut BytesMut) -> Result<(), EncodeError> {
         let frame_type = FrameType::State;
@@ -438,7 +467,7 @@ impl FrameCodec {
             Message::HelloAck(m) => self.encode_bincode(frame_type, m, dst),
             Message::Refuse(m) => self.encode_bincode(frame_type, m, dst),
             Message::VmDescription(m) => self.encode_bincode(frame_type, m, dst),
-            Message::SyncZeroPages(m) => self.encode_bincode(frame_type, m, dst),
+            Message::SyncZeroPages(m) => self.encode_zero_pages(&m.indices, dst),
             Message::SyncDone(m) => self.encode_bincode(frame_type, m, dst),
             Message::EpochBegin(m) => self.encode_bincode(frame_type, m, dst),
             Message::EpochEnd(m) => self.encode_bincode(frame_type, m, dst),
@@ -500,7 +529,15 @@ impl FrameCodec {
                 Message::VmDescription(bc::<VmDescription>(frame_type, &payload)?)
             }
             FrameType::SyncZeroPages => {
-                Message::SyncZeroPages(bc::<SyncZeroPages>(frame_type, &payload)?)
+                if payload.len() % 8 != 0 {
+                    return Err(malformed(LayoutError::NotMultiple {
+                        len: payload.len(),
+                        unit: 8,
+                    }));
+                }
+                Message::SyncZeroPages(SyncZeroPages {
+                    indices: payload.chunks_exact(8).map(|c| read_u64(c, 0)).collect(),
+                })
             }
             FrameType::SyncDone => Message::SyncDone(bc::<SyncDone>(frame_type, &payload)?),
             FrameType::EpochBegin => Message::EpochBegin(bc::<EpochBegin>(frame_type, &payload)?),
@@ -1038,13 +1075,25 @@ mod tests {
 
     #[test]
     fn huge_length_prefix_inside_a_small_frame_does_not_allocate() {
-        // SyncZeroPages claiming 2^60 indices in a 16-byte payload.
-        let mut payload = (1u64 << 60).to_le_bytes().to_vec();
+        // VmDescription whose config claims 2^40 bytes in a small payload.
+        let mut payload = vec![0u8; 8 + 4 + 4 + 6];
+        payload[..8].copy_from_slice(&4096u64.to_le_bytes());
+        payload[8..12].copy_from_slice(&4096u32.to_le_bytes());
+        payload.extend_from_slice(&(1u64 << 40).to_le_bytes());
         payload.extend_from_slice(&[0; 8]);
-        let mut buf = raw_frame(FrameType::SyncZeroPages as u8, &payload);
+        let mut buf = raw_frame(FrameType::VmDescription as u8, &payload);
         assert!(matches!(
             FrameCodec::new().decode(&mut buf),
             Err(DecodeError::Bincode { .. })
+        ));
+        // Zero-page indices must be whole u64s.
+        let mut buf = raw_frame(FrameType::SyncZeroPages as u8, &[0; 12]);
+        assert!(matches!(
+            FrameCodec::new().decode(&mut buf),
+            Err(DecodeError::Malformed {
+                source: LayoutError::NotMultiple { len: 12, unit: 8 },
+                ..
+            })
         ));
         // Goodbye with a string of 2^62 bytes.
         let payload = (1u64 << 62).to_le_bytes();

@@ -195,6 +195,7 @@ pub struct VmDescription {
     /// MAC address of the guest NIC, so the backup can take it over.
     pub mac: [u8; 6],
     /// Opaque VMM configuration (at most [`MAX_CONFIG_LEN`] bytes).
+    #[serde(with = "byte_buf")]
     pub config: Vec<u8>,
 }
 
@@ -202,6 +203,49 @@ impl VmDescription {
     /// The page geometry this description implies.
     pub fn geometry(&self) -> Result<Geometry, GeometryError> {
         Geometry::new(self.mem_size, self.page_size)
+    }
+}
+
+/// Serde adapter for opaque byte fields: same wire format as `Vec<u8>` (u64 length, bytes),
+/// but decoded through `deserialize_byte_buf`, for which bincode checks the length against
+/// its byte limit *before* allocating. (The generic sequence path preallocates up to 1 MiB
+/// on the strength of an unchecked length prefix.)
+mod byte_buf {
+    use serde::de::{Error, SeqAccess, Visitor};
+    use serde::{Deserializer, Serializer};
+    use std::fmt;
+
+    pub(super) fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(bytes)
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Vec<u8>;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a byte buffer")
+            }
+
+            fn visit_byte_buf<E: Error>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
+                Ok(v)
+            }
+
+            fn visit_bytes<E: Error>(self, v: &[u8]) -> Result<Vec<u8>, E> {
+                Ok(v.to_vec())
+            }
+
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<u8>, A::Error> {
+                // Only self-describing formats get here; grow as elements really arrive.
+                let mut out = Vec::new();
+                while let Some(b) = seq.next_element()? {
+                    out.push(b);
+                }
+                Ok(out)
+            }
+        }
+        d.deserialize_byte_buf(V)
     }
 }
 
@@ -274,7 +318,7 @@ pub struct SyncPages {
 }
 
 /// Initial synchronisation: pages that are all zeroes, by index only.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SyncZeroPages {
     /// Indices of pages that are entirely zero.
     pub indices: Vec<u64>,
