@@ -1,1 +1,641 @@
 //! Backup side: keeps the replica, watches heartbeats, fails over.
+//!
+//! The backup listens for one primary at a time. A session: handshake, VM description,
+//! initial sync straight into the replica memory (a memfd, the same kind the VMM runs
+//! on), then epochs. An epoch is assembled apart from the replica and applied only when it
+//! arrived whole and its checksum matched and its state decodes; then it is acknowledged.
+//! A partial or corrupt epoch is dropped and never touches the replica.
+//!
+//! Failover: when the primary falls silent for `heartbeat_timeout` or its connection dies,
+//! the backup builds a VM around the replica memory as it is (no copy: the replica *is*
+//! the guest's RAM), restores the last committed state, opens its own TAP with the guest's
+//! MAC, announces the guest (gratuitous ARP), and runs it. A corrupt stream is not taken
+//! as a dead primary: the connection is closed and the primary gets `reconnect_grace` to
+//! come back (it resynchronises) before the backup takes over.
+
+pub mod announce;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::mpsc::Receiver;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use tokio_util::codec::Decoder;
+use tracing::{debug, info, warn};
+use twin_vmm::devices::serial::ConsoleOut;
+use twin_vmm::memory::{Memory, PAGE_SIZE};
+use twin_vmm::{HostResources, MachineState, Vmm, VmmError};
+use twin_wire::{
+    handshake::{self, AcceptPolicy},
+    Ack, CompleteEpoch, EpochAssembler, EpochMessage, FrameCodec, Geometry, Goodbye, Heartbeat,
+    Message, SyncTracker, VmId,
+};
+
+/// How the backup runs.
+pub struct BackupConfig {
+    pub listen: SocketAddr,
+    /// TAP the VM gets after failover.
+    pub tap: String,
+    pub heartbeat_timeout: Duration,
+    pub heartbeat_interval: Duration,
+    /// How long a primary whose stream was corrupt may take to reconnect before the
+    /// backup takes over.
+    pub reconnect_grace: Duration,
+}
+
+/// A control request the backup loop serves.
+pub enum BackupRequest {
+    Status(Box<dyn FnOnce(serde_json::Value) + Send>),
+    /// Planned switchover: tell the primary to stand down, then take over.
+    Failover(FailoverReply),
+}
+
+/// Where the outcome of a requested failover goes.
+pub type FailoverReply = Box<dyn FnOnce(Result<serde_json::Value, String>) + Send>;
+
+/// Errors that stop the backup for good.
+#[derive(Debug, thiserror::Error)]
+pub enum BackupError {
+    #[error("cannot listen on {0}")]
+    Listen(SocketAddr, #[source] std::io::Error),
+    #[error("failover failed while restoring the VM")]
+    Restore(#[source] VmmError),
+    #[error("failover failed while starting the VM")]
+    Start(#[source] VmmError),
+    #[error("stopped before any failover")]
+    Stopped,
+}
+
+/// Why one session with a primary ended.
+#[derive(Debug, thiserror::Error)]
+enum SessionEnd {
+    #[error("primary silent for {0:?}")]
+    Silent(Duration),
+    #[error("primary connection closed")]
+    Closed,
+    #[error("primary connection failed")]
+    Io(#[from] std::io::Error),
+    #[error("corrupt replication stream")]
+    Corrupt(#[from] twin_wire::DecodeError),
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+    #[error("primary said goodbye: {0}")]
+    Goodbye(String),
+    #[error("primary refused by the handshake: {0}")]
+    Refused(String),
+    #[error("takeover requested")]
+    Takeover,
+    #[error("stopping")]
+    Stopping,
+}
+
+impl SessionEnd {
+    /// Whether this end means the primary is presumed dead (take over now).
+    fn primary_dead(&self) -> bool {
+        matches!(
+            self,
+            SessionEnd::Silent(_) | SessionEnd::Closed | SessionEnd::Io(_)
+        )
+    }
+}
+
+/// The replica: guest memory plus the last committed state.
+struct Replica {
+    memory: Memory,
+    vm_id: VmId,
+    generation: u64,
+    committed: Option<(u64, MachineState)>,
+    mac: [u8; 6],
+}
+
+/// Counters shown by `twin status`.
+#[derive(Default)]
+struct Stats {
+    sessions: u64,
+    epochs_applied: u64,
+    epochs_rejected: u64,
+    last_apply_us: f64,
+    apply_us_max: f64,
+    bytes_received: u64,
+    last_error: Option<String>,
+    state: &'static str,
+}
+
+/// What the backup did.
+pub enum Outcome {
+    /// It took over: the VM runs here now.
+    FailedOver { vmm: Vmm, report: serde_json::Value },
+}
+
+/// A framed connection.
+struct Conn {
+    stream: TcpStream,
+    codec: FrameCodec,
+    rbuf: BytesMut,
+    wbuf: BytesMut,
+    last_rx: Instant,
+    last_tx: Instant,
+}
+
+impl Conn {
+    fn send(&mut self, msg: &Message) -> std::io::Result<()> {
+        self.codec
+            .encode_message(msg, &mut self.wbuf)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+        self.stream.write_all(&self.wbuf)?;
+        self.wbuf.clear();
+        self.last_tx = Instant::now();
+        Ok(())
+    }
+
+    /// The next message if one arrives within `wait`; `Ok(None)` on a quiet `wait`.
+    fn poll(&mut self, wait: Duration, stats: &mut Stats) -> Result<Option<Message>, SessionEnd> {
+        if let Some(m) = self.codec.decode(&mut self.rbuf)? {
+            return Ok(Some(m));
+        }
+        self.stream
+            .set_read_timeout(Some(wait.max(Duration::from_millis(1))))?;
+        let mut chunk = vec![0u8; 256 << 10];
+        match self.stream.read(&mut chunk) {
+            Ok(0) => Err(SessionEnd::Closed),
+            Ok(n) => {
+                self.last_rx = Instant::now();
+                stats.bytes_received += n as u64;
+                self.rbuf.extend_from_slice(&chunk[..n]);
+                Ok(self.codec.decode(&mut self.rbuf)?)
+            }
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut
+                    || e.kind() == std::io::ErrorKind::Interrupted =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+/// The backup: listens, replicates, and fails over when the primary dies.
+pub struct Backup {
+    cfg: BackupConfig,
+    replica: Option<Replica>,
+    stats: Stats,
+    min_generation: u64,
+    /// Identity from the current session's Hello, for the replica its description builds.
+    pending_identity: Option<(VmId, u64)>,
+}
+
+impl Backup {
+    pub fn new(cfg: BackupConfig) -> Self {
+        Backup {
+            cfg,
+            replica: None,
+            stats: Stats {
+                state: "waiting",
+                ..Default::default()
+            },
+            min_generation: 0,
+            pending_identity: None,
+        }
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let committed = self
+            .replica
+            .as_ref()
+            .and_then(|r| r.committed.as_ref().map(|(e, _)| *e));
+        serde_json::json!({
+            "role": "backup",
+            "state": self.stats.state,
+            "listen": self.cfg.listen.to_string(),
+            "sessions": self.stats.sessions,
+            "committed_epoch": committed,
+            "epochs_applied": self.stats.epochs_applied,
+            "epochs_rejected": self.stats.epochs_rejected,
+            "last_apply_us": self.stats.last_apply_us,
+            "apply_us_max": self.stats.apply_us_max,
+            "bytes_received": self.stats.bytes_received,
+            "mem_size": self.replica.as_ref().map(|r| r.memory.size()),
+            "last_error": self.stats.last_error,
+        })
+    }
+
+    /// Serves primaries until it takes over (returns the running VM) or `stop` fires.
+    pub fn run(
+        mut self,
+        control: &Receiver<BackupRequest>,
+        stop: &std::sync::atomic::AtomicBool,
+        console: impl FnOnce() -> ConsoleOut,
+    ) -> Result<Outcome, BackupError> {
+        let listener = TcpListener::bind(self.cfg.listen)
+            .map_err(|e| BackupError::Listen(self.cfg.listen, e))?;
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| BackupError::Listen(self.cfg.listen, e))?;
+        info!(listen = %self.cfg.listen, "backup waiting for a primary");
+        let mut takeover_after: Option<Instant> = None;
+        let mut takeover_reply: Option<FailoverReply> = None;
+        loop {
+            if stop.load(std::sync::atomic::Ordering::Acquire) {
+                return Err(BackupError::Stopped);
+            }
+            if takeover_after.is_some_and(|t| Instant::now() >= t) {
+                let detected = takeover_after.take().expect("checked");
+                match self.failover(detected, console) {
+                    Ok((vmm, report)) => {
+                        if let Some(reply) = takeover_reply.take() {
+                            reply(Ok(report.clone()));
+                        }
+                        return Ok(Outcome::FailedOver { vmm, report });
+                    }
+                    Err(e) => {
+                        if let Some(reply) = takeover_reply.take() {
+                            reply(Err(format!("{e}")));
+                        }
+                        return Err(e);
+                    }
+                }
+            }
+            while let Ok(req) = control.try_recv() {
+                match req {
+                    BackupRequest::Status(reply) => reply(self.status()),
+                    BackupRequest::Failover(reply) => {
+                        if self.has_committed() {
+                            takeover_after = Some(Instant::now());
+                            takeover_reply = Some(reply);
+                        } else {
+                            reply(Err("no committed checkpoint to take over from".into()));
+                        }
+                    }
+                }
+            }
+            if takeover_after.is_some() && takeover_reply.is_some() {
+                continue;
+            }
+            match listener.accept() {
+                Ok((stream, peer)) => {
+                    takeover_after = None;
+                    self.stats.sessions += 1;
+                    info!(%peer, "primary connected");
+                    let end = self.session(stream, control, stop, &mut takeover_reply);
+                    self.stats.state = if self.has_committed() {
+                        "orphaned"
+                    } else {
+                        "waiting"
+                    };
+                    let end_msg = format!("{end}");
+                    match &end {
+                        SessionEnd::Goodbye(_) => {
+                            info!("{end_msg}; not taking over");
+                            // A primary that stopped on purpose keeps no replica alive.
+                            self.replica = None;
+                        }
+                        SessionEnd::Takeover => takeover_after = Some(Instant::now()),
+                        SessionEnd::Stopping => return Err(BackupError::Stopped),
+                        e if e.primary_dead() && self.has_committed() => {
+                            warn!("{end_msg}: primary presumed dead, taking over");
+                            takeover_after = Some(Instant::now());
+                        }
+                        _ if self.has_committed() => {
+                            warn!(
+                                "{end_msg}: {}; waiting {:?} for the primary to reconnect",
+                                source_chain(&end),
+                                self.cfg.reconnect_grace
+                            );
+                            takeover_after = Some(Instant::now() + self.cfg.reconnect_grace);
+                        }
+                        _ => warn!(
+                            "{end_msg}: {}; no committed checkpoint, waiting for a primary",
+                            source_chain(&end)
+                        ),
+                    }
+                    self.stats.last_error = Some(end_msg);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(e) => warn!("accepting a primary failed: {e}"),
+            }
+        }
+    }
+
+    fn has_committed(&self) -> bool {
+        self.replica.as_ref().is_some_and(|r| r.committed.is_some())
+    }
+
+    fn session(
+        &mut self,
+        stream: TcpStream,
+        control: &Receiver<BackupRequest>,
+        stop: &std::sync::atomic::AtomicBool,
+        takeover_reply: &mut Option<FailoverReply>,
+    ) -> SessionEnd {
+        if let Err(e) = stream
+            .set_nonblocking(false)
+            .and_then(|_| stream.set_nodelay(true))
+        {
+            return e.into();
+        }
+        let mut conn = Conn {
+            stream,
+            codec: FrameCodec::new(),
+            rbuf: BytesMut::with_capacity(1 << 20),
+            wbuf: BytesMut::new(),
+            last_rx: Instant::now(),
+            last_tx: Instant::now(),
+        };
+        let timeout = self.cfg.heartbeat_timeout;
+        let hb = self.cfg.heartbeat_interval;
+        let mut hb_seq = 0u64;
+        let mut sync: Option<SyncTracker> = None;
+        let mut assembler: Option<EpochAssembler> = None;
+        let mut hello_done = false;
+        let mut described = false;
+        loop {
+            if stop.load(std::sync::atomic::Ordering::Acquire) {
+                return SessionEnd::Stopping;
+            }
+            while let Ok(req) = control.try_recv() {
+                match req {
+                    BackupRequest::Status(reply) => reply(self.status()),
+                    BackupRequest::Failover(reply) => {
+                        if self.has_committed() {
+                            // The primary must stand down before we run its VM.
+                            let _ = conn.send(&Message::Goodbye(Goodbye {
+                                reason: TAKEOVER.into(),
+                            }));
+                            *takeover_reply = Some(reply);
+                            return SessionEnd::Takeover;
+                        }
+                        reply(Err("no committed checkpoint to take over from".into()));
+                    }
+                }
+            }
+            let now = Instant::now();
+            if now.duration_since(conn.last_rx) > timeout {
+                return SessionEnd::Silent(timeout);
+            }
+            if hello_done && now.duration_since(conn.last_tx) >= hb {
+                hb_seq += 1;
+                let last = self
+                    .replica
+                    .as_ref()
+                    .and_then(|r| r.committed.as_ref().map(|(e, _)| *e))
+                    .unwrap_or(0);
+                if let Err(e) = conn.send(&Message::Heartbeat(Heartbeat {
+                    seq: hb_seq,
+                    sent_at_ns: 0,
+                    last_epoch: last,
+                })) {
+                    return e.into();
+                }
+            }
+            let wait = hb.min(timeout.saturating_sub(now.duration_since(conn.last_rx)));
+            let msg = match conn.poll(wait, &mut self.stats) {
+                Ok(Some(m)) => m,
+                Ok(None) => continue,
+                Err(e) => return e,
+            };
+            match msg {
+                Message::Hello(h) if !hello_done => {
+                    let policy = AcceptPolicy {
+                        vm_id: None,
+                        min_generation: self.min_generation,
+                    };
+                    match handshake::accept_hello(&policy, &h) {
+                        Ok(ack) => {
+                            if let Err(e) = conn.send(&Message::HelloAck(ack)) {
+                                return e.into();
+                            }
+                            hello_done = true;
+                            info!(generation = h.generation, version = %h.software_version, "primary accepted");
+                            self.stats.state = "handshake";
+                            // Replica is (re)built on VmDescription; remember who it is for.
+                            self.pending_identity = Some((h.vm_id, h.generation));
+                        }
+                        Err(refuse) => {
+                            let reason = format!("{refuse:?}");
+                            let _ = conn.send(&Message::Refuse(refuse));
+                            return SessionEnd::Refused(reason);
+                        }
+                    }
+                }
+                Message::VmDescription(d) if hello_done && !described => {
+                    let geometry = match Geometry::new(d.mem_size, d.page_size) {
+                        Ok(g) if d.page_size as usize == PAGE_SIZE => g,
+                        Ok(_) => {
+                            return SessionEnd::Protocol(format!(
+                                "page size {} is not {PAGE_SIZE}",
+                                d.page_size
+                            ))
+                        }
+                        Err(e) => return SessionEnd::Protocol(format!("bad VM description: {e}")),
+                    };
+                    let memory = match Memory::new(d.mem_size) {
+                        Ok(m) => m,
+                        Err(e) => {
+                            return SessionEnd::Protocol(format!(
+                                "cannot hold a replica of {} bytes: {e}",
+                                d.mem_size
+                            ))
+                        }
+                    };
+                    let (vm_id, generation) =
+                        self.pending_identity.take().unwrap_or((VmId([0; 16]), 0));
+                    // A new session always resynchronises; the old replica is superseded.
+                    self.replica = Some(Replica {
+                        memory,
+                        vm_id,
+                        generation,
+                        committed: None,
+                        mac: d.mac,
+                    });
+                    self.min_generation = generation;
+                    sync = Some(SyncTracker::new(geometry));
+                    assembler = None;
+                    described = true;
+                    self.stats.state = "syncing";
+                    info!(
+                        mem = d.mem_size,
+                        vcpus = d.vcpus,
+                        "replica allocated, initial sync"
+                    );
+                }
+                Message::SyncPages(p) if described => {
+                    let (Some(tracker), Some(r)) = (sync.as_mut(), self.replica.as_ref()) else {
+                        return SessionEnd::Protocol("sync pages outside a sync".into());
+                    };
+                    if let Err(e) = tracker.pages(&p) {
+                        return SessionEnd::Protocol(format!("{e}"));
+                    }
+                    for page in &p.pages {
+                        if !r.memory.write_page(page.index, &page.data) {
+                            return SessionEnd::Protocol(format!(
+                                "sync page {} out of range",
+                                page.index
+                            ));
+                        }
+                    }
+                }
+                Message::SyncZeroPages(z) if described => {
+                    let (Some(tracker), Some(r)) = (sync.as_mut(), self.replica.as_ref()) else {
+                        return SessionEnd::Protocol("zero pages outside a sync".into());
+                    };
+                    if let Err(e) = tracker.zero_pages(&z) {
+                        return SessionEnd::Protocol(format!("{e}"));
+                    }
+                    for &i in &z.indices {
+                        r.memory.zero_page(i);
+                    }
+                }
+                Message::SyncDone(done) if described => {
+                    let Some(tracker) = sync.as_mut() else {
+                        return SessionEnd::Protocol("sync done outside a sync".into());
+                    };
+                    if let Err(e) = tracker.done(&done) {
+                        return SessionEnd::Protocol(format!("{e}"));
+                    }
+                    self.stats.state = "synced";
+                    info!(entries = done.pages_sent, "initial sync complete");
+                }
+                Message::Heartbeat(_) => {}
+                Message::Goodbye(g) => return SessionEnd::Goodbye(g.reason),
+                other => {
+                    let Ok(em) = EpochMessage::try_from(other) else {
+                        return SessionEnd::Protocol("unexpected message".into());
+                    };
+                    if !sync.as_ref().is_some_and(|t| t.is_done()) {
+                        return SessionEnd::Protocol(
+                            "epoch before the initial sync completed".into(),
+                        );
+                    }
+                    let r = self.replica.as_ref().expect("described");
+                    let asm = assembler.get_or_insert_with(|| {
+                        let g = Geometry::new(r.memory.size(), PAGE_SIZE as u32)
+                            .expect("checked at description");
+                        EpochAssembler::new(g, em.epoch())
+                    });
+                    match asm.push(em) {
+                        Ok(None) => {}
+                        Ok(Some(complete)) => {
+                            if let Err(e) = self.apply(complete, &mut conn) {
+                                return e;
+                            }
+                        }
+                        Err(e) => {
+                            // The partial epoch is gone; the replica is untouched.
+                            self.stats.epochs_rejected += 1;
+                            return SessionEnd::Protocol(format!("rejected epoch: {e}"));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Applies a whole, verified epoch to the replica and acknowledges it.
+    fn apply(&mut self, epoch: CompleteEpoch, conn: &mut Conn) -> Result<(), SessionEnd> {
+        let t0 = Instant::now();
+        // Decode and check the state before touching memory: a state that does not decode
+        // must not leave the replica with new pages and old state.
+        let state = MachineState::decode(&epoch.state).map_err(|e| {
+            self.stats.epochs_rejected += 1;
+            SessionEnd::Protocol(format!("epoch {} state does not decode: {e}", epoch.epoch))
+        })?;
+        let r = self.replica.as_mut().expect("described");
+        if state.config.mem_size != r.memory.size() {
+            self.stats.epochs_rejected += 1;
+            return Err(SessionEnd::Protocol(format!(
+                "epoch {} state is for {} bytes of RAM, the replica has {}",
+                epoch.epoch,
+                state.config.mem_size,
+                r.memory.size()
+            )));
+        }
+        for page in &epoch.pages {
+            // Indices were range-checked by the assembler.
+            r.memory.write_page(page.index, &page.data);
+        }
+        r.committed = Some((epoch.epoch, state));
+        let us = t0.elapsed().as_secs_f64() * 1e6;
+        self.stats.epochs_applied += 1;
+        self.stats.last_apply_us = us;
+        self.stats.apply_us_max = self.stats.apply_us_max.max(us);
+        self.stats.state = "replicating";
+        debug!(
+            epoch = epoch.epoch,
+            pages = epoch.pages.len(),
+            apply_us = us as u64,
+            "epoch committed"
+        );
+        conn.send(&Message::Ack(Ack { epoch: epoch.epoch }))?;
+        Ok(())
+    }
+
+    /// Runs the VM from the replica. `detected` is when the primary was declared lost.
+    fn failover(
+        &mut self,
+        detected: Instant,
+        console: impl FnOnce() -> ConsoleOut,
+    ) -> Result<(Vmm, serde_json::Value), BackupError> {
+        let replica = self.replica.take().expect("failover needs a replica");
+        let (epoch, state) = replica.committed.expect("failover needs a committed state");
+        info!(epoch, vm = ?replica.vm_id, generation = replica.generation, "failover: restoring the VM from the replica");
+        let t_restore = Instant::now();
+        let host = HostResources {
+            tap: Some(self.cfg.tap.clone()),
+            console: console(),
+        };
+        // The replica memory becomes the VM's RAM as it is: nothing is copied or loaded.
+        let mut vmm = Vmm::restore(&state, replica.memory, host).map_err(BackupError::Restore)?;
+        let restore_ms = t_restore.elapsed().as_secs_f64() * 1e3;
+        let t_announce = Instant::now();
+        let mac = state.config.mac.unwrap_or(replica.mac);
+        if let Some(tap) = vmm.tap() {
+            let frame = match state.config.ip {
+                Some(ip) => announce::gratuitous_arp(mac, ip),
+                None => announce::rarp(mac),
+            };
+            for _ in 0..3 {
+                if let Err(e) = tap.write_frame(&frame) {
+                    warn!("announcing the guest on {} failed: {e}", self.cfg.tap);
+                }
+            }
+        }
+        let announce_ms = t_announce.elapsed().as_secs_f64() * 1e3;
+        vmm.start().map_err(BackupError::Start)?;
+        let total_ms = detected.elapsed().as_secs_f64() * 1e3;
+        info!(
+            epoch,
+            restore_ms = format_args!("{restore_ms:.2}"),
+            announce_ms = format_args!("{announce_ms:.2}"),
+            total_ms = format_args!("{total_ms:.2}"),
+            "failover complete: the VM runs on this host"
+        );
+        let report = serde_json::json!({
+            "epoch": epoch,
+            "restore_ms": restore_ms,
+            "announce_ms": announce_ms,
+            "detect_to_running_ms": total_ms,
+        });
+        Ok((vmm, report))
+    }
+}
+
+/// Goodbye reason a backup sends to make the primary stand down for a planned takeover.
+pub const TAKEOVER: &str = "takeover";
+
+fn source_chain(e: &dyn std::error::Error) -> String {
+    let mut out = Vec::new();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        out.push(c.to_string());
+        cur = c.source();
+    }
+    if out.is_empty() {
+        return "no further detail".into();
+    }
+    out.join(": ")
+}

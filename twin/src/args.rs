@@ -85,7 +85,11 @@ impl FromStr for Mac {
 impl std::fmt::Display for Mac {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let m = self.0;
-        write!(f, "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", m[0], m[1], m[2], m[3], m[4], m[5])
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            m[0], m[1], m[2], m[3], m[4], m[5]
+        )
     }
 }
 
@@ -108,7 +112,10 @@ impl FromStr for Millis {
             return Err(err());
         };
         let n: u64 = num.parse().map_err(|_| err())?;
-        let ns = n.checked_mul(unit_ns).filter(|&ns| ns > 0).ok_or_else(err)?;
+        let ns = n
+            .checked_mul(unit_ns)
+            .filter(|&ns| ns > 0)
+            .ok_or_else(err)?;
         Ok(Millis(std::time::Duration::from_nanos(ns)))
     }
 }
@@ -140,14 +147,22 @@ mod tests {
     fn macs() {
         let m: Mac = "52:54:00:12:34:56".parse().unwrap();
         assert_eq!(m.to_string(), "52:54:00:12:34:56");
-        for bad in ["52:54:00:12:34", "52:54:00:12:34:56:78", "01:00:00:00:00:00", "zz:00:00:00:00:00"] {
+        for bad in [
+            "52:54:00:12:34",
+            "52:54:00:12:34:56:78",
+            "01:00:00:00:00:00",
+            "zz:00:00:00:00:00",
+        ] {
             assert!(bad.parse::<Mac>().is_err(), "{bad}");
         }
     }
 
     #[test]
     fn durations() {
-        assert_eq!("25ms".parse(), Ok(Millis(std::time::Duration::from_millis(25))));
+        assert_eq!(
+            "25ms".parse(),
+            Ok(Millis(std::time::Duration::from_millis(25)))
+        );
         assert_eq!("2s".parse(), Ok(Millis(std::time::Duration::from_secs(2))));
         for bad in ["25", "0ms", "ms", "1h"] {
             assert!(bad.parse::<Millis>().is_err(), "{bad}");

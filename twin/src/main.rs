@@ -1,19 +1,28 @@
 //! `twin`: Remus-style high availability for KVM virtual machines.
 
 mod args;
+mod control;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use nix::sys::signal::{SigSet, Signal};
-use twin_vmm::{NetConfig, VmConfig, VmEvent, Vmm};
+use twin_vmm::memory::Memory;
+use twin_vmm::snapshot::{self, Layer};
+use twin_vmm::{HostResources, NetConfig, VmConfig, VmEvent, Vmm};
 
 use crate::args::{Cidr, Mac, Size};
+use crate::control::{Incoming, Request, Response};
 
 #[derive(Parser)]
-#[command(name = "twin", version, about = "Remus-style high availability for KVM virtual machines")]
+#[command(
+    name = "twin",
+    version,
+    about = "Remus-style high availability for KVM virtual machines"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -22,10 +31,87 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run a VM with the built-in guest, unprotected.
-    Run(VmArgs),
+    Run(RunArgs),
+    /// Snapshot a running VM into a directory (through its control socket).
+    Snapshot(SnapshotArgs),
+    /// Start a VM from a snapshot directory.
+    Restore(RestoreArgs),
+    /// Show the state of a running VM process.
+    Status(StatusArgs),
+    /// Run a VM protected by a backup: checkpoints every epoch, output held until acked.
+    Protect(ProtectArgs),
+    /// Keep a replica of a protected VM and take over when its primary dies.
+    Backup(BackupArgs),
+    /// Planned switchover: make the backup take over and the primary stand down.
+    Failover(FailoverArgs),
 }
 
-/// Options describing the VM, shared by every command that starts one.
+#[derive(Args)]
+struct ProtectArgs {
+    /// The backup's replication address, HOST:PORT.
+    #[arg(long)]
+    backup: String,
+    /// Checkpoint interval.
+    #[arg(long, default_value = "25ms")]
+    interval: args::Millis,
+    /// What to do with held output when the backup is lost: release it and run
+    /// unprotected, or hold it until a backup returns.
+    #[arg(long, value_enum, default_value_t = LossArg::Release)]
+    on_backup_loss: LossArg,
+    /// Silence from the backup longer than this means it is lost.
+    #[arg(long, default_value = "500ms")]
+    backup_timeout: args::Millis,
+    #[command(flatten)]
+    vm: VmArgs,
+    #[command(flatten)]
+    host: HostArgs,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LossArg {
+    Release,
+    Hold,
+}
+
+#[derive(Args)]
+struct BackupArgs {
+    /// Address to accept the primary's replication connection on, ADDR:PORT.
+    #[arg(long)]
+    listen: std::net::SocketAddr,
+    /// TAP the VM gets when this host takes over.
+    #[arg(long)]
+    tap: String,
+    /// Silence from the primary longer than this means it is dead.
+    #[arg(long, default_value = "100ms")]
+    heartbeat_timeout: args::Millis,
+    /// After a corrupt stream, how long the primary may take to reconnect before this
+    /// host takes over.
+    #[arg(long, default_value = "3s")]
+    reconnect_grace: args::Millis,
+    /// Write the guest console (after a takeover) to this file instead of standard output.
+    #[arg(long)]
+    console: Option<PathBuf>,
+    /// Control socket of this process.
+    #[arg(long, default_value = "/run/twin/backup.sock")]
+    control: PathBuf,
+}
+
+#[derive(Args)]
+struct FailoverArgs {
+    /// Control socket of the backup process.
+    #[arg(long, default_value = "/run/twin/backup.sock")]
+    control: PathBuf,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    #[command(flatten)]
+    vm: VmArgs,
+    #[command(flatten)]
+    host: HostArgs,
+}
+
+/// Options describing the VM, shared by every command that creates one.
 #[derive(Args, Clone)]
 struct VmArgs {
     /// Guest RAM, e.g. 256M or 1G (a multiple of 2M, at most 3G).
@@ -34,9 +120,6 @@ struct VmArgs {
     /// Number of vCPUs.
     #[arg(long, default_value_t = 1)]
     vcpus: u8,
-    /// TAP device (must exist, e.g. `ip tuntap add tap0 mode tap`) backing the guest NIC.
-    #[arg(long)]
-    tap: String,
     /// Guest MAC address.
     #[arg(long, default_value = "52:54:00:12:34:56")]
     mac: Mac,
@@ -49,9 +132,6 @@ struct VmArgs {
     /// Arguments for the built-in guest, e.g. `dirty=64M/s,wss=128M`.
     #[arg(long, default_value = "")]
     guest_args: String,
-    /// Write the guest console to this file instead of standard output.
-    #[arg(long)]
-    console: Option<PathBuf>,
     /// Linux kernel (bzImage) to boot instead of the built-in guest (not supported yet).
     #[arg(long)]
     kernel: Option<PathBuf>,
@@ -64,29 +144,84 @@ struct VmArgs {
     guest_elf: Option<PathBuf>,
 }
 
-impl VmArgs {
-    fn to_config(&self) -> Result<VmConfig> {
-        if self.kernel.is_some() || self.initrd.is_some() {
-            bail!(
-                "--kernel/--initrd (Linux guests) are not supported yet; omit them to run the built-in guest"
-            );
-        }
-        let console: Box<dyn std::io::Write + Send> = match &self.console {
+/// Host resources of the VM process: not part of the VM's saved state.
+#[derive(Args, Clone)]
+struct HostArgs {
+    /// TAP device (must exist, e.g. `ip tuntap add tap0 mode tap`) backing the guest NIC.
+    #[arg(long)]
+    tap: String,
+    /// Write the guest console to this file instead of standard output.
+    #[arg(long)]
+    console: Option<PathBuf>,
+    /// Control socket of this VM process.
+    #[arg(long, default_value = "/run/twin/twin.sock")]
+    control: PathBuf,
+}
+
+#[derive(Args)]
+struct SnapshotArgs {
+    /// Directory to create for the snapshot.
+    dir: PathBuf,
+    /// Store only the pages written since the previous snapshot of this VM process.
+    #[arg(long)]
+    incremental: bool,
+    /// Leave the VM paused after the snapshot (for moving it elsewhere).
+    #[arg(long)]
+    stop: bool,
+    /// Control socket of the VM process.
+    #[arg(long, default_value = "/run/twin/twin.sock")]
+    control: PathBuf,
+}
+
+#[derive(Args)]
+struct RestoreArgs {
+    /// Snapshot directory (the top layer of a chain).
+    dir: PathBuf,
+    #[command(flatten)]
+    host: HostArgs,
+}
+
+#[derive(Args)]
+struct StatusArgs {
+    /// Control socket of the VM process.
+    #[arg(long, default_value = "/run/twin/twin.sock")]
+    control: PathBuf,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+impl HostArgs {
+    fn console(&self) -> Result<Box<dyn std::io::Write + Send>> {
+        Ok(match &self.console {
             Some(path) => Box::new(
                 std::fs::File::create(path)
                     .with_context(|| format!("cannot create console file {}", path.display()))?,
             ),
             None => Box::new(std::io::stdout()),
-        };
+        })
+    }
+}
+
+impl VmArgs {
+    fn to_config(&self, host: &HostArgs) -> Result<VmConfig> {
+        if self.kernel.is_some() || self.initrd.is_some() {
+            bail!(
+                "--kernel/--initrd (Linux guests) are not supported yet; omit them to run the built-in guest"
+            );
+        }
         Ok(VmConfig {
             mem_size: self.mem.0,
             vcpus: self.vcpus,
-            net: Some(NetConfig { tap: self.tap.clone(), mac: self.mac.0 }),
+            net: Some(NetConfig {
+                tap: host.tap.clone(),
+                mac: self.mac.0,
+            }),
             ip: self.ip.addr,
             prefix_len: self.ip.prefix_len,
             gateway: self.gateway,
             guest_args: self.guest_args.clone(),
-            console,
+            console: host.console()?,
             guest_elf: match &self.guest_elf {
                 Some(path) => std::fs::read(path)
                     .with_context(|| format!("cannot read guest image {}", path.display()))?
@@ -98,13 +233,18 @@ impl VmArgs {
 }
 
 /// Blocks the termination signals in this thread (and so in every thread spawned after),
-/// and forwards them from a dedicated thread as VM events.
-fn forward_signals(tx: std::sync::mpsc::Sender<VmEvent>) -> Result<()> {
+/// and forwards them from a dedicated thread as VM events. Call before any other thread
+/// is spawned.
+fn block_termination_signals() -> Result<SigSet> {
     let mut set = SigSet::empty();
     for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
         set.add(s);
     }
     set.thread_block().context("blocking termination signals")?;
+    Ok(set)
+}
+
+fn forward_signals(set: SigSet, tx: std::sync::mpsc::Sender<VmEvent>) -> Result<()> {
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || loop {
@@ -119,24 +259,126 @@ fn forward_signals(tx: std::sync::mpsc::Sender<VmEvent>) -> Result<()> {
     Ok(())
 }
 
-fn run(args: VmArgs) -> Result<ExitCode> {
-    let (tx, rx) = std::sync::mpsc::channel();
-    forward_signals(tx.clone())?;
-    let mut vmm = Vmm::new(args.to_config()?).context("cannot start the VM")?;
-    // Forward the signal thread's events into the VMM's channel.
-    let vm_tx = vmm.event_sender();
-    std::thread::spawn(move || {
-        while let Ok(ev) = rx.recv() {
-            if vm_tx.send(ev).is_err() {
-                return;
-            }
+/// What a VM process remembers between control requests.
+struct Session {
+    role: &'static str,
+    started: Instant,
+    last_snapshot: Option<PathBuf>,
+    snapshots: u64,
+}
+
+fn take_snapshot(
+    vmm: &mut Vmm,
+    session: &mut Session,
+    dir: &Path,
+    incremental: bool,
+    stop: bool,
+) -> Result<serde_json::Value> {
+    let parent = match (incremental, &session.last_snapshot) {
+        (true, Some(p)) => Some(p.clone()),
+        (true, None) => bail!("no earlier snapshot of this VM process to be incremental on"),
+        (false, _) => None,
+    };
+    let t0 = Instant::now();
+    vmm.pause();
+    let result = (|| -> Result<snapshot::WriteReport> {
+        // Frozen: vCPUs paused and device workers locked out, so the memory written matches
+        // the state. With tracking on, the harvest makes this snapshot the base of the
+        // next increment; a first snapshot starts tracking below instead.
+        let tracking = vmm.vm().dirty_logging();
+        let report = vmm.frozen(|fz| -> Result<snapshot::WriteReport> {
+            let (state, dirty) = if tracking {
+                let cp = fz.checkpoint(false).context("capturing VM state")?;
+                (cp.state, Some(cp.dirty))
+            } else {
+                (fz.capture().context("capturing VM state")?, None)
+            };
+            let layer = match (&parent, &dirty) {
+                (Some(p), Some(d)) => Layer::Incremental {
+                    parent: p,
+                    dirty: d,
+                },
+                (Some(_), None) => bail!("dirty tracking is off; take a full snapshot first"),
+                (None, _) => Layer::Full,
+            };
+            snapshot::write(dir, &state, fz.ram(), layer)
+                .with_context(|| format!("writing snapshot {}", dir.display()))
+        })?;
+        if !vmm.vm().dirty_logging() {
+            vmm.start_dirty_tracking()
+                .context("starting dirty tracking")?;
         }
-    });
-    drop(tx);
-    vmm.start().context("cannot start the VM")?;
-    tracing::info!(mem = args.mem.0, vcpus = args.vcpus, tap = %args.tap, "VM running");
+        Ok(report)
+    })();
+    let paused = t0.elapsed();
+    if !stop || result.is_err() {
+        vmm.resume();
+    }
+    let report = result?;
+    session.last_snapshot = Some(std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf()));
+    session.snapshots += 1;
+    tracing::info!(dir = %dir.display(), pages = report.pages, paused_ms = paused.as_millis() as u64, "snapshot written");
+    Ok(serde_json::json!({
+        "dir": dir,
+        "incremental": incremental,
+        "pages": report.pages,
+        "bytes": report.bytes,
+        "mem_size": vmm.memory().size(),
+        "paused_ms": paused.as_secs_f64() * 1e3,
+        "stopped": stop,
+    }))
+}
+
+fn status(vmm: &Vmm, session: &Session) -> serde_json::Value {
+    serde_json::json!({
+        "role": session.role,
+        "vm": if vmm.is_paused() { "paused" } else { "running" },
+        "mem_size": vmm.memory().size(),
+        "vcpus": vmm.config().vcpus,
+        "uptime_s": session.started.elapsed().as_secs_f64(),
+        "snapshots": session.snapshots,
+    })
+}
+
+fn handle_request(vmm: &mut Vmm, session: &mut Session, req: Request) -> Response {
+    let r = match req {
+        Request::Status => Ok(status(vmm, session)),
+        Request::Snapshot {
+            dir,
+            incremental,
+            stop,
+        } => take_snapshot(vmm, session, &dir, incremental, stop),
+        Request::Resume => {
+            vmm.resume();
+            Ok(serde_json::json!({"vm": "running"}))
+        }
+        Request::Failover => Err(anyhow::anyhow!(
+            "this VM is not protected; failover applies to `twin backup`"
+        )),
+    };
+    match r {
+        Ok(v) => Response::Ok(v),
+        Err(e) => Response::Error(format!("{e:#}")),
+    }
+}
+
+/// Runs a started VM until it powers off or a termination signal arrives, answering
+/// control requests meanwhile.
+fn serve_vm(
+    mut vmm: Vmm,
+    control: &std::sync::mpsc::Receiver<Incoming>,
+    sigs: SigSet,
+    role: &'static str,
+) -> Result<ExitCode> {
+    forward_signals(sigs, vmm.event_sender())?;
+    let mut session = Session {
+        role,
+        started: Instant::now(),
+        last_snapshot: None,
+        snapshots: 0,
+    };
     let code = loop {
-        match vmm.events().recv() {
+        match vmm.next_event(Duration::from_millis(5)) {
             Ok(VmEvent::PowerOff(code)) => {
                 tracing::info!(code, "guest powered off");
                 break ExitCode::from(code);
@@ -146,15 +388,294 @@ fn run(args: VmArgs) -> Result<ExitCode> {
                 vmm.shutdown();
                 bail!("vCPU {vcpu} failed: {reason}");
             }
+            Ok(VmEvent::DeviceFailed(reason)) => {
+                vmm.shutdown();
+                bail!("device failed: {reason}");
+            }
             Ok(other) => {
                 tracing::warn!("VM stopped: {other:?}");
                 break ExitCode::FAILURE;
             }
-            Err(_) => break ExitCode::FAILURE,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break ExitCode::FAILURE,
+        }
+        while let Ok((req, reply)) = control.try_recv() {
+            let _ = reply.send(handle_request(&mut vmm, &mut session, req));
         }
     };
     vmm.shutdown();
     Ok(code)
+}
+
+fn run(args: RunArgs) -> Result<ExitCode> {
+    let sigs = block_termination_signals()?;
+    let mut vmm = Vmm::new(args.vm.to_config(&args.host)?).context("cannot start the VM")?;
+    let control = control::serve(&args.host.control)?;
+    vmm.start().context("cannot start the VM")?;
+    tracing::info!(mem = args.vm.mem.0, vcpus = args.vm.vcpus, tap = %args.host.tap, "VM running");
+    serve_vm(vmm, &control, sigs, "standalone")
+}
+
+fn restore(args: RestoreArgs) -> Result<ExitCode> {
+    let sigs = block_termination_signals()?;
+    let t0 = Instant::now();
+    let state = snapshot::read_state(&args.dir)
+        .with_context(|| format!("cannot restore {}", args.dir.display()))?;
+    let memory = Memory::new(state.config.mem_size).context("cannot create guest memory")?;
+    let pages = snapshot::load_memory(&args.dir, &memory)
+        .with_context(|| format!("cannot restore {}", args.dir.display()))?;
+    let host = HostResources {
+        tap: Some(args.host.tap.clone()),
+        console: args.host.console()?,
+    };
+    let mut vmm = Vmm::restore(&state, memory, host).context("cannot rebuild the VM")?;
+    let control = control::serve(&args.host.control)?;
+    vmm.start().context("cannot start the VM")?;
+    tracing::info!(pages, elapsed_ms = t0.elapsed().as_millis() as u64, dir = %args.dir.display(), "VM restored and running");
+    serve_vm(vmm, &control, sigs, "standalone")
+}
+
+fn protect(args: ProtectArgs) -> Result<ExitCode> {
+    use twin_netbuf::{NetBuffer, NetBufferConfig};
+    use twin_primary::{LossPolicy, Mode, NetbufSink, Primary, ProtectConfig};
+
+    let sigs = block_termination_signals()?;
+    let vmm = Vmm::new(args.vm.to_config(&args.host)?).context("cannot start the VM")?;
+    let netbuf = NetBuffer::new(NetBufferConfig::default());
+    vmm.set_net_sink(Box::new(NetbufSink(netbuf.sink())));
+    let tap = vmm.tap().context("the protected VM has no NIC")?;
+    let release = netbuf
+        .spawn_release_thread("net-release", move |frame| tap.write_vnet(frame))
+        .context("spawning the output release thread")?;
+    let control = control::serve(&args.host.control)?;
+    let mut vmm = vmm;
+    vmm.start().context("cannot start the VM")?;
+    let events = vmm.event_sender();
+    forward_signals(sigs, events)?;
+    let vmm = std::sync::Arc::new(vmm);
+    // A stable identity for this VM's replication sessions.
+    let vm_id = twin_wire::VmId(*uuid_like(&args.vm.mac.0));
+    let cfg = ProtectConfig {
+        backup: args.backup.clone(),
+        interval: args.interval.0,
+        on_backup_loss: match args.on_backup_loss {
+            LossArg::Release => LossPolicy::Release,
+            LossArg::Hold => LossPolicy::Hold,
+        },
+        backup_timeout: args.backup_timeout.0,
+        heartbeat_interval: Duration::from_millis(20),
+        vm_id,
+    };
+    let primary =
+        Primary::start(vmm.clone(), netbuf.clone(), cfg).context("starting replication")?;
+    tracing::info!(backup = %args.backup, interval_ms = args.interval.0.as_millis() as u64, "VM running, protecting");
+    let code = loop {
+        match vmm.next_event(Duration::from_millis(5)) {
+            Ok(VmEvent::PowerOff(code)) => {
+                tracing::info!(code, "guest powered off");
+                break ExitCode::from(code);
+            }
+            Ok(VmEvent::Signal(_)) => break ExitCode::SUCCESS,
+            Ok(other) => {
+                tracing::error!("VM stopped: {other:?}");
+                break ExitCode::FAILURE;
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break ExitCode::FAILURE,
+        }
+        if primary.mode() == Mode::Fenced {
+            tracing::warn!("stood down for the backup's takeover; stopping this VM");
+            vmm.pause();
+            break ExitCode::SUCCESS;
+        }
+        while let Ok((req, reply)) = control.try_recv() {
+            let resp = match req {
+                Request::Status => Response::Ok(primary.status_json()),
+                Request::Resume => Response::Error("a protected VM cannot be paused".into()),
+                Request::Snapshot { .. } => {
+                    Response::Error("snapshots of a protected VM are taken by its backup".into())
+                }
+                Request::Failover => Response::Error(
+                    "failover is requested from the backup (`twin failover`)".into(),
+                ),
+            };
+            let _ = reply.send(resp);
+        }
+    };
+    // Stop checkpointing first (the backup is told goodbye and will not take over), then
+    // decide the fate of held output: a VM that stops on purpose releases what it said.
+    vmm.pause();
+    let fenced = primary.mode() == Mode::Fenced;
+    primary.stop();
+    if !fenced {
+        netbuf.release_all();
+    }
+    netbuf.close();
+    let _ = release.join();
+    if let Ok(mut vmm) = std::sync::Arc::try_unwrap(vmm) {
+        vmm.shutdown();
+    }
+    Ok(code)
+}
+
+/// 16 bytes identifying a VM, derived from its MAC (unique on its LAN) and the start time.
+fn uuid_like(mac: &[u8; 6]) -> Box<[u8; 16]> {
+    let mut id = [0u8; 16];
+    id[..6].copy_from_slice(mac);
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    id[8..].copy_from_slice(&t.to_le_bytes());
+    Box::new(id)
+}
+
+fn backup(args: BackupArgs) -> Result<ExitCode> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use twin_backup::{Backup, BackupConfig, BackupRequest, Outcome};
+
+    let sigs = block_termination_signals()?;
+    let control = control::serve(&args.control)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let (tx, rx) = std::sync::mpsc::channel::<BackupRequest>();
+    let cfg = BackupConfig {
+        listen: args.listen,
+        tap: args.tap.clone(),
+        heartbeat_timeout: args.heartbeat_timeout.0,
+        heartbeat_interval: Duration::from_millis(20),
+        reconnect_grace: args.reconnect_grace.0,
+    };
+    let console_path = args.console.clone();
+    let stop2 = stop.clone();
+    let worker = std::thread::Builder::new()
+        .name("backup".into())
+        .spawn(move || {
+            Backup::new(cfg).run(&rx, &stop2, move || -> Box<dyn std::io::Write + Send> {
+                match console_path.and_then(|p| std::fs::File::create(p).ok()) {
+                    Some(f) => Box::new(f),
+                    None => Box::new(std::io::stdout()),
+                }
+            })
+        })
+        .context("spawning the backup thread")?;
+    // Until a takeover, the main thread forwards control requests and watches signals.
+    let pending = sigs;
+    let outcome = loop {
+        if worker.is_finished() {
+            break worker
+                .join()
+                .map_err(|_| anyhow::anyhow!("the backup thread panicked"))?;
+        }
+        if let Ok(Some(sig)) = pending_signal(&pending) {
+            tracing::info!("received {sig}, stopping the backup");
+            stop.store(true, Ordering::Release);
+        }
+        if let Ok((req, reply)) = control.recv_timeout(Duration::from_millis(5)) {
+            let forwarded = match req {
+                Request::Status => {
+                    let reply = reply.clone();
+                    tx.send(BackupRequest::Status(Box::new(move |v| {
+                        let _ = reply.send(Response::Ok(v));
+                    })))
+                }
+                Request::Failover => {
+                    let reply = reply.clone();
+                    tx.send(BackupRequest::Failover(Box::new(move |r| {
+                        let _ = reply.send(match r {
+                            Ok(v) => Response::Ok(v),
+                            Err(e) => Response::Error(e),
+                        });
+                    })))
+                }
+                _ => {
+                    let _ = reply.send(Response::Error("the backup has no running VM yet".into()));
+                    Ok(())
+                }
+            };
+            if forwarded.is_err() {
+                let _ = reply.send(Response::Error("the backup is shutting down".into()));
+            }
+        }
+    };
+    match outcome {
+        Ok(Outcome::FailedOver { vmm, report }) => {
+            println!("FAILOVER {report}");
+            serve_vm(vmm, &control, pending, "primary (took over)")
+        }
+        Err(twin_backup::BackupError::Stopped) => Ok(ExitCode::SUCCESS),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// A termination signal that is pending (blocked) for this process, taken without waiting.
+fn pending_signal(set: &SigSet) -> nix::Result<Option<Signal>> {
+    let timeout = nix::sys::time::TimeSpec::new(0, 0);
+    let mut info = std::mem::MaybeUninit::<libc::siginfo_t>::uninit();
+    // SAFETY: `set` is a valid sigset, `info` is writable storage for one siginfo_t, and the
+    // zero timeout makes this a poll; the return value is checked.
+    let r = unsafe { libc::sigtimedwait(set.as_ref(), info.as_mut_ptr(), timeout.as_ref()) };
+    if r < 0 {
+        let e = nix::errno::Errno::last();
+        return if e == nix::errno::Errno::EAGAIN {
+            Ok(None)
+        } else {
+            Err(e)
+        };
+    }
+    Ok(Signal::try_from(r).ok())
+}
+
+fn client(path: &Path, req: Request) -> Result<serde_json::Value> {
+    match control::request(path, &req)? {
+        Response::Ok(v) => Ok(v),
+        Response::Error(e) => bail!("{e}"),
+    }
+}
+
+fn main() -> ExitCode {
+    init_logging();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(args) => run(args),
+        Command::Restore(args) => restore(args),
+        Command::Protect(args) => protect(args),
+        Command::Backup(args) => backup(args),
+        Command::Failover(a) => client(&a.control, Request::Failover).map(|v| {
+            println!("{v}");
+            ExitCode::SUCCESS
+        }),
+        Command::Snapshot(a) => client(
+            &a.control,
+            Request::Snapshot {
+                dir: a.dir,
+                incremental: a.incremental,
+                stop: a.stop,
+            },
+        )
+        .map(|v| {
+            println!("{v}");
+            ExitCode::SUCCESS
+        }),
+        Command::Status(a) => client(&a.control, Request::Status).map(|v| {
+            if a.json {
+                println!("{v}");
+            } else if let Some(o) = v.as_object() {
+                for (k, v) in o {
+                    println!("{k:>16}: {v}");
+                }
+            }
+            ExitCode::SUCCESS
+        }),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            // One line naming the problem, with its causes.
+            eprintln!("twin: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn init_logging() {
@@ -165,20 +686,4 @@ fn init_logging() {
         .with_writer(std::io::stderr)
         .with_target(false)
         .init();
-}
-
-fn main() -> ExitCode {
-    init_logging();
-    let cli = Cli::parse();
-    let result = match cli.command {
-        Command::Run(args) => run(args),
-    };
-    match result {
-        Ok(code) => code,
-        Err(e) => {
-            // One line naming the problem, with its causes.
-            eprintln!("twin: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
 }

@@ -24,8 +24,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::boot::{BootError, BootParams};
 use crate::devices::bus::{Bus, BusError};
-use crate::devices::power::PowerDevice;
 use crate::devices::pci::PciRoot;
+use crate::devices::power::PowerDevice;
 use crate::devices::serial::{ConsoleOut, SerialDevice};
 use crate::devices::tap::Tap;
 use crate::devices::virtio::net::{NetResources, NetSink, NetWorker, TapSink, VirtioNet};
@@ -108,7 +108,11 @@ impl MachineState {
     }
 
     pub fn decode(data: &[u8]) -> Result<Self, container::ContainerError> {
-        container::decode(data, container::Kind::MachineState, container::DEFAULT_MAX_PAYLOAD)
+        container::decode(
+            data,
+            container::Kind::MachineState,
+            container::DEFAULT_MAX_PAYLOAD,
+        )
     }
 }
 
@@ -192,9 +196,15 @@ pub enum VmmError {
     #[error("capturing or restoring KVM state")]
     State(#[from] state::StateError),
     #[error("saving the {0} device")]
-    DeviceSave(&'static str, #[source] Box<dyn std::error::Error + Send + Sync>),
+    DeviceSave(
+        &'static str,
+        #[source] Box<dyn std::error::Error + Send + Sync>,
+    ),
     #[error("restoring the {0} device")]
-    DeviceRestore(&'static str, #[source] Box<dyn std::error::Error + Send + Sync>),
+    DeviceRestore(
+        &'static str,
+        #[source] Box<dyn std::error::Error + Send + Sync>,
+    ),
     #[error("the saved state has a network device but no TAP was given for it")]
     NoTap,
     #[error("the saved state has {saved} vCPUs, but {expected} were configured")]
@@ -212,7 +222,7 @@ pub struct Vmm {
     pci: Arc<Mutex<PciRoot>>,
     net: Option<NetDevice>,
     events_tx: Sender<VmEvent>,
-    events_rx: Receiver<VmEvent>,
+    events_rx: Mutex<Receiver<VmEvent>>,
     vm: Vm,
     memory: Memory,
     config: MachineConfig,
@@ -243,7 +253,10 @@ impl Vmm {
             mac: cfg.net.as_ref().map(|n| n.mac),
             ip: Some(cfg.ip),
         };
-        let host = HostResources { tap: cfg.net.map(|n| n.tap), console: cfg.console };
+        let host = HostResources {
+            tap: cfg.net.map(|n| n.tap),
+            console: cfg.console,
+        };
         let vmm = Self::build(config, memory, host, None)?;
         let tsc_khz = vmm.vcpus[0].fd().get_tsc_khz().map_err(VmmError::TscKhz)? as u64;
         let params = BootParams {
@@ -257,13 +270,20 @@ impl Vmm {
         let entry = boot::load_builtin_guest(vmm.memory.guest_memory(), &cfg.guest_elf, &params)?;
         for v in &vmm.vcpus {
             let fd = v.fd();
-            let sregs = fd
-                .get_sregs()
-                .map_err(|source| VcpuError::Ioctl { op: "KVM_GET_SREGS", source })?;
+            let sregs = fd.get_sregs().map_err(|source| VcpuError::Ioctl {
+                op: "KVM_GET_SREGS",
+                source,
+            })?;
             fd.set_sregs(&boot::initial_sregs(sregs))
-                .map_err(|source| VcpuError::Ioctl { op: "KVM_SET_SREGS", source })?;
+                .map_err(|source| VcpuError::Ioctl {
+                    op: "KVM_SET_SREGS",
+                    source,
+                })?;
             fd.set_regs(&boot::initial_regs(entry))
-                .map_err(|source| VcpuError::Ioctl { op: "KVM_SET_REGS", source })?;
+                .map_err(|source| VcpuError::Ioctl {
+                    op: "KVM_SET_REGS",
+                    source,
+                })?;
             let mut lapic = fd
                 .get_lapic()
                 .map_err(|source| VmmError::Lapic { vcpu: v.id, source })?;
@@ -278,10 +298,17 @@ impl Vmm {
 
     /// Rebuilds a VM from saved state and guest memory that already holds the guest's
     /// pages. Host resources (TAP, console) come from the caller.
-    pub fn restore(state: &MachineState, memory: Memory, host: HostResources) -> Result<Self, VmmError> {
+    pub fn restore(
+        state: &MachineState,
+        memory: Memory,
+        host: HostResources,
+    ) -> Result<Self, VmmError> {
         let vmm = Self::build(state.config.clone(), memory, host, Some(&state.devices))?;
         if state.vcpus.len() != vmm.vcpus.len() {
-            return Err(VmmError::VcpuMismatch { saved: state.vcpus.len(), expected: state.config.vcpus });
+            return Err(VmmError::VcpuMismatch {
+                saved: state.vcpus.len(),
+                expected: state.config.vcpus,
+            });
         }
         state::restore_vm(vmm.vm.fd(), &state.vm)?;
         for (v, s) in vmm.vcpus.iter().zip(&state.vcpus) {
@@ -324,12 +351,17 @@ impl Vmm {
         };
         let serial = Arc::new(Mutex::new(serial));
         pio.insert(serial.clone(), COM1_PORT, 8)?;
-        pio.insert(Arc::new(Mutex::new(PowerDevice::new(events_tx.clone()))), POWER_PORT, 1)?;
+        pio.insert(
+            Arc::new(Mutex::new(PowerDevice::new(events_tx.clone()))),
+            POWER_PORT,
+            1,
+        )?;
 
         let mut mmio = mmio;
         let mut pci = match devices {
             None => PciRoot::new(),
-            Some(d) => PciRoot::restore(&d.pci).map_err(|e| VmmError::DeviceRestore("PCI root", e.into()))?,
+            Some(d) => PciRoot::restore(&d.pci)
+                .map_err(|e| VmmError::DeviceRestore("PCI root", e.into()))?,
         };
         let saved_net = devices.and_then(|d| d.net.as_ref());
         let net = match (config.mac, host.tap) {
@@ -348,9 +380,14 @@ impl Vmm {
                 let bar = dev.bar_addr();
                 let dev = Arc::new(Mutex::new(dev));
                 // Devices are re-added in the same order on restore, so they keep their slots.
-                pci.add_device(dev.clone()).map_err(|e| VmmError::Net(e.into()))?;
+                pci.add_device(dev.clone())
+                    .map_err(|e| VmmError::Net(e.into()))?;
                 mmio.insert(dev.clone(), bar, devices::virtio::pci::BAR_SIZE)?;
-                Some(NetDevice { dev, tap, worker: None })
+                Some(NetDevice {
+                    dev,
+                    tap,
+                    worker: None,
+                })
             }
             (Some(_), None) if saved_net.is_some() => return Err(VmmError::NoTap),
             _ => None,
@@ -367,7 +404,7 @@ impl Vmm {
             pci,
             net,
             events_tx,
-            events_rx,
+            events_rx: Mutex::new(events_rx),
             vm,
             memory,
             config,
@@ -379,7 +416,10 @@ impl Vmm {
     /// Starts the vCPU threads.
     pub fn start(&mut self) -> Result<(), VmmError> {
         if let Some(net) = &mut self.net {
-            net.worker = Some(NetWorker::start(net.dev.clone(), net.tap.clone()).map_err(|e| VmmError::Net(e.into()))?);
+            net.worker = Some(
+                NetWorker::start(net.dev.clone(), net.tap.clone())
+                    .map_err(|e| VmmError::Net(e.into()))?,
+            );
         }
         for v in &mut self.vcpus {
             v.start(
@@ -393,9 +433,16 @@ impl Vmm {
         Ok(())
     }
 
-    /// Events from vCPUs and devices; the driver of the VM waits on this.
-    pub fn events(&self) -> &Receiver<VmEvent> {
-        &self.events_rx
+    /// The next event from vCPUs and devices, waiting at most `timeout`; the driver of the
+    /// VM calls this from one thread.
+    pub fn next_event(
+        &self,
+        timeout: std::time::Duration,
+    ) -> Result<VmEvent, std::sync::mpsc::RecvTimeoutError> {
+        self.events_rx
+            .lock()
+            .expect("event lock poisoned")
+            .recv_timeout(timeout)
     }
 
     /// A sender into the event channel (for signal forwarding).
@@ -434,15 +481,25 @@ impl Vmm {
 
     /// Captures devices, then KVM VM state, then every vCPU. vCPUs must be paused and the
     /// caller must hold the device locks (see [`Vmm::checkpoint`]).
-    fn capture_locked(&self, locked: &LockedDevices<'_>) -> Result<(MachineState, u64, u64), VmmError> {
+    fn capture_locked(
+        &self,
+        locked: &LockedDevices<'_>,
+    ) -> Result<(MachineState, u64, u64), VmmError> {
         let t = std::time::Instant::now();
         // Devices first: a device quiescing may still raise an interrupt, which must land
         // in the LAPIC/IOAPIC state captured after it (Firecracker learned this).
         let net = match &locked.net {
-            Some(n) => Some(n.save_state().map_err(|e| VmmError::DeviceSave("virtio-net", e.into()))?),
+            Some(n) => Some(
+                n.save_state()
+                    .map_err(|e| VmmError::DeviceSave("virtio-net", e.into()))?,
+            ),
             None => None,
         };
-        let devices = DeviceStates { serial: locked.serial.state(), pci: locked.pci.save_state(), net };
+        let devices = DeviceStates {
+            serial: locked.serial.state(),
+            pci: locked.pci.save_state(),
+            net,
+        };
         let device_ns = t.elapsed().as_nanos() as u64;
         let vm = state::capture_vm(self.vm.fd())?;
         let mut vcpus = Vec::with_capacity(self.vcpus.len());
@@ -450,23 +507,32 @@ impl Vmm {
             vcpus.push(state::capture_vcpu(v.id, &v.fd(), &self.msr_indices)?);
         }
         let kvm_ns = t.elapsed().as_nanos() as u64 - device_ns;
-        Ok((MachineState { config: self.config.clone(), devices, vm, vcpus }, device_ns, kvm_ns))
+        Ok((
+            MachineState {
+                config: self.config.clone(),
+                devices,
+                vm,
+                vcpus,
+            },
+            device_ns,
+            kvm_ns,
+        ))
     }
 
-    /// [`Vmm::checkpoint`] for a VM the caller has already paused (and keeps paused).
-    pub fn checkpoint_paused(&self, copy_pages: bool) -> Result<Checkpoint, VmmError> {
-        let locked = self.lock_devices();
-        self.checkpoint_locked(&locked, copy_pages)
+    /// Runs `f` on the VM frozen: the caller has paused the vCPUs, and every device lock
+    /// is held for the whole of `f`, so no device worker writes guest memory meanwhile. A
+    /// snapshot writes memory from here; state captured here matches that memory.
+    pub fn frozen<R>(&self, f: impl FnOnce(&Frozen<'_>) -> R) -> R {
+        debug_assert!(self.is_paused(), "freeze only a paused VM");
+        let frozen = Frozen {
+            vmm: self,
+            locked: self.lock_devices(),
+        };
+        f(&frozen)
     }
 
     pub fn is_paused(&self) -> bool {
         self.control.is_paused()
-    }
-
-    /// Captures the whole state of a VM the caller has paused (and keeps paused).
-    pub fn capture_paused(&self) -> Result<MachineState, VmmError> {
-        let locked = self.lock_devices();
-        self.capture_locked(&locked).map(|(s, _, _)| s)
     }
 
     /// Holds every device lock: device workers (the virtio-net RX thread) write guest
@@ -475,7 +541,10 @@ impl Vmm {
     fn lock_devices(&self) -> LockedDevices<'_> {
         // Same order as a vCPU's config-space access: PCI root, then the device.
         let pci = self.pci.lock().expect("PCI root lock poisoned");
-        let net = self.net.as_ref().map(|n| n.dev.lock().expect("net device lock poisoned"));
+        let net = self
+            .net
+            .as_ref()
+            .map(|n| n.dev.lock().expect("net device lock poisoned"));
         let serial = self.serial.lock().expect("serial lock poisoned");
         LockedDevices { net, pci, serial }
     }
@@ -484,7 +553,13 @@ impl Vmm {
     /// returns the previous sink. No-op without a NIC.
     pub fn set_net_sink(&self, sink: Box<dyn NetSink>) -> Option<Box<dyn NetSink>> {
         let net = self.net.as_ref()?;
-        Some(net.dev.lock().expect("net device lock poisoned").device_mut().set_sink(sink))
+        Some(
+            net.dev
+                .lock()
+                .expect("net device lock poisoned")
+                .device_mut()
+                .set_sink(sink),
+        )
     }
 
     /// The NIC's TAP, for frames the host sends on the guest's behalf (gratuitous ARP).
@@ -494,7 +569,9 @@ impl Vmm {
 
     /// Whether the NIC's RX worker is alive (false after it failed).
     pub fn net_healthy(&self) -> bool {
-        self.net.as_ref().is_none_or(|n| n.worker.as_ref().is_none_or(|w| w.is_running()))
+        self.net
+            .as_ref()
+            .is_none_or(|n| n.worker.as_ref().is_none_or(|w| w.is_running()))
     }
 
     /// Pauses the VM, captures its whole state, resumes it. No pages.
@@ -507,9 +584,20 @@ impl Vmm {
         r
     }
 
+    /// Pages written since the previous harvest (KVM's log OR the VMM's bitmap), read while
+    /// the guest runs: for the rounds of a live initial sync, where a page written again
+    /// after being read is caught by the next round.
+    pub fn harvest_dirty(&self) -> Result<Vec<u64>, VmmError> {
+        let mut dirty = self.vm.take_dirty_log()?;
+        for (d, v) in dirty.iter_mut().zip(self.memory.take_vmm_dirty_bitmap()) {
+            *d |= v;
+        }
+        Ok(dirty)
+    }
+
     /// Starts dirty-page tracking: KVM's log on, both logs cleared. The next checkpoint
     /// returns the pages written from now on.
-    pub fn start_dirty_tracking(&mut self) -> Result<(), VmmError> {
+    pub fn start_dirty_tracking(&self) -> Result<(), VmmError> {
         self.vm.set_dirty_logging(true)?;
         self.vm.take_dirty_log()?;
         self.memory.take_vmm_dirty_bitmap();
@@ -521,10 +609,22 @@ impl Vmm {
     /// only the bitmap is returned (the caller reads memory itself while the VM stays
     /// paused, e.g. for a snapshot that keeps the VM stopped).
     pub fn checkpoint(&self, copy_pages: bool) -> Result<Checkpoint, VmmError> {
+        self.checkpoint_sealed(copy_pages, || ())
+    }
+
+    /// [`Vmm::checkpoint`], calling `seal` while the vCPUs are paused and the devices
+    /// locked: the point where the guest's output of this epoch is exactly what it has
+    /// transmitted so far (the output-commit buffer closes the epoch there).
+    pub fn checkpoint_sealed(
+        &self,
+        copy_pages: bool,
+        seal: impl FnOnce(),
+    ) -> Result<Checkpoint, VmmError> {
         let t0 = std::time::Instant::now();
         self.pause();
         let stop_ns = t0.elapsed().as_nanos() as u64;
         let locked = self.lock_devices();
+        seal();
         let r = self.checkpoint_locked(&locked, copy_pages);
         drop(locked);
         self.resume();
@@ -534,7 +634,11 @@ impl Vmm {
         Ok(cp)
     }
 
-    fn checkpoint_locked(&self, locked: &LockedDevices<'_>, copy_pages: bool) -> Result<Checkpoint, VmmError> {
+    fn checkpoint_locked(
+        &self,
+        locked: &LockedDevices<'_>,
+        copy_pages: bool,
+    ) -> Result<Checkpoint, VmmError> {
         let (state, device_state_ns, kvm_state_ns) = self.capture_locked(locked)?;
         let t = std::time::Instant::now();
         let mut dirty = self.vm.take_dirty_log()?;
@@ -557,7 +661,13 @@ impl Vmm {
             state,
             dirty,
             pages,
-            timings: CheckpointTimings { device_state_ns, kvm_state_ns, harvest_ns, copy_ns, ..Default::default() },
+            timings: CheckpointTimings {
+                device_state_ns,
+                kvm_state_ns,
+                harvest_ns,
+                copy_ns,
+                ..Default::default()
+            },
         })
     }
 
@@ -576,6 +686,29 @@ impl Vmm {
                 tracing::warn!("network worker ended with an error: {e}");
             }
         }
+    }
+}
+
+/// A VM with vCPUs paused and device locks held; see [`Vmm::frozen`].
+pub struct Frozen<'a> {
+    vmm: &'a Vmm,
+    locked: LockedDevices<'a>,
+}
+
+impl Frozen<'_> {
+    /// The whole machine state.
+    pub fn capture(&self) -> Result<MachineState, VmmError> {
+        self.vmm.capture_locked(&self.locked).map(|(s, _, _)| s)
+    }
+
+    /// State plus the pages dirtied since the last harvest (copied if `copy_pages`).
+    pub fn checkpoint(&self, copy_pages: bool) -> Result<Checkpoint, VmmError> {
+        self.vmm.checkpoint_locked(&self.locked, copy_pages)
+    }
+
+    /// Guest RAM, which stands still while frozen.
+    pub fn ram(&self) -> &[u8] {
+        self.vmm.memory.as_slice()
     }
 }
 

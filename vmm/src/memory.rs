@@ -120,6 +120,37 @@ impl Memory {
         unsafe { std::slice::from_raw_parts(region.as_ptr(), region.len() as usize) }
     }
 
+    /// Overwrites page `index` (the backup applying a checkpoint to its replica). Only for
+    /// memory no vCPU runs on. Returns false if `index` is out of range or `data` is not
+    /// one page.
+    pub fn write_page(&self, index: u64, data: &[u8]) -> bool {
+        let Some(off) = (index as usize).checked_mul(PAGE_SIZE) else {
+            return false;
+        };
+        if data.len() != PAGE_SIZE
+            || off
+                .checked_add(PAGE_SIZE)
+                .is_none_or(|e| e > self.size as usize)
+        {
+            return false;
+        }
+        // SAFETY: `off..off + PAGE_SIZE` lies inside the mapping (checked above), which lives
+        // as long as `self`; no vCPU runs on this memory, so the write races nothing.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                data.as_ptr(),
+                (self.host_address() as *mut u8).add(off),
+                PAGE_SIZE,
+            )
+        };
+        true
+    }
+
+    /// Zeroes page `index`; false if out of range.
+    pub fn zero_page(&self, index: u64) -> bool {
+        self.write_page(index, &[0u8; PAGE_SIZE])
+    }
+
     /// Takes the VMM's own dirty bitmap (one bit per page, u64 words, like KVM's log) and
     /// clears it.
     pub fn take_vmm_dirty_bitmap(&self) -> Vec<u64> {
@@ -155,6 +186,13 @@ mod tests {
         assert_eq!(set, vec![5, 63, 64]);
         assert!(m.take_vmm_dirty_bitmap().iter().all(|&w| w == 0));
         assert_eq!(m.as_slice()[5 * PAGE_SIZE + 8], 0xef);
+        assert!(m.write_page(1023, &[7u8; PAGE_SIZE]));
+        assert_eq!(m.as_slice()[1023 * PAGE_SIZE], 7);
+        assert!(!m.write_page(1024, &[7u8; PAGE_SIZE]));
+        assert!(!m.write_page(u64::MAX, &[7u8; PAGE_SIZE]));
+        assert!(!m.write_page(0, &[7u8; 10]));
+        assert!(m.zero_page(1023));
+        assert_eq!(m.as_slice()[1023 * PAGE_SIZE], 0);
     }
 
     #[test]

@@ -44,7 +44,8 @@ pub const RAM_SLOT: u32 = 0;
 pub struct Vm {
     kvm: Kvm,
     fd: Arc<VmFd>,
-    ram: kvm_userspace_memory_region,
+    /// The RAM slot; behind a lock because dirty logging is toggled on a shared VM.
+    ram: std::sync::Mutex<kvm_userspace_memory_region>,
 }
 
 impl Vm {
@@ -70,36 +71,37 @@ impl Vm {
             memory_size: memory.size(),
             userspace_addr: memory.host_address(),
         };
-        let vm = Vm {
+        Self::set_region(&fd, ram)?;
+        Ok(Vm {
             kvm,
             fd: Arc::new(fd),
-            ram,
-        };
-        vm.set_ram_region()?;
-        Ok(vm)
+            ram: std::sync::Mutex::new(ram),
+        })
     }
 
-    fn set_ram_region(&self) -> Result<(), VmError> {
+    fn set_region(fd: &VmFd, ram: kvm_userspace_memory_region) -> Result<(), VmError> {
         // SAFETY: the region describes memory owned by `Memory`, which the caller keeps
         // alive for as long as the VM (the `Vmm` owns both and drops the VM first).
-        unsafe { self.fd.set_user_memory_region(self.ram) }.map_err(VmError::MemoryRegion)
+        unsafe { fd.set_user_memory_region(ram) }.map_err(VmError::MemoryRegion)
     }
 
     /// Turns KVM's dirty-page logging of guest RAM on or off. Off costs nothing; on, every
     /// first guest write to a page after a harvest takes a fault.
-    pub fn set_dirty_logging(&mut self, on: bool) -> Result<(), VmError> {
-        self.ram.flags = if on { KVM_MEM_LOG_DIRTY_PAGES } else { 0 };
-        self.set_ram_region()
+    pub fn set_dirty_logging(&self, on: bool) -> Result<(), VmError> {
+        let mut ram = self.ram.lock().expect("ram slot lock poisoned");
+        ram.flags = if on { KVM_MEM_LOG_DIRTY_PAGES } else { 0 };
+        Self::set_region(&self.fd, *ram)
     }
 
     pub fn dirty_logging(&self) -> bool {
-        self.ram.flags & KVM_MEM_LOG_DIRTY_PAGES != 0
+        self.ram.lock().expect("ram slot lock poisoned").flags & KVM_MEM_LOG_DIRTY_PAGES != 0
     }
 
     /// Pages the guest wrote since the previous call, one bit per page in u64 words.
     pub fn take_dirty_log(&self) -> Result<Vec<u64>, VmError> {
+        let size = self.ram.lock().expect("ram slot lock poisoned").memory_size as usize;
         self.fd
-            .get_dirty_log(RAM_SLOT, self.ram.memory_size as usize)
+            .get_dirty_log(RAM_SLOT, size)
             .map_err(VmError::DirtyLog)
     }
 
