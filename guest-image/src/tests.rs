@@ -184,6 +184,10 @@ fn page_format_detects_stale_and_torn_pages() {
         pagefmt::check(&mixed, 7, 4),
         Err(PageError::Checksum { .. })
     ));
+    // A never-written page must still be zero.
+    let zero = [0u64; WORDS];
+    assert_eq!(pagefmt::check(&zero, 9, 0), Ok(()));
+    assert_eq!(pagefmt::check(&page, 7, 0), Err(PageError::NotZero));
     // Bodies differ between versions and between pages.
     let mut other = [0u64; WORDS];
     pagefmt::fill(&mut other, 8, 3);

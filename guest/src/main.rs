@@ -118,7 +118,7 @@ extern "C" fn twin_main(boot: *const BootInfo) -> ! {
     );
 
     // SAFETY: [wss_base, ram_top) is page-aligned RAM used by nothing else.
-    let mut workload = unsafe {
+    let workload = unsafe {
         workload::Workload::new(
             wss_base as usize,
             args.wss_bytes,
@@ -126,13 +126,10 @@ extern "C" fn twin_main(boot: *const BootInfo) -> ! {
             args.pattern,
         )
     };
-    let t = clock.now_ns();
-    workload.fill_all();
     println!(
-        "twin-guest: workload wss={}M ({} pages at {wss_base:#x}) filled in {} ms; dirty={} B/s ({} pages/s, {:?})",
+        "twin-guest: workload wss={}M ({} pages at {wss_base:#x}); dirty={} B/s ({} pages/s, {:?})",
         mib(args.wss_bytes),
         workload.pages(),
-        (clock.now_ns() - t) / 1_000_000,
         args.dirty_bytes_per_sec,
         args.dirty_bytes_per_sec / args::PAGE,
         args.pattern,

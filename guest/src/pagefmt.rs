@@ -53,10 +53,19 @@ pub enum PageError {
     Seq { found: u64 },
     /// The body does not match the header's checksum.
     Checksum { stored: u64, computed: u64 },
+    /// A page the workload never wrote has a non-zero header.
+    NotZero,
 }
 
-/// Check page `index`, last written with sequence number `seq`.
+/// Check page `index`, last written with sequence number `seq` (0: never written, so its
+/// header must still be zero).
 pub fn check(page: &[u64; WORDS], index: u64, seq: u64) -> Result<(), PageError> {
+    if seq == 0 {
+        if page[..HEADER_WORDS].iter().any(|&w| w != 0) {
+            return Err(PageError::NotZero);
+        }
+        return Ok(());
+    }
     if page[0] != index {
         return Err(PageError::Index { found: page[0] });
     }

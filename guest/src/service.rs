@@ -189,6 +189,7 @@ impl Guest {
                     PageError::Seq { found } => {
                         write!(out, "reason=seq expected={seq} found={found}")
                     }
+                    PageError::NotZero => write!(out, "reason=unwritten-page-not-zero"),
                     PageError::Checksum { stored, computed } => write!(
                         out,
                         "reason=checksum seq={seq} stored={stored:#x} computed={computed:#x}"

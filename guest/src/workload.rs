@@ -1,7 +1,9 @@
 //! The memory workload: writes whole pages of its working set at a fixed rate, paced by the
 //! TSC clock, and verifies them on request.
 //!
-//! Each page's sequence number lives in a table on the heap, outside the working set. A
+//! Pages are written lazily (a never-written page is still zero: booting does not touch the
+//! working set). Each page's sequence number lives in a table on the heap, outside the
+//! working set. A
 //! checkpoint/restore that lost a page write leaves a page whose header does not match the
 //! table (or whose body does not match its checksum), and `VERIFY` reports it.
 
@@ -85,13 +87,6 @@ impl Workload {
         let seq = self.seq[i as usize] + 1;
         self.seq[i as usize] = seq;
         pagefmt::fill(self.page(i), i, seq);
-    }
-
-    /// Give every page a valid first version (sequence number 1).
-    pub fn fill_all(&mut self) {
-        for i in 0..self.pages {
-            self.write_page(i);
-        }
     }
 
     /// Start pacing writes from `now_ns`.
