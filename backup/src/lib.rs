@@ -151,7 +151,10 @@ impl Conn {
 
     /// The next message if one arrives within `wait`; `Ok(None)` on a quiet `wait`.
     fn poll(&mut self, wait: Duration, stats: &mut Stats) -> Result<Option<Message>, SessionEnd> {
+        // A message waiting in the buffer is as good a sign of life as fresh bytes: time
+        // spent applying a backlog is not the primary's silence.
         if let Some(m) = self.codec.decode(&mut self.rbuf)? {
+            self.last_rx = Instant::now();
             return Ok(Some(m));
         }
         self.stream
@@ -374,9 +377,6 @@ impl Backup {
                 }
             }
             let now = Instant::now();
-            if now.duration_since(conn.last_rx) > timeout {
-                return SessionEnd::Silent(timeout);
-            }
             if hello_done && now.duration_since(conn.last_tx) >= hb {
                 hb_seq += 1;
                 let last = self
@@ -393,9 +393,22 @@ impl Backup {
                 }
             }
             let wait = hb.min(timeout.saturating_sub(now.duration_since(conn.last_rx)));
+            let wait = if wait.is_zero() { hb } else { wait };
             let msg = match conn.poll(wait, &mut self.stats) {
                 Ok(Some(m)) => m,
-                Ok(None) => continue,
+                Ok(None) => {
+                    // Until the sync completes nothing can be taken over, and the primary
+                    // may be quiet for a while (enabling dirty logging, scanning RAM).
+                    let limit = if sync.as_ref().is_some_and(|t| t.is_done()) {
+                        timeout
+                    } else {
+                        timeout.max(SYNC_SILENCE_LIMIT)
+                    };
+                    if conn.last_rx.elapsed() > limit {
+                        return SessionEnd::Silent(limit);
+                    }
+                    continue;
+                }
                 Err(e) => return e,
             };
             match msg {
@@ -623,6 +636,9 @@ impl Backup {
         Ok((vmm, report))
     }
 }
+
+/// Silence tolerated before the initial sync completes.
+const SYNC_SILENCE_LIMIT: Duration = Duration::from_secs(5);
 
 /// Goodbye reason a backup sends to make the primary stand down for a planned takeover.
 pub const TAKEOVER: &str = "takeover";

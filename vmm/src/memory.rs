@@ -146,9 +146,17 @@ impl Memory {
         true
     }
 
-    /// Zeroes page `index`; false if out of range.
+    /// Zeroes page `index`; false if out of range. A page that is zero already is not
+    /// written, so fresh memory stays unallocated.
     pub fn zero_page(&self, index: u64) -> bool {
-        self.write_page(index, &[0u8; PAGE_SIZE])
+        let Some(off) = (index as usize).checked_mul(PAGE_SIZE) else {
+            return false;
+        };
+        match self.as_slice().get(off..off + PAGE_SIZE) {
+            Some(page) if page.iter().all(|&b| b == 0) => true,
+            Some(_) => self.write_page(index, &[0u8; PAGE_SIZE]),
+            None => false,
+        }
     }
 
     /// Takes the VMM's own dirty bitmap (one bit per page, u64 words, like KVM's log) and
