@@ -6,13 +6,14 @@
 //! | --- | --- |
 //! | `PING` | `PONG` |
 //! | `INCR k` | the new value |
-//! | `GET k` | the value |
+//! | `GET k` | the value (0 for a key never set) |
 //! | `SET k v` | `OK` |
 //! | `TIME` | guest nanoseconds |
 //! | `STATS` | `k=v k=v …` |
 //! | `VERIFY` | `OK pages=N writes=M` or `FAIL …` |
 //!
-//! A reply starting with `ERR` is the guest refusing the request.
+//! Values are unsigned 64-bit integers; keys are tokens without spaces. A reply starting with
+//! `ERR` is the guest refusing the request.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, ErrorKind, Write};
@@ -219,16 +220,15 @@ impl GuestClient {
         self.request_u64(&format!("INCR {key}"))
     }
 
-    /// `GET key` → the value, as the guest prints it.
-    pub fn get(&mut self, key: &str) -> Result<String> {
+    /// `GET key` → the value (0 for a key never set).
+    pub fn get(&mut self, key: &str) -> Result<u64> {
         check_token("key", key)?;
-        self.request(&format!("GET {key}"))
+        self.request_u64(&format!("GET {key}"))
     }
 
     /// `SET key value` → `OK`.
-    pub fn set(&mut self, key: &str, value: &str) -> Result<()> {
+    pub fn set(&mut self, key: &str, value: u64) -> Result<()> {
         check_token("key", key)?;
-        check_token("value", value)?;
         self.request_exact(&format!("SET {key} {value}"), "OK")
     }
 
@@ -326,6 +326,6 @@ mod tests {
         assert!(check_token("key", "k1").is_ok());
         assert!(check_token("key", "").is_err());
         assert!(check_token("key", "a b").is_err());
-        assert!(check_token("value", "a\nb").is_err());
+        assert!(check_token("key", "a\nb").is_err());
     }
 }

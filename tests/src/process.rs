@@ -243,7 +243,8 @@ impl TwinProcess {
         Self::spawn_program(ns, dir, name, &twin_bin()?, args, &[])
     }
 
-    /// Starts `program` with `args` and extra environment `env` inside `ns`.
+    /// Starts `program` with `args` and extra environment `env` inside `ns`, via
+    /// `ip netns exec` (so `/sys` shows the namespace's interfaces).
     pub fn spawn_program(
         ns: &Netns,
         dir: &TestDir,
@@ -258,8 +259,13 @@ impl TwinProcess {
             File::create(p).map_err(|e| HarnessError::io(format!("creating {}", p.display()), e))
         };
         let (out_file, err_file) = (create(&stdout_path)?, create(&stderr_path)?);
-        let mut cmd = Command::new(program);
-        cmd.args(args)
+        // `ip netns exec` (which execs the program in place: the pid is the program's) rather
+        // than a bare setns, so that /sys is remounted for the namespace as a user running
+        // `ip netns exec … twin` would have it.
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", ns.name()])
+            .arg(program)
+            .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -267,7 +273,7 @@ impl TwinProcess {
         for (k, v) in env {
             cmd.env(k, v);
         }
-        configure_child(&mut cmd, Some(ns.fd()), true);
+        configure_child(&mut cmd, None, true);
         let mut child = cmd.spawn().map_err(|e| {
             HarnessError::io(
                 format!("spawning {} ({}) in {}", name, program.display(), ns.name()),

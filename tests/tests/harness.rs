@@ -83,11 +83,12 @@ fn serve(conn: TcpStream) {
                 map.insert(k.to_string(), v.to_string());
                 v.to_string()
             }
-            ["GET", k] => map.get(*k).cloned().unwrap_or_default(),
-            ["SET", k, v] => {
+            ["GET", k] => map.get(*k).cloned().unwrap_or_else(|| "0".into()),
+            ["SET", k, v] if v.parse::<u64>().is_ok() => {
                 map.insert(k.to_string(), v.to_string());
                 "OK".into()
             }
+            ["SET", _, _] => "ERR value must be an unsigned 64-bit integer".into(),
             ["TIME"] => started.elapsed().as_nanos().to_string(),
             ["STATS"] => format!(
                 "keys={} uptime_ns={}",
@@ -287,8 +288,13 @@ fn single_topology_carries_client_traffic_to_the_lan() {
     for want in 1..=100 {
         assert_eq!(c.incr("n").expect("incr"), want);
     }
-    c.set("k", "v1").expect("set");
-    assert_eq!(c.get("k").expect("get"), "v1");
+    c.set("k", 77).expect("set");
+    assert_eq!(c.get("k").expect("get"), 77);
+    assert_eq!(c.get("never-set").expect("get"), 0);
+    assert!(matches!(
+        c.request("SET k teal"),
+        Err(HarnessError::Guest { .. })
+    ));
     assert!(c.time_ns().expect("time") > 0);
     assert_eq!(
         c.stats().expect("stats").get("keys").map(String::as_str),
@@ -306,7 +312,7 @@ fn single_topology_carries_client_traffic_to_the_lan() {
         Err(HarnessError::Guest { .. })
     ));
     assert!(matches!(
-        c.set("a b", "c"),
+        c.set("a b", 1),
         Err(HarnessError::InvalidArgument(_))
     ));
     c.set_request_timeout(Duration::from_millis(200))
@@ -490,6 +496,13 @@ fn processes_are_watched_signalled_and_report_early_exit() {
             .expect("cat"),
         "1\n"
     );
+    // Spawned processes see the namespace's own /sys (only `lo` here), as under
+    // `ip netns exec`.
+    let mut ls =
+        TwinProcess::spawn_program(&ns, &dir, "ls", Path::new("ls"), &["/sys/class/net"], &[])
+            .expect("spawn ls");
+    assert!(ls.wait_exit(LONG).expect("ls exits").success());
+    assert_eq!(ls.text(Stream::Stdout), "lo\n");
     // It runs inside the namespace.
     let ino = |path: &str| {
         use std::os::unix::fs::MetadataExt;

@@ -53,14 +53,14 @@ fn run_serves_the_guest_and_exits_cleanly_on_sigterm() {
     }
     eprintln!("{INCRS} INCRs in {:?}", started.elapsed());
 
-    guest.set("colour", "teal").expect("SET");
-    assert_eq!(guest.get("colour").expect("GET"), "teal");
-    guest.set("colour", "amber").expect("SET again");
-    assert_eq!(guest.get("colour").expect("GET after overwrite"), "amber");
-    assert_eq!(
-        guest.get("counter").expect("GET counter"),
-        INCRS.to_string()
-    );
+    guest.set("answer", 41).expect("SET");
+    assert_eq!(guest.get("answer").expect("GET"), 41);
+    guest.set("answer", 42).expect("SET again");
+    assert_eq!(guest.get("answer").expect("GET after overwrite"), 42);
+    guest.set("big", u64::MAX).expect("SET u64::MAX");
+    assert_eq!(guest.get("big").expect("GET u64::MAX"), u64::MAX);
+    assert_eq!(guest.get("counter").expect("GET counter"), INCRS);
+    assert_eq!(guest.get("never-set").expect("GET missing key"), 0);
     guest.ping().expect("PING");
     let t1 = guest.time_ns().expect("TIME");
     let t2 = guest.time_ns().expect("TIME");
