@@ -174,6 +174,7 @@ extern "C" fn twin_main(boot: *const BootInfo) -> ! {
         kv: BTreeMap::new(),
         requests: 0,
         halts: 0,
+        halted_tsc: 0,
         loops: 0,
     };
     println!(
@@ -221,7 +222,9 @@ fn main_loop(
             }
         }
         g.halts += 1;
+        let t = rdtsc();
         arch::halt(seen);
+        g.halted_tsc += rdtsc().wrapping_sub(t);
     }
 }
 

@@ -7,7 +7,7 @@ use crate::service::{Guest, NetStats, Reply, MAX_REPLY};
 use crate::virtio::VirtioNet;
 use alloc::vec;
 use alloc::vec::Vec;
-use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
+use smoltcp::iface::{Config, Interface, PollIngressSingleResult, SocketHandle, SocketSet};
 use smoltcp::socket::tcp;
 use smoltcp::time::{Duration, Instant};
 use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr, Ipv4Address};
@@ -16,6 +16,8 @@ use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr, Ipv4Add
 pub const PORT: u16 = 7000;
 /// Concurrent connections served.
 pub const SOCKETS: usize = 32;
+/// Most frames taken from the device per main-loop iteration.
+const RX_BUDGET: usize = 128;
 const RX_BUF: usize = 8 << 10;
 const TX_BUF: usize = 16 << 10;
 
@@ -163,11 +165,19 @@ impl Net {
         let (rx0, tx0) = (self.dev.rx.packets, self.dev.tx.packets);
         self.dev.tx.reclaim();
         let ts = instant(now_ns);
-        self.iface.poll(ts, &mut self.dev, &mut self.sockets);
-        let served = self.serve(g);
-        if served {
-            self.iface.poll_egress(ts, &mut self.dev, &mut self.sockets);
+        self.iface.poll_maintenance(ts);
+        // Bounded ingress, so a flood cannot starve the rest of the main loop.
+        for _ in 0..RX_BUDGET {
+            if self
+                .iface
+                .poll_ingress_single(ts, &mut self.dev, &mut self.sockets)
+                == PollIngressSingleResult::None
+            {
+                break;
+            }
         }
+        let served = self.serve(g);
+        self.iface.poll_egress(ts, &mut self.dev, &mut self.sockets);
         self.dev.flush();
         served || self.dev.rx.packets != rx0 || self.dev.tx.packets != tx0
     }

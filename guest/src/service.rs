@@ -23,6 +23,8 @@ pub struct Guest {
     pub kv: BTreeMap<Vec<u8>, u64>,
     pub requests: u64,
     pub halts: u64,
+    /// TSC ticks spent in the halt call (idle).
+    pub halted_tsc: u64,
     pub loops: u64,
 }
 
@@ -156,9 +158,10 @@ impl Guest {
         )?;
         write!(
             out,
-            " config_irqs={} other_irqs={} loops={} dirty_rate={} pages_skipped={} \
+            " halted_ns={} config_irqs={} other_irqs={} loops={} dirty_rate={} pages_skipped={} \
              rx_packets={} tx_packets={} tx_dropped={} rx_kicks={} tx_kicks={} connections={} \
              gratuitous_arps={} heap_used={} heap_free={}",
+            self.clock.ticks_to_ns(self.halted_tsc),
             irq_count(IRQ_CONFIG),
             irq_count(IRQ_OTHER),
             self.loops,

@@ -21,11 +21,16 @@ impl Clock {
         }
     }
 
+    /// Convert a TSC tick count to nanoseconds.
+    pub fn ticks_to_ns(&self, ticks: u64) -> u64 {
+        ((u128::from(ticks) * u128::from(self.ns_per_tick_fp)) >> 32) as u64
+    }
+
     /// Nanoseconds since boot.
     #[inline]
     pub fn now_ns(&mut self) -> u64 {
         let ticks = rdtsc().saturating_sub(self.tsc0);
-        let ns = ((u128::from(ticks) * u128::from(self.ns_per_tick_fp)) >> 32) as u64;
+        let ns = self.ticks_to_ns(ticks);
         if ns > self.last {
             self.last = ns;
         }
