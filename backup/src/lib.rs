@@ -530,6 +530,9 @@ impl Backup {
                             .expect("checked at description");
                         EpochAssembler::new(g, em.epoch())
                     });
+                    if matches!(em, EpochMessage::Begin(_)) {
+                        twin_failpoints::hit("backup.mid_receive");
+                    }
                     match asm.push(em) {
                         Ok(None) => {}
                         Ok(Some(complete)) => {
@@ -567,7 +570,11 @@ impl Backup {
                 r.memory.size()
             )));
         }
-        for page in &epoch.pages {
+        let half = epoch.pages.len() / 2;
+        for (i, page) in epoch.pages.iter().enumerate() {
+            if i == half {
+                twin_failpoints::hit("backup.mid_apply");
+            }
             // Indices were range-checked by the assembler.
             r.memory.write_page(page.index, &page.data);
         }
@@ -583,6 +590,10 @@ impl Backup {
             apply_us = us as u64,
             "epoch committed"
         );
+        if twin_failpoints::hit("backup.before_ack") {
+            // Withheld: the primary keeps this epoch's output held.
+            return Ok(());
+        }
         conn.send(&Message::Ack(Ack { epoch: epoch.epoch }))?;
         Ok(())
     }
@@ -603,6 +614,7 @@ impl Backup {
         };
         // The replica memory becomes the VM's RAM as it is: nothing is copied or loaded.
         let mut vmm = Vmm::restore(&state, replica.memory, host).map_err(BackupError::Restore)?;
+        twin_failpoints::hit("backup.restore");
         let restore_ms = t_restore.elapsed().as_secs_f64() * 1e3;
         let t_announce = Instant::now();
         let mac = state.config.mac.unwrap_or(replica.mac);

@@ -518,6 +518,7 @@ fn initial_sync(s: &Shared, conn: &mut Conn) -> Result<(), SessionError> {
         });
         if batch.len() == BATCH {
             send_sync_batch(conn, &mut batch, &mut sent)?;
+            twin_failpoints::hit("primary.sync");
             if s.stopping() {
                 return Err(SessionError::Stopping);
             }
@@ -597,6 +598,8 @@ fn read_acks(s: &Shared, mut conn: Conn, failed: &AtomicBool) -> SessionError {
                 if a.epoch > st.epoch {
                     break SessionError::BogusAck { epoch: a.epoch };
                 }
+                // The backup has the checkpoint; its output is not released yet.
+                twin_failpoints::hit("primary.after_ack");
                 if let Err(e) = s.netbuf.ack(a.epoch) {
                     warn!("ack of epoch {} refused by the output buffer: {e}", a.epoch);
                 }
@@ -682,10 +685,13 @@ fn send_epochs(
         }
         let epoch = *next_epoch;
         let netbuf = &s.netbuf;
+        twin_failpoints::hit("primary.before_pause");
         let cp = s.vmm.checkpoint_sealed(true, || {
             if let Err(e) = netbuf.seal(epoch) {
                 warn!("sealing output epoch {epoch}: {e}");
             }
+            // The VM is paused here, its pages about to be collected.
+            twin_failpoints::hit("primary.collect");
         })?;
         *next_epoch += 1;
         let state = cp.state.encode()?;

@@ -1,7 +1,9 @@
 //! `twin`: Remus-style high availability for KVM virtual machines.
 
 mod args;
+mod bench;
 mod control;
+mod demo;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -44,6 +46,10 @@ enum Command {
     Backup(BackupArgs),
     /// Planned switchover: make the backup take over and the primary stand down.
     Failover(FailoverArgs),
+    /// Demonstrate a failover on this machine: namespaces, primary, backup, client, SIGKILL.
+    Demo(demo::DemoArgs),
+    /// Measure protected against unprotected runs and write a report.
+    Bench(bench::BenchArgs),
 }
 
 #[derive(Args)]
@@ -636,10 +642,16 @@ fn client(path: &Path, req: Request) -> Result<serde_json::Value> {
 fn main() -> ExitCode {
     init_logging();
     let cli = Cli::parse();
+    if let Err(e) = twin_failpoints::validate_env() {
+        eprintln!("twin: {e}");
+        return ExitCode::FAILURE;
+    }
     let result = match cli.command {
         Command::Run(args) => run(args),
         Command::Restore(args) => restore(args),
         Command::Protect(args) => protect(args),
+        Command::Demo(args) => demo::run(args),
+        Command::Bench(args) => bench::run(args),
         Command::Backup(args) => backup(args),
         Command::Failover(a) => client(&a.control, Request::Failover).map(|v| {
             println!("{v}");
@@ -684,6 +696,7 @@ fn init_logging() {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .init();
 }

@@ -40,6 +40,8 @@ struct IfReq {
 pub enum TapError {
     #[error("TAP name {0:?} is empty, longer than 15 bytes or contains NUL")]
     InvalidName(String),
+    #[error("TAP {0} does not exist (create it first, e.g. `ip tuntap add {0} mode tap`)")]
+    NotFound(String),
     #[error("cannot open {TUN_PATH} for TAP {name}")]
     OpenTun {
         name: String,
@@ -79,6 +81,14 @@ impl Tap {
         let bytes = name.as_bytes();
         if bytes.is_empty() || bytes.len() >= libc::IFNAMSIZ || bytes.contains(&0) {
             return Err(TapError::InvalidName(name.to_owned()));
+        }
+        // TUNSETIFF on a name that does not exist would create a new, unbridged TAP and
+        // leave the guest silently cut off; refuse instead.
+        let cname =
+            std::ffi::CString::new(bytes).map_err(|_| TapError::InvalidName(name.to_owned()))?;
+        // SAFETY: `cname` is a valid NUL-terminated string that outlives the call.
+        if unsafe { libc::if_nametoindex(cname.as_ptr()) } == 0 {
+            return Err(TapError::NotFound(name.to_owned()));
         }
         let file = OpenOptions::new()
             .read(true)
