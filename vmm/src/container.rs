@@ -76,7 +76,9 @@ pub fn crc64(data: &[u8]) -> u64 {
 
 /// Encodes `value` into a container of `kind`.
 pub fn encode<T: Serialize>(kind: Kind, value: &T) -> Result<Vec<u8>, ContainerError> {
-    let payload = options(u64::MAX).serialize(value).map_err(ContainerError::Encode)?;
+    let payload = options(u64::MAX)
+        .serialize(value)
+        .map_err(ContainerError::Encode)?;
     let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
@@ -106,7 +108,10 @@ pub fn decode<T: DeserializeOwned>(data: &[u8], kind: Kind, max: u64) -> Result<
     }
     let found = u32_at(12);
     if found != kind as u32 {
-        return Err(ContainerError::WrongKind { found, expected: kind });
+        return Err(ContainerError::WrongKind {
+            found,
+            expected: kind,
+        });
     }
     let len = u64_at(16);
     if len > max {
@@ -125,7 +130,9 @@ pub fn decode<T: DeserializeOwned>(data: &[u8], kind: Kind, max: u64) -> Result<
     if expected != actual {
         return Err(ContainerError::Checksum { expected, actual });
     }
-    options(max).deserialize(payload).map_err(ContainerError::Decode)
+    options(max)
+        .deserialize(payload)
+        .map_err(ContainerError::Decode)
 }
 
 #[cfg(test)]
@@ -141,7 +148,11 @@ mod tests {
     }
 
     fn sample() -> Sample {
-        Sample { a: 7, v: vec![1, 2, 3], s: "x".into() }
+        Sample {
+            a: 7,
+            v: vec![1, 2, 3],
+            s: "x".into(),
+        }
     }
 
     #[test]
@@ -156,7 +167,10 @@ mod tests {
         let b = encode(Kind::MachineState, &sample()).unwrap();
         let d = |x: &[u8]| decode::<Sample>(x, Kind::MachineState, 1 << 20).unwrap_err();
         assert!(matches!(d(&b[..10]), ContainerError::TooShort(10)));
-        assert!(matches!(d(&b[..b.len() - 1]), ContainerError::Truncated { .. }));
+        assert!(matches!(
+            d(&b[..b.len() - 1]),
+            ContainerError::Truncated { .. }
+        ));
         let mut t = b.clone();
         t.push(0);
         assert!(matches!(d(&t), ContainerError::TrailingBytes(1)));

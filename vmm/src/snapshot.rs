@@ -115,7 +115,8 @@ pub fn write(
             (None, bm)
         }
         Layer::Incremental { parent, dirty } => {
-            let parent = fs::canonicalize(parent).map_err(io("resolving parent snapshot", parent))?;
+            let parent =
+                fs::canonicalize(parent).map_err(io("resolving parent snapshot", parent))?;
             read_meta(&parent)?;
             (Some(parent), dirty.to_vec())
         }
@@ -124,7 +125,9 @@ pub fn write(
 
     let tmp = dir.with_file_name(format!(
         ".{}.tmp-{}",
-        dir.file_name().map(|n| n.to_string_lossy()).unwrap_or_default(),
+        dir.file_name()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default(),
         std::process::id()
     ));
     let _ = fs::remove_dir_all(&tmp);
@@ -153,13 +156,17 @@ fn write_files(
 
     let mem_path = dir.join("memory");
     let mem = File::create(&mem_path).map_err(io("creating", &mem_path))?;
-    mem.set_len(ram.len() as u64).map_err(io("sizing", &mem_path))?;
+    mem.set_len(ram.len() as u64)
+        .map_err(io("sizing", &mem_path))?;
     let mut pages = 0u64;
     // Write runs of consecutive pages with one call each.
     let mut run: Option<(usize, usize)> = None;
     let flush = |(start, end): (usize, usize)| {
-        mem.write_all_at(&ram[start * PAGE_SIZE..end * PAGE_SIZE], (start * PAGE_SIZE) as u64)
-            .map_err(io("writing guest memory to", &mem_path))
+        mem.write_all_at(
+            &ram[start * PAGE_SIZE..end * PAGE_SIZE],
+            (start * PAGE_SIZE) as u64,
+        )
+        .map_err(io("writing guest memory to", &mem_path))
     };
     for p in bitmap_pages(present) {
         if p * PAGE_SIZE >= ram.len() {
@@ -195,7 +202,10 @@ fn write_files(
     };
     let meta_bytes = container::encode(Kind::SnapshotMeta, &meta).map_err(SnapshotError::Encode)?;
     write_file(&dir.join("meta"), &meta_bytes)?;
-    Ok(WriteReport { pages, bytes: pages * PAGE_SIZE as u64 })
+    Ok(WriteReport {
+        pages,
+        bytes: pages * PAGE_SIZE as u64,
+    })
 }
 
 fn write_file(path: &Path, data: &[u8]) -> Result<(), SnapshotError> {
@@ -214,7 +224,9 @@ fn read_file(path: &Path, max: u64) -> Result<Vec<u8>, SnapshotError> {
         });
     }
     let mut data = Vec::with_capacity(len as usize);
-    f.take(max).read_to_end(&mut data).map_err(io("reading", path))?;
+    f.take(max)
+        .read_to_end(&mut data)
+        .map_err(io("reading", path))?;
     Ok(data)
 }
 
@@ -222,12 +234,23 @@ fn read_file(path: &Path, max: u64) -> Result<Vec<u8>, SnapshotError> {
 pub fn read_meta(dir: &Path) -> Result<SnapshotMeta, SnapshotError> {
     let path = dir.join("meta");
     let data = read_file(&path, 1 << 20)?;
-    let meta: SnapshotMeta = container::decode(&data, Kind::SnapshotMeta, 1 << 20)
-        .map_err(|source| SnapshotError::Container { path: path.clone(), source })?;
-    if meta.page_size != PAGE_SIZE as u64 || meta.mem_size == 0 || meta.mem_size % PAGE_SIZE as u64 != 0 {
+    let meta: SnapshotMeta =
+        container::decode(&data, Kind::SnapshotMeta, 1 << 20).map_err(|source| {
+            SnapshotError::Container {
+                path: path.clone(),
+                source,
+            }
+        })?;
+    if meta.page_size != PAGE_SIZE as u64
+        || meta.mem_size == 0
+        || meta.mem_size % PAGE_SIZE as u64 != 0
+    {
         return Err(SnapshotError::Inconsistent {
             path,
-            what: format!("page size {} / memory size {} are not usable", meta.page_size, meta.mem_size),
+            what: format!(
+                "page size {} / memory size {} are not usable",
+                meta.page_size, meta.mem_size
+            ),
         });
     }
     Ok(meta)
@@ -237,15 +260,27 @@ pub fn read_meta(dir: &Path) -> Result<SnapshotMeta, SnapshotError> {
 pub fn read_state(dir: &Path) -> Result<MachineState, SnapshotError> {
     let meta = read_meta(dir)?;
     let path = dir.join("state");
-    let data = read_file(&path, container::DEFAULT_MAX_PAYLOAD + container::HEADER_LEN as u64)?;
+    let data = read_file(
+        &path,
+        container::DEFAULT_MAX_PAYLOAD + container::HEADER_LEN as u64,
+    )?;
     if container::crc64(&data) != meta.state_crc {
-        return Err(SnapshotError::Inconsistent { path, what: "state does not match the checksum in meta".into() });
+        return Err(SnapshotError::Inconsistent {
+            path,
+            what: "state does not match the checksum in meta".into(),
+        });
     }
-    let state = MachineState::decode(&data).map_err(|source| SnapshotError::Container { path: path.clone(), source })?;
+    let state = MachineState::decode(&data).map_err(|source| SnapshotError::Container {
+        path: path.clone(),
+        source,
+    })?;
     if state.config.mem_size != meta.mem_size {
         return Err(SnapshotError::Inconsistent {
             path,
-            what: format!("state says {} bytes of RAM, meta {}", state.config.mem_size, meta.mem_size),
+            what: format!(
+                "state says {} bytes of RAM, meta {}",
+                state.config.mem_size, meta.mem_size
+            ),
         });
     }
     Ok(state)
@@ -286,13 +321,20 @@ pub fn load_memory(dir: &Path, memory: &Memory) -> Result<u64, SnapshotError> {
         if meta.mem_size != memory.size() {
             return Err(SnapshotError::Inconsistent {
                 path: d.clone(),
-                what: format!("layer is for {} bytes of RAM, the VM has {}", meta.mem_size, memory.size()),
+                what: format!(
+                    "layer is for {} bytes of RAM, the VM has {}",
+                    meta.mem_size,
+                    memory.size()
+                ),
             });
         }
         let bm_path = d.join("pages");
         let bitmap = read_file(&bm_path, meta.mem_size / PAGE_SIZE as u64 / 8 + 8)?;
         if container::crc64(&bitmap) != meta.bitmap_crc || bitmap.len() % 8 != 0 {
-            return Err(SnapshotError::Inconsistent { path: bm_path, what: "page bitmap does not match meta".into() });
+            return Err(SnapshotError::Inconsistent {
+                path: bm_path,
+                what: "page bitmap does not match meta".into(),
+            });
         }
         let words: Vec<u64> = bitmap
             .chunks_exact(8)
@@ -304,12 +346,16 @@ pub fn load_memory(dir: &Path, memory: &Memory) -> Result<u64, SnapshotError> {
         for p in bitmap_pages(&words) {
             let off = p * PAGE_SIZE;
             if off + PAGE_SIZE > ram_len {
-                return Err(SnapshotError::Inconsistent { path: bm_path, what: format!("page {p} is beyond RAM") });
+                return Err(SnapshotError::Inconsistent {
+                    path: bm_path,
+                    what: format!("page {p} is beyond RAM"),
+                });
             }
             // SAFETY: `off..off + PAGE_SIZE` is inside the guest RAM mapping (checked
             // above); the VM is not running yet, so nothing else touches it.
             let page = unsafe { std::slice::from_raw_parts_mut(ram_ptr.add(off), PAGE_SIZE) };
-            f.read_exact_at(page, off as u64).map_err(io("reading guest memory from", &mem_path))?;
+            f.read_exact_at(page, off as u64)
+                .map_err(io("reading guest memory from", &mem_path))?;
             n += 1;
         }
         if n != meta.pages {
@@ -332,8 +378,17 @@ mod tests {
 
     fn state(mem_size: u64) -> MachineState {
         MachineState {
-            config: MachineConfig { mem_size, vcpus: 1, mac: None, ip: None },
-            devices: DeviceStates { serial: SerialDeviceState::default(), pci: crate::devices::pci::PciRoot::new().save_state(), net: None },
+            config: MachineConfig {
+                mem_size,
+                vcpus: 1,
+                mac: None,
+                ip: None,
+            },
+            devices: DeviceStates {
+                serial: SerialDeviceState::default(),
+                pci: crate::devices::pci::PciRoot::new().save_state(),
+                net: None,
+            },
             vm: VmState {
                 pic_master: Default::default(),
                 pic_slave: Default::default(),
@@ -368,7 +423,16 @@ mod tests {
             dirty[p / 64] |= 1 << (p % 64);
         }
         let b = tmp.join("b");
-        write(&b, &state(size as u64), &ram, Layer::Incremental { parent: &tmp.join("a"), dirty: &dirty }).unwrap();
+        write(
+            &b,
+            &state(size as u64),
+            &ram,
+            Layer::Incremental {
+                parent: &tmp.join("a"),
+                dirty: &dirty,
+            },
+        )
+        .unwrap();
         write(&tmp.join("full"), &state(size as u64), &ram, Layer::Full).unwrap();
         assert_eq!(chain(&b).unwrap().len(), 2);
 
@@ -379,7 +443,10 @@ mod tests {
         assert_eq!(from_chain.as_slice(), &ram[..]);
         assert_eq!(from_full.as_slice(), from_chain.as_slice());
         assert_eq!(read_state(&b).unwrap().config.mem_size, size as u64);
-        assert!(matches!(write(&b, &state(size as u64), &ram, Layer::Full), Err(SnapshotError::Exists(_))));
+        assert!(matches!(
+            write(&b, &state(size as u64), &ram, Layer::Full),
+            Err(SnapshotError::Exists(_))
+        ));
     }
 
     #[test]
@@ -395,23 +462,35 @@ mod tests {
         let mut st = fs::read(d.join("state")).unwrap();
         st[40] ^= 1;
         fs::write(d.join("state"), &st).unwrap();
-        assert!(matches!(read_state(&d), Err(SnapshotError::Inconsistent { .. })));
+        assert!(matches!(
+            read_state(&d),
+            Err(SnapshotError::Inconsistent { .. })
+        ));
 
         let mut bm = fs::read(d.join("pages")).unwrap();
         bm[0] ^= 0x80;
         fs::write(d.join("pages"), &bm).unwrap();
-        assert!(matches!(load_memory(&d, &mem), Err(SnapshotError::Inconsistent { .. })));
+        assert!(matches!(
+            load_memory(&d, &mem),
+            Err(SnapshotError::Inconsistent { .. })
+        ));
 
         let meta = fs::read(d.join("meta")).unwrap();
         fs::write(d.join("meta"), &meta[..meta.len() - 3]).unwrap();
-        assert!(matches!(read_meta(&d), Err(SnapshotError::Container { .. })));
+        assert!(matches!(
+            read_meta(&d),
+            Err(SnapshotError::Container { .. })
+        ));
         fs::remove_file(d.join("meta")).unwrap();
         assert!(matches!(read_meta(&d), Err(SnapshotError::Io { .. })));
 
         let other = Memory::new(4 << 20).unwrap();
         let d2 = tmp.join("t");
         write(&d2, &state(size as u64), &ram, Layer::Full).unwrap();
-        assert!(matches!(load_memory(&d2, &other), Err(SnapshotError::Inconsistent { .. })));
+        assert!(matches!(
+            load_memory(&d2, &other),
+            Err(SnapshotError::Inconsistent { .. })
+        ));
     }
 
     #[test]

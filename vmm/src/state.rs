@@ -25,7 +25,11 @@ pub enum StateError {
         source: kvm_ioctls::Error,
     },
     #[error("KVM restored only {done} of {total} MSRs (first refused: {first_refused:#x})")]
-    PartialMsrs { done: usize, total: usize, first_refused: u32 },
+    PartialMsrs {
+        done: usize,
+        total: usize,
+        first_refused: u32,
+    },
     #[error("too many MSRs for one KVM call")]
     MsrList,
 }
@@ -64,11 +68,16 @@ pub struct VmState {
 /// VM: `KVM_GET_MSRS` stops at the first MSR it refuses, so one bad index would silently
 /// truncate every later capture.
 pub fn saveable_msrs(kvm: &Kvm, vcpu: &VcpuFd) -> Result<Vec<u32>, StateError> {
-    let list = kvm.get_msr_index_list().map_err(ioctl("KVM_GET_MSR_INDEX_LIST"))?;
+    let list = kvm
+        .get_msr_index_list()
+        .map_err(ioctl("KVM_GET_MSR_INDEX_LIST"))?;
     let mut ok = Vec::new();
     for &index in list.as_slice() {
-        let mut one = Msrs::from_entries(&[kvm_msr_entry { index, ..Default::default() }])
-            .map_err(|_| StateError::MsrList)?;
+        let mut one = Msrs::from_entries(&[kvm_msr_entry {
+            index,
+            ..Default::default()
+        }])
+        .map_err(|_| StateError::MsrList)?;
         if vcpu.get_msrs(&mut one) == Ok(1) {
             ok.push(index);
         }
@@ -80,7 +89,9 @@ pub fn saveable_msrs(kvm: &Kvm, vcpu: &VcpuFd) -> Result<Vec<u32>, StateError> {
 pub fn capture_vcpu(id: u8, vcpu: &VcpuFd, msr_indices: &[u32]) -> Result<VcpuState, StateError> {
     // Events first: reading them does not change them, but later reads (MSRs) could make
     // KVM process pending work on some hosts.
-    let events = vcpu.get_vcpu_events().map_err(ioctl("KVM_GET_VCPU_EVENTS"))?;
+    let events = vcpu
+        .get_vcpu_events()
+        .map_err(ioctl("KVM_GET_VCPU_EVENTS"))?;
     let mp_state = vcpu.get_mp_state().map_err(ioctl("KVM_GET_MP_STATE"))?;
     let regs = vcpu.get_regs().map_err(ioctl("KVM_GET_REGS"))?;
     let sregs = vcpu.get_sregs().map_err(ioctl("KVM_GET_SREGS"))?;
@@ -90,7 +101,10 @@ pub fn capture_vcpu(id: u8, vcpu: &VcpuFd, msr_indices: &[u32]) -> Result<VcpuSt
     let lapic = vcpu.get_lapic().map_err(ioctl("KVM_GET_LAPIC"))?;
     let entries: Vec<kvm_msr_entry> = msr_indices
         .iter()
-        .map(|&index| kvm_msr_entry { index, ..Default::default() })
+        .map(|&index| kvm_msr_entry {
+            index,
+            ..Default::default()
+        })
         .collect();
     let mut msrs = Msrs::from_entries(&entries).map_err(|_| StateError::MsrList)?;
     let n = vcpu.get_msrs(&mut msrs).map_err(ioctl("KVM_GET_MSRS"))?;
@@ -142,16 +156,23 @@ pub fn restore_vcpu(vcpu: &VcpuFd, s: &VcpuState) -> Result<(), StateError> {
     // the state fits the legacy 4096-byte `kvm_xsave` that KVM reads.
     unsafe { vcpu.set_xsave(&s.xsave) }.map_err(ioctl("KVM_SET_XSAVE"))?;
     vcpu.set_xcrs(&s.xcrs).map_err(ioctl("KVM_SET_XCRS"))?;
-    vcpu.set_debug_regs(&s.debugregs).map_err(ioctl("KVM_SET_DEBUGREGS"))?;
+    vcpu.set_debug_regs(&s.debugregs)
+        .map_err(ioctl("KVM_SET_DEBUGREGS"))?;
     vcpu.set_lapic(&s.lapic).map_err(ioctl("KVM_SET_LAPIC"))?;
-    vcpu.set_mp_state(s.mp_state).map_err(ioctl("KVM_SET_MP_STATE"))?;
-    vcpu.set_vcpu_events(&s.events).map_err(ioctl("KVM_SET_VCPU_EVENTS"))?;
+    vcpu.set_mp_state(s.mp_state)
+        .map_err(ioctl("KVM_SET_MP_STATE"))?;
+    vcpu.set_vcpu_events(&s.events)
+        .map_err(ioctl("KVM_SET_VCPU_EVENTS"))?;
     Ok(())
 }
 
 fn get_chip(vm: &VmFd, chip_id: u32) -> Result<kvm_irqchip, StateError> {
-    let mut chip = kvm_irqchip { chip_id, ..Default::default() };
-    vm.get_irqchip(&mut chip).map_err(ioctl("KVM_GET_IRQCHIP"))?;
+    let mut chip = kvm_irqchip {
+        chip_id,
+        ..Default::default()
+    };
+    vm.get_irqchip(&mut chip)
+        .map_err(ioctl("KVM_GET_IRQCHIP"))?;
     Ok(chip)
 }
 
@@ -171,7 +192,10 @@ pub fn restore_vm(vm: &VmFd, s: &VmState) -> Result<(), StateError> {
     vm.set_pit2(&s.pit).map_err(ioctl("KVM_SET_PIT2"))?;
     // Only the clock value is restored; the flags/realtime fields describe the source
     // host and KVM rejects most of them.
-    let clock = kvm_clock_data { clock: s.clock.clock, ..Default::default() };
+    let clock = kvm_clock_data {
+        clock: s.clock.clock,
+        ..Default::default()
+    };
     vm.set_clock(&clock).map_err(ioctl("KVM_SET_CLOCK"))?;
     for chip in [&s.pic_master, &s.pic_slave, &s.ioapic] {
         vm.set_irqchip(chip).map_err(ioctl("KVM_SET_IRQCHIP"))?;

@@ -76,7 +76,9 @@ impl Bus {
     pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
         match self.lookup(addr) {
             Some((base, dev)) => {
-                dev.lock().expect("device lock poisoned").read(base, addr - base, data);
+                dev.lock()
+                    .expect("device lock poisoned")
+                    .read(base, addr - base, data);
                 true
             }
             None => {
@@ -90,7 +92,9 @@ impl Bus {
     pub fn write(&self, addr: u64, data: &[u8]) -> bool {
         match self.lookup(addr) {
             Some((base, dev)) => {
-                dev.lock().expect("device lock poisoned").write(base, addr - base, data);
+                dev.lock()
+                    .expect("device lock poisoned")
+                    .write(base, addr - base, data);
                 true
             }
             None => false,
@@ -122,7 +126,10 @@ mod tests {
         bus.insert(dev.clone(), 0x100, 0x10).unwrap();
         assert_eq!(
             bus.insert(dev.clone(), 0x10f, 1),
-            Err(BusError::Overlap { base: 0x10f, len: 1 })
+            Err(BusError::Overlap {
+                base: 0x10f,
+                len: 1
+            })
         );
         assert_eq!(
             bus.insert(dev.clone(), 0xf8, 0x9),
