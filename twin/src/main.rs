@@ -40,6 +40,8 @@ enum Command {
     Restore(RestoreArgs),
     /// Show the state of a running VM process.
     Status(StatusArgs),
+    /// Resume a VM left paused by `snapshot --stop` or `restore --paused`.
+    Resume(StatusArgs),
     /// Run a VM protected by a backup: checkpoints every epoch, output held until acked.
     Protect(ProtectArgs),
     /// Keep a replica of a protected VM and take over when its primary dies.
@@ -183,6 +185,9 @@ struct SnapshotArgs {
 struct RestoreArgs {
     /// Snapshot directory (the top layer of a chain).
     dir: PathBuf,
+    /// Leave the VM paused after restoring (resume with the control socket's Resume).
+    #[arg(long)]
+    paused: bool,
     #[command(flatten)]
     host: HostArgs,
 }
@@ -436,8 +441,12 @@ fn restore(args: RestoreArgs) -> Result<ExitCode> {
     };
     let mut vmm = Vmm::restore(&state, memory, host).context("cannot rebuild the VM")?;
     let control = control::serve(&args.host.control)?;
-    vmm.start().context("cannot start the VM")?;
-    tracing::info!(pages, elapsed_ms = t0.elapsed().as_millis() as u64, dir = %args.dir.display(), "VM restored and running");
+    if args.paused {
+        vmm.start_paused().context("cannot start the VM")?;
+    } else {
+        vmm.start().context("cannot start the VM")?;
+    }
+    tracing::info!(pages, paused = args.paused, elapsed_ms = t0.elapsed().as_millis() as u64, dir = %args.dir.display(), "VM restored and running");
     serve_vm(vmm, &control, sigs, "standalone")
 }
 
@@ -666,6 +675,10 @@ fn main() -> ExitCode {
             },
         )
         .map(|v| {
+            println!("{v}");
+            ExitCode::SUCCESS
+        }),
+        Command::Resume(a) => client(&a.control, Request::Resume).map(|v| {
             println!("{v}");
             ExitCode::SUCCESS
         }),

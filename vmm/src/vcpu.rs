@@ -191,6 +191,12 @@ impl VcpuControl {
         }
     }
 
+    /// Makes vCPUs not yet started park as soon as they start (restore without running).
+    pub fn pause_before_start(&self) {
+        let _st = self.state.lock().expect("vcpu control poisoned");
+        self.requested.store(REQ_PAUSE, Ordering::Release);
+    }
+
     /// Lets parked vCPUs run again.
     pub fn resume(&self) {
         let _st = self.state.lock().expect("vcpu control poisoned");
