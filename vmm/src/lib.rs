@@ -433,6 +433,15 @@ impl Vmm {
         Ok(())
     }
 
+    /// Like [`Vmm::start`], but the vCPUs park before running any guest code; the VM runs on
+    /// [`Vmm::resume`].
+    pub fn start_paused(&mut self) -> Result<(), VmmError> {
+        self.control.pause_before_start();
+        self.start()?;
+        self.pause();
+        Ok(())
+    }
+
     /// The next event from vCPUs and devices, waiting at most `timeout`; the driver of the
     /// VM calls this from one thread.
     pub fn next_event(
