@@ -9,9 +9,10 @@
 //! Failover: when the primary falls silent for `heartbeat_timeout` or its connection dies,
 //! the backup builds a VM around the replica memory as it is (no copy: the replica *is*
 //! the guest's RAM), restores the last committed state, opens its own TAP with the guest's
-//! MAC, announces the guest (gratuitous ARP), and runs it. A corrupt stream is not taken
-//! as a dead primary: the connection is closed and the primary gets `reconnect_grace` to
-//! come back (it resynchronises) before the backup takes over.
+//! MAC, announces the guest (gratuitous ARP), and runs it. A corrupt stream or protocol
+//! violation is not taken as a dead primary: the primary is alive and, having lost its
+//! backup, may release output this replica does not have. The replica is detached (never
+//! used for failover) and the primary's next session resynchronises it.
 
 pub mod announce;
 
@@ -39,9 +40,6 @@ pub struct BackupConfig {
     pub tap: String,
     pub heartbeat_timeout: Duration,
     pub heartbeat_interval: Duration,
-    /// How long a primary whose stream was corrupt may take to reconnect before the
-    /// backup takes over.
-    pub reconnect_grace: Duration,
 }
 
 /// A control request the backup loop serves.
@@ -302,12 +300,18 @@ impl Backup {
                             takeover_after = Some(Instant::now());
                         }
                         _ if self.has_committed() => {
+                            // The primary is alive (it sent us something bad) and, once it
+                            // notices, may release output unprotected: this replica can no
+                            // longer stand for what the world has seen. Detach; the primary
+                            // reconnects and resynchronises.
                             warn!(
-                                "{end_msg}: {}; waiting {:?} for the primary to reconnect",
-                                source_chain(&end),
-                                self.cfg.reconnect_grace
+                                "{end_msg}: {}; replica detached (no takeover), waiting for the primary to resynchronise",
+                                source_chain(&end)
                             );
-                            takeover_after = Some(Instant::now() + self.cfg.reconnect_grace);
+                            if let Some(r) = self.replica.as_mut() {
+                                r.committed = None;
+                            }
+                            self.stats.state = "detached";
                         }
                         _ => warn!(
                             "{end_msg}: {}; no committed checkpoint, waiting for a primary",

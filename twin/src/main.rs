@@ -92,10 +92,6 @@ struct BackupArgs {
     /// Silence from the primary longer than this means it is dead.
     #[arg(long, default_value = "100ms")]
     heartbeat_timeout: args::Millis,
-    /// After a corrupt stream, how long the primary may take to reconnect before this
-    /// host takes over.
-    #[arg(long, default_value = "3s")]
-    reconnect_grace: args::Millis,
     /// Write the guest console (after a takeover) to this file instead of standard output.
     #[arg(long)]
     console: Option<PathBuf>,
@@ -559,7 +555,6 @@ fn backup(args: BackupArgs) -> Result<ExitCode> {
         tap: args.tap.clone(),
         heartbeat_timeout: args.heartbeat_timeout.0,
         heartbeat_interval: Duration::from_millis(20),
-        reconnect_grace: args.reconnect_grace.0,
     };
     let console_path = args.console.clone();
     let stop2 = stop.clone();
