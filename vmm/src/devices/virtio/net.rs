@@ -858,6 +858,37 @@ mod tests {
     }
 
     #[test]
+    fn tx_completion_respects_no_interrupt_flag() {
+        let mut s = setup();
+        // VIRTQ_AVAIL_F_NO_INTERRUPT in the TX avail ring's flags.
+        s.mem
+            .write_obj(1u16, GuestAddress(0x20000 + 0x1000))
+            .unwrap();
+        s.mem
+            .write_slice(&[0u8; 12], GuestAddress(0x40000))
+            .unwrap();
+        s.mem
+            .write_slice(&frame(1, 60), GuestAddress(0x4000c))
+            .unwrap();
+        s.txq.add(&[(0x40000, 72, false)]);
+        s.msi.take();
+        w(&mut s.dev, 0x3004, 2, 1);
+        assert_eq!(s.sent.0.lock().unwrap().len(), 1);
+        assert_eq!(s.txq.used_idx(), 1, "the buffer is still returned");
+        assert!(
+            s.msi.take().is_empty(),
+            "no interrupt the driver asked not to get"
+        );
+        // Cleared again: interrupts resume.
+        s.mem
+            .write_obj(0u16, GuestAddress(0x20000 + 0x1000))
+            .unwrap();
+        s.txq.add(&[(0x40000, 72, false)]);
+        w(&mut s.dev, 0x3004, 2, 1);
+        assert_eq!(s.msi.take().len(), 1);
+    }
+
+    #[test]
     fn tx_sink_is_replaceable_and_failures_drop() {
         let mut s = setup();
         let old = s.dev.device_mut().set_sink(Box::new(Failing));

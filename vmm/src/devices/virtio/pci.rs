@@ -20,7 +20,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueState, QueueT};
-use vm_memory::GuestAddress;
+use vm_memory::{Bytes, GuestAddress};
 
 use super::{status, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_MSI_NO_VECTOR};
 use crate::devices::bus::BusDevice;
@@ -60,6 +60,8 @@ const VIRTIO_PCI_CAP_DEVICE_CFG: u8 = 4;
 const VIRTIO_PCI_CAP_PCI_CFG: u8 = 5;
 /// ISR bits: a queue interrupt / a configuration change.
 const ISR_QUEUE: u8 = 1;
+/// Avail-ring flag: the driver does not want an interrupt when buffers are used.
+const VIRTQ_AVAIL_F_NO_INTERRUPT: u16 = 1;
 const ISR_CONFIG: u8 = 2;
 
 /// Errors building or restoring a virtio-pci device.
@@ -222,6 +224,15 @@ impl<'a> QueueContext<'a> {
         let Some(q) = self.queues.get(index) else {
             return;
         };
+        // Without EVENT_IDX the driver suppresses interrupts with the avail ring's
+        // VIRTQ_AVAIL_F_NO_INTERRUPT flag (virtio-queue does not look at it): the built-in
+        // guest sets it on TX, where every interrupt would cost an emulated CPL-0 entry.
+        if !q.queue.event_idx_enabled() {
+            let flags: Result<u16, _> = self.mem.read_obj(GuestAddress(q.queue.avail_ring()));
+            if flags.is_ok_and(|f| f & VIRTQ_AVAIL_F_NO_INTERRUPT != 0) {
+                return;
+            }
+        }
         self.notifier.isr |= ISR_QUEUE;
         if q.msix_vector != VIRTIO_MSI_NO_VECTOR {
             self.notifier.msix.trigger(q.msix_vector);
