@@ -506,7 +506,9 @@ fn initial_sync(s: &Shared, conn: &mut Conn) -> Result<(), SessionError> {
     let mut sent = 0u64;
     let mut zero = Vec::new();
     let mut batch: Vec<PageRef<'_>> = Vec::with_capacity(BATCH);
+    let mut progress = SyncProgress::new(pages);
     for p in 0..pages {
+        progress.at(p);
         let data = &ram[p * PAGE_SIZE..(p + 1) * PAGE_SIZE];
         if data.iter().all(|&b| b == 0) {
             zero.push(p as u64);
@@ -551,6 +553,7 @@ fn initial_sync(s: &Shared, conn: &mut Conn) -> Result<(), SessionError> {
             break;
         }
     }
+    progress.done();
     conn.send(&Message::SyncDone(SyncDone { pages_sent: sent }))?;
     let ms = t0.elapsed().as_secs_f64() * 1e3;
     info!(
@@ -564,6 +567,42 @@ fn initial_sync(s: &Shared, conn: &mut Conn) -> Result<(), SessionError> {
         "pages": full_pages, "zero_pages": zero.len(), "dirty_rounds": rounds, "ms": ms,
     }));
     Ok(())
+}
+
+/// A one-line progress bar for the initial sync, drawn only when stderr is a terminal.
+struct SyncProgress {
+    total: usize,
+    shown: usize,
+    tty: bool,
+}
+
+impl SyncProgress {
+    fn new(total: usize) -> Self {
+        use std::io::IsTerminal;
+        SyncProgress {
+            total: total.max(1),
+            shown: usize::MAX,
+            tty: std::io::stderr().is_terminal(),
+        }
+    }
+
+    fn at(&mut self, page: usize) {
+        let pct = page * 100 / self.total;
+        if self.tty && pct != self.shown {
+            self.shown = pct;
+            let bar = "#".repeat(pct / 4);
+            let mib = (page * PAGE_SIZE) >> 20;
+            let total = (self.total * PAGE_SIZE) >> 20;
+            eprint!("\rinitial sync [{bar:<25}] {pct:3}% {mib}/{total} MiB");
+        }
+    }
+
+    fn done(&mut self) {
+        if self.tty {
+            self.at(self.total);
+            eprintln!();
+        }
+    }
 }
 
 fn send_sync_batch(
