@@ -39,6 +39,7 @@ mod guest;
 mod link;
 mod netns;
 mod process;
+pub mod proxy;
 mod sys;
 mod topology;
 
