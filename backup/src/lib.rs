@@ -306,7 +306,7 @@ impl Backup {
                             // reconnects and resynchronises.
                             warn!(
                                 "{end_msg}: {}; replica detached (no takeover), waiting for the primary to resynchronise",
-                                source_chain(&end)
+                                twin_vmm::error_chain(&end)
                             );
                             if let Some(r) = self.replica.as_mut() {
                                 r.committed = None;
@@ -315,7 +315,7 @@ impl Backup {
                         }
                         _ => warn!(
                             "{end_msg}: {}; no committed checkpoint, waiting for a primary",
-                            source_chain(&end)
+                            twin_vmm::error_chain(&end)
                         ),
                     }
                     self.stats.last_error = Some(end_msg);
@@ -658,16 +658,3 @@ const SYNC_SILENCE_LIMIT: Duration = Duration::from_secs(5);
 
 /// Goodbye reason a backup sends to make the primary stand down for a planned takeover.
 pub const TAKEOVER: &str = "takeover";
-
-fn source_chain(e: &dyn std::error::Error) -> String {
-    let mut out = Vec::new();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        out.push(c.to_string());
-        cur = c.source();
-    }
-    if out.is_empty() {
-        return "no further detail".into();
-    }
-    out.join(": ")
-}

@@ -395,7 +395,7 @@ fn replicate(s: &Shared) {
                 return;
             }
             Err(e) => {
-                let msg = format!("{e}: {}", source_chain(&e));
+                let msg = format!("{e}: {}", twin_vmm::error_chain(&e));
                 let was = s.status().mode;
                 s.status().last_error = Some(msg.clone());
                 s.status().protected_since = None;
@@ -425,16 +425,6 @@ fn replicate(s: &Shared) {
         }
     }
     s.status().mode = Mode::Stopped;
-}
-
-fn source_chain(e: &dyn std::error::Error) -> String {
-    let mut out = Vec::new();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        out.push(c.to_string());
-        cur = c.source();
-    }
-    out.join(": ")
 }
 
 fn connect(s: &Shared) -> Result<TcpStream, SessionError> {

@@ -384,34 +384,38 @@ fn serve_vm(
         last_snapshot: None,
         snapshots: 0,
     };
-    let code = loop {
-        match vmm.next_event(Duration::from_millis(5)) {
-            Ok(VmEvent::PowerOff(code)) => {
-                tracing::info!(code, "guest powered off");
-                break ExitCode::from(code);
-            }
-            Ok(VmEvent::Signal(_)) => break ExitCode::SUCCESS,
-            Ok(VmEvent::VcpuFailed { vcpu, reason }) => {
-                vmm.shutdown();
-                bail!("vCPU {vcpu} failed: {reason}");
-            }
-            Ok(VmEvent::DeviceFailed(reason)) => {
-                vmm.shutdown();
-                bail!("device failed: {reason}");
-            }
-            Ok(other) => {
-                tracing::warn!("VM stopped: {other:?}");
-                break ExitCode::FAILURE;
-            }
-            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
-            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break ExitCode::FAILURE,
+    let outcome = loop {
+        if let Some(outcome) = next_vm_outcome(&vmm) {
+            break outcome;
         }
         while let Ok((req, reply)) = control.try_recv() {
             let _ = reply.send(handle_request(&mut vmm, &mut session, req));
         }
     };
     vmm.shutdown();
-    Ok(code)
+    outcome
+}
+
+/// Waits briefly for the VM's next event; `Some` when the VM's run is over, with the
+/// process's exit status or the reason it failed.
+fn next_vm_outcome(vmm: &Vmm) -> Option<Result<ExitCode>> {
+    use std::sync::mpsc::RecvTimeoutError;
+    Some(match vmm.next_event(Duration::from_millis(5)) {
+        Ok(VmEvent::PowerOff(code)) => {
+            tracing::info!(code, "guest powered off");
+            Ok(ExitCode::from(code))
+        }
+        Ok(VmEvent::Signal(_)) => Ok(ExitCode::SUCCESS),
+        Ok(VmEvent::VcpuFailed { vcpu, reason }) => {
+            Err(anyhow::anyhow!("vCPU {vcpu} failed: {reason}"))
+        }
+        Ok(VmEvent::DeviceFailed(reason)) => Err(anyhow::anyhow!("device failed: {reason}")),
+        Ok(other) => Err(anyhow::anyhow!("VM stopped: {other:?}")),
+        Err(RecvTimeoutError::Timeout) => return None,
+        Err(RecvTimeoutError::Disconnected) => {
+            Err(anyhow::anyhow!("the VM's event channel closed"))
+        }
+    })
 }
 
 fn run(args: RunArgs) -> Result<ExitCode> {
@@ -480,24 +484,14 @@ fn protect(args: ProtectArgs) -> Result<ExitCode> {
     let primary =
         Primary::start(vmm.clone(), netbuf.clone(), cfg).context("starting replication")?;
     tracing::info!(backup = %args.backup, interval_ms = args.interval.0.as_millis() as u64, "VM running, protecting");
-    let code = loop {
-        match vmm.next_event(Duration::from_millis(5)) {
-            Ok(VmEvent::PowerOff(code)) => {
-                tracing::info!(code, "guest powered off");
-                break ExitCode::from(code);
-            }
-            Ok(VmEvent::Signal(_)) => break ExitCode::SUCCESS,
-            Ok(other) => {
-                tracing::error!("VM stopped: {other:?}");
-                break ExitCode::FAILURE;
-            }
-            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
-            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break ExitCode::FAILURE,
+    let outcome = loop {
+        if let Some(outcome) = next_vm_outcome(&vmm) {
+            break outcome;
         }
         if primary.mode() == Mode::Fenced {
             tracing::warn!("stood down for the backup's takeover; stopping this VM");
             vmm.pause();
-            break ExitCode::SUCCESS;
+            break Ok(ExitCode::SUCCESS);
         }
         while let Ok((req, reply)) = control.try_recv() {
             let resp = match req {
@@ -526,7 +520,7 @@ fn protect(args: ProtectArgs) -> Result<ExitCode> {
     if let Ok(mut vmm) = std::sync::Arc::try_unwrap(vmm) {
         vmm.shutdown();
     }
-    Ok(code)
+    outcome
 }
 
 /// 16 bytes identifying a VM, derived from its MAC (unique on its LAN) and the start time.

@@ -152,6 +152,21 @@ impl Checkpoint {
     }
 }
 
+/// The `source()` chain of an error, joined with ": " ("no further detail" if none): for
+/// log lines that name the root cause, not just the outermost context.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = Vec::new();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        out.push(c.to_string());
+        cur = c.source();
+    }
+    if out.is_empty() {
+        return "no further detail".into();
+    }
+    out.join(": ")
+}
+
 /// Indices of the set bits of a page bitmap, ascending.
 pub fn bitmap_pages(bitmap: &[u64]) -> impl Iterator<Item = usize> + '_ {
     bitmap.iter().enumerate().flat_map(|(w, &bits)| {
