@@ -55,8 +55,9 @@ use crate::control::{self, Request, Response};
 const PAGE: usize = 4096;
 /// Port the backup listens on for replication.
 const REPL_PORT: u16 = 7700;
-/// Interval of the PING probe used with the memory workloads.
-const PROBE_INTERVAL: Duration = Duration::from_millis(50);
+/// Shortest upper bound of the PING probe's random think time (the longest checkpoint
+/// interval measured is used when longer).
+const PROBE_THINK_MIN: Duration = Duration::from_millis(100);
 /// Working set of the memory workloads.
 const WSS: &str = "128M";
 
@@ -68,7 +69,7 @@ pub struct BenchArgs {
     /// A shorter run (about 2 minutes): one round, 2 s windows, 3 failovers.
     #[arg(long)]
     quick: bool,
-    /// Seconds measured per cell [default: 5, quick: 2].
+    /// Seconds measured per cell [default: 6, quick: 2].
     #[arg(long)]
     cell_secs: Option<f64>,
     /// Times every cell is run, interleaved [default: 2, quick: 1].
@@ -86,6 +87,9 @@ pub struct BenchArgs {
     /// Guest RAM.
     #[arg(long, default_value = "256M")]
     mem: String,
+    /// `--heartbeat-timeout` for the backups [default: the backup's own default].
+    #[arg(long)]
+    heartbeat_timeout: Option<String>,
 }
 
 // ---------------------------------------------------------------------------------------
@@ -223,6 +227,9 @@ struct Plan {
     mem: String,
     limit_reps: u32,
     tcp_bytes: usize,
+    /// The PING probe waits a random time in `[0, probe_think_max)` after each reply.
+    probe_think_max: Duration,
+    heartbeat_timeout: Option<String>,
     #[serde(skip)]
     workload_list: Vec<Workload>,
 }
@@ -242,7 +249,7 @@ impl Plan {
                 bail!("checkpoint rate {hz}/s is out of range (1–1000)");
             }
         }
-        let cell_secs = a.cell_secs.unwrap_or(if a.quick { 2.0 } else { 5.0 });
+        let cell_secs = a.cell_secs.unwrap_or(if a.quick { 2.0 } else { 6.0 });
         if !(0.5..=600.0).contains(&cell_secs) {
             bail!("--cell-secs {cell_secs} is out of range (0.5–600)");
         }
@@ -257,6 +264,14 @@ impl Plan {
             mem: a.mem.clone(),
             limit_reps: if a.quick { 3 } else { 5 },
             tcp_bytes: if a.quick { 256 << 20 } else { 1 << 30 },
+            probe_think_max: a
+                .rates
+                .iter()
+                .map(|&hz| Duration::from_micros(1_000_000 / u64::from(hz)))
+                .max()
+                .unwrap_or_default()
+                .max(PROBE_THINK_MIN),
+            heartbeat_timeout: a.heartbeat_timeout.clone(),
             workload_list,
         })
     }
@@ -655,7 +670,7 @@ fn start_protected(
     hz: u32,
 ) -> Result<(TwinProcess, TwinProcess)> {
     let listen = SocketAddr::from((BACKUP_REPL_ADDR, REPL_PORT)).to_string();
-    let backup_args: Vec<String> = vec![
+    let mut backup_args: Vec<String> = vec![
         "backup".into(),
         "--listen".into(),
         listen.clone(),
@@ -666,6 +681,9 @@ fn start_protected(
         "--console".into(),
         dir.join("backup.console").display().to_string(),
     ];
+    if let Some(t) = &plan.heartbeat_timeout {
+        backup_args.extend(["--heartbeat-timeout".into(), t.clone()]);
+    }
     let mut backup = spawn_twin(&ha.backup.ns, dir, "backup", &backup_args, "info")?;
     wait_line(
         &mut backup,
@@ -759,7 +777,7 @@ fn run_cell(plan: &Plan, run: &mut Run, keep_logs: &Path) -> Result<()> {
     let ha = Topology::ha().context("building the ha topology")?;
     let dir = TestDir::new("bench").context("creating the run directory")?;
     let result = (|| -> Result<()> {
-        let (mut vm, backup) = match m {
+        let (mut vm, mut backup) = match m {
             Mode::Unprotected => {
                 let args = vm_args("run", plan, w, &dir, "vm");
                 let mut vm = spawn_twin(&ha.primary.ns, &dir, "vm", &args, "info")?;
@@ -771,77 +789,45 @@ fn run_cell(plan: &Plan, run: &mut Run, keep_logs: &Path) -> Result<()> {
                 (p, Some(b))
             }
         };
-        let mut client = connect(&ha, &mut vm)?;
-        nap(Duration::from_secs_f64(plan.warmup_secs))?;
-        vm.ensure_running()?;
-        run.setup_s = t0.elapsed().as_secs_f64();
-
-        // The window.
-        let s0 = client.stats().context("guest STATS at the window start")?;
-        let n0 = stderr_lines(&vm).len();
-        let start = Instant::now();
-        let end = start + Duration::from_secs_f64(plan.cell_secs);
-        let mut next = start;
-        while Instant::now() < end {
-            check_interrupt()?;
-            if w != Workload::Tcp {
-                let now = Instant::now();
-                if next > now {
-                    std::thread::sleep(next - now);
-                }
-                next = Instant::now().max(next) + PROBE_INTERVAL;
-            }
-            let t = Instant::now();
-            if w == Workload::Tcp {
-                client.incr("bench").context("INCR in the closed loop")?;
-            } else {
-                client.ping().context("PING probe")?;
-            }
-            run.latency_raw.push(t.elapsed().as_secs_f64() * 1e6);
-        }
-        let window = start.elapsed().as_secs_f64();
-        let lines = stderr_lines(&vm);
-        let s1 = client.stats().context("guest STATS at the window end")?;
-        if backup.is_some() {
-            let sock = dir.join("primary.sock");
-            match control::request(&sock, &Request::Status)
-                .context("reading the primary's status")?
-            {
-                Response::Ok(v) => run.status = Some(v),
-                Response::Error(e) => bail!("the primary's status: {e}"),
+        let measured = connect(&ha, &mut vm).and_then(|mut client| {
+            nap(Duration::from_secs_f64(plan.warmup_secs))?;
+            vm.ensure_running()?;
+            run.setup_s = t0.elapsed().as_secs_f64();
+            let status = backup.as_ref().map(|_| dir.join("primary.sock"));
+            measure(plan, run, &mut vm, &mut client, status.as_deref())
+        });
+        if let Some(b) = &backup {
+            // The backup must never take over from a primary that is alive: if it did, the
+            // measurement is void (two VMs answered for one) and the run says so.
+            if let Some(line) = b.text(Stream::Stdout).lines().find(|l| l.contains("FAILOVER")) {
+                let cause = match &measured {
+                    Err(e) => format!("; the client saw: {}", first_line(&format!("{e:#}"))),
+                    Ok(()) => String::new(),
+                };
+                bail!(
+                    "false takeover: the backup declared the running primary dead and started the VM too ({}){cause}; see backup.stderr and primary.stderr",
+                    line.trim()
+                );
             }
         }
-        vm.ensure_running()?;
-
-        run.window_s = window;
-        run.requests = run.latency_raw.len() as u64;
-        run.requests_per_s = run.requests as f64 / window;
-        run.latency_us = dist(&run.latency_raw);
-        let guest_ns = stat(&s1, "uptime_ns")?.saturating_sub(stat(&s0, "uptime_ns")?);
-        let written =
-            stat(&s1, "dirty_pages_written")?.saturating_sub(stat(&s0, "dirty_pages_written")?);
-        if matches!(w, Workload::Dirty(_)) && guest_ns > 0 {
-            run.guest_dirty_mib_s =
-                Some((written * PAGE as u64) as f64 / (1 << 20) as f64 / (guest_ns as f64 / 1e9));
-            run.guest_pages_skipped =
-                Some(stat(&s1, "pages_skipped")?.saturating_sub(stat(&s0, "pages_skipped")?));
-        }
-        if m != Mode::Unprotected {
-            for l in lines.iter().skip(n0) {
-                if let Some(e) = parse_epoch_line(l) {
-                    run.pause_us.push(e.pause_us);
-                    run.dirty_pages.push(e.pages);
-                    run.epoch_bytes.push(e.bytes);
-                }
-            }
-            run.checkpoints = run.pause_us.len() as u64;
-            run.checkpoint_rate_hz = Some(run.checkpoints as f64 / window);
-            if run.checkpoints == 0 {
-                bail!("no `checkpoint sent` lines from the primary in the window (is TWIN_LOG debug for twin_primary honoured?)");
+        measured?;
+        if let Some(mode) = run
+            .status
+            .as_ref()
+            .and_then(|s| s.get("mode")?.as_str().map(str::to_string))
+        {
+            if mode != "protected" {
+                bail!(
+                    "the primary was {mode}, not protected, at the end of the window (last error: {})",
+                    run.status
+                        .as_ref()
+                        .and_then(|s| s.get("last_error"))
+                        .map_or("none".into(), |e| e.to_string())
+                );
             }
         }
         // Tear down: the backup first, so that it does not take over.
-        if let Some(mut b) = backup {
+        if let Some(b) = backup.as_mut() {
             let _ = b.kill();
         }
         let _ = vm.kill();
@@ -853,6 +839,80 @@ fn run_cell(plan: &Plan, run: &mut Run, keep_logs: &Path) -> Result<()> {
         }
     }
     result
+}
+
+/// The measured window of a cell: the client load, guest STATS at both ends, the primary's
+/// per-epoch lines in between and its status at the end (`status`: its control socket).
+fn measure(
+    plan: &Plan,
+    run: &mut Run,
+    vm: &mut TwinProcess,
+    client: &mut GuestClient,
+    status: Option<&Path>,
+) -> Result<()> {
+    let (w, m) = run.key;
+    let s0 = client.stats().context("guest STATS at the window start")?;
+    let n0 = stderr_lines(vm).len();
+    let start = Instant::now();
+    let end = start + Duration::from_secs_f64(plan.cell_secs);
+    let mut rng = 0x2545_F491_4F6C_DD1Du64 ^ u64::from(run.round);
+    let think_max = plan.probe_think_max.as_micros() as u64;
+    while Instant::now() < end {
+        check_interrupt()?;
+        let t = Instant::now();
+        if w == Workload::Tcp {
+            client.incr("bench").context("INCR in the closed loop")?;
+        } else {
+            client.ping().context("PING probe")?;
+        }
+        run.latency_raw.push(t.elapsed().as_secs_f64() * 1e6);
+        if w != Workload::Tcp {
+            // A random think time over a whole checkpoint interval (or more): the next probe
+            // lands at a uniformly random phase of the interval. Sent right after a reply
+            // it would always arrive just after a checkpoint and wait a whole interval.
+            let think = Duration::from_micros(xorshift(&mut rng) % think_max);
+            std::thread::sleep(think.min(end.saturating_duration_since(Instant::now())));
+        }
+    }
+    let window = start.elapsed().as_secs_f64();
+    let lines = stderr_lines(vm);
+    let s1 = client.stats().context("guest STATS at the window end")?;
+    if let Some(sock) = status {
+        match control::request(sock, &Request::Status).context("reading the primary's status")? {
+            Response::Ok(v) => run.status = Some(v),
+            Response::Error(e) => bail!("the primary's status: {e}"),
+        }
+    }
+    vm.ensure_running()?;
+
+    run.window_s = window;
+    run.requests = run.latency_raw.len() as u64;
+    run.requests_per_s = run.requests as f64 / window;
+    run.latency_us = dist(&run.latency_raw);
+    let guest_ns = stat(&s1, "uptime_ns")?.saturating_sub(stat(&s0, "uptime_ns")?);
+    let written =
+        stat(&s1, "dirty_pages_written")?.saturating_sub(stat(&s0, "dirty_pages_written")?);
+    if matches!(w, Workload::Dirty(_)) && guest_ns > 0 {
+        run.guest_dirty_mib_s =
+            Some((written * PAGE as u64) as f64 / (1 << 20) as f64 / (guest_ns as f64 / 1e9));
+        run.guest_pages_skipped =
+            Some(stat(&s1, "pages_skipped")?.saturating_sub(stat(&s0, "pages_skipped")?));
+    }
+    if m != Mode::Unprotected {
+        for l in lines.iter().skip(n0) {
+            if let Some(e) = parse_epoch_line(l) {
+                run.pause_us.push(e.pause_us);
+                run.dirty_pages.push(e.pages);
+                run.epoch_bytes.push(e.bytes);
+            }
+        }
+        run.checkpoints = run.pause_us.len() as u64;
+        run.checkpoint_rate_hz = Some(run.checkpoints as f64 / window);
+        if run.checkpoints == 0 {
+            bail!("no `checkpoint sent` lines from the primary in the window (is TWIN_LOG debug for twin_primary honoured?)");
+        }
+    }
+    Ok(())
 }
 
 /// Copies a failed run's logs next to the report.
@@ -1165,8 +1225,9 @@ fn markdown(r: &Report<'_>) -> String {
         &mut s,
         &format!(
             "- per cell: fresh namespaces and processes, {:.1} s settle, {:.1} s measured, {} round(s) interleaved; guest {} RAM, memory workloads over wss={WSS}; \
-             memory workloads probed with one PING every {} ms, the TCP workload with INCR back to back on one connection",
-            p.warmup_secs, p.cell_secs, p.rounds, p.mem, PROBE_INTERVAL.as_millis()
+             memory workloads probed by one PING at a time, each after a random think time in [0, {} ms) so that probes sample every phase of the checkpoint interval; the TCP workload by INCR back to back on one connection; backup heartbeat timeout: {}",
+            p.warmup_secs, p.cell_secs, p.rounds, p.mem, p.probe_think_max.as_millis(),
+            p.heartbeat_timeout.as_deref().unwrap_or("the default")
         ),
     );
     line(&mut s, "");
@@ -1349,7 +1410,7 @@ fn markdown(r: &Report<'_>) -> String {
                     w.label(),
                     mode.label(),
                     work_s,
-                    f(ratio, 2),
+                    f(ratio, if ratio.is_some_and(|r| r < 0.1) { 4 } else { 2 }),
                     ms(a.latency.map(|d| d.median)),
                     ms(a.latency.map(|d| d.p99)),
                     signed_ms(added(|d| d.median)),
@@ -1461,7 +1522,8 @@ mod plot {
     use plotters::coord::ranged1d::{AsRangedCoord, ValueFormatter};
     use plotters::prelude::*;
 
-    type Series = (String, Vec<(f64, f64)>, Vec<(f64, f64)>);
+    /// Name, colour index, solid points, dashed points.
+    type Series = (String, usize, Vec<(f64, f64)>, Vec<(f64, f64)>);
 
     fn err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
         anyhow!("drawing the plot: {e:?}")
@@ -1470,7 +1532,7 @@ mod plot {
     fn bounds(series: &[Series], log: bool) -> (f64, f64) {
         let ys = series
             .iter()
-            .flat_map(|s| s.1.iter().chain(s.2.iter()).map(|p| p.1))
+            .flat_map(|s| s.2.iter().chain(s.3.iter()).map(|p| p.1))
             .filter(|y| y.is_finite() && (!log || *y > 0.0));
         let (lo, hi) = ys.fold((f64::MAX, f64::MIN), |(a, b), y| (a.min(y), b.max(y)));
         if lo > hi {
@@ -1504,12 +1566,13 @@ mod plot {
             .map_err(err)?;
         chart
             .configure_mesh()
+            .light_line_style(RGBColor(238, 238, 238))
             .x_desc("checkpoints per second")
             .y_desc(y_desc)
             .draw()
             .map_err(err)?;
-        for (i, (name, solid, dashed)) in series.iter().enumerate() {
-            let color = Palette99::pick(i).to_rgba();
+        for (name, i, solid, dashed) in series {
+            let color = Palette99::pick(*i).to_rgba();
             chart
                 .draw_series(LineSeries::new(solid.iter().copied(), color.stroke_width(2)))
                 .map_err(err)?
@@ -1551,10 +1614,10 @@ mod plot {
         let mut pause = Vec::new();
         let mut ratio = Vec::new();
         let mut added = Vec::new();
-        let mut sent: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
+        let mut sent: Vec<(String, usize, Vec<(f64, f64)>)> = Vec::new();
         let mut rates = p.rates.clone();
         rates.sort_unstable();
-        for &w in &p.workload_list {
+        for (wi, &w) in p.workload_list.iter().enumerate() {
             let base = aggregate(r.runs, w, Mode::Unprotected);
             let mut med = Vec::new();
             let mut p99 = Vec::new();
@@ -1588,12 +1651,12 @@ mod plot {
                     ));
                 }
             }
-            pause.push((w.label(), med, p99));
+            pause.push((w.label(), wi, med, p99));
             if !rat.is_empty() {
-                ratio.push((w.label(), rat, Vec::new()));
+                ratio.push((w.label(), wi, rat, Vec::new()));
             }
-            added.push((w.label(), add, Vec::new()));
-            sent.push((w.label(), sd));
+            added.push((w.label(), wi, add, Vec::new()));
+            sent.push((w.label(), wi, sd));
         }
 
         let root = SVGBackend::new(path, (1400, 1000)).into_drawing_area();
@@ -1639,9 +1702,9 @@ mod plot {
 
     fn sent_panel(
         area: &DrawingArea<SVGBackend<'_>, plotters::coord::Shift>,
-        sent: &[(String, Vec<(f64, f64)>)],
+        sent: &[(String, usize, Vec<(f64, f64)>)],
     ) -> Result<()> {
-        let vals = sent.iter().flat_map(|s| s.1.iter().flat_map(|p| [p.0, p.1]));
+        let vals = sent.iter().flat_map(|s| s.2.iter().flat_map(|p| [p.0, p.1]));
         let (lo, hi) = vals.fold((f64::MAX, f64::MIN), |(a, b), v| (a.min(v), b.max(v)));
         let (lo, hi) = if lo > hi {
             (0.001, 1.0)
@@ -1660,6 +1723,7 @@ mod plot {
             .map_err(err)?;
         chart
             .configure_mesh()
+            .light_line_style(RGBColor(238, 238, 238))
             .x_desc("dirty MiB per epoch (log)")
             .y_desc("sent MiB per epoch (log)")
             .draw()
@@ -1669,8 +1733,8 @@ mod plot {
             .map_err(err)?
             .label("sent = dirty")
             .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], BLACK.mix(0.4)));
-        for (i, (name, pts)) in sent.iter().enumerate() {
-            let color = Palette99::pick(i).to_rgba();
+        for (name, i, pts) in sent {
+            let color = Palette99::pick(*i).to_rgba();
             chart
                 .draw_series(pts.iter().map(|&p| Circle::new(p, 4, color.filled())))
                 .map_err(err)?
