@@ -75,7 +75,14 @@ fn strs(v: &[String]) -> Vec<&str> {
 fn tails(procs: &[&TwinProcess]) -> String {
     procs
         .iter()
-        .map(|p| format!("--- {} (pid {}) last output ---\n{}", p.name(), p.pid(), p.tail(25)))
+        .map(|p| {
+            format!(
+                "--- {} (pid {}) last output ---\n{}",
+                p.name(),
+                p.pid(),
+                p.tail(25)
+            )
+        })
         .collect::<Vec<_>>()
         .join("\n")
 }
@@ -90,7 +97,11 @@ fn twin_json(
 ) -> serde_json::Value {
     let name = format!("{label}-{}", NEXT_CMD.fetch_add(1, Ordering::Relaxed));
     let done = TwinProcess::run_to_exit(ns, dir, &name, args, CMD_TIMEOUT).unwrap_or_else(|e| {
-        panic!("`twin {}` did not finish: {e}\n{}", args.join(" "), tails(procs))
+        panic!(
+            "`twin {}` did not finish: {e}\n{}",
+            args.join(" "),
+            tails(procs)
+        )
     });
     assert!(
         done.status.success(),
@@ -135,7 +146,10 @@ fn snapshot_cmd(
 /// A second TAP on the `single` layout's bridge.
 fn second_tap(topo: &Single) -> Tap {
     let tap = Tap::create(topo.vm_ns(), TAP2, TapOptions::default()).expect("second TAP");
-    topo.lan.bridge.enslave(TAP2).expect("second TAP joins the bridge");
+    topo.lan
+        .bridge
+        .enslave(TAP2)
+        .expect("second TAP joins the bridge");
     tap
 }
 
@@ -279,9 +293,12 @@ impl Load {
 
 /// Every INCR reply is the previous one plus one, starting at `first`; returns the last.
 fn check_incr_sequence(ops: &[Op], first: u64) -> std::result::Result<u64, String> {
-    let mut want = first;
     let mut last = None;
-    for (i, op) in ops.iter().enumerate().filter(|(_, o)| o.kind == OpKind::Incr) {
+    let incrs = ops
+        .iter()
+        .enumerate()
+        .filter(|(_, o)| o.kind == OpKind::Incr);
+    for ((i, op), want) in incrs.zip(first..) {
         if op.value != want {
             let lo = i.saturating_sub(3);
             let hi = (i + 3).min(ops.len());
@@ -301,7 +318,6 @@ fn check_incr_sequence(ops: &[Op], first: u64) -> std::result::Result<u64, Strin
             ));
         }
         last = Some(op.value);
-        want += 1;
     }
     last.ok_or_else(|| "no INCR completed".to_string())
 }
@@ -437,7 +453,10 @@ fn snapshot_stop_kill_restore_on_a_new_tap_keeps_the_connection_and_every_incr()
         Verify::Fail(why) => panic!("guest memory verification failed after the move: {why}"),
     }
     let t_final = guest.time_ns().expect("TIME");
-    assert!(t_final >= after.value, "guest TIME went backwards at the end");
+    assert!(
+        t_final >= after.value,
+        "guest TIME went backwards at the end"
+    );
     eprintln!(
         "snapshot report {report}; restore took {restore_took:?}; INCRs {last} \
          ({at_snapshot} at the snapshot); in-flight request across the move: {:?}; \
@@ -554,7 +573,9 @@ fn diff_states(a: &MachineState, b: &MachineState) -> BTreeMap<String, (String, 
 
 fn leaf_u64(st: &MachineState, name: &str) -> u64 {
     let l = leaves(st);
-    let b = l.get(name).unwrap_or_else(|| panic!("no state field {name}"));
+    let b = l
+        .get(name)
+        .unwrap_or_else(|| panic!("no state field {name}"));
     u64::from_le_bytes(b[..8].try_into().expect("at least 8 bytes"))
 }
 
@@ -813,8 +834,7 @@ fn snapshot_stop_freezes_the_vm_even_when_frames_arrive() {
 
 fn load_into_memory(dir: &Path, size: u64) -> Memory {
     let mem = Memory::new(size).expect("memfd guest memory in the test");
-    snapshot::load_memory(dir, &mem)
-        .unwrap_or_else(|e| panic!("loading {}: {e:?}", dir.display()));
+    snapshot::load_memory(dir, &mem).unwrap_or_else(|e| panic!("loading {}: {e:?}", dir.display()));
     mem
 }
 
@@ -831,8 +851,17 @@ fn layer_pages(dir: &Path) -> Vec<u64> {
 fn explain_page(p: usize, layers: &[&Path], base: &[u8], chain: &[u8], full: &[u8]) -> String {
     let held: Vec<String> = layers
         .iter()
-        .filter(|d| layer_pages(d).get(p / 64).is_some_and(|w| w >> (p % 64) & 1 == 1))
-        .map(|d| d.file_name().unwrap_or_default().to_string_lossy().into_owned())
+        .filter(|d| {
+            layer_pages(d)
+                .get(p / 64)
+                .is_some_and(|w| w >> (p % 64) & 1 == 1)
+        })
+        .map(|d| {
+            d.file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned()
+        })
         .collect();
     let range = p * PAGE_SIZE..(p + 1) * PAGE_SIZE;
     let (c, f, b) = (&chain[range.clone()], &full[range.clone()], &base[range]);
@@ -1007,9 +1036,12 @@ fn incremental_chain_restores_to_the_memory_of_a_full_snapshot_of_the_same_momen
     restored
         .wait_for_line("VM restored and running", RESTORE_TIMEOUT)
         .unwrap_or_else(|e| panic!("restore of the chain: {e}"));
-    let got = guest
-        .get("counter")
-        .unwrap_or_else(|e| panic!("GET after restoring the chain: {e}\n{}", tails(&[&restored])));
+    let got = guest.get("counter").unwrap_or_else(|e| {
+        panic!(
+            "GET after restoring the chain: {e}\n{}",
+            tails(&[&restored])
+        )
+    });
     assert_eq!(got, last, "the restored chain lost acknowledged INCRs");
     assert_eq!(guest.incr("counter").expect("INCR"), last + 1);
     match guest.verify().expect("VERIFY") {
@@ -1052,7 +1084,10 @@ fn meta_with(src: &Path, edit: impl FnOnce(&mut SnapshotMeta)) -> Vec<u8> {
 /// can catch what is wrong with it.
 fn consistent_state(src: &Path, state: Vec<u8>) -> Vec<(&'static str, Vec<u8>)> {
     let crc = container::crc64(&state);
-    vec![("meta", meta_with(src, |m| m.state_crc = crc)), ("state", state)]
+    vec![
+        ("meta", meta_with(src, |m| m.state_crc = crc)),
+        ("state", state),
+    ]
 }
 
 fn set_u32(b: &mut [u8], at: usize, v: u32) {
@@ -1412,23 +1447,23 @@ fn restore_refuses_hostile_snapshots_with_one_clear_line() {
     // Incremental layer: missing parent, and a parent loop.
     let inc_state = fs::read(inc.join("state")).expect("inc state");
     let inc_pages = fs::read(inc.join("pages")).expect("inc pages");
-    let inc_memory_links = |name: &'static str,
-                            meta: Vec<u8>,
-                            all: &[&'static str],
-                            any: &[&'static str]| Case {
-        name,
-        files: vec![
-            ("meta", meta),
-            ("state", inc_state.clone()),
-            ("pages", inc_pages.clone()),
-        ],
-        remove: vec![],
-        all: all.to_vec(),
-        any: any.to_vec(),
-    };
+    let inc_memory_links =
+        |name: &'static str, meta: Vec<u8>, all: &[&'static str], any: &[&'static str]| Case {
+            name,
+            files: vec![
+                ("meta", meta),
+                ("state", inc_state.clone()),
+                ("pages", inc_pages.clone()),
+            ],
+            remove: vec![],
+            all: all.to_vec(),
+            any: any.to_vec(),
+        };
     let mut inc_cases = vec![inc_memory_links(
         "incremental layer whose parent is missing",
-        meta_with(&inc, |m| m.parent = Some(PathBuf::from("/nonexistent/twin-parent"))),
+        meta_with(&inc, |m| {
+            m.parent = Some(PathBuf::from("/nonexistent/twin-parent"))
+        }),
         &["/nonexistent/twin-parent"],
         &[],
     )];

@@ -1,0 +1,290 @@
+//! Output commit end to end: while the backup withholds its acks, nothing the guest sends
+//! reaches the client; once acks flow, the held output is released.
+//!
+//! The backup withholds acks with `TWIN_FAILPOINTS=backup.before_ack=drop~3000`: every ack
+//! in the 3 s after its first applied epoch is dropped. That window opens as soon as the
+//! backup is synchronised, and a primary holds all output until its first ack, so the client
+//! needs a connection from before: a first backup (no failpoint) protects the VM while the
+//! client connects; it is then SIGKILLed, the primary (`--on-backup-loss hold`) holds output,
+//! and a second backup with the failpoint resynchronises. A PING sent after that sync, inside
+//! the window, must get its reply only after the window closes — and then promptly.
+//!
+//! Private helpers (not in the harness): spawning `twin backup` with a failpoint
+//! environment, `twin status --json` parsed.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use twin_tests::*;
+
+const PROTECT_TIMEOUT: Duration = Duration::from_secs(90);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
+const CMD_TIMEOUT: Duration = Duration::from_secs(30);
+const REPL_PORT: u16 = 7777;
+/// The failpoint window, as configured below.
+const WINDOW: Duration = Duration::from_millis(3000);
+const FAILPOINTS: &str = "backup.before_ack=drop~3000";
+/// Slack for when the test sees a log line after the process printed it.
+const SLACK: Duration = Duration::from_millis(200);
+/// A PING under protection (epoch 25 ms + ack) is answered well within this.
+const PROTECTED_PING: Duration = Duration::from_secs(2);
+
+static NEXT_CMD: AtomicU32 = AtomicU32::new(0);
+
+fn tails(procs: &[&TwinProcess]) -> String {
+    procs
+        .iter()
+        .map(|p| {
+            format!(
+                "--- {} (pid {}) last output ---\n{}",
+                p.name(),
+                p.pid(),
+                p.tail(25)
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn spawn_backup(
+    ha: &Ha,
+    dir: &TestDir,
+    name: &str,
+    control: &Path,
+    env: &[(&str, &str)],
+) -> TwinProcess {
+    let listen = format!("{BACKUP_REPL_ADDR}:{REPL_PORT}");
+    let control = control.display().to_string();
+    let bin = twin_bin().expect("twin binary");
+    let mut p = TwinProcess::spawn_program(
+        &ha.backup.ns,
+        dir,
+        name,
+        &bin,
+        &[
+            "backup",
+            "--listen",
+            &listen,
+            "--tap",
+            TAP,
+            "--control",
+            &control,
+        ],
+        env,
+    )
+    .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
+    p.wait_for_line("backup waiting for a primary", CMD_TIMEOUT)
+        .unwrap_or_else(|e| panic!("{name} does not listen: {e}"));
+    p
+}
+
+fn status(ns: &Netns, dir: &TestDir, control: &Path, procs: &[&TwinProcess]) -> serde_json::Value {
+    let name = format!("twin-status-{}", NEXT_CMD.fetch_add(1, Ordering::Relaxed));
+    let control = control.display().to_string();
+    let done = TwinProcess::run_to_exit(
+        ns,
+        dir,
+        &name,
+        &["status", "--json", "--control", &control],
+        CMD_TIMEOUT,
+    )
+    .unwrap_or_else(|e| panic!("twin status did not finish: {e}\n{}", tails(procs)));
+    assert!(
+        done.status.success(),
+        "twin status failed ({}): {}\n{}",
+        describe_status(done.status),
+        done.stderr,
+        tails(procs)
+    );
+    serde_json::from_str(done.stdout.trim())
+        .unwrap_or_else(|e| panic!("twin status printed no JSON ({e}): {:?}", done.stdout))
+}
+
+fn ping_latencies(guest: &mut GuestClient, n: usize) -> Vec<Duration> {
+    (0..n)
+        .map(|_| {
+            let t = Instant::now();
+            guest.ping().expect("PING");
+            t.elapsed()
+        })
+        .collect()
+}
+
+#[test]
+fn output_is_held_while_the_backup_withholds_acks_and_released_when_they_flow() {
+    require_kvm();
+    let ha = Topology::ha().expect("ha topology");
+    let dir = TestDir::new("output-commit").expect("test dir");
+    let (psock, bsock1, bsock2) = (
+        dir.join("primary.sock"),
+        dir.join("backup1.sock"),
+        dir.join("backup2.sock"),
+    );
+    let mut backup1 = spawn_backup(&ha, &dir, "twin-backup-1", &bsock1, &[]);
+    let psock_s = psock.display().to_string();
+    let backup_addr = format!("{BACKUP_REPL_ADDR}:{REPL_PORT}");
+    let mut primary = TwinProcess::spawn(
+        &ha.primary.ns,
+        &dir,
+        "twin-protect",
+        &[
+            "protect",
+            "--backup",
+            &backup_addr,
+            "--tap",
+            TAP,
+            "--ip",
+            GUEST_CIDR,
+            "--mem",
+            "256M",
+            "--guest-args",
+            "dirty=16M/s,wss=64M",
+            "--on-backup-loss",
+            "hold",
+            "--backup-timeout",
+            "5s",
+            "--control",
+            &psock_s,
+        ],
+    )
+    .expect("spawn twin protect");
+    primary
+        .wait_for_line("VM is protected", PROTECT_TIMEOUT)
+        .unwrap_or_else(|e| panic!("{e}\n{}", tails(&[&backup1])));
+    let mut guest =
+        GuestClient::connect_retry(ha.client_ns(), guest_service(), CONNECT_TIMEOUT, || {
+            primary.ensure_running()
+        })
+        .expect("guest service");
+    for want in 1..=20 {
+        assert_eq!(guest.incr("counter").expect("INCR"), want);
+    }
+    let baseline = ping_latencies(&mut guest, 20);
+    let baseline_max = *baseline.iter().max().expect("pings");
+    assert!(
+        baseline_max < PROTECTED_PING,
+        "protected PINGs should be answered within {PROTECTED_PING:?}, the slowest took \
+         {baseline_max:?}"
+    );
+
+    // Replace the backup by one that withholds its acks for 3 s after its first epoch.
+    backup1.kill().expect("SIGKILL the first backup");
+    let mark = primary.mark();
+    let backup2 = spawn_backup(
+        &ha,
+        &dir,
+        "twin-backup-2",
+        &bsock2,
+        &[("TWIN_FAILPOINTS", FAILPOINTS)],
+    );
+    let (after_sync, _) = primary
+        .wait_for_line_after(mark, "initial sync sent", PROTECT_TIMEOUT)
+        .unwrap_or_else(|e| panic!("resync with the second backup: {e}\n{}", tails(&[&backup2])));
+    let t_sync = Instant::now();
+    std::thread::sleep(SLACK);
+
+    // A PING inside the window, on the same connection, from another thread.
+    guest
+        .set_request_timeout(Duration::from_secs(30))
+        .expect("request timeout");
+    let pinger = std::thread::spawn(move || {
+        let sent = Instant::now();
+        let r = guest.ping();
+        (guest, sent, Instant::now(), r)
+    });
+    std::thread::sleep((t_sync + WINDOW / 3).saturating_duration_since(Instant::now()));
+    let mid = status(&ha.primary.ns, &dir, &psock, &[&primary, &backup2]);
+    assert!(
+        !pinger.is_finished(),
+        "the PING sent {SLACK:?} after the resync was answered within {:?}, while the backup \
+         withholds its acks; primary status: {mid}\n{}",
+        WINDOW / 3,
+        tails(&[&primary, &backup2])
+    );
+    assert_ne!(
+        mid["mode"].as_str(),
+        Some("protected"),
+        "no ack has arrived, the primary cannot be protected yet: {mid}"
+    );
+    assert_eq!(
+        mid["held_output"]["mode"].as_str(),
+        Some("Protected"),
+        "{mid}"
+    );
+    let held = mid["held_output"]["frames"].as_u64().unwrap_or(0);
+    assert!(
+        held >= 1,
+        "the PONG (or at least the TCP ACK of the PING) must be held: {mid}"
+    );
+
+    // Acks flow again after the window: the primary says so, the PONG arrives.
+    primary
+        .wait_for_line_after(after_sync, "VM is protected", WINDOW + PROTECT_TIMEOUT)
+        .unwrap_or_else(|e| panic!("acks after the window: {e}\n{}", tails(&[&backup2])));
+    let t_protected = Instant::now();
+    let (mut guest, sent, replied, r) = pinger.join().expect("pinger thread");
+    r.unwrap_or_else(|e| {
+        panic!(
+            "the PING held during the window got no reply: {e}\n{}",
+            tails(&[&primary, &backup2])
+        )
+    });
+    let since_sync = replied - t_sync;
+    eprintln!(
+        "PING sent {:?} after the resync, answered {:?} after it ({:?} after sending); first \
+         ack seen {:?} after the resync; {held} frames held mid-window; baseline PING max \
+         {baseline_max:?}",
+        sent - t_sync,
+        since_sync,
+        replied - sent,
+        t_protected - t_sync
+    );
+    assert!(
+        t_protected - t_sync >= WINDOW - SLACK,
+        "the primary saw its first ack {:?} after the resync: the backup did not withhold acks \
+         for {WINDOW:?}",
+        t_protected - t_sync
+    );
+    assert!(
+        since_sync >= WINDOW - SLACK,
+        "the PONG arrived {since_sync:?} after the resync, before the backup's {WINDOW:?} of \
+         withheld acks ended: output escaped before its epoch was acknowledged"
+    );
+    assert!(
+        replied + Duration::from_millis(500) >= t_protected,
+        "the PONG arrived {:?} before the primary's first ack",
+        t_protected - replied
+    );
+    assert!(
+        replied <= t_protected + PROTECTED_PING,
+        "the PONG came {:?} after acks flowed again: held output must be released on the ack",
+        replied - t_protected
+    );
+
+    // Protected again: prompt replies, the same connection, nothing lost.
+    let after = ping_latencies(&mut guest, 20);
+    let after_max = *after.iter().max().expect("pings");
+    assert!(
+        after_max < PROTECTED_PING,
+        "after the window PINGs should be prompt again; the slowest took {after_max:?}"
+    );
+    assert_eq!(guest.incr("counter").expect("INCR"), 21);
+    let st = status(&ha.primary.ns, &dir, &psock, &[&primary, &backup2]);
+    assert_eq!(st["mode"].as_str(), Some("protected"), "{st}");
+    assert!(st["sessions"].as_u64().unwrap_or(0) >= 2, "{st}");
+    match guest.verify().expect("VERIFY") {
+        Verify::Ok { .. } => {}
+        Verify::Fail(why) => panic!("VERIFY: {why}"),
+    }
+    assert!(
+        !backup2.text(Stream::Stdout).contains("FAILOVER"),
+        "the second backup took over while the primary was alive\n{}",
+        tails(&[&primary, &backup2])
+    );
+    drop(guest);
+    for p in [&primary, &backup1, &backup2] {
+        let all = format!("{}{}", p.text(Stream::Stdout), p.text(Stream::Stderr));
+        assert!(!all.contains("panicked"), "{} panicked:\n{all}", p.name());
+    }
+}
