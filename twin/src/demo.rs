@@ -26,8 +26,8 @@ use anyhow::{anyhow, bail, Context, Result};
 use nix::sys::signal::{SigSet, Signal as NixSignal};
 use serde_json::Value;
 use twin_tests::{
-    guest_service, HarnessError, Netns, Signal, TestDir, Topology, TwinProcess, BACKUP_REPL_ADDR,
-    CLIENT_ADDR, GUEST_CIDR, PRIMARY_REPL_ADDR, TAP,
+    guest_service, HarnessError, Netns, Signal, Stream, TestDir, Topology, TwinProcess,
+    BACKUP_REPL_ADDR, CLIENT_ADDR, GUEST_CIDR, PRIMARY_REPL_ADDR, TAP,
 };
 
 use crate::args::{Millis, Size};
@@ -179,6 +179,10 @@ fn demo(args: &DemoArgs) -> Result<bool> {
     check_interrupt()?;
     let ns_names = topo.namespace_names();
     let dir = TestDir::new("demo").context("creating the demo's temporary directory")?;
+    let mut keeper = LogKeeper {
+        from: dir.path().to_path_buf(),
+        done: false,
+    };
     log.step(format_args!(
         "  namespaces {} (LAN, client {CLIENT_ADDR}, primary, backup); replication {PRIMARY_REPL_ADDR} <-> {BACKUP_REPL_ADDR}",
         ns_names.join(", ")
@@ -286,6 +290,21 @@ fn demo(args: &DemoArgs) -> Result<bool> {
     wait_client(half, &worker)?;
     let before_status =
         status(&primary_sock).context("reading the primary's status before the kill")?;
+    check_no_early_takeover(&backup)
+        .with_context(|| failure_context("checking before the kill", &primary, &backup))?;
+    if before_status["mode"] != "protected" {
+        bail!(
+            "{}",
+            failure_context(
+                &format!(
+                    "the primary was no longer protected before the kill (mode {}, last error {})",
+                    before_status["mode"], before_status["last_error"]
+                ),
+                &primary,
+                &backup
+            )
+        );
+    }
     let replies_at_kill = replies.load(Ordering::Acquire);
     log.step(format_args!(
         "{replies_at_kill} requests answered; SIGKILL -> primary (pid {})",
@@ -372,6 +391,8 @@ fn demo(args: &DemoArgs) -> Result<bool> {
     // Orderly end: stop the VM now running on the backup host, then remove the network.
     let _ = backup.terminate();
     let _ = backup.wait_exit(Duration::from_secs(10));
+    keeper.done = ok;
+    drop(keeper);
     drop(backup);
     drop(primary);
     drop(dir);
@@ -386,6 +407,34 @@ fn demo(args: &DemoArgs) -> Result<bool> {
         println!("warning: namespaces still present: {left:?}");
     }
     Ok(ok)
+}
+
+/// On a failure (not on Ctrl-C), copies the processes' output out of the temporary
+/// directory before it is removed, and says where.
+struct LogKeeper {
+    from: PathBuf,
+    done: bool,
+}
+
+impl Drop for LogKeeper {
+    fn drop(&mut self) {
+        if self.done || INTERRUPTED.load(Ordering::Acquire) {
+            return;
+        }
+        let to = std::env::temp_dir().join(format!("twin-demo-logs-{}", std::process::id()));
+        let copied = std::fs::create_dir_all(&to).is_ok()
+            && std::fs::read_dir(&self.from).is_ok_and(|entries| {
+                entries.flatten().all(|e| {
+                    !e.path().is_file() || std::fs::copy(e.path(), to.join(e.file_name())).is_ok()
+                })
+            });
+        if copied {
+            eprintln!(
+                "twin demo: logs of primary and backup kept in {}",
+                to.display()
+            );
+        }
+    }
 }
 
 /// Stops the client thread (and unblocks its socket) if the demo ends early.
@@ -448,6 +497,19 @@ fn status(sock: &Path) -> Result<Value> {
     }
 }
 
+/// Fails if the backup has taken over although nobody killed the primary (both VMs would
+/// then answer for the guest's address: nothing the demo measured would mean anything).
+fn check_no_early_takeover(backup: &TwinProcess) -> Result<()> {
+    let out = backup.text(Stream::Stdout);
+    match out.lines().find(|l| l.starts_with("FAILOVER ")) {
+        Some(line) => bail!(
+            "the backup took over although the primary was not killed ({line}); \
+             this is a bug in twin, not in the demo"
+        ),
+        None => Ok(()),
+    }
+}
+
 fn wait_protected(sock: &Path, primary: &mut TwinProcess, backup: &mut TwinProcess) -> Result<()> {
     let deadline = Instant::now() + PROTECT_TIMEOUT;
     let mut last;
@@ -455,9 +517,17 @@ fn wait_protected(sock: &Path, primary: &mut TwinProcess, backup: &mut TwinProce
         check_interrupt()?;
         primary.ensure_running()?;
         backup.ensure_running()?;
+        check_no_early_takeover(backup)?;
         match status(sock) {
             Ok(v) if v["mode"] == "protected" => return Ok(()),
-            Ok(v) => last = format!("mode {}", v["mode"]),
+            Ok(v) if v["mode"] == "connecting" || v["mode"] == "syncing" => {
+                last = format!("mode {}", v["mode"])
+            }
+            Ok(v) => bail!(
+                "the primary lost its backup before protection was established: mode {}, last error {}",
+                v["mode"],
+                v["last_error"]
+            ),
             Err(e) => last = format!("{e:#}"),
         }
         if Instant::now() >= deadline {
