@@ -320,6 +320,9 @@ fn take_snapshot(
     let paused = t0.elapsed();
     if !stop || result.is_err() {
         vmm.resume();
+    } else {
+        // Stopped: nothing may change the VM any more, not even a frame arriving.
+        vmm.pause_devices();
     }
     let report = result?;
     session.last_snapshot = Some(std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf()));
@@ -356,6 +359,7 @@ fn handle_request(vmm: &mut Vmm, session: &mut Session, req: Request) -> Respons
             stop,
         } => take_snapshot(vmm, session, &dir, incremental, stop),
         Request::Resume => {
+            vmm.resume_devices();
             vmm.resume();
             Ok(serde_json::json!({"vm": "running"}))
         }

@@ -448,9 +448,10 @@ impl Vmm {
         Ok(())
     }
 
-    /// Like [`Vmm::start`], but the vCPUs park before running any guest code; the VM runs on
-    /// [`Vmm::resume`].
+    /// Like [`Vmm::start`], but the vCPUs park before running any guest code and the devices
+    /// are paused; the VM runs on [`Vmm::resume_devices`] + [`Vmm::resume`].
     pub fn start_paused(&mut self) -> Result<(), VmmError> {
+        self.pause_devices();
         self.control.pause_before_start();
         self.start()?;
         self.pause();
@@ -571,6 +572,21 @@ impl Vmm {
             .map(|n| n.dev.lock().expect("net device lock poisoned"));
         let serial = self.serial.lock().expect("serial lock poisoned");
         LockedDevices { net, pci, serial }
+    }
+
+    /// Pauses every device that works on its own (the NIC's RX): with the vCPUs paused too,
+    /// the VM stands fully still (a VM stopped after a snapshot, or restored paused).
+    pub fn pause_devices(&self) {
+        if let Some(n) = &self.net {
+            devices::Pausable::pause(&mut *n.dev.lock().expect("net device lock poisoned"));
+        }
+    }
+
+    /// Undoes [`Vmm::pause_devices`].
+    pub fn resume_devices(&self) {
+        if let Some(n) = &self.net {
+            devices::Pausable::resume(&mut *n.dev.lock().expect("net device lock poisoned"));
+        }
     }
 
     /// Replaces where the guest's transmitted frames go (the output-commit buffer);

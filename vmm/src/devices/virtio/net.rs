@@ -138,6 +138,8 @@ pub struct Net {
     tx_buf: Vec<u8>,
     sink_failing: bool,
     stats: NetStats,
+    /// Paused by the VMM (a stopped VM): the RX worker leaves frames in the TAP.
+    rx_paused: bool,
 }
 
 impl Net {
@@ -150,6 +152,7 @@ impl Net {
             tx_buf: Vec::with_capacity(MAX_BUFFER_LEN),
             sink_failing: false,
             stats: NetStats::default(),
+            rx_paused: false,
         })
     }
 
@@ -427,6 +430,18 @@ struct RxPending {
     len: Option<usize>,
 }
 
+impl crate::devices::Pausable for VirtioNet {
+    fn pause(&mut self) {
+        self.device_mut().rx_paused = true;
+    }
+
+    fn resume(&mut self) {
+        let net = self.device_mut();
+        net.rx_paused = false;
+        net.kick_rx();
+    }
+}
+
 /// Why an RX pass ended.
 #[derive(Debug, PartialEq, Eq)]
 enum RxStop {
@@ -440,6 +455,10 @@ enum RxStop {
 /// no buffers, or the batch is full; one interrupt for the whole pass.
 fn rx_pass(dev: &mut VirtioNet, rx: &mut RxPending, src: &dyn FrameSource) -> RxStop {
     dev.with_queues(|net, ctx| {
+        if net.rx_paused {
+            // Like a full ring: stop reading the TAP until `resume` kicks the worker.
+            return RxStop::NoBuffers;
+        }
         let mut delivered = 0;
         let stop = loop {
             if delivered == RX_BATCH {
@@ -971,6 +990,34 @@ mod tests {
         assert_eq!(s.rxq.used_idx(), 3);
         assert_eq!(s.rxq.used(2), (3, 92));
         assert_eq!(s.dev.device().stats().rx_frames, 3);
+    }
+
+    #[test]
+    fn paused_rx_leaves_guest_memory_alone_until_resumed() {
+        use crate::devices::Pausable;
+        let mut s = setup();
+        let src = Frames(RefCell::new([frame(1, 60)].into()));
+        let mut rx = RxPending {
+            buf: vec![0; MAX_BUFFER_LEN],
+            len: None,
+        };
+        s.rxq.add(&[(0x50000, 1526, true)]);
+        s.msi.take();
+        s.dev.pause();
+        assert_eq!(rx_pass(&mut s.dev, &mut rx, &src), RxStop::NoBuffers);
+        assert_eq!(s.rxq.used_idx(), 0, "nothing delivered while paused");
+        assert!(s.msi.take().is_empty(), "no interrupt while paused");
+        assert_eq!(src.0.borrow().len(), 1, "the frame stays in the TAP");
+        // Drain the kick of the device's activation.
+        let _ = s.dev.device().rx_kick.read();
+        s.dev.resume();
+        assert_eq!(
+            s.dev.device().rx_kick.read().unwrap(),
+            1,
+            "resume wakes the worker"
+        );
+        assert_eq!(rx_pass(&mut s.dev, &mut rx, &src), RxStop::SourceEmpty);
+        assert_eq!(s.rxq.used_idx(), 1);
     }
 
     #[test]
