@@ -60,6 +60,10 @@ const REPL_PORT: u16 = 7700;
 const PROBE_THINK_MIN: Duration = Duration::from_millis(100);
 /// Working set of the memory workloads.
 const WSS: &str = "128M";
+/// The protected VM of the failover trials: the product's default interval, a guest that
+/// writes memory.
+const FAILOVER_WORKLOAD: Workload = Workload::Dirty(16);
+const FAILOVER_HZ: u32 = 40;
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
@@ -453,7 +457,7 @@ fn xorshift(state: &mut u64) -> u64 {
 fn measure_memcpy(reps: u32, limits: &mut Limits) {
     const SRC_PAGES: usize = 65_536; // 256 MiB: well beyond any cache
     const COPY_PAGES: usize = 16_384; // 64 MiB
-    // Non-zero fills touch every page, so no page fault is timed.
+                                      // Non-zero fills touch every page, so no page fault is timed.
     let src = vec![0x5au8; SRC_PAGES * PAGE];
     let mut dst = vec![0xa5u8; COPY_PAGES * PAGE];
     let mut rng = 0x9E37_79B9_7F4A_7C15u64;
@@ -609,21 +613,40 @@ impl Run {
     }
 }
 
-/// Waits for a line containing `pat`, in slices so that Ctrl-C is noticed.
-fn wait_line(p: &mut TwinProcess, pat: &str, timeout: Duration) -> Result<String> {
+/// Waits until `p` prints a line containing one of `pats`; returns the line. Waits in
+/// slices so that Ctrl-C is noticed.
+fn wait_any(p: &mut TwinProcess, pats: &[&str], timeout: Duration) -> Result<String> {
     let deadline = Instant::now() + timeout;
+    let what = pats
+        .iter()
+        .map(|p| format!("{p:?}"))
+        .collect::<Vec<_>>()
+        .join(" or ");
     loop {
         check_interrupt()?;
         let left = deadline.saturating_duration_since(Instant::now());
-        match p.wait_for_line(pat, left.min(Duration::from_millis(250))) {
-            Ok(l) => return Ok(l),
-            Err(HarnessError::Timeout { .. }) if !left.is_zero() => {}
-            Err(e) => {
-                return Err(anyhow!(e))
-                    .with_context(|| format!("waiting for {:?} from {}", pat, p.name()))
-            }
+        if left.is_zero() {
+            bail!(
+                "{} printed no line containing {what} within {timeout:?}; last output:\n{}",
+                p.name(),
+                p.tail(12)
+            );
+        }
+        match p.wait_for(
+            twin_tests::Mark::default(),
+            &what,
+            left.min(Duration::from_millis(250)),
+            |l| pats.iter().any(|pat| l.contains(pat)),
+        ) {
+            Ok((_, l)) => return Ok(l),
+            Err(HarnessError::Timeout { .. }) => {}
+            Err(e) => return Err(anyhow!(e)).with_context(|| format!("waiting for {what}")),
         }
     }
+}
+
+fn wait_line(p: &mut TwinProcess, pat: &str, timeout: Duration) -> Result<String> {
+    wait_any(p, &[pat], timeout)
 }
 
 fn spawn_twin(
@@ -661,14 +684,16 @@ fn vm_args(cmd: &str, plan: &Plan, w: Workload, dir: &TestDir, name: &str) -> Ve
     a
 }
 
-/// A protected VM: backup started first, primary protecting, first checkpoint acknowledged.
+/// Starts a protected VM: the backup, then (once it listens) the primary. The processes go
+/// into `slots` as they start, so that the caller can inspect them whatever happens.
 fn start_protected(
     ha: &twin_tests::Ha,
     dir: &TestDir,
     plan: &Plan,
     w: Workload,
     hz: u32,
-) -> Result<(TwinProcess, TwinProcess)> {
+    slots: &mut Slots,
+) -> Result<()> {
     let listen = SocketAddr::from((BACKUP_REPL_ADDR, REPL_PORT)).to_string();
     let mut backup_args: Vec<String> = vec![
         "backup".into(),
@@ -684,12 +709,14 @@ fn start_protected(
     if let Some(t) = &plan.heartbeat_timeout {
         backup_args.extend(["--heartbeat-timeout".into(), t.clone()]);
     }
-    let mut backup = spawn_twin(&ha.backup.ns, dir, "backup", &backup_args, "info")?;
-    wait_line(
-        &mut backup,
-        "backup waiting for a primary",
-        Duration::from_secs(20),
-    )?;
+    let backup = slots.backup.insert(spawn_twin(
+        &ha.backup.ns,
+        dir,
+        "backup",
+        &backup_args,
+        "info",
+    )?);
+    wait_line(backup, "backup waiting for a primary", Duration::from_secs(20))?;
     let mut args = vm_args("protect", plan, w, dir, "primary");
     args.extend([
         "--backup".into(),
@@ -697,16 +724,81 @@ fn start_protected(
         "--interval".into(),
         format!("{}us", 1_000_000 / hz),
     ]);
-    let mut primary = spawn_twin(
+    let primary = slots.vm.insert(spawn_twin(
         &ha.primary.ns,
         dir,
         "primary",
         &args,
         "info,twin_primary=debug",
+    )?);
+    let line = wait_any(
+        primary,
+        &["VM is protected", "backup lost"],
+        Duration::from_secs(90),
     )?;
-    wait_line(&mut primary, "VM is protected", Duration::from_secs(90))?;
-    Ok((primary, backup))
+    if !line.contains("VM is protected") {
+        bail!("the primary lost its backup before it was protected: {line}");
+    }
+    Ok(())
 }
+
+/// The processes of a run.
+#[derive(Default)]
+struct Slots {
+    /// The VM process (`run`, or the primary's `protect`).
+    vm: Option<TwinProcess>,
+    backup: Option<TwinProcess>,
+}
+
+impl Slots {
+    /// Turns `result` into a "false takeover" error if the backup took over while the
+    /// primary was running: the backup must never do so, and a measurement during which two
+    /// VMs answered for one is void.
+    fn judge(&self, result: Result<()>) -> Result<()> {
+        let Some(b) = &self.backup else {
+            return result;
+        };
+        let Some(line) = b
+            .text(Stream::Stdout)
+            .lines()
+            .find(|l| l.contains("FAILOVER"))
+            .map(str::to_string)
+        else {
+            return result;
+        };
+        let why = self
+            .vm
+            .as_ref()
+            .and_then(|p| {
+                p.text(Stream::Stderr)
+                    .lines()
+                    .find(|l| l.contains("backup lost"))
+                    .map(|l| format!("; the primary had logged: {}", l.trim()))
+            })
+            .unwrap_or_default();
+        let saw = match &result {
+            Err(e) if e.downcast_ref::<Interrupted>().is_some() => return result,
+            Err(e) => format!("; the bench saw: {}", first_line(&format!("{e:#}"))),
+            Ok(()) => String::new(),
+        };
+        bail!(
+            "false takeover: the backup declared the running primary dead and started the VM too ({}){why}{saw}",
+            line.trim()
+        )
+    }
+
+    /// Kills the backup first (so that it does not take over), then the VM.
+    fn kill(&mut self) {
+        if let Some(b) = self.backup.as_mut() {
+            let _ = b.kill();
+        }
+        if let Some(v) = self.vm.as_mut() {
+            let _ = v.kill();
+        }
+    }
+}
+
+
 
 fn connect(ha: &twin_tests::Ha, vm: &mut TwinProcess) -> Result<GuestClient> {
     check_interrupt()?;
@@ -776,41 +868,25 @@ fn run_cell(plan: &Plan, run: &mut Run, keep_logs: &Path) -> Result<()> {
     let t0 = Instant::now();
     let ha = Topology::ha().context("building the ha topology")?;
     let dir = TestDir::new("bench").context("creating the run directory")?;
+    let mut slots = Slots::default();
     let result = (|| -> Result<()> {
-        let (mut vm, mut backup) = match m {
+        match m {
             Mode::Unprotected => {
                 let args = vm_args("run", plan, w, &dir, "vm");
-                let mut vm = spawn_twin(&ha.primary.ns, &dir, "vm", &args, "info")?;
-                wait_line(&mut vm, "VM running", Duration::from_secs(60))?;
-                (vm, None)
+                let vm = slots
+                    .vm
+                    .insert(spawn_twin(&ha.primary.ns, &dir, "vm", &args, "info")?);
+                wait_line(vm, "VM running", Duration::from_secs(60))?;
             }
-            Mode::Protected(hz) => {
-                let (p, b) = start_protected(&ha, &dir, plan, w, hz)?;
-                (p, Some(b))
-            }
-        };
-        let measured = connect(&ha, &mut vm).and_then(|mut client| {
-            nap(Duration::from_secs_f64(plan.warmup_secs))?;
-            vm.ensure_running()?;
-            run.setup_s = t0.elapsed().as_secs_f64();
-            let status = backup.as_ref().map(|_| dir.join("primary.sock"));
-            measure(plan, run, &mut vm, &mut client, status.as_deref())
-        });
-        if let Some(b) = &backup {
-            // The backup must never take over from a primary that is alive: if it did, the
-            // measurement is void (two VMs answered for one) and the run says so.
-            if let Some(line) = b.text(Stream::Stdout).lines().find(|l| l.contains("FAILOVER")) {
-                let cause = match &measured {
-                    Err(e) => format!("; the client saw: {}", first_line(&format!("{e:#}"))),
-                    Ok(()) => String::new(),
-                };
-                bail!(
-                    "false takeover: the backup declared the running primary dead and started the VM too ({}){cause}; see backup.stderr and primary.stderr",
-                    line.trim()
-                );
-            }
+            Mode::Protected(hz) => start_protected(&ha, &dir, plan, w, hz, &mut slots)?,
         }
-        measured?;
+        let vm = slots.vm.as_mut().expect("started above");
+        let mut client = connect(&ha, vm)?;
+        nap(Duration::from_secs_f64(plan.warmup_secs))?;
+        vm.ensure_running()?;
+        run.setup_s = t0.elapsed().as_secs_f64();
+        let status = slots.backup.as_ref().map(|_| dir.join("primary.sock"));
+        measure(plan, run, vm, &mut client, status.as_deref())?;
         if let Some(mode) = run
             .status
             .as_ref()
@@ -826,13 +902,10 @@ fn run_cell(plan: &Plan, run: &mut Run, keep_logs: &Path) -> Result<()> {
                 );
             }
         }
-        // Tear down: the backup first, so that it does not take over.
-        if let Some(b) = backup.as_mut() {
-            let _ = b.kill();
-        }
-        let _ = vm.kill();
         Ok(())
     })();
+    let result = slots.judge(result);
+    slots.kill();
     if let Err(e) = &result {
         if e.downcast_ref::<Interrupted>().is_none() {
             save_logs(&dir, keep_logs);
@@ -962,10 +1035,10 @@ fn run_failover(plan: &Plan, trial: u32, keep_logs: &Path) -> Result<Failover> {
     };
     let ha = Topology::ha().context("building the ha topology")?;
     let dir = TestDir::new("bench-failover").context("creating the run directory")?;
-    let w = Workload::Dirty(16);
+    let mut slots = Slots::default();
     let result = (|| -> Result<()> {
-        let (mut primary, mut backup) = start_protected(&ha, &dir, plan, w, 40)?;
-        let mut client = connect(&ha, &mut primary)?;
+        start_protected(&ha, &dir, plan, FAILOVER_WORKLOAD, FAILOVER_HZ, &mut slots)?;
+        let mut client = connect(&ha, slots.vm.as_mut().expect("started"))?;
         client.set_request_timeout(Duration::from_secs(10))?;
         let state = Arc::new(Mutex::new(LoopState::default()));
         let stop = Arc::new(AtomicBool::new(false));
@@ -985,59 +1058,19 @@ fn run_failover(plan: &Plan, trial: u32, keep_logs: &Path) -> Result<Failover> {
                 }
             }
         });
-        let result = (|| -> Result<()> {
-            nap(Duration::from_secs_f64(plan.warmup_secs.max(1.0)))?;
-            let mark = backup.mark();
-            let killed = Instant::now();
-            primary
-                .signal(Signal::Kill)
-                .context("SIGKILL to the primary")?;
-            let (_, line) = loop {
-                check_interrupt()?;
-                match backup.wait_for_line_after(mark, "FAILOVER", Duration::from_millis(250)) {
-                    Ok(found) => break found,
-                    Err(HarnessError::Timeout { .. })
-                        if killed.elapsed() < Duration::from_secs(20) => {}
-                    Err(e) => return Err(anyhow!(e).context("waiting for the backup's FAILOVER")),
-                }
-            };
-            out.kill_to_failover_line_ms = Some(killed.elapsed().as_secs_f64() * 1e3);
-            out.backup_report = line
-                .split_once("FAILOVER ")
-                .and_then(|(_, j)| serde_json::from_str(j).ok());
-            // The first reply after the kill.
-            let deadline = Instant::now() + Duration::from_secs(20);
-            loop {
-                check_interrupt()?;
-                {
-                    let s = state.lock().expect("loop state");
-                    if let Some((t, _)) = s.replies.iter().find(|(t, _)| *t > killed) {
-                        out.client_visible_ms = Some((*t - killed).as_secs_f64() * 1e3);
-                        break;
-                    }
-                    if let Some(e) = &s.error {
-                        bail!("the client's connection failed across the failover: {e}");
-                    }
-                }
-                if Instant::now() > deadline {
-                    bail!("no reply on the client's connection within 20 s of the SIGKILL");
-                }
-                std::thread::sleep(Duration::from_millis(2));
-            }
-            nap(Duration::from_millis(300))?;
-            let s = state.lock().expect("loop state");
-            out.replies_before_kill = s.replies.iter().filter(|(t, _)| *t <= killed).count() as u64;
-            out.replies_after_kill = s.replies.len() as u64 - out.replies_before_kill;
-            out.consistent = Some(s.replies.windows(2).all(|p| p[1].1 == p[0].1 + 1));
-            Ok(())
-        })();
+        let result = kill_and_time(plan, &mut slots, &state, &mut out);
         stop.store(true, Ordering::SeqCst);
         // The loop ends within one request (10 s at worst, when the backup never answered).
         let _ = looper.join();
-        let _ = backup.kill();
-        let _ = primary.kill();
         result
     })();
+    // A takeover before the SIGKILL is a false one.
+    let result = if out.kill_to_failover_line_ms.is_none() {
+        slots.judge(result)
+    } else {
+        result
+    };
+    slots.kill();
     if let Err(e) = result {
         if e.downcast_ref::<Interrupted>().is_some() {
             return Err(e);
@@ -1046,6 +1079,64 @@ fn run_failover(plan: &Plan, trial: u32, keep_logs: &Path) -> Result<Failover> {
         out.error = Some(format!("{e:#}"));
     }
     Ok(out)
+}
+
+/// SIGKILLs the primary while the client loop runs, and times the backup's takeover and
+/// the first reply after it.
+fn kill_and_time(
+    plan: &Plan,
+    slots: &mut Slots,
+    state: &Mutex<LoopState>,
+    out: &mut Failover,
+) -> Result<()> {
+    nap(Duration::from_secs_f64(plan.warmup_secs.max(1.0)))?;
+    slots.judge(Ok(()))?;
+    let backup = slots.backup.as_mut().expect("started");
+    let mark = backup.mark();
+    let killed = Instant::now();
+    slots
+        .vm
+        .as_ref()
+        .expect("started")
+        .signal(Signal::Kill)
+        .context("SIGKILL to the primary")?;
+    let (_, line) = loop {
+        check_interrupt()?;
+        match backup.wait_for_line_after(mark, "FAILOVER", Duration::from_millis(250)) {
+            Ok(found) => break found,
+            Err(HarnessError::Timeout { .. }) if killed.elapsed() < Duration::from_secs(20) => {}
+            Err(e) => return Err(anyhow!(e).context("waiting for the backup's FAILOVER")),
+        }
+    };
+    out.kill_to_failover_line_ms = Some(killed.elapsed().as_secs_f64() * 1e3);
+    out.backup_report = line
+        .split_once("FAILOVER ")
+        .and_then(|(_, j)| serde_json::from_str(j).ok());
+    // The first reply after the kill.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        check_interrupt()?;
+        {
+            let s = state.lock().expect("loop state");
+            if let Some((t, _)) = s.replies.iter().find(|(t, _)| *t > killed) {
+                out.client_visible_ms = Some((*t - killed).as_secs_f64() * 1e3);
+                break;
+            }
+            if let Some(e) = &s.error {
+                bail!("the client's connection failed across the failover: {e}");
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("no reply on the client's connection within 20 s of the SIGKILL");
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    nap(Duration::from_millis(300))?;
+    let s = state.lock().expect("loop state");
+    out.replies_before_kill = s.replies.iter().filter(|(t, _)| *t <= killed).count() as u64;
+    out.replies_after_kill = s.replies.len() as u64 - out.replies_before_kill;
+    out.consistent = Some(s.replies.windows(2).all(|p| p[1].1 == p[0].1 + 1));
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1234,7 +1325,10 @@ fn markdown(r: &Report<'_>) -> String {
 
     line(&mut s, "## Physical limits (same run, start and end)");
     line(&mut s, "");
-    line(&mut s, "| what | GB/s median (min–max, n) | per 4 KiB page |");
+    line(
+        &mut s,
+        "| what | GB/s median (min–max, n) | per 4 KiB page |",
+    );
     line(&mut s, "| --- | --- | --- |");
     line(
         &mut s,
@@ -1302,10 +1396,14 @@ fn markdown(r: &Report<'_>) -> String {
                 );
                 continue;
             }
-            let split = a.split.iter().map(|v| f(*v, 0)).collect::<Vec<_>>().join(" / ");
-            let dirty_bytes = |d: Option<Dist>, g: fn(&Dist) -> f64| {
-                d.as_ref().map(|d| g(d) * PAGE as f64)
-            };
+            let split = a
+                .split
+                .iter()
+                .map(|v| f(*v, 0))
+                .collect::<Vec<_>>()
+                .join(" / ");
+            let dirty_bytes =
+                |d: Option<Dist>, g: fn(&Dist) -> f64| d.as_ref().map(|d| g(d) * PAGE as f64);
             line(
                 &mut s,
                 &format!(
@@ -1431,11 +1529,11 @@ fn markdown(r: &Report<'_>) -> String {
     line(&mut s, "");
     line(
         &mut s,
-        "Protected at 40 Hz, `dirty=16M/s`, one client connection sending INCR back to back. \
+        &format!("Protected at {FAILOVER_HZ} Hz, `{}`, one client connection sending INCR back to back. \
          *Client-visible*: SIGKILL → the first reply on that same connection (now from the \
          backup); it includes the client's TCP retransmission timeout (≥ 200 ms on Linux) for \
          the request whose reply died with the primary. *Detect → running*: the backup's own \
-         figure (heartbeat silence noticed → VM running).",
+         figure (heartbeat silence noticed → VM running).", FAILOVER_WORKLOAD.label()),
     );
     line(&mut s, "");
     let ok: Vec<&Failover> = r.failovers.iter().filter(|t| t.error.is_none()).collect();
@@ -1489,9 +1587,15 @@ fn markdown(r: &Report<'_>) -> String {
         .runs
         .iter()
         .filter_map(|run| {
-            run.error
-                .as_ref()
-                .map(|e| format!("- {} / {} round {}: {}", run.workload, run.mode, run.round, first_line(e)))
+            run.error.as_ref().map(|e| {
+                format!(
+                    "- {} / {} round {}: {}",
+                    run.workload,
+                    run.mode,
+                    run.round,
+                    first_line(e)
+                )
+            })
         })
         .chain(r.failovers.iter().filter_map(|t| {
             t.error
@@ -1574,18 +1678,17 @@ mod plot {
         for (name, i, solid, dashed) in series {
             let color = Palette99::pick(*i).to_rgba();
             chart
-                .draw_series(LineSeries::new(solid.iter().copied(), color.stroke_width(2)))
+                .draw_series(LineSeries::new(
+                    solid.iter().copied(),
+                    color.stroke_width(2),
+                ))
                 .map_err(err)?
                 .label(name.as_str())
                 .legend(move |(x, y)| {
                     PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
                 });
             chart
-                .draw_series(
-                    solid
-                        .iter()
-                        .map(|&p| Circle::new(p, 3, color.filled())),
-                )
+                .draw_series(solid.iter().map(|&p| Circle::new(p, 3, color.filled())))
                 .map_err(err)?;
             if !dashed.is_empty() {
                 chart
@@ -1704,7 +1807,9 @@ mod plot {
         area: &DrawingArea<SVGBackend<'_>, plotters::coord::Shift>,
         sent: &[(String, usize, Vec<(f64, f64)>)],
     ) -> Result<()> {
-        let vals = sent.iter().flat_map(|s| s.2.iter().flat_map(|p| [p.0, p.1]));
+        let vals = sent
+            .iter()
+            .flat_map(|s| s.2.iter().flat_map(|p| [p.0, p.1]));
         let (lo, hi) = vals.fold((f64::MAX, f64::MIN), |(a, b), v| (a.min(v), b.max(v)));
         let (lo, hi) = if lo > hi {
             (0.001, 1.0)
