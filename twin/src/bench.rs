@@ -716,7 +716,11 @@ fn start_protected(
         &backup_args,
         "info",
     )?);
-    wait_line(backup, "backup waiting for a primary", Duration::from_secs(20))?;
+    wait_line(
+        backup,
+        "backup waiting for a primary",
+        Duration::from_secs(20),
+    )?;
     let mut args = vm_args("protect", plan, w, dir, "primary");
     args.extend([
         "--backup".into(),
@@ -797,8 +801,6 @@ impl Slots {
         }
     }
 }
-
-
 
 fn connect(ha: &twin_tests::Ha, vm: &mut TwinProcess) -> Result<GuestClient> {
     check_interrupt()?;
@@ -1628,6 +1630,8 @@ mod plot {
 
     /// Name, colour index, solid points, dashed points.
     type Series = (String, usize, Vec<(f64, f64)>, Vec<(f64, f64)>);
+    /// Name, colour index, points.
+    type Scatter = (String, usize, Vec<(f64, f64)>);
 
     fn err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
         anyhow!("drawing the plot: {e:?}")
@@ -1717,7 +1721,7 @@ mod plot {
         let mut pause = Vec::new();
         let mut ratio = Vec::new();
         let mut added = Vec::new();
-        let mut sent: Vec<(String, usize, Vec<(f64, f64)>)> = Vec::new();
+        let mut sent: Vec<Scatter> = Vec::new();
         let mut rates = p.rates.clone();
         rates.sort_unstable();
         for (wi, &w) in p.workload_list.iter().enumerate() {
@@ -1805,7 +1809,7 @@ mod plot {
 
     fn sent_panel(
         area: &DrawingArea<SVGBackend<'_>, plotters::coord::Shift>,
-        sent: &[(String, usize, Vec<(f64, f64)>)],
+        sent: &[Scatter],
     ) -> Result<()> {
         let vals = sent
             .iter()
