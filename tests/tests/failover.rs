@@ -400,6 +400,32 @@ fn failover_once(iteration: u32, kill_after: Duration) -> Run {
     let t_kill = Instant::now();
     let killed = primary.kill().expect("SIGKILL the primary");
     assert_eq!(describe_status(killed), "killed by signal 9");
+    // The primary's output is complete now. It must not have lost its backup: nothing but
+    // the SIGKILL happened to either. If it did, the backup gave up on a live primary, and
+    // if the backup took over then, two VMs ran at once (split brain).
+    if let Some(line) = primary
+        .text(Stream::Stderr)
+        .lines()
+        .find(|l| l.contains("backup lost"))
+    {
+        let backup_err = backup.text(Stream::Stderr);
+        let why = backup_err
+            .lines()
+            .find(|l| l.contains("taking over") || l.contains("detached"))
+            .unwrap_or("(no takeover line)");
+        panic!(
+            "iteration {iteration}: the primary lost its backup while alive, before the \
+             SIGKILL {kill_after:?} after 20 INCRs:\n  primary: {line}\n  backup:  {why}\n\
+             {}{}",
+            if backup.text(Stream::Stdout).contains("FAILOVER") {
+                "SPLIT BRAIN: the backup took over from a live primary, which went on running \
+                 (and released output the backup does not have).\n"
+            } else {
+                ""
+            },
+            tails(&[&primary, &backup])
+        );
+    }
     let report = failover_report(&mut backup, &[&primary]);
     if let Err(e) = load.wait_for(incrs_at_kill + 50, PROGRESS_TIMEOUT, || {
         backup.ensure_running()
@@ -663,4 +689,75 @@ fn a_new_backup_resynchronises_after_the_backup_dies_and_then_takes_over() {
     assert_no_panic(&primary);
     assert_no_panic(&backup1);
     assert_no_panic(&backup2);
+}
+
+// ---------------------------------------------------------------------------------------
+// A primary that stalls (SIGSTOP) past the heartbeat timeout, then resumes (SIGCONT).
+
+/// A frozen host is one the backup cannot tell from a dead one, so it takes over — rightly.
+/// But the primary is alive: when it thaws, it must stand down (fenced: discard unacked
+/// output, stop its VM), never run on unprotected beside the new primary. The backup's
+/// takeover ends their session, which the thawed primary sees; whatever it concludes, it
+/// must not release output or keep its VM running (split brain: two copies of the guest on
+/// the LAN, the old one ahead of the new one).
+#[test]
+fn a_primary_that_stalls_past_the_heartbeat_timeout_stands_down_after_the_takeover() {
+    require_kvm();
+    let ha = Topology::ha().expect("ha topology");
+    let dir = TestDir::new("stalled-primary").expect("test dir");
+    let (psock, bsock) = (dir.join("primary.sock"), dir.join("backup.sock"));
+    let mut backup = spawn_backup(&ha, &dir, "twin-backup", &bsock);
+    let mut primary = spawn_primary(&ha, &dir, "twin-protect", &psock);
+    wait_protected(&mut primary, &backup, "stalled-primary");
+    let mut guest =
+        GuestClient::connect_retry(ha.client_ns(), guest_service(), CONNECT_TIMEOUT, || {
+            primary.ensure_running()
+        })
+        .expect("guest service");
+    guest
+        .set_request_timeout(REQUEST_TIMEOUT)
+        .expect("request timeout");
+    let load = Load::start(guest, "counter");
+    load.wait_for(50, PROGRESS_TIMEOUT, || primary.ensure_running())
+        .unwrap_or_else(|e| panic!("{e}\n{}", tails(&[&primary, &backup])));
+
+    // Freeze the primary well past the backup's 100 ms heartbeat timeout: it takes over.
+    primary.signal(Signal::Stop).expect("SIGSTOP the primary");
+    let report = failover_report(&mut backup, &[&primary]);
+    primary.signal(Signal::Cont).expect("SIGCONT the primary");
+    let t_thaw = Instant::now();
+
+    // The thawed primary must stand down: its process ends (fenced) rather than serve on.
+    let exited = primary.wait_exit(Duration::from_secs(10));
+    let pstderr = primary.text(Stream::Stderr);
+    let released = pstderr
+        .lines()
+        .find(|l| l.contains("UNPROTECTED") || l.contains("output commit off"));
+    assert!(
+        exited.is_ok() && released.is_none(),
+        "SPLIT BRAIN: after the backup took over ({report}), the thawed primary {} {}\n{}",
+        match &exited {
+            Ok(s) => format!("exited ({})", describe_status(*s)),
+            Err(_) => format!(
+                "was still running its VM {:?} after SIGCONT",
+                t_thaw.elapsed()
+            ),
+        },
+        released.map_or(String::new(), |l| format!(
+            "and released held output to run unprotected: {l}"
+        )),
+        tails(&[&primary, &backup])
+    );
+    // And the client continues on the new primary without loss.
+    let n = load.done();
+    load.wait_for(n + 50, PROGRESS_TIMEOUT, || backup.ensure_running())
+        .unwrap_or_else(|e| panic!("after the takeover: {e}\n{}", tails(&[&primary, &backup])));
+    let (mut guest, ops) = load
+        .finish()
+        .unwrap_or_else(|e| panic!("{e}\n{}", tails(&[&primary, &backup])));
+    let last = check_incr_sequence(&ops)
+        .unwrap_or_else(|e| panic!("{e}\n{}", tails(&[&primary, &backup])));
+    assert_eq!(guest.get("counter").expect("GET"), last);
+    assert_no_panic(&primary);
+    assert_no_panic(&backup);
 }
