@@ -265,9 +265,9 @@ impl FrameProxy {
     /// Listens on `listen` inside `ns`; every connection accepted there is relayed to
     /// `upstream`, connected from inside `ns` too.
     pub fn start(ns: &Netns, listen: SocketAddr, upstream: SocketAddr) -> Result<Self> {
-        let listener = ns
-            .enter(|| TcpListener::bind(listen))?
-            .map_err(|e| HarnessError::io(format!("proxy: binding {listen} in {}", ns.name()), e))?;
+        let listener = ns.enter(|| TcpListener::bind(listen))?.map_err(|e| {
+            HarnessError::io(format!("proxy: binding {listen} in {}", ns.name()), e)
+        })?;
         let listen = listener
             .local_addr()
             .map_err(|e| HarnessError::io("proxy: local address", e))?;
@@ -366,7 +366,12 @@ impl FrameProxy {
 impl Drop for FrameProxy {
     fn drop(&mut self) {
         self.shared.stop.store(true, Ordering::SeqCst);
-        for (a, b) in self.sessions.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+        for (a, b) in self
+            .sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
             let _ = a.shutdown(Shutdown::Both);
             let _ = b.shutdown(Shutdown::Both);
         }
@@ -579,12 +584,20 @@ mod tests {
         assert_eq!(f.epoch(), Some(7));
         f.payload[0] ^= 1;
         assert!(!f.is_sealed(), "a flipped payload bit must break the CRC");
-        assert_eq!(parse_header(&f.header), Some(8), "the header itself is intact");
+        assert_eq!(
+            parse_header(&f.header),
+            Some(8),
+            "the header itself is intact"
+        );
         f.reseal();
         assert!(f.is_sealed());
         let mut h = f.header;
         h[9] ^= 1;
-        assert_eq!(parse_header(&h), None, "a corrupted length fails the header check");
+        assert_eq!(
+            parse_header(&h),
+            None,
+            "a corrupted length fails the header check"
+        );
         let mut h = f.header;
         h[0] = b'X';
         assert_eq!(parse_header(&h), None);
