@@ -4,6 +4,45 @@
 //! refreshes neighbours' caches.
 
 use std::net::Ipv4Addr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use twin_vmm::devices::tap::Tap;
+
+/// When announcements go out after a takeover, from its start: three at once, then a few
+/// more over the next second in case a switch on the way was not yet forwarding.
+const SCHEDULE_MS: [u64; 6] = [0, 0, 0, 100, 300, 1000];
+
+/// Sends `frame` out of `tap` on [`SCHEDULE_MS`]: the first ones now, the rest from a
+/// short-lived thread so the takeover does not wait for them.
+pub fn announce(tap: Arc<Tap>, frame: Vec<u8>, tap_name: &str) {
+    let send = |tap: &Tap, name: &str| {
+        if let Err(e) = tap.write_frame(&frame) {
+            tracing::warn!("announcing the guest on {name} failed: {e}");
+        }
+    };
+    for _ in SCHEDULE_MS.iter().take_while(|&&ms| ms == 0) {
+        send(&tap, tap_name);
+    }
+    let name = tap_name.to_string();
+    let later: Vec<u64> = SCHEDULE_MS.iter().copied().filter(|&ms| ms > 0).collect();
+    let frame2 = frame.clone();
+    let spawned = std::thread::Builder::new()
+        .name("announce".into())
+        .spawn(move || {
+            let mut at = 0;
+            for ms in later {
+                std::thread::sleep(Duration::from_millis(ms - at));
+                at = ms;
+                if let Err(e) = tap.write_frame(&frame2) {
+                    tracing::warn!("announcing the guest on {name} failed: {e}");
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!("cannot schedule repeated announcements: {e}");
+    }
+}
 
 /// A broadcast gratuitous ARP request from `mac` for `ip` (sender IP = target IP).
 pub fn gratuitous_arp(mac: [u8; 6], ip: Ipv4Addr) -> Vec<u8> {

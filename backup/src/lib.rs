@@ -55,6 +55,8 @@ pub type FailoverReply = Box<dyn FnOnce(Result<serde_json::Value, String>) + Sen
 /// Errors that stop the backup for good.
 #[derive(Debug, thiserror::Error)]
 pub enum BackupError {
+    #[error("cannot open the takeover TAP")]
+    Tap(#[source] twin_vmm::devices::tap::TapError),
     #[error("cannot listen on {0}")]
     Listen(SocketAddr, #[source] std::io::Error),
     #[error("failover failed while restoring the VM")]
@@ -186,6 +188,10 @@ pub struct Backup {
     min_generation: u64,
     /// Identity from the current session's Hello, for the replica its description builds.
     pending_identity: Option<(VmId, u64)>,
+    /// The takeover TAP, held open from start-up: a TAP gets carrier when opened, and a
+    /// bridge forwards on the port only after the kernel's link watch (up to a second)
+    /// has noticed — opened at takeover, the first announcements would be dropped.
+    tap: Option<twin_vmm::devices::tap::Tap>,
 }
 
 impl Backup {
@@ -199,6 +205,7 @@ impl Backup {
             },
             min_generation: 0,
             pending_identity: None,
+            tap: None,
         }
     }
 
@@ -230,6 +237,8 @@ impl Backup {
         stop: &std::sync::atomic::AtomicBool,
         console: impl FnOnce() -> ConsoleOut,
     ) -> Result<Outcome, BackupError> {
+        self.tap =
+            Some(twin_vmm::devices::tap::Tap::open(&self.cfg.tap).map_err(BackupError::Tap)?);
         let listener = TcpListener::bind(self.cfg.listen)
             .map_err(|e| BackupError::Listen(self.cfg.listen, e))?;
         listener
@@ -612,8 +621,14 @@ impl Backup {
         let (epoch, state) = replica.committed.expect("failover needs a committed state");
         info!(epoch, vm = ?replica.vm_id, generation = replica.generation, "failover: restoring the VM from the replica");
         let t_restore = Instant::now();
+        let tap = self
+            .tap
+            .take()
+            .expect("the backup holds its TAP until a takeover");
+        // Frames that reached the standby TAP were meant for the old primary's guest.
+        let stale = tap.drain();
         let host = HostResources {
-            tap: Some(self.cfg.tap.clone()),
+            tap: Some(tap),
             console: console(),
         };
         // The replica memory becomes the VM's RAM as it is: nothing is copied or loaded.
@@ -627,11 +642,7 @@ impl Backup {
                 Some(ip) => announce::gratuitous_arp(mac, ip),
                 None => announce::rarp(mac),
             };
-            for _ in 0..3 {
-                if let Err(e) = tap.write_frame(&frame) {
-                    warn!("announcing the guest on {} failed: {e}", self.cfg.tap);
-                }
-            }
+            announce::announce(tap, frame, &self.cfg.tap);
         }
         let announce_ms = t_announce.elapsed().as_secs_f64() * 1e3;
         vmm.start().map_err(BackupError::Start)?;
@@ -647,6 +658,7 @@ impl Backup {
             "epoch": epoch,
             "restore_ms": restore_ms,
             "announce_ms": announce_ms,
+            "stale_frames_dropped": stale,
             "detect_to_running_ms": total_ms,
         });
         Ok((vmm, report))

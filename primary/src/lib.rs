@@ -659,7 +659,10 @@ fn read_acks(s: &Shared, mut conn: Conn, failed: &AtomicBool) -> SessionError {
 }
 
 fn epoch_loop(s: &Shared, mut conn: Conn, next_epoch: &mut u64) -> Result<(), SessionError> {
-    let reader_conn = Conn::new(conn.stream.try_clone()?);
+    let mut reader_conn = Conn::new(conn.stream.try_clone()?);
+    // Bytes the handshake read past the HelloAck (an early heartbeat) belong to the reader;
+    // starting it without them would start it mid-frame.
+    reader_conn.rbuf = std::mem::take(&mut conn.rbuf);
     let failed = AtomicBool::new(false);
     std::thread::scope(|scope| {
         let reader = scope.spawn(|| read_acks(s, reader_conn, &failed));

@@ -439,8 +439,10 @@ fn restore(args: RestoreArgs) -> Result<ExitCode> {
     let memory = Memory::new(state.config.mem_size).context("cannot create guest memory")?;
     let pages = snapshot::load_memory(&args.dir, &memory)
         .with_context(|| format!("cannot restore {}", args.dir.display()))?;
+    let tap =
+        twin_vmm::devices::tap::Tap::open(&args.host.tap).context("cannot open the VM's TAP")?;
     let host = HostResources {
-        tap: Some(args.host.tap.clone()),
+        tap: Some(tap),
         console: args.host.console()?,
     };
     let mut vmm = Vmm::restore(&state, memory, host).context("cannot rebuild the VM")?;

@@ -118,7 +118,9 @@ impl MachineState {
 
 /// Host resources a restored VM gets from its caller, not from the saved state.
 pub struct HostResources {
-    pub tap: Option<String>,
+    /// The TAP for the NIC, already open (a backup holds its TAP from start-up so the
+    /// bridge port is forwarding long before a takeover).
+    pub tap: Option<Tap>,
     pub console: ConsoleOut,
 }
 
@@ -268,8 +270,12 @@ impl Vmm {
             mac: cfg.net.as_ref().map(|n| n.mac),
             ip: Some(cfg.ip),
         };
+        let tap = match &cfg.net {
+            Some(n) => Some(Tap::open(&n.tap).map_err(|e| VmmError::Net(e.into()))?),
+            None => None,
+        };
         let host = HostResources {
-            tap: cfg.net.map(|n| n.tap),
+            tap,
             console: cfg.console,
         };
         let vmm = Self::build(config, memory, host, None)?;
@@ -380,8 +386,8 @@ impl Vmm {
         };
         let saved_net = devices.and_then(|d| d.net.as_ref());
         let net = match (config.mac, host.tap) {
-            (Some(mac), Some(tap_name)) => {
-                let tap = Arc::new(Tap::open(&tap_name).map_err(|e| VmmError::Net(e.into()))?);
+            (Some(mac), Some(tap)) => {
+                let tap = Arc::new(tap);
                 let res = NetResources {
                     mem: memory.guest_memory().clone(),
                     msi: vm.msi_sender(),

@@ -151,6 +151,17 @@ impl Tap {
         (&self.file).read(buf)
     }
 
+    /// Reads and discards every frame waiting in the TAP; returns how many. For a TAP held
+    /// open by a standby (the backup) whose queue filled with frames meant for nobody.
+    pub fn drain(&self) -> usize {
+        let mut buf = vec![0u8; 65550 + 12];
+        let mut n = 0;
+        while self.read_vnet(&mut buf).is_ok() {
+            n += 1;
+        }
+        n
+    }
+
     /// Writes one frame that starts with its 12-byte vnet header.
     pub fn write_vnet(&self, buf: &[u8]) -> io::Result<()> {
         let n = (&self.file).write(buf)?;
