@@ -1959,8 +1959,15 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
                 }
             }
             runs.push(run);
-            if consecutive_failures >= 3 {
-                bail!("three runs in a row failed; stopping (see the errors above and the logs in {})", failed_dir.display());
+            // Three failures in a row that an unprotected VM shares, or that span workloads,
+            // point at the machine rather than at one workload: stop. One workload whose
+            // protected runs all fail is a result, not a reason to stop.
+            let last = &runs[runs.len().saturating_sub(consecutive_failures)..];
+            if consecutive_failures >= 3
+                && (last.iter().any(|r| r.key.1 == Mode::Unprotected)
+                    || last.iter().any(|r| r.key.0 != last[0].key.0))
+            {
+                bail!("{consecutive_failures} runs in a row failed, across workloads or unprotected; stopping (see the errors above and the logs in {})", failed_dir.display());
             }
         }
         for trial in 1..=plan.failovers {
