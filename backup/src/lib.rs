@@ -410,14 +410,23 @@ impl Backup {
             let msg = match conn.poll(wait, &mut self.stats) {
                 Ok(Some(m)) => m,
                 Ok(None) => {
-                    // Until the sync completes nothing can be taken over, and the primary
-                    // may be quiet for a while (enabling dirty logging, scanning RAM).
-                    let limit = if sync.as_ref().is_some_and(|t| t.is_done()) {
+                    // Until the first commit nothing can be taken over, and the primary may
+                    // be quiet for a while (enabling dirty logging, scanning RAM, a first
+                    // large epoch).
+                    let limit = if self.has_committed() {
                         timeout
                     } else {
                         timeout.max(SYNC_SILENCE_LIMIT)
                     };
                     if conn.last_rx.elapsed() > limit {
+                        if self.has_committed() {
+                            // Silence is not proof of death: a primary that was only stalled
+                            // finds this when it runs again and stands down (fences its
+                            // output) instead of running on beside the VM taken over here.
+                            let _ = conn.send(&Message::Goodbye(Goodbye {
+                                reason: TAKEOVER.into(),
+                            }));
+                        }
                         return SessionEnd::Silent(limit);
                     }
                     continue;
@@ -665,7 +674,7 @@ impl Backup {
     }
 }
 
-/// Silence tolerated before the initial sync completes.
+/// Silence tolerated before the first committed checkpoint.
 const SYNC_SILENCE_LIMIT: Duration = Duration::from_secs(5);
 
 /// Goodbye reason a backup sends to make the primary stand down for a planned takeover.

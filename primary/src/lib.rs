@@ -344,10 +344,11 @@ impl Conn {
             if let Some(msg) = self.codec.decode(&mut self.rbuf)? {
                 return Ok(msg);
             }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(SessionError::Silent(timeout));
-            }
+            // Past the deadline, still look once: a process that was stalled (stopped,
+            // starved) must read what arrived meanwhile before calling the peer silent.
+            let left = deadline
+                .saturating_duration_since(Instant::now())
+                .max(Duration::from_millis(1));
             self.stream.set_read_timeout(Some(left))?;
             let mut chunk = [0u8; 64 << 10];
             match self.stream.read(&mut chunk) {
@@ -357,7 +358,9 @@ impl Conn {
                     if e.kind() == std::io::ErrorKind::WouldBlock
                         || e.kind() == std::io::ErrorKind::TimedOut =>
                 {
-                    return Err(SessionError::Silent(timeout))
+                    if Instant::now() >= deadline {
+                        return Err(SessionError::Silent(timeout));
+                    }
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e.into()),
@@ -667,14 +670,19 @@ fn epoch_loop(s: &Shared, mut conn: Conn, next_epoch: &mut u64) -> Result<(), Se
     std::thread::scope(|scope| {
         let reader = scope.spawn(|| read_acks(s, reader_conn, &failed));
         let r = send_epochs(s, &mut conn, next_epoch, &failed);
-        let _ = conn.stream.shutdown(std::net::Shutdown::Both);
+        // Half-close only: the reader must still get what the backup sent before it went
+        // away — above all a takeover Goodbye, which says this primary must stand down
+        // (fence) instead of releasing its held output. It ends at EOF or its timeout.
+        let _ = conn.stream.shutdown(std::net::Shutdown::Write);
         let reader_err = reader
             .join()
             .unwrap_or(SessionError::Unexpected("reader panic"));
-        match r {
-            // The writer noticed the reader's failure: report the reader's reason.
-            Err(SessionError::Closed) if failed.load(Ordering::Acquire) => Err(reader_err),
-            other => other,
+        match (r, reader_err) {
+            (Err(SessionError::Stopping), _) => Err(SessionError::Stopping),
+            // The reader knows why the backup went away (a Goodbye, silence, a bad
+            // frame); the writer only saw the consequence (a broken pipe).
+            (Err(SessionError::Closed | SessionError::Io(_)), reader_err) => Err(reader_err),
+            (r, _) => r,
         }
     })
 }
