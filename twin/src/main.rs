@@ -287,7 +287,12 @@ fn take_snapshot(
         (false, _) => None,
     };
     let t0 = Instant::now();
+    let was_stopped = vmm.is_paused();
     vmm.pause();
+    if stop {
+        // Before the freeze: once its locks are released no queued frame may slip in.
+        vmm.pause_devices();
+    }
     let result = (|| -> Result<snapshot::WriteReport> {
         // Frozen: vCPUs paused and device workers locked out, so the memory written matches
         // the state. With tracking on, the harvest makes this snapshot the base of the
@@ -318,11 +323,9 @@ fn take_snapshot(
         Ok(report)
     })();
     let paused = t0.elapsed();
-    if !stop || result.is_err() {
+    if (!stop || result.is_err()) && !was_stopped {
+        vmm.resume_devices();
         vmm.resume();
-    } else {
-        // Stopped: nothing may change the VM any more, not even a frame arriving.
-        vmm.pause_devices();
     }
     let report = result?;
     session.last_snapshot = Some(std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf()));
