@@ -239,6 +239,7 @@ impl Backup {
     ) -> Result<Outcome, BackupError> {
         self.tap =
             Some(twin_vmm::devices::tap::Tap::open(&self.cfg.tap).map_err(BackupError::Tap)?);
+        twin_vmm::realtime::elevate_or_warn("backup");
         let listener = TcpListener::bind(self.cfg.listen)
             .map_err(|e| BackupError::Listen(self.cfg.listen, e))?;
         listener

@@ -378,6 +378,7 @@ fn now_ns() -> u64 {
 
 /// The replication thread: sessions until stopped, applying the loss policy between them.
 fn replicate(s: &Shared) {
+    twin_vmm::realtime::elevate_or_warn("replicate");
     let mut generation = 0u64;
     let mut next_epoch = 1u64;
     while !s.stopping() {
@@ -620,6 +621,7 @@ fn send_sync_batch(
 
 /// Reads acks and heartbeats until the connection fails; returns why it ended.
 fn read_acks(s: &Shared, mut conn: Conn, failed: &AtomicBool) -> SessionError {
+    twin_vmm::realtime::elevate_or_warn("ack reader");
     let err = loop {
         if s.stopping() {
             break SessionError::Stopping;
