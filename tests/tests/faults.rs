@@ -656,6 +656,31 @@ impl Rig {
         }
     }
 
+    /// Panics if a backup took over before the test injected its fault: a live primary
+    /// judged dead (a stall beyond `--heartbeat-timeout`, e.g. on a loaded machine). The
+    /// scenario would then test something else; say so instead of failing obscurely later.
+    fn assert_no_takeover_yet(&self) {
+        for b in self.backup.iter().chain(self.retired.iter()) {
+            if let Some(l) = b
+                .text(Stream::Stderr)
+                .lines()
+                .find(|l| l.contains("taking over"))
+            {
+                panic!(
+                    "SPURIOUS TAKEOVER before the fault was injected: {} judged the live \
+                     primary dead: {} (primary: {:?})",
+                    b.name(),
+                    log_msg(l),
+                    self.primary
+                        .text(Stream::Stderr)
+                        .lines()
+                        .find(|l| l.contains("fenced") || l.contains("backup lost"))
+                        .map(log_msg)
+                );
+            }
+        }
+    }
+
     /// Waits for the backup's `FAILOVER {json}` line; returns the JSON.
     fn wait_failover(&mut self, rep: &mut Report) -> serde_json::Value {
         rep.step("waiting for the backup to take over");
@@ -700,6 +725,9 @@ fn primary_killed_at(rep: &mut Report, point: &str, nth: u64) {
         )
     });
     let died = Instant::now();
+    if !killed_by_sigkill(status) {
+        rig.assert_no_takeover_yet();
+    }
     assert!(
         killed_by_sigkill(status) && fired(&rig.primary, point),
         "the primary ended ({}) but not by failpoint {point}:\n{}",
@@ -911,6 +939,7 @@ fn backup_killed_during_failover_restore() {
         .wait_replies_after(Instant::now(), PROOF_REPLIES, PROGRESS_TIMEOUT)
         .expect("protected stream");
     rep.step("killing the primary");
+    rig.assert_no_takeover_yet();
     rig.primary.kill().expect("SIGKILL the primary");
     rep.step("waiting for the backup to die in its restore");
     let status = rig
@@ -955,6 +984,7 @@ fn backup_restarted_resyncs() {
         .expect("protected stream");
     let mark = rig.primary.mark();
     rep.step("killing the backup");
+    rig.assert_no_takeover_yet();
     rig.backup().kill().expect("SIGKILL the backup");
     let killed = Instant::now();
     rig.primary
@@ -983,6 +1013,7 @@ fn backup_restarted_resyncs() {
         .wait_replies_after(Instant::now(), PROOF_REPLIES, PROGRESS_TIMEOUT)
         .expect("protected stream with the new backup");
     rep.step("killing the primary to prove the new backup holds a good image");
+    rig.assert_no_takeover_yet();
     rig.primary.kill().expect("SIGKILL the primary");
     let died = Instant::now();
     let fo = rig.wait_failover(&mut rep);
@@ -1020,31 +1051,51 @@ fn link_cut(rep: &mut Report, cut: Cut) {
         .expect("protected stream");
     let mark = rig.primary.mark();
     rep.step(format!("cutting the replication link: {cut:?}"));
+    rig.assert_no_takeover_yet();
     let cut_at = Instant::now();
     rig.ha.cut_replication(cut).expect("cut");
     let fo = rig.wait_failover(rep);
-    rig.primary
-        .wait_for_line_after(mark, "holding all output", Duration::from_secs(20))
-        .expect("the primary reports the lost backup and holds its output");
+    rep.step("waiting for the primary to hold its output or stand down");
+    let (_, said) = rig
+        .primary
+        .wait_for(
+            mark,
+            "the primary holding its output or standing down",
+            Duration::from_secs(20),
+            |l| l.contains("holding all output") || l.contains("fenced"),
+        )
+        .expect("the primary reports the lost backup (holding output) or stands down");
+    let fenced = said.contains("fenced");
     rig.work()
         .wait_replies_after(cut_at, PROOF_REPLIES, PROGRESS_TIMEOUT)
         .expect("the stream resumes on the backup");
     let (p, client) = rig.finish_work();
     rep.recover = p.max_gap_after(cut_at - Duration::from_secs(1));
     check_stream(rep, &p, client, "backup");
-    rig.primary
-        .ensure_running()
-        .expect("the primary process stays up");
-    let st = rig.primary_status().expect("primary status");
-    assert_eq!(
-        st["mode"], "holding_output",
-        "the primary must hold output after losing the backup: {st}"
-    );
+    let primary_fate = if fenced {
+        // The takeover Goodbye reached it: it stops its VM.
+        let st = rig
+            .primary
+            .wait_exit(Duration::from_secs(20))
+            .expect("a fenced primary stops");
+        assert!(st.success(), "fenced primary exit: {}", describe_status(st));
+        "fenced by the takeover Goodbye, stopped".to_string()
+    } else {
+        rig.primary
+            .ensure_running()
+            .expect("the primary process stays up");
+        let st = rig.primary_status().expect("primary status");
+        assert_eq!(
+            st["mode"], "holding_output",
+            "the primary must hold output after losing the backup: {st}"
+        );
+        format!("alive, holding {} frames", st["held_output"]["frames"])
+    };
     rig.ha.restore_replication().expect("restore the link");
     rig.assert_no_panics();
     rep.done(format!(
-        "backup took over at epoch {}; primary alive, holding {} frames; stream intact",
-        fo["epoch"], st["held_output"]["frames"]
+        "backup took over at epoch {}; primary {primary_fate}; stream intact",
+        fo["epoch"]
     ));
 }
 
@@ -1103,6 +1154,7 @@ fn link_slowed_backup_lags() {
         before["ack_latency_us"]["p99"].as_f64().unwrap_or(0.0) / 1e3
     ));
     rep.step(format!("slowing primary→backup to {kbit} kbit/s"));
+    rig.assert_no_takeover_yet();
     let slow_at = Instant::now();
     rig.ha
         .slow_replication(Direction::PrimaryToBackup, Tbf::rate_kbit(kbit))
@@ -1177,6 +1229,7 @@ fn acks_withheld_output_held() {
         .wait_replies_after(Instant::now(), PROOF_REPLIES, PROGRESS_TIMEOUT)
         .expect("protected stream");
     rep.step("dropping every Ack for 1.5 s");
+    rig.assert_no_takeover_yet();
     let armed = Instant::now();
     rig.proxy().arm(Fault {
         kind: FaultKind::Drop,
@@ -1304,6 +1357,7 @@ fn bad_frame(rep: &mut Report, fault: Fault) {
         .expect("protected stream");
     let (bmark, pmark) = (rig.backup().mark(), rig.primary.mark());
     rep.step(format!("arming {fault:?}"));
+    rig.assert_no_takeover_yet();
     let armed = Instant::now();
     rig.proxy().arm(fault);
     let inj = rig
@@ -1321,6 +1375,7 @@ fn bad_frame(rep: &mut Report, fault: Fault) {
         .wait_replies_after(Instant::now(), PROOF_REPLIES, PROGRESS_TIMEOUT)
         .expect("protected stream after the resync");
     rep.step("killing the primary to prove the resynchronised replica");
+    rig.assert_no_takeover_yet();
     rig.primary.kill().expect("SIGKILL the primary");
     let died = Instant::now();
     let fo = rig.wait_failover(rep);
@@ -1434,6 +1489,7 @@ fn proxy_truncated_frame() {
         .wait_replies_after(Instant::now(), PROOF_REPLIES, PROGRESS_TIMEOUT)
         .expect("protected stream");
     rep.step("truncating the next Pages frame");
+    rig.assert_no_takeover_yet();
     let armed = Instant::now();
     rig.proxy().arm(Fault {
         kind: FaultKind::Truncate,
@@ -1694,6 +1750,7 @@ fn tap_deleted_while_running() {
         .expect("protected stream");
     let mark = rig.primary.mark();
     rep.step("deleting the primary's TAP");
+    rig.assert_no_takeover_yet();
     let gone = Instant::now();
     rig.ha
         .primary
@@ -1721,9 +1778,17 @@ fn tap_deleted_while_running() {
     let p = rig.work().snapshot();
     let after = p.replies_after(gone);
     if let Ok(st) = rig.primary_status() {
+        std::thread::sleep(Duration::from_secs(2));
+        let later = rig.primary_status().unwrap_or_default();
         rep.note(format!(
-            "primary status after: mode {}, checkpoints {}, last_error {}",
-            st["mode"], st["checkpoints"], st["last_error"]
+            "primary status after: mode {}, checkpoints {} then {} 2 s later, VM {}, held \
+             frames {}, last_error {}",
+            st["mode"],
+            st["checkpoints"],
+            later["checkpoints"],
+            later["vm"],
+            later["held_output"]["frames"],
+            st["last_error"]
         ));
     }
     rep.note(format!(
@@ -1853,6 +1918,7 @@ fn split_brain_on_partition() {
     let neigh_before = client_neighbour(&rig.ha);
     let port_before = switch_port(&rig.ha);
     rep.step("cutting replication both ways, both hosts alive");
+    rig.assert_no_takeover_yet();
     let pmark = rig.primary.mark();
     let cut_at = Instant::now();
     rig.ha
