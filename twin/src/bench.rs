@@ -1671,6 +1671,19 @@ mod plot {
     /// Name, colour index, points.
     type Scatter = (String, usize, Vec<(f64, f64)>);
 
+    /// A colour per workload, distinct on white.
+    fn color(i: usize) -> RGBAColor {
+        const C: [RGBColor; 6] = [
+            RGBColor(214, 39, 40),
+            RGBColor(44, 160, 44),
+            RGBColor(148, 103, 189),
+            RGBColor(31, 119, 180),
+            RGBColor(255, 127, 14),
+            RGBColor(23, 190, 207),
+        ];
+        C[i % C.len()].to_rgba()
+    }
+
     fn err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
         anyhow!("drawing the plot: {e:?}")
     }
@@ -1718,7 +1731,7 @@ mod plot {
             .draw()
             .map_err(err)?;
         for (name, i, solid, dashed) in series {
-            let color = Palette99::pick(*i).to_rgba();
+            let color = color(*i);
             chart
                 .draw_series(LineSeries::new(
                     solid.iter().copied(),
@@ -1881,7 +1894,7 @@ mod plot {
             .label("sent = dirty")
             .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], BLACK.mix(0.4)));
         for (name, i, pts) in sent {
-            let color = Palette99::pick(*i).to_rgba();
+            let color = color(*i);
             chart
                 .draw_series(pts.iter().map(|&p| Circle::new(p, 4, color.filled())))
                 .map_err(err)?
