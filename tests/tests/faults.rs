@@ -17,6 +17,18 @@
 //! - **the survivor serves** (more INCRs after the fault);
 //! - **nothing panics** (no `panicked` in any process's stderr).
 //!
+//! What must happen where the invariants cannot hold (documented limits, asserted as such):
+//! - primary killed **during the initial sync**: no checkpoint was ever committed, so the
+//!   backup must not take over (it says "no committed checkpoint" and keeps waiting); the VM
+//!   and everything the client saw (acknowledged unprotected) are gone;
+//! - backup killed **during its failover restore** (after the primary died): nothing runs
+//!   the VM; the backup's log shows a failover that started and never completed, the client
+//!   sees the service gone — there is no third copy;
+//! - **partition** with `--on-backup-loss release`: Remus cannot tell a cut link from a dead
+//!   primary; `split_brain_on_partition` measures what the world sees and asserts only that
+//!   it was measured. With `hold` the cut scenarios must be clean (the primary lets nothing
+//!   out, or stands down when the takeover Goodbye reaches it).
+//!
 //! Each scenario prints one row (scenario, outcome, time to recover, outputs lost) and
 //! appends it to `<target>/tmp/faults-<pid>.tsv`; `zzz_summary_table`, which runs last,
 //! prints the table of the run. Run with
