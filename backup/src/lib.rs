@@ -298,6 +298,12 @@ impl Backup {
                     };
                     let end_msg = format!("{end}");
                     match &end {
+                        SessionEnd::Goodbye(reason)
+                            if reason == HANDOVER && self.has_committed() =>
+                        {
+                            warn!("the primary cannot go on and hands the VM over; taking over");
+                            takeover_after = Some(Instant::now());
+                        }
                         SessionEnd::Goodbye(_) => {
                             info!("{end_msg}; not taking over");
                             // A primary that stopped on purpose keeps no replica alive.
@@ -680,3 +686,7 @@ const SYNC_SILENCE_LIMIT: Duration = Duration::from_secs(5);
 
 /// Goodbye reason a backup sends to make the primary stand down for a planned takeover.
 pub const TAKEOVER: &str = "takeover";
+
+/// Goodbye reason with which a primary that cannot go on (its NIC died) asks for a
+/// takeover; it has fenced its own output.
+pub const HANDOVER: &str = "handover";

@@ -25,6 +25,21 @@ use std::time::Duration;
 /// Name of the environment variable.
 pub const ENV: &str = "TWIN_FAILPOINTS";
 
+/// Every failpoint in the code. Arming a name not in this list is an error: a mistyped
+/// failpoint would otherwise test nothing.
+pub const KNOWN: &[&str] = &[
+    "primary.sync",
+    "primary.before_pause",
+    "primary.collect",
+    "primary.mid_stream",
+    "primary.after_send",
+    "primary.after_ack",
+    "backup.mid_receive",
+    "backup.mid_apply",
+    "backup.before_ack",
+    "backup.restore",
+];
+
 /// What an armed point does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Action {
@@ -62,8 +77,10 @@ pub enum ParseError {
     Entry(String),
     #[error("failpoint action `{0}` is not kill, panic, drop, off or sleep(MS)")]
     Action(String),
-    #[error("failpoint trigger in `{0}` is not N*ACTION or ACTION@PERCENT")]
+    #[error("failpoint trigger in `{0}` is not N*ACTION, ACTION@PERCENT or ACTION~MS")]
     Trigger(String),
+    #[error("there is no failpoint named `{0}` (known: {known})", known = KNOWN.join(", "))]
+    Unknown(String),
 }
 
 fn parse_action(s: &str) -> Result<Action, ParseError> {
@@ -114,7 +131,11 @@ pub fn parse(spec: &str) -> Result<Vec<(String, Action, Trigger)>, ParseError> {
         } else {
             (Trigger::Always, rest)
         };
-        out.push((name.trim().to_string(), parse_action(action)?, trigger));
+        let name = name.trim();
+        if !KNOWN.contains(&name) {
+            return Err(ParseError::Unknown(name.to_string()));
+        }
+        out.push((name.to_string(), parse_action(action)?, trigger));
     }
     Ok(out)
 }
@@ -224,31 +245,56 @@ mod tests {
 
     #[test]
     fn parses_actions_and_triggers() {
-        let e = parse("a.b=kill; c=3*sleep(20);d=drop@25 ;e=off;f=drop~1500").unwrap();
+        let e = parse(
+            "primary.sync=kill; primary.collect=3*sleep(20);backup.before_ack=drop@25 ;\
+             backup.restore=off;backup.mid_apply=drop~1500",
+        )
+        .unwrap();
+        let ms = Duration::from_millis;
         assert_eq!(
             e,
             vec![
-                ("a.b".into(), Action::Kill, Trigger::Always),
+                ("primary.sync".into(), Action::Kill, Trigger::Always),
                 (
-                    "c".into(),
-                    Action::Sleep(Duration::from_millis(20)),
+                    "primary.collect".into(),
+                    Action::Sleep(ms(20)),
                     Trigger::Nth(3)
                 ),
-                ("d".into(), Action::Drop, Trigger::Percent(25)),
-                ("e".into(), Action::Off, Trigger::Always),
                 (
-                    "f".into(),
+                    "backup.before_ack".into(),
                     Action::Drop,
-                    Trigger::Window(Duration::from_millis(1500))
+                    Trigger::Percent(25)
+                ),
+                ("backup.restore".into(), Action::Off, Trigger::Always),
+                (
+                    "backup.mid_apply".into(),
+                    Action::Drop,
+                    Trigger::Window(ms(1500))
                 ),
             ]
         );
+        assert_eq!(
+            parse("primary.colect=kill"),
+            Err(ParseError::Unknown("primary.colect".into()))
+        );
         assert_eq!(parse("").unwrap(), vec![]);
         assert!(matches!(parse("nameonly"), Err(ParseError::Entry(_))));
-        assert!(matches!(parse("x=explode"), Err(ParseError::Action(_))));
-        assert!(matches!(parse("x=0*kill"), Err(ParseError::Trigger(_))));
-        assert!(matches!(parse("x=drop@101"), Err(ParseError::Trigger(_))));
-        assert!(matches!(parse("x=sleep(abc)"), Err(ParseError::Action(_))));
+        assert!(matches!(
+            parse("primary.sync=explode"),
+            Err(ParseError::Action(_))
+        ));
+        assert!(matches!(
+            parse("primary.sync=0*kill"),
+            Err(ParseError::Trigger(_))
+        ));
+        assert!(matches!(
+            parse("primary.sync=drop@101"),
+            Err(ParseError::Trigger(_))
+        ));
+        assert!(matches!(
+            parse("primary.sync=sleep(abc)"),
+            Err(ParseError::Action(_))
+        ));
     }
 
     #[test]

@@ -26,6 +26,16 @@ pub mod stats;
 /// switchover (the backup's `TAKEOVER`).
 pub const TAKEOVER_REASON: &str = "takeover";
 
+/// Goodbye reason with which a primary that cannot go on asks the backup to take over now
+/// (the backup's `HANDOVER`).
+pub const HANDOVER_REASON: &str = "handover";
+
+/// How long a primary waits before asking again a backup that refused its protocol version.
+const VERSION_RETRY: Duration = Duration::from_secs(60);
+
+/// Unacknowledged epochs beyond which the backup counts as lost (5 s at 25 ms epochs).
+const MAX_UNACKED_EPOCHS: usize = 200;
+
 /// The NIC's transmit sink while protected: frames go into the output-commit buffer.
 pub struct NetbufSink(pub twin_netbuf::FrameSink);
 
@@ -129,6 +139,8 @@ pub enum SessionError {
     Closed,
     #[error("the backup said goodbye: {0}")]
     Goodbye(String),
+    #[error("the backup is {0} epochs behind")]
+    TooFarBehind(usize),
     #[error("the backup acknowledged epoch {epoch}, which was never sent")]
     BogusAck { epoch: u64 },
     #[error("unexpected {0} from the backup")]
@@ -195,6 +207,8 @@ struct Shared {
     cfg: ProtectConfig,
     status: Mutex<Status>,
     stop: AtomicBool,
+    /// Stopping because this primary cannot go on (its NIC died): the backup must take over.
+    handover: AtomicBool,
 }
 
 impl Shared {
@@ -222,6 +236,7 @@ impl Primary {
             cfg,
             status: Mutex::new(Status::new()),
             stop: AtomicBool::new(false),
+            handover: AtomicBool::new(false),
         });
         let s = shared.clone();
         let thread = std::thread::Builder::new()
@@ -235,6 +250,14 @@ impl Primary {
 
     /// Ends replication: says goodbye to the backup (so it does not take over) and joins.
     pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    /// Ends replication asking the backup to take over at once (this primary's VM cannot
+    /// go on, e.g. its TAP is gone). The caller fences the output buffer first: output the
+    /// backup has not acknowledged will be produced again there.
+    pub fn hand_over(mut self) {
+        self.shared.handover.store(true, Ordering::Release);
         self.shutdown();
     }
 
@@ -420,8 +443,24 @@ fn replicate(s: &Shared) {
                         s.status().mode = Mode::HoldingOutput;
                     }
                 }
-                // Reconnect after a pause that a stop request cuts short.
-                let until = Instant::now() + Duration::from_secs(1);
+                // Reconnect after a pause that a stop request cuts short. A backup that
+                // speaks another protocol version will not change its mind in a second
+                // (PROTOCOL.md §7: do not retry a mismatch); try again much later, in case
+                // it is upgraded meanwhile.
+                let version_refused = matches!(
+                    e,
+                    SessionError::Handshake(handshake::HandshakeError::VersionMismatch { .. })
+                        | SessionError::Handshake(handshake::HandshakeError::Refused {
+                            reason: twin_wire::RefuseReason::VersionMismatch,
+                            ..
+                        })
+                );
+                let pause = if version_refused {
+                    VERSION_RETRY
+                } else {
+                    Duration::from_secs(1)
+                };
+                let until = Instant::now() + pause;
                 while Instant::now() < until && !s.stopping() {
                     std::thread::sleep(Duration::from_millis(20));
                 }
@@ -619,8 +658,86 @@ fn send_sync_batch(
     conn.flush()
 }
 
+/// The sending side of a session, shared by the epoch loop, the heartbeat thread and the
+/// ack reader: whole frames only, one writer at a time.
+struct FrameWriter {
+    stream: TcpStream,
+    codec: FrameCodec,
+    /// The write lock; holds the time of the last completed write.
+    last_write: Mutex<Instant>,
+}
+
+impl FrameWriter {
+    fn new(stream: TcpStream) -> Self {
+        FrameWriter {
+            stream,
+            codec: FrameCodec::new(),
+            last_write: Mutex::new(Instant::now()),
+        }
+    }
+
+    /// Writes encoded frames. With `split`, half of them, then that failpoint, then the
+    /// rest: a crash in the middle of an epoch.
+    fn write(&self, bytes: &[u8], split: Option<&str>) -> Result<(), SessionError> {
+        let mut last = self.last_write.lock().expect("write lock poisoned");
+        let mut stream = &self.stream;
+        match split {
+            Some(point) if twin_failpoints::any_armed() => {
+                let half = bytes.len() / 2;
+                stream.write_all(&bytes[..half])?;
+                twin_failpoints::hit(point);
+                stream.write_all(&bytes[half..])?;
+            }
+            _ => stream.write_all(bytes)?,
+        }
+        *last = Instant::now();
+        Ok(())
+    }
+
+    fn send(&self, msg: &Message) -> Result<(), SessionError> {
+        let mut buf = BytesMut::new();
+        self.codec.encode_message(msg, &mut buf)?;
+        self.write(&buf, None)
+    }
+
+    /// Best effort, for leaving: waits at most `patience` for the write lock (a writer
+    /// stuck on a dead peer holds it), then gives up.
+    fn send_goodbye(&self, reason: String, patience: Duration) {
+        let until = Instant::now() + patience;
+        loop {
+            if let Ok(mut last) = self.last_write.try_lock() {
+                let mut buf = BytesMut::new();
+                let msg = Message::Goodbye(Goodbye { reason });
+                if self.codec.encode_message(&msg, &mut buf).is_ok()
+                    && (&self.stream).write_all(&buf).is_ok()
+                {
+                    *last = Instant::now();
+                }
+                return;
+            }
+            if Instant::now() >= until {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// How long nothing was written, or `None` while a write is under way.
+    fn idle_for(&self) -> Option<Duration> {
+        self.last_write.try_lock().ok().map(|last| last.elapsed())
+    }
+}
+
+/// How long a goodbye may wait for the write lock.
+const GOODBYE_PATIENCE: Duration = Duration::from_millis(200);
+
 /// Reads acks and heartbeats until the connection fails; returns why it ended.
-fn read_acks(s: &Shared, mut conn: Conn, failed: &AtomicBool) -> SessionError {
+fn read_acks(
+    s: &Shared,
+    mut conn: Conn,
+    writer: &FrameWriter,
+    failed: &AtomicBool,
+) -> SessionError {
     twin_vmm::realtime::elevate_or_warn("ack reader");
     let err = loop {
         if s.stopping() {
@@ -659,23 +776,79 @@ fn read_acks(s: &Shared, mut conn: Conn, failed: &AtomicBool) -> SessionError {
         }
     };
     failed.store(true, Ordering::Release);
+    if !matches!(
+        err,
+        SessionError::Goodbye(_) | SessionError::Closed | SessionError::Stopping
+    ) {
+        // The backup may be alive (it sent something bad, or was only slow): tell it this
+        // primary is leaving, or it would take the closed connection for a dead primary
+        // and run the VM beside this one.
+        writer.send_goodbye(
+            format!("primary abandons the session: {err}"),
+            GOODBYE_PATIENCE,
+        );
+    }
     let _ = conn.stream.shutdown(std::net::Shutdown::Both);
     err
 }
 
+/// Sends a heartbeat whenever nothing else went out for `heartbeat_interval`, from its own
+/// real-time thread: the epoch loop may be waiting for vCPUs to park, and a backup that
+/// hears nothing for its timeout takes over.
+fn send_heartbeats(s: &Shared, writer: &FrameWriter, done: &AtomicBool) {
+    twin_vmm::realtime::elevate_or_warn("heartbeat");
+    let hb = s.cfg.heartbeat_interval;
+    let mut seq = 0u64;
+    while !done.load(Ordering::Acquire) {
+        std::thread::sleep(hb / 4);
+        if writer.idle_for().is_some_and(|idle| idle >= hb) {
+            seq += 1;
+            let last_epoch = s.status().epoch;
+            let beat = Message::Heartbeat(Heartbeat {
+                seq,
+                sent_at_ns: now_ns(),
+                last_epoch,
+            });
+            if writer.send(&beat).is_err() {
+                return;
+            }
+        }
+    }
+}
+
 fn epoch_loop(s: &Shared, mut conn: Conn, next_epoch: &mut u64) -> Result<(), SessionError> {
+    let writer = FrameWriter::new(conn.stream.try_clone()?);
     let mut reader_conn = Conn::new(conn.stream.try_clone()?);
     // Bytes the handshake read past the HelloAck (an early heartbeat) belong to the reader;
     // starting it without them would start it mid-frame.
     reader_conn.rbuf = std::mem::take(&mut conn.rbuf);
     let failed = AtomicBool::new(false);
+    let done = AtomicBool::new(false);
     std::thread::scope(|scope| {
-        let reader = scope.spawn(|| read_acks(s, reader_conn, &failed));
-        let r = send_epochs(s, &mut conn, next_epoch, &failed);
+        let reader = scope.spawn(|| read_acks(s, reader_conn, &writer, &failed));
+        let beats = scope.spawn(|| send_heartbeats(s, &writer, &done));
+        let r = send_epochs(s, &mut conn, &writer, next_epoch, &failed);
+        done.store(true, Ordering::Release);
+        match &r {
+            Err(SessionError::Stopping) => {
+                let reason = if s.handover.load(Ordering::Acquire) {
+                    HANDOVER_REASON.to_string()
+                } else {
+                    "primary stopping".to_string()
+                };
+                writer.send_goodbye(reason, GOODBYE_PATIENCE);
+            }
+            Err(SessionError::Closed | SessionError::Io(_)) | Ok(()) => {}
+            Err(e) => writer.send_goodbye(
+                format!("primary abandons the session: {e}"),
+                GOODBYE_PATIENCE,
+            ),
+        }
         // Half-close only: the reader must still get what the backup sent before it went
         // away — above all a takeover Goodbye, which says this primary must stand down
         // (fence) instead of releasing its held output. It ends at EOF or its timeout.
         let _ = conn.stream.shutdown(std::net::Shutdown::Write);
+        let _ = beats.join();
         let reader_err = reader
             .join()
             .unwrap_or(SessionError::Unexpected("reader panic"));
@@ -692,37 +865,28 @@ fn epoch_loop(s: &Shared, mut conn: Conn, next_epoch: &mut u64) -> Result<(), Se
 fn send_epochs(
     s: &Shared,
     conn: &mut Conn,
+    writer: &FrameWriter,
     next_epoch: &mut u64,
     failed: &AtomicBool,
 ) -> Result<(), SessionError> {
     let interval = s.cfg.interval;
     let mut next_tick = Instant::now();
-    let mut last_send = Instant::now();
-    let mut hb_seq = 0u64;
     loop {
         if s.stopping() {
-            let _ = conn.send(&Message::Goodbye(Goodbye {
-                reason: "primary stopping".into(),
-            }));
             return Err(SessionError::Stopping);
         }
         if failed.load(Ordering::Acquire) {
             return Err(SessionError::Closed);
         }
+        let unacked = s.status().in_flight.len();
+        if unacked > MAX_UNACKED_EPOCHS {
+            // Output would be held for longer than any client waits: treat the backup as
+            // lost and let the loss policy decide.
+            return Err(SessionError::TooFarBehind(unacked));
+        }
         let now = Instant::now();
         if now < next_tick {
-            if now.duration_since(last_send) >= s.cfg.heartbeat_interval {
-                hb_seq += 1;
-                let last = s.status().epoch;
-                conn.send(&Message::Heartbeat(Heartbeat {
-                    seq: hb_seq,
-                    sent_at_ns: now_ns(),
-                    last_epoch: last,
-                }))?;
-                last_send = now;
-            }
-            let nap = (next_tick - now).min(s.cfg.heartbeat_interval);
-            std::thread::sleep(nap.min(Duration::from_millis(5)));
+            std::thread::sleep((next_tick - now).min(Duration::from_millis(5)));
             continue;
         }
         let epoch = *next_epoch;
@@ -751,6 +915,7 @@ fn send_epochs(
             page_count: refs.len() as u64,
             state_len: state.len() as u64,
         };
+        conn.wbuf.clear();
         let mut enc = EpochEncoder::begin(conn.codec, begin, PAGE_SIZE as u32, &mut conn.wbuf)?;
         enc.pages(&refs, &mut conn.wbuf)?;
         enc.state(&state, &mut conn.wbuf)?;
@@ -774,8 +939,9 @@ fn send_epochs(
                 st.recent.pop_front();
             }
         }
-        conn.flush()?;
-        last_send = Instant::now();
+        writer.write(&conn.wbuf, Some("primary.mid_stream"))?;
+        conn.wbuf.clear();
+        twin_failpoints::hit("primary.after_send");
         debug!(
             epoch,
             pages = refs.len(),

@@ -407,6 +407,11 @@ fn serve_vm(
 /// process's exit status or the reason it failed.
 fn next_vm_outcome(vmm: &Vmm) -> Option<Result<ExitCode>> {
     use std::sync::mpsc::RecvTimeoutError;
+    if let Some(why) = vmm.device_failure() {
+        return Some(Err(anyhow::anyhow!(
+            "the VM's network device failed: {why}"
+        )));
+    }
     Some(match vmm.next_event(Duration::from_millis(5)) {
         Ok(VmEvent::PowerOff(code)) => {
             tracing::info!(code, "guest powered off");
@@ -516,12 +521,20 @@ fn protect(args: ProtectArgs) -> Result<ExitCode> {
             let _ = reply.send(resp);
         }
     };
-    // Stop checkpointing first (the backup is told goodbye and will not take over), then
-    // decide the fate of held output: a VM that stops on purpose releases what it said.
     vmm.pause();
-    let fenced = primary.mode() == Mode::Fenced;
-    primary.stop();
-    if !fenced {
+    if primary.mode() == Mode::Fenced {
+        // The backup took over; unacknowledged output was discarded.
+        primary.stop();
+    } else if outcome.is_err() {
+        // This VM cannot go on (a device died, a vCPU failed): nothing more of its output
+        // may leave, and the backup takes over from its last acknowledged checkpoint.
+        let discarded = netbuf.fence();
+        tracing::error!(discarded, "handing the VM over to the backup");
+        primary.hand_over();
+    } else {
+        // Stopping on purpose (signal, guest power-off): the backup is told goodbye and
+        // will not take over, and what the VM said is released.
+        primary.stop();
         netbuf.release_all();
     }
     netbuf.close();

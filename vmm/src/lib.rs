@@ -614,13 +614,11 @@ impl Vmm {
         self.net.as_ref().map(|n| n.tap.clone())
     }
 
-    /// Whether the NIC's RX worker is alive (false after it failed).
-    pub fn net_healthy(&self) -> bool {
-        self.net
-            .as_ref()
-            .is_none_or(|n| n.worker.as_ref().is_none_or(|w| w.is_running()))
+    /// Why a device failed for good (the NIC's TAP disappeared), if one has: the VM can no
+    /// longer do its job, and its driver should stop it (or hand it over to the backup).
+    pub fn device_failure(&self) -> Option<String> {
+        self.net.as_ref()?.worker.as_ref()?.failure()
     }
-
     /// Pauses the VM, captures its whole state, resumes it. No pages.
     pub fn capture_state(&self) -> Result<MachineState, VmmError> {
         self.pause();

@@ -81,6 +81,12 @@ pub enum NetError {
     WorkerPanicked,
     #[error("virtio-pci transport")]
     Transport(#[from] VirtioPciError),
+    #[error("TAP {tap} failed (was it deleted?)")]
+    TapGone {
+        tap: String,
+        #[source]
+        source: io::Error,
+    },
 }
 
 /// Host-side counters (not part of the saved state).
@@ -426,6 +432,8 @@ impl FrameSource for Tap {
 
 /// A frame read from the TAP and not yet placed in a guest buffer.
 struct RxPending {
+    /// Why the source failed, when it did.
+    error: Option<io::Error>,
     buf: Vec<u8>,
     len: Option<usize>,
 }
@@ -446,6 +454,8 @@ impl crate::devices::Pausable for VirtioNet {
 #[derive(Debug, PartialEq, Eq)]
 enum RxStop {
     SourceEmpty,
+    /// The source failed for good (the error is in `RxPending::error`).
+    SourceFailed,
     NoBuffers,
     /// Batch limit hit: go again after letting others take the lock.
     Budget,
@@ -469,9 +479,13 @@ fn rx_pass(dev: &mut VirtioNet, rx: &mut RxPending, src: &dyn FrameSource) -> Rx
                 None => match src.recv(&mut rx.buf) {
                     Ok(n) => n,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break RxStop::SourceEmpty,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(e) => {
-                        tracing::warn!(error = %e, "reading a frame from the TAP failed");
-                        break RxStop::SourceEmpty;
+                        // A TAP read fails only when the TAP is gone or broken (EBADFD
+                        // after `ip link del`): the NIC is dead, and saying so beats a VM
+                        // that silently stops hearing anything.
+                        rx.error = Some(e);
+                        break RxStop::SourceFailed;
                     }
                 },
             };
@@ -499,6 +513,8 @@ const TOKEN_TAP: u64 = 2;
 /// The RX thread of one virtio-net device. Dropping it stops the thread.
 pub struct NetWorker {
     stop: EventFd,
+    /// Why the thread ended, if it failed: read by the VMM to report a dead NIC.
+    failure: Arc<Mutex<Option<String>>>,
     thread: Option<JoinHandle<Result<(), NetError>>>,
 }
 
@@ -527,20 +543,32 @@ impl NetWorker {
             EventSet::IN | EventSet::EDGE_TRIGGERED,
             TOKEN_TAP,
         )?;
+        let failure = Arc::new(Mutex::new(None));
+        let failure2 = failure.clone();
         let thread = std::thread::Builder::new()
             .name(format!("net-rx-{}", tap.name()))
             .spawn(move || {
                 let r = rx_loop(&dev, &tap, &kick, &epoll);
                 if let Err(e) = &r {
-                    tracing::error!(error = %e, tap = tap.name(), "virtio-net RX worker stopped");
+                    let why = crate::error_chain(e);
+                    tracing::error!(tap = tap.name(), "virtio-net RX worker stopped: {e}: {why}");
+                    if let Ok(mut f) = failure2.lock() {
+                        *f = Some(format!("{e}: {why}"));
+                    }
                 }
                 r
             })
             .map_err(NetError::Spawn)?;
         Ok(Self {
             stop,
+            failure,
             thread: Some(thread),
         })
+    }
+
+    /// Why the worker failed, once it has (`None` while it runs or after a clean stop).
+    pub fn failure(&self) -> Option<String> {
+        self.failure.lock().ok().and_then(|f| f.clone())
     }
 
     /// Whether the thread is still running (false after an error).
@@ -580,6 +608,7 @@ fn rx_loop(
     let mut rx = RxPending {
         buf: vec![0; MAX_BUFFER_LEN],
         len: None,
+        error: None,
     };
     let mut tap_armed = true;
     // Frames may have queued up before the worker started (or before a restore).
@@ -594,6 +623,15 @@ fn rx_loop(
             match stop {
                 RxStop::Budget => continue,
                 RxStop::SourceEmpty => {}
+                RxStop::SourceFailed => {
+                    return Err(NetError::TapGone {
+                        tap: tap.name().to_owned(),
+                        source: rx
+                            .error
+                            .take()
+                            .unwrap_or_else(|| io::Error::other("unknown")),
+                    })
+                }
                 RxStop::NoBuffers if tap_armed => {
                     // Stop reading the TAP (its queue holds the frames) until a kick.
                     epoll
@@ -963,6 +1001,7 @@ mod tests {
         let mut rx = RxPending {
             buf: vec![0; MAX_BUFFER_LEN],
             len: None,
+            error: None,
         };
         s.rxq.add(&[(0x50000, 1526, true)]);
         s.rxq.add(&[(0x51000, 12, true), (0x52000, 1514, true)]);
@@ -1000,6 +1039,7 @@ mod tests {
         let mut rx = RxPending {
             buf: vec![0; MAX_BUFFER_LEN],
             len: None,
+            error: None,
         };
         s.rxq.add(&[(0x50000, 1526, true)]);
         s.msi.take();
@@ -1027,6 +1067,7 @@ mod tests {
         let mut rx = RxPending {
             buf: vec![0; MAX_BUFFER_LEN],
             len: None,
+            error: None,
         };
         s.rxq.add(&[(0x50000, 200, true)]);
         assert_eq!(rx_pass(&mut s.dev, &mut rx, &src), RxStop::SourceEmpty);
@@ -1042,6 +1083,7 @@ mod tests {
         let mut rx = RxPending {
             buf: vec![0; MAX_BUFFER_LEN],
             len: None,
+            error: None,
         };
         // A buffer too small for even the header.
         s.rxq.add(&[(0x50000, 4, true)]);
