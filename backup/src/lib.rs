@@ -305,7 +305,7 @@ impl Backup {
                             takeover_after = Some(Instant::now());
                         }
                         SessionEnd::Goodbye(_) => {
-                            info!("{end_msg}; not taking over");
+                            info!("{end_msg}; no takeover");
                             // A primary that stopped on purpose keeps no replica alive.
                             self.replica = None;
                         }
