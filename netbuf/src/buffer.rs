@@ -425,6 +425,13 @@ impl NetBuffer {
         Ok(())
     }
 
+    /// Whether output waits in the open epoch: frames only the next checkpoint can release.
+    /// The primary checkpoints early when there is (eager output commit).
+    pub fn has_open_output(&self) -> bool {
+        let s = self.shared.lock();
+        s.mode == Mode::Protected && s.held.back().is_some_and(|e| e.epoch >= s.open_epoch)
+    }
+
     /// The backup has committed checkpoint `epoch`: release, in push order, every held frame
     /// of epochs `<= epoch` to the output queue. Returns how many were released; an ack of
     /// an epoch already acknowledged releases nothing.
@@ -585,6 +592,24 @@ mod tests {
 
     fn buffer() -> NetBuffer {
         NetBuffer::new(NetBufferConfig::default())
+    }
+
+    #[test]
+    fn open_output_is_what_the_next_seal_would_close() {
+        let b = buffer();
+        assert!(!b.has_open_output());
+        b.push(&frame(1));
+        assert!(b.has_open_output());
+        b.seal(1).unwrap();
+        assert!(
+            !b.has_open_output(),
+            "sealed output waits for an ack, not a checkpoint"
+        );
+        b.push(&frame(2));
+        assert!(b.has_open_output());
+        b.release_all();
+        b.push(&frame(3));
+        assert!(!b.has_open_output(), "unprotected output is not held");
     }
 
     #[test]

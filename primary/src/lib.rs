@@ -33,8 +33,9 @@ pub const HANDOVER_REASON: &str = "handover";
 /// How long a primary waits before asking again a backup that refused its protocol version.
 const VERSION_RETRY: Duration = Duration::from_secs(60);
 
-/// Unacknowledged epochs beyond which the backup counts as lost (5 s at 25 ms epochs).
-const MAX_UNACKED_EPOCHS: usize = 200;
+/// Age of the oldest unacknowledged epoch beyond which the backup counts as lost: output
+/// held that long is older than any client waits for.
+const MAX_UNACKED_AGE: Duration = Duration::from_secs(5);
 
 /// The NIC's transmit sink while protected: frames go into the output-commit buffer.
 pub struct NetbufSink(pub twin_netbuf::FrameSink);
@@ -85,8 +86,12 @@ pub enum LossPolicy {
 pub struct ProtectConfig {
     /// `HOST:PORT` of the backup.
     pub backup: String,
-    /// Checkpoint interval.
+    /// Checkpoint interval: the longest an epoch lasts.
     pub interval: Duration,
+    /// Eager output commit: when the guest has output held, checkpoint as soon as this long
+    /// has passed since the previous checkpoint instead of waiting for the interval, so a
+    /// reply waits ~1 ms instead of up to an interval. `None`: checkpoints on the timer only.
+    pub eager_gap: Option<Duration>,
     pub on_backup_loss: LossPolicy,
     /// Silence from the backup longer than this means it is lost.
     pub backup_timeout: Duration,
@@ -139,8 +144,8 @@ pub enum SessionError {
     Closed,
     #[error("the backup said goodbye: {0}")]
     Goodbye(String),
-    #[error("the backup is {0} epochs behind")]
-    TooFarBehind(usize),
+    #[error("the backup has not acknowledged epochs sent {0:?} ago")]
+    TooFarBehind(Duration),
     #[error("the backup acknowledged epoch {epoch}, which was never sent")]
     BogusAck { epoch: u64 },
     #[error("unexpected {0} from the backup")]
@@ -157,6 +162,8 @@ struct Status {
     epoch: u64,
     acked: Option<u64>,
     checkpoints: u64,
+    /// Checkpoints taken early because output was waiting (eager output commit).
+    eager: u64,
     stretched: u64,
     pause_ns: Samples,
     stop_ns: Samples,
@@ -183,6 +190,7 @@ impl Status {
             epoch: 0,
             acked: None,
             checkpoints: 0,
+            eager: 0,
             stretched: 0,
             pause_ns: s(),
             stop_ns: s(),
@@ -294,6 +302,8 @@ impl Primary {
             "acked_epoch": st.acked,
             "backup_lag_epochs": st.acked.map(|a| st.epoch.saturating_sub(a)).unwrap_or(st.epoch),
             "checkpoints": st.checkpoints,
+            "eager_checkpoints": st.eager,
+            "eager_gap_ms": self.shared.cfg.eager_gap.map(|g| g.as_secs_f64() * 1e3),
             "checkpoint_rate_hz": rate,
             "stretched_epochs": st.stretched,
             "pause_us": {"median": us(st.pause_ns.median()), "p99": us(st.pause_ns.p99())},
@@ -728,6 +738,9 @@ impl FrameWriter {
     }
 }
 
+/// How often the epoch loop looks for waiting output in eager mode.
+const EAGER_POLL: Duration = Duration::from_micros(500);
+
 /// How long a goodbye may wait for the write lock.
 const GOODBYE_PATIENCE: Duration = Duration::from_millis(200);
 
@@ -871,6 +884,7 @@ fn send_epochs(
 ) -> Result<(), SessionError> {
     let interval = s.cfg.interval;
     let mut next_tick = Instant::now();
+    let mut last_checkpoint = Instant::now();
     loop {
         if s.stopping() {
             return Err(SessionError::Stopping);
@@ -878,17 +892,32 @@ fn send_epochs(
         if failed.load(Ordering::Acquire) {
             return Err(SessionError::Closed);
         }
-        let unacked = s.status().in_flight.len();
-        if unacked > MAX_UNACKED_EPOCHS {
+        let oldest = s
+            .status()
+            .in_flight
+            .first_key_value()
+            .map(|(_, t)| t.elapsed());
+        if let Some(age) = oldest.filter(|&a| a > MAX_UNACKED_AGE) {
             // Output would be held for longer than any client waits: treat the backup as
             // lost and let the loss policy decide.
-            return Err(SessionError::TooFarBehind(unacked));
+            return Err(SessionError::TooFarBehind(age));
         }
         let now = Instant::now();
-        if now < next_tick {
-            std::thread::sleep((next_tick - now).min(Duration::from_millis(5)));
+        let eager_due = s
+            .cfg
+            .eager_gap
+            .is_some_and(|gap| now >= last_checkpoint + gap && s.netbuf.has_open_output());
+        if now < next_tick && !eager_due {
+            let poll = if s.cfg.eager_gap.is_some() {
+                EAGER_POLL
+            } else {
+                Duration::from_millis(5)
+            };
+            std::thread::sleep((next_tick - now).min(poll));
             continue;
         }
+        let started = Instant::now();
+        last_checkpoint = started;
         let epoch = *next_epoch;
         let netbuf = &s.netbuf;
         twin_failpoints::hit("primary.before_pause");
@@ -925,6 +954,9 @@ fn send_epochs(
             let mut st = s.status();
             st.epoch = epoch;
             st.checkpoints += 1;
+            if started < next_tick {
+                st.eager += 1;
+            }
             st.in_flight.insert(epoch, Instant::now());
             let t = &cp.timings;
             st.pause_ns.push(t.pause_ns);
@@ -949,7 +981,8 @@ fn send_epochs(
             pause_us = cp.timings.pause_ns / 1000,
             "checkpoint sent"
         );
-        next_tick += interval;
+        // The interval bounds an epoch's length from its start, eager or not.
+        next_tick = started + interval;
         if next_tick < Instant::now() {
             // The send outlasted the interval: start the next epoch now, and say so.
             s.status().stretched += 1;

@@ -59,9 +59,16 @@ struct ProtectArgs {
     /// The backup's replication address, HOST:PORT.
     #[arg(long)]
     backup: String,
-    /// Checkpoint interval.
+    /// Checkpoint interval: the longest an epoch lasts.
     #[arg(long, default_value = "25ms")]
     interval: args::Millis,
+    /// Eager output commit: when the guest has output waiting, checkpoint as soon as this
+    /// long has passed since the previous checkpoint (replies wait ~1 ms, not an interval).
+    #[arg(long, default_value = "2ms")]
+    eager_gap: args::Millis,
+    /// Checkpoint on the interval only, as classic Remus does.
+    #[arg(long)]
+    no_eager: bool,
     /// What to do with held output when the backup is lost: release it and run
     /// unprotected, or hold it until a backup returns.
     #[arg(long, value_enum, default_value_t = LossArg::Release)]
@@ -487,6 +494,7 @@ fn protect(args: ProtectArgs) -> Result<ExitCode> {
     let cfg = ProtectConfig {
         backup: args.backup.clone(),
         interval: args.interval.0,
+        eager_gap: (!args.no_eager).then_some(args.eager_gap.0),
         on_backup_loss: match args.on_backup_loss {
             LossArg::Release => LossPolicy::Release,
             LossArg::Hold => LossPolicy::Hold,
