@@ -18,7 +18,9 @@ pub mod announce;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::Receiver;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
@@ -80,6 +82,8 @@ enum SessionEnd {
     Corrupt(#[from] twin_wire::DecodeError),
     #[error("protocol violation: {0}")]
     Protocol(String),
+    #[error("cannot zero replica pages")]
+    Replica(#[source] std::io::Error),
     #[error("primary said goodbye: {0}")]
     Goodbye(String),
     #[error("primary refused by the handshake: {0}")]
@@ -135,18 +139,83 @@ struct Conn {
     rbuf: BytesMut,
     wbuf: BytesMut,
     last_rx: Instant,
-    last_tx: Instant,
+    tx: Arc<Sender>,
+}
+
+/// The sending half of a session, shared by the session loop (acks, goodbyes) and the
+/// heartbeat thread; the lock keeps frames whole.
+struct Sender {
+    stream: TcpStream,
+    /// When a frame last went out.
+    last_tx: Mutex<Instant>,
+    /// Last committed epoch, reported in heartbeats.
+    committed: AtomicU64,
+    done: AtomicBool,
+}
+
+impl Sender {
+    fn write(&self, bytes: &[u8]) -> std::io::Result<()> {
+        let mut last = self.last_tx.lock().expect("send lock poisoned");
+        (&self.stream).write_all(bytes)?;
+        *last = Instant::now();
+        Ok(())
+    }
+}
+
+/// Sends a heartbeat whenever nothing else went out for `interval`. A thread of its own
+/// so that the primary hears from a backup busy applying a large sync or epoch: a backup
+/// the primary thinks silent is abandoned, and a goodbye stuck behind a full socket
+/// buffer would then reach it as a bare EOF, the mark of a dead primary.
+fn send_heartbeats(tx: &Sender, interval: Duration) {
+    twin_vmm::realtime::elevate_or_warn("backup heartbeat");
+    let codec = FrameCodec::new();
+    let mut seq = 0u64;
+    let mut buf = BytesMut::new();
+    while !tx.done.load(Ordering::Acquire) {
+        std::thread::park_timeout(interval / 4);
+        if tx.done.load(Ordering::Acquire) {
+            return;
+        }
+        let idle = tx.last_tx.lock().map(|l| l.elapsed()).unwrap_or_default();
+        if idle < interval {
+            continue;
+        }
+        seq += 1;
+        buf.clear();
+        let beat = Message::Heartbeat(Heartbeat {
+            seq,
+            sent_at_ns: 0,
+            last_epoch: tx.committed.load(Ordering::Acquire),
+        });
+        if codec.encode_message(&beat, &mut buf).is_err() || tx.write(&buf).is_err() {
+            return;
+        }
+    }
+}
+
+/// Stops and joins the heartbeat thread when a session ends, however it ends.
+struct HeartbeatGuard {
+    tx: Arc<Sender>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for HeartbeatGuard {
+    fn drop(&mut self) {
+        self.tx.done.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            t.thread().unpark();
+            let _ = t.join();
+        }
+    }
 }
 
 impl Conn {
     fn send(&mut self, msg: &Message) -> std::io::Result<()> {
+        self.wbuf.clear();
         self.codec
             .encode_message(msg, &mut self.wbuf)
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
-        self.stream.write_all(&self.wbuf)?;
-        self.wbuf.clear();
-        self.last_tx = Instant::now();
-        Ok(())
+        self.tx.write(&self.wbuf)
     }
 
     /// The next message if one arrives within `wait`; `Ok(None)` on a quiet `wait`.
@@ -234,7 +303,7 @@ impl Backup {
     pub fn run(
         mut self,
         control: &Receiver<BackupRequest>,
-        stop: &std::sync::atomic::AtomicBool,
+        stop: &AtomicBool,
         console: impl FnOnce() -> ConsoleOut,
     ) -> Result<Outcome, BackupError> {
         self.tap =
@@ -249,7 +318,7 @@ impl Backup {
         let mut takeover_after: Option<Instant> = None;
         let mut takeover_reply: Option<FailoverReply> = None;
         loop {
-            if stop.load(std::sync::atomic::Ordering::Acquire) {
+            if stop.load(Ordering::Acquire) {
                 return Err(BackupError::Stopped);
             }
             if takeover_after.is_some_and(|t| Instant::now() >= t) {
@@ -352,7 +421,7 @@ impl Backup {
         &mut self,
         stream: TcpStream,
         control: &Receiver<BackupRequest>,
-        stop: &std::sync::atomic::AtomicBool,
+        stop: &AtomicBool,
         takeover_reply: &mut Option<FailoverReply>,
     ) -> SessionEnd {
         if let Err(e) = stream
@@ -361,23 +430,32 @@ impl Backup {
         {
             return e.into();
         }
+        let tx = match stream.try_clone() {
+            Ok(w) => Arc::new(Sender {
+                stream: w,
+                last_tx: Mutex::new(Instant::now()),
+                committed: AtomicU64::new(0),
+                done: AtomicBool::new(false),
+            }),
+            Err(e) => return e.into(),
+        };
         let mut conn = Conn {
             stream,
             codec: FrameCodec::new(),
             rbuf: BytesMut::with_capacity(1 << 20),
             wbuf: BytesMut::new(),
             last_rx: Instant::now(),
-            last_tx: Instant::now(),
+            tx: tx.clone(),
         };
+        let mut heartbeats = HeartbeatGuard { tx, thread: None };
         let timeout = self.cfg.heartbeat_timeout;
         let hb = self.cfg.heartbeat_interval;
-        let mut hb_seq = 0u64;
         let mut sync: Option<SyncTracker> = None;
         let mut assembler: Option<EpochAssembler> = None;
         let mut hello_done = false;
         let mut described = false;
         loop {
-            if stop.load(std::sync::atomic::Ordering::Acquire) {
+            if stop.load(Ordering::Acquire) {
                 return SessionEnd::Stopping;
             }
             while let Ok(req) = control.try_recv() {
@@ -397,21 +475,6 @@ impl Backup {
                 }
             }
             let now = Instant::now();
-            if hello_done && now.duration_since(conn.last_tx) >= hb {
-                hb_seq += 1;
-                let last = self
-                    .replica
-                    .as_ref()
-                    .and_then(|r| r.committed.as_ref().map(|(e, _)| *e))
-                    .unwrap_or(0);
-                if let Err(e) = conn.send(&Message::Heartbeat(Heartbeat {
-                    seq: hb_seq,
-                    sent_at_ns: 0,
-                    last_epoch: last,
-                })) {
-                    return e.into();
-                }
-            }
             let wait = hb.min(timeout.saturating_sub(now.duration_since(conn.last_rx)));
             let wait = if wait.is_zero() { hb } else { wait };
             let msg = match conn.poll(wait, &mut self.stats) {
@@ -452,6 +515,16 @@ impl Backup {
                                 return e.into();
                             }
                             hello_done = true;
+                            if heartbeats.thread.is_none() {
+                                let tx = heartbeats.tx.clone();
+                                let spawned = std::thread::Builder::new()
+                                    .name("backup-heartbeat".into())
+                                    .spawn(move || send_heartbeats(&tx, hb));
+                                match spawned {
+                                    Ok(t) => heartbeats.thread = Some(t),
+                                    Err(e) => return e.into(),
+                                }
+                            }
                             info!(generation = h.generation, version = %h.software_version, "primary accepted");
                             self.stats.state = "handshake";
                             // Replica is (re)built on VmDescription; remember who it is for.
@@ -528,8 +601,12 @@ impl Backup {
                     if let Err(e) = tracker.zero_pages(&z) {
                         return SessionEnd::Protocol(format!("{e}"));
                     }
-                    for &i in &z.indices {
-                        r.memory.zero_page(i);
+                    match r.memory.zero_pages(&z.indices) {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            return SessionEnd::Protocol("zero page index out of range".into())
+                        }
+                        Err(e) => return SessionEnd::Replica(e),
                     }
                 }
                 Message::SyncDone(done) if described => {
@@ -608,6 +685,7 @@ impl Backup {
             r.memory.write_page(page.index, &page.data);
         }
         r.committed = Some((epoch.epoch, state));
+        conn.tx.committed.store(epoch.epoch, Ordering::Release);
         let us = t0.elapsed().as_secs_f64() * 1e6;
         self.stats.epochs_applied += 1;
         self.stats.last_apply_us = us;

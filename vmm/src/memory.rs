@@ -146,17 +146,40 @@ impl Memory {
         true
     }
 
-    /// Zeroes page `index`; false if out of range. A page that is zero already is not
-    /// written, so fresh memory stays unallocated.
-    pub fn zero_page(&self, index: u64) -> bool {
-        let Some(off) = (index as usize).checked_mul(PAGE_SIZE) else {
-            return false;
-        };
-        match self.as_slice().get(off..off + PAGE_SIZE) {
-            Some(page) if page.iter().all(|&b| b == 0) => true,
-            Some(_) => self.write_page(index, &[0u8; PAGE_SIZE]),
-            None => false,
+    /// Zeroes the pages at `indices` by punching holes in the memfd: no page is touched
+    /// or allocated (a fresh replica's initial sync names tens of thousands of zero
+    /// pages, and writing or even reading them would fault each one in), and pages that
+    /// held data are freed. Nothing is done and false returned if any index is out of
+    /// range; an `Err` only if the kernel refuses the hole punch.
+    pub fn zero_pages(&self, indices: &[u64]) -> std::io::Result<bool> {
+        let pages = self.page_count() as u64;
+        if indices.iter().any(|&i| i >= pages) {
+            return Ok(false);
         }
+        let mut i = 0;
+        while i < indices.len() {
+            // Coalesce a run of consecutive pages into one hole.
+            let first = indices[i];
+            let mut len = 1u64;
+            while i + (len as usize) < indices.len() && indices[i + len as usize] == first + len {
+                len += 1;
+            }
+            i += len as usize;
+            // SAFETY: plain syscall on our own memfd; the range lies inside the file (checked
+            // above). The shared mapping stays valid: punched pages read back as zeroes.
+            let rc = unsafe {
+                libc::fallocate(
+                    self.file.as_raw_fd(),
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                    (first * PAGE_SIZE as u64) as libc::off_t,
+                    (len * PAGE_SIZE as u64) as libc::off_t,
+                )
+            };
+            if rc != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+        Ok(true)
     }
 
     /// Takes the VMM's own dirty bitmap (one bit per page, u64 words, like KVM's log) and
@@ -199,8 +222,17 @@ mod tests {
         assert!(!m.write_page(1024, &[7u8; PAGE_SIZE]));
         assert!(!m.write_page(u64::MAX, &[7u8; PAGE_SIZE]));
         assert!(!m.write_page(0, &[7u8; 10]));
-        assert!(m.zero_page(1023));
-        assert_eq!(m.as_slice()[1023 * PAGE_SIZE], 0);
+        assert!(m.write_page(1022, &[9u8; PAGE_SIZE]));
+        assert!(m.write_page(5, &[9u8; PAGE_SIZE]));
+        assert!(!m.zero_pages(&[5, 1024]).unwrap(), "out of range refused");
+        assert_eq!(m.as_slice()[5 * PAGE_SIZE], 9, "nothing zeroed on refusal");
+        assert!(m.zero_pages(&[5, 1022, 1023]).unwrap());
+        assert!(m.as_slice()[5 * PAGE_SIZE..6 * PAGE_SIZE]
+            .iter()
+            .all(|&b| b == 0));
+        assert!(m.as_slice()[1022 * PAGE_SIZE..].iter().all(|&b| b == 0));
+        assert_eq!(m.as_slice()[4 * PAGE_SIZE], 0);
+        assert_eq!(m.as_slice()[6 * PAGE_SIZE - 1], 0);
     }
 
     #[test]
