@@ -151,9 +151,30 @@ struct Sender {
     /// Last committed epoch, reported in heartbeats.
     committed: AtomicU64,
     done: AtomicBool,
+    /// When the heartbeat thread last ran, and the end and length of the last gap in its
+    /// running long enough for the primary to have given up on this backup.
+    last_wake: Mutex<Instant>,
+    last_stall: Mutex<Option<(Instant, Duration)>>,
 }
 
 impl Sender {
+    /// A stall of this process that may explain a lost connection: the heartbeat thread
+    /// has not run for [`SELF_STALL`] (it is stalled now), or it was stalled that long
+    /// within the last [`STALL_MEMORY`].
+    fn recent_stall(&self) -> Option<Duration> {
+        let now_gap = self
+            .last_wake
+            .lock()
+            .map(|w| w.elapsed())
+            .unwrap_or_default();
+        if now_gap >= SELF_STALL {
+            return Some(now_gap);
+        }
+        let last = *self.last_stall.lock().ok()?;
+        last.filter(|(end, _)| end.elapsed() < STALL_MEMORY)
+            .map(|(_, len)| len)
+    }
+
     fn write(&self, bytes: &[u8]) -> std::io::Result<()> {
         let mut last = self.last_tx.lock().expect("send lock poisoned");
         (&self.stream).write_all(bytes)?;
@@ -175,6 +196,15 @@ fn send_heartbeats(tx: &Sender, interval: Duration) {
         std::thread::park_timeout(interval / 4);
         if tx.done.load(Ordering::Acquire) {
             return;
+        }
+        if let Ok(mut wake) = tx.last_wake.lock() {
+            let gap = wake.elapsed();
+            *wake = Instant::now();
+            if gap >= SELF_STALL {
+                if let Ok(mut stall) = tx.last_stall.lock() {
+                    *stall = Some((Instant::now(), gap));
+                }
+            }
         }
         let idle = tx.last_tx.lock().map(|l| l.elapsed()).unwrap_or_default();
         if idle < interval {
@@ -257,6 +287,8 @@ pub struct Backup {
     min_generation: u64,
     /// Identity from the current session's Hello, for the replica its description builds.
     pending_identity: Option<(VmId, u64)>,
+    /// Set when the last session ended within [`STALL_MEMORY`] of a stall of this process.
+    stalled: Option<Duration>,
     /// The takeover TAP, held open from start-up: a TAP gets carrier when opened, and a
     /// bridge forwards on the port only after the kernel's link watch (up to a second)
     /// has noticed — opened at takeover, the first announcements would be dropped.
@@ -274,6 +306,7 @@ impl Backup {
             },
             min_generation: 0,
             pending_identity: None,
+            stalled: None,
             tap: None,
         }
     }
@@ -381,8 +414,22 @@ impl Backup {
                         SessionEnd::Takeover => takeover_after = Some(Instant::now()),
                         SessionEnd::Stopping => return Err(BackupError::Stopped),
                         e if e.primary_dead() && self.has_committed() => {
-                            warn!("{end_msg}: primary presumed dead, taking over");
-                            takeover_after = Some(Instant::now());
+                            if let Some(stall) = self.stalled.take() {
+                                // The primary abandons a backup it has not heard from, and
+                                // its goodbye can be stuck behind a full socket buffer: a
+                                // bare EOF after our own stall does not prove it dead. A
+                                // live primary reconnects within a second; a dead one
+                                // costs this grace.
+                                warn!(
+                                    stall_ms = stall.as_millis() as u64,
+                                    grace_ms = STALL_GRACE.as_millis() as u64,
+                                    "{end_msg} right after this backup was stalled; waiting for the primary to reconnect before any takeover"
+                                );
+                                takeover_after = Some(Instant::now() + STALL_GRACE);
+                            } else {
+                                warn!("{end_msg}: primary presumed dead, taking over");
+                                takeover_after = Some(Instant::now());
+                            }
                         }
                         _ if self.has_committed() => {
                             // The primary is alive (it sent us something bad) and, once it
@@ -436,6 +483,8 @@ impl Backup {
                 last_tx: Mutex::new(Instant::now()),
                 committed: AtomicU64::new(0),
                 done: AtomicBool::new(false),
+                last_wake: Mutex::new(Instant::now()),
+                last_stall: Mutex::new(None),
             }),
             Err(e) => return e.into(),
         };
@@ -448,6 +497,24 @@ impl Backup {
             tx: tx.clone(),
         };
         let mut heartbeats = HeartbeatGuard { tx, thread: None };
+        let end = self.serve(&mut conn, &mut heartbeats, control, stop, takeover_reply);
+        self.stalled = if heartbeats.thread.is_some() {
+            heartbeats.tx.recent_stall()
+        } else {
+            None
+        };
+        end
+    }
+
+    /// The body of [`Backup::session`]: handshake, sync and epochs until the session ends.
+    fn serve(
+        &mut self,
+        conn: &mut Conn,
+        heartbeats: &mut HeartbeatGuard,
+        control: &Receiver<BackupRequest>,
+        stop: &AtomicBool,
+        takeover_reply: &mut Option<FailoverReply>,
+    ) -> SessionEnd {
         let timeout = self.cfg.heartbeat_timeout;
         let hb = self.cfg.heartbeat_interval;
         let mut sync: Option<SyncTracker> = None;
@@ -642,7 +709,7 @@ impl Backup {
                     match asm.push(em) {
                         Ok(None) => {}
                         Ok(Some(complete)) => {
-                            if let Err(e) = self.apply(complete, &mut conn) {
+                            if let Err(e) = self.apply(complete, conn) {
                                 return e;
                             }
                         }
@@ -758,6 +825,18 @@ impl Backup {
         Ok((vmm, report))
     }
 }
+
+/// A gap in the heartbeat thread's running this long may have made the primary give up on
+/// this backup: it is half the primary's default `--backup-timeout` (500 ms).
+const SELF_STALL: Duration = Duration::from_millis(250);
+
+/// How long after a stall a lost connection is still put down to it.
+const STALL_MEMORY: Duration = Duration::from_secs(1);
+
+/// How long a backup that was stalled waits for the primary to reconnect before it takes
+/// a bare EOF for a dead primary. A primary that abandoned its backup reconnects after
+/// one second.
+const STALL_GRACE: Duration = Duration::from_secs(3);
 
 /// Silence tolerated before the first committed checkpoint.
 const SYNC_SILENCE_LIMIT: Duration = Duration::from_secs(5);

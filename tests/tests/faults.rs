@@ -1043,6 +1043,85 @@ fn backup_restarted_resyncs() {
     ));
 }
 
+/// The backup's host hangs (SIGSTOP) for longer than the primary's `--backup-timeout`
+/// while the guest dirties memory, then thaws. The primary gives up on the silent backup
+/// and runs on; its goodbye may be stuck behind the full socket buffer, so the thawed
+/// backup may read only an EOF. It must not take that for a dead primary (split brain):
+/// the primary reconnects, resynchronises it, and a later real failover to it works.
+#[test]
+fn backup_stalled_past_the_primary_timeout() {
+    let mut rep = Report::new("backup_stalled_past_the_primary_timeout");
+    let mut rig = Rig::start(&mut rep, Opts::default());
+    rig.work()
+        .wait_replies_after(Instant::now(), PROOF_REPLIES, PROGRESS_TIMEOUT)
+        .expect("protected stream");
+    let pmark = rig.primary.mark();
+    let bmark = rig.backup().mark();
+    rep.step("freezing the backup (SIGSTOP) for 2 s");
+    rig.assert_no_takeover_yet();
+    rig.backup()
+        .signal(Signal::Stop)
+        .expect("SIGSTOP the backup");
+    let frozen = Instant::now();
+    rig.primary
+        .wait_for_line_after(pmark, "backup lost", Duration::from_secs(20))
+        .expect("the primary gives up on the frozen backup");
+    std::thread::sleep(Duration::from_secs(2).saturating_sub(frozen.elapsed()));
+    rig.backup()
+        .signal(Signal::Cont)
+        .expect("SIGCONT the backup");
+    rep.step("thawed; waiting for the primary to resynchronise the backup");
+    rig.primary
+        .wait_for_line_after(pmark, "VM is protected", PROTECT_TIMEOUT)
+        .expect("the primary resynchronises the thawed backup and is protected again");
+    let (_, said) = rig
+        .backup()
+        .wait_for(
+            bmark,
+            "the backup's view of the lost session",
+            Duration::from_secs(5),
+            |l| l.contains("primary connected"),
+        )
+        .expect("the primary reconnected to the thawed backup");
+    rep.note(format!("backup: {}", log_msg(&said)));
+    // Past the backup's grace for an ambiguous EOF: a takeover would have happened by now.
+    std::thread::sleep(Duration::from_secs(4));
+    rig.backup().ensure_running().expect("the backup stays up");
+    assert!(
+        !rig.backup().text(Stream::Stdout).contains("FAILOVER"),
+        "SPLIT BRAIN: the thawed backup took over while the primary runs"
+    );
+    rig.assert_no_takeover_yet();
+    let st = rig.primary_status().expect("primary status");
+    assert_eq!(st["mode"], "protected", "{st}");
+    let why = rig
+        .backup()
+        .text(Stream::Stderr)
+        .lines()
+        .find(|l| l.contains("stalled") || l.contains("said goodbye"))
+        .map(log_msg)
+        .unwrap_or_else(|| "nothing".into());
+    rep.note(format!("how the backup saw the session end: {why}"));
+    rig.work()
+        .wait_replies_after(Instant::now(), PROOF_REPLIES, PROGRESS_TIMEOUT)
+        .expect("protected stream after the resync");
+    rep.step("killing the primary to prove the resynchronised replica");
+    rig.primary.kill().expect("SIGKILL the primary");
+    let died = Instant::now();
+    let fo = rig.wait_failover(&mut rep);
+    rig.work()
+        .wait_replies_after(died, PROOF_REPLIES, PROGRESS_TIMEOUT)
+        .expect("the stream resumes on the backup");
+    let (p, client) = rig.finish_work();
+    rep.recover = p.max_gap_after(died - Duration::from_secs(1));
+    check_stream(&mut rep, &p, client, "backup");
+    rig.assert_no_panics();
+    rep.done(format!(
+        "no takeover by the thawed backup; resync, then failover at epoch {}; stream intact",
+        fo["epoch"]
+    ));
+}
+
 // =============================================================================================
 // Replication link cut or slowed.
 
