@@ -37,6 +37,7 @@ mod cmd;
 mod error;
 mod guest;
 mod link;
+mod load;
 mod netns;
 mod process;
 pub mod proxy;
@@ -47,6 +48,7 @@ pub use cmd::{CmdOutput, DEFAULT_COMMAND_TIMEOUT};
 pub use error::{HarnessError, Result};
 pub use guest::{parse_stats, parse_verify, GuestClient, Verify, DEFAULT_REQUEST_TIMEOUT};
 pub use link::{Bridge, Tap, TapHandle, TapOptions, Veth, MAX_IFNAME};
+pub use load::{IncrLoad, Op, OpKind};
 pub use netns::{cleanup_stale, Netns, StaleReport, PREFIX};
 pub use process::{
     describe_status, twin_bin, Finished, Mark, Signal, Stream, TestDir, TwinProcess,

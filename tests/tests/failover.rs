@@ -199,106 +199,6 @@ fn assert_no_panic(p: &TwinProcess) {
     assert!(!all.contains("panicked"), "{} panicked:\n{all}", p.name());
 }
 
-// ---------------------------------------------------------------------------------------
-// Background load: INCRs on one connection.
-
-#[derive(Clone, Copy, Debug)]
-struct Op {
-    replied: Instant,
-    value: u64,
-}
-
-struct Load {
-    stop: Arc<AtomicBool>,
-    done: Arc<AtomicU64>,
-    error: Arc<Mutex<Option<String>>>,
-    handle: JoinHandle<(GuestClient, Vec<Op>)>,
-}
-
-impl Load {
-    fn start(mut guest: GuestClient, key: &'static str) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let done = Arc::new(AtomicU64::new(0));
-        let error = Arc::new(Mutex::new(None));
-        let (s, n, err) = (stop.clone(), done.clone(), error.clone());
-        let handle = std::thread::spawn(move || {
-            let mut ops = Vec::new();
-            while !s.load(Ordering::Acquire) {
-                let sent = Instant::now();
-                match guest.incr(key) {
-                    Ok(value) => {
-                        ops.push(Op {
-                            replied: Instant::now(),
-                            value,
-                        });
-                        n.fetch_add(1, Ordering::Release);
-                    }
-                    Err(e) => {
-                        *err.lock().unwrap() = Some(format!(
-                            "INCR #{} (sent {:?} ago) failed: {e}",
-                            ops.len() + 1,
-                            sent.elapsed()
-                        ));
-                        break;
-                    }
-                }
-            }
-            (guest, ops)
-        });
-        Load {
-            stop,
-            done,
-            error,
-            handle,
-        }
-    }
-
-    fn done(&self) -> u64 {
-        self.done.load(Ordering::Acquire)
-    }
-
-    fn wait_for(
-        &self,
-        n: u64,
-        timeout: Duration,
-        mut alive: impl FnMut() -> Result<()>,
-    ) -> std::result::Result<(), String> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if self.done() >= n {
-                return Ok(());
-            }
-            if self.handle.is_finished() {
-                return Err(format!(
-                    "the client load stopped after {} INCRs: {}",
-                    self.done(),
-                    self.error.lock().unwrap().clone().unwrap_or_default()
-                ));
-            }
-            alive().map_err(|e| format!("while waiting for INCR #{n}: {e}"))?;
-            if Instant::now() >= deadline {
-                return Err(format!(
-                    "only {} of {n} INCRs answered after {timeout:?}",
-                    self.done()
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    fn finish(self) -> std::result::Result<(GuestClient, Vec<Op>), String> {
-        self.stop.store(true, Ordering::Release);
-        let (guest, ops) = self
-            .handle
-            .join()
-            .map_err(|_| "the client load thread panicked".to_string())?;
-        match self.error.lock().unwrap().clone() {
-            Some(e) => Err(e),
-            None => Ok((guest, ops)),
-        }
-    }
-}
-
 /// Every reply is the previous plus one from 1: none lost (a repeat), none applied twice
 /// (a skip). Returns the last.
 fn check_incr_sequence(ops: &[Op]) -> std::result::Result<u64, String> {
@@ -379,7 +279,7 @@ fn failover_once(iteration: u32, kill_after: Duration) -> Run {
     guest
         .set_request_timeout(REQUEST_TIMEOUT)
         .expect("request timeout");
-    let load = Load::start(guest, "counter");
+    let load = IncrLoad::start(guest, "counter", 0);
     if let Err(e) = load.wait_for(20, PROGRESS_TIMEOUT, || primary.ensure_running()) {
         panic!(
             "iteration {iteration}: before the kill: {e}\n{}",
@@ -396,7 +296,7 @@ fn failover_once(iteration: u32, kill_after: Duration) -> Run {
         "iteration {iteration}: the backup took over while the primary was alive\n{}",
         tails(&[&primary, &backup])
     );
-    let incrs_at_kill = load.done();
+    let incrs_at_kill = load.incrs();
     let t_kill = Instant::now();
     let killed = primary.kill().expect("SIGKILL the primary");
     assert_eq!(describe_status(killed), "killed by signal 9");
@@ -578,7 +478,7 @@ fn a_new_backup_resynchronises_after_the_backup_dies_and_then_takes_over() {
     guest
         .set_request_timeout(REQUEST_TIMEOUT)
         .expect("request timeout");
-    let load = Load::start(guest, "counter");
+    let load = IncrLoad::start(guest, "counter", 0);
     load.wait_for(50, PROGRESS_TIMEOUT, || primary.ensure_running())
         .unwrap_or_else(|e| panic!("{e}\n{}", tails(&[&primary, &backup1])));
 
@@ -600,7 +500,7 @@ fn a_new_backup_resynchronises_after_the_backup_dies_and_then_takes_over() {
         Some("Unprotected"),
         "an unprotected primary must release output: {st}"
     );
-    let n = load.done();
+    let n = load.incrs();
     load.wait_for(n + 100, PROGRESS_TIMEOUT, || primary.ensure_running())
         .unwrap_or_else(|e| {
             panic!(
@@ -653,12 +553,12 @@ fn a_new_backup_resynchronises_after_the_backup_dies_and_then_takes_over() {
         |s| s["committed_epoch"].as_u64().is_some() && s["state"] == "replicating",
     );
     assert_eq!(bst["sessions"].as_u64(), Some(1), "{bst}");
-    let n = load.done();
+    let n = load.incrs();
     load.wait_for(n + 50, PROGRESS_TIMEOUT, || primary.ensure_running())
         .unwrap_or_else(|e| panic!("{e}\n{}", tails(&[&primary, &backup2])));
 
     // The primary dies: the new backup takes over without loss.
-    let at_kill = load.done();
+    let at_kill = load.incrs();
     let t_kill = Instant::now();
     primary.kill().expect("SIGKILL the primary");
     let report = failover_report(&mut backup2, &[&primary]);
@@ -717,7 +617,7 @@ fn a_primary_that_stalls_past_the_heartbeat_timeout_stands_down_after_the_takeov
     guest
         .set_request_timeout(REQUEST_TIMEOUT)
         .expect("request timeout");
-    let load = Load::start(guest, "counter");
+    let load = IncrLoad::start(guest, "counter", 0);
     load.wait_for(50, PROGRESS_TIMEOUT, || primary.ensure_running())
         .unwrap_or_else(|e| panic!("{e}\n{}", tails(&[&primary, &backup])));
 
@@ -749,7 +649,7 @@ fn a_primary_that_stalls_past_the_heartbeat_timeout_stands_down_after_the_takeov
         tails(&[&primary, &backup])
     );
     // And the client continues on the new primary without loss.
-    let n = load.done();
+    let n = load.incrs();
     load.wait_for(n + 50, PROGRESS_TIMEOUT, || backup.ensure_running())
         .unwrap_or_else(|e| panic!("after the takeover: {e}\n{}", tails(&[&primary, &backup])));
     let (mut guest, ops) = load
