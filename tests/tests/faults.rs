@@ -435,20 +435,7 @@ fn status(
     dir: &TestDir,
     sock: &Path,
 ) -> std::result::Result<serde_json::Value, String> {
-    let n = NAMES.fetch_add(1, Ordering::Relaxed);
-    let sock = sock.to_string_lossy().into_owned();
-    let done = TwinProcess::run_to_exit(
-        ns,
-        dir,
-        &format!("status-{n}"),
-        &["status", "--json", "--control", &sock],
-        Duration::from_secs(20),
-    )
-    .map_err(|e| e.to_string())?;
-    if !done.status.success() {
-        return Err(format!("{}{}", done.stdout, done.stderr).trim().to_string());
-    }
-    serde_json::from_str(done.stdout.trim()).map_err(|e| format!("{e}: {}", done.stdout))
+    twin_status(ns, dir, sock, Duration::from_secs(20))
 }
 
 fn assert_no_panic(p: &TwinProcess) {

@@ -80,25 +80,7 @@ fn spawn_backup(
 }
 
 fn status(ns: &Netns, dir: &TestDir, control: &Path, procs: &[&TwinProcess]) -> serde_json::Value {
-    let name = format!("twin-status-{}", NEXT_CMD.fetch_add(1, Ordering::Relaxed));
-    let control = control.display().to_string();
-    let done = TwinProcess::run_to_exit(
-        ns,
-        dir,
-        &name,
-        &["status", "--json", "--control", &control],
-        CMD_TIMEOUT,
-    )
-    .unwrap_or_else(|e| panic!("twin status did not finish: {e}\n{}", tails(procs)));
-    assert!(
-        done.status.success(),
-        "twin status failed ({}): {}\n{}",
-        describe_status(done.status),
-        done.stderr,
-        tails(procs)
-    );
-    serde_json::from_str(done.stdout.trim())
-        .unwrap_or_else(|e| panic!("twin status printed no JSON ({e}): {:?}", done.stdout))
+    twin_status(ns, dir, control, CMD_TIMEOUT).unwrap_or_else(|e| panic!("{e}\n{}", tails(procs)))
 }
 
 fn ping_latencies(guest: &mut GuestClient, n: usize) -> Vec<Duration> {
