@@ -606,6 +606,36 @@ pub fn describe_status(status: ExitStatus) -> String {
     }
 }
 
+/// `twin status --json` of the twin process whose control socket is `control`, run in `ns`;
+/// `Err` says what went wrong (did not finish, failed, printed no JSON).
+pub fn twin_status(
+    ns: &Netns,
+    dir: &TestDir,
+    control: &Path,
+    timeout: Duration,
+) -> std::result::Result<serde_json::Value, String> {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let control = control.to_string_lossy().into_owned();
+    let done = TwinProcess::run_to_exit(
+        ns,
+        dir,
+        &format!("twin-status-{n}"),
+        &["status", "--json", "--control", &control],
+        timeout,
+    )
+    .map_err(|e| format!("twin status did not finish: {e}"))?;
+    if !done.status.success() {
+        return Err(format!(
+            "twin status failed ({}): {}",
+            describe_status(done.status),
+            format!("{}{}", done.stdout, done.stderr).trim()
+        ));
+    }
+    serde_json::from_str(done.stdout.trim())
+        .map_err(|e| format!("twin status printed no JSON ({e}): {:?}", done.stdout))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -650,34 +680,4 @@ mod tests {
         };
         assert_eq!(f.nonempty_lines(), vec!["a", "b"]);
     }
-}
-
-/// `twin status --json` of the twin process whose control socket is `control`, run in `ns`;
-/// `Err` says what went wrong (did not finish, failed, printed no JSON).
-pub fn twin_status(
-    ns: &Netns,
-    dir: &TestDir,
-    control: &Path,
-    timeout: Duration,
-) -> std::result::Result<serde_json::Value, String> {
-    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let control = control.to_string_lossy().into_owned();
-    let done = TwinProcess::run_to_exit(
-        ns,
-        dir,
-        &format!("twin-status-{n}"),
-        &["status", "--json", "--control", &control],
-        timeout,
-    )
-    .map_err(|e| format!("twin status did not finish: {e}"))?;
-    if !done.status.success() {
-        return Err(format!(
-            "twin status failed ({}): {}",
-            describe_status(done.status),
-            format!("{}{}", done.stdout, done.stderr).trim()
-        ));
-    }
-    serde_json::from_str(done.stdout.trim())
-        .map_err(|e| format!("twin status printed no JSON ({e}): {:?}", done.stdout))
 }

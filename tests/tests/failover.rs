@@ -12,9 +12,6 @@
 //! control commands parsed as JSON, a small seeded PRNG (`TWIN_TEST_SEED` replays a run).
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use twin_tests::*;
@@ -35,8 +32,6 @@ const GUEST_ARGS: &str = "dirty=16M/s,wss=64M";
 const ITERATIONS: u32 = 20;
 /// Longest the whole loop may take.
 const LOOP_BUDGET: Duration = Duration::from_secs(300);
-
-static NEXT_CMD: AtomicU32 = AtomicU32::new(0);
 
 fn listen_addr() -> String {
     format!("{BACKUP_REPL_ADDR}:{REPL_PORT}")

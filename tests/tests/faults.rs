@@ -40,7 +40,7 @@
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -409,8 +409,6 @@ struct Rig {
     dir: TestDir,
     ha: Ha,
 }
-
-static NAMES: AtomicU32 = AtomicU32::new(0);
 
 fn spawn_twin(
     ns: &Netns,

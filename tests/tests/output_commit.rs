@@ -13,7 +13,6 @@
 //! environment, `twin status --json` parsed.
 
 use std::path::Path;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use twin_tests::*;
@@ -29,8 +28,6 @@ const FAILPOINTS: &str = "backup.before_ack=drop~3000";
 const SLACK: Duration = Duration::from_millis(200);
 /// A PING under protection (epoch 25 ms + ack) is answered well within this.
 const PROTECTED_PING: Duration = Duration::from_secs(2);
-
-static NEXT_CMD: AtomicU32 = AtomicU32::new(0);
 
 fn tails(procs: &[&TwinProcess]) -> String {
     procs

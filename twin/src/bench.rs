@@ -79,7 +79,7 @@ pub struct BenchArgs {
     /// Times every cell is run, interleaved [default: 2, quick: 1].
     #[arg(long)]
     rounds: Option<u32>,
-    /// Failover trials (SIGKILL of the primary) [default: 6, quick: 3].
+    /// Failover trials (SIGKILL of the primary) [default: 10, quick: 3].
     #[arg(long)]
     failovers: Option<u32>,
     /// Checkpoint rates to measure, per second.
@@ -262,7 +262,7 @@ impl Plan {
             cell_secs,
             warmup_secs: if a.quick { 0.5 } else { 1.0 },
             rounds: a.rounds.unwrap_or(if a.quick { 1 } else { 2 }).max(1),
-            failovers: a.failovers.unwrap_or(if a.quick { 3 } else { 6 }),
+            failovers: a.failovers.unwrap_or(if a.quick { 3 } else { 10 }),
             rates: a.rates.clone(),
             workloads: workload_list.iter().map(|w| w.label()).collect(),
             mem: a.mem.clone(),
