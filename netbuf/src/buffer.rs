@@ -181,6 +181,10 @@ struct Inner {
 }
 
 impl Inner {
+    fn has_open_output(&self) -> bool {
+        self.mode == Mode::Protected && self.held.back().is_some_and(|e| e.epoch >= self.open_epoch)
+    }
+
     fn release_through(&mut self, epoch: u64) -> usize {
         let mut n = 0;
         while self.held.front().is_some_and(|e| e.epoch <= epoch) {
@@ -234,6 +238,9 @@ struct Shared {
     inner: Mutex<Inner>,
     /// Signalled when frames are queued for output or the buffer is closed.
     queued: Condvar,
+    /// Signalled when the open epoch gets its first held frame (or the buffer is closed):
+    /// wakes an eager primary, which checkpoints as soon as output waits.
+    output_opened: Condvar,
 }
 
 impl Shared {
@@ -271,8 +278,13 @@ impl Shared {
                     PushOutcome::Queued
                 } else {
                     let epoch = entry.epoch;
+                    let opens = !s.has_open_output();
                     s.held_bytes += len;
                     s.held.push_back(entry);
+                    if opens {
+                        // Only the first frame of an epoch wakes: one futex call per epoch.
+                        self.output_opened.notify_all();
+                    }
                     PushOutcome::Held { epoch }
                 }
             };
@@ -384,6 +396,7 @@ impl NetBuffer {
                     latency: LatencyRecorder::new(config.latency_window),
                 }),
                 queued: Condvar::new(),
+                output_opened: Condvar::new(),
             }),
         }
     }
@@ -428,8 +441,28 @@ impl NetBuffer {
     /// Whether output waits in the open epoch: frames only the next checkpoint can release.
     /// The primary checkpoints early when there is (eager output commit).
     pub fn has_open_output(&self) -> bool {
-        let s = self.shared.lock();
-        s.mode == Mode::Protected && s.held.back().is_some_and(|e| e.epoch >= s.open_epoch)
+        self.shared.lock().has_open_output()
+    }
+
+    /// Blocks until output waits in the open epoch ([`NetBuffer::has_open_output`]) or
+    /// `deadline` passes, and says which: an eager primary sleeps here instead of polling.
+    pub fn wait_for_open_output(&self, deadline: Instant) -> bool {
+        let mut s = self.shared.lock();
+        loop {
+            if s.has_open_output() {
+                return true;
+            }
+            let now = Instant::now();
+            if s.closed || now >= deadline {
+                return false;
+            }
+            s = self
+                .shared
+                .output_opened
+                .wait_timeout(s, deadline - now)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
     }
 
     /// The backup has committed checkpoint `epoch`: release, in push order, every held frame
@@ -537,6 +570,7 @@ impl NetBuffer {
     pub fn close(&self) {
         self.shared.lock().closed = true;
         self.shared.queued.notify_all();
+        self.shared.output_opened.notify_all();
     }
 
     /// A snapshot of position and counters.
@@ -592,6 +626,34 @@ mod tests {
 
     fn buffer() -> NetBuffer {
         NetBuffer::new(NetBufferConfig::default())
+    }
+
+    #[test]
+    fn a_waiting_primary_wakes_on_the_first_frame_of_an_epoch() {
+        let b = buffer();
+        let start = Instant::now();
+        assert!(!b.wait_for_open_output(start + Duration::from_millis(20)));
+        assert!(
+            start.elapsed() >= Duration::from_millis(20),
+            "waits out its deadline"
+        );
+        let sink = b.sink();
+        let pusher = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            sink.push(&frame(1));
+        });
+        assert!(
+            b.wait_for_open_output(Instant::now() + Duration::from_secs(30)),
+            "woken by the push, long before the deadline"
+        );
+        pusher.join().unwrap();
+        b.seal(1).unwrap();
+        assert!(
+            !b.wait_for_open_output(Instant::now()),
+            "sealed output is not open"
+        );
+        b.close();
+        assert!(!b.wait_for_open_output(Instant::now() + Duration::from_secs(30)));
     }
 
     #[test]

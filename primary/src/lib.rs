@@ -738,8 +738,8 @@ impl FrameWriter {
     }
 }
 
-/// How often the epoch loop looks for waiting output in eager mode.
-const EAGER_POLL: Duration = Duration::from_micros(500);
+/// Longest the epoch loop sleeps without looking at its stop and failure flags.
+const LOOP_WAKE: Duration = Duration::from_millis(5);
 
 /// How long a goodbye may wait for the write lock.
 const GOODBYE_PATIENCE: Duration = Duration::from_millis(200);
@@ -908,12 +908,21 @@ fn send_epochs(
             .eager_gap
             .is_some_and(|gap| now >= last_checkpoint + gap && s.netbuf.has_open_output());
         if now < next_tick && !eager_due {
-            let poll = if s.cfg.eager_gap.is_some() {
-                EAGER_POLL
-            } else {
-                Duration::from_millis(5)
-            };
-            std::thread::sleep((next_tick - now).min(poll));
+            let wake = next_tick.min(now + LOOP_WAKE);
+            match s.cfg.eager_gap {
+                // Output already waits: sleep out the rest of the gap.
+                Some(gap) if s.netbuf.has_open_output() => {
+                    std::thread::sleep(
+                        wake.min(last_checkpoint + gap)
+                            .saturating_duration_since(now),
+                    );
+                }
+                // Woken by the guest's first frame of the epoch, not by polling.
+                Some(_) => {
+                    s.netbuf.wait_for_open_output(wake);
+                }
+                None => std::thread::sleep(wake - now),
+            }
             continue;
         }
         let started = Instant::now();
