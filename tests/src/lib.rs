@@ -51,7 +51,8 @@ pub use link::{Bridge, Tap, TapHandle, TapOptions, Veth, MAX_IFNAME};
 pub use load::{IncrLoad, Op, OpKind};
 pub use netns::{cleanup_stale, Netns, StaleReport, PREFIX};
 pub use process::{
-    describe_status, twin_bin, twin_status, Finished, Mark, Signal, Stream, TestDir, TwinProcess,
+    describe_status, tails, twin_bin, twin_status, Finished, Mark, Signal, Stream, TestDir,
+    TwinProcess,
 };
 pub use topology::{
     guest_service, Cut, Direction, Ha, Host, HostRole, Lan, LanPeer, Single, Tbf, Topology,

@@ -236,6 +236,22 @@ const TAIL_LINES: usize = 30;
 /// How long to wait for the output pipes to drain after the process has exited.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The last lines of each process, for failure messages.
+pub fn tails(procs: &[&TwinProcess]) -> String {
+    procs
+        .iter()
+        .map(|p| {
+            format!(
+                "--- {} (pid {}) last output ---\n{}",
+                p.name(),
+                p.pid(),
+                p.tail(25)
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 impl TwinProcess {
     /// Starts the `twin` binary (see [`twin_bin`]) with `args` inside `ns`; output goes to
     /// `<dir>/<name>.stdout` and `<dir>/<name>.stderr`.

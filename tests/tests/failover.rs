@@ -37,21 +37,6 @@ fn listen_addr() -> String {
     format!("{BACKUP_REPL_ADDR}:{REPL_PORT}")
 }
 
-fn tails(procs: &[&TwinProcess]) -> String {
-    procs
-        .iter()
-        .map(|p| {
-            format!(
-                "--- {} (pid {}) last output ---\n{}",
-                p.name(),
-                p.pid(),
-                p.tail(25)
-            )
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
 fn spawn_backup(ha: &Ha, dir: &TestDir, name: &str, control: &Path) -> TwinProcess {
     let listen = listen_addr();
     let control = control.display().to_string();

@@ -29,21 +29,6 @@ const SLACK: Duration = Duration::from_millis(200);
 /// A PING under protection (epoch 25 ms + ack) is answered well within this.
 const PROTECTED_PING: Duration = Duration::from_secs(2);
 
-fn tails(procs: &[&TwinProcess]) -> String {
-    procs
-        .iter()
-        .map(|p| {
-            format!(
-                "--- {} (pid {}) last output ---\n{}",
-                p.name(),
-                p.pid(),
-                p.tail(25)
-            )
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
 fn spawn_backup(
     ha: &Ha,
     dir: &TestDir,

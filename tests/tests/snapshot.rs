@@ -69,22 +69,6 @@ fn strs(v: &[String]) -> Vec<&str> {
     v.iter().map(String::as_str).collect()
 }
 
-/// The last lines of each process, for failure messages.
-fn tails(procs: &[&TwinProcess]) -> String {
-    procs
-        .iter()
-        .map(|p| {
-            format!(
-                "--- {} (pid {}) last output ---\n{}",
-                p.name(),
-                p.pid(),
-                p.tail(25)
-            )
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
 /// Runs `twin ARGS` to completion; it must succeed and print one JSON object on stdout.
 fn twin_json(
     ns: &Netns,

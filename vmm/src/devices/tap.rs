@@ -5,6 +5,9 @@
 //! every frame, the same header the guest driver uses, so frames pass through unchanged.
 //! Offloads are off: the guest is offered no checksum/GSO features, so the kernel must hand
 //! us complete, checksummed frames.
+//!
+//! Raw `TUNSETIFF`/`TUNSETVNETHDRSZ` ioctls rather than the `tun-tap` crate, which offers
+//! neither `IFF_VNET_HDR` nor the header size that the header above needs.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, IoSlice, Read, Write};
