@@ -48,11 +48,11 @@ pub use cmd::{CmdOutput, DEFAULT_COMMAND_TIMEOUT};
 pub use error::{HarnessError, Result};
 pub use guest::{parse_stats, parse_verify, GuestClient, Verify, DEFAULT_REQUEST_TIMEOUT};
 pub use link::{Bridge, Tap, TapHandle, TapOptions, Veth, MAX_IFNAME};
-pub use load::{IncrLoad, Op, OpKind};
+pub use load::{check_incr_sequence, IncrLoad, Op, OpKind};
 pub use netns::{cleanup_stale, Netns, StaleReport, PREFIX};
 pub use process::{
-    describe_status, tails, twin_bin, twin_status, Finished, Mark, Signal, Stream, TestDir,
-    TwinProcess,
+    assert_no_panic, describe_status, tails, twin_bin, twin_status, Finished, Mark, Signal, Stream,
+    TestDir, TwinProcess,
 };
 pub use topology::{
     guest_service, Cut, Direction, Ha, Host, HostRole, Lan, LanPeer, Single, Tbf, Topology,

@@ -136,3 +136,35 @@ impl IncrLoad {
         }
     }
 }
+
+/// Every INCR reply is the previous one plus one, starting at `first` (TIMEs are skipped):
+/// none lost (a repeat), none applied twice (a skip). Returns the last.
+pub fn check_incr_sequence(ops: &[Op], first: u64) -> std::result::Result<u64, String> {
+    let mut last = None;
+    let incrs = ops
+        .iter()
+        .enumerate()
+        .filter(|(_, o)| o.kind == OpKind::Incr);
+    for ((i, op), want) in incrs.zip(first..) {
+        if op.value != want {
+            let lo = i.saturating_sub(3);
+            let hi = (i + 3).min(ops.len());
+            return Err(format!(
+                "request #{i}: INCR returned {} where {want} was expected (an acknowledged INCR \
+                 was {}); neighbourhood: {:?}",
+                op.value,
+                if op.value < want {
+                    "lost"
+                } else {
+                    "applied twice or skipped"
+                },
+                &ops[lo..hi]
+                    .iter()
+                    .map(|o| (o.kind, o.value))
+                    .collect::<Vec<_>>()
+            ));
+        }
+        last = Some(op.value);
+    }
+    last.ok_or_else(|| "no INCR completed".to_string())
+}

@@ -236,6 +236,21 @@ const TAIL_LINES: usize = 30;
 /// How long to wait for the output pipes to drain after the process has exited.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Panics if `p` printed a Rust panic message (on either stream).
+pub fn assert_no_panic(p: &TwinProcess) {
+    let all = format!("{}{}", p.text(Stream::Stdout), p.text(Stream::Stderr));
+    assert!(
+        !all.contains("panicked"),
+        "{} panicked:\n{}",
+        p.name(),
+        all.lines()
+            .filter(|l| l.contains("panicked") || l.contains("at "))
+            .take(20)
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}
+
 /// The last lines of each process, for failure messages.
 pub fn tails(procs: &[&TwinProcess]) -> String {
     procs

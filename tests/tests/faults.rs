@@ -436,20 +436,6 @@ fn status(
     twin_status(ns, dir, sock, Duration::from_secs(20))
 }
 
-fn assert_no_panic(p: &TwinProcess) {
-    let err = p.text(Stream::Stderr);
-    assert!(
-        !err.contains("panicked"),
-        "{} panicked:\n{}",
-        p.name(),
-        err.lines()
-            .filter(|l| l.contains("panicked") || l.contains("at "))
-            .take(20)
-            .collect::<Vec<_>>()
-            .join("\n")
-    );
-}
-
 /// Whether `p` logged that failpoint `name` fired.
 fn fired(p: &TwinProcess, name: &str) -> bool {
     p.text(Stream::Stderr)

@@ -140,42 +140,6 @@ fn link_flags(ns: &Netns, ifname: &str) -> String {
         .unwrap_or_else(|e| panic!("ip link show {ifname}: {e}"))
 }
 
-fn assert_no_panic(p: &TwinProcess) {
-    let all = format!("{}{}", p.text(Stream::Stdout), p.text(Stream::Stderr));
-    assert!(!all.contains("panicked"), "{} panicked:\n{all}", p.name());
-}
-
-/// Every INCR reply is the previous one plus one, starting at `first`; returns the last.
-fn check_incr_sequence(ops: &[Op], first: u64) -> std::result::Result<u64, String> {
-    let mut last = None;
-    let incrs = ops
-        .iter()
-        .enumerate()
-        .filter(|(_, o)| o.kind == OpKind::Incr);
-    for ((i, op), want) in incrs.zip(first..) {
-        if op.value != want {
-            let lo = i.saturating_sub(3);
-            let hi = (i + 3).min(ops.len());
-            return Err(format!(
-                "request #{i}: INCR returned {} where {want} was expected (an acknowledged INCR \
-                 was {}); neighbourhood: {:?}",
-                op.value,
-                if op.value < want {
-                    "lost"
-                } else {
-                    "applied twice or skipped"
-                },
-                &ops[lo..hi]
-                    .iter()
-                    .map(|o| (o.kind, o.value))
-                    .collect::<Vec<_>>()
-            ));
-        }
-        last = Some(op.value);
-    }
-    last.ok_or_else(|| "no INCR completed".to_string())
-}
-
 // ---------------------------------------------------------------------------------------
 // 1. Round trip under load.
 
