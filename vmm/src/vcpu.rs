@@ -9,7 +9,7 @@
 //! registers are consistent; a vCPU stopped by the kick (`EINTR`) has nothing pending.
 
 use std::cell::Cell;
-use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU8, AtomicUsize, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::thread::JoinHandle;
@@ -74,8 +74,14 @@ pub fn register_kick_handler() -> Result<(), VcpuError> {
     register_signal_handler(kick_signal(), handle_kick).map_err(VcpuError::Signal)
 }
 
-/// Longest a pause busy-waits for the vCPUs to park before it sleeps.
+/// Longest a pause busy-waits for the vCPUs to park before it sleeps (a kicked vCPU on
+/// another core parks in ~50 µs here).
 const PAUSE_SPIN: std::time::Duration = std::time::Duration::from_micros(300);
+/// Pauses that sleep at once after [`SPIN_STRIKES`] spins in a row ran out: the vCPU then
+/// shares the core with the pausing thread, which (`SCHED_FIFO` in the primary) would keep
+/// it from parking. A single slow stop (~3% of them) is not that.
+const SPIN_BACKOFF: u32 = 32;
+const SPIN_STRIKES: u32 = 3;
 
 const REQ_RUN: u8 = 0;
 const REQ_PAUSE: u8 = 1;
@@ -88,6 +94,10 @@ pub struct VcpuControl {
     /// `parked + exited` of [`ControlState`], readable without the lock: a pause spins on
     /// it briefly before sleeping.
     settled: AtomicUsize,
+    /// Pauses left that must not spin (see [`SPIN_BACKOFF`]).
+    spin_backoff: AtomicU32,
+    /// Spins in a row that ran out.
+    spin_strikes: AtomicU32,
     state: Mutex<ControlState>,
     changed: Condvar,
 }
@@ -193,15 +203,28 @@ impl VcpuControl {
         for v in vcpus {
             v.kick();
         }
-        // A kicked vCPU parks within ~0.1 ms; sleeping on the condvar would add a futex
+        // A kicked vCPU parks within ~50 µs; sleeping on the condvar would add a futex
         // wake and a context switch to every checkpoint's stop. The vCPU threads need the
         // lock to park, so spin without it, then sleep.
         drop(st);
-        let spin_until = std::time::Instant::now() + PAUSE_SPIN;
-        while self.settled.load(Ordering::Acquire) < vcpus.len()
-            && std::time::Instant::now() < spin_until
-        {
-            std::hint::spin_loop();
+        let backoff = self.spin_backoff.load(Ordering::Relaxed);
+        if backoff > 0 {
+            self.spin_backoff.store(backoff - 1, Ordering::Relaxed);
+        } else {
+            let spin_until = std::time::Instant::now() + PAUSE_SPIN;
+            let mut strikes = 0;
+            while self.settled.load(Ordering::Acquire) < vcpus.len() {
+                if std::time::Instant::now() >= spin_until {
+                    strikes = self.spin_strikes.load(Ordering::Relaxed) + 1;
+                    if strikes >= SPIN_STRIKES {
+                        self.spin_backoff.store(SPIN_BACKOFF, Ordering::Relaxed);
+                        strikes = 0;
+                    }
+                    break;
+                }
+                std::hint::spin_loop();
+            }
+            self.spin_strikes.store(strikes, Ordering::Relaxed);
         }
         st = self.state.lock().expect("vcpu control poisoned");
         while st.parked + st.exited < vcpus.len() {
