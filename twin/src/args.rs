@@ -12,7 +12,7 @@ pub enum ArgError {
     Cidr(String),
     #[error("MAC address `{0}` is not six hex bytes separated by colons")]
     Mac(String),
-    #[error("duration `{0}` is not a number followed by ms or s, like 25ms")]
+    #[error("duration `{0}` is not a whole number followed by us, ms or s, like 25ms or 500us")]
     Duration(String),
 }
 
@@ -164,7 +164,11 @@ mod tests {
             Ok(Millis(std::time::Duration::from_millis(25)))
         );
         assert_eq!("2s".parse(), Ok(Millis(std::time::Duration::from_secs(2))));
-        for bad in ["25", "0ms", "ms", "1h"] {
+        assert_eq!(
+            "500us".parse(),
+            Ok(Millis(std::time::Duration::from_micros(500)))
+        );
+        for bad in ["25", "0ms", "ms", "1h", "0.5ms"] {
             assert!(bad.parse::<Millis>().is_err(), "{bad}");
         }
     }
