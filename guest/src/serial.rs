@@ -14,7 +14,7 @@ const TX_FIFO: u32 = 16;
 static TX_FREE: AtomicU32 = AtomicU32::new(0);
 
 /// Write one byte. Like Linux's 8250 driver, wait (bounded) for THR-empty and then fill the
-/// 16-byte FIFO: every port access is a VM exit (~0.1 ms from CPL 3 here), and polling the
+/// 16-byte FIFO: every port access is a VM exit (~60 µs from CPL 3 here), and polling the
 /// LSR before every byte made the boot banner half of the time to the first TCP reply.
 pub fn put_byte(b: u8) {
     if TX_FREE.load(Ordering::Relaxed) == 0 {

@@ -903,15 +903,16 @@ fn send_epochs(
             return Err(SessionError::TooFarBehind(age));
         }
         let now = Instant::now();
-        let eager_due = s
-            .cfg
-            .eager_gap
-            .is_some_and(|gap| now >= last_checkpoint + gap && s.netbuf.has_open_output());
+        let output_waits = s.cfg.eager_gap.is_some() && s.netbuf.has_open_output();
+        let eager_due = output_waits
+            && s.cfg
+                .eager_gap
+                .is_some_and(|gap| now >= last_checkpoint + gap);
         if now < next_tick && !eager_due {
             let wake = next_tick.min(now + LOOP_WAKE);
             match s.cfg.eager_gap {
                 // Output already waits: sleep out the rest of the gap.
-                Some(gap) if s.netbuf.has_open_output() => {
+                Some(gap) if output_waits => {
                     std::thread::sleep(
                         wake.min(last_checkpoint + gap)
                             .saturating_duration_since(now),

@@ -91,23 +91,16 @@ const REQ_STOP: u8 = 2;
 #[derive(Default)]
 pub struct VcpuControl {
     requested: AtomicU8,
-    /// `parked + exited` of [`ControlState`], readable without the lock: a pause spins on
-    /// it briefly before sleeping.
+    /// vCPU threads parked in the paused state plus those that left their run loop for
+    /// good. Changed only under `state` (so a waiter on `changed` misses no change), read
+    /// without it by a pause that spins briefly before sleeping.
     settled: AtomicUsize,
     /// Pauses left that must not spin (see [`SPIN_BACKOFF`]).
     spin_backoff: AtomicU32,
     /// Spins in a row that ran out.
     spin_strikes: AtomicU32,
-    state: Mutex<ControlState>,
+    state: Mutex<()>,
     changed: Condvar,
-}
-
-#[derive(Default)]
-struct ControlState {
-    /// vCPU threads currently parked in the paused state.
-    parked: usize,
-    /// vCPU threads that have left their run loop for good.
-    exited: usize,
 }
 
 /// A vCPU: its fd (shared so the controller can read state while the thread is parked)
@@ -227,7 +220,7 @@ impl VcpuControl {
             self.spin_strikes.store(strikes, Ordering::Relaxed);
         }
         st = self.state.lock().expect("vcpu control poisoned");
-        while st.parked + st.exited < vcpus.len() {
+        while self.settled.load(Ordering::Acquire) < vcpus.len() {
             st = self.changed.wait(st).expect("vcpu control poisoned");
         }
     }
@@ -381,8 +374,7 @@ fn run_loop(
     };
     KVM_RUN.with(|r| r.set(std::ptr::null_mut()));
     {
-        let mut st = control.state.lock().expect("vcpu control poisoned");
-        st.exited += 1;
+        let _st = control.state.lock().expect("vcpu control poisoned");
         control.settled.fetch_add(1, Ordering::Release);
         control.changed.notify_all();
     }
@@ -394,7 +386,6 @@ fn run_loop(
 /// Parks until resumed (true) or stopped (false); the fd lock is not held.
 fn park_unlocked(id: u8, control: &VcpuControl) -> bool {
     let mut st = control.state.lock().expect("vcpu control poisoned");
-    st.parked += 1;
     control.settled.fetch_add(1, Ordering::Release);
     control.changed.notify_all();
     tracing::trace!(vcpu = id, "parked");
@@ -402,7 +393,6 @@ fn park_unlocked(id: u8, control: &VcpuControl) -> bool {
         match control.requested.load(Ordering::Acquire) {
             REQ_PAUSE => st = control.changed.wait(st).expect("vcpu control poisoned"),
             req => {
-                st.parked -= 1;
                 control.settled.fetch_sub(1, Ordering::Release);
                 return req == REQ_RUN;
             }
