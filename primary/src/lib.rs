@@ -19,16 +19,15 @@
 //! held frame and runs unprotected, `Hold` keeps holding output until a backup returns. The
 //! thread then reconnects every second; a backup that comes back gets a full resync and
 //! the VM is protected again.
+//!
+//! The link is authenticated (`twin-link`): only a peer holding the key is a backup. And
+//! only a backup that acknowledged an epoch of this session holds this VM's committed
+//! replica, so only its `Goodbye(Takeover)` makes this primary fence its output and stop.
 
+pub mod mode;
 pub mod stats;
 
-/// Goodbye reason with which a backup tells the primary to stand down for a planned
-/// switchover (the backup's `TAKEOVER`).
-pub const TAKEOVER_REASON: &str = "takeover";
-
-/// Goodbye reason with which a primary that cannot go on asks the backup to take over now
-/// (the backup's `HANDOVER`).
-pub const HANDOVER_REASON: &str = "handover";
+pub use mode::{Mode, ModeEvent};
 
 /// How long a primary waits before asking again a backup that refused its protocol version.
 const VERSION_RETRY: Duration = Duration::from_secs(60);
@@ -50,22 +49,21 @@ impl twin_vmm::devices::virtio::net::NetSink for NetbufSink {
 }
 
 use std::collections::{BTreeMap, VecDeque};
-use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use tokio_util::codec::Decoder;
 use tracing::{debug, error, info, warn};
+use twin_link::{FrameReader, FrameWriter, Heartbeats, LinkConfig, RecvError};
 use twin_netbuf::{Mode as BufferMode, NetBuffer};
 use twin_vmm::memory::PAGE_SIZE;
 use twin_vmm::{bitmap_pages, Vmm, VmmError};
 use twin_wire::{
-    handshake, EpochBegin, EpochEncoder, FrameCodec, Goodbye, Heartbeat, Hello, Message, PageRef,
-    Role, SyncDone, SyncPagesRef, SyncZeroPages, VmDescription, VmId, PROTOCOL_VERSION,
+    handshake, EpochBegin, EpochEncoder, FrameCodec, Goodbye, GoodbyeReason, Hello, Message,
+    PageRef, Role, SyncDone, SyncPagesRef, SyncZeroPages, VmDescription, VmId, PROTOCOL_VERSION,
     SOFTWARE_VERSION,
 };
 
@@ -98,23 +96,8 @@ pub struct ProtectConfig {
     /// A heartbeat is sent when nothing else was sent for this long.
     pub heartbeat_interval: Duration,
     pub vm_id: VmId,
-}
-
-/// Where the primary is in its life.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Mode {
-    Connecting,
-    Syncing,
-    Protected,
-    /// The backup is lost and output flows unprotected.
-    Unprotected,
-    /// The backup is lost and output is held until one returns.
-    HoldingOutput,
-    /// The backup took over (planned switchover): this primary discarded its unacknowledged
-    /// output and must stop its VM.
-    Fenced,
-    Stopped,
+    /// Authentication and encryption of the replication link.
+    pub link: LinkConfig,
 }
 
 /// Errors of one replication session; each ends the session.
@@ -124,8 +107,10 @@ pub enum SessionError {
     Resolve(String, #[source] std::io::Error),
     #[error("cannot connect to the backup at {0}")]
     Connect(SocketAddr, #[source] std::io::Error),
-    #[error("replication connection failed")]
-    Io(#[from] std::io::Error),
+    #[error("replication link")]
+    Link(#[from] twin_link::LinkError),
+    #[error("sending to the backup failed")]
+    Send(#[from] twin_link::SendError),
     #[error("handshake with the backup failed")]
     Handshake(#[from] handshake::HandshakeError),
     #[error("encoding a replication frame failed")]
@@ -142,16 +127,65 @@ pub enum SessionError {
     Silent(Duration),
     #[error("the backup closed the connection")]
     Closed,
-    #[error("the backup said goodbye: {0}")]
-    Goodbye(String),
+    #[error("the backup said goodbye ({reason}): {detail}")]
+    Goodbye {
+        reason: GoodbyeReason,
+        detail: String,
+    },
+    #[error("the backup takes over the VM: {0}")]
+    TakenOver(String),
+    #[error(
+        "a peer that never acknowledged an epoch of this session claims to take over ({0}); \
+         not standing down for it"
+    )]
+    UnverifiedTakeover(String),
     #[error("the backup has not acknowledged epochs sent {0:?} ago")]
     TooFarBehind(Duration),
     #[error("the backup acknowledged epoch {epoch}, which was never sent")]
     BogusAck { epoch: u64 },
     #[error("unexpected {0} from the backup")]
     Unexpected(&'static str),
+    #[error("writing to the backup failed")]
+    Io(#[from] std::io::Error),
     #[error("stopping")]
     Stopping,
+}
+
+impl From<RecvError> for SessionError {
+    fn from(e: RecvError) -> Self {
+        match e {
+            RecvError::Closed => SessionError::Closed,
+            RecvError::Silent(d) => SessionError::Silent(d),
+            RecvError::Decode(e) => SessionError::Decode(e),
+            RecvError::Link(e) => SessionError::Link(e),
+        }
+    }
+}
+
+impl SessionError {
+    /// Whether the connection just broke (the reader knows why better than the writer).
+    fn is_broken_connection(&self) -> bool {
+        matches!(
+            self,
+            SessionError::Closed
+                | SessionError::Io(_)
+                | SessionError::Send(twin_link::SendError::Io(_))
+        )
+    }
+
+    /// Whether retrying in a second cannot help: another protocol version, a wrong or
+    /// missing key, a peer that is not Twin.
+    fn is_configuration(&self) -> bool {
+        match self {
+            SessionError::Handshake(handshake::HandshakeError::VersionMismatch { .. })
+            | SessionError::Handshake(handshake::HandshakeError::Refused {
+                reason: twin_wire::RefuseReason::VersionMismatch,
+                ..
+            }) => true,
+            SessionError::Link(e) => e.is_configuration(),
+            _ => false,
+        }
+    }
 }
 
 /// Status counters, shown by `twin status`.
@@ -214,6 +248,8 @@ struct Shared {
     netbuf: NetBuffer,
     cfg: ProtectConfig,
     status: Mutex<Status>,
+    /// Last sealed epoch, for heartbeats.
+    last_epoch: Arc<AtomicU64>,
     stop: AtomicBool,
     /// Stopping because this primary cannot go on (its NIC died): the backup must take over.
     handover: AtomicBool,
@@ -226,6 +262,22 @@ impl Shared {
 
     fn stopping(&self) -> bool {
         self.stop.load(Ordering::Acquire)
+    }
+
+    /// Moves the mode on `event` (the one place the mode changes), logging the change.
+    fn transition(&self, event: ModeEvent) -> Mode {
+        let mut st = self.status();
+        let was = st.mode;
+        st.mode = was.next(event);
+        if st.mode == Mode::Protected && was != Mode::Protected {
+            st.protected_since = Some(Instant::now());
+        } else if st.mode != Mode::Protected {
+            st.protected_since = None;
+        }
+        if st.mode != was {
+            debug!(?was, now = ?st.mode, ?event, "mode");
+        }
+        was
     }
 }
 
@@ -243,6 +295,7 @@ impl Primary {
             netbuf,
             cfg,
             status: Mutex::new(Status::new()),
+            last_epoch: Arc::new(AtomicU64::new(0)),
             stop: AtomicBool::new(false),
             handover: AtomicBool::new(false),
         });
@@ -295,6 +348,8 @@ impl Primary {
             "role": "primary",
             "mode": st.mode,
             "backup": self.shared.cfg.backup,
+            "authenticated": self.shared.cfg.link.key.is_some(),
+            "encrypted": self.shared.cfg.link.encrypt,
             "interval_ms": self.shared.cfg.interval.as_secs_f64() * 1e3,
             "on_backup_loss": self.shared.cfg.on_backup_loss,
             "sessions": st.sessions,
@@ -341,77 +396,12 @@ impl Drop for Primary {
     }
 }
 
-/// A framed connection: the codec plus read and write buffers.
-struct Conn {
-    stream: TcpStream,
-    codec: FrameCodec,
-    rbuf: BytesMut,
-    wbuf: BytesMut,
-}
-
-impl Conn {
-    fn new(stream: TcpStream) -> Self {
-        Conn {
-            stream,
-            codec: FrameCodec::new(),
-            rbuf: BytesMut::with_capacity(64 << 10),
-            wbuf: BytesMut::with_capacity(1 << 20),
-        }
-    }
-
-    fn send(&mut self, msg: &Message) -> Result<(), SessionError> {
-        self.codec.encode_message(msg, &mut self.wbuf)?;
-        self.flush()
-    }
-
-    fn flush(&mut self) -> Result<(), SessionError> {
-        self.stream.write_all(&self.wbuf)?;
-        self.wbuf.clear();
-        Ok(())
-    }
-
-    /// Next message, waiting at most `timeout` for it.
-    fn recv(&mut self, timeout: Duration) -> Result<Message, SessionError> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(msg) = self.codec.decode(&mut self.rbuf)? {
-                return Ok(msg);
-            }
-            // Past the deadline, still look once: a process that was stalled (stopped,
-            // starved) must read what arrived meanwhile before calling the peer silent.
-            let left = deadline
-                .saturating_duration_since(Instant::now())
-                .max(Duration::from_millis(1));
-            self.stream.set_read_timeout(Some(left))?;
-            let mut chunk = [0u8; 64 << 10];
-            match self.stream.read(&mut chunk) {
-                Ok(0) => return Err(SessionError::Closed),
-                Ok(n) => self.rbuf.extend_from_slice(&chunk[..n]),
-                Err(e)
-                    if e.kind() == std::io::ErrorKind::WouldBlock
-                        || e.kind() == std::io::ErrorKind::TimedOut =>
-                {
-                    if Instant::now() >= deadline {
-                        return Err(SessionError::Silent(timeout));
-                    }
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e.into()),
-            }
-        }
-    }
-}
-
-fn now_ns() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0)
-}
+/// How long the link handshake and the backup's `HelloAck` may take.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The replication thread: sessions until stopped, applying the loss policy between them.
 fn replicate(s: &Shared) {
-    twin_vmm::realtime::elevate_or_warn("replicate");
+    twin_link::realtime::elevate_or_warn("replicate");
     let mut generation = 0u64;
     let mut next_epoch = 1u64;
     while !s.stopping() {
@@ -420,29 +410,27 @@ fn replicate(s: &Shared) {
         let r = session(s, generation, &mut next_epoch);
         match r {
             Ok(()) | Err(SessionError::Stopping) => break,
-            Err(SessionError::Goodbye(reason)) if reason == TAKEOVER_REASON => {
+            Err(SessionError::TakenOver(why)) => {
                 // The backup runs the VM from its last committed checkpoint; output this
                 // primary holds beyond it will be produced again there.
                 let discarded = s.netbuf.fence();
                 warn!(
                     discarded,
-                    "the backup took over: this primary is fenced and stops its VM"
+                    "the backup took over ({why}): this primary is fenced and stops its VM"
                 );
-                s.status().mode = Mode::Fenced;
+                s.transition(ModeEvent::TakenOver);
                 return;
             }
             Err(e) => {
                 let msg = format!("{e}: {}", twin_vmm::error_chain(&e));
-                let was = s.status().mode;
                 s.status().last_error = Some(msg.clone());
-                s.status().protected_since = None;
+                let was = s.transition(ModeEvent::BackupLost(s.cfg.on_backup_loss));
                 match s.cfg.on_backup_loss {
                     LossPolicy::Release => {
                         let n = s.netbuf.release_all();
                         if was != Mode::Unprotected {
                             error!(released = n, "backup lost ({msg}); the VM runs UNPROTECTED until a backup returns");
                         }
-                        s.status().mode = Mode::Unprotected;
                     }
                     LossPolicy::Hold => {
                         if was != Mode::HoldingOutput {
@@ -450,22 +438,13 @@ fn replicate(s: &Shared) {
                                 "backup lost ({msg}); holding all output until a backup returns"
                             );
                         }
-                        s.status().mode = Mode::HoldingOutput;
                     }
                 }
                 // Reconnect after a pause that a stop request cuts short. A backup that
-                // speaks another protocol version will not change its mind in a second
-                // (PROTOCOL.md §7: do not retry a mismatch); try again much later, in case
-                // it is upgraded meanwhile.
-                let version_refused = matches!(
-                    e,
-                    SessionError::Handshake(handshake::HandshakeError::VersionMismatch { .. })
-                        | SessionError::Handshake(handshake::HandshakeError::Refused {
-                            reason: twin_wire::RefuseReason::VersionMismatch,
-                            ..
-                        })
-                );
-                let pause = if version_refused {
+                // speaks another protocol version, or holds another key, will not change
+                // its mind in a second (PROTOCOL.md §7: do not retry a mismatch); try again
+                // much later, in case it is reconfigured meanwhile.
+                let pause = if e.is_configuration() {
                     VERSION_RETRY
                 } else {
                     Duration::from_secs(1)
@@ -477,10 +456,10 @@ fn replicate(s: &Shared) {
             }
         }
     }
-    s.status().mode = Mode::Stopped;
+    s.transition(ModeEvent::Stopped);
 }
 
-fn connect(s: &Shared) -> Result<TcpStream, SessionError> {
+fn connect(s: &Shared) -> Result<twin_link::Link, SessionError> {
     let addrs: Vec<SocketAddr> = s
         .cfg
         .backup
@@ -495,15 +474,18 @@ fn connect(s: &Shared) -> Result<TcpStream, SessionError> {
     })?;
     let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(1))
         .map_err(|e| SessionError::Connect(addr, e))?;
-    stream.set_nodelay(true)?;
-    Ok(stream)
+    Ok(twin_link::connect(stream, &s.cfg.link, HANDSHAKE_TIMEOUT)?)
 }
 
+/// One session: handshake, description, initial sync, epochs.
 fn session(s: &Shared, generation: u64, next_epoch: &mut u64) -> Result<(), SessionError> {
     if s.stopping() {
         return Err(SessionError::Stopping);
     }
-    let mut conn = Conn::new(connect(s)?);
+    s.transition(ModeEvent::Connecting);
+    let link = connect(s)?;
+    let writer = Arc::new(FrameWriter::new(link.writer));
+    let mut reader = FrameReader::new(link.reader);
     let hello = Hello {
         protocol_version: PROTOCOL_VERSION,
         software_version: SOFTWARE_VERSION.to_string(),
@@ -511,31 +493,81 @@ fn session(s: &Shared, generation: u64, next_epoch: &mut u64) -> Result<(), Sess
         vm_id: s.cfg.vm_id,
         generation,
     };
-    conn.send(&Message::Hello(hello.clone()))?;
-    let reply = conn.recv(Duration::from_secs(5))?;
+    writer.send(&Message::Hello(hello.clone()))?;
+    let reply = reader.recv(HANDSHAKE_TIMEOUT)?;
     let ack = handshake::check_hello_reply(&hello, reply)?;
-    info!(backup = %s.cfg.backup, backup_version = %ack.software_version, generation, "connected to backup");
+    info!(
+        backup = %s.cfg.backup,
+        backup_version = %ack.software_version,
+        generation,
+        authenticated = link.info.authenticated,
+        encrypted = link.info.encrypted,
+        "connected to backup"
+    );
+    // Heartbeats from here on: a backup that hears nothing during a long sync gives up.
+    let heartbeats = Heartbeats::spawn(
+        "heartbeat",
+        writer.clone(),
+        s.cfg.heartbeat_interval,
+        s.last_epoch.clone(),
+        s.cfg.backup_timeout / 2,
+    )?;
+    let synced = (|| {
+        let vmm = &s.vmm;
+        let cfg = vmm.config();
+        writer.send(&Message::VmDescription(VmDescription {
+            mem_size: cfg.mem_size,
+            page_size: PAGE_SIZE as u32,
+            vcpus: cfg.vcpus as u32,
+            mac: cfg.mac.unwrap_or_default(),
+            config: Vec::new(),
+        }))?;
+        s.transition(ModeEvent::Syncing);
+        initial_sync(s, &writer)
+    })();
+    let r = match synced {
+        Ok(()) => {
+            // Output from now on belongs to the first epoch this backup will hold.
+            if s.netbuf.mode() != BufferMode::Protected {
+                s.netbuf.protect(*next_epoch);
+            }
+            epoch_loop(s, &writer, reader, next_epoch)
+        }
+        Err(e) => {
+            if let Some(g) = goodbye_for(&e, s.handover.load(Ordering::Acquire)) {
+                writer.send_goodbye(g, GOODBYE_PATIENCE);
+            }
+            Err(e)
+        }
+    };
+    drop(heartbeats);
+    writer.shutdown(std::net::Shutdown::Both);
+    r
+}
 
-    let vmm = &s.vmm;
-    let cfg = vmm.config();
-    conn.send(&Message::VmDescription(VmDescription {
-        mem_size: cfg.mem_size,
-        page_size: PAGE_SIZE as u32,
-        vcpus: cfg.vcpus as u32,
-        mac: cfg.mac.unwrap_or_default(),
-        config: Vec::new(),
-    }))?;
-    s.status().mode = Mode::Syncing;
-    initial_sync(s, &mut conn)?;
-    // Output from now on belongs to the first epoch this backup will hold.
-    if s.netbuf.mode() != BufferMode::Protected {
-        s.netbuf.protect(*next_epoch);
+/// What this primary tells the backup when a session ends with `e`: whether the backup
+/// must take over (a handover), must not (stopping, abandoning), or already knows.
+fn goodbye_for(e: &SessionError, handover: bool) -> Option<Goodbye> {
+    match e {
+        SessionError::Stopping if handover => Some(Goodbye::new(
+            GoodbyeReason::Handover,
+            "the primary's VM cannot go on",
+        )),
+        SessionError::Stopping => Some(Goodbye::new(GoodbyeReason::Stopping, "primary stopping")),
+        // The backup already knows.
+        SessionError::Goodbye { .. } | SessionError::TakenOver(_) => None,
+        // The backup may be alive (it sent something bad, or was only slow), and a broken
+        // connection may be half-open: tell it this primary is leaving, or it would take the
+        // closed connection for a dead primary and run the VM beside this one.
+        e => Some(Goodbye::new(
+            GoodbyeReason::Abandon,
+            format!("primary abandons the session: {e}"),
+        )),
     }
-    epoch_loop(s, conn, next_epoch)
 }
 
 /// Live initial sync: every page while the guest runs, then rounds of what it dirtied.
-fn initial_sync(s: &Shared, conn: &mut Conn) -> Result<(), SessionError> {
+fn initial_sync(s: &Shared, writer: &FrameWriter) -> Result<(), SessionError> {
     const BATCH: usize = 256;
     const ROUNDS: usize = 8;
     const SMALL_ENOUGH: usize = 512;
@@ -546,7 +578,12 @@ fn initial_sync(s: &Shared, conn: &mut Conn) -> Result<(), SessionError> {
     vmm.start_dirty_tracking()?;
     let ram = vmm.memory().as_slice();
     let pages = ram.len() / PAGE_SIZE;
-    let mut sent = 0u64;
+    let mut out = SyncOut {
+        writer,
+        codec: writer.codec(),
+        buf: BytesMut::with_capacity(1 << 20),
+        sent: 0,
+    };
     let mut zero = Vec::new();
     let mut batch: Vec<PageRef<'_>> = Vec::with_capacity(BATCH);
     let mut progress = SyncProgress::new(pages);
@@ -562,20 +599,20 @@ fn initial_sync(s: &Shared, conn: &mut Conn) -> Result<(), SessionError> {
             data,
         });
         if batch.len() == BATCH {
-            send_sync_batch(conn, &mut batch, &mut sent)?;
+            out.pages(&mut batch)?;
             twin_failpoints::hit("primary.sync");
             if s.stopping() {
                 return Err(SessionError::Stopping);
             }
         }
     }
-    send_sync_batch(conn, &mut batch, &mut sent)?;
-    let full_pages = sent;
+    out.pages(&mut batch)?;
+    let full_pages = out.sent;
     for chunk in zero.chunks(65536) {
-        conn.send(&Message::SyncZeroPages(SyncZeroPages {
+        writer.send(&Message::SyncZeroPages(SyncZeroPages {
             indices: chunk.to_vec(),
         }))?;
-        sent += chunk.len() as u64;
+        out.sent += chunk.len() as u64;
     }
     let mut rounds = Vec::new();
     for _ in 0..ROUNDS {
@@ -588,16 +625,18 @@ fn initial_sync(s: &Shared, conn: &mut Conn) -> Result<(), SessionError> {
                 data: &ram[p * PAGE_SIZE..(p + 1) * PAGE_SIZE],
             });
             if batch.len() == BATCH {
-                send_sync_batch(conn, &mut batch, &mut sent)?;
+                out.pages(&mut batch)?;
             }
         }
-        send_sync_batch(conn, &mut batch, &mut sent)?;
+        out.pages(&mut batch)?;
         if n <= SMALL_ENOUGH {
             break;
         }
     }
     progress.done();
-    conn.send(&Message::SyncDone(SyncDone { pages_sent: sent }))?;
+    writer.send(&Message::SyncDone(SyncDone {
+        pages_sent: out.sent,
+    }))?;
     let ms = t0.elapsed().as_secs_f64() * 1e3;
     info!(
         pages = full_pages,
@@ -610,6 +649,34 @@ fn initial_sync(s: &Shared, conn: &mut Conn) -> Result<(), SessionError> {
         "pages": full_pages, "zero_pages": zero.len(), "dirty_rounds": rounds, "ms": ms,
     }));
     Ok(())
+}
+
+/// Sync batches on their way out.
+struct SyncOut<'a> {
+    writer: &'a FrameWriter,
+    codec: FrameCodec,
+    buf: BytesMut,
+    /// Page entries sent (full pages and zero-page indices), for `SyncDone`.
+    sent: u64,
+}
+
+impl SyncOut<'_> {
+    fn pages(&mut self, batch: &mut Vec<PageRef<'_>>) -> Result<(), SessionError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        self.buf.clear();
+        self.codec.encode_sync_pages(
+            SyncPagesRef {
+                page_size: PAGE_SIZE as u32,
+                pages: batch,
+            },
+            &mut self.buf,
+        )?;
+        self.sent += batch.len() as u64;
+        batch.clear();
+        Ok(self.writer.write(&self.buf)?)
+    }
 }
 
 /// A one-line progress bar for the initial sync, drawn only when stderr is a terminal.
@@ -648,96 +715,6 @@ impl SyncProgress {
     }
 }
 
-fn send_sync_batch(
-    conn: &mut Conn,
-    batch: &mut Vec<PageRef<'_>>,
-    sent: &mut u64,
-) -> Result<(), SessionError> {
-    if batch.is_empty() {
-        return Ok(());
-    }
-    conn.codec.encode_sync_pages(
-        SyncPagesRef {
-            page_size: PAGE_SIZE as u32,
-            pages: batch,
-        },
-        &mut conn.wbuf,
-    )?;
-    *sent += batch.len() as u64;
-    batch.clear();
-    conn.flush()
-}
-
-/// The sending side of a session, shared by the epoch loop, the heartbeat thread and the
-/// ack reader: whole frames only, one writer at a time.
-struct FrameWriter {
-    stream: TcpStream,
-    codec: FrameCodec,
-    /// The write lock; holds the time of the last completed write.
-    last_write: Mutex<Instant>,
-}
-
-impl FrameWriter {
-    fn new(stream: TcpStream) -> Self {
-        FrameWriter {
-            stream,
-            codec: FrameCodec::new(),
-            last_write: Mutex::new(Instant::now()),
-        }
-    }
-
-    /// Writes encoded frames. With `split`, half of them, then that failpoint, then the
-    /// rest: a crash in the middle of an epoch.
-    fn write(&self, bytes: &[u8], split: Option<&str>) -> Result<(), SessionError> {
-        let mut last = self.last_write.lock().expect("write lock poisoned");
-        let mut stream = &self.stream;
-        match split {
-            Some(point) if twin_failpoints::any_armed() => {
-                let half = bytes.len() / 2;
-                stream.write_all(&bytes[..half])?;
-                twin_failpoints::hit(point);
-                stream.write_all(&bytes[half..])?;
-            }
-            _ => stream.write_all(bytes)?,
-        }
-        *last = Instant::now();
-        Ok(())
-    }
-
-    fn send(&self, msg: &Message) -> Result<(), SessionError> {
-        let mut buf = BytesMut::new();
-        self.codec.encode_message(msg, &mut buf)?;
-        self.write(&buf, None)
-    }
-
-    /// Best effort, for leaving: waits at most `patience` for the write lock (a writer
-    /// stuck on a dead peer holds it), then gives up.
-    fn send_goodbye(&self, reason: String, patience: Duration) {
-        let until = Instant::now() + patience;
-        loop {
-            if let Ok(mut last) = self.last_write.try_lock() {
-                let mut buf = BytesMut::new();
-                let msg = Message::Goodbye(Goodbye { reason });
-                if self.codec.encode_message(&msg, &mut buf).is_ok()
-                    && (&self.stream).write_all(&buf).is_ok()
-                {
-                    *last = Instant::now();
-                }
-                return;
-            }
-            if Instant::now() >= until {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        }
-    }
-
-    /// How long nothing was written, or `None` while a write is under way.
-    fn idle_for(&self) -> Option<Duration> {
-        self.last_write.try_lock().ok().map(|last| last.elapsed())
-    }
-}
-
 /// Longest the epoch loop sleeps without looking at its stop and failure flags.
 const LOOP_WAKE: Duration = Duration::from_millis(5);
 
@@ -745,18 +722,16 @@ const LOOP_WAKE: Duration = Duration::from_millis(5);
 const GOODBYE_PATIENCE: Duration = Duration::from_millis(200);
 
 /// Reads acks and heartbeats until the connection fails; returns why it ended.
-fn read_acks(
-    s: &Shared,
-    mut conn: Conn,
-    writer: &FrameWriter,
-    failed: &AtomicBool,
-) -> SessionError {
-    twin_vmm::realtime::elevate_or_warn("ack reader");
+fn read_acks(s: &Shared, mut reader: FrameReader, failed: &AtomicBool) -> SessionError {
+    twin_link::realtime::elevate_or_warn("ack reader");
+    // Whether the backup committed an epoch of this session: only then does it hold this
+    // VM's replica, and only then may its takeover make this primary stand down.
+    let mut acked = false;
     let err = loop {
         if s.stopping() {
             break SessionError::Stopping;
         }
-        match conn.recv(s.cfg.backup_timeout) {
+        match reader.recv(s.cfg.backup_timeout) {
             Ok(Message::Ack(a)) => {
                 let mut st = s.status();
                 if a.epoch > st.epoch {
@@ -768,121 +743,91 @@ fn read_acks(
                     warn!("ack of epoch {} refused by the output buffer: {e}", a.epoch);
                 }
                 let now = Instant::now();
-                let acked: Vec<u64> = st.in_flight.range(..=a.epoch).map(|(e, _)| *e).collect();
-                for e in acked {
+                let done: Vec<u64> = st.in_flight.range(..=a.epoch).map(|(e, _)| *e).collect();
+                for e in done {
                     if let Some(sent) = st.in_flight.remove(&e) {
-                        let ns = now.duration_since(sent).as_nanos() as u64;
-                        st.ack_ns.push(ns);
+                        st.ack_ns.push(now.duration_since(sent).as_nanos() as u64);
                     }
                 }
                 st.acked = Some(st.acked.map_or(a.epoch, |x| x.max(a.epoch)));
-                if st.mode != Mode::Protected {
-                    st.mode = Mode::Protected;
-                    st.protected_since = Some(now);
+                drop(st);
+                acked = true;
+                if s.transition(ModeEvent::Acked) != Mode::Protected {
                     info!(epoch = a.epoch, "VM is protected");
                 }
             }
             Ok(Message::Heartbeat(_)) => {}
-            Ok(Message::Goodbye(g)) => break SessionError::Goodbye(g.reason),
+            Ok(Message::Goodbye(g)) => {
+                break match g.reason {
+                    GoodbyeReason::Takeover if acked => SessionError::TakenOver(g.detail),
+                    GoodbyeReason::Takeover => SessionError::UnverifiedTakeover(g.detail),
+                    reason => SessionError::Goodbye {
+                        reason,
+                        detail: g.detail,
+                    },
+                }
+            }
             Ok(_) => break SessionError::Unexpected("message"),
-            Err(e) => break e,
+            Err(e) => break e.into(),
         }
     };
     failed.store(true, Ordering::Release);
-    if !matches!(
-        err,
-        SessionError::Goodbye(_) | SessionError::Closed | SessionError::Stopping
-    ) {
-        // The backup may be alive (it sent something bad, or was only slow): tell it this
-        // primary is leaving, or it would take the closed connection for a dead primary
-        // and run the VM beside this one.
-        writer.send_goodbye(
-            format!("primary abandons the session: {err}"),
-            GOODBYE_PATIENCE,
-        );
-    }
-    let _ = conn.stream.shutdown(std::net::Shutdown::Both);
     err
 }
 
-/// Sends a heartbeat whenever nothing else went out for `heartbeat_interval`, from its own
-/// real-time thread: the epoch loop may be waiting for vCPUs to park, and a backup that
-/// hears nothing for its timeout takes over.
-fn send_heartbeats(s: &Shared, writer: &FrameWriter, done: &AtomicBool) {
-    twin_vmm::realtime::elevate_or_warn("heartbeat");
-    let hb = s.cfg.heartbeat_interval;
-    let mut seq = 0u64;
-    while !done.load(Ordering::Acquire) {
-        std::thread::sleep(hb / 4);
-        if writer.idle_for().is_some_and(|idle| idle >= hb) {
-            seq += 1;
-            let last_epoch = s.status().epoch;
-            let beat = Message::Heartbeat(Heartbeat {
-                seq,
-                sent_at_ns: now_ns(),
-                last_epoch,
-            });
-            if writer.send(&beat).is_err() {
-                return;
-            }
-        }
-    }
-}
-
-fn epoch_loop(s: &Shared, mut conn: Conn, next_epoch: &mut u64) -> Result<(), SessionError> {
-    let writer = FrameWriter::new(conn.stream.try_clone()?);
-    let mut reader_conn = Conn::new(conn.stream.try_clone()?);
-    // Bytes the handshake read past the HelloAck (an early heartbeat) belong to the reader;
-    // starting it without them would start it mid-frame.
-    reader_conn.rbuf = std::mem::take(&mut conn.rbuf);
+fn epoch_loop(
+    s: &Shared,
+    writer: &FrameWriter,
+    reader: FrameReader,
+    next_epoch: &mut u64,
+) -> Result<(), SessionError> {
     let failed = AtomicBool::new(false);
-    let done = AtomicBool::new(false);
+    let handover = || s.handover.load(Ordering::Acquire);
     std::thread::scope(|scope| {
-        let reader = scope.spawn(|| read_acks(s, reader_conn, &writer, &failed));
-        let beats = scope.spawn(|| send_heartbeats(s, &writer, &done));
-        let r = send_epochs(s, &mut conn, &writer, next_epoch, &failed);
-        done.store(true, Ordering::Release);
-        match &r {
-            Err(SessionError::Stopping) => {
-                let reason = if s.handover.load(Ordering::Acquire) {
-                    HANDOVER_REASON.to_string()
-                } else {
-                    "primary stopping".to_string()
-                };
-                writer.send_goodbye(reason, GOODBYE_PATIENCE);
+        let ack_reader = std::thread::Builder::new()
+            .name("ack reader".into())
+            .spawn_scoped(scope, || read_acks(s, reader, &failed))?;
+        let join = |h: std::thread::ScopedJoinHandle<'_, SessionError>| {
+            h.join().unwrap_or(SessionError::Unexpected("reader panic"))
+        };
+        match send_epochs(s, writer, next_epoch, &failed) {
+            // The reader ended first, or the connection broke under the writer: the reader
+            // knows why the backup went away (a Goodbye, silence, a bad frame).
+            Err(e) if e.is_broken_connection() => {
+                let why = join(ack_reader);
+                if let Some(g) = goodbye_for(&why, handover()) {
+                    writer.send_goodbye(g, GOODBYE_PATIENCE);
+                }
+                Err(why)
             }
-            Err(SessionError::Closed | SessionError::Io(_)) | Ok(()) => {}
-            Err(e) => writer.send_goodbye(
-                format!("primary abandons the session: {e}"),
-                GOODBYE_PATIENCE,
-            ),
-        }
-        // Half-close only: the reader must still get what the backup sent before it went
-        // away — above all a takeover Goodbye, which says this primary must stand down
-        // (fence) instead of releasing its held output. It ends at EOF or its timeout.
-        let _ = conn.stream.shutdown(std::net::Shutdown::Write);
-        let _ = beats.join();
-        let reader_err = reader
-            .join()
-            .unwrap_or(SessionError::Unexpected("reader panic"));
-        match (r, reader_err) {
-            (Err(SessionError::Stopping), _) => Err(SessionError::Stopping),
-            // The reader knows why the backup went away (a Goodbye, silence, a bad
-            // frame); the writer only saw the consequence (a broken pipe).
-            (Err(SessionError::Closed | SessionError::Io(_)), reader_err) => Err(reader_err),
-            (r, _) => r,
+            r => {
+                if let Some(g) = r.as_ref().err().and_then(|e| goodbye_for(e, handover())) {
+                    writer.send_goodbye(g, GOODBYE_PATIENCE);
+                }
+                // Half-close only: the reader must still get what the backup sent before it
+                // went away — above all a takeover Goodbye, which says this primary must
+                // stand down (fence) instead of releasing its held output. It ends at EOF
+                // or its timeout.
+                writer.shutdown(std::net::Shutdown::Write);
+                match (r, join(ack_reader)) {
+                    (Err(SessionError::Stopping), _) => Err(SessionError::Stopping),
+                    (_, why @ SessionError::TakenOver(_)) => Err(why),
+                    (r, _) => r,
+                }
+            }
         }
     })
 }
 
 fn send_epochs(
     s: &Shared,
-    conn: &mut Conn,
     writer: &FrameWriter,
     next_epoch: &mut u64,
     failed: &AtomicBool,
 ) -> Result<(), SessionError> {
     let interval = s.cfg.interval;
+    let codec = writer.codec();
+    let mut wbuf = BytesMut::with_capacity(1 << 20);
     let mut next_tick = Instant::now();
     let mut last_checkpoint = Instant::now();
     loop {
@@ -954,12 +899,12 @@ fn send_epochs(
             page_count: refs.len() as u64,
             state_len: state.len() as u64,
         };
-        conn.wbuf.clear();
-        let mut enc = EpochEncoder::begin(conn.codec, begin, PAGE_SIZE as u32, &mut conn.wbuf)?;
-        enc.pages(&refs, &mut conn.wbuf)?;
-        enc.state(&state, &mut conn.wbuf)?;
-        enc.end(&mut conn.wbuf)?;
-        let bytes = conn.wbuf.len() as u64;
+        wbuf.clear();
+        let mut enc = EpochEncoder::begin(codec, begin, PAGE_SIZE as u32, &mut wbuf)?;
+        enc.pages(&refs, &mut wbuf)?;
+        enc.state(&state, &mut wbuf)?;
+        enc.end(&mut wbuf)?;
+        let bytes = wbuf.len() as u64;
         {
             let mut st = s.status();
             st.epoch = epoch;
@@ -981,8 +926,14 @@ fn send_epochs(
                 st.recent.pop_front();
             }
         }
-        writer.write(&conn.wbuf, Some("primary.mid_stream"))?;
-        conn.wbuf.clear();
+        if twin_failpoints::any_armed() {
+            writer.write_split(&wbuf, || {
+                twin_failpoints::hit("primary.mid_stream");
+            })?;
+        } else {
+            writer.write(&wbuf)?;
+        }
+        s.last_epoch.store(epoch, Ordering::Release);
         twin_failpoints::hit("primary.after_send");
         debug!(
             epoch,

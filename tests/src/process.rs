@@ -40,6 +40,25 @@ impl TestDir {
     pub fn join(&self, name: impl AsRef<Path>) -> PathBuf {
         self.path.join(name)
     }
+
+    /// The replication key of the test's primary/backup pair (`twin.key` here, written by
+    /// the first call, mode 0600 as `twin keygen` writes it): pass it as `--key-file`.
+    pub fn key_file(&self) -> String {
+        let path = self.join("twin.key");
+        if !path.exists() {
+            twin_link::Key::generate()
+                .and_then(|k| k.write_new(&path))
+                .unwrap_or_else(|e| panic!("writing the test key: {e}"));
+        }
+        path.to_string_lossy().into_owned()
+    }
+
+    /// The link configuration the test's pair uses (for a proxy in the middle).
+    pub fn link_config(&self) -> twin_link::LinkConfig {
+        let key = twin_link::Key::load(Path::new(&self.key_file()))
+            .unwrap_or_else(|e| panic!("reading the test key: {e}"));
+        twin_link::LinkConfig::with_key(key, false)
+    }
 }
 
 impl Drop for TestDir {

@@ -16,6 +16,11 @@
 //!
 //! A stream whose header does not parse (bad magic, header check) is forwarded byte for byte
 //! from there on, so the proxy never hides a sender's own framing bug.
+//!
+//! The replication link is authenticated (and maybe encrypted): the proxy holds the key and
+//! terminates the link on both sides (a backup to the primary, a primary to the backup), so
+//! it sees and rewrites the frames as a man in the middle who has the key would. Each side's
+//! link handshake is with the proxy; the frames are the primary's and the backup's own.
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -23,6 +28,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+
+use twin_link::{LinkConfig, LinkReader, LinkWriter};
 
 use crate::error::{HarnessError, Result};
 use crate::netns::Netns;
@@ -34,7 +41,7 @@ pub const FRAME_MAGIC: [u8; 4] = *b"TWIN";
 /// Largest payload the proxy accepts as a frame (the protocol's default receiver cap).
 pub const MAX_PAYLOAD: u32 = 64 << 20;
 
-/// Frame types of protocol version 1 (`wire/PROTOCOL.md` §4).
+/// Frame types of the protocol (`wire/PROTOCOL.md` §4).
 pub mod frame_type {
     pub const HELLO: u8 = 1;
     pub const HELLO_ACK: u8 = 2;
@@ -261,10 +268,18 @@ pub struct FrameProxy {
 /// How long the proxy tries to reach the backup for each accepted connection.
 const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// How long each link handshake of the proxy may take.
+const LINK_TIMEOUT: Duration = Duration::from_secs(5);
+
 impl FrameProxy {
     /// Listens on `listen` inside `ns`; every connection accepted there is relayed to
-    /// `upstream`, connected from inside `ns` too.
-    pub fn start(ns: &Netns, listen: SocketAddr, upstream: SocketAddr) -> Result<Self> {
+    /// `upstream`, connected from inside `ns` too; both links use `link` (the pair's key).
+    pub fn start(
+        ns: &Netns,
+        listen: SocketAddr,
+        upstream: SocketAddr,
+        link: LinkConfig,
+    ) -> Result<Self> {
         let listener = ns.enter(|| TcpListener::bind(listen))?.map_err(|e| {
             HarnessError::io(format!("proxy: binding {listen} in {}", ns.name()), e)
         })?;
@@ -276,7 +291,7 @@ impl FrameProxy {
         let (sh, ns2, sess) = (shared.clone(), ns.clone(), sessions.clone());
         let acceptor = std::thread::Builder::new()
             .name("proxy-accept".into())
-            .spawn(move || accept_loop(listener, upstream, &ns2, &sh, &sess))
+            .spawn(move || accept_loop(listener, upstream, &link, &ns2, &sh, &sess))
             .map_err(|e| HarnessError::io("proxy: spawning the acceptor", e))?;
         Ok(FrameProxy {
             shared,
@@ -389,6 +404,7 @@ impl Drop for FrameProxy {
 fn accept_loop(
     listener: TcpListener,
     upstream: SocketAddr,
+    link: &LinkConfig,
     ns: &Netns,
     shared: &Arc<Shared>,
     sessions: &Arc<Mutex<Vec<(TcpStream, TcpStream)>>>,
@@ -398,43 +414,66 @@ fn accept_loop(
             break;
         }
         let Ok(down) = conn else { continue };
+        let down_sock = down.try_clone();
+        let down = match twin_link::accept(down, link, LINK_TIMEOUT) {
+            Ok(l) => l,
+            Err(e) => {
+                shared
+                    .lock()
+                    .unframed
+                    .push(format!("link handshake with the primary failed: {e}"));
+                continue;
+            }
+        };
         let up = match ns.enter(|| TcpStream::connect_timeout(&upstream, UPSTREAM_CONNECT_TIMEOUT))
         {
             Ok(Ok(s)) => s,
             // The backup is not there: the primary sees its connection closed at once.
             _ => {
-                let _ = down.shutdown(Shutdown::Both);
+                down.writer.shutdown(Shutdown::Both);
                 continue;
             }
         };
-        let _ = down.set_nodelay(true);
-        let _ = up.set_nodelay(true);
+        let up_sock = up.try_clone();
+        let up = match twin_link::connect(up, link, LINK_TIMEOUT) {
+            Ok(l) => l,
+            Err(_) => {
+                down.writer.shutdown(Shutdown::Both);
+                continue;
+            }
+        };
         let id = {
             let mut st = shared.lock();
             st.connections += 1;
             st.connections
         };
-        let clones = (|| Some((down.try_clone().ok()?, up.try_clone().ok()?)))();
-        let Some((down2, up2)) = clones else { continue };
-        if let (Ok(a), Ok(b)) = (down.try_clone(), up.try_clone()) {
-            sessions
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push((a, b));
-        }
+        // Socket handles to shut both connections from either pump, and from `Drop`.
+        let handles = (|| {
+            let (d, u) = (down_sock.ok()?, up_sock.ok()?);
+            let pair = || Some([d.try_clone().ok()?, u.try_clone().ok()?]);
+            Some((pair()?, pair()?, [d, u]))
+        })();
+        let Some((ends, ends2, [d, u])) = handles else {
+            continue;
+        };
+        sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((d, u));
         let sh = shared.clone();
+        let (down_r, down_w, up_r, up_w) = (down.reader, down.writer, up.reader, up.writer);
         let _ = std::thread::Builder::new()
             .name(format!("proxy-{id}-to-backup"))
-            .spawn(move || pump(down, up, Way::ToBackup, id, &sh));
+            .spawn(move || pump(down_r, up_w, &ends, Way::ToBackup, id, &sh));
         let sh = shared.clone();
         let _ = std::thread::Builder::new()
             .name(format!("proxy-{id}-to-primary"))
-            .spawn(move || pump(up2, down2, Way::ToPrimary, id, &sh));
+            .spawn(move || pump(up_r, down_w, &ends2, Way::ToPrimary, id, &sh));
     }
 }
 
 /// Reads exactly `buf.len()` bytes; `Ok(false)` on a clean end of stream before the first.
-fn read_full(r: &mut TcpStream, buf: &mut [u8]) -> std::io::Result<bool> {
+fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<bool> {
     let mut got = 0;
     while got < buf.len() {
         match r.read(&mut buf[got..]) {
@@ -448,12 +487,21 @@ fn read_full(r: &mut TcpStream, buf: &mut [u8]) -> std::io::Result<bool> {
     Ok(true)
 }
 
-/// Relays `from` → `to` frame by frame, applying the armed fault; closes both on any end.
-fn pump(mut from: TcpStream, mut to: TcpStream, way: Way, conn: u64, shared: &Shared) {
+/// Relays `from` → `to` frame by frame, applying the armed fault; closes both connections
+/// (`ends`) on any end.
+fn pump(
+    mut from: LinkReader,
+    mut to: LinkWriter,
+    ends: &[TcpStream; 2],
+    way: Way,
+    conn: u64,
+    shared: &Shared,
+) {
     let mut held: Option<Frame> = None;
-    let end = |from: &TcpStream, to: &TcpStream| {
-        let _ = from.shutdown(Shutdown::Both);
-        let _ = to.shutdown(Shutdown::Both);
+    let end = |_: &LinkReader, _: &LinkWriter| {
+        for s in ends {
+            let _ = s.shutdown(Shutdown::Both);
+        }
     };
     loop {
         let mut header = [0u8; FRAME_HEADER_LEN];

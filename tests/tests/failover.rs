@@ -40,12 +40,15 @@ fn listen_addr() -> String {
 fn spawn_backup(ha: &Ha, dir: &TestDir, name: &str, control: &Path) -> TwinProcess {
     let listen = listen_addr();
     let control = control.display().to_string();
+    let key = dir.key_file();
     let mut p = TwinProcess::spawn(
         &ha.backup.ns,
         dir,
         name,
         &[
             "backup",
+            "--key-file",
+            &key,
             "--listen",
             &listen,
             "--tap",
@@ -63,12 +66,15 @@ fn spawn_backup(ha: &Ha, dir: &TestDir, name: &str, control: &Path) -> TwinProce
 fn spawn_primary(ha: &Ha, dir: &TestDir, name: &str, control: &Path) -> TwinProcess {
     let backup = listen_addr();
     let control = control.display().to_string();
+    let key = dir.key_file();
     TwinProcess::spawn(
         &ha.primary.ns,
         dir,
         name,
         &[
             "protect",
+            "--key-file",
+            &key,
             "--backup",
             &backup,
             "--tap",

@@ -469,6 +469,7 @@ impl Rig {
             "starting the primary (no backup yet: it runs unprotected until one answers)"
         });
         let psock = dir.join("primary.sock").to_string_lossy().into_owned();
+        let key = dir.key_file();
         let pcons = dir.join("primary.console").to_string_lossy().into_owned();
         let primary = spawn_twin(
             &ha.primary.ns,
@@ -476,6 +477,8 @@ impl Rig {
             "primary",
             &[
                 "protect",
+                "--key-file",
+                &key,
                 "--backup",
                 &target,
                 "--tap",
@@ -541,6 +544,7 @@ impl Rig {
                 &self.ha.primary.ns,
                 format!("127.0.0.1:{PROXY_PORT}").parse().expect("addr"),
                 backup_listen().parse().expect("addr"),
+                self.dir.link_config(),
             )
             .expect("start the proxy");
             if let Some(f) = self.opts.initial_fault {
@@ -564,12 +568,15 @@ impl Rig {
             .to_string_lossy()
             .into_owned();
         let listen = backup_listen();
+        let key = self.dir.key_file();
         let mut b = spawn_twin(
             &self.ha.backup.ns,
             &self.dir,
             name,
             &[
                 "backup",
+                "--key-file",
+                &key,
                 "--listen",
                 &listen,
                 "--tap",
@@ -2102,8 +2109,7 @@ fn zzz_summary_table() {
 // =============================================================================================
 // The proxy itself, without a VM: each fault does exactly what it says to the byte stream.
 
-fn read_frame(s: &mut std::net::TcpStream) -> Option<twin_tests::proxy::Frame> {
-    use std::io::Read as _;
+fn read_frame(s: &mut impl std::io::Read) -> Option<twin_tests::proxy::Frame> {
     let mut header = [0u8; twin_tests::proxy::FRAME_HEADER_LEN];
     s.read_exact(&mut header).ok()?;
     let len = twin_tests::proxy::parse_header(&header).expect("a parseable header");
@@ -2112,10 +2118,13 @@ fn read_frame(s: &mut std::net::TcpStream) -> Option<twin_tests::proxy::Frame> {
     Some(twin_tests::proxy::Frame { header, payload })
 }
 
+/// Both ends hold the key and encrypt: the proxy terminates both links, so it reads and
+/// rewrites frames as a man in the middle with the key would.
 #[test]
 fn proxy_selftest() {
-    use std::io::{Read as _, Write as _};
+    use std::io::Read as _;
     use std::net::{TcpListener, TcpStream};
+    use twin_link::{LinkConfig, LinkReader, LinkWriter};
     use twin_tests::proxy::Frame;
     require_root();
     let ns = Netns::new("proxyself").expect("namespace");
@@ -2124,16 +2133,31 @@ fn proxy_selftest() {
         .expect("enter")
         .expect("bind");
     let up_addr = upstream.local_addr().expect("addr");
-    let proxy =
-        FrameProxy::start(&ns, "127.0.0.1:0".parse().expect("addr"), up_addr).expect("proxy");
-    let mut primary = ns
+    let link = LinkConfig::with_key(twin_link::Key::generate().expect("key"), true);
+    let proxy = FrameProxy::start(
+        &ns,
+        "127.0.0.1:0".parse().expect("addr"),
+        up_addr,
+        link.clone(),
+    )
+    .expect("proxy");
+    let t = Duration::from_secs(5);
+    let link2 = link.clone();
+    let backup_side = std::thread::spawn(move || {
+        let (s, _) = upstream.accept().expect("accept");
+        twin_link::accept(s, &link2, t).expect("backup link")
+    });
+    let primary = ns
         .enter(|| TcpStream::connect(proxy.listen_addr()))
         .expect("enter")
         .expect("connect");
-    let (mut backup, _) = upstream.accept().expect("accept");
-    for s in [&primary, &backup] {
-        s.set_read_timeout(Some(Duration::from_secs(5)))
-            .expect("timeout");
+    let primary = twin_link::connect(primary, &link, t).expect("primary link");
+    let backup = backup_side.join().expect("backup side");
+    assert!(primary.info.encrypted && backup.info.encrypted);
+    let (mut primary, mut primary_w): (LinkReader, LinkWriter) = (primary.reader, primary.writer);
+    let (mut backup, mut backup_w) = (backup.reader, backup.writer);
+    for r in [&mut primary, &mut backup] {
+        r.set_read_timeout(Some(t));
     }
     let pages = |e: u64, fill: u8| {
         let mut p = e.to_le_bytes().to_vec();
@@ -2141,7 +2165,7 @@ fn proxy_selftest() {
         Frame::new(frame_type::PAGES, p)
     };
     let state = |e: u64| Frame::new(frame_type::STATE, e.to_le_bytes().to_vec());
-    let send = |s: &mut TcpStream, f: &Frame| s.write_all(&f.to_bytes()).expect("send");
+    let send = |s: &mut LinkWriter, f: &Frame| s.write_all(&f.to_bytes()).expect("send");
     let arm = |kind, way, ty| {
         proxy.arm(Fault {
             kind,
@@ -2152,33 +2176,33 @@ fn proxy_selftest() {
     };
 
     // Untouched.
-    send(&mut primary, &pages(1, 1));
+    send(&mut primary_w, &pages(1, 1));
     assert_eq!(read_frame(&mut backup), Some(pages(1, 1)));
 
     // Duplicate.
     arm(FaultKind::Duplicate, Way::ToBackup, frame_type::PAGES);
-    send(&mut primary, &pages(2, 2));
-    send(&mut primary, &state(2));
+    send(&mut primary_w, &pages(2, 2));
+    send(&mut primary_w, &state(2));
     assert_eq!(read_frame(&mut backup), Some(pages(2, 2)));
     assert_eq!(read_frame(&mut backup), Some(pages(2, 2)));
     assert_eq!(read_frame(&mut backup), Some(state(2)));
 
     // Swap with the next frame.
     arm(FaultKind::SwapWithNext, Way::ToBackup, frame_type::PAGES);
-    send(&mut primary, &pages(3, 3));
-    send(&mut primary, &state(3));
+    send(&mut primary_w, &pages(3, 3));
+    send(&mut primary_w, &state(3));
     assert_eq!(read_frame(&mut backup), Some(state(3)));
     assert_eq!(read_frame(&mut backup), Some(pages(3, 3)));
 
     // Bit flip, CRC left stale / forged.
     arm(FaultKind::FlipBit, Way::ToBackup, frame_type::PAGES);
-    send(&mut primary, &pages(4, 4));
+    send(&mut primary_w, &pages(4, 4));
     let f = read_frame(&mut backup).expect("frame");
     assert!(!f.is_sealed(), "a stale CRC must not match");
     assert_ne!(f.payload, pages(4, 4).payload);
     assert_eq!(f.header, pages(4, 4).header);
     arm(FaultKind::FlipBitForged, Way::ToBackup, frame_type::PAGES);
-    send(&mut primary, &pages(5, 5));
+    send(&mut primary_w, &pages(5, 5));
     let f = read_frame(&mut backup).expect("frame");
     assert!(f.is_sealed(), "a forged frame must pass the frame CRC");
     assert_ne!(f.payload, pages(5, 5).payload);
@@ -2191,7 +2215,7 @@ fn proxy_selftest() {
     );
     let mut hello = 1u32.to_le_bytes().to_vec();
     hello.extend_from_slice(b"rest of hello");
-    send(&mut primary, &Frame::new(frame_type::HELLO, hello));
+    send(&mut primary_w, &Frame::new(frame_type::HELLO, hello));
     let f = read_frame(&mut backup).expect("frame");
     assert!(f.is_sealed());
     assert_eq!(&f.payload[..4], &2u32.to_le_bytes());
@@ -2206,16 +2230,16 @@ fn proxy_selftest() {
     });
     let ack = |e: u64| Frame::new(frame_type::ACK, e.to_le_bytes().to_vec());
     let hb = Frame::new(frame_type::HEARTBEAT, vec![0; 24]);
-    send(&mut backup, &ack(6));
-    send(&mut backup, &hb);
+    send(&mut backup_w, &ack(6));
+    send(&mut backup_w, &hb);
     assert_eq!(read_frame(&mut primary), Some(hb.clone()));
     proxy.disarm();
-    send(&mut backup, &ack(7));
+    send(&mut backup_w, &ack(7));
     assert_eq!(read_frame(&mut primary), Some(ack(7)));
 
     // Truncate: half a frame, then both sides closed.
     arm(FaultKind::Truncate, Way::ToBackup, frame_type::PAGES);
-    send(&mut primary, &pages(8, 8));
+    send(&mut primary_w, &pages(8, 8));
     let mut rest = Vec::new();
     let _ = backup.read_to_end(&mut rest);
     let whole = pages(8, 8).to_bytes();

@@ -38,6 +38,7 @@ fn spawn_backup(
 ) -> TwinProcess {
     let listen = format!("{BACKUP_REPL_ADDR}:{REPL_PORT}");
     let control = control.display().to_string();
+    let key = dir.key_file();
     let bin = twin_bin().expect("twin binary");
     let mut p = TwinProcess::spawn_program(
         &ha.backup.ns,
@@ -46,6 +47,8 @@ fn spawn_backup(
         &bin,
         &[
             "backup",
+            "--key-file",
+            &key,
             "--listen",
             &listen,
             "--tap",
@@ -88,12 +91,15 @@ fn output_is_held_while_the_backup_withholds_acks_and_released_when_they_flow() 
     let mut backup1 = spawn_backup(&ha, &dir, "twin-backup-1", &bsock1, &[]);
     let psock_s = psock.display().to_string();
     let backup_addr = format!("{BACKUP_REPL_ADDR}:{REPL_PORT}");
+    let key = dir.key_file();
     let mut primary = TwinProcess::spawn(
         &ha.primary.ns,
         &dir,
         "twin-protect",
         &[
             "protect",
+            "--key-file",
+            &key,
             "--backup",
             &backup_addr,
             "--tap",

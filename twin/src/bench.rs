@@ -695,8 +695,11 @@ fn start_protected(
     slots: &mut Slots,
 ) -> Result<()> {
     let listen = SocketAddr::from((BACKUP_REPL_ADDR, REPL_PORT)).to_string();
+    let key = dir.key_file();
     let mut backup_args: Vec<String> = vec![
         "backup".into(),
+        "--key-file".into(),
+        key.clone(),
         "--listen".into(),
         listen.clone(),
         "--tap".into(),
@@ -723,6 +726,8 @@ fn start_protected(
     )?;
     let mut args = vm_args("protect", plan, w, dir, "primary");
     args.extend([
+        "--key-file".into(),
+        key,
         "--backup".into(),
         listen,
         "--interval".into(),

@@ -191,6 +191,12 @@ fn demo(args: &DemoArgs) -> Result<bool> {
     ));
 
     let repl_addr = format!("{BACKUP_REPL_ADDR}:{REPL_PORT}");
+    // One pre-shared key for the pair, as `twin keygen` writes it: the replication link is
+    // authenticated both ways.
+    let key = dir.key_file();
+    log.step(format_args!(
+        "  replication key {key} (twin keygen): the link is authenticated both ways"
+    ));
     let backup_sock = dir.join("backup.sock");
     let primary_sock = dir.join("primary.sock");
     let mut backup = spawn_twin(
@@ -200,6 +206,8 @@ fn demo(args: &DemoArgs) -> Result<bool> {
         &exe,
         &[
             "backup",
+            "--key-file",
+            &key,
             "--listen",
             &repl_addr,
             "--tap",
@@ -230,6 +238,8 @@ fn demo(args: &DemoArgs) -> Result<bool> {
         &exe,
         &[
             "protect",
+            "--key-file",
+            &key,
             "--backup",
             &repl_addr,
             "--interval",

@@ -52,6 +52,43 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Measure protected against unprotected runs and write a report.
     Bench(bench::BenchArgs),
+    /// Write a new replication key (give the same file to the primary and its backup).
+    Keygen(KeygenArgs),
+}
+
+/// Authentication of the replication link, shared by `protect` and `backup`.
+#[derive(Args, Clone)]
+struct AuthArgs {
+    /// Pre-shared key of the replication link (`twin keygen FILE` writes one; both hosts
+    /// need the same file, readable by its owner only).
+    #[arg(long, env = "TWIN_KEY_FILE", required_unless_present = "no_auth")]
+    key_file: Option<PathBuf>,
+    /// Run the replication link unauthenticated: anyone who reaches the port can replace
+    /// the backup's replica or stop the primary's VM.
+    #[arg(long, conflicts_with = "key_file")]
+    no_auth: bool,
+    /// Encrypt the replication stream (AES-256-GCM; needs --key-file). Either side asking
+    /// is enough.
+    #[arg(long, conflicts_with = "no_auth")]
+    encrypt: bool,
+}
+
+impl AuthArgs {
+    fn link(&self) -> Result<twin_link::LinkConfig> {
+        match &self.key_file {
+            Some(path) if !self.no_auth => {
+                let key = twin_link::Key::load(path)?;
+                Ok(twin_link::LinkConfig::with_key(key, self.encrypt))
+            }
+            _ => Ok(twin_link::LinkConfig::insecure()),
+        }
+    }
+}
+
+#[derive(Args)]
+struct KeygenArgs {
+    /// File to create (never overwritten), mode 0600.
+    file: PathBuf,
 }
 
 #[derive(Args)]
@@ -76,6 +113,8 @@ struct ProtectArgs {
     /// Silence from the backup longer than this means it is lost.
     #[arg(long, default_value = "500ms")]
     backup_timeout: args::Millis,
+    #[command(flatten)]
+    auth: AuthArgs,
     #[command(flatten)]
     vm: VmArgs,
     #[command(flatten)]
@@ -105,6 +144,8 @@ struct BackupArgs {
     /// Control socket of this process.
     #[arg(long, default_value = "/run/twin/backup.sock")]
     control: PathBuf,
+    #[command(flatten)]
+    auth: AuthArgs,
 }
 
 #[derive(Args)]
@@ -476,6 +517,10 @@ fn protect(args: ProtectArgs) -> Result<ExitCode> {
     use twin_primary::{LossPolicy, Mode, NetbufSink, Primary, ProtectConfig};
 
     let sigs = block_termination_signals()?;
+    let link = args.auth.link()?;
+    if link.key.is_none() {
+        tracing::warn!("the replication link is NOT authenticated (--no-auth): anyone who reaches the backup's port can pose as it and stop this VM");
+    }
     let vmm = Vmm::new(args.vm.to_config(&args.host)?).context("cannot start the VM")?;
     let netbuf = NetBuffer::new(NetBufferConfig::default());
     vmm.set_net_sink(Box::new(NetbufSink(netbuf.sink())));
@@ -500,8 +545,9 @@ fn protect(args: ProtectArgs) -> Result<ExitCode> {
             LossArg::Hold => LossPolicy::Hold,
         },
         backup_timeout: args.backup_timeout.0,
-        heartbeat_interval: Duration::from_millis(20),
+        heartbeat_interval: twin_link::HEARTBEAT_INTERVAL,
         vm_id,
+        link,
     };
     let primary =
         Primary::start(vmm.clone(), netbuf.clone(), cfg).context("starting replication")?;
@@ -571,21 +617,25 @@ fn backup(args: BackupArgs) -> Result<ExitCode> {
     use twin_backup::{Backup, BackupConfig, BackupRequest, Outcome};
 
     let sigs = block_termination_signals()?;
-    let control = control::serve(&args.control)?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let (tx, rx) = std::sync::mpsc::channel::<BackupRequest>();
     let cfg = BackupConfig {
         listen: args.listen,
         tap: args.tap.clone(),
         heartbeat_timeout: args.heartbeat_timeout.0,
-        heartbeat_interval: Duration::from_millis(20),
+        heartbeat_interval: twin_link::HEARTBEAT_INTERVAL,
+        link: args.auth.link()?,
     };
+    // The TAP and the port first: a backup that cannot serve must not claim the control
+    // socket (and a second one must never take a running backup's).
+    let backup = Backup::bind(cfg)?;
+    let control = control::serve(&args.control)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let (tx, rx) = std::sync::mpsc::channel::<BackupRequest>();
     let console_path = args.console.clone();
     let stop2 = stop.clone();
     let worker = std::thread::Builder::new()
         .name("backup".into())
         .spawn(move || {
-            Backup::new(cfg).run(&rx, &stop2, move || -> Box<dyn std::io::Write + Send> {
+            backup.run(&rx, &stop2, move || -> Box<dyn std::io::Write + Send> {
                 match console_path.and_then(|p| std::fs::File::create(p).ok()) {
                     Some(f) => Box::new(f),
                     None => Box::new(std::io::stdout()),
@@ -610,14 +660,15 @@ fn backup(args: BackupArgs) -> Result<ExitCode> {
                 Request::Status => {
                     let reply = reply.clone();
                     tx.send(BackupRequest::Status(Box::new(move |v| {
-                        let _ = reply.send(Response::Ok(v));
+                        let _ =
+                            reply.send(Response::Ok(serde_json::to_value(v).unwrap_or_default()));
                     })))
                 }
                 Request::Failover => {
                     let reply = reply.clone();
                     tx.send(BackupRequest::Failover(Box::new(move |r| {
                         let _ = reply.send(match r {
-                            Ok(v) => Response::Ok(v),
+                            Ok(v) => Response::Ok(serde_json::to_value(v).unwrap_or_default()),
                             Err(e) => Response::Error(e),
                         });
                     })))
@@ -634,7 +685,10 @@ fn backup(args: BackupArgs) -> Result<ExitCode> {
     };
     match outcome {
         Ok(Outcome::FailedOver { vmm, report }) => {
-            println!("FAILOVER {report}");
+            println!(
+                "FAILOVER {}",
+                serde_json::to_string(&report).unwrap_or_default()
+            );
             serve_vm(vmm, &control, pending, "primary (took over)")
         }
         Err(twin_backup::BackupError::Stopped) => Ok(ExitCode::SUCCESS),
@@ -681,6 +735,13 @@ fn main() -> ExitCode {
         Command::Demo(args) => demo::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Backup(args) => backup(args),
+        Command::Keygen(a) => twin_link::Key::generate()
+            .and_then(|k| k.write_new(&a.file))
+            .map(|()| {
+                println!("{}", a.file.display());
+                ExitCode::SUCCESS
+            })
+            .map_err(Into::into),
         Command::Failover(a) => client(&a.control, Request::Failover).map(|v| {
             println!("{v}");
             ExitCode::SUCCESS

@@ -10,7 +10,6 @@ pub mod devices;
 pub mod interrupt;
 pub mod layout;
 pub mod memory;
-pub mod realtime;
 pub mod snapshot;
 pub mod state;
 pub mod vcpu;

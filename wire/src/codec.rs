@@ -725,7 +725,7 @@ impl Encoder<StateRef<'_>> for FrameCodec {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::message::{RefuseReason, Role, VmId};
+    use crate::message::{GoodbyeReason, RefuseReason, Role, VmId};
 
     fn page(index: u64, size: usize) -> Page {
         Page {
@@ -801,9 +801,7 @@ mod tests {
                 sent_at_ns: 2,
                 last_epoch: 3,
             }),
-            Message::Goodbye(Goodbye {
-                reason: "shutdown".into(),
-            }),
+            Message::Goodbye(Goodbye::new(GoodbyeReason::Stopping, "shutdown")),
         ]
     }
 

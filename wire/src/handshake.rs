@@ -216,9 +216,11 @@ mod tests {
 
     #[test]
     fn undecodable_hello_of_another_version_is_reported_and_refusable() {
-        // A future Hello: version 2 followed by a layout we cannot read.
+        // A future Hello: the next version followed by a layout we cannot read.
         let mut codec = FrameCodec::new();
-        let payload = [2u8, 0, 0, 0, 0xff];
+        let future = PROTOCOL_VERSION + 1;
+        let mut payload = future.to_le_bytes().to_vec();
+        payload.push(0xff);
         let header = crate::frame::FrameHeader {
             frame_type: FrameType::Hello as u8,
             flags: 0,
@@ -229,12 +231,11 @@ mod tests {
         buf.extend_from_slice(&header.to_bytes());
         buf.extend_from_slice(&payload);
         match codec.decode(&mut buf) {
-            Err(DecodeError::IncompatibleHello {
-                protocol_version: 2,
-            }) => {}
+            Err(DecodeError::IncompatibleHello { protocol_version })
+                if protocol_version == future => {}
             other => panic!("unexpected {other:?}"),
         }
-        let refuse = refuse_incompatible(2);
+        let refuse = refuse_incompatible(future);
         assert_eq!(refuse.reason, RefuseReason::VersionMismatch);
     }
 

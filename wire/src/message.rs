@@ -12,7 +12,7 @@ use std::fmt;
 
 /// Version of the protocol spoken by this build. A peer speaking another version is refused
 /// during the handshake: checkpoints are only meaningful between identical formats.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Version string of this build, sent in [`Hello`] so that a refusal can name both sides.
 pub const SOFTWARE_VERSION: &str = concat!("twin ", env!("CARGO_PKG_VERSION"));
@@ -452,11 +452,82 @@ pub struct Heartbeat {
     pub last_epoch: u64,
 }
 
-/// Orderly end of a session: the peer will close the connection and expects no failover.
+/// Orderly end of a session: the peer will close the connection after it. What the receiver
+/// does depends on the reason, never on the text of `detail`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Goodbye {
-    /// Why the session ends.
-    pub reason: String,
+    /// Why the session ends; decides what the receiver does.
+    pub reason: GoodbyeReason,
+    /// Human-readable detail, for logs only.
+    pub detail: String,
+}
+
+impl Goodbye {
+    /// A goodbye for `reason` with a human-readable `detail`.
+    pub fn new(reason: GoodbyeReason, detail: impl Into<String>) -> Self {
+        Self {
+            reason,
+            detail: detail.into(),
+        }
+    }
+}
+
+/// Why a session ends. Encoded as a `u32` code so that codes added by a later version still
+/// decode (as [`GoodbyeReason::Other`], which the receiver treats as [`GoodbyeReason::Abandon`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(from = "u32", into = "u32")]
+pub enum GoodbyeReason {
+    /// Primary → backup: the VM stops on purpose (signal, guest power-off). No failover; the
+    /// replica is of no further use.
+    Stopping,
+    /// Either way: the sender gives up this session (a corrupt frame, a bogus ack, a silent
+    /// or lagging peer) and may start another. No failover; the receiver's replica is
+    /// detached (the primary may run on unprotected).
+    Abandon,
+    /// Backup → primary: this backup takes over the VM from its last committed checkpoint;
+    /// the primary must fence its output and stop its VM.
+    Takeover,
+    /// Primary → backup: this primary cannot go on (its NIC died) and has fenced its output;
+    /// the backup must take over now.
+    Handover,
+    /// A code this build does not know.
+    Other(u32),
+}
+
+impl From<u32> for GoodbyeReason {
+    fn from(code: u32) -> Self {
+        match code {
+            1 => Self::Stopping,
+            2 => Self::Abandon,
+            3 => Self::Takeover,
+            4 => Self::Handover,
+            other => Self::Other(other),
+        }
+    }
+}
+
+impl From<GoodbyeReason> for u32 {
+    fn from(reason: GoodbyeReason) -> u32 {
+        match reason {
+            GoodbyeReason::Stopping => 1,
+            GoodbyeReason::Abandon => 2,
+            GoodbyeReason::Takeover => 3,
+            GoodbyeReason::Handover => 4,
+            GoodbyeReason::Other(code) => code,
+        }
+    }
+}
+
+impl fmt::Display for GoodbyeReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Stopping => f.write_str("stopping"),
+            Self::Abandon => f.write_str("abandons the session"),
+            Self::Takeover => f.write_str("takeover"),
+            Self::Handover => f.write_str("handover"),
+            Self::Other(code) => write!(f, "unknown reason {code}"),
+        }
+    }
 }
 
 /// Any message of the protocol.
@@ -580,7 +651,7 @@ impl Message {
             Self::Hello(h) => check_text("software_version", &h.software_version),
             Self::HelloAck(a) => check_text("software_version", &a.software_version),
             Self::Refuse(r) => check_text("detail", &r.detail),
-            Self::Goodbye(g) => check_text("reason", &g.reason),
+            Self::Goodbye(g) => check_text("detail", &g.detail),
             Self::VmDescription(d) => {
                 check_len("config", d.config.len(), MAX_CONFIG_LEN)?;
                 d.geometry().map(|_| ()).map_err(ValidationError::Geometry)
@@ -696,6 +767,15 @@ mod tests {
     }
 
     #[test]
+    fn goodbye_reason_codes_are_stable() {
+        for code in 0..10u32 {
+            assert_eq!(u32::from(GoodbyeReason::from(code)), code);
+        }
+        assert_eq!(GoodbyeReason::from(3), GoodbyeReason::Takeover);
+        assert_eq!(GoodbyeReason::from(4), GoodbyeReason::Handover);
+    }
+
+    #[test]
     fn geometry_rejects_bad_sizes() {
         assert!(Geometry::new(1 << 20, 4096).is_ok());
         assert_eq!(Geometry::new(1 << 20, 4096).unwrap().page_count(), 256);
@@ -720,11 +800,11 @@ mod tests {
     #[test]
     fn validate_enforces_caps() {
         let long = "x".repeat(MAX_TEXT_LEN + 1);
-        let g = Message::Goodbye(Goodbye { reason: long });
+        let g = Message::Goodbye(Goodbye::new(GoodbyeReason::Abandon, long));
         assert!(matches!(
             g.validate(),
             Err(ValidationError::TooLong {
-                field: "reason",
+                field: "detail",
                 ..
             })
         ));

@@ -9,8 +9,8 @@ use tokio_util::codec::Framed;
 use twin_wire::handshake::{accept_hello, check_hello_reply};
 use twin_wire::{
     AcceptPolicy, Ack, EpochAssembler, EpochBegin, EpochEncoder, EpochMessage, FrameCodec, Goodbye,
-    Heartbeat, Hello, Message, PageRef, Role, SyncDone, SyncPagesRef, SyncTracker, SyncZeroPages,
-    VmDescription, VmId,
+    GoodbyeReason, Heartbeat, Hello, Message, PageRef, Role, SyncDone, SyncPagesRef, SyncTracker,
+    SyncZeroPages, VmDescription, VmId,
 };
 
 const PS: usize = 4096;
@@ -166,9 +166,10 @@ async fn primary_and_backup_complete_a_session() {
         };
         assert_eq!(ack.epoch, epoch);
     }
-    io.send(Message::Goodbye(Goodbye {
-        reason: "test done".into(),
-    }))
+    io.send(Message::Goodbye(Goodbye::new(
+        GoodbyeReason::Stopping,
+        "test done",
+    )))
     .await
     .unwrap();
 

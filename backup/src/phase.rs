@@ -1,0 +1,387 @@
+//! Where a session with a primary stands, and the one function that moves it on a message.
+//!
+//! Pure: it says what to do with the replica ([`Step`]) and leaves doing it to the caller,
+//! so that the order the protocol demands (description, sync, then epochs; nothing after a
+//! goodbye) is unit-tested without a network or a VM. A session starts in
+//! [`Phase::AwaitDescription`] only once its `Hello` was accepted.
+
+use twin_wire::{
+    AssembleError, CompleteEpoch, EpochAssembler, EpochMessage, FrameType, Geometry, GeometryError,
+    GoodbyeReason, Message, SyncError, SyncPages, SyncTracker, SyncZeroPages, VmDescription,
+};
+
+/// A session's phase.
+#[derive(Debug)]
+pub enum Phase {
+    /// `Hello` accepted; the VM's description comes next.
+    AwaitDescription,
+    /// Initial sync into the replica.
+    Syncing {
+        geometry: Geometry,
+        tracker: SyncTracker,
+    },
+    /// Epochs; the assembler exists from the first `EpochBegin` on.
+    Replicating {
+        geometry: Geometry,
+        assembler: Option<EpochAssembler>,
+    },
+}
+
+/// What the caller does with the replica after a message.
+#[derive(Debug)]
+pub enum Step {
+    /// Nothing (a heartbeat, an epoch message short of its end).
+    None,
+    /// (Re)build the replica for this VM.
+    Describe(VmDescription),
+    /// Write these sync pages (indices checked).
+    SyncPages(SyncPages),
+    /// Zero these pages (indices checked).
+    SyncZeroPages(SyncZeroPages),
+    /// Every page of the sync arrived.
+    SyncDone,
+    /// Apply and acknowledge a whole, verified epoch.
+    Commit(CompleteEpoch),
+}
+
+/// Why a session cannot go on (as the primary's messages make it end).
+#[derive(Debug, thiserror::Error)]
+pub enum PhaseEnd {
+    #[error("the primary said goodbye ({reason}): {detail}")]
+    Goodbye {
+        reason: GoodbyeReason,
+        detail: String,
+    },
+    #[error("protocol violation: {what} while {phase}")]
+    Unexpected { what: String, phase: &'static str },
+    #[error("bad VM description")]
+    Description(#[source] GeometryError),
+    #[error("page size {0} is not this backup's {1}")]
+    PageSize(u32, u32),
+    #[error("initial sync")]
+    Sync(#[source] SyncError),
+    #[error("rejected epoch")]
+    Epoch(#[source] AssembleError),
+}
+
+impl Phase {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Phase::AwaitDescription => "awaiting the VM description",
+            Phase::Syncing { .. } => "syncing",
+            Phase::Replicating { .. } => "replicating",
+        }
+    }
+
+    /// The one transition function: `msg` arrives in this phase; `page_size` is the only one
+    /// this backup replicates.
+    pub fn on(self, msg: Message, page_size: u32) -> Result<(Phase, Step), PhaseEnd> {
+        let unexpected = |phase: &Phase, t: FrameType| PhaseEnd::Unexpected {
+            what: format!("{t:?}"),
+            phase: phase.name(),
+        };
+        match (self, msg) {
+            // Either side may say goodbye or send a heartbeat at any time.
+            (_, Message::Goodbye(g)) => Err(PhaseEnd::Goodbye {
+                reason: g.reason,
+                detail: g.detail,
+            }),
+            (p, Message::Heartbeat(_)) => Ok((p, Step::None)),
+            (Phase::AwaitDescription, Message::VmDescription(d)) => {
+                let geometry = d.geometry().map_err(PhaseEnd::Description)?;
+                if d.page_size != page_size {
+                    return Err(PhaseEnd::PageSize(d.page_size, page_size));
+                }
+                let tracker = SyncTracker::new(geometry);
+                Ok((Phase::Syncing { geometry, tracker }, Step::Describe(d)))
+            }
+            (
+                Phase::Syncing {
+                    geometry,
+                    mut tracker,
+                },
+                msg,
+            ) => {
+                let step = match msg {
+                    Message::SyncPages(p) => {
+                        tracker.pages(&p).map_err(PhaseEnd::Sync)?;
+                        Step::SyncPages(p)
+                    }
+                    Message::SyncZeroPages(z) => {
+                        tracker.zero_pages(&z).map_err(PhaseEnd::Sync)?;
+                        Step::SyncZeroPages(z)
+                    }
+                    Message::SyncDone(done) => {
+                        tracker.done(&done).map_err(PhaseEnd::Sync)?;
+                        return Ok((
+                            Phase::Replicating {
+                                geometry,
+                                assembler: None,
+                            },
+                            Step::SyncDone,
+                        ));
+                    }
+                    other => {
+                        let p = Phase::Syncing { geometry, tracker };
+                        return Err(unexpected(&p, other.frame_type()));
+                    }
+                };
+                Ok((Phase::Syncing { geometry, tracker }, step))
+            }
+            (
+                Phase::Replicating {
+                    geometry,
+                    assembler,
+                },
+                msg,
+            ) => {
+                let t = msg.frame_type();
+                let Ok(em) = EpochMessage::try_from(msg) else {
+                    let p = Phase::Replicating {
+                        geometry,
+                        assembler,
+                    };
+                    return Err(unexpected(&p, t));
+                };
+                let mut asm =
+                    assembler.unwrap_or_else(|| EpochAssembler::new(geometry, em.epoch()));
+                let step = match asm.push(em).map_err(PhaseEnd::Epoch)? {
+                    Some(complete) => Step::Commit(complete),
+                    None => Step::None,
+                };
+                Ok((
+                    Phase::Replicating {
+                        geometry,
+                        assembler: Some(asm),
+                    },
+                    step,
+                ))
+            }
+            (p, other) => Err(unexpected(&p, other.frame_type())),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::{Bytes, BytesMut};
+    use tokio_util::codec::Decoder;
+    use twin_wire::{
+        EpochBegin, EpochEncoder, FrameCodec, Goodbye, Heartbeat, Hello, Page, PageRef, Role,
+        SyncDone, VmId,
+    };
+
+    const PS: u32 = 4096;
+
+    fn desc(pages: u64) -> Message {
+        Message::VmDescription(VmDescription {
+            mem_size: pages * u64::from(PS),
+            page_size: PS,
+            vcpus: 1,
+            mac: [2, 0, 0, 0, 0, 1],
+            config: Vec::new(),
+        })
+    }
+
+    fn sync_pages(indices: &[u64]) -> Message {
+        Message::SyncPages(SyncPages {
+            page_size: PS,
+            pages: indices
+                .iter()
+                .map(|&index| Page {
+                    index,
+                    data: Bytes::from(vec![index as u8; PS as usize]),
+                })
+                .collect(),
+        })
+    }
+
+    /// The frames of one whole epoch, decoded back into messages.
+    fn epoch(n: u64, pages: &[u64]) -> Vec<Message> {
+        let data: Vec<Vec<u8>> = pages.iter().map(|&p| vec![p as u8 ^ 0x5a; 4096]).collect();
+        let refs: Vec<PageRef<'_>> = pages
+            .iter()
+            .zip(&data)
+            .map(|(&index, d)| PageRef { index, data: d })
+            .collect();
+        let state = b"state".to_vec();
+        let mut buf = BytesMut::new();
+        let codec = FrameCodec::new();
+        let begin = EpochBegin {
+            epoch: n,
+            page_count: refs.len() as u64,
+            state_len: state.len() as u64,
+        };
+        let mut enc = EpochEncoder::begin(codec, begin, PS, &mut buf).unwrap();
+        enc.pages(&refs, &mut buf).unwrap();
+        enc.state(&state, &mut buf).unwrap();
+        enc.end(&mut buf).unwrap();
+        let mut c = FrameCodec::new();
+        let mut out = Vec::new();
+        while let Some(m) = c.decode(&mut buf).unwrap() {
+            out.push(m);
+        }
+        out
+    }
+
+    fn run(msgs: Vec<Message>) -> (Result<Phase, PhaseEnd>, Vec<&'static str>) {
+        let mut phase = Phase::AwaitDescription;
+        let mut steps = Vec::new();
+        for m in msgs {
+            match phase.on(m, PS) {
+                Ok((p, s)) => {
+                    steps.push(match s {
+                        Step::None => "none",
+                        Step::Describe(_) => "describe",
+                        Step::SyncPages(_) => "pages",
+                        Step::SyncZeroPages(_) => "zero",
+                        Step::SyncDone => "synced",
+                        Step::Commit(_) => "commit",
+                    });
+                    phase = p;
+                }
+                Err(e) => return (Err(e), steps),
+            }
+        }
+        (Ok(phase), steps)
+    }
+
+    #[test]
+    fn a_whole_session_in_order() {
+        let mut msgs = vec![
+            desc(4),
+            Message::Heartbeat(Heartbeat {
+                seq: 1,
+                sent_at_ns: 1,
+                last_epoch: 0,
+            }),
+            sync_pages(&[0, 1]),
+            Message::SyncZeroPages(SyncZeroPages {
+                indices: vec![2, 3],
+            }),
+            Message::SyncDone(SyncDone { pages_sent: 4 }),
+        ];
+        msgs.extend(epoch(7, &[1, 3]));
+        msgs.extend(epoch(8, &[]));
+        let (end, steps) = run(msgs);
+        assert!(
+            matches!(end, Ok(Phase::Replicating { .. })),
+            "{:?}",
+            end.err()
+        );
+        assert_eq!(
+            steps,
+            [
+                "describe", "none", "pages", "zero", "synced", "none", "none", "none", "commit",
+                "none", "none", "commit"
+            ]
+        );
+    }
+
+    #[test]
+    fn out_of_order_messages_end_the_session() {
+        // Epoch before the description, sync before the description, a second description,
+        // an epoch before SyncDone, sync after it, a Hello or an Ack in the session.
+        let hello = Message::Hello(Hello::new(Role::Primary, VmId([1; 16]), 1));
+        let cases: Vec<(Vec<Message>, &str)> = vec![
+            (epoch(1, &[0]), "VmDescription first"),
+            (vec![sync_pages(&[0])], "sync before description"),
+            (vec![desc(4), desc(4)], "second description"),
+            (
+                [vec![desc(4), sync_pages(&[0])], epoch(1, &[0])].concat(),
+                "epoch before SyncDone",
+            ),
+            (
+                vec![
+                    desc(1),
+                    sync_pages(&[0]),
+                    Message::SyncDone(SyncDone { pages_sent: 1 }),
+                    sync_pages(&[0]),
+                ],
+                "sync after SyncDone",
+            ),
+            (vec![hello.clone()], "Hello in a session"),
+            (vec![desc(4), hello], "Hello while syncing"),
+            (
+                vec![desc(4), Message::Ack(twin_wire::Ack { epoch: 1 })],
+                "Ack from a primary",
+            ),
+        ];
+        for (msgs, what) in cases {
+            let (end, _) = run(msgs);
+            assert!(
+                matches!(end, Err(PhaseEnd::Unexpected { .. })),
+                "{what}: {:?}",
+                end.map(|p| p.name())
+            );
+        }
+    }
+
+    #[test]
+    fn bad_description_sync_and_epochs_are_typed() {
+        let (end, _) = run(vec![Message::VmDescription(VmDescription {
+            mem_size: 4096,
+            page_size: 8192,
+            vcpus: 1,
+            mac: [0; 6],
+            config: vec![],
+        })]);
+        assert!(matches!(end, Err(PhaseEnd::Description(_))));
+        let (end, _) = run(vec![Message::VmDescription(VmDescription {
+            mem_size: 8192,
+            page_size: 8192,
+            vcpus: 1,
+            mac: [0; 6],
+            config: vec![],
+        })]);
+        assert!(matches!(end, Err(PhaseEnd::PageSize(8192, 4096))));
+        let (end, _) = run(vec![desc(2), sync_pages(&[5])]);
+        assert!(matches!(end, Err(PhaseEnd::Sync(_))));
+        let (end, _) = run(vec![
+            desc(2),
+            sync_pages(&[0]),
+            Message::SyncDone(SyncDone { pages_sent: 1 }),
+        ]);
+        assert!(
+            matches!(end, Err(PhaseEnd::Sync(_))),
+            "a page was never sent"
+        );
+        // A gap in the epoch numbers.
+        let mut msgs = vec![
+            desc(1),
+            sync_pages(&[0]),
+            Message::SyncDone(SyncDone { pages_sent: 1 }),
+        ];
+        msgs.extend(epoch(3, &[0]));
+        msgs.extend(epoch(5, &[0]));
+        let (end, steps) = run(msgs);
+        assert!(matches!(end, Err(PhaseEnd::Epoch(_))));
+        assert_eq!(steps.iter().filter(|s| **s == "commit").count(), 1);
+    }
+
+    #[test]
+    fn goodbye_ends_every_phase_with_its_reason() {
+        let bye = || Message::Goodbye(Goodbye::new(GoodbyeReason::Handover, "tap gone"));
+        for prefix in [
+            vec![],
+            vec![desc(1)],
+            vec![
+                desc(1),
+                sync_pages(&[0]),
+                Message::SyncDone(SyncDone { pages_sent: 1 }),
+            ],
+        ] {
+            let mut msgs = prefix;
+            msgs.push(bye());
+            let (end, _) = run(msgs);
+            assert!(matches!(
+                end,
+                Err(PhaseEnd::Goodbye {
+                    reason: GoodbyeReason::Handover,
+                    ..
+                })
+            ));
+        }
+    }
+}

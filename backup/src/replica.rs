@@ -1,0 +1,161 @@
+//! The replica a backup keeps, the VM it is pinned to, and whether this host has room for it.
+
+use std::path::{Path, PathBuf};
+
+use twin_vmm::memory::Memory;
+use twin_vmm::MachineState;
+use twin_wire::VmId;
+
+/// The replica: guest memory plus the last committed state.
+pub struct Replica {
+    pub memory: Memory,
+    pub vm_id: VmId,
+    pub generation: u64,
+    /// The last committed epoch and its machine state: a failover image only while set.
+    pub committed: Option<(u64, MachineState)>,
+    pub mac: [u8; 6],
+}
+
+impl Replica {
+    pub fn committed_epoch(&self) -> Option<u64> {
+        self.committed.as_ref().map(|(e, _)| *e)
+    }
+}
+
+/// The VM a backup is pinned to once a session of it committed: no other VM may replace
+/// the replica, and only a newer generation of this one may start a session.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Pin {
+    pub vm_id: VmId,
+    /// The lowest generation a new session may have (one above the last accepted).
+    pub min_generation: u64,
+}
+
+/// Memory the backup process needs beside the replica: the receive buffer and one epoch
+/// being assembled at a typical rate, the heap, the thread stacks.
+pub const OVERHEAD: u64 = 48 << 20;
+
+/// This host cannot hold a replica.
+#[derive(Debug, thiserror::Error)]
+pub enum RoomError {
+    #[error(
+        "a replica of {need_mib} MiB (+{} MiB overhead) does not fit: {what} allows {room_mib} MiB more",
+        OVERHEAD >> 20
+    )]
+    TooSmall {
+        need_mib: u64,
+        room_mib: u64,
+        what: String,
+    },
+}
+
+/// Checks that `size` bytes of replica (plus [`OVERHEAD`]) fit in what this process may
+/// still use: the host's available memory and the memory cgroup's limit (v1 or v2). A
+/// replica's memfd grows as pages arrive, so without this check a backup whose limit is too
+/// low is OOM-killed in the middle of the initial sync instead of refusing at the start.
+pub fn check_room(size: u64) -> Result<(), RoomError> {
+    let need = size.saturating_add(OVERHEAD);
+    let mut limits = Vec::new();
+    if let Some(avail) = mem_available() {
+        limits.push((avail, "the host's available memory".to_string()));
+    }
+    if let Some((room, cg)) = cgroup_room() {
+        limits.push((room, format!("the memory cgroup {}", cg.display())));
+    }
+    match limits.into_iter().min_by_key(|(room, _)| *room) {
+        Some((room, what)) if room < need => Err(RoomError::TooSmall {
+            need_mib: size >> 20,
+            room_mib: room >> 20,
+            what,
+        }),
+        _ => Ok(()),
+    }
+}
+
+fn mem_available() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+}
+
+/// Room left under this process's memory cgroup limit, and the cgroup's directory.
+fn cgroup_room() -> Option<(u64, PathBuf)> {
+    let text = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    parse_cgroups(&text)
+        .into_iter()
+        .find_map(|(dir, limit_file, usage_file)| {
+            let limit = read_limit(&dir.join(limit_file))?;
+            let usage = read_u64(&dir.join(usage_file)).unwrap_or(0);
+            Some((limit.saturating_sub(usage), dir))
+        })
+}
+
+/// The (directory, limit file, usage file) of each memory cgroup in `/proc/self/cgroup`:
+/// v1 `N:memory:/path` under `/sys/fs/cgroup/memory`, v2 `0::/path` under the unified mount.
+fn parse_cgroups(text: &str) -> Vec<(PathBuf, &'static str, &'static str)> {
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (Some(_), Some(controllers), Some(path)) = (parts.next(), parts.next(), parts.next())
+        else {
+            continue;
+        };
+        let rel = path.trim_start_matches('/');
+        if controllers.split(',').any(|c| c == "memory") {
+            out.push((
+                Path::new("/sys/fs/cgroup/memory").join(rel),
+                "memory.limit_in_bytes",
+                "memory.usage_in_bytes",
+            ));
+        } else if controllers.is_empty() {
+            for root in ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"] {
+                out.push((Path::new(root).join(rel), "memory.max", "memory.current"));
+            }
+        }
+    }
+    out
+}
+
+fn read_u64(p: &Path) -> Option<u64> {
+    std::fs::read_to_string(p).ok()?.trim().parse().ok()
+}
+
+/// A limit file's value; `max` (v2) or the v1 "unlimited" sentinel are no limit.
+fn read_limit(p: &Path) -> Option<u64> {
+    let t = std::fs::read_to_string(p).ok()?;
+    let v: u64 = t.trim().parse().ok()?;
+    // cgroup v1 reports "no limit" as the largest page-aligned i64.
+    (v < (1u64 << 62)).then_some(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cgroup_lines_of_both_versions() {
+        let text = "12:memory:/twin/backup\n11:cpu,cpuacct:/\n0::/user.slice\n";
+        let got = parse_cgroups(text);
+        assert_eq!(
+            got[0],
+            (
+                PathBuf::from("/sys/fs/cgroup/memory/twin/backup"),
+                "memory.limit_in_bytes",
+                "memory.usage_in_bytes"
+            )
+        );
+        assert!(got.iter().any(
+            |(d, l, _)| d == Path::new("/sys/fs/cgroup/unified/user.slice") && *l == "memory.max"
+        ));
+        assert_eq!(got.len(), 3);
+    }
+
+    #[test]
+    fn a_replica_larger_than_the_host_is_refused_and_a_small_one_fits() {
+        let e = check_room(1 << 50).unwrap_err();
+        assert!(e.to_string().contains("does not fit"), "{e}");
+        check_room(2 << 20).unwrap();
+    }
+}
