@@ -506,7 +506,7 @@ impl Backup {
         s.writer.shutdown(std::net::Shutdown::Both);
         let decision = takeover::decide(kind, committed, stalled);
         let end_msg = end.to_string();
-        let chain = twin_vmm::error_chain(&end);
+        let full = twin_vmm::describe_error(&end);
         let next = match end {
             SessionEnd::Superseded(c) => Some(*c),
             _ => None,
@@ -538,19 +538,19 @@ impl Backup {
                 self.pin = None;
             }
             Decision::Detach if committed => {
-                warn!("{end_msg}: {chain}; replica detached (no takeover), waiting for the primary to resynchronise");
+                warn!("{full}; replica detached (no takeover), waiting for the primary to resynchronise");
                 if let Some(r) = self.replica.as_mut() {
                     r.committed = None;
                 }
             }
             Decision::Detach => {
-                warn!("{end_msg}: {chain}; no committed checkpoint, waiting for a primary")
+                warn!("{full}; no committed checkpoint, waiting for a primary")
             }
         }
         self.standby = self
             .standby
             .next(StandbyEvent::Decided(decision), Instant::now());
-        self.stats.last_error = Some(end_msg);
+        self.stats.last_error = Some(full);
         self.state = self.idle_state();
         next
     }
@@ -692,7 +692,7 @@ impl Backup {
                     SessionEnd::Replica(format!(
                         "cannot hold a replica of {} bytes: {}",
                         d.mem_size,
-                        twin_vmm::error_chain(&e)
+                        twin_vmm::describe_error(&e)
                     ))
                 })?;
                 // A new session always resynchronises; the old replica is superseded.
@@ -747,7 +747,7 @@ impl Backup {
             self.stats.epochs_rejected += 1;
             SessionEnd::BadEpoch {
                 epoch: epoch.epoch,
-                what: format!("its state does not decode: {}", twin_vmm::error_chain(&e)),
+                what: format!("its state does not decode: {}", twin_vmm::describe_error(&e)),
             }
         })?;
         let r = self.replica.as_mut().expect("described before epochs");

@@ -92,9 +92,24 @@ fn cgroup_room() -> Option<(u64, PathBuf)> {
         })
 }
 
+/// Where cgroup file systems are mounted: this mount namespace's `/sys/fs/cgroup`, then the
+/// host's as PID 1 sees it. `ip netns exec` (a way to run the backup in a network namespace)
+/// mounts a fresh sysfs for the namespace, without the cgroup mounts under it, yet the
+/// process is still subject to its cgroup's limit.
+const CGROUP_ROOTS: [&str; 2] = ["/sys/fs/cgroup", "/proc/1/root/sys/fs/cgroup"];
+
 /// The (directory, limit file, usage file) of each memory cgroup in `/proc/self/cgroup`:
-/// v1 `N:memory:/path` under `/sys/fs/cgroup/memory`, v2 `0::/path` under the unified mount.
+/// v1 `N:memory:/path` under `<root>/memory`, v2 `0::/path` under `<root>/unified` or
+/// `<root>` itself, for each root of [`CGROUP_ROOTS`].
 fn parse_cgroups(text: &str) -> Vec<(PathBuf, &'static str, &'static str)> {
+    let mut out = Vec::new();
+    for root in CGROUP_ROOTS {
+        out.extend(parse_cgroups_under(text, Path::new(root)));
+    }
+    out
+}
+
+fn parse_cgroups_under(text: &str, root: &Path) -> Vec<(PathBuf, &'static str, &'static str)> {
     let mut out = Vec::new();
     for line in text.lines() {
         let mut parts = line.splitn(3, ':');
@@ -105,13 +120,13 @@ fn parse_cgroups(text: &str) -> Vec<(PathBuf, &'static str, &'static str)> {
         let rel = path.trim_start_matches('/');
         if controllers.split(',').any(|c| c == "memory") {
             out.push((
-                Path::new("/sys/fs/cgroup/memory").join(rel),
+                root.join("memory").join(rel),
                 "memory.limit_in_bytes",
                 "memory.usage_in_bytes",
             ));
         } else if controllers.is_empty() {
-            for root in ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"] {
-                out.push((Path::new(root).join(rel), "memory.max", "memory.current"));
+            for v2 in [root.join("unified"), root.to_path_buf()] {
+                out.push((v2.join(rel), "memory.max", "memory.current"));
             }
         }
     }
@@ -149,7 +164,9 @@ mod tests {
         assert!(got.iter().any(
             |(d, l, _)| d == Path::new("/sys/fs/cgroup/unified/user.slice") && *l == "memory.max"
         ));
-        assert_eq!(got.len(), 3);
+        assert!(got.iter().any(|(d, _, _)| d
+            == Path::new("/proc/1/root/sys/fs/cgroup/memory/twin/backup")));
+        assert_eq!(got.len(), 6);
     }
 
     #[test]

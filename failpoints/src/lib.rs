@@ -34,6 +34,7 @@ pub const KNOWN: &[&str] = &[
     "primary.mid_stream",
     "primary.after_send",
     "primary.after_ack",
+    "primary.goodbye",
     "backup.mid_receive",
     "backup.mid_apply",
     "backup.before_ack",

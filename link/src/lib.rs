@@ -304,12 +304,10 @@ pub fn connect(stream: TcpStream, cfg: &LinkConfig, timeout: Duration) -> Result
     };
     let mine = preamble(cfg, 0);
     io.write_all(&mine)?;
+    // A peer that closes without answering may be a busy backup shedding connections: an
+    // I/O error, to retry soon; only an answer that is not a preamble says "not Twin".
     let mut theirs = [0u8; PREAMBLE_LEN];
-    io.read_exact(&mut theirs).map_err(|e| match e {
-        // A peer that closes on our preamble without answering is not (this) Twin.
-        LinkError::Io { .. } => LinkError::NotTwin { peer },
-        e => e,
-    })?;
+    io.read_exact(&mut theirs)?;
     let verdict = parse(&theirs).ok_or(LinkError::NotTwin { peer })?;
     if verdict.version != LINK_VERSION {
         return Err(LinkError::Version {

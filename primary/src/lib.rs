@@ -422,29 +422,45 @@ fn replicate(s: &Shared) {
                 return;
             }
             Err(e) => {
-                let msg = format!("{e}: {}", twin_vmm::error_chain(&e));
-                s.status().last_error = Some(msg.clone());
+                let msg = twin_vmm::describe_error(&e);
+                let repeated = {
+                    let mut st = s.status();
+                    let same = st.last_error.as_deref() == Some(msg.as_str());
+                    st.last_error = Some(msg.clone());
+                    same
+                };
                 let was = s.transition(ModeEvent::BackupLost(s.cfg.on_backup_loss));
+                // Said once per reason, not every second: a lost protection, or a new reason.
+                let still = was != Mode::Protected && repeated;
                 match s.cfg.on_backup_loss {
                     LossPolicy::Release => {
                         let n = s.netbuf.release_all();
-                        if was != Mode::Unprotected {
+                        if !still {
                             error!(released = n, "backup lost ({msg}); the VM runs UNPROTECTED until a backup returns");
                         }
                     }
                     LossPolicy::Hold => {
-                        if was != Mode::HoldingOutput {
+                        if !still {
                             error!(
                                 "backup lost ({msg}); holding all output until a backup returns"
                             );
                         }
                     }
                 }
+                if still {
+                    debug!("backup still lost ({msg})");
+                }
                 // Reconnect after a pause that a stop request cuts short. A backup that
                 // speaks another protocol version, or holds another key, will not change
                 // its mind in a second (PROTOCOL.md §7: do not retry a mismatch); try again
                 // much later, in case it is reconfigured meanwhile.
                 let pause = if e.is_configuration() {
+                    if !repeated {
+                        warn!(
+                            retry_s = VERSION_RETRY.as_secs(),
+                            "the backup's configuration differs from this primary's; retrying much later"
+                        );
+                    }
                     VERSION_RETRY
                 } else {
                     Duration::from_secs(1)
@@ -534,8 +550,14 @@ fn session(s: &Shared, generation: u64, next_epoch: &mut u64) -> Result<(), Sess
             epoch_loop(s, &writer, reader, next_epoch)
         }
         Err(e) => {
+            // The backup may have ended the session with a reason (it cannot hold the
+            // replica, say) that this side, busy writing, only saw as a broken pipe.
+            let e = match e {
+                e if e.is_broken_connection() => backup_goodbye(&mut reader).unwrap_or(e),
+                e => e,
+            };
             if let Some(g) = goodbye_for(&e, s.handover.load(Ordering::Acquire)) {
-                writer.send_goodbye(g, GOODBYE_PATIENCE);
+                say_goodbye(&writer, g);
             }
             Err(e)
         }
@@ -543,6 +565,28 @@ fn session(s: &Shared, generation: u64, next_epoch: &mut u64) -> Result<(), Sess
     drop(heartbeats);
     writer.shutdown(std::net::Shutdown::Both);
     r
+}
+
+/// A goodbye the backup sent before the connection broke, if one is waiting.
+fn backup_goodbye(reader: &mut FrameReader) -> Option<SessionError> {
+    let until = Instant::now() + Duration::from_millis(100);
+    while let Ok(Some(m)) = reader.poll(until.saturating_duration_since(Instant::now())) {
+        if let Message::Goodbye(g) = m {
+            return Some(SessionError::Goodbye {
+                reason: g.reason,
+                detail: g.detail,
+            });
+        }
+    }
+    None
+}
+
+/// Sends `g`, best effort. Failpoint `primary.goodbye` (`drop`) loses it, as a goodbye stuck
+/// behind a full socket buffer is lost.
+fn say_goodbye(writer: &FrameWriter, g: Goodbye) {
+    if !twin_failpoints::hit("primary.goodbye") {
+        writer.send_goodbye(g, GOODBYE_PATIENCE);
+    }
 }
 
 /// What this primary tells the backup when a session ends with `e`: whether the backup
@@ -796,13 +840,13 @@ fn epoch_loop(
             Err(e) if e.is_broken_connection() => {
                 let why = join(ack_reader);
                 if let Some(g) = goodbye_for(&why, handover()) {
-                    writer.send_goodbye(g, GOODBYE_PATIENCE);
+                    say_goodbye(writer, g);
                 }
                 Err(why)
             }
             r => {
                 if let Some(g) = r.as_ref().err().and_then(|e| goodbye_for(e, handover())) {
-                    writer.send_goodbye(g, GOODBYE_PATIENCE);
+                    say_goodbye(writer, g);
                 }
                 // Half-close only: the reader must still get what the backup sent before it
                 // went away — above all a takeover Goodbye, which says this primary must

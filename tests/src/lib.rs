@@ -41,6 +41,8 @@ mod load;
 mod netns;
 mod process;
 pub mod proxy;
+pub mod rig;
+pub mod stranger;
 mod sys;
 mod topology;
 

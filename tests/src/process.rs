@@ -286,6 +286,13 @@ pub fn tails(procs: &[&TwinProcess]) -> String {
         .join("\n")
 }
 
+/// How a process enters its network namespace.
+#[derive(Clone, Copy)]
+enum Launch {
+    IpNetnsExec,
+    Nsenter,
+}
+
 impl TwinProcess {
     /// Starts the `twin` binary (see [`twin_bin`]) with `args` inside `ns`; output goes to
     /// `<dir>/<name>.stdout` and `<dir>/<name>.stderr`.
@@ -303,6 +310,32 @@ impl TwinProcess {
         args: &[&str],
         env: &[(&str, &str)],
     ) -> Result<Self> {
+        Self::launch(ns, dir, name, program, args, env, Launch::IpNetnsExec)
+    }
+
+    /// [`TwinProcess::spawn_program`] via `nsenter --net`, which enters the network
+    /// namespace only and leaves `/sys` as the host mounts it (as systemd's
+    /// `NetworkNamespacePath=` does): the process sees the host's cgroup file systems.
+    pub fn spawn_program_nsenter(
+        ns: &Netns,
+        dir: &TestDir,
+        name: &str,
+        program: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Self> {
+        Self::launch(ns, dir, name, program, args, env, Launch::Nsenter)
+    }
+
+    fn launch(
+        ns: &Netns,
+        dir: &TestDir,
+        name: &str,
+        program: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+        how: Launch,
+    ) -> Result<Self> {
         let stdout_path = dir.join(format!("{name}.stdout"));
         let stderr_path = dir.join(format!("{name}.stderr"));
         let create = |p: &Path| {
@@ -312,9 +345,19 @@ impl TwinProcess {
         // `ip netns exec` (which execs the program in place: the pid is the program's) rather
         // than a bare setns, so that /sys is remounted for the namespace as a user running
         // `ip netns exec … twin` would have it.
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", ns.name()])
-            .arg(program)
+        let mut cmd = match how {
+            Launch::IpNetnsExec => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns.name()]);
+                c
+            }
+            Launch::Nsenter => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net=/run/netns/{}", ns.name())).arg("--");
+                c
+            }
+        };
+        cmd.arg(program)
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

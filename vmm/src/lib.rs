@@ -169,6 +169,18 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     out.join(": ")
 }
 
+/// `e` and its causes on one line, `outer: cause: root cause`.
+pub fn describe_error(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cur = c.source();
+    }
+    out
+}
+
 /// Indices of the set bits of a page bitmap, ascending.
 pub fn bitmap_pages(bitmap: &[u64]) -> impl Iterator<Item = usize> + '_ {
     bitmap.iter().enumerate().flat_map(|(w, &bits)| {
