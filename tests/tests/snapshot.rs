@@ -6,7 +6,8 @@
 //! - restore `--paused` then snapshot again gives the same memory page for page and the same
 //!   machine state except the fields that measure elapsed host time (named below);
 //! - a chain of incremental snapshots restores to the same memory as a full snapshot of the
-//!   same moment;
+//!   same moment, also when snapshots failed in between (the target existed, the disk
+//!   filled up after the dirty pages were harvested);
 //! - hostile snapshot directories are refused with one clear line, never a panic.
 //!
 //! Private helpers (the harness has no equivalent): a second TAP on the `single` bridge, a
@@ -1125,6 +1126,38 @@ fn case_dir(src: &Path, dst: &Path, replace: &[(&str, Vec<u8>)], drop_files: &[&
     }
 }
 
+/// A `'static` copy of `s`, for the expected words of a case.
+fn leak(s: String) -> &'static str {
+    Box::leak(s.into_boxed_str())
+}
+
+/// `meta` of `src` as snapshot format 1 (before layer ids and tracking generations) wrote it.
+fn meta_v1(src: &Path) -> Vec<u8> {
+    #[derive(serde::Serialize)]
+    struct MetaV1 {
+        format: u32,
+        parent: Option<PathBuf>,
+        mem_size: u64,
+        page_size: u64,
+        pages: u64,
+        created_unix_ms: u64,
+        state_crc: u64,
+        bitmap_crc: u64,
+    }
+    let m = snapshot::read_meta(src).expect("meta of the good snapshot");
+    let v1 = MetaV1 {
+        format: 1,
+        parent: m.parent,
+        mem_size: m.mem_size,
+        page_size: m.page_size,
+        pages: m.pages,
+        created_unix_ms: m.created_unix_ms,
+        state_crc: m.state_crc,
+        bitmap_crc: m.bitmap_crc,
+    };
+    container::encode(Kind::SnapshotMeta, &v1).expect("encode meta")
+}
+
 /// `meta` of `src` re-encoded with `edit` applied (a consistent, checksummed meta).
 fn meta_with(src: &Path, edit: impl FnOnce(&mut SnapshotMeta)) -> Vec<u8> {
     let mut meta = snapshot::read_meta(src).expect("meta of the good snapshot");
@@ -1446,6 +1479,13 @@ fn restore_refuses_hostile_snapshots_with_one_clear_line() {
         &["meta"],
         &["No such file", "opening"],
     );
+    case(
+        "meta in snapshot format 1 (before layer ids)",
+        vec![("meta", meta_v1(&good))],
+        vec![],
+        &["format 1 is older"],
+        &[],
+    );
 
     // pages (the present-page bitmap) and memory.
     let mut pages_flip = pages.clone();
@@ -1519,6 +1559,25 @@ fn restore_refuses_hostile_snapshots_with_one_clear_line() {
         &["/nonexistent/twin-parent"],
         &[],
     )];
+    let good_id = snapshot::read_meta(&good).expect("meta").layer_id;
+    let mut other_id = good_id;
+    other_id.0[0] ^= 0xFF;
+    inc_cases.push(inc_memory_links(
+        "incremental layer whose parent was replaced (another layer id)",
+        meta_with(&inc, |m| m.parent_id = Some(other_id)),
+        &["chain broken", "good", leak(other_id.to_string())],
+        &[],
+    ));
+    let from = snapshot::read_meta(&inc).expect("meta").tracking_from;
+    inc_cases.push(inc_memory_links(
+        "incremental layer with a dirty-tracking gap after its parent",
+        meta_with(&inc, |m| {
+            m.tracking_from = from + 1;
+            m.tracking_to = m.tracking_to.max(from + 1);
+        }),
+        &["chain broken", "good", "generation"],
+        &[],
+    ));
     let looped_dir = dir.join("case-incremental-loop");
     inc_cases.push(inc_memory_links(
         "incremental layer that is its own parent",
