@@ -415,6 +415,7 @@ fn take_snapshot(
 fn status(vmm: &Vmm, session: &Session) -> serde_json::Value {
     serde_json::json!({
         "role": session.role,
+        "pid": std::process::id(),
         "vm": if vmm.is_paused() { "paused" } else { "running" },
         "mem_size": vmm.memory().size(),
         "vcpus": vmm.config().vcpus,
