@@ -17,7 +17,7 @@ use twin_vmm::snapshot::{self, Layer};
 use twin_vmm::{HostResources, NetConfig, VmConfig, VmEvent, Vmm};
 
 use crate::args::{Cidr, Mac, Size};
-use crate::control::{Incoming, Request, Response};
+use crate::control::{Control, Request, Response};
 
 #[derive(Parser)]
 #[command(
@@ -449,12 +449,7 @@ fn handle_request(vmm: &mut Vmm, session: &mut Session, req: Request) -> Respons
 
 /// Runs a started VM until it powers off or a termination signal arrives, answering
 /// control requests meanwhile.
-fn serve_vm(
-    mut vmm: Vmm,
-    control: &std::sync::mpsc::Receiver<Incoming>,
-    sigs: SigSet,
-    role: &'static str,
-) -> Result<ExitCode> {
+fn serve_vm(mut vmm: Vmm, control: &Control, sigs: SigSet, role: &'static str) -> Result<ExitCode> {
     forward_signals(sigs, vmm.event_sender())?;
     let mut session = Session {
         role,
