@@ -755,11 +755,20 @@ mod tests {
     #[test]
     fn a_failed_write_leaves_no_directory() {
         let tmp = tempdir();
-        // A file where the parent directory should be makes creation fail midway.
+        // A file where the parent directory should be: refused before anything is written.
         fs::write(tmp.join("blocker"), b"x").unwrap();
         let d = tmp.join("blocker").join("snap");
         let ram = vec![0u8; 2 << 20];
         assert!(write(&d, &state(2 << 20), &ram, Layer::Full { tracking: 1 }).is_err());
+        assert!(!d.exists());
+        // A file squatting the temporary name makes creation fail midway, after the checks.
+        let d = tmp.join("snap");
+        fs::write(tmp.join(format!(".snap.tmp-{}", std::process::id())), b"x").unwrap();
+        check_target(&d).unwrap();
+        assert!(matches!(
+            write(&d, &state(2 << 20), &ram, Layer::Full { tracking: 1 }),
+            Err(SnapshotError::Io { .. })
+        ));
         assert!(!d.exists());
     }
 
