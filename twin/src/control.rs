@@ -27,7 +27,7 @@
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::{AsFd, AsRawFd};
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -299,7 +299,7 @@ fn take_lock(path: &Path) -> Result<Flock<File>, ControlError> {
         .create(true)
         .truncate(false)
         .write(true)
-        .mode_0600()
+        .mode(0o600)
         .open(&lock)
         .map_err(lock_err)?;
     match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
@@ -308,17 +308,6 @@ fn take_lock(path: &Path) -> Result<Flock<File>, ControlError> {
             path: path.to_path_buf(),
         }),
         Err((_, e)) => Err(lock_err(e.into())),
-    }
-}
-
-/// `OpenOptions::mode(0o600)` by a name that says why.
-trait Private {
-    fn mode_0600(&mut self) -> &mut Self;
-}
-
-impl Private for std::fs::OpenOptions {
-    fn mode_0600(&mut self) -> &mut Self {
-        std::os::unix::fs::OpenOptionsExt::mode(self, 0o600)
     }
 }
 
