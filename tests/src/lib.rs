@@ -44,6 +44,7 @@ pub mod proxy;
 pub mod rig;
 pub mod stranger;
 mod sys;
+mod tmpfs;
 mod topology;
 
 pub use cmd::{CmdOutput, DEFAULT_COMMAND_TIMEOUT};
@@ -56,6 +57,7 @@ pub use process::{
     assert_no_panic, describe_status, tails, twin_bin, twin_status, Finished, Mark, Signal, Stream,
     TestDir, TwinProcess,
 };
+pub use tmpfs::TinyFs;
 pub use topology::{
     guest_service, Cut, Direction, Ha, Host, HostRole, Lan, LanPeer, Single, Tbf, Topology,
     BACKUP_REPL_ADDR, BRIDGE, CLIENT_ADDR, CLIENT_IF, GUEST_ADDR, GUEST_CIDR, GUEST_PORT,

@@ -1037,38 +1037,6 @@ fn proxy_wrong_version_hello() {
 // =============================================================================================
 // Disk full, TAP gone.
 
-/// A tmpfs mounted for the test; unmounted on drop.
-struct TinyFs {
-    path: PathBuf,
-}
-
-impl TinyFs {
-    fn mount(path: PathBuf, size: &str) -> TinyFs {
-        std::fs::create_dir_all(&path).expect("mount point");
-        let out = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(&path)
-            .output()
-            .expect("run mount");
-        assert!(
-            out.status.success(),
-            "mount tmpfs on {}: {}",
-            path.display(),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        TinyFs { path }
-    }
-}
-
-impl Drop for TinyFs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(&self.path)
-            .status();
-    }
-}
-
 /// `twin snapshot` into a 256 KiB tmpfs: a clear error naming the problem, no partial snapshot
 /// left behind, the VM keeps running (and a later snapshot elsewhere works).
 #[test]
@@ -1076,7 +1044,7 @@ fn snapshot_disk_full() {
     let mut rep = Report::new("snapshot_disk_full");
     let topo = Topology::single().expect("single topology");
     let dir = TestDir::new("snapshot_disk_full").expect("dir");
-    let fs = TinyFs::mount(dir.join("full"), "256k");
+    let fs = TinyFs::mount(dir.join("full"), "256k").expect("a 256 KiB tmpfs");
     let sock = dir.join("vm.sock").to_string_lossy().into_owned();
     let cons = dir.join("vm.console").to_string_lossy().into_owned();
     let mut vm = spawn_twin(
@@ -1109,7 +1077,7 @@ fn snapshot_disk_full() {
     work.wait_replies_after(Instant::now(), 10, PROGRESS_TIMEOUT)
         .expect("stream");
     rep.step("snapshot into the full filesystem");
-    let target = fs.path.join("snap");
+    let target = fs.path().join("snap");
     let t = target.to_string_lossy().into_owned();
     let done = TwinProcess::run_to_exit(
         topo.vm_ns(),
@@ -1133,7 +1101,7 @@ fn snapshot_disk_full() {
         msg.contains("snap"),
         "the error does not name the snapshot: {msg}"
     );
-    let left: Vec<_> = std::fs::read_dir(&fs.path)
+    let left: Vec<_> = std::fs::read_dir(fs.path())
         .expect("list")
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())

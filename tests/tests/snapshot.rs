@@ -6,7 +6,8 @@
 //! - restore `--paused` then snapshot again gives the same memory page for page and the same
 //!   machine state except the fields that measure elapsed host time (named below);
 //! - a chain of incremental snapshots restores to the same memory as a full snapshot of the
-//!   same moment;
+//!   same moment, also when snapshots failed in between (the target existed, the disk
+//!   filled up after the dirty pages were harvested);
 //! - hostile snapshot directories are refused with one clear line, never a panic.
 //!
 //! Private helpers (the harness has no equivalent): a second TAP on the `single` bridge, a
@@ -875,6 +876,238 @@ fn incremental_chain_restores_to_the_memory_of_a_full_snapshot_of_the_same_momen
     assert_no_panic(&vm);
 }
 
+/// Runs `twin snapshot` that must fail; returns its output (stdout and stderr).
+fn snapshot_fails(
+    ns: &Netns,
+    dir: &TestDir,
+    snap: &Path,
+    control: &Path,
+    flags: &[&str],
+    procs: &[&TwinProcess],
+) -> String {
+    let snap_s = snap.display().to_string();
+    let control_s = control.display().to_string();
+    let mut args = vec!["snapshot", &snap_s];
+    args.extend_from_slice(flags);
+    args.extend_from_slice(&["--control", &control_s]);
+    let name = format!(
+        "twin-snapshot-fail-{}",
+        NEXT_CMD.fetch_add(1, Ordering::Relaxed)
+    );
+    let done = TwinProcess::run_to_exit(ns, dir, &name, &args, CMD_TIMEOUT).unwrap_or_else(|e| {
+        panic!(
+            "`twin {}` did not finish: {e}\n{}",
+            args.join(" "),
+            tails(procs)
+        )
+    });
+    let out = format!("{}{}", done.stdout, done.stderr);
+    assert!(
+        !done.status.success(),
+        "`twin {}` should have failed but succeeded: {out}",
+        args.join(" ")
+    );
+    out
+}
+
+/// A failed incremental snapshot must not cost the next one its pages: the pages written
+/// before the failure are still owed to the chain. Two failures between a full snapshot and
+/// a good incremental one — the target directory already exists (knowable before the VM is
+/// touched) and the disk fills up while the layer is written (only after the dirty log was
+/// harvested) — and then the chain base + increment must restore to exactly the memory of a
+/// full snapshot of the same paused moment, and to a VM that passes VERIFY.
+#[test]
+fn snapshot_failure_keeps_dirty() {
+    require_kvm();
+    let topo = Topology::single().expect("single topology");
+    let _tap2 = second_tap(&topo);
+    let dir = TestDir::new("snap-fail-dirty").expect("test dir");
+    let (sock1, sock2) = (dir.join("vm1.sock"), dir.join("vm2.sock"));
+    let (base, taken, inc, full) = (
+        dir.join("base"),
+        dir.join("taken"),
+        dir.join("inc"),
+        dir.join("full"),
+    );
+    // Before the VM process starts: `ip netns exec` gives it a copy of the mount table.
+    let tiny = TinyFs::mount(dir.join("tiny"), "256k").expect("a 256 KiB tmpfs");
+    let mut vm = TwinProcess::spawn(
+        topo.vm_ns(),
+        &dir,
+        "twin-run",
+        &strs(&run_args(TAP, &sock1, GUEST_ARGS)),
+    )
+    .expect("spawn twin run");
+    let mut guest =
+        GuestClient::connect_retry(topo.client_ns(), guest_service(), BOOT_TIMEOUT, || {
+            vm.ensure_running()
+        })
+        .expect("guest service comes up");
+    guest
+        .set_request_timeout(MOVE_REQUEST_TIMEOUT)
+        .expect("request timeout");
+    let mut incrs = 0u64;
+    let mut incr_for = |guest: &mut GuestClient, d: Duration| {
+        let until = Instant::now() + d;
+        while Instant::now() < until {
+            incrs += 1;
+            assert_eq!(guest.incr("counter").expect("INCR"), incrs);
+        }
+        incrs
+    };
+    incr_for(&mut guest, Duration::from_millis(300));
+    let r_base = snapshot_cmd(topo.vm_ns(), &dir, &base, &sock1, &[], &[&vm]);
+    incr_for(&mut guest, Duration::from_secs(1));
+
+    // 1. The target exists.
+    fs::create_dir(&taken).expect("an existing directory in the way");
+    let exists = snapshot_fails(
+        topo.vm_ns(),
+        &dir,
+        &taken,
+        &sock1,
+        &["--incremental"],
+        &[&vm],
+    );
+    assert!(
+        exists.contains("already exists") && exists.contains("taken"),
+        "the error does not say that the target exists: {exists}"
+    );
+    incr_for(&mut guest, Duration::from_secs(1));
+
+    // 2. The disk fills up while the layer is written.
+    let nospace = snapshot_fails(
+        topo.vm_ns(),
+        &dir,
+        &tiny.path().join("inc"),
+        &sock1,
+        &["--incremental"],
+        &[&vm],
+    );
+    assert!(
+        nospace.contains("No space left on device"),
+        "the error does not name ENOSPC: {nospace}"
+    );
+    let left: Vec<_> = fs::read_dir(tiny.path())
+        .expect("list the tmpfs")
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(left.is_empty(), "the failed snapshot left {left:?} behind");
+    vm.ensure_running()
+        .expect("the VM survives the failed snapshots");
+    incr_for(&mut guest, Duration::from_secs(1));
+    let last = incr_for(&mut guest, Duration::from_millis(1));
+    // A quiet LAN before the good layer (see the chain test above).
+    std::thread::sleep(Duration::from_millis(300));
+    let r_inc = snapshot_cmd(
+        topo.vm_ns(),
+        &dir,
+        &inc,
+        &sock1,
+        &["--incremental", "--stop"],
+        &[&vm],
+    );
+    let r_full = snapshot_cmd(topo.vm_ns(), &dir, &full, &sock1, &["--stop"], &[&vm]);
+    eprintln!("failures:\n  {}\n  {}", exists.trim(), nospace.trim());
+    eprintln!("base {r_base}\ninc {r_inc}\nfull {r_full}");
+
+    let chain = snapshot::chain(&inc).unwrap_or_else(|e| panic!("chain of inc: {e:?}"));
+    let canon = |p: &Path| fs::canonicalize(p).expect("canonicalize");
+    assert_eq!(
+        chain.iter().map(|(d, _)| canon(d)).collect::<Vec<_>>(),
+        vec![canon(&base), canon(&inc)],
+        "inc must chain to base (the failed snapshots are no layers)"
+    );
+    let size = snapshot::read_meta(&full).expect("meta").mem_size;
+    let from_chain = load_into_memory(&inc, size);
+    let from_full = load_into_memory(&full, size);
+    let from_base = load_into_memory(&base, size);
+    let moved = differing_pages(from_base.as_slice(), from_full.as_slice()).len();
+    let inc_pages = r_inc["pages"].as_u64().expect("pages in the report");
+    let diff = differing_pages(from_chain.as_slice(), from_full.as_slice());
+    eprintln!(
+        "{moved} pages changed between base and full; the increment holds {inc_pages}; \
+         the chain's restore differs from the full snapshot in {} pages",
+        diff.len()
+    );
+    assert!(
+        moved > 0,
+        "the workload changed no page between base and full: the comparison proves nothing"
+    );
+    assert!(
+        diff.is_empty(),
+        "{} pages differ between the chain base+inc and the full snapshot of the same paused \
+         VM ({moved} pages changed since base, the increment holds {inc_pages}): the pages \
+         written before the failed snapshots were lost; first: {:?}\n{}",
+        diff.len(),
+        &diff[..diff.len().min(16)],
+        diff.iter()
+            .take(4)
+            .map(|&p| explain_page(
+                p,
+                &[&base, &inc, &full],
+                from_base.as_slice(),
+                from_chain.as_slice(),
+                from_full.as_slice()
+            ))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert!(
+        inc_pages as usize >= moved,
+        "the increment holds {inc_pages} pages, fewer than the {moved} that changed since base"
+    );
+    let (si, sf) = (
+        snapshot::read_state(&inc).expect("state inc"),
+        snapshot::read_state(&full).expect("state full"),
+    );
+    let sdiff = diff_states(&si, &sf);
+    let unexpected: Vec<&String> = sdiff.keys().filter(|k| !time_dependent_field(k)).collect();
+    assert!(
+        unexpected.is_empty(),
+        "two snapshots of one paused VM differ in {unexpected:?}: {sdiff:?}"
+    );
+    drop((from_chain, from_full, from_base));
+
+    // The chain restores to a working VM whose memory workload checks out.
+    vm.kill().expect("SIGKILL the snapshotted VM");
+    let mut restored = TwinProcess::spawn(
+        topo.vm_ns(),
+        &dir,
+        "twin-restore-chain",
+        &[
+            "restore",
+            &inc.display().to_string(),
+            "--tap",
+            TAP2,
+            "--control",
+            &sock2.display().to_string(),
+        ],
+    )
+    .expect("spawn twin restore of the chain");
+    restored
+        .wait_for_line("VM restored and running", RESTORE_TIMEOUT)
+        .unwrap_or_else(|e| panic!("restore of the chain: {e}"));
+    let got = guest.get("counter").unwrap_or_else(|e| {
+        panic!(
+            "GET after restoring the chain: {e}\n{}",
+            tails(&[&restored])
+        )
+    });
+    assert_eq!(got, last, "the restored chain lost acknowledged INCRs");
+    match guest.verify().expect("VERIFY") {
+        Verify::Ok { pages, writes } => {
+            eprintln!("chain restored: VERIFY OK pages={pages} writes={writes}")
+        }
+        Verify::Fail(why) => panic!("guest memory verification failed after the chain: {why}"),
+    }
+    drop(guest);
+    drop(restored);
+    drop(tiny);
+    assert_no_panic(&vm);
+}
+
 // ---------------------------------------------------------------------------------------
 // 4. Hostile snapshot directories.
 
@@ -891,6 +1124,38 @@ fn case_dir(src: &Path, dst: &Path, replace: &[(&str, Vec<u8>)], drop_files: &[&
             None => fs::hard_link(src.join(f), dst.join(f)).expect("link case file"),
         }
     }
+}
+
+/// A `'static` copy of `s`, for the expected words of a case.
+fn leak(s: String) -> &'static str {
+    Box::leak(s.into_boxed_str())
+}
+
+/// `meta` of `src` as snapshot format 1 (before layer ids and tracking generations) wrote it.
+fn meta_v1(src: &Path) -> Vec<u8> {
+    #[derive(serde::Serialize)]
+    struct MetaV1 {
+        format: u32,
+        parent: Option<PathBuf>,
+        mem_size: u64,
+        page_size: u64,
+        pages: u64,
+        created_unix_ms: u64,
+        state_crc: u64,
+        bitmap_crc: u64,
+    }
+    let m = snapshot::read_meta(src).expect("meta of the good snapshot");
+    let v1 = MetaV1 {
+        format: 1,
+        parent: m.parent,
+        mem_size: m.mem_size,
+        page_size: m.page_size,
+        pages: m.pages,
+        created_unix_ms: m.created_unix_ms,
+        state_crc: m.state_crc,
+        bitmap_crc: m.bitmap_crc,
+    };
+    container::encode(Kind::SnapshotMeta, &v1).expect("encode meta")
 }
 
 /// `meta` of `src` re-encoded with `edit` applied (a consistent, checksummed meta).
@@ -1214,6 +1479,13 @@ fn restore_refuses_hostile_snapshots_with_one_clear_line() {
         &["meta"],
         &["No such file", "opening"],
     );
+    case(
+        "meta in snapshot format 1 (before layer ids)",
+        vec![("meta", meta_v1(&good))],
+        vec![],
+        &["format 1 is older"],
+        &[],
+    );
 
     // pages (the present-page bitmap) and memory.
     let mut pages_flip = pages.clone();
@@ -1287,6 +1559,25 @@ fn restore_refuses_hostile_snapshots_with_one_clear_line() {
         &["/nonexistent/twin-parent"],
         &[],
     )];
+    let good_id = snapshot::read_meta(&good).expect("meta").layer_id;
+    let mut other_id = good_id;
+    other_id.0[0] ^= 0xFF;
+    inc_cases.push(inc_memory_links(
+        "incremental layer whose parent was replaced (another layer id)",
+        meta_with(&inc, |m| m.parent_id = Some(other_id)),
+        &["chain broken", "good", leak(other_id.to_string())],
+        &[],
+    ));
+    let from = snapshot::read_meta(&inc).expect("meta").tracking_from;
+    inc_cases.push(inc_memory_links(
+        "incremental layer with a dirty-tracking gap after its parent",
+        meta_with(&inc, |m| {
+            m.tracking_from = from + 1;
+            m.tracking_to = m.tracking_to.max(from + 1);
+        }),
+        &["chain broken", "good", "generation"],
+        &[],
+    ));
     let looped_dir = dir.join("case-incremental-loop");
     inc_cases.push(inc_memory_links(
         "incremental layer that is its own parent",

@@ -17,7 +17,7 @@ use twin_vmm::snapshot::{self, Layer};
 use twin_vmm::{HostResources, NetConfig, VmConfig, VmEvent, Vmm};
 
 use crate::args::{Cidr, Mac, Size};
-use crate::control::{Incoming, Request, Response};
+use crate::control::{Control, Request, Response};
 
 #[derive(Parser)]
 #[command(
@@ -318,8 +318,16 @@ fn forward_signals(set: SigSet, tx: std::sync::mpsc::Sender<VmEvent>) -> Result<
 struct Session {
     role: &'static str,
     started: Instant,
-    last_snapshot: Option<PathBuf>,
+    /// The layer the next `--incremental` snapshot is taken on.
+    last_snapshot: Option<LastLayer>,
     snapshots: u64,
+}
+
+/// The latest snapshot this process wrote: where, and which layer it is (a directory
+/// replaced since by another snapshot is not the parent the dirty tracking continues).
+struct LastLayer {
+    dir: PathBuf,
+    id: snapshot::LayerId,
 }
 
 fn take_snapshot(
@@ -329,11 +337,35 @@ fn take_snapshot(
     incremental: bool,
     stop: bool,
 ) -> Result<serde_json::Value> {
+    // Everything that can be known to fail is checked before the VM is touched: a refusal
+    // here leaves it running and its dirty tracking as it was.
     let parent = match (incremental, &session.last_snapshot) {
-        (true, Some(p)) => Some(p.clone()),
+        (true, Some(p)) => Some(p),
         (true, None) => bail!("no earlier snapshot of this VM process to be incremental on"),
         (false, _) => None,
     };
+    if parent.is_some() && !vmm.vm().dirty_logging() {
+        bail!("dirty tracking is off; take a full snapshot first");
+    }
+    snapshot::check_target(dir).context("refusing the snapshot")?;
+    if let Some(p) = parent {
+        let meta = snapshot::read_meta(&p.dir).with_context(|| {
+            format!(
+                "the previous snapshot {} (the parent of an incremental one) is unusable",
+                p.dir.display()
+            )
+        })?;
+        if meta.layer_id != p.id {
+            bail!(
+                "the previous snapshot {} was replaced (it is layer {}, this process wrote {}); \
+                 take a full snapshot",
+                p.dir.display(),
+                meta.layer_id,
+                p.id
+            );
+        }
+    }
+    let parent = parent.map(|p| p.dir.clone());
     let t0 = Instant::now();
     let was_stopped = vmm.is_paused();
     vmm.pause();
@@ -341,44 +373,71 @@ fn take_snapshot(
         // Before the freeze: once its locks are released no queued frame may slip in.
         vmm.pause_devices();
     }
-    let result = (|| -> Result<snapshot::WriteReport> {
-        // Frozen: vCPUs paused and device workers locked out, so the memory written matches
-        // the state. With tracking on, the harvest makes this snapshot the base of the
-        // next increment; a first snapshot starts tracking below instead.
-        let tracking = vmm.vm().dirty_logging();
-        let report = vmm.frozen(|fz| -> Result<snapshot::WriteReport> {
-            let (state, dirty) = if tracking {
-                let cp = fz.checkpoint(false).context("capturing VM state")?;
-                (cp.state, Some(cp.dirty))
-            } else {
-                (fz.capture().context("capturing VM state")?, None)
-            };
-            let layer = match (&parent, &dirty) {
-                (Some(p), Some(d)) => Layer::Incremental {
+    // Frozen: vCPUs paused and device workers locked out, so the memory written matches
+    // the state. With tracking on, the harvest makes this snapshot the base of the next
+    // increment; a first snapshot starts tracking instead.
+    let tracking = vmm.vm().dirty_logging();
+    let result = vmm.frozen(|fz| -> Result<snapshot::WriteReport> {
+        let (state, harvest) = if tracking {
+            let cp = fz.checkpoint(false).context("capturing VM state")?;
+            (cp.state, Some((cp.dirty, cp.tracking)))
+        } else {
+            (fz.capture().context("capturing VM state")?, None)
+        };
+        let mut started_tracking = false;
+        let written = (|| {
+            let layer = match (&parent, &harvest) {
+                (Some(p), Some((dirty, span))) => Layer::Incremental {
                     parent: p,
-                    dirty: d,
+                    dirty,
+                    tracking: *span,
                 },
                 (Some(_), None) => bail!("dirty tracking is off; take a full snapshot first"),
-                (None, _) => Layer::Full,
+                (None, Some((_, span))) => Layer::Full { tracking: span.to },
+                (None, None) => {
+                    let from = fz
+                        .start_dirty_tracking()
+                        .context("starting dirty tracking")?;
+                    started_tracking = true;
+                    Layer::Full { tracking: from }
+                }
             };
             snapshot::write(dir, &state, fz.ram(), layer)
                 .with_context(|| format!("writing snapshot {}", dir.display()))
-        })?;
-        if !vmm.vm().dirty_logging() {
-            vmm.start_dirty_tracking()
-                .context("starting dirty tracking")?;
+        })();
+        if let Err(e) = &written {
+            // The harvested pages are still owed to the layer the next increment is taken
+            // on (the previous snapshot): give them back. And tracking started for this
+            // snapshot only is stopped again.
+            if let Some((dirty, span)) = &harvest {
+                let rejoined = fz.restore_dirty(dirty, *span);
+                tracing::warn!(
+                    error = %format!("{e:#}"),
+                    pages = dirty.iter().map(|w| w.count_ones() as u64).sum::<u64>(),
+                    rejoined,
+                    "snapshot failed; its harvested dirty pages go to the next one"
+                );
+            }
+            if started_tracking {
+                if let Err(e) = fz.stop_dirty_tracking() {
+                    tracing::warn!(error = %e, "could not stop the dirty tracking started for the failed snapshot");
+                }
+            }
         }
-        Ok(report)
-    })();
+        written
+    });
     let paused = t0.elapsed();
     if (!stop || result.is_err()) && !was_stopped {
         vmm.resume_devices();
         vmm.resume();
     }
     let report = result?;
-    session.last_snapshot = Some(std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf()));
+    session.last_snapshot = Some(LastLayer {
+        dir: std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf()),
+        id: report.layer_id,
+    });
     session.snapshots += 1;
-    tracing::info!(dir = %dir.display(), pages = report.pages, paused_ms = paused.as_millis() as u64, "snapshot written");
+    tracing::info!(dir = %dir.display(), pages = report.pages, layer = %report.layer_id, paused_ms = paused.as_millis() as u64, "snapshot written");
     Ok(serde_json::json!({
         "dir": dir,
         "incremental": incremental,
@@ -387,12 +446,17 @@ fn take_snapshot(
         "mem_size": vmm.memory().size(),
         "paused_ms": paused.as_secs_f64() * 1e3,
         "stopped": stop,
+        "layer_id": report.layer_id.to_string(),
+        "parent_id": report.parent_id.map(|i| i.to_string()),
+        "tracking_from": report.tracking.from,
+        "tracking_to": report.tracking.to,
     }))
 }
 
 fn status(vmm: &Vmm, session: &Session) -> serde_json::Value {
     serde_json::json!({
         "role": session.role,
+        "pid": std::process::id(),
         "vm": if vmm.is_paused() { "paused" } else { "running" },
         "mem_size": vmm.memory().size(),
         "vcpus": vmm.config().vcpus,
@@ -426,12 +490,7 @@ fn handle_request(vmm: &mut Vmm, session: &mut Session, req: Request) -> Respons
 
 /// Runs a started VM until it powers off or a termination signal arrives, answering
 /// control requests meanwhile.
-fn serve_vm(
-    mut vmm: Vmm,
-    control: &std::sync::mpsc::Receiver<Incoming>,
-    sigs: SigSet,
-    role: &'static str,
-) -> Result<ExitCode> {
+fn serve_vm(mut vmm: Vmm, control: &Control, sigs: SigSet, role: &'static str) -> Result<ExitCode> {
     forward_signals(sigs, vmm.event_sender())?;
     let mut session = Session {
         role,

@@ -91,6 +91,13 @@ pub fn encode<T: Serialize>(kind: Kind, value: &T) -> Result<Vec<u8>, ContainerE
 
 /// Decodes a container of `kind` whose payload is at most `max` bytes.
 pub fn decode<T: DeserializeOwned>(data: &[u8], kind: Kind, max: u64) -> Result<T, ContainerError> {
+    decode_payload(open(data, kind, max)?, max)
+}
+
+/// Checks the envelope of a container of `kind` (magic, version, kind, length, checksum)
+/// and returns its payload, not yet decoded: for a reader that looks at the payload's
+/// leading fields first (a snapshot's meta names its own format version there).
+pub fn open(data: &[u8], kind: Kind, max: u64) -> Result<&[u8], ContainerError> {
     if data.len() < HEADER_LEN {
         return Err(ContainerError::TooShort(data.len()));
     }
@@ -130,6 +137,11 @@ pub fn decode<T: DeserializeOwned>(data: &[u8], kind: Kind, max: u64) -> Result<
     if expected != actual {
         return Err(ContainerError::Checksum { expected, actual });
     }
+    Ok(payload)
+}
+
+/// Decodes a payload [`open`] returned (at most `max` bytes of it are read).
+pub fn decode_payload<T: DeserializeOwned>(payload: &[u8], max: u64) -> Result<T, ContainerError> {
     options(max)
         .deserialize(payload)
         .map_err(ContainerError::Decode)

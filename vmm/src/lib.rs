@@ -7,6 +7,7 @@
 pub mod boot;
 pub mod container;
 pub mod devices;
+pub mod dirty;
 pub mod interrupt;
 pub mod layout;
 pub mod memory;
@@ -29,6 +30,8 @@ use crate::devices::power::PowerDevice;
 use crate::devices::serial::{ConsoleOut, SerialDevice};
 use crate::devices::tap::Tap;
 use crate::devices::virtio::net::{NetResources, NetSink, NetWorker, TapSink, VirtioNet};
+use crate::dirty::DirtyTracker;
+pub use crate::dirty::TrackingSpan;
 use crate::layout::*;
 use crate::memory::{Memory, MemoryError};
 use crate::vcpu::{Vcpu, VcpuControl, VcpuError};
@@ -144,6 +147,8 @@ pub struct Checkpoint {
     pub dirty: Vec<u64>,
     /// Contents of the dirty pages, in bitmap order, `PAGE_SIZE` bytes each.
     pub pages: Vec<u8>,
+    /// The tracking generations `dirty` covers (see [`dirty`]).
+    pub tracking: TrackingSpan,
     pub timings: CheckpointTimings,
 }
 
@@ -254,6 +259,8 @@ pub struct Vmm {
     events_rx: Mutex<Receiver<VmEvent>>,
     vm: Vm,
     memory: Memory,
+    /// Generations of dirty tracking, and the lock that makes a harvest one step.
+    dirty: DirtyTracker,
     config: MachineConfig,
     msr_indices: Vec<u32>,
     started: bool,
@@ -440,6 +447,7 @@ impl Vmm {
             events_rx: Mutex::new(events_rx),
             vm,
             memory,
+            dirty: DirtyTracker::default(),
             config,
             msr_indices,
             started: false,
@@ -644,20 +652,24 @@ impl Vmm {
     /// the guest runs: for the rounds of a live initial sync, where a page written again
     /// after being read is caught by the next round.
     pub fn harvest_dirty(&self) -> Result<Vec<u64>, VmmError> {
-        let mut dirty = self.vm.take_dirty_log()?;
-        for (d, v) in dirty.iter_mut().zip(self.memory.take_vmm_dirty_bitmap()) {
-            *d |= v;
-        }
-        Ok(dirty)
+        Ok(self.dirty.harvest(&self.vm, &self.memory)?.0)
     }
 
     /// Starts dirty-page tracking: KVM's log on, both logs cleared. The next checkpoint
     /// returns the pages written from now on.
     pub fn start_dirty_tracking(&self) -> Result<(), VmmError> {
-        self.vm.set_dirty_logging(true)?;
-        self.vm.take_dirty_log()?;
-        self.memory.take_vmm_dirty_bitmap();
+        self.dirty.start(&self.vm, &self.memory)?;
         Ok(())
+    }
+
+    /// Gives back the pages of a harvest whose consumer failed (`dirty` and `span` of a
+    /// [`Checkpoint`]): the next harvest returns them again, so nothing written before the
+    /// failure is missing from the next checkpoint or increment. True if the tracking is
+    /// then as if the harvest had not happened (no other harvest since); false if another
+    /// harvest came in between, whose span the next one cannot reach back over (see
+    /// [`dirty`]). Safe while the guest runs.
+    pub fn restore_dirty(&self, dirty: &[u64], span: TrackingSpan) -> bool {
+        self.dirty.merge_back(&self.memory, dirty, span)
     }
 
     /// One epoch checkpoint: pause, capture device + KVM state, harvest the dirty pages
@@ -697,10 +709,7 @@ impl Vmm {
     ) -> Result<Checkpoint, VmmError> {
         let (state, device_state_ns, kvm_state_ns) = self.capture_locked(locked)?;
         let t = std::time::Instant::now();
-        let mut dirty = self.vm.take_dirty_log()?;
-        for (d, v) in dirty.iter_mut().zip(self.memory.take_vmm_dirty_bitmap()) {
-            *d |= v;
-        }
+        let (dirty, tracking) = self.dirty.harvest(&self.vm, &self.memory)?;
         let harvest_ns = t.elapsed().as_nanos() as u64;
         let t = std::time::Instant::now();
         let mut pages = Vec::new();
@@ -717,6 +726,7 @@ impl Vmm {
             state,
             dirty,
             pages,
+            tracking,
             timings: CheckpointTimings {
                 device_state_ns,
                 kvm_state_ns,
@@ -765,6 +775,25 @@ impl Frozen<'_> {
     /// Guest RAM, which stands still while frozen.
     pub fn ram(&self) -> &[u8] {
         self.vmm.memory.as_slice()
+    }
+
+    /// Starts dirty tracking (KVM's log on, both logs cleared); returns the generation
+    /// from which the next harvest counts: what a first full snapshot is the base of.
+    pub fn start_dirty_tracking(&self) -> Result<u64, VmmError> {
+        Ok(self.vmm.dirty.start(&self.vmm.vm, &self.vmm.memory)?)
+    }
+
+    /// Turns dirty tracking off again: undoes [`Frozen::start_dirty_tracking`] when what
+    /// it was started for failed, so that a failure leaves the VM as it was (tracking off
+    /// costs the guest no write faults).
+    pub fn stop_dirty_tracking(&self) -> Result<(), VmmError> {
+        Ok(self.vmm.dirty.stop(&self.vmm.vm)?)
+    }
+
+    /// [`Vmm::restore_dirty`]: gives back the pages of a checkpoint taken here whose
+    /// consumer failed.
+    pub fn restore_dirty(&self, dirty: &[u64], span: TrackingSpan) -> bool {
+        self.vmm.restore_dirty(dirty, span)
     }
 }
 

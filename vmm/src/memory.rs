@@ -189,6 +189,22 @@ impl Memory {
         region.get_mmap().bitmap().get_and_reset()
     }
 
+    /// Marks the pages set in `bitmap` (one bit per page, u64 words, as
+    /// [`Memory::take_vmm_dirty_bitmap`] returns) dirty in the VMM's own bitmap, so that the
+    /// next harvest, which ORs this bitmap into KVM's log, returns them again: how pages a
+    /// harvest took are given back when what they were taken for failed. Bits beyond the
+    /// end of guest RAM are ignored. Safe while the guest runs: setting a bit races nothing
+    /// (the page is at worst reported once more than needed).
+    pub fn mark_vmm_dirty(&self, bitmap: &[u64]) {
+        let region = self.mem.iter().next().expect("guest memory has one region");
+        let mmap = region.get_mmap();
+        let bm = mmap.bitmap();
+        let pages = self.page_count();
+        for p in crate::bitmap_pages(bitmap).take_while(|&p| p < pages) {
+            bm.set_addr_range(p * PAGE_SIZE, PAGE_SIZE);
+        }
+    }
+
     /// Raw fd of the backing memfd.
     pub fn raw_fd(&self) -> i32 {
         self.file.as_raw_fd()
@@ -233,6 +249,29 @@ mod tests {
         assert!(m.as_slice()[1022 * PAGE_SIZE..].iter().all(|&b| b == 0));
         assert_eq!(m.as_slice()[4 * PAGE_SIZE], 0);
         assert_eq!(m.as_slice()[6 * PAGE_SIZE - 1], 0);
+    }
+
+    #[test]
+    fn marked_pages_come_back_with_the_next_harvest() {
+        let m = Memory::new(4 << 20).unwrap();
+        m.guest_memory()
+            .write_obj(1u8, GuestAddress(9 * PAGE_SIZE as u64))
+            .unwrap();
+        let mut given_back = vec![0u64; 1024 / 64];
+        for p in [0usize, 63, 64, 700, 1023] {
+            given_back[p / 64] |= 1 << (p % 64);
+        }
+        // One more word than RAM has pages: ignored, not a panic.
+        given_back.push(u64::MAX);
+        m.mark_vmm_dirty(&given_back);
+        let bm = m.take_vmm_dirty_bitmap();
+        let set: Vec<usize> = crate::bitmap_pages(&bm).collect();
+        assert_eq!(
+            set,
+            vec![0, 9, 63, 64, 700, 1023],
+            "the marked pages and the page written meanwhile, nothing else"
+        );
+        assert!(m.take_vmm_dirty_bitmap().iter().all(|&w| w == 0));
     }
 
     #[test]
