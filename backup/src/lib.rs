@@ -747,7 +747,10 @@ impl Backup {
             self.stats.epochs_rejected += 1;
             SessionEnd::BadEpoch {
                 epoch: epoch.epoch,
-                what: format!("its state does not decode: {}", twin_vmm::describe_error(&e)),
+                what: format!(
+                    "its state does not decode: {}",
+                    twin_vmm::describe_error(&e)
+                ),
             }
         })?;
         let r = self.replica.as_mut().expect("described before epochs");

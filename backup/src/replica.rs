@@ -164,8 +164,9 @@ mod tests {
         assert!(got.iter().any(
             |(d, l, _)| d == Path::new("/sys/fs/cgroup/unified/user.slice") && *l == "memory.max"
         ));
-        assert!(got.iter().any(|(d, _, _)| d
-            == Path::new("/proc/1/root/sys/fs/cgroup/memory/twin/backup")));
+        assert!(got
+            .iter()
+            .any(|(d, _, _)| d == Path::new("/proc/1/root/sys/fs/cgroup/memory/twin/backup")));
         assert_eq!(got.len(), 6);
     }
 

@@ -42,7 +42,7 @@ impl FrameReader {
         }
     }
 
-    /// When a message last arrived (or the reader was made).
+    /// When bytes last arrived (or the reader was made).
     pub fn last_rx(&self) -> Instant {
         self.last_rx
     }
@@ -68,7 +68,9 @@ impl FrameReader {
             }
             let left = deadline.saturating_duration_since(Instant::now());
             match self.link.read_into(&mut self.buf, left)? {
-                ReadOutcome::Data(_) => {}
+                // Bytes arriving prove the peer alive, even short of a whole frame: on a
+                // slow link one large epoch frame takes longer than a heartbeat timeout.
+                ReadOutcome::Data(_) => self.last_rx = Instant::now(),
                 ReadOutcome::Closed => return Err(RecvError::Closed),
                 ReadOutcome::TimedOut => return Ok(None),
             }

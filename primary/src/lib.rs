@@ -520,6 +520,9 @@ fn session(s: &Shared, generation: u64, next_epoch: &mut u64) -> Result<(), Sess
         encrypted = link.info.encrypted,
         "connected to backup"
     );
+    // Epochs a lost backup never acknowledged will not be acknowledged by this one: their
+    // age must not count against it (an epoch unacknowledged for 5 s means a lost backup).
+    s.status().in_flight.clear();
     // Heartbeats from here on: a backup that hears nothing during a long sync gives up.
     let heartbeats = Heartbeats::spawn(
         "heartbeat",
@@ -765,8 +768,15 @@ const LOOP_WAKE: Duration = Duration::from_millis(5);
 /// How long a goodbye may wait for the write lock.
 const GOODBYE_PATIENCE: Duration = Duration::from_millis(200);
 
-/// Reads acks and heartbeats until the connection fails; returns why it ended.
-fn read_acks(s: &Shared, mut reader: FrameReader, failed: &AtomicBool) -> SessionError {
+/// Reads acks and heartbeats until the connection fails; returns why it ended. Leaving, it
+/// says goodbye as the end demands and shuts the connection: the epoch loop may be blocked
+/// writing to a backup that stopped reading, and only that wakes it.
+fn read_acks(
+    s: &Shared,
+    mut reader: FrameReader,
+    writer: &FrameWriter,
+    failed: &AtomicBool,
+) -> SessionError {
     twin_link::realtime::elevate_or_warn("ack reader");
     // Whether the backup committed an epoch of this session: only then does it hold this
     // VM's replica, and only then may its takeover make this primary stand down.
@@ -816,6 +826,12 @@ fn read_acks(s: &Shared, mut reader: FrameReader, failed: &AtomicBool) -> Sessio
         }
     };
     failed.store(true, Ordering::Release);
+    if !matches!(err, SessionError::Stopping) && !s.stopping() {
+        if let Some(g) = goodbye_for(&err, false) {
+            say_goodbye(writer, g);
+        }
+        writer.shutdown(std::net::Shutdown::Both);
+    }
     err
 }
 
@@ -830,20 +846,15 @@ fn epoch_loop(
     std::thread::scope(|scope| {
         let ack_reader = std::thread::Builder::new()
             .name("ack reader".into())
-            .spawn_scoped(scope, || read_acks(s, reader, &failed))?;
+            .spawn_scoped(scope, || read_acks(s, reader, writer, &failed))?;
         let join = |h: std::thread::ScopedJoinHandle<'_, SessionError>| {
             h.join().unwrap_or(SessionError::Unexpected("reader panic"))
         };
         match send_epochs(s, writer, next_epoch, &failed) {
-            // The reader ended first, or the connection broke under the writer: the reader
-            // knows why the backup went away (a Goodbye, silence, a bad frame).
-            Err(e) if e.is_broken_connection() => {
-                let why = join(ack_reader);
-                if let Some(g) = goodbye_for(&why, handover()) {
-                    say_goodbye(writer, g);
-                }
-                Err(why)
-            }
+            // The reader ended first (and said goodbye), or the connection broke under the
+            // writer: the reader knows why the backup went away (a Goodbye, silence, a bad
+            // frame).
+            Err(e) if e.is_broken_connection() => Err(join(ack_reader)),
             r => {
                 if let Some(g) = r.as_ref().err().and_then(|e| goodbye_for(e, handover())) {
                     say_goodbye(writer, g);

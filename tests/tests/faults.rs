@@ -950,9 +950,12 @@ fn proxy_truncated_frame() {
     ));
 }
 
-/// Every `Hello` rewritten to protocol version 2: the backup refuses naming both versions,
+/// Every `Hello` rewritten to the next protocol version: the backup refuses naming both versions,
 /// builds no replica, the primary reports the refusal and keeps the VM serving unprotected.
 /// PROTOCOL.md §7: the primary does not retry a version mismatch.
+/// A protocol version from the future.
+const FUTURE_VERSION: u32 = twin_wire::PROTOCOL_VERSION + 1;
+
 #[test]
 fn proxy_wrong_version_hello() {
     let mut rep = Report::new("proxy_wrong_version_hello");
@@ -962,7 +965,7 @@ fn proxy_wrong_version_hello() {
             proxy: true,
             wait_protected: false,
             initial_fault: Some(Fault {
-                kind: FaultKind::SetHelloVersion(2),
+                kind: FaultKind::SetHelloVersion(FUTURE_VERSION),
                 way: Way::ToBackup,
                 frame_type: frame_type::HELLO,
                 nth: None,
@@ -977,7 +980,11 @@ fn proxy_wrong_version_hello() {
             Mark::default(),
             "a version refusal",
             Duration::from_secs(30),
-            |l| l.contains("version") && l.contains('2') && l.contains('1'),
+            |l| {
+                l.contains("version")
+                    && l.contains(&FUTURE_VERSION.to_string())
+                    && l.contains(&twin_wire::PROTOCOL_VERSION.to_string())
+            },
         )
         .expect("the backup logs the version refusal")
         .1;
@@ -1567,7 +1574,10 @@ fn stranger_without_the_key() {
     let st = rig.primary_status().expect("primary status");
     assert_eq!(st["mode"], "protected", "{st}");
     let bst = rig.backup_status().expect("backup status");
-    assert_eq!(bst["sessions"], 1, "the live session was never disturbed: {bst}");
+    assert_eq!(
+        bst["sessions"], 1,
+        "the live session was never disturbed: {bst}"
+    );
     assert_eq!(bst["state"], "replicating", "{bst}");
     let (p, client) = rig.finish_work();
     check_stream(&mut rep, &p, client, "primary");
@@ -1954,7 +1964,10 @@ fn busy_backup_refuses_a_second_primary() {
     let st = rig.primary_status().expect("primary status");
     assert_eq!(st["mode"], "protected", "{st}");
     let bst = rig.backup_status().expect("backup status");
-    assert_eq!(bst["sessions"], 1, "the live session was never disturbed: {bst}");
+    assert_eq!(
+        bst["sessions"], 1,
+        "the live session was never disturbed: {bst}"
+    );
     assert_eq!(bst["refused"], 2, "{bst}");
     let fo = failover_proves_the_replica(&mut rep, rig, Instant::now());
     rep.done(format!(
