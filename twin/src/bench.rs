@@ -85,6 +85,10 @@ pub struct BenchArgs {
     /// Checkpoint rates to measure, per second.
     #[arg(long, value_delimiter = ',', default_value = "100,40,10")]
     rates: Vec<u32>,
+    /// Checkpoint rates to measure again with the replication stream encrypted
+    /// (`--encrypt`); empty for none.
+    #[arg(long, value_delimiter = ',', default_value = "40")]
+    encrypt_rates: Vec<u32>,
     /// Workloads to measure: idle, 16M, 64M, 256M (guest dirty rates per second), tcp.
     #[arg(long, value_delimiter = ',', default_value = "idle,16M,64M,256M,tcp")]
     workloads: Vec<String>,
@@ -200,6 +204,8 @@ enum Mode {
     Unprotected,
     /// Checkpoints per second.
     Protected(u32),
+    /// Checkpoints per second, the replication stream encrypted.
+    Encrypted(u32),
 }
 
 impl Mode {
@@ -207,13 +213,14 @@ impl Mode {
         match self {
             Mode::Unprotected => "unprotected".into(),
             Mode::Protected(hz) => format!("protected {hz} Hz"),
+            Mode::Encrypted(hz) => format!("protected {hz} Hz, encrypted"),
         }
     }
 
     fn hz(self) -> Option<u32> {
         match self {
             Mode::Unprotected => None,
-            Mode::Protected(hz) => Some(hz),
+            Mode::Protected(hz) | Mode::Encrypted(hz) => Some(hz),
         }
     }
 }
@@ -227,6 +234,7 @@ struct Plan {
     rounds: u32,
     failovers: u32,
     rates: Vec<u32>,
+    encrypt_rates: Vec<u32>,
     workloads: Vec<String>,
     mem: String,
     limit_reps: u32,
@@ -248,7 +256,7 @@ impl Plan {
         if workload_list.is_empty() {
             bail!("--workloads is empty");
         }
-        for &hz in &a.rates {
+        for &hz in a.rates.iter().chain(&a.encrypt_rates) {
             if !(1..=1000).contains(&hz) {
                 bail!("checkpoint rate {hz}/s is out of range (1–1000)");
             }
@@ -264,6 +272,7 @@ impl Plan {
             rounds: a.rounds.unwrap_or(if a.quick { 1 } else { 2 }).max(1),
             failovers: a.failovers.unwrap_or(if a.quick { 3 } else { 10 }),
             rates: a.rates.clone(),
+            encrypt_rates: a.encrypt_rates.clone(),
             workloads: workload_list.iter().map(|w| w.label()).collect(),
             mem: a.mem.clone(),
             limit_reps: if a.quick { 3 } else { 5 },
@@ -283,6 +292,7 @@ impl Plan {
     fn modes(&self) -> Vec<Mode> {
         let mut m = vec![Mode::Unprotected];
         m.extend(self.rates.iter().map(|&hz| Mode::Protected(hz)));
+        m.extend(self.encrypt_rates.iter().map(|&hz| Mode::Encrypted(hz)));
         m
     }
 
@@ -438,6 +448,10 @@ struct Limits {
     loopback_tcp_gbps: Vec<f64>,
     /// GB/s of one TCP stream over the replication veth (primary → backup namespace).
     repl_veth_tcp_gbps: Vec<f64>,
+    /// GB/s of the replication link over that veth: authenticated, plaintext records.
+    link_plain_gbps: Vec<f64>,
+    /// The same, encrypted (AES-256-GCM records): the throughput cost of `--encrypt`.
+    link_encrypted_gbps: Vec<f64>,
 }
 
 impl Limits {
@@ -526,6 +540,52 @@ fn tcp_gbps(to: &Netns, ip: Ipv4Addr, from: &Netns, bytes: usize) -> Result<f64>
     })
 }
 
+/// GB/s of the replication link (handshake with a fresh key, then `bytes` written) from `from`
+/// to a listener on `ip` in `to`, plaintext or encrypted.
+fn link_gbps(to: &Netns, ip: Ipv4Addr, from: &Netns, bytes: usize, encrypt: bool) -> Result<f64> {
+    use twin_link::{Key, LinkConfig, ReadOutcome};
+    let cfg = LinkConfig::with_key(Key::generate()?, encrypt);
+    let listener = to
+        .enter(|| TcpListener::bind((ip, 0)))?
+        .with_context(|| format!("binding a TCP listener on {ip} in {}", to.name()))?;
+    let addr = listener.local_addr()?;
+    let tx = from
+        .enter(|| TcpStream::connect_timeout(&addr, Duration::from_secs(5)))?
+        .with_context(|| format!("connecting to {addr} from {}", from.name()))?;
+    let (rx, _) = listener.accept().context("accepting the link")?;
+    let timeout = Duration::from_secs(20);
+    std::thread::scope(|s| -> Result<f64> {
+        let cfg2 = cfg.clone();
+        let sender = s.spawn(move || -> Result<()> {
+            let mut link = twin_link::connect(tx, &cfg2, timeout)?;
+            let buf = vec![0x5au8; 1 << 20];
+            let mut left = bytes;
+            while left > 0 {
+                let n = left.min(buf.len());
+                link.writer.write_all(&buf[..n])?;
+                left -= n;
+            }
+            Ok(())
+        });
+        let mut link = twin_link::accept(rx, &cfg, timeout).context("link handshake")?;
+        let t = Instant::now();
+        let mut buf = bytes::BytesMut::with_capacity(2 << 20);
+        let mut got = 0;
+        while got < bytes {
+            buf.clear();
+            match link.reader.read_into(&mut buf, timeout)? {
+                ReadOutcome::Data(n) => got += n,
+                other => bail!("the link ended ({other:?}) after {got} of {bytes} bytes"),
+            }
+        }
+        let secs = t.elapsed().as_secs_f64();
+        sender
+            .join()
+            .map_err(|_| anyhow!("the link writer thread panicked"))??;
+        Ok(bytes as f64 / secs / 1e9)
+    })
+}
+
 fn measure_limits(plan: &Plan, limits: &mut Limits) -> Result<()> {
     check_interrupt()?;
     measure_memcpy(plan.limit_reps, limits);
@@ -549,6 +609,22 @@ fn measure_limits(plan: &Plan, limits: &mut Limits) -> Result<()> {
         )
         .context("measuring TCP bandwidth over the replication veth")?;
         limits.repl_veth_tcp_gbps.push(veth);
+        for encrypt in [false, true] {
+            check_interrupt()?;
+            let g = link_gbps(
+                &ha.backup.ns,
+                BACKUP_REPL_ADDR,
+                &ha.primary.ns,
+                plan.tcp_bytes,
+                encrypt,
+            )
+            .context("measuring the replication link over the veth")?;
+            if encrypt {
+                limits.link_encrypted_gbps.push(g);
+            } else {
+                limits.link_plain_gbps.push(g);
+            }
+        }
     }
     Ok(())
 }
@@ -692,6 +768,7 @@ fn start_protected(
     plan: &Plan,
     w: Workload,
     hz: u32,
+    encrypt: bool,
     slots: &mut Slots,
 ) -> Result<()> {
     let listen = SocketAddr::from((BACKUP_REPL_ADDR, REPL_PORT)).to_string();
@@ -725,6 +802,9 @@ fn start_protected(
         Duration::from_secs(20),
     )?;
     let mut args = vm_args("protect", plan, w, dir, "primary");
+    if encrypt {
+        args.push("--encrypt".into());
+    }
     args.extend([
         "--key-file".into(),
         key,
@@ -885,7 +965,8 @@ fn run_cell(plan: &Plan, run: &mut Run, keep_logs: &Path) -> Result<()> {
                     .insert(spawn_twin(&ha.primary.ns, &dir, "vm", &args, "info")?);
                 wait_line(vm, "VM running", Duration::from_secs(60))?;
             }
-            Mode::Protected(hz) => start_protected(&ha, &dir, plan, w, hz, &mut slots)?,
+            Mode::Protected(hz) => start_protected(&ha, &dir, plan, w, hz, false, &mut slots)?,
+            Mode::Encrypted(hz) => start_protected(&ha, &dir, plan, w, hz, true, &mut slots)?,
         }
         let vm = slots.vm.as_mut().expect("started above");
         let mut client = connect(&ha, vm)?;
@@ -1046,7 +1127,15 @@ fn run_failover(plan: &Plan, trial: u32, keep_logs: &Path) -> Result<Failover> {
     let dir = TestDir::new("bench-failover").context("creating the run directory")?;
     let mut slots = Slots::default();
     let result = (|| -> Result<()> {
-        start_protected(&ha, &dir, plan, FAILOVER_WORKLOAD, FAILOVER_HZ, &mut slots)?;
+        start_protected(
+            &ha,
+            &dir,
+            plan,
+            FAILOVER_WORKLOAD,
+            FAILOVER_HZ,
+            false,
+            &mut slots,
+        )?;
         let mut client = connect(&ha, slots.vm.as_mut().expect("started"))?;
         client.set_request_timeout(Duration::from_secs(10))?;
         let state = Arc::new(Mutex::new(LoopState::default()));
@@ -1387,6 +1476,26 @@ fn markdown(r: &Report<'_>) -> String {
             gb(&r.limits.repl_veth_tcp_gbps)
         ),
     );
+    line(
+        &mut s,
+        &format!(
+            "| replication link over the veth, authenticated, plaintext | {} | |",
+            gb(&r.limits.link_plain_gbps)
+        ),
+    );
+    line(
+        &mut s,
+        &format!(
+            "| replication link over the veth, encrypted (`--encrypt`, AES-256-GCM) | {} (× {} of plaintext) | |",
+            gb(&r.limits.link_encrypted_gbps),
+            f(
+                median(&r.limits.link_encrypted_gbps)
+                    .zip(median(&r.limits.link_plain_gbps))
+                    .map(|(e, p)| e / p),
+                2
+            )
+        ),
+    );
     line(&mut s, "");
 
     let us_page = r.limits.us_per_page();
@@ -1410,8 +1519,12 @@ fn markdown(r: &Report<'_>) -> String {
         "| --- | ---: | ---: | ---: | ---: | --- | ---: | --- | --- | ---: | ---: | ---: | --- |",
     );
     for &w in &p.workload_list {
-        for &hz in &p.rates {
-            let a = aggregate(r.runs, w, Mode::Protected(hz));
+        for mode in p.modes().into_iter().filter(|m| *m != Mode::Unprotected) {
+            let a = aggregate(r.runs, w, mode);
+            let hz = match mode {
+                Mode::Encrypted(hz) => format!("{hz} enc."),
+                m => m.hz().unwrap_or_default().to_string(),
+            };
             if a.runs == a.failed {
                 line(
                     &mut s,
