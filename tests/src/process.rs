@@ -284,6 +284,31 @@ impl TwinProcess {
         args: &[&str],
         env: &[(&str, &str)],
     ) -> Result<Self> {
+        Self::launch(ns, dir, name, program, args, env, false)
+    }
+
+    /// [`TwinProcess::spawn_program`] via `nsenter --net`, which enters the network
+    /// namespace only and leaves `/sys` as the host mounts it (cgroup file systems included).
+    pub fn spawn_program_nsenter(
+        ns: &Netns,
+        dir: &TestDir,
+        name: &str,
+        program: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Self> {
+        Self::launch(ns, dir, name, program, args, env, true)
+    }
+
+    fn launch(
+        ns: &Netns,
+        dir: &TestDir,
+        name: &str,
+        program: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+        nsenter: bool,
+    ) -> Result<Self> {
         let stdout_path = dir.join(format!("{name}.stdout"));
         let stderr_path = dir.join(format!("{name}.stderr"));
         let create = |p: &Path| {
@@ -293,9 +318,16 @@ impl TwinProcess {
         // `ip netns exec` (which execs the program in place: the pid is the program's) rather
         // than a bare setns, so that /sys is remounted for the namespace as a user running
         // `ip netns exec … twin` would have it.
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", ns.name()])
-            .arg(program)
+        let mut cmd = if nsenter {
+            let mut c = Command::new("nsenter");
+            c.arg(format!("--net=/run/netns/{}", ns.name())).arg("--");
+            c
+        } else {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns.name()]);
+            c
+        };
+        cmd.arg(program)
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
