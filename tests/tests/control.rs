@@ -31,13 +31,15 @@ const CMD_TIMEOUT: Duration = Duration::from_secs(30);
 const MAX_CONNECTIONS: usize = 32;
 const TAP2: &str = "tap1";
 
-fn backup_args<'a>(listen: &'a str, control: &'a str) -> Vec<&'a str> {
+fn backup_args<'a>(key: &'a str, tap: &'a str, listen: &'a str, control: &'a str) -> Vec<&'a str> {
     vec![
         "backup",
+        "--key-file",
+        key,
         "--listen",
         listen,
         "--tap",
-        TAP,
+        tap,
         "--control",
         control,
     ]
@@ -51,7 +53,8 @@ fn spawn_backup(
     control: &Path,
 ) -> TwinProcess {
     let control = control.display().to_string();
-    let mut p = TwinProcess::spawn(ns, dir, name, &backup_args(listen, &control))
+    let key = dir.key_file();
+    let mut p = TwinProcess::spawn(ns, dir, name, &backup_args(&key, TAP, listen, &control))
         .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
     p.wait_for_line("backup waiting for a primary", START_TIMEOUT)
         .unwrap_or_else(|e| panic!("{name} does not start: {e}"));
@@ -156,9 +159,40 @@ fn control_socket_in_use() {
     let mut backup = spawn_backup(ns, &dir, "backup", listen, &bsock);
     twin_status(ns, &dir, &bsock, CMD_TIMEOUT).expect("status of the backup");
     let bsock_s = bsock.display().to_string();
-    let dup = TwinProcess::spawn(ns, &dir, "backup-dup", &backup_args(listen, &bsock_s))
-        .expect("spawn the second twin backup");
+    let key = dir.key_file();
+    // Its own TAP and port, so that nothing but the socket stands in its way: refused.
+    let dup = TwinProcess::spawn(
+        ns,
+        &dir,
+        "backup-dup",
+        &backup_args(&key, TAP2, "127.0.0.1:7402", &bsock_s),
+    )
+    .expect("spawn the second twin backup");
     assert_refused(dup, &bsock, &backup);
+    twin_status(ns, &dir, &bsock, CMD_TIMEOUT).unwrap_or_else(|e| {
+        panic!(
+            "the running backup lost its control socket to a duplicate: {e}\n{}",
+            tails(&[&backup])
+        )
+    });
+    // The same TAP and port: it fails on them before it looks at the socket (the TAP and the
+    // port are bound first), and leaves the socket alone.
+    let mut dup2 = TwinProcess::spawn(
+        ns,
+        &dir,
+        "backup-dup2",
+        &backup_args(&key, TAP, listen, &bsock_s),
+    )
+    .expect("spawn the third twin backup");
+    let status = dup2
+        .wait_exit(START_TIMEOUT)
+        .expect("the third backup exits");
+    assert!(!status.success());
+    let err = dup2.text(Stream::Stderr);
+    assert!(
+        err.contains("TAP") || err.contains("cannot listen"),
+        "the third backup should fail on its TAP or port: {err}"
+    );
     twin_status(ns, &dir, &bsock, CMD_TIMEOUT).unwrap_or_else(|e| {
         panic!(
             "the running backup lost its control socket to a duplicate that failed to start: \
