@@ -17,6 +17,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use tracing::{debug, warn};
+use twin_api::{EventKind, EventLog};
 use twin_link::{FrameReader, FrameWriter, LinkConfig, LinkError, RecvError};
 use twin_wire::{handshake, DecodeError, Hello, Message};
 
@@ -54,14 +55,18 @@ pub struct Acceptor {
 
 impl Acceptor {
     /// Accepts on `listener` (already bound) until dropped.
-    pub fn start(listener: TcpListener, link: LinkConfig) -> std::io::Result<Self> {
+    pub fn start(
+        listener: TcpListener,
+        link: LinkConfig,
+        events: Arc<EventLog>,
+    ) -> std::io::Result<Self> {
         listener.set_nonblocking(true)?;
         let (tx, rx) = std::sync::mpsc::channel();
         let stop = Arc::new(AtomicBool::new(false));
         let s = stop.clone();
         let thread = std::thread::Builder::new()
             .name("accept".into())
-            .spawn(move || accept_loop(&listener, &link, &tx, &s))?;
+            .spawn(move || accept_loop(&listener, &link, &tx, &s, &events))?;
         Ok(Acceptor {
             rx,
             stop,
@@ -84,6 +89,7 @@ fn accept_loop(
     link: &LinkConfig,
     tx: &Sender<Candidate>,
     stop: &AtomicBool,
+    events: &Arc<EventLog>,
 ) {
     let running = Arc::new(AtomicUsize::new(0));
     let mut error_logged = false;
@@ -97,13 +103,14 @@ fn accept_loop(
                 }
                 running.fetch_add(1, Ordering::AcqRel);
                 let (tx, link, running2) = (tx.clone(), link.clone(), running.clone());
+                let events = events.clone();
                 // Detached on purpose: each ends by its deadline, and the count above bounds
                 // how many exist.
                 let spawned =
                     std::thread::Builder::new()
                         .name("handshake".into())
                         .spawn(move || {
-                            if let Some(c) = handshake(stream, &link) {
+                            if let Some(c) = handshake(stream, &link, &events) {
                                 let _ = tx.send(c);
                             }
                             running2.fetch_sub(1, Ordering::AcqRel);
@@ -129,16 +136,24 @@ fn accept_loop(
 }
 
 /// The link handshake and the first message, within [`HANDSHAKE_DEADLINE`].
-fn handshake(stream: TcpStream, cfg: &LinkConfig) -> Option<Candidate> {
+fn handshake(stream: TcpStream, cfg: &LinkConfig, events: &EventLog) -> Option<Candidate> {
     let t0 = Instant::now();
     let peer = stream.peer_addr().ok()?;
+    let refused = |reason: String| {
+        events.emit(EventKind::PeerRefused {
+            peer: peer.to_string(),
+            reason,
+        });
+    };
     if stream.set_nonblocking(false).is_err() {
         return None;
     }
     let link = match twin_link::accept(stream, cfg, HANDSHAKE_DEADLINE) {
         Ok(l) => l,
         Err(e) => {
-            log_refusal(&e);
+            if log_refusal(&e) {
+                refused(e.to_string());
+            }
             return None;
         }
     };
@@ -156,16 +171,19 @@ fn handshake(stream: TcpStream, cfg: &LinkConfig) -> Option<Candidate> {
         }),
         Ok(other) => {
             warn!(%peer, frame = ?other.frame_type(), "peer sent something before Hello; closed");
+            refused(format!("sent {:?} before Hello", other.frame_type()));
             None
         }
         Err(RecvError::Decode(DecodeError::IncompatibleHello { protocol_version })) => {
             let refuse = handshake::refuse_incompatible(protocol_version);
             warn!(%peer, detail = %refuse.detail, "refusing primary");
+            refused(refuse.detail.clone());
             let _ = writer.send(&Message::Refuse(refuse));
             None
         }
         Err(RecvError::Silent(_)) => {
             warn!(%peer, "no Hello within {HANDSHAKE_DEADLINE:?} of connecting; closed");
+            refused(format!("no Hello within {HANDSHAKE_DEADLINE:?}"));
             None
         }
         Err(e) => {
@@ -175,10 +193,17 @@ fn handshake(stream: TcpStream, cfg: &LinkConfig) -> Option<Candidate> {
     }
 }
 
-fn log_refusal(e: &LinkError) {
+/// Logs a failed link handshake; whether it is worth an event (a port scan or a health
+/// probe that connects and closes is not).
+fn log_refusal(e: &LinkError) -> bool {
     match e {
-        // A port scan or a health probe: nothing to act on.
-        LinkError::Io { .. } | LinkError::NotTwin { .. } => debug!("link handshake failed: {e}"),
-        _ => warn!("refused a replication peer: {e}"),
+        LinkError::Io { .. } | LinkError::NotTwin { .. } => {
+            debug!("link handshake failed: {e}");
+            false
+        }
+        _ => {
+            warn!("refused a replication peer: {e}");
+            true
+        }
     }
 }

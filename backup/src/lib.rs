@@ -32,6 +32,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use tracing::{debug, info, warn};
+use twin_api::{EventKind, EventLog};
 use twin_link::{FrameReader, FrameWriter, Heartbeats, LinkConfig, RecvError};
 use twin_vmm::devices::serial::ConsoleOut;
 use twin_vmm::memory::{Memory, PAGE_SIZE};
@@ -55,6 +56,8 @@ pub struct BackupConfig {
     pub heartbeat_interval: Duration,
     /// Authentication and encryption of the replication link.
     pub link: LinkConfig,
+    /// Typed lifecycle events, for programs (the control socket streams them).
+    pub events: Arc<EventLog>,
 }
 
 /// A control request the backup loop serves.
@@ -138,15 +141,7 @@ pub struct BackupStatus {
     pub last_error: Option<String>,
 }
 
-/// What a takeover did and how long it took.
-#[derive(Clone, Debug, Serialize)]
-pub struct FailoverReport {
-    pub epoch: u64,
-    pub restore_ms: f64,
-    pub announce_ms: f64,
-    pub stale_frames_dropped: usize,
-    pub detect_to_running_ms: f64,
-}
+pub use twin_api::FailoverReport;
 
 /// What the backup did.
 pub enum Outcome {
@@ -272,7 +267,7 @@ impl Backup {
         let tap = twin_vmm::devices::tap::Tap::open(&cfg.tap).map_err(BackupError::Tap)?;
         let listener =
             TcpListener::bind(cfg.listen).map_err(|e| BackupError::Listen(cfg.listen, e))?;
-        let acceptor = Acceptor::start(listener, cfg.link.clone())
+        let acceptor = Acceptor::start(listener, cfg.link.clone(), cfg.events.clone())
             .map_err(|e| BackupError::Listen(cfg.listen, e))?;
         if cfg.link.key.is_none() {
             warn!(
@@ -339,6 +334,9 @@ impl Backup {
     ) -> Result<Outcome, BackupError> {
         twin_link::realtime::elevate_or_warn("backup");
         info!(listen = %self.cfg.listen, "backup waiting for a primary");
+        self.cfg.events.emit(EventKind::Listening {
+            listen: self.cfg.listen.to_string(),
+        });
         loop {
             if stop.load(Ordering::Acquire) {
                 return Err(BackupError::Stopped);
@@ -442,6 +440,13 @@ impl Backup {
             encrypted = c.encrypted,
             "primary connected"
         );
+        self.cfg.events.emit(EventKind::PrimaryConnected {
+            peer: peer.to_string(),
+            vm: c.hello.vm_id.to_string(),
+            generation: c.hello.generation,
+            authenticated: c.authenticated,
+            encrypted: c.encrypted,
+        });
         self.session = Some(SessionStatus {
             peer: peer.to_string(),
             vm: c.hello.vm_id.to_string(),
@@ -463,6 +468,10 @@ impl Backup {
 
     fn refuse(&mut self, c: &Candidate, refuse: Refuse) {
         self.stats.refused += 1;
+        self.cfg.events.emit(EventKind::PeerRefused {
+            peer: c.reader.peer().to_string(),
+            reason: format!("{}: {}", refuse.reason, refuse.detail),
+        });
         warn!(
             peer = %c.reader.peer(),
             vm = %c.hello.vm_id,
@@ -550,6 +559,10 @@ impl Backup {
         self.standby = self
             .standby
             .next(StandbyEvent::Decided(decision), Instant::now());
+        self.cfg.events.emit(EventKind::SessionEnded {
+            reason: full.clone(),
+            decision,
+        });
         self.stats.last_error = Some(full);
         self.state = self.idle_state();
         next
@@ -709,6 +722,9 @@ impl Backup {
                     vcpus = d.vcpus,
                     "replica allocated, initial sync"
                 );
+                self.cfg.events.emit(EventKind::ReplicaAllocated {
+                    mem_size: d.mem_size,
+                });
                 Ok(())
             }
             Step::SyncPages(p) => {
@@ -732,6 +748,7 @@ impl Backup {
             Step::SyncDone => {
                 self.state = BackupState::Synced;
                 info!("initial sync complete");
+                self.cfg.events.emit(EventKind::SyncComplete);
                 Ok(())
             }
             Step::Commit(epoch) => self.apply(s, epoch),
@@ -793,6 +810,11 @@ impl Backup {
             apply_us = us as u64,
             "epoch committed"
         );
+        self.cfg.events.emit(EventKind::EpochCommitted {
+            epoch: epoch.epoch,
+            pages: epoch.pages.len() as u64,
+            apply_us: us,
+        });
         if twin_failpoints::hit("backup.before_ack") {
             // Withheld: the primary keeps this epoch's output held.
             return Ok(());
@@ -807,6 +829,12 @@ impl Backup {
         self.state = BackupState::TakingOver;
         let detected = self.detected.unwrap_or_else(Instant::now);
         let r = self.failover(detected, console);
+        self.cfg.events.emit(match &r {
+            Ok((_, report)) => EventKind::FailoverComplete(report.clone()),
+            Err(e) => EventKind::FailoverFailed {
+                error: twin_vmm::describe_error(e),
+            },
+        });
         if let Some(reply) = self.takeover_reply.take() {
             reply(match &r {
                 Ok((_, report)) => Ok(report.clone()),
@@ -825,6 +853,7 @@ impl Backup {
         let replica = self.replica.take().expect("failover needs a replica");
         let (epoch, state) = replica.committed.expect("failover needs a committed state");
         info!(epoch, vm = %replica.vm_id, generation = replica.generation, "failover: restoring the VM from the replica");
+        self.cfg.events.emit(EventKind::FailoverStarted { epoch });
         let t_restore = Instant::now();
         let tap = self
             .tap

@@ -33,22 +33,9 @@ pub enum EndKind {
     Stopping,
 }
 
-/// What the backup does next.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Decision {
-    /// Run the VM from the last committed checkpoint, now.
-    TakeOver,
-    /// Wait [`STALL_GRACE`] for the same VM's primary to start a new session; take over if
-    /// none does.
-    Grace,
-    /// Keep the replica (and stay pinned to its VM) but never fail over to it: the primary
-    /// may be running on without this backup. Its next session resynchronises it.
-    Detach,
-    /// Drop the replica and the pin: the VM was stopped on purpose.
-    Release,
-    /// Stop serving.
-    Stop,
-}
+/// What the backup does next (the type is the control API's, so that the decision is
+/// reported as it was taken).
+pub use twin_api::Decision;
 
 /// How long a backup that was stalled waits for the primary to come back before it takes
 /// a lost connection for a dead primary. A primary that abandoned its backup starts a new

@@ -57,6 +57,7 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use tracing::{debug, error, info, warn};
+use twin_api::{EventKind, EventLog};
 use twin_link::{FrameReader, FrameWriter, Heartbeats, LinkConfig, RecvError};
 use twin_netbuf::{Mode as BufferMode, NetBuffer};
 use twin_vmm::memory::PAGE_SIZE;
@@ -245,6 +246,8 @@ impl Status {
 
 struct Shared {
     vmm: Arc<Vmm>,
+    /// Typed lifecycle events, for programs (the control socket streams them).
+    events: Arc<EventLog>,
     netbuf: NetBuffer,
     cfg: ProtectConfig,
     status: Mutex<Status>,
@@ -289,9 +292,15 @@ pub struct Primary {
 
 impl Primary {
     /// Starts protecting `vmm` (already running, its NIC's sink already `netbuf`).
-    pub fn start(vmm: Arc<Vmm>, netbuf: NetBuffer, cfg: ProtectConfig) -> std::io::Result<Self> {
+    pub fn start(
+        vmm: Arc<Vmm>,
+        netbuf: NetBuffer,
+        cfg: ProtectConfig,
+        events: Arc<EventLog>,
+    ) -> std::io::Result<Self> {
         let shared = Arc::new(Shared {
             vmm,
+            events,
             netbuf,
             cfg,
             status: Mutex::new(Status::new()),
@@ -419,6 +428,10 @@ fn replicate(s: &Shared) {
                     "the backup took over ({why}): this primary is fenced and stops its VM"
                 );
                 s.transition(ModeEvent::TakenOver);
+                s.events.emit(EventKind::StoodDown {
+                    reason: why,
+                    discarded_frames: discarded,
+                });
                 return;
             }
             Err(e) => {
@@ -432,12 +445,18 @@ fn replicate(s: &Shared) {
                 let was = s.transition(ModeEvent::BackupLost(s.cfg.on_backup_loss));
                 // Said once per reason, not every second: a lost protection, or a new reason.
                 let still = was != Mode::Protected && repeated;
-                match s.cfg.on_backup_loss {
+                if let SessionError::UnverifiedTakeover(why) = &e {
+                    s.events.emit(EventKind::TakeoverIgnored {
+                        reason: why.clone(),
+                    });
+                }
+                let released = match s.cfg.on_backup_loss {
                     LossPolicy::Release => {
                         let n = s.netbuf.release_all();
                         if !still {
                             error!(released = n, "backup lost ({msg}); the VM runs UNPROTECTED until a backup returns");
                         }
+                        n
                     }
                     LossPolicy::Hold => {
                         if !still {
@@ -445,7 +464,18 @@ fn replicate(s: &Shared) {
                                 "backup lost ({msg}); holding all output until a backup returns"
                             );
                         }
+                        0
                     }
+                };
+                if !still {
+                    s.events.emit(EventKind::BackupLost {
+                        reason: msg.clone(),
+                        policy: match s.cfg.on_backup_loss {
+                            LossPolicy::Release => "release".into(),
+                            LossPolicy::Hold => "hold".into(),
+                        },
+                        released_frames: released,
+                    });
                 }
                 if still {
                     debug!("backup still lost ({msg})");
@@ -520,6 +550,12 @@ fn session(s: &Shared, generation: u64, next_epoch: &mut u64) -> Result<(), Sess
         encrypted = link.info.encrypted,
         "connected to backup"
     );
+    s.events.emit(EventKind::BackupConnected {
+        backup: s.cfg.backup.clone(),
+        generation,
+        authenticated: link.info.authenticated,
+        encrypted: link.info.encrypted,
+    });
     // Epochs a lost backup never acknowledged will not be acknowledged by this one: their
     // age must not count against it (an epoch unacknowledged for 5 s means a lost backup).
     s.status().in_flight.clear();
@@ -633,7 +669,7 @@ fn initial_sync(s: &Shared, writer: &FrameWriter) -> Result<(), SessionError> {
     };
     let mut zero = Vec::new();
     let mut batch: Vec<PageRef<'_>> = Vec::with_capacity(BATCH);
-    let mut progress = SyncProgress::new(pages);
+    let mut progress = SyncProgress::new(pages, &s.events);
     for p in 0..pages {
         progress.at(p);
         let data = &ram[p * PAGE_SIZE..(p + 1) * PAGE_SIZE];
@@ -692,6 +728,11 @@ fn initial_sync(s: &Shared, writer: &FrameWriter) -> Result<(), SessionError> {
         ms = format_args!("{ms:.1}"),
         "initial sync sent"
     );
+    s.events.emit(EventKind::SyncSent {
+        pages: full_pages,
+        zero_pages: zero.len() as u64,
+        ms,
+    });
     s.status().last_sync = Some(serde_json::json!({
         "pages": full_pages, "zero_pages": zero.len(), "dirty_rounds": rounds, "ms": ms,
     }));
@@ -727,24 +768,36 @@ impl SyncOut<'_> {
 }
 
 /// A one-line progress bar for the initial sync, drawn only when stderr is a terminal.
-struct SyncProgress {
+struct SyncProgress<'a> {
     total: usize,
     shown: usize,
+    /// The last tenth reported as an event.
+    tenth: usize,
     tty: bool,
+    events: &'a EventLog,
 }
 
-impl SyncProgress {
-    fn new(total: usize) -> Self {
+impl<'a> SyncProgress<'a> {
+    fn new(total: usize, events: &'a EventLog) -> Self {
         use std::io::IsTerminal;
         SyncProgress {
             total: total.max(1),
             shown: usize::MAX,
+            tenth: 0,
             tty: std::io::stderr().is_terminal(),
+            events,
         }
     }
 
     fn at(&mut self, page: usize) {
         let pct = page * 100 / self.total;
+        if pct / 10 > self.tenth {
+            self.tenth = pct / 10;
+            self.events.emit(EventKind::SyncProgress {
+                pages_done: page as u64,
+                pages_total: self.total as u64,
+            });
+        }
         if self.tty && pct != self.shown {
             self.shown = pct;
             let bar = "#".repeat(pct / 4);
@@ -808,6 +861,11 @@ fn read_acks(
                 acked = true;
                 if s.transition(ModeEvent::Acked) != Mode::Protected {
                     info!(epoch = a.epoch, "VM is protected");
+                    let generation = s.status().sessions;
+                    s.events.emit(EventKind::Protected {
+                        epoch: a.epoch,
+                        generation,
+                    });
                 }
             }
             Ok(Message::Heartbeat(_)) => {}
@@ -990,6 +1048,19 @@ fn send_epochs(
         }
         s.last_epoch.store(epoch, Ordering::Release);
         twin_failpoints::hit("primary.after_send");
+        let t = &cp.timings;
+        let us = |ns: u64| ns as f64 / 1e3;
+        s.events.emit(EventKind::EpochSent {
+            epoch,
+            pages: refs.len() as u64,
+            bytes,
+            pause_us: us(t.pause_ns),
+            stop_us: us(t.stop_ns),
+            state_us: us(t.device_state_ns + t.kvm_state_ns),
+            harvest_us: us(t.harvest_ns),
+            copy_us: us(t.copy_ns),
+            eager: started < next_tick,
+        });
         debug!(
             epoch,
             pages = refs.len(),

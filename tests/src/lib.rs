@@ -35,6 +35,7 @@
 
 mod cmd;
 mod error;
+pub mod events;
 mod guest;
 mod link;
 mod load;

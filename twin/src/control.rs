@@ -1,6 +1,8 @@
 //! The control socket: one JSON request per line, one JSON response per line, over a Unix
-//! stream socket. `twin status`, `twin snapshot` and `twin failover` are its clients; the
-//! process running a VM serves it from its main loop.
+//! stream socket. `twin status`, `twin snapshot`, `twin failover` and `twin events` are its
+//! clients; the process running a VM serves it from its main loop. An `Events` request is
+//! answered by the connection's own thread from the process's [`EventLog`], without the
+//! main loop: it streams typed events (`twin-api`) as they happen.
 //!
 //! One process owns a socket path: [`serve`] refuses a path another live process serves
 //! (it holds `<path>.lock`, or something answers on the socket) and replaces only a stale
@@ -40,7 +42,6 @@ use nix::fcntl::{Flock, FlockArg};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use nix::sys::socket::{self, sockopt, AddressFamily, Backlog, SockFlag, SockType, UnixAddr};
-use serde::{Deserialize, Serialize};
 
 /// Longest request line, newline excluded.
 pub const MAX_LINE: usize = 64 * 1024;
@@ -56,25 +57,8 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 const BACKOFF_MIN: Duration = Duration::from_millis(10);
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
 
-/// Requests a client can make.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
-pub enum Request {
-    Status,
-    Snapshot {
-        dir: PathBuf,
-        incremental: bool,
-        stop: bool,
-    },
-    Resume,
-    Failover,
-}
-
-/// A response: a JSON value on success, a message on failure.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub enum Response {
-    Ok(serde_json::Value),
-    Error(String),
-}
+use twin_api::EventLog;
+pub use twin_api::{Request, Response};
 
 /// A request from a client and where to send its answer.
 pub type Incoming = (Request, Sender<Response>);
@@ -202,8 +186,8 @@ fn lock_path(path: &Path) -> PathBuf {
 }
 
 /// Listens on `path` with the default [`Limits`]; see [`serve_with`].
-pub fn serve(path: &Path) -> Result<Control, ControlError> {
-    serve_with(path, Limits::default())
+pub fn serve(path: &Path, events: Arc<EventLog>) -> Result<Control, ControlError> {
+    serve_with(path, Limits::default(), events)
 }
 
 /// Listens on `path` and forwards requests to the returned [`Control`]; the main loop
@@ -214,7 +198,11 @@ pub fn serve(path: &Path) -> Result<Control, ControlError> {
 /// socket) and nothing answers on a socket already there (a server from before the lock).
 /// Only then is a socket at the path stale and replaced; a directory or another file is
 /// refused.
-pub fn serve_with(path: &Path, limits: Limits) -> Result<Control, ControlError> {
+pub fn serve_with(
+    path: &Path,
+    limits: Limits,
+    events: Arc<EventLog>,
+) -> Result<Control, ControlError> {
     let bind_err = |source| ControlError::Bind {
         path: path.to_path_buf(),
         source,
@@ -269,6 +257,7 @@ pub fn serve_with(path: &Path, limits: Limits) -> Result<Control, ControlError> 
     let server = Server {
         listener,
         tx,
+        events,
         stop: stop.clone(),
         limits,
         path: path.to_path_buf(),
@@ -347,6 +336,7 @@ struct Conn {
 struct Server {
     listener: UnixListener,
     tx: Sender<Incoming>,
+    events: Arc<EventLog>,
     stop: Arc<EventFd>,
     limits: Limits,
     path: PathBuf,
@@ -490,10 +480,10 @@ impl Server {
             stopping: AtomicBool::new(false),
         });
         let weak = Arc::downgrade(&conn);
-        let (tx, limits) = (self.tx.clone(), self.limits);
+        let (tx, limits, events) = (self.tx.clone(), self.limits, self.events.clone());
         match std::thread::Builder::new()
             .name("control-conn".into())
-            .spawn(move || serve_connection(&conn, &tx, limits))
+            .spawn(move || serve_connection(&conn, &tx, &events, limits))
         {
             Ok(t) => self.conns.push((t, weak)),
             Err(e) => {
@@ -617,7 +607,7 @@ fn wait_for_answer(conn: &Conn, rrx: &Receiver<Response>) -> Response {
     Response::Error("the VM process did not answer".into())
 }
 
-fn serve_connection(conn: &Conn, tx: &Sender<Incoming>, limits: Limits) {
+fn serve_connection(conn: &Conn, tx: &Sender<Incoming>, events: &Arc<EventLog>, limits: Limits) {
     let stream = &conn.stream;
     // An accepted socket does not inherit the listener's O_NONBLOCK on Linux; say so anyway.
     if stream.set_nonblocking(false).is_err()
@@ -652,6 +642,14 @@ fn serve_connection(conn: &Conn, tx: &Sender<Incoming>, limits: Limits) {
             }
         };
         let response = match serde_json::from_slice::<Request>(&line) {
+            Ok(Request::Events {
+                since,
+                epochs,
+                follow,
+            }) => {
+                stream_events(conn, events, since, epochs, follow);
+                return;
+            }
             Ok(req) => {
                 let (rtx, rrx) = channel();
                 if tx.send((req, rtx)).is_err() {
@@ -664,6 +662,126 @@ fn serve_connection(conn: &Conn, tx: &Sender<Incoming>, limits: Limits) {
         if !send(stream, &response) {
             return;
         }
+    }
+}
+
+/// How often a stream with nothing to send checks that its client is still there.
+const STREAM_CHECK: Duration = Duration::from_millis(250);
+
+/// Answers an `Events` request: the next sequence number, then the events from `since` on,
+/// then (with `follow`) each new one, until the client goes or the server stops.
+fn stream_events(conn: &Conn, events: &Arc<EventLog>, since: u64, epochs: bool, follow: bool) {
+    let stream = &conn.stream;
+    let head = Response::Ok(serde_json::json!({ "next_seq": events.next_seq() }));
+    if !send(stream, &head) {
+        return;
+    }
+    let mut sub = events.subscribe(since, epochs);
+    loop {
+        let batch = sub.next_batch(if follow { STREAM_CHECK } else { Duration::ZERO });
+        if batch.is_empty() {
+            if !follow || conn.stopping.load(Ordering::Acquire) || client_gone(stream) {
+                return;
+            }
+            continue;
+        }
+        let mut out = String::new();
+        for e in &batch {
+            out.push_str(&serde_json::to_string(e).expect("events serialize"));
+            out.push('\n');
+        }
+        if (&*stream).write_all(out.as_bytes()).is_err() {
+            return;
+        }
+    }
+}
+
+/// Whether the client of a stream closed its end (it sends nothing after its request, so a
+/// readable socket that has no byte to peek at is at its end).
+fn client_gone(stream: &UnixStream) -> bool {
+    let mut fds = [PollFd::new(stream.as_fd(), PollFlags::POLLIN)];
+    match poll(&mut fds, PollTimeout::ZERO) {
+        Ok(0) => false,
+        Ok(_) => {
+            let r = fds[0].revents().unwrap_or(PollFlags::empty());
+            if r.intersects(PollFlags::POLLHUP | PollFlags::POLLERR) {
+                return true;
+            }
+            let mut b = [0u8; 1];
+            let flags = socket::MsgFlags::MSG_PEEK | socket::MsgFlags::MSG_DONTWAIT;
+            match socket::recv(stream.as_raw_fd(), &mut b, flags) {
+                Ok(0) => true,
+                Ok(_) | Err(nix::errno::Errno::EAGAIN) => false,
+                Err(_) => true,
+            }
+        }
+        Err(_) => true,
+    }
+}
+
+/// A client's view of an event stream (see [`events`]).
+pub struct EventStream {
+    lines: std::io::Lines<BufReader<UnixStream>>,
+    path: PathBuf,
+}
+
+impl EventStream {
+    /// The next event; `None` when the server closed the stream.
+    pub fn next_event(&mut self) -> Result<Option<twin_api::Event>, ControlError> {
+        let Some(line) = self.lines.next() else {
+            return Ok(None);
+        };
+        let line = line.map_err(|source| ControlError::Exchange {
+            path: self.path.clone(),
+            source,
+        })?;
+        serde_json::from_str(&line)
+            .map(Some)
+            .map_err(|source| ControlError::BadResponse {
+                path: self.path.clone(),
+                source,
+            })
+    }
+}
+
+/// Asks for the events from `since` on (see [`Request::Events`]).
+pub fn events(
+    path: &Path,
+    since: u64,
+    epochs: bool,
+    follow: bool,
+) -> Result<EventStream, ControlError> {
+    let exchange = |source| ControlError::Exchange {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut conn = UnixStream::connect(path).map_err(|source| ControlError::Connect {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let mut line = serde_json::to_string(&Request::Events {
+        since,
+        epochs,
+        follow,
+    })
+    .expect("requests serialize");
+    line.push('\n');
+    conn.write_all(line.as_bytes()).map_err(exchange)?;
+    let mut lines = BufReader::new(conn).lines();
+    let head = lines
+        .next()
+        .ok_or_else(|| exchange(std::io::ErrorKind::UnexpectedEof.into()))?
+        .map_err(exchange)?;
+    match serde_json::from_str::<Response>(&head) {
+        Ok(Response::Ok(_)) => Ok(EventStream {
+            lines,
+            path: path.to_path_buf(),
+        }),
+        Ok(Response::Error(e)) => Err(exchange(std::io::Error::other(e))),
+        Err(source) => Err(ControlError::BadResponse {
+            path: path.to_path_buf(),
+            source,
+        }),
     }
 }
 
@@ -762,7 +880,7 @@ mod tests {
     #[test]
     fn request_round_trip_and_malformed_input() {
         let path = sock_path("round-trip");
-        let server = answer(serve(&path).unwrap());
+        let server = answer(serve(&path, EventLog::new()).unwrap());
         assert!(status_ok(&path));
         assert!(matches!(
             request(&path, &Request::Failover).unwrap(),
@@ -790,8 +908,8 @@ mod tests {
     #[test]
     fn a_live_socket_is_not_taken_and_a_stale_one_is_replaced() {
         let path = sock_path("in-use");
-        let server = answer(serve(&path).unwrap());
-        let e = serve(&path)
+        let server = answer(serve(&path, EventLog::new()).unwrap());
+        let e = serve(&path, EventLog::new())
             .err()
             .expect("a second server on a live socket");
         assert!(matches!(e, ControlError::InUse { .. }), "{e}");
@@ -805,13 +923,16 @@ mod tests {
 
         // A socket nobody listens on (its process died: std does not unlink on drop).
         drop(UnixListener::bind(&path).unwrap());
-        let server = answer(serve(&path).expect("a stale socket is replaced"));
+        let server = answer(serve(&path, EventLog::new()).expect("a stale socket is replaced"));
         assert!(status_ok(&path));
         stop(server);
 
         // A live listener of a server without the lock (an older twin) is not taken either.
         let other = UnixListener::bind(&path).unwrap();
-        assert!(matches!(serve(&path), Err(ControlError::InUse { .. })));
+        assert!(matches!(
+            serve(&path, EventLog::new()),
+            Err(ControlError::InUse { .. })
+        ));
         drop(other);
     }
 
@@ -819,17 +940,24 @@ mod tests {
     fn other_files_at_the_path_are_refused_and_kept() {
         let path = sock_path("not-a-socket");
         std::fs::write(&path, b"precious").unwrap();
-        let e = serve(&path).err().expect("a regular file is not a socket");
+        let e = serve(&path, EventLog::new())
+            .err()
+            .expect("a regular file is not a socket");
         assert!(matches!(e, ControlError::NotASocket { .. }), "{e}");
         assert_eq!(std::fs::read(&path).unwrap(), b"precious");
         std::fs::remove_file(&path).unwrap();
         std::fs::create_dir(&path).unwrap();
-        let e = serve(&path).err().expect("a directory is not a socket");
+        let e = serve(&path, EventLog::new())
+            .err()
+            .expect("a directory is not a socket");
         assert!(e.to_string().contains("is a directory"), "{e}");
         assert!(path.is_dir());
         std::fs::remove_dir(&path).unwrap();
         std::os::unix::fs::symlink("/nonexistent", &path).unwrap();
-        assert!(matches!(serve(&path), Err(ControlError::NotASocket { .. })));
+        assert!(matches!(
+            serve(&path, EventLog::new()),
+            Err(ControlError::NotASocket { .. })
+        ));
         assert!(
             std::fs::symlink_metadata(&path).is_ok(),
             "the symlink is kept"
@@ -839,7 +967,7 @@ mod tests {
     #[test]
     fn the_socket_is_private_and_strangers_are_refused() {
         let path = sock_path("private");
-        let server = answer(serve(&path).unwrap());
+        let server = answer(serve(&path, EventLog::new()).unwrap());
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600, "mode {mode:o}");
         // SAFETY: geteuid takes no arguments, cannot fail and touches no memory of ours.
@@ -874,7 +1002,7 @@ mod tests {
             max_line: 1024,
             ..Limits::default()
         };
-        let server = answer(serve_with(&path, limits).unwrap());
+        let server = answer(serve_with(&path, limits, EventLog::new()).unwrap());
         // Exactly at the bound: a (malformed) request, answered.
         let mut c = UnixStream::connect(&path).unwrap();
         let mut line = vec![b' '; 1024];
@@ -908,7 +1036,7 @@ mod tests {
             idle: Duration::from_millis(300),
             ..Limits::default()
         };
-        let server = answer(serve_with(&path, limits).unwrap());
+        let server = answer(serve_with(&path, limits, EventLog::new()).unwrap());
         let t = Instant::now();
         let a = UnixStream::connect(&path).unwrap();
         let b = UnixStream::connect(&path).unwrap();
@@ -960,7 +1088,7 @@ mod tests {
     #[test]
     fn dropping_the_server_ends_every_connection_at_once() {
         let path = sock_path("drop");
-        let control = serve(&path).unwrap();
+        let control = serve(&path, EventLog::new()).unwrap();
         // A request the main loop never answers, and an idle connection.
         let mut waiting = UnixStream::connect(&path).unwrap();
         waiting.write_all(b"\"Status\"\n").unwrap();

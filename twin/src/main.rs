@@ -18,6 +18,7 @@ use twin_vmm::{HostResources, NetConfig, VmConfig, VmEvent, Vmm};
 
 use crate::args::{Cidr, Mac, Size};
 use crate::control::{Control, Request, Response};
+use twin_api::{EventKind, EventLog, Role as ApiRole};
 
 #[derive(Parser)]
 #[command(
@@ -54,6 +55,24 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Write a new replication key (give the same file to the primary and its backup).
     Keygen(KeygenArgs),
+    /// Print a VM process's typed events (JSON, one per line), optionally following them.
+    Events(EventsArgs),
+}
+
+#[derive(Args)]
+struct EventsArgs {
+    /// Control socket of the process.
+    #[arg(long, default_value = "/run/twin/twin.sock")]
+    control: PathBuf,
+    /// Only events from this sequence number on.
+    #[arg(long, default_value_t = 0)]
+    since: u64,
+    /// Include the per-epoch events (checkpoint sent, epoch committed).
+    #[arg(long)]
+    epochs: bool,
+    /// Keep printing events as they happen.
+    #[arg(long, short)]
+    follow: bool,
 }
 
 /// Authentication of the replication link, shared by `protect` and `backup`.
@@ -465,14 +484,25 @@ fn status(vmm: &Vmm, session: &Session) -> serde_json::Value {
     })
 }
 
-fn handle_request(vmm: &mut Vmm, session: &mut Session, req: Request) -> Response {
+fn handle_request(
+    vmm: &mut Vmm,
+    session: &mut Session,
+    events: &EventLog,
+    req: Request,
+) -> Response {
     let r = match req {
         Request::Status => Ok(status(vmm, session)),
         Request::Snapshot {
             dir,
             incremental,
             stop,
-        } => take_snapshot(vmm, session, &dir, incremental, stop),
+        } => take_snapshot(vmm, session, &dir, incremental, stop).inspect(|v| {
+            events.emit(EventKind::SnapshotWritten {
+                dir: dir.display().to_string(),
+                pages: v["pages"].as_u64().unwrap_or(0),
+                paused_ms: v["paused_ms"].as_f64().unwrap_or(0.0),
+            });
+        }),
         Request::Resume => {
             vmm.resume_devices();
             vmm.resume();
@@ -480,6 +510,9 @@ fn handle_request(vmm: &mut Vmm, session: &mut Session, req: Request) -> Respons
         }
         Request::Failover => Err(anyhow::anyhow!(
             "this VM is not protected; failover applies to `twin backup`"
+        )),
+        Request::Events { .. } => Err(anyhow::anyhow!(
+            "events are served by the control socket itself"
         )),
     };
     match r {
@@ -490,7 +523,13 @@ fn handle_request(vmm: &mut Vmm, session: &mut Session, req: Request) -> Respons
 
 /// Runs a started VM until it powers off or a termination signal arrives, answering
 /// control requests meanwhile.
-fn serve_vm(mut vmm: Vmm, control: &Control, sigs: SigSet, role: &'static str) -> Result<ExitCode> {
+fn serve_vm(
+    mut vmm: Vmm,
+    control: &Control,
+    sigs: SigSet,
+    role: &'static str,
+    events: &EventLog,
+) -> Result<ExitCode> {
     forward_signals(sigs, vmm.event_sender())?;
     let mut session = Session {
         role,
@@ -503,11 +542,35 @@ fn serve_vm(mut vmm: Vmm, control: &Control, sigs: SigSet, role: &'static str) -
             break outcome;
         }
         while let Ok((req, reply)) = control.try_recv() {
-            let _ = reply.send(handle_request(&mut vmm, &mut session, req));
+            let _ = reply.send(handle_request(&mut vmm, &mut session, events, req));
         }
     };
     vmm.shutdown();
+    emit_stopped(events, &outcome);
     outcome
+}
+
+/// The `VmRunning` event of a started VM.
+fn emit_running(events: &EventLog, vmm: &Vmm, role: ApiRole) {
+    events.emit(EventKind::VmRunning {
+        role,
+        mem_size: vmm.memory().size(),
+        vcpus: u32::from(vmm.config().vcpus),
+    });
+}
+
+/// The `VmStopped` event for how the VM's run ended.
+fn emit_stopped(events: &EventLog, outcome: &Result<ExitCode>) {
+    events.emit(match outcome {
+        Ok(_) => EventKind::VmStopped {
+            reason: "stopped".into(),
+            code: None,
+        },
+        Err(e) => EventKind::VmStopped {
+            reason: format!("{e:#}"),
+            code: None,
+        },
+    });
 }
 
 /// Waits briefly for the VM's next event; `Some` when the VM's run is over, with the
@@ -539,11 +602,13 @@ fn next_vm_outcome(vmm: &Vmm) -> Option<Result<ExitCode>> {
 
 fn run(args: RunArgs) -> Result<ExitCode> {
     let sigs = block_termination_signals()?;
+    let events = EventLog::new();
     let mut vmm = Vmm::new(args.vm.to_config(&args.host)?).context("cannot start the VM")?;
-    let control = control::serve(&args.host.control)?;
+    let control = control::serve(&args.host.control, events.clone())?;
     vmm.start().context("cannot start the VM")?;
     tracing::info!(mem = args.vm.mem.0, vcpus = args.vm.vcpus, tap = %args.host.tap, "VM running");
-    serve_vm(vmm, &control, sigs, "standalone")
+    emit_running(&events, &vmm, ApiRole::Standalone);
+    serve_vm(vmm, &control, sigs, "standalone", &events)
 }
 
 fn restore(args: RestoreArgs) -> Result<ExitCode> {
@@ -561,14 +626,16 @@ fn restore(args: RestoreArgs) -> Result<ExitCode> {
         console: args.host.console()?,
     };
     let mut vmm = Vmm::restore(&state, memory, host).context("cannot rebuild the VM")?;
-    let control = control::serve(&args.host.control)?;
+    let events = EventLog::new();
+    let control = control::serve(&args.host.control, events.clone())?;
     if args.paused {
         vmm.start_paused().context("cannot start the VM")?;
     } else {
         vmm.start().context("cannot start the VM")?;
     }
     tracing::info!(pages, paused = args.paused, elapsed_ms = t0.elapsed().as_millis() as u64, dir = %args.dir.display(), "VM restored and running");
-    serve_vm(vmm, &control, sigs, "standalone")
+    emit_running(&events, &vmm, ApiRole::Standalone);
+    serve_vm(vmm, &control, sigs, "standalone", &events)
 }
 
 fn protect(args: ProtectArgs) -> Result<ExitCode> {
@@ -587,11 +654,12 @@ fn protect(args: ProtectArgs) -> Result<ExitCode> {
     let release = netbuf
         .spawn_release_thread("net-release", move |frame| tap.write_vnet(frame))
         .context("spawning the output release thread")?;
-    let control = control::serve(&args.host.control)?;
+    let events = EventLog::new();
+    let control = control::serve(&args.host.control, events.clone())?;
     let mut vmm = vmm;
     vmm.start().context("cannot start the VM")?;
-    let events = vmm.event_sender();
-    forward_signals(sigs, events)?;
+    forward_signals(sigs, vmm.event_sender())?;
+    emit_running(&events, &vmm, ApiRole::Primary);
     let vmm = std::sync::Arc::new(vmm);
     // A stable identity for this VM's replication sessions.
     let vm_id = twin_wire::VmId(*uuid_like(&args.vm.mac.0));
@@ -608,8 +676,8 @@ fn protect(args: ProtectArgs) -> Result<ExitCode> {
         vm_id,
         link,
     };
-    let primary =
-        Primary::start(vmm.clone(), netbuf.clone(), cfg).context("starting replication")?;
+    let primary = Primary::start(vmm.clone(), netbuf.clone(), cfg, events.clone())
+        .context("starting replication")?;
     tracing::info!(backup = %args.backup, interval_ms = args.interval.0.as_millis() as u64, "VM running, protecting");
     let outcome = loop {
         if let Some(outcome) = next_vm_outcome(&vmm) {
@@ -630,6 +698,9 @@ fn protect(args: ProtectArgs) -> Result<ExitCode> {
                 Request::Failover => Response::Error(
                     "failover is requested from the backup (`twin failover`)".into(),
                 ),
+                Request::Events { .. } => {
+                    Response::Error("events are served by the control socket itself".into())
+                }
             };
             let _ = reply.send(resp);
         }
@@ -655,6 +726,7 @@ fn protect(args: ProtectArgs) -> Result<ExitCode> {
     if let Ok(mut vmm) = std::sync::Arc::try_unwrap(vmm) {
         vmm.shutdown();
     }
+    emit_stopped(&events, &outcome);
     outcome
 }
 
@@ -676,17 +748,19 @@ fn backup(args: BackupArgs) -> Result<ExitCode> {
     use twin_backup::{Backup, BackupConfig, BackupRequest, Outcome};
 
     let sigs = block_termination_signals()?;
+    let events = EventLog::new();
     let cfg = BackupConfig {
         listen: args.listen,
         tap: args.tap.clone(),
         heartbeat_timeout: args.heartbeat_timeout.0,
         heartbeat_interval: twin_link::HEARTBEAT_INTERVAL,
         link: args.auth.link()?,
+        events: events.clone(),
     };
     // The TAP and the port first: a backup that cannot serve must not claim the control
     // socket (and a second one must never take a running backup's).
     let backup = Backup::bind(cfg)?;
-    let control = control::serve(&args.control)?;
+    let control = control::serve(&args.control, events.clone())?;
     let stop = Arc::new(AtomicBool::new(false));
     let (tx, rx) = std::sync::mpsc::channel::<BackupRequest>();
     let console_path = args.console.clone();
@@ -748,7 +822,8 @@ fn backup(args: BackupArgs) -> Result<ExitCode> {
                 "FAILOVER {}",
                 serde_json::to_string(&report).unwrap_or_default()
             );
-            serve_vm(vmm, &control, pending, "primary (took over)")
+            emit_running(&events, &vmm, ApiRole::TookOver);
+            serve_vm(vmm, &control, pending, "primary (took over)", &events)
         }
         Err(twin_backup::BackupError::Stopped) => Ok(ExitCode::SUCCESS),
         Err(e) => Err(e.into()),
@@ -773,6 +848,20 @@ fn pending_signal(set: &SigSet) -> nix::Result<Option<Signal>> {
     Ok(Signal::try_from(r).ok())
 }
 
+/// `twin events`: the process's events as JSON lines on stdout.
+fn print_events(a: &EventsArgs) -> Result<ExitCode> {
+    use std::io::Write as _;
+    let mut stream = control::events(&a.control, a.since, a.epochs, a.follow)?;
+    let mut out = std::io::stdout().lock();
+    while let Some(e) = stream.next_event()? {
+        let line = serde_json::to_string(&e).context("encoding an event")?;
+        if writeln!(out, "{line}").and_then(|()| out.flush()).is_err() {
+            break;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn client(path: &Path, req: Request) -> Result<serde_json::Value> {
     match control::request(path, &req)? {
         Response::Ok(v) => Ok(v),
@@ -794,6 +883,7 @@ fn main() -> ExitCode {
         Command::Demo(args) => demo::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Backup(args) => backup(args),
+        Command::Events(a) => print_events(&a),
         Command::Keygen(a) => twin_link::Key::generate()
             .and_then(|k| k.write_new(&a.file))
             .map(|()| {
