@@ -1,13 +1,15 @@
 //! What programs read from a Twin process, instead of its log lines: typed lifecycle
-//! [`events`] (a log with a sequence number, streamed on the control socket), and the
-//! control socket's [`Request`] / [`Response`].
+//! [`events`] (a log with a sequence number, streamed on the control socket), typed
+//! [`status`] of each kind of process, and the control socket's [`Request`] / [`Response`].
 //!
 //! The log lines stay for humans; they may change wording at any time. These types are the
 //! interface: tests, `twin bench`, `twin demo` and monitoring scripts consume them.
 
 pub mod events;
+pub mod status;
 
 pub use events::{Decision, Event, EventKind, EventLog, FailoverReport, Role, Subscription};
+pub use status::{BackupState, BackupStatus, LossPolicy, Mode, PrimaryStatus, VmStatus};
 
 use std::path::PathBuf;
 

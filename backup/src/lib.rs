@@ -30,7 +30,6 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
 use tracing::{debug, info, warn};
 use twin_api::{EventKind, EventLog};
 use twin_link::{FrameReader, FrameWriter, Heartbeats, LinkConfig, RecvError};
@@ -87,60 +86,7 @@ pub enum BackupError {
     Stopped,
 }
 
-/// Where the backup is, for `twin status`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum BackupState {
-    /// No session and no failover image.
-    Waiting,
-    /// A session was admitted; its VM description comes next.
-    Describing,
-    Syncing,
-    /// Synced, no epoch committed yet.
-    Synced,
-    /// Committed epochs: a failover image.
-    Replicating,
-    /// A replica that is not a failover image, pinned to its VM until it resynchronises.
-    Detached,
-    /// A committed replica whose primary was lost right after this backup stalled.
-    Grace,
-    TakingOver,
-}
-
-/// The session being served.
-#[derive(Clone, Debug, Serialize)]
-pub struct SessionStatus {
-    pub peer: String,
-    pub vm: String,
-    pub generation: u64,
-    pub authenticated: bool,
-    pub encrypted: bool,
-}
-
-/// `twin status` of a backup.
-#[derive(Clone, Debug, Serialize)]
-pub struct BackupStatus {
-    pub role: &'static str,
-    pub state: BackupState,
-    pub listen: String,
-    /// Whether this backup requires authenticated primaries (`--key-file`).
-    pub requires_key: bool,
-    pub session: Option<SessionStatus>,
-    /// The VM this backup is pinned to.
-    pub pinned_vm: Option<String>,
-    pub sessions: u64,
-    /// Primaries refused after their `Hello` (another VM, an old generation, busy).
-    pub refused: u64,
-    pub committed_epoch: Option<u64>,
-    pub epochs_applied: u64,
-    pub epochs_rejected: u64,
-    pub last_apply_us: f64,
-    pub apply_us_max: f64,
-    pub bytes_received: u64,
-    pub mem_size: Option<u64>,
-    pub last_error: Option<String>,
-}
-
+pub use twin_api::status::{BackupState, BackupStatus, SessionStatus};
 pub use twin_api::FailoverReport;
 
 /// What the backup did.
@@ -296,7 +242,7 @@ impl Backup {
 
     fn status(&self) -> BackupStatus {
         BackupStatus {
-            role: "backup",
+            role: "backup".into(),
             state: self.state,
             listen: self.cfg.listen.to_string(),
             requires_key: self.cfg.link.key.is_some(),

@@ -27,7 +27,7 @@
 pub mod mode;
 pub mod stats;
 
-pub use mode::{Mode, ModeEvent};
+pub use mode::{Mode, ModeEvent, Transition};
 
 /// How long a primary waits before asking again a backup that refused its protocol version.
 const VERSION_RETRY: Duration = Duration::from_secs(60);
@@ -70,15 +70,8 @@ use twin_wire::{
 
 use crate::stats::Samples;
 
-/// What to do with held output when the backup is lost.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum LossPolicy {
-    /// Release held output and keep running unprotected (availability first).
-    Release,
-    /// Keep holding output until a backup returns (no unprotected output ever).
-    Hold,
-}
+/// What to do with held output when the backup is lost (the control API's type).
+pub use twin_api::LossPolicy;
 
 /// How the primary protects its VM.
 #[derive(Clone, Debug)]
@@ -211,7 +204,7 @@ struct Status {
     recent: VecDeque<Instant>,
     /// Send time of epochs awaiting their ack.
     in_flight: BTreeMap<u64, Instant>,
-    last_sync: Option<serde_json::Value>,
+    last_sync: Option<twin_api::status::SyncSummary>,
     last_error: Option<String>,
     protected_since: Option<Instant>,
 }
@@ -343,9 +336,11 @@ impl Primary {
     }
 
     /// Status for `twin status`.
-    pub fn status_json(&self) -> serde_json::Value {
+    pub fn status(&self) -> twin_api::PrimaryStatus {
+        use twin_api::status::{Counts, HeldOutput, PauseSplit, Quantiles, ReleaseLatency};
         let st = self.shared.status();
         let nb = self.shared.netbuf.stats();
+        let cfg = &self.shared.cfg;
         let rate = match (st.recent.front(), st.recent.back()) {
             (Some(a), Some(b)) if st.recent.len() > 1 => {
                 (st.recent.len() - 1) as f64 / b.duration_since(*a).as_secs_f64().max(1e-9)
@@ -353,49 +348,60 @@ impl Primary {
             _ => 0.0,
         };
         let us = |ns: u64| ns as f64 / 1e3;
-        serde_json::json!({
-            "role": "primary",
-            "mode": st.mode,
-            "backup": self.shared.cfg.backup,
-            "authenticated": self.shared.cfg.link.key.is_some(),
-            "encrypted": self.shared.cfg.link.encrypt,
-            "interval_ms": self.shared.cfg.interval.as_secs_f64() * 1e3,
-            "on_backup_loss": self.shared.cfg.on_backup_loss,
-            "sessions": st.sessions,
-            "epoch": st.epoch,
-            "acked_epoch": st.acked,
-            "backup_lag_epochs": st.acked.map(|a| st.epoch.saturating_sub(a)).unwrap_or(st.epoch),
-            "checkpoints": st.checkpoints,
-            "eager_checkpoints": st.eager,
-            "eager_gap_ms": self.shared.cfg.eager_gap.map(|g| g.as_secs_f64() * 1e3),
-            "checkpoint_rate_hz": rate,
-            "stretched_epochs": st.stretched,
-            "pause_us": {"median": us(st.pause_ns.median()), "p99": us(st.pause_ns.p99())},
-            "pause_split_us_median": {
-                "stop_vcpus": us(st.stop_ns.median()),
-                "capture_state": us(st.state_ns.median()),
-                "harvest_dirty": us(st.harvest_ns.median()),
-                "copy_pages": us(st.copy_ns.median()),
+        let q_us = |s: &Samples| Quantiles {
+            median: us(s.median()),
+            p99: us(s.p99()),
+        };
+        let q = |s: &Samples| Counts {
+            median: s.median(),
+            p99: s.p99(),
+        };
+        twin_api::PrimaryStatus {
+            role: "primary".into(),
+            mode: st.mode,
+            backup: cfg.backup.clone(),
+            authenticated: cfg.link.key.is_some(),
+            encrypted: cfg.link.encrypt,
+            interval_ms: cfg.interval.as_secs_f64() * 1e3,
+            on_backup_loss: cfg.on_backup_loss,
+            sessions: st.sessions,
+            epoch: st.epoch,
+            acked_epoch: st.acked,
+            backup_lag_epochs: st
+                .acked
+                .map(|a| st.epoch.saturating_sub(a))
+                .unwrap_or(st.epoch),
+            checkpoints: st.checkpoints,
+            eager_checkpoints: st.eager,
+            eager_gap_ms: cfg.eager_gap.map(|g| g.as_secs_f64() * 1e3),
+            checkpoint_rate_hz: rate,
+            stretched_epochs: st.stretched,
+            pause_us: q_us(&st.pause_ns),
+            pause_split_us_median: PauseSplit {
+                stop_vcpus: us(st.stop_ns.median()),
+                capture_state: us(st.state_ns.median()),
+                harvest_dirty: us(st.harvest_ns.median()),
+                copy_pages: us(st.copy_ns.median()),
             },
-            "epoch_bytes": {"median": st.epoch_bytes.median(), "p99": st.epoch_bytes.p99()},
-            "dirty_pages": {"median": st.dirty_pages.median(), "p99": st.dirty_pages.p99()},
-            "ack_latency_us": {"median": us(st.ack_ns.median()), "p99": us(st.ack_ns.p99())},
-            "held_output": {
-                "frames": nb.held_frames,
-                "bytes": nb.held_bytes,
-                "mode": format!("{:?}", nb.mode),
-                "released_frames": nb.released_frames,
-                "dropped_frames": nb.dropped_overflow_frames,
-                "release_latency_us": {
-                    "median": nb.latency.p50.map(|d| d.as_secs_f64() * 1e6),
-                    "p99": nb.latency.p99.map(|d| d.as_secs_f64() * 1e6),
-                    "max": nb.latency.max.as_secs_f64() * 1e6,
+            epoch_bytes: q(&st.epoch_bytes),
+            dirty_pages: q(&st.dirty_pages),
+            ack_latency_us: q_us(&st.ack_ns),
+            held_output: HeldOutput {
+                frames: nb.held_frames,
+                bytes: nb.held_bytes,
+                mode: format!("{:?}", nb.mode),
+                released_frames: nb.released_frames,
+                dropped_frames: nb.dropped_overflow_frames,
+                release_latency_us: ReleaseLatency {
+                    median: nb.latency.p50.map(|d| d.as_secs_f64() * 1e6),
+                    p99: nb.latency.p99.map(|d| d.as_secs_f64() * 1e6),
+                    max: nb.latency.max.as_secs_f64() * 1e6,
                 },
             },
-            "last_sync": st.last_sync,
-            "last_error": st.last_error,
-            "protected_for_s": st.protected_since.map(|t| t.elapsed().as_secs_f64()),
-        })
+            last_sync: st.last_sync.clone(),
+            last_error: st.last_error.clone(),
+            protected_for_s: st.protected_since.map(|t| t.elapsed().as_secs_f64()),
+        }
     }
 }
 
@@ -733,9 +739,12 @@ fn initial_sync(s: &Shared, writer: &FrameWriter) -> Result<(), SessionError> {
         zero_pages: zero.len() as u64,
         ms,
     });
-    s.status().last_sync = Some(serde_json::json!({
-        "pages": full_pages, "zero_pages": zero.len(), "dirty_rounds": rounds, "ms": ms,
-    }));
+    s.status().last_sync = Some(twin_api::status::SyncSummary {
+        pages: full_pages,
+        zero_pages: zero.len() as u64,
+        dirty_rounds: rounds,
+        ms,
+    });
     Ok(())
 }
 

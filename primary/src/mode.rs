@@ -2,26 +2,8 @@
 
 use crate::LossPolicy;
 
-/// The primary's mode, shown by `twin status`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Mode {
-    /// Looking for its first backup (output held as epoch 1 meanwhile).
-    Connecting,
-    /// Initial sync to a backup.
-    Syncing,
-    /// A backup acknowledged a checkpoint of this session: output flows as it commits.
-    Protected,
-    /// The backup is lost and output flows unprotected (`--on-backup-loss release`).
-    Unprotected,
-    /// The backup is lost and output is held until one returns (`--on-backup-loss hold`).
-    HoldingOutput,
-    /// The backup took over: this primary discarded its unacknowledged output and must stop
-    /// its VM. Final.
-    Fenced,
-    /// Replication ended. Final.
-    Stopped,
-}
+/// The primary's mode, shown by `twin status` (the type is the control API's).
+pub use twin_api::Mode;
 
 /// What happens to the primary.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -40,9 +22,13 @@ pub enum ModeEvent {
     Stopped,
 }
 
-impl Mode {
-    /// The one transition function.
-    pub fn next(self, event: ModeEvent) -> Mode {
+/// The one transition function of [`Mode`].
+pub trait Transition {
+    fn next(self, event: ModeEvent) -> Mode;
+}
+
+impl Transition for Mode {
+    fn next(self, event: ModeEvent) -> Mode {
         use Mode::*;
         match (self, event) {
             (Fenced, _) => Fenced,

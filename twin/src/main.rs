@@ -472,16 +472,16 @@ fn take_snapshot(
     }))
 }
 
-fn status(vmm: &Vmm, session: &Session) -> serde_json::Value {
-    serde_json::json!({
-        "role": session.role,
-        "pid": std::process::id(),
-        "vm": if vmm.is_paused() { "paused" } else { "running" },
-        "mem_size": vmm.memory().size(),
-        "vcpus": vmm.config().vcpus,
-        "uptime_s": session.started.elapsed().as_secs_f64(),
-        "snapshots": session.snapshots,
-    })
+fn status(vmm: &Vmm, session: &Session) -> twin_api::VmStatus {
+    twin_api::VmStatus {
+        role: session.role.into(),
+        pid: std::process::id(),
+        vm: if vmm.is_paused() { "paused" } else { "running" }.into(),
+        mem_size: vmm.memory().size(),
+        vcpus: u32::from(vmm.config().vcpus),
+        uptime_s: session.started.elapsed().as_secs_f64(),
+        snapshots: session.snapshots,
+    }
 }
 
 fn handle_request(
@@ -491,7 +491,7 @@ fn handle_request(
     req: Request,
 ) -> Response {
     let r = match req {
-        Request::Status => Ok(status(vmm, session)),
+        Request::Status => serde_json::to_value(status(vmm, session)).map_err(Into::into),
         Request::Snapshot {
             dir,
             incremental,
@@ -690,7 +690,9 @@ fn protect(args: ProtectArgs) -> Result<ExitCode> {
         }
         while let Ok((req, reply)) = control.try_recv() {
             let resp = match req {
-                Request::Status => Response::Ok(primary.status_json()),
+                Request::Status => Response::Ok(
+                    serde_json::to_value(primary.status()).unwrap_or_default(),
+                ),
                 Request::Resume => Response::Error("a protected VM cannot be paused".into()),
                 Request::Snapshot { .. } => {
                     Response::Error("snapshots of a protected VM are taken by its backup".into())
