@@ -299,9 +299,14 @@ twin_fault_msg_end:
 /// interrupt counter the caller last looked at) — this closes the lost-wakeup window.
 #[inline(always)]
 pub fn halt(seen: u64) {
-    // SAFETY: `ud2` with the magic in RAX is the guest's halt call: the CPL-0 #UD handler
-    // skips the instruction and returns with all registers and flags preserved. It acts
-    // as a compiler barrier (memory may change: interrupt counters).
+    // SAFETY: `ud2` with RAX = HALT_MAGIC is the halt call of the boot contract. The #UD
+    // is taken from CPL 3, so the CPU switches to the TSS's RSP0 stack (0x10000) before
+    // pushing its frame: nothing is written below our RSP, the red zone included
+    // (`nostack` holds). `twin_ud_handler` only compares RAX and RDI (inputs, unchanged),
+    // adds 2 to the saved RIP to skip the 2-byte `ud2`, and `iretq` restores RFLAGS from
+    // the frame, so no register or flag changes (`preserves_flags`). The interrupt
+    // handlers that run while it halts write only TWIN_IRQ_COUNTS (atomics); the block is
+    // not `nomem`, so the compiler reloads memory after it.
     unsafe {
         asm!("ud2", in("rax") HALT_MAGIC, in("rdi") seen, options(nostack, preserves_flags));
     }
@@ -312,7 +317,9 @@ pub fn halt(seen: u64) {
 pub fn rdtsc() -> u64 {
     let lo: u32;
     let hi: u32;
-    // SAFETY: rdtsc has no side effects and works at CPL 3 (CR4.TSD is clear).
+    // SAFETY: `rdtsc` writes only EDX:EAX (the declared outputs), touches no memory, stack
+    // or flags, and is allowed at CPL 3 because the VMM leaves CR4.TSD clear (boot
+    // contract: CR4 = PAE|OSFXSR|OSXMMEXCPT).
     unsafe {
         asm!("rdtsc", out("eax") lo, out("edx") hi, options(nomem, nostack, preserves_flags))
     };
@@ -322,8 +329,13 @@ pub fn rdtsc() -> u64 {
 /// Write a byte to an I/O port.
 #[inline(always)]
 pub fn outb(port: u16, value: u8) {
-    // SAFETY: port I/O at CPL 3 is allowed by the TSS I/O bitmap; the ports the guest uses
-    // (COM1, PIC, PCI conf1, power-off) have no memory-safety effects.
+    // SAFETY: `out dx, al` reads only DX and AL and leaves flags and stack alone. At CPL 3
+    // it is allowed by the all-zero TSS I/O permission bitmap the VMM provides (were it
+    // refused, the #GP would reach the fault path and power off, not corrupt anything).
+    // No port device of this VM reads or writes guest memory (COM1, the in-kernel PIC and
+    // PIT, PCI conf1, the power-off port 0x501; there is no ISA DMA), so `nomem` is true.
+    // A PCI configuration write may enable bus mastering, but the device then accesses
+    // only the memory `virtio.rs` hands it through its virtqueues.
     unsafe {
         asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack, preserves_flags))
     };
@@ -333,7 +345,9 @@ pub fn outb(port: u16, value: u8) {
 #[inline(always)]
 pub fn inb(port: u16) -> u8 {
     let v: u8;
-    // SAFETY: see `outb`.
+    // SAFETY: `in al, dx` writes only AL (the declared output), no flags or stack; CPL-3
+    // port reads are allowed by the TSS I/O bitmap, and no port device of this VM touches
+    // guest memory on a read (COM1, PIC, PCI conf1), so `nomem` is true.
     unsafe {
         asm!("in al, dx", in("dx") port, out("al") v, options(nomem, nostack, preserves_flags))
     };
@@ -343,7 +357,9 @@ pub fn inb(port: u16) -> u8 {
 /// Write a dword to an I/O port.
 #[inline(always)]
 pub fn outl(port: u16, value: u32) {
-    // SAFETY: see `outb`.
+    // SAFETY: `out dx, eax` reads only DX and EAX, no flags or stack; allowed at CPL 3 by
+    // the TSS I/O bitmap. As for `outb`, no port device of this VM accesses guest memory
+    // (PCI conf1 at 0xCF8/0xCFC, used here, included), so `nomem` is true.
     unsafe {
         asm!("out dx, eax", in("dx") port, in("eax") value, options(nomem, nostack, preserves_flags))
     };
@@ -353,7 +369,9 @@ pub fn outl(port: u16, value: u32) {
 #[inline(always)]
 pub fn inl(port: u16) -> u32 {
     let v: u32;
-    // SAFETY: see `outb`.
+    // SAFETY: `in eax, dx` writes only EAX, no flags or stack; allowed at CPL 3 by the TSS
+    // I/O bitmap. No port device of this VM touches guest memory on a read (PCI conf1 at
+    // 0xCFC, used here, included), so `nomem` is true.
     unsafe {
         asm!("in eax, dx", in("dx") port, out("eax") v, options(nomem, nostack, preserves_flags))
     };

@@ -27,16 +27,22 @@ pub const MAGIC: [u8; 8] = *b"TWINBOOT";
 pub const VERSION: u32 = 1;
 
 impl BootInfo {
-    /// Validate the structure at `ptr`. Returns a description of the first problem.
+    /// Validate the structure at `ptr` (RDI at entry). Returns a description of the first
+    /// problem. A `ptr` other than [`BOOT_INFO_ADDR`] is refused without being read.
     ///
     /// # Safety
-    /// `ptr` must point to readable memory of `size_of::<BootInfo>()` bytes that nothing
-    /// writes for the guest's life.
+    /// The `size_of::<BootInfo>()` bytes at [`BOOT_INFO_ADDR`] must be readable and
+    /// nothing may write them for the rest of the guest's life (the boot contract).
     pub unsafe fn from_ptr(ptr: *const BootInfo) -> Result<&'static BootInfo, &'static str> {
         if ptr.is_null() || ptr as u64 != BOOT_INFO_ADDR {
             return Err("RDI does not point to BootInfo at 0x6000");
         }
-        // SAFETY: forwarded from the caller.
+        // SAFETY: `ptr` is BOOT_INFO_ADDR (checked above), whose bytes the caller guarantees
+        // are readable and never written again, so a `&'static` to them is sound. 0x6000 is
+        // aligned for BootInfo (8), and every field is an integer or a byte array, so any
+        // bytes the VMM wrote there are a valid BootInfo (the checks below judge them). No
+        // Rust object overlaps [0x6000, 0x6430): the image starts at 0x100000 and the CPL-0
+        // stack is [0x8000, 0x10000).
         let b = unsafe { &*ptr };
         if b.magic != MAGIC {
             return Err("bad BootInfo magic (expected \"TWINBOOT\")");

@@ -57,7 +57,9 @@ extern "C" fn twin_main(boot: *const BootInfo) -> ! {
     let tsc0 = rdtsc();
     apic::quiet_legacy_interrupts();
 
-    // SAFETY: the boot contract puts BootInfo at 0x6000; the VMM does not change it.
+    // SAFETY: the boot contract: the VMM writes BootInfo at 0x6000 before entry and never
+    // again, and the page tables map it readable at CPL 3 (`from_ptr` refuses any other
+    // address).
     let boot = match unsafe { BootInfo::from_ptr(boot) } {
         Ok(b) => b,
         Err(why) => fail(EXIT_CONFIG, format_args!("{why}")),
@@ -88,7 +90,12 @@ extern "C" fn twin_main(boot: *const BootInfo) -> ! {
     let image_end = core::ptr::addr_of!(__image_end) as u64;
     let ram_top = boot.mem_size.min(MMIO_START) & !(args::PAGE - 1);
     let seq_table = args.wss_bytes / args::PAGE * 8;
-    let need = image_end + MIN_HEAP + seq_table + args.wss_bytes;
+    // Saturating: `wss` comes from the command line and may be close to 2^64; a sum that
+    // wrapped would pass the check below and hand the allocator memory that does not exist.
+    let need = image_end
+        .saturating_add(MIN_HEAP)
+        .saturating_add(seq_table)
+        .saturating_add(args.wss_bytes);
     if need > ram_top {
         fail(
             EXIT_CONFIG,
@@ -105,8 +112,11 @@ extern "C" fn twin_main(boot: *const BootInfo) -> ! {
         );
     }
     let wss_base = ram_top - args.wss_bytes;
-    // SAFETY: [image_end, wss_base) is RAM used by nothing else: above the image and
-    // below the working set (the VMM's structures are all below 0x100000).
+    // SAFETY: [image_end, wss_base) is RAM: the check above makes image_end + MIN_HEAP <=
+    // wss_base <= ram_top <= mem_size, below the MMIO hole. Nothing else uses it: the
+    // image (the CPL-3 stack is in its bss) ends at image_end, the VMM's structures and
+    // the CPL-0 stack are below 0x100000, and the working set starts at wss_base. This is
+    // the only call (twin_main runs once), and nothing has been allocated yet.
     unsafe { mem::init_heap(image_end as usize, (wss_base - image_end) as usize) };
 
     let mut clock = time::Clock::new(tsc0, boot.tsc_khz);
@@ -117,7 +127,9 @@ extern "C" fn twin_main(boot: *const BootInfo) -> ! {
         mib(wss_base - image_end)
     );
 
-    // SAFETY: [wss_base, ram_top) is page-aligned RAM used by nothing else.
+    // SAFETY: [wss_base, ram_top) is RAM (see above), page-aligned (ram_top is rounded
+    // down to a page, wss_bytes is a multiple of one), disjoint from the heap, and nothing
+    // but the workload refers to it.
     let workload = unsafe {
         workload::Workload::new(
             wss_base as usize,

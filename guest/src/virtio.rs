@@ -70,30 +70,68 @@ const MAX_QUEUE_SIZE: u16 = 256;
 /// Why the device could not be brought up.
 pub type InitError = &'static str;
 
+/// End of the PCI MMIO window: the IOAPIC follows at 0xFEC0_0000 (boot contract). The
+/// window starts at [`crate::MMIO_START`], where RAM ends.
+const PCI_MMIO_END: usize = 0xFEC0_0000;
+
+/// The widths of device register accesses. Every bit pattern is a valid value of each, so
+/// a volatile read of device memory yields a valid one. Private: no other type can be used.
+trait RegWidth: Copy {}
+impl RegWidth for u8 {}
+impl RegWidth for u16 {}
+impl RegWidth for u32 {}
+
+/// `addr` as a pointer to a device register of type `T`, once checked to be one: inside
+/// the PCI MMIO window, where the VMM assigns BARs, and aligned for `T`. Register addresses
+/// are built from what the device reports (capability offsets, the MSI-X table offset,
+/// notify multipliers), so a bad one is a device bug, and it stops the guest with a panic
+/// instead of becoming an access to guest RAM.
+fn reg<T: RegWidth>(addr: usize) -> *mut T {
+    assert!(
+        addr >= crate::MMIO_START as usize
+            && addr <= PCI_MMIO_END - core::mem::size_of::<T>()
+            && addr & (core::mem::align_of::<T>() - 1) == 0,
+        "virtio register address {addr:#x} is outside the PCI MMIO window or misaligned"
+    );
+    addr as *mut T
+}
+
+fn mmio_read<T: RegWidth>(addr: usize) -> T {
+    let p = reg::<T>(addr);
+    // SAFETY: `reg` checked that `p` is aligned for T and inside the PCI MMIO window
+    // [0xC000_0000, 0xFEC0_0000), which the boot contract keeps free of RAM (the guest's
+    // RAM ends at or below 0xC000_0000) and maps identity, user-accessible and uncached.
+    // So the read goes to the device's BAR (or, unbacked, exits to the VMM, which
+    // ignores it) and cannot observe or disturb any Rust object; T accepts any value.
+    unsafe { p.read_volatile() }
+}
+
+fn mmio_write<T: RegWidth>(addr: usize, v: T) {
+    let p = reg::<T>(addr);
+    // SAFETY: as in `mmio_read`, `p` is an aligned address in the PCI MMIO window, not
+    // RAM, so the store itself cannot touch any Rust object. Its effect on the device can
+    // make the device access guest memory (queue addresses, DRIVER_OK, notifications),
+    // but only the memory given to it through the virtqueues: see `Virtq`.
+    unsafe { p.write_volatile(v) }
+}
+
 fn mmio_read8(addr: usize) -> u8 {
-    // SAFETY: `addr` is inside a BAR region of the virtio device (identity-mapped MMIO,
-    // uncached); reads have no memory-safety effects.
-    unsafe { (addr as *const u8).read_volatile() }
+    mmio_read(addr)
 }
 fn mmio_write8(addr: usize, v: u8) {
-    // SAFETY: see `mmio_read8`.
-    unsafe { (addr as *mut u8).write_volatile(v) }
+    mmio_write(addr, v);
 }
 fn mmio_read16(addr: usize) -> u16 {
-    // SAFETY: see `mmio_read8`.
-    unsafe { (addr as *const u16).read_volatile() }
+    mmio_read(addr)
 }
 fn mmio_write16(addr: usize, v: u16) {
-    // SAFETY: see `mmio_read8`.
-    unsafe { (addr as *mut u16).write_volatile(v) }
+    mmio_write(addr, v);
 }
 fn mmio_read32(addr: usize) -> u32 {
-    // SAFETY: see `mmio_read8`.
-    unsafe { (addr as *const u32).read_volatile() }
+    mmio_read(addr)
 }
 fn mmio_write32(addr: usize, v: u32) {
-    // SAFETY: see `mmio_read8`.
-    unsafe { (addr as *mut u32).write_volatile(v) }
+    mmio_write(addr, v);
 }
 /// 64-bit register written as two 32-bit halves, low first (as Linux does).
 fn mmio_write64(addr: usize, v: u64) {
@@ -101,10 +139,12 @@ fn mmio_write64(addr: usize, v: u64) {
     mmio_write32(addr + 4, (v >> 32) as u32);
 }
 
-/// Allocate zeroed, page-aligned memory that lives for the rest of the guest's life.
+/// Allocate zeroed, page-aligned memory that lives for the rest of the guest's life (it is
+/// never freed: the device may access it until the VM stops).
 fn alloc_pages(bytes: usize) -> Result<usize, InitError> {
     let layout = Layout::from_size_align(bytes.max(1), 4096).map_err(|_| "bad layout")?;
-    // SAFETY: the layout has a non-zero size.
+    // SAFETY: `alloc_zeroed` requires a layout of non-zero size: `bytes.max(1)` is at
+    // least 1, and `from_size_align` checked the rest. A null result is handled below.
     let p = unsafe { alloc_zeroed(layout) };
     if p.is_null() {
         return Err("out of memory for virtqueues");
@@ -112,7 +152,16 @@ fn alloc_pages(bytes: usize) -> Result<usize, InitError> {
     Ok(p as usize)
 }
 
-/// A split virtqueue as the driver sees it.
+/// A split virtqueue as the driver sees it (virtio 1.2, 2.7 "Split Virtqueues").
+///
+/// The descriptor table (16 bytes per descriptor), the avail ring (`flags`, `idx`,
+/// `ring[size]` of u16, `used_event`: 6 + 2 × size bytes) and the used ring (`flags`,
+/// `idx`, `ring[size]` of (u32 id, u32 len), `avail_event`: 6 + 8 × size bytes) are
+/// page-aligned allocations from [`alloc_pages`], never freed, that the device reads and
+/// writes by DMA while the VM runs. The driver touches them only with volatile accesses
+/// through raw pointers, never through references, so the device's writes cannot change
+/// memory under a Rust borrow. The device accesses packet buffers only through
+/// descriptors whose ids are posted in the avail ring, and returns them in the used ring.
 struct Virtq {
     size: u16,
     desc: usize,
@@ -144,9 +193,21 @@ impl Virtq {
         })
     }
 
-    fn set_desc(&mut self, id: u16, addr: u64, len: u32, flags: u16) {
+    /// Point descriptor `id` at a buffer (length `len`, flags `flags`).
+    ///
+    /// # Safety
+    /// `[addr, addr + BUF_LEN)` must be a buffer that belongs to this queue for the rest of
+    /// the guest's life, and that Rust code does not reference while descriptor `id` is
+    /// posted: the device then reads up to `len` bytes of it, or writes them with
+    /// [`VIRTQ_DESC_F_WRITE`].
+    unsafe fn set_desc(&mut self, id: u16, addr: u64, len: u32, flags: u16) {
+        assert!(id < self.size && len as usize <= BUF_LEN);
         let d = self.desc + 16 * usize::from(id);
-        // SAFETY: id < size; the descriptor table is ours (page-aligned heap allocation).
+        // SAFETY: id < size (asserted), so [d, d + 16) is descriptor `id` inside the
+        // 16 × size-byte table; the table is page-aligned, so d is 16-aligned and each
+        // field (u64 addr, u32 len, u16 flags, u16 next) aligned for its type. Only volatile
+        // raw accesses reach the table (see `Virtq`), and `&mut self` makes this the only
+        // writer on the driver's side.
         unsafe {
             (d as *mut u64).write_volatile(addr);
             ((d + 8) as *mut u32).write_volatile(len);
@@ -155,16 +216,23 @@ impl Virtq {
         }
     }
 
+    /// Set the length of descriptor `id`, whose buffer `set_desc` gave (at most BUF_LEN).
     fn set_desc_len(&mut self, id: u16, len: u32) {
+        assert!(id < self.size && len as usize <= BUF_LEN);
         let d = self.desc + 16 * usize::from(id);
-        // SAFETY: as in `set_desc`.
+        // SAFETY: id < size (asserted), so d + 8 is the u32 `len` field of descriptor `id`,
+        // 8-aligned inside the page-aligned 16 × size-byte table; volatile raw write, no
+        // reference (see `Virtq`). With len <= BUF_LEN the device stays inside the buffer
+        // `set_desc`'s caller vouched for.
         unsafe { ((d + 8) as *mut u32).write_volatile(len) };
     }
 
     /// Put descriptor `id` in the avail ring (not yet visible: see [`Virtq::publish`]).
     fn push_avail(&mut self, id: u16) {
         let slot = usize::from(self.avail_idx % self.size);
-        // SAFETY: slot < size; the avail ring is ours.
+        // SAFETY: slot = avail_idx % size < size, so avail + 4 + 2 × slot is `ring[slot]`,
+        // a 2-aligned u16 inside the 6 + 2 × size-byte avail ring (page-aligned); volatile
+        // raw write, no reference to the ring exists (see `Virtq`).
         unsafe { ((self.avail + 4 + 2 * slot) as *mut u16).write_volatile(id) };
         self.avail_idx = self.avail_idx.wrapping_add(1);
     }
@@ -172,22 +240,28 @@ impl Virtq {
     /// Make pushed entries visible to the device.
     fn publish(&mut self) {
         fence(Ordering::Release);
-        // SAFETY: the avail ring's idx field is ours.
+        // SAFETY: avail + 2 is the avail ring's u16 `idx`, 2-aligned inside its allocation;
+        // volatile raw write (see `Virtq`). The Release fence above keeps the descriptor
+        // and ring-entry stores before it, so the device sees them with the new index.
         unsafe { ((self.avail + 2) as *mut u16).write_volatile(self.avail_idx) };
     }
 
     fn set_avail_flags(&mut self, flags: u16) {
-        // SAFETY: the avail ring's flags field is ours.
+        // SAFETY: avail + 0 is the avail ring's u16 `flags`, at the start of its page-aligned
+        // allocation; volatile raw write (see `Virtq`). The device only reads it, as a hint.
         unsafe { (self.avail as *mut u16).write_volatile(flags) };
     }
 
     fn used_idx(&self) -> u16 {
-        // SAFETY: the used ring is ours; the device writes it (volatile read).
+        // SAFETY: used + 2 is the used ring's u16 `idx`, 2-aligned inside its allocation.
+        // The device writes it by DMA at any time, which is why it is read volatile through
+        // a raw pointer and no reference to the ring exists (see `Virtq`).
         unsafe { ((self.used + 2) as *const u16).read_volatile() }
     }
 
     fn used_flags(&self) -> u16 {
-        // SAFETY: as in `used_idx`.
+        // SAFETY: used + 0 is the used ring's u16 `flags`, at the start of its page-aligned
+        // allocation; device-written, so read volatile through a raw pointer (see `Virtq`).
         unsafe { (self.used as *const u16).read_volatile() }
     }
 
@@ -203,7 +277,11 @@ impl Virtq {
         fence(Ordering::Acquire);
         let slot = usize::from(self.last_used % self.size);
         let e = self.used + 4 + 8 * slot;
-        // SAFETY: slot < size; the used ring is ours.
+        // SAFETY: slot = last_used % size < size, so [e, e + 8) is `ring[slot]` (u32 id,
+        // u32 len), 4-aligned inside the 6 + 8 × size-byte used ring; device-written, so
+        // read volatile through raw pointers (see `Virtq`). The device filled this element
+        // before moving `idx` past it, and the Acquire fence keeps these reads after the
+        // read of `idx`.
         let (id, len) = unsafe {
             (
                 ((e) as *const u32).read_volatile(),
@@ -280,8 +358,14 @@ impl TxQueue {
             return f(&mut scratch[..len]);
         };
         let buf = self.buf(id);
-        // SAFETY: descriptor `id` is free, so its buffer is ours alone; it is BUF_LEN bytes
-        // and NET_HDR_LEN + len <= BUF_LEN.
+        // SAFETY: `id` came off the free stack, so the device does not own descriptor `id`
+        // (it was never posted, or `pop_used` gave it back) and will not read its buffer
+        // until it is posted below. The buffer, bufs + BUF_LEN × id, is BUF_LEN bytes inside
+        // the tx_bufs allocation (id < size: set at init or checked by `pop_used`), reached
+        // only through this queue, which `&mut self` holds. NET_HDR_LEN + len <= BUF_LEN, so
+        // the zeroed header and the `len`-byte slice after it are inside it, and any byte
+        // is a valid u8. The slice goes to `f`, which must take a slice of any lifetime, so
+        // R cannot borrow from it: it is dead before the descriptor is posted.
         let frame = unsafe {
             core::ptr::write_bytes(buf, 0, NET_HDR_LEN);
             core::slice::from_raw_parts_mut(buf.add(NET_HDR_LEN), len)
@@ -525,7 +609,13 @@ impl VirtioNet {
         };
         for id in 0..rx.q.size {
             let addr = rx.bufs + BUF_LEN * usize::from(id);
-            rx.q.set_desc(id, addr as u64, BUF_LEN as u32, VIRTQ_DESC_F_WRITE);
+            // SAFETY: [addr, addr + BUF_LEN) is buffer `id` (id < size) of rx_bufs, an
+            // allocation of BUF_LEN × size bytes that is never freed and that only this
+            // queue knows; Rust code reads a buffer only through an `RxToken`, after the
+            // device has returned it and before it is reposted.
+            unsafe {
+                rx.q.set_desc(id, addr as u64, BUF_LEN as u32, VIRTQ_DESC_F_WRITE)
+            };
             rx.q.push_avail(id);
         }
         rx.q.publish();
@@ -545,7 +635,11 @@ impl VirtioNet {
         };
         for id in (0..tx.q.size).rev() {
             let addr = tx.bufs + BUF_LEN * usize::from(id);
-            tx.q.set_desc(id, addr as u64, 0, 0);
+            // SAFETY: [addr, addr + BUF_LEN) is buffer `id` (id < size) of tx_bufs, an
+            // allocation of BUF_LEN × size bytes that is never freed and that only this
+            // queue knows; `TxQueue::send` writes a buffer only while its descriptor is free
+            // (not posted), and the device only reads it.
+            unsafe { tx.q.set_desc(id, addr as u64, 0, 0) };
             tx.free.push(id);
         }
         tx.q.set_avail_flags(VIRTQ_AVAIL_F_NO_INTERRUPT);
@@ -651,8 +745,12 @@ pub struct RxToken<'a> {
 
 impl phy::RxToken for RxToken<'_> {
     fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
-        // SAFETY: the device has finished with buffer `id` (it is in the used ring) and
-        // wrote `len` <= BUF_LEN bytes; it is not reposted until this token drops.
+        // SAFETY: `receive` took `id` from the used ring (`pop_used` checked id < size) and
+        // checked NET_HDR_LEN < written <= BUF_LEN, so the `len` bytes after the header are
+        // inside buffer `id` of the rx_bufs allocation. The device wrote them before it
+        // returned the buffer (the Acquire fence in `pop_used` orders our reads after that)
+        // and cannot write it again until `repost` puts `id` back in the avail ring, which
+        // happens when this token drops, after `f` and the slice are gone.
         let frame =
             unsafe { core::slice::from_raw_parts(self.rx.buf(self.id).add(NET_HDR_LEN), self.len) };
         f(frame)

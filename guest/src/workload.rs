@@ -47,7 +47,8 @@ impl Workload {
     /// A workload over `[base, base + bytes)` writing `rate` bytes per second.
     ///
     /// # Safety
-    /// The range must be page-aligned RAM used by nothing else for the guest's life.
+    /// The range must be page-aligned RAM that nothing else uses for the rest of the
+    /// guest's life: the workload makes `&mut` references to its pages.
     pub unsafe fn new(base: usize, bytes: u64, rate: u64, pattern: Pattern) -> Workload {
         let pages = bytes / PAGE;
         let per_sec = rate / PAGE;
@@ -78,8 +79,12 @@ impl Workload {
     }
 
     fn page(&mut self, i: u64) -> &mut [u64; WORDS] {
-        debug_assert!(i < self.pages);
-        // SAFETY: i < pages, the region is ours alone (see `new`), page-aligned.
+        // Checked in release builds too: the reference below is only sound inside the set.
+        assert!(i < self.pages, "workload page {i} out of range");
+        // SAFETY: i < pages, so the page at base + i × PAGE is inside the working set, which
+        // `new`'s caller gave this workload alone; it is page-aligned, so aligned for u64,
+        // and any bytes are valid u64s. The `&mut self` borrow makes it the only reference
+        // to that page while it lives.
         unsafe { &mut *((self.base + (i * PAGE) as usize) as *mut [u64; WORDS]) }
     }
 
