@@ -128,6 +128,14 @@ pub enum EventKind {
     },
     /// A peer claimed to take over without the right to (it never acknowledged).
     TakeoverIgnored { reason: String },
+    /// The arbiter was asked for the VM (a takeover, or a primary running on alone):
+    /// `outcome` is `won`, `lost` or `unreachable`; `generation` and `owner` as the record
+    /// stands after it (when known).
+    Arbitrated {
+        outcome: String,
+        generation: Option<u64>,
+        owner: Option<String>,
+    },
 
     // --- backup ---
     /// Listening for a primary.
@@ -186,6 +194,7 @@ impl EventKind {
             EventKind::BackupLost { .. } => "backup_lost",
             EventKind::StoodDown { .. } => "stood_down",
             EventKind::TakeoverIgnored { .. } => "takeover_ignored",
+            EventKind::Arbitrated { .. } => "arbitrated",
             EventKind::Listening { .. } => "listening",
             EventKind::PeerRefused { .. } => "peer_refused",
             EventKind::PrimaryConnected { .. } => "primary_connected",

@@ -135,6 +135,8 @@ pub enum BackupState {
     Detached,
     /// A committed replica whose primary was lost right after this backup stalled.
     Grace,
+    /// Ready to take over, waiting for the arbiter to grant it.
+    Claiming,
     TakingOver,
 }
 

@@ -27,10 +27,10 @@ pub mod takeover;
 use std::net::{SocketAddr, TcpListener};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 use twin_api::{EventKind, EventLog};
 use twin_link::{FrameReader, FrameWriter, Heartbeats, LinkConfig, RecvError};
 use twin_vmm::devices::serial::ConsoleOut;
@@ -44,7 +44,9 @@ use twin_wire::{
 use crate::accept::{Acceptor, Candidate};
 use crate::phase::{Phase, PhaseEnd, Step};
 use crate::replica::{Pin, Replica};
-use crate::takeover::{Decision, EndKind, Standby, StandbyEvent, SELF_STALL, STALL_MEMORY};
+use crate::takeover::{
+    ClaimOutcome, Decision, EndKind, Standby, StandbyEvent, SELF_STALL, STALL_MEMORY,
+};
 
 /// How the backup runs.
 pub struct BackupConfig {
@@ -57,6 +59,9 @@ pub struct BackupConfig {
     pub link: LinkConfig,
     /// Typed lifecycle events, for programs (the control socket streams them).
     pub events: Arc<EventLog>,
+    /// The arbiter that must grant every takeover (`--arbiter`); `None`: take over on
+    /// silence alone (a partition can then produce two VMs).
+    pub arbiter: Option<twin_arbiter::Arbitration>,
 }
 
 /// A control request the backup loop serves.
@@ -204,6 +209,71 @@ pub struct Backup {
     state: BackupState,
     session: Option<SessionStatus>,
     stats: Stats,
+    /// The VM's ownership record as read while its primary was in a session: the view a
+    /// claim compares against (read anew for every session; see `RecordReader`).
+    arbiter_seen: Arc<Mutex<Option<(String, twin_arbiter::Seen)>>>,
+    record_reader: Option<RecordReader>,
+    /// The connection of the session whose loss may lead to a takeover: the primary is
+    /// told `Goodbye(takeover)` on it only once the takeover is certain (with an arbiter,
+    /// once the claim is won).
+    takeover_writer: Option<Arc<FrameWriter>>,
+    /// Whether an unanswered claim was already reported (once per claiming episode).
+    claim_unreachable_said: bool,
+}
+
+/// Reads the VM's ownership record for a session, retrying until it has it or the session
+/// ends. Detached on purpose: each request ends within the arbiter's timeout, and it stops
+/// at the next one after `done`.
+struct RecordReader {
+    done: Arc<AtomicBool>,
+}
+
+impl RecordReader {
+    fn start(
+        arb: twin_arbiter::Arbitration,
+        vm: String,
+        out: Arc<Mutex<Option<(String, twin_arbiter::Seen)>>>,
+    ) -> Option<RecordReader> {
+        let done = Arc::new(AtomicBool::new(false));
+        let d = done.clone();
+        let spawned = std::thread::Builder::new()
+            .name("arbiter-read".into())
+            .spawn(move || {
+                let mut said = false;
+                while !d.load(Ordering::Acquire) {
+                    match arb.client.get(&vm) {
+                        Ok(seen) if seen.record.is_some() => {
+                            debug!(vm, generation = seen.generation(), "ownership record read");
+                            *out.lock().unwrap_or_else(|e| e.into_inner()) = Some((vm, seen));
+                            return;
+                        }
+                        Ok(_) if !said => {
+                            warn!(vm, "the VM has no ownership record yet (its primary creates it); waiting");
+                            said = true;
+                        }
+                        Err(e) if !said => {
+                            warn!(vm, "cannot read the VM's ownership record: {e}; retrying");
+                            said = true;
+                        }
+                        _ => {}
+                    }
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+            });
+        match spawned {
+            Ok(_) => Some(RecordReader { done }),
+            Err(e) => {
+                warn!("cannot start the arbiter reader: {e}");
+                None
+            }
+        }
+    }
+}
+
+impl Drop for RecordReader {
+    fn drop(&mut self) {
+        self.done.store(true, Ordering::Release);
+    }
 }
 
 impl Backup {
@@ -221,6 +291,12 @@ impl Backup {
                 "the replication link is NOT authenticated (--no-auth): anyone who reaches this port can replace the replica"
             );
         }
+        match &cfg.arbiter {
+            Some(a) => info!(arbiter = %a.client.endpoints(), "takeovers are granted by the arbiter"),
+            None => warn!(
+                "no --arbiter: a partition of the replication link can produce two running VMs (this backup takes over on silence alone)"
+            ),
+        }
         Ok(Backup {
             cfg,
             acceptor,
@@ -233,7 +309,95 @@ impl Backup {
             state: BackupState::Waiting,
             session: None,
             stats: Stats::default(),
+            arbiter_seen: Arc::new(Mutex::new(None)),
+            record_reader: None,
+            takeover_writer: None,
+            claim_unreachable_said: false,
         })
+    }
+
+    fn arbiter(&self) -> bool {
+        self.cfg.arbiter.is_some()
+    }
+
+    /// Asks the arbiter for the VM, comparing against the record read during the lost
+    /// session.
+    fn claim(&mut self) -> ClaimOutcome {
+        let Some(arb) = self.cfg.arbiter.clone() else {
+            return ClaimOutcome::Won;
+        };
+        let Some(vm) = self.replica.as_ref().map(|r| r.vm_id.to_string()) else {
+            return ClaimOutcome::Lost;
+        };
+        let seen = self
+            .arbiter_seen
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .filter(|(v, _)| *v == vm)
+            .map(|(_, s)| s);
+        let emit = |events: &EventLog, outcome: &str, seen: Option<&twin_arbiter::Seen>| {
+            events.emit(EventKind::Arbitrated {
+                outcome: outcome.into(),
+                generation: seen.map(twin_arbiter::Seen::generation),
+                owner: seen
+                    .and_then(|s| s.record.as_ref())
+                    .map(|r| r.owner.label.clone()),
+            });
+        };
+        let Some(seen) = seen else {
+            error!(vm, "no ownership record of the VM was read while its primary was connected: a claim cannot be compared against anything; no takeover");
+            emit(&self.cfg.events, "lost", None);
+            self.detach_replica();
+            return ClaimOutcome::Lost;
+        };
+        match arb.client.claim(&vm, &seen, &arb.me) {
+            Ok(twin_arbiter::Claim::Won(now)) => {
+                info!(
+                    vm,
+                    generation = now.generation(),
+                    "the arbiter gives the VM to this backup"
+                );
+                emit(&self.cfg.events, "won", Some(&now));
+                self.claim_unreachable_said = false;
+                ClaimOutcome::Won
+            }
+            Ok(twin_arbiter::Claim::Lost(now)) => {
+                let owner = now
+                    .record
+                    .as_ref()
+                    .map_or("nobody".to_string(), |r| r.owner.label.clone());
+                warn!(
+                    vm,
+                    generation = now.generation(),
+                    "the arbiter says {owner} owns the VM since this backup last saw it (the primary runs on): no takeover; replica detached"
+                );
+                emit(&self.cfg.events, "lost", Some(&now));
+                self.detach_replica();
+                self.claim_unreachable_said = false;
+                ClaimOutcome::Lost
+            }
+            Err(e) => {
+                if !self.claim_unreachable_said {
+                    warn!(
+                        vm,
+                        "cannot reach the arbiter ({e}): no takeover until it answers"
+                    );
+                    emit(&self.cfg.events, "unreachable", Some(&seen));
+                    self.claim_unreachable_said = true;
+                }
+                ClaimOutcome::Unreachable
+            }
+        }
+    }
+
+    fn detach_replica(&mut self) {
+        if let Some(r) = self.replica.as_mut() {
+            r.committed = None;
+        }
+        if let Some(w) = self.takeover_writer.take() {
+            w.shutdown(std::net::Shutdown::Both);
+        }
     }
 
     fn has_committed(&self) -> bool {
@@ -265,6 +429,7 @@ impl Backup {
     fn idle_state(&self) -> BackupState {
         match (self.standby, &self.replica) {
             (Standby::TakeOver, _) => BackupState::TakingOver,
+            (Standby::Claiming { .. }, _) => BackupState::Claiming,
             (Standby::Grace { .. }, _) => BackupState::Grace,
             (Standby::Waiting, Some(_)) if self.pin.is_some() => BackupState::Detached,
             (Standby::Waiting, _) => BackupState::Waiting,
@@ -288,7 +453,17 @@ impl Backup {
                 return Err(BackupError::Stopped);
             }
             let now = Instant::now();
-            self.standby = self.standby.next(StandbyEvent::Tick(now), now);
+            self.standby = self
+                .standby
+                .next(StandbyEvent::Tick(now), now, self.arbiter());
+            if let Standby::Claiming { next_try } = self.standby {
+                if now >= next_try {
+                    let outcome = self.claim();
+                    self.standby =
+                        self.standby
+                            .next(StandbyEvent::Claimed(outcome), Instant::now(), true);
+                }
+            }
             if self.standby == Standby::TakeOver {
                 return self.take_over(console);
             }
@@ -321,9 +496,11 @@ impl Backup {
                 if self.has_committed() {
                     self.detected = Some(Instant::now());
                     self.takeover_reply = Some(reply);
-                    self.standby = self
-                        .standby
-                        .next(StandbyEvent::TakeoverRequested, Instant::now());
+                    self.standby = self.standby.next(
+                        StandbyEvent::TakeoverRequested,
+                        Instant::now(),
+                        self.arbiter(),
+                    );
                 } else {
                     reply(Err("no committed checkpoint to take over from".into()));
                 }
@@ -354,13 +531,26 @@ impl Backup {
             // The pinned VM's primary started a new session: it has left the old one and
             // may have run on without this backup, so the old image stands for nothing now
             // (and any grace for it ends: its primary is alive).
-            self.standby = self.standby.next(StandbyEvent::SameVmHello, Instant::now());
+            self.standby =
+                self.standby
+                    .next(StandbyEvent::SameVmHello, Instant::now(), self.arbiter());
             if let Some(p) = self.pin.as_mut() {
                 p.min_generation = c.hello.generation + 1;
             }
             if let Some(r) = self.replica.as_mut() {
                 r.committed = None;
             }
+        }
+        if let Some(arb) = self.cfg.arbiter.clone() {
+            // This session's view of the ownership record: what a takeover after it claims
+            // against (the primary bumps it if it runs on without us).
+            *self.arbiter_seen.lock().unwrap_or_else(|e| e.into_inner()) = None;
+            self.record_reader =
+                RecordReader::start(arb, c.hello.vm_id.to_string(), self.arbiter_seen.clone());
+        }
+        // A newer session of the VM: an earlier one's takeover is off.
+        if let Some(w) = self.takeover_writer.take() {
+            w.shutdown(std::net::Shutdown::Both);
         }
         let committed = Arc::new(AtomicU64::new(0));
         let heartbeats = match Heartbeats::spawn(
@@ -458,8 +648,14 @@ impl Backup {
                 GOODBYE_PATIENCE,
             );
         }
-        s.writer.shutdown(std::net::Shutdown::Both);
         let decision = takeover::decide(kind, committed, stalled);
+        if matches!(decision, Decision::TakeOver | Decision::Grace) {
+            // Kept open to tell a primary that was only stalled to stand down, once the
+            // takeover is certain (`take_over`).
+            self.takeover_writer = Some(s.writer.clone());
+        } else {
+            s.writer.shutdown(std::net::Shutdown::Both);
+        }
         let end_msg = end.to_string();
         let full = twin_vmm::describe_error(&end);
         let next = match end {
@@ -502,9 +698,11 @@ impl Backup {
                 warn!("{full}; no committed checkpoint, waiting for a primary")
             }
         }
-        self.standby = self
-            .standby
-            .next(StandbyEvent::Decided(decision), Instant::now());
+        self.standby = self.standby.next(
+            StandbyEvent::Decided(decision),
+            Instant::now(),
+            self.arbiter(),
+        );
         self.cfg.events.emit(EventKind::SessionEnded {
             reason: full.clone(),
             decision,
@@ -533,11 +731,8 @@ impl Backup {
                     BackupRequest::Status(reply) => reply(self.status()),
                     BackupRequest::Failover(reply) => {
                         if self.has_committed() {
-                            // The primary must stand down before we run its VM.
-                            s.writer.send_goodbye(
-                                Goodbye::new(GoodbyeReason::Takeover, "planned switchover"),
-                                GOODBYE_PATIENCE,
-                            );
+                            // The primary is told to stand down (`take_over`) before we run
+                            // its VM.
                             self.takeover_reply = Some(reply);
                             return SessionEnd::TakeoverRequested;
                         }
@@ -564,19 +759,6 @@ impl Backup {
                     };
                     if s.reader.last_rx().elapsed() <= limit {
                         continue;
-                    }
-                    let stalled = s
-                        .heartbeats
-                        .recent_stall(SELF_STALL, STALL_MEMORY)
-                        .is_some();
-                    if committed && !stalled {
-                        // Silence is not proof of death: a primary that was only stalled
-                        // finds this when it runs again and stands down (fences its
-                        // output) instead of running on beside the VM taken over here.
-                        s.writer.send_goodbye(
-                            Goodbye::new(GoodbyeReason::Takeover, "the primary fell silent"),
-                            GOODBYE_PATIENCE,
-                        );
                     }
                     return SessionEnd::Silent(limit);
                 }
@@ -773,6 +955,17 @@ impl Backup {
     /// Runs the VM from the replica and reports to whoever asked for the takeover.
     fn take_over(&mut self, console: impl FnOnce() -> ConsoleOut) -> Result<Outcome, BackupError> {
         self.state = BackupState::TakingOver;
+        self.record_reader = None;
+        if let Some(w) = self.takeover_writer.take() {
+            // Silence is not proof of death: a primary that was only stalled finds this
+            // when it runs again and stands down (fences its output) instead of running on
+            // beside the VM taken over here.
+            w.send_goodbye(
+                Goodbye::new(GoodbyeReason::Takeover, "this backup takes over the VM"),
+                GOODBYE_PATIENCE,
+            );
+            w.shutdown(std::net::Shutdown::Both);
+        }
         let detected = self.detected.unwrap_or_else(Instant::now);
         let r = self.failover(detected, console);
         self.cfg.events.emit(match &r {

@@ -70,6 +70,9 @@ pub fn decide(end: EndKind, committed: bool, stalled: bool) -> Decision {
     }
 }
 
+/// How long a backup waits between claims while the arbiter does not answer.
+pub const CLAIM_RETRY: Duration = Duration::from_millis(500);
+
 /// The backup between sessions.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Standby {
@@ -78,8 +81,22 @@ pub enum Standby {
     /// A committed replica whose primary was lost right after this backup stalled: take
     /// over at `until` unless the same VM's primary starts a session first.
     Grace { until: std::time::Instant },
+    /// Ready to take over, asking the arbiter for the VM first (next attempt at
+    /// `next_try`): only the winner of its compare-and-swap may run it.
+    Claiming { next_try: std::time::Instant },
     /// Take over now.
     TakeOver,
+}
+
+/// What a claim to the arbiter came to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClaimOutcome {
+    /// The VM is ours at the next generation.
+    Won,
+    /// Someone else (the primary, running on) claimed it since we saw the record.
+    Lost,
+    /// The arbiter did not answer: nobody decides; ask again.
+    Unreachable,
 }
 
 /// Events between sessions.
@@ -94,20 +111,42 @@ pub enum StandbyEvent {
     SameVmHello,
     /// An operator asked for a takeover and the replica has a committed checkpoint.
     TakeoverRequested,
+    /// The arbiter answered a claim (or did not).
+    Claimed(ClaimOutcome),
 }
 
 impl Standby {
-    /// The one transition function between sessions.
-    pub fn next(self, event: StandbyEvent, now: std::time::Instant) -> Standby {
+    /// The one transition function between sessions. With an `arbiter`, every way to a
+    /// takeover passes through [`Standby::Claiming`].
+    pub fn next(self, event: StandbyEvent, now: std::time::Instant, arbiter: bool) -> Standby {
+        let take_over = if arbiter {
+            Standby::Claiming { next_try: now }
+        } else {
+            Standby::TakeOver
+        };
         match (self, event) {
-            (_, StandbyEvent::Decided(Decision::TakeOver)) => Standby::TakeOver,
+            (_, StandbyEvent::Decided(Decision::TakeOver)) => take_over,
             (_, StandbyEvent::Decided(Decision::Grace)) => Standby::Grace {
                 until: now + STALL_GRACE,
             },
             (_, StandbyEvent::Decided(_)) => Standby::Waiting,
-            (_, StandbyEvent::TakeoverRequested) => Standby::TakeOver,
-            (Standby::Grace { .. }, StandbyEvent::SameVmHello) => Standby::Waiting,
-            (Standby::Grace { until }, StandbyEvent::Tick(t)) if t >= until => Standby::TakeOver,
+            (Standby::Claiming { .. } | Standby::TakeOver, StandbyEvent::TakeoverRequested) => self,
+            (_, StandbyEvent::TakeoverRequested) => take_over,
+            (Standby::Grace { .. } | Standby::Claiming { .. }, StandbyEvent::SameVmHello) => {
+                Standby::Waiting
+            }
+            (Standby::Grace { until }, StandbyEvent::Tick(t)) if t >= until => take_over,
+            (Standby::Claiming { .. }, StandbyEvent::Claimed(ClaimOutcome::Won)) => {
+                Standby::TakeOver
+            }
+            (Standby::Claiming { .. }, StandbyEvent::Claimed(ClaimOutcome::Lost)) => {
+                Standby::Waiting
+            }
+            (Standby::Claiming { .. }, StandbyEvent::Claimed(ClaimOutcome::Unreachable)) => {
+                Standby::Claiming {
+                    next_try: now + CLAIM_RETRY,
+                }
+            }
             (s, _) => s,
         }
     }
@@ -273,7 +312,7 @@ mod tests {
     #[test]
     fn grace_ends_in_a_takeover_unless_the_same_vm_says_hello() {
         let t0 = Instant::now();
-        let s = Standby::Waiting.next(StandbyEvent::Decided(Decision::Grace), t0);
+        let s = Standby::Waiting.next(StandbyEvent::Decided(Decision::Grace), t0, false);
         assert_eq!(
             s,
             Standby::Grace {
@@ -281,23 +320,23 @@ mod tests {
             }
         );
         // Time passes, not enough.
-        let s = s.next(StandbyEvent::Tick(t0 + STALL_GRACE / 2), t0);
+        let s = s.next(StandbyEvent::Tick(t0 + STALL_GRACE / 2), t0, false);
         assert!(matches!(s, Standby::Grace { .. }));
         // The grace runs out: take over.
         assert_eq!(
-            s.next(StandbyEvent::Tick(t0 + STALL_GRACE), t0),
+            s.next(StandbyEvent::Tick(t0 + STALL_GRACE), t0, false),
             Standby::TakeOver
         );
         // The same VM's primary comes back: no takeover.
-        let back = s.next(StandbyEvent::SameVmHello, t0);
+        let back = s.next(StandbyEvent::SameVmHello, t0, false);
         assert_eq!(back, Standby::Waiting);
         assert_eq!(
-            back.next(StandbyEvent::Tick(t0 + STALL_GRACE * 2), t0),
+            back.next(StandbyEvent::Tick(t0 + STALL_GRACE * 2), t0, false),
             Standby::Waiting
         );
         // An operator may cut the grace short.
         assert_eq!(
-            s.next(StandbyEvent::TakeoverRequested, t0),
+            s.next(StandbyEvent::TakeoverRequested, t0, false),
             Standby::TakeOver
         );
     }
@@ -310,12 +349,63 @@ mod tests {
             (Decision::Detach, false),
             (Decision::Release, false),
         ] {
-            let s = Standby::Waiting.next(StandbyEvent::Decided(d), t0);
+            let s = Standby::Waiting.next(StandbyEvent::Decided(d), t0, false);
             assert_eq!(s == Standby::TakeOver, want_takeover, "{d:?}");
         }
         // A hello from the VM changes nothing when there is no grace.
         assert_eq!(
-            Standby::Waiting.next(StandbyEvent::SameVmHello, t0),
+            Standby::Waiting.next(StandbyEvent::SameVmHello, t0, false),
+            Standby::Waiting
+        );
+    }
+
+    #[test]
+    fn with_an_arbiter_every_takeover_is_claimed_first() {
+        let t0 = Instant::now();
+        let claiming = Standby::Claiming { next_try: t0 };
+        // Each road to a takeover stops at the claim.
+        assert_eq!(
+            Standby::Waiting.next(StandbyEvent::Decided(Decision::TakeOver), t0, true),
+            claiming
+        );
+        assert_eq!(
+            Standby::Waiting.next(StandbyEvent::TakeoverRequested, t0, true),
+            claiming
+        );
+        let grace = Standby::Waiting.next(StandbyEvent::Decided(Decision::Grace), t0, true);
+        assert_eq!(
+            grace.next(StandbyEvent::Tick(t0 + STALL_GRACE), t0, true),
+            claiming
+        );
+        // Won: take over. Lost: the primary runs on; detach.
+        assert_eq!(
+            claiming.next(StandbyEvent::Claimed(ClaimOutcome::Won), t0, true),
+            Standby::TakeOver
+        );
+        assert_eq!(
+            claiming.next(StandbyEvent::Claimed(ClaimOutcome::Lost), t0, true),
+            Standby::Waiting
+        );
+        // Unreachable: nobody decides; ask again later, and a live primary ends it.
+        let retry = claiming.next(StandbyEvent::Claimed(ClaimOutcome::Unreachable), t0, true);
+        assert_eq!(
+            retry,
+            Standby::Claiming {
+                next_try: t0 + CLAIM_RETRY
+            }
+        );
+        assert_eq!(
+            retry.next(StandbyEvent::Tick(t0 + STALL_GRACE * 10), t0, true),
+            retry,
+            "no amount of waiting turns an unanswered claim into a takeover"
+        );
+        assert_eq!(
+            retry.next(StandbyEvent::SameVmHello, t0, true),
+            Standby::Waiting
+        );
+        // A claim result outside a claim changes nothing.
+        assert_eq!(
+            Standby::Waiting.next(StandbyEvent::Claimed(ClaimOutcome::Won), t0, true),
             Standby::Waiting
         );
     }

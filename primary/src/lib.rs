@@ -24,6 +24,7 @@
 //! only a backup that acknowledged an epoch of this session holds this VM's committed
 //! replica, so only its `Goodbye(Takeover)` makes this primary fence its output and stop.
 
+mod arbiter;
 pub mod mode;
 pub mod stats;
 
@@ -92,6 +93,13 @@ pub struct ProtectConfig {
     pub vm_id: VmId,
     /// Authentication and encryption of the replication link.
     pub link: LinkConfig,
+    /// The arbiter whose grant this primary needs to run on without its backup
+    /// (`--arbiter`); `None`: the loss policy alone decides (a partition can then produce
+    /// two running VMs).
+    pub arbiter: Option<twin_arbiter::Arbitration>,
+    /// The ownership record as this process already holds it (a backup that took the VM
+    /// over and protects it again); `None`: read or create it.
+    pub arbiter_seen: Option<twin_arbiter::Seen>,
 }
 
 /// Errors of one replication session; each ends the session.
@@ -143,6 +151,8 @@ pub enum SessionError {
     Io(#[from] std::io::Error),
     #[error("stopping")]
     Stopping,
+    #[error("the arbiter gave the VM to another host")]
+    Fenced,
 }
 
 impl From<RecvError> for SessionError {
@@ -249,6 +259,11 @@ struct Shared {
     stop: AtomicBool,
     /// Stopping because this primary cannot go on (its NIC died): the backup must take over.
     handover: AtomicBool,
+    /// The arbiter gave the VM to someone else: this primary is fenced (final).
+    fenced: AtomicBool,
+    /// The VM's ownership record as this primary last saw it (what its claims compare
+    /// against).
+    arbiter_seen: Mutex<Option<twin_arbiter::Seen>>,
 }
 
 impl Shared {
@@ -258,6 +273,10 @@ impl Shared {
 
     fn stopping(&self) -> bool {
         self.stop.load(Ordering::Acquire)
+    }
+
+    fn fenced(&self) -> bool {
+        self.fenced.load(Ordering::Acquire)
     }
 
     /// Moves the mode on `event` (the one place the mode changes), logging the change.
@@ -281,6 +300,8 @@ impl Shared {
 pub struct Primary {
     shared: Arc<Shared>,
     thread: Option<JoinHandle<()>>,
+    /// Watches the ownership record (with `--arbiter`).
+    watcher: Option<JoinHandle<()>>,
 }
 
 impl Primary {
@@ -291,6 +312,11 @@ impl Primary {
         cfg: ProtectConfig,
         events: Arc<EventLog>,
     ) -> std::io::Result<Self> {
+        match &cfg.arbiter {
+            Some(a) => info!(arbiter = %a.client.endpoints(), "running on without the backup needs the arbiter's grant"),
+            None => warn!("no --arbiter: a partition of the replication link can produce two running VMs (this primary runs on by its --on-backup-loss policy alone)"),
+        }
+        let arbiter_seen = Mutex::new(cfg.arbiter_seen.clone());
         let shared = Arc::new(Shared {
             vmm,
             events,
@@ -300,14 +326,28 @@ impl Primary {
             last_epoch: Arc::new(AtomicU64::new(0)),
             stop: AtomicBool::new(false),
             handover: AtomicBool::new(false),
+            fenced: AtomicBool::new(false),
+            arbiter_seen,
         });
         let s = shared.clone();
         let thread = std::thread::Builder::new()
             .name("replicate".into())
             .spawn(move || replicate(&s))?;
+        let watcher = match shared.cfg.arbiter {
+            Some(_) => {
+                let s = shared.clone();
+                Some(
+                    std::thread::Builder::new()
+                        .name("arbiter".into())
+                        .spawn(move || arbiter::watch(&s))?,
+                )
+            }
+            None => None,
+        };
         Ok(Primary {
             shared,
             thread: Some(thread),
+            watcher,
         })
     }
 
@@ -327,6 +367,10 @@ impl Primary {
     fn shutdown(&mut self) {
         self.shared.stop.store(true, Ordering::Release);
         if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        // The watch ends at etcd's next progress notification (or its request timeout).
+        if let Some(t) = self.watcher.take() {
             let _ = t.join();
         }
     }
@@ -419,10 +463,14 @@ fn replicate(s: &Shared) {
     twin_link::realtime::elevate_or_warn("replicate");
     let mut generation = 0u64;
     let mut next_epoch = 1u64;
-    while !s.stopping() {
+    while !s.stopping() && !s.fenced() {
         generation += 1;
         s.status().sessions += 1;
         let r = session(s, generation, &mut next_epoch);
+        if s.fenced() {
+            // The arbiter gave the VM away while this session ran.
+            return;
+        }
         match r {
             Ok(()) | Err(SessionError::Stopping) => break,
             Err(SessionError::TakenOver(why)) => {
@@ -448,7 +496,24 @@ fn replicate(s: &Shared) {
                     st.last_error = Some(msg.clone());
                     same
                 };
-                let was = s.transition(ModeEvent::BackupLost(s.cfg.on_backup_loss));
+                // With an arbiter, running on alone (releasing output no backup acknowledged)
+                // needs its grant: the backup may be taking the VM over right now. Only
+                // while output is held (after a won claim it flows; holding needs no grant).
+                let claim = s.cfg.arbiter.is_some()
+                    && s.cfg.on_backup_loss == LossPolicy::Release
+                    && s.netbuf.mode() == BufferMode::Protected;
+                let policy = match claim.then(|| arbiter::run_on(s)) {
+                    Some(arbiter::RunOn::Lost(why)) => {
+                        arbiter::fence(s, why);
+                        return;
+                    }
+                    Some(arbiter::RunOn::Unreachable(why)) => {
+                        error!("backup lost ({msg}) and the arbiter does not answer ({why}); holding all output until one of them does");
+                        LossPolicy::Hold
+                    }
+                    Some(arbiter::RunOn::Won) | None => s.cfg.on_backup_loss,
+                };
+                let was = s.transition(ModeEvent::BackupLost(policy));
                 // Said once per reason, not every second: a lost protection, or a new reason.
                 let still = was != Mode::Protected && repeated;
                 if let SessionError::UnverifiedTakeover(why) = &e {
@@ -456,7 +521,7 @@ fn replicate(s: &Shared) {
                         reason: why.clone(),
                     });
                 }
-                let released = match s.cfg.on_backup_loss {
+                let released = match policy {
                     LossPolicy::Release => {
                         let n = s.netbuf.release_all();
                         if !still {
@@ -476,7 +541,7 @@ fn replicate(s: &Shared) {
                 if !still {
                     s.events.emit(EventKind::BackupLost {
                         reason: msg.clone(),
-                        policy: match s.cfg.on_backup_loss {
+                        policy: match policy {
                             LossPolicy::Release => "release".into(),
                             LossPolicy::Hold => "hold".into(),
                         },
@@ -643,8 +708,8 @@ fn goodbye_for(e: &SessionError, handover: bool) -> Option<Goodbye> {
             "the primary's VM cannot go on",
         )),
         SessionError::Stopping => Some(Goodbye::new(GoodbyeReason::Stopping, "primary stopping")),
-        // The backup already knows.
-        SessionError::Goodbye { .. } | SessionError::TakenOver(_) => None,
+        // The backup already knows, or it is not the owner's business.
+        SessionError::Goodbye { .. } | SessionError::TakenOver(_) | SessionError::Fenced => None,
         // The backup may be alive (it sent something bad, or was only slow), and a broken
         // connection may be half-open: tell it this primary is leaving, or it would take the
         // closed connection for a dead primary and run the VM beside this one.
@@ -955,6 +1020,9 @@ fn send_epochs(
     loop {
         if s.stopping() {
             return Err(SessionError::Stopping);
+        }
+        if s.fenced() {
+            return Err(SessionError::Fenced);
         }
         if failed.load(Ordering::Acquire) {
             return Err(SessionError::Closed);

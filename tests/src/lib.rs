@@ -35,6 +35,7 @@
 
 mod cmd;
 mod error;
+pub mod etcd;
 pub mod events;
 mod guest;
 mod link;

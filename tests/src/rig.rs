@@ -345,6 +345,8 @@ pub struct Opts {
     pub wait_protected: bool,
     /// How the replication link is secured.
     pub auth: Auth,
+    /// A real etcd in a namespace of its own as the arbiter (`--arbiter` on both sides).
+    pub arbiter: bool,
 }
 
 /// How a rig's replication link is secured.
@@ -396,6 +398,7 @@ impl Default for Opts {
             request_timeout: RIDE_THROUGH,
             wait_protected: true,
             auth: Auth::Key,
+            arbiter: false,
         }
     }
 }
@@ -408,6 +411,8 @@ pub struct Rig {
     pub backup: Option<TwinProcess>,
     /// Processes that ended (a replaced backup), kept for the panic check.
     pub retired: Vec<TwinProcess>,
+    /// The arbiter, with `Opts::arbiter` (dropped after the processes).
+    pub etcd: Option<crate::etcd::EtcdHost>,
     pub opts: Opts,
     /// When the backup was started (protection began after this).
     pub backup_started: Instant,
@@ -554,7 +559,14 @@ impl Rig {
         } else {
             "starting the primary (no backup yet: it runs unprotected until one answers)"
         });
-        let auth = opts.auth.args(&dir, true);
+        let etcd = opts.arbiter.then(|| {
+            rep.step("starting etcd, the arbiter");
+            crate::etcd::EtcdHost::start(&ha, &dir).expect("etcd")
+        });
+        let mut auth = opts.auth.args(&dir, true);
+        if let Some(e) = &etcd {
+            auth.extend(["--arbiter".into(), e.url(HostRole::Primary)]);
+        }
         let primary = spawn_primary(
             &ha,
             &dir,
@@ -575,6 +587,7 @@ impl Rig {
             primary,
             backup: None,
             retired: Vec::new(),
+            etcd,
             opts,
             backup_started: Instant::now(),
             dir,
@@ -628,7 +641,10 @@ impl Rig {
     }
 
     pub fn spawn_backup(&mut self, name: &str) {
-        let auth = self.opts.auth.args(&self.dir, false);
+        let mut auth = self.opts.auth.args(&self.dir, false);
+        if let Some(e) = &self.etcd {
+            auth.extend(["--arbiter".into(), e.url(HostRole::Backup)]);
+        }
         let b = spawn_backup(
             &self.ha,
             &self.dir,

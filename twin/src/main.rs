@@ -75,6 +75,31 @@ struct EventsArgs {
     follow: bool,
 }
 
+/// The arbiter, shared by `protect` and `backup`.
+#[derive(Args, Clone)]
+struct ArbiterArgs {
+    /// etcd cluster that decides who owns the VM when primary and backup lose each other
+    /// (`etcd://HOST:PORT[,HOST:PORT…]`): a takeover, and a primary running on alone, need
+    /// its grant, so two copies never answer. Unreachable, nobody decides: the backup does
+    /// not take over and a primary that lost its backup holds its output.
+    #[arg(long, env = "TWIN_ARBITER")]
+    arbiter: Option<String>,
+}
+
+impl ArbiterArgs {
+    fn arbitration(&self, label: String) -> Result<Option<twin_arbiter::Arbitration>> {
+        self.arbiter
+            .as_deref()
+            .map(|url| {
+                Ok(twin_arbiter::Arbitration {
+                    client: twin_arbiter::Arbiter::new(url)?,
+                    me: twin_arbiter::incarnation(&label),
+                })
+            })
+            .transpose()
+    }
+}
+
 /// Authentication of the replication link, shared by `protect` and `backup`.
 #[derive(Args, Clone)]
 struct AuthArgs {
@@ -135,6 +160,8 @@ struct ProtectArgs {
     #[command(flatten)]
     auth: AuthArgs,
     #[command(flatten)]
+    arbiter: ArbiterArgs,
+    #[command(flatten)]
     vm: VmArgs,
     #[command(flatten)]
     host: HostArgs,
@@ -165,6 +192,8 @@ struct BackupArgs {
     control: PathBuf,
     #[command(flatten)]
     auth: AuthArgs,
+    #[command(flatten)]
+    arbiter: ArbiterArgs,
 }
 
 #[derive(Args)]
@@ -675,6 +704,12 @@ fn protect(args: ProtectArgs) -> Result<ExitCode> {
         heartbeat_interval: twin_link::HEARTBEAT_INTERVAL,
         vm_id,
         link,
+        arbiter: args.arbiter.arbitration(format!(
+            "primary {} (pid {})",
+            host_name(),
+            std::process::id()
+        ))?,
+        arbiter_seen: None,
     };
     let primary = Primary::start(vmm.clone(), netbuf.clone(), cfg, events.clone())
         .context("starting replication")?;
@@ -690,9 +725,9 @@ fn protect(args: ProtectArgs) -> Result<ExitCode> {
         }
         while let Ok((req, reply)) = control.try_recv() {
             let resp = match req {
-                Request::Status => Response::Ok(
-                    serde_json::to_value(primary.status()).unwrap_or_default(),
-                ),
+                Request::Status => {
+                    Response::Ok(serde_json::to_value(primary.status()).unwrap_or_default())
+                }
                 Request::Resume => Response::Error("a protected VM cannot be paused".into()),
                 Request::Snapshot { .. } => {
                     Response::Error("snapshots of a protected VM are taken by its backup".into())
@@ -732,6 +767,13 @@ fn protect(args: ProtectArgs) -> Result<ExitCode> {
     outcome
 }
 
+/// This host's name, for the arbiter's owner labels.
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into())
+}
+
 /// 16 bytes identifying a VM, derived from its MAC (unique on its LAN) and the start time.
 fn uuid_like(mac: &[u8; 6]) -> Box<[u8; 16]> {
     let mut id = [0u8; 16];
@@ -758,6 +800,12 @@ fn backup(args: BackupArgs) -> Result<ExitCode> {
         heartbeat_interval: twin_link::HEARTBEAT_INTERVAL,
         link: args.auth.link()?,
         events: events.clone(),
+        arbiter: args.arbiter.arbitration(format!(
+            "backup {} on {} (pid {})",
+            args.listen,
+            host_name(),
+            std::process::id()
+        ))?,
     };
     // The TAP and the port first: a backup that cannot serve must not claim the control
     // socket (and a second one must never take a running backup's).

@@ -1,0 +1,421 @@
+//! No split brain: a real etcd arbiter decides who owns the VM when primary and backup lose
+//! each other, and the loser fences. Every partition here is real (nftables drops or links
+//! down between namespaces), both hosts live, and what matters is counted where the world
+//! sees it: the frames each host's VM sends out of its TAP once both sides have decided.
+//! At most one of them may send any, and no INCR the client saw acknowledged may be lost.
+
+use std::time::{Duration, Instant};
+
+use twin_api::{Decision, EventKind};
+use twin_tests::events::Events;
+use twin_tests::rig::*;
+use twin_tests::*;
+
+/// Frames the VM on the host of `ns` has sent into the world (its TAP's receive counter:
+/// what the VMM writes into a TAP, the kernel receives).
+fn frames_out(ns: &Netns) -> u64 {
+    let json = ns
+        .run(&["ip", "-s", "-j", "link", "show", "dev", TAP])
+        .expect("ip -s link");
+    let v: serde_json::Value = serde_json::from_str(&json).expect("ip's JSON");
+    v[0]["stats64"]["rx"]["packets"]
+        .as_u64()
+        .expect("rx packets")
+}
+
+/// Frames sent by each host's VM over `window`.
+fn frames_during(rig: &Rig, window: Duration) -> (u64, u64) {
+    let (p0, b0) = (
+        frames_out(&rig.ha.primary.ns),
+        frames_out(&rig.ha.backup.ns),
+    );
+    std::thread::sleep(window);
+    let (p1, b1) = (
+        frames_out(&rig.ha.primary.ns),
+        frames_out(&rig.ha.backup.ns),
+    );
+    (p1 - p0, b1 - b0)
+}
+
+/// How the two sides ended up.
+#[derive(Debug)]
+enum Winner {
+    /// The backup won the claim and runs the VM; the primary stood down or holds.
+    Backup,
+    /// The primary won and runs on; the backup detached.
+    Primary,
+}
+
+/// Waits until the arbiter's decision has played out on both sides.
+fn settle(
+    rig: &Rig,
+    pe: &Events,
+    be: &Events,
+    pmark: u64,
+    bmark: u64,
+    timeout: Duration,
+) -> Winner {
+    let t0 = Instant::now();
+    loop {
+        let b = be.all(bmark, false).unwrap_or_default();
+        let p = pe.all(pmark, false).unwrap_or_default();
+        let backup_runs = b
+            .iter()
+            .any(|e| matches!(e.kind, EventKind::FailoverComplete(_)));
+        let backup_detached = b.iter().any(|e| {
+            matches!(
+                &e.kind,
+                EventKind::Arbitrated { outcome, .. } if outcome == "lost"
+            )
+        });
+        let primary_ran_on = p.iter().any(|e| {
+            matches!(
+                &e.kind,
+                EventKind::Arbitrated { outcome, .. } if outcome == "won"
+            )
+        });
+        let primary_down = p
+            .iter()
+            .any(|e| matches!(e.kind, EventKind::StoodDown { .. }));
+        if backup_runs && (primary_down || rig.primary_status().is_err()) {
+            return Winner::Backup;
+        }
+        if primary_ran_on && backup_detached {
+            return Winner::Primary;
+        }
+        assert!(
+            t0.elapsed() < timeout,
+            "no decision within {timeout:?}: primary events {:?}, backup events {:?}",
+            p.iter().map(|e| e.kind.name()).collect::<Vec<_>>(),
+            b.iter().map(|e| e.kind.name()).collect::<Vec<_>>()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A partition of the replication link (`cut`) with both hosts and the arbiter alive.
+fn partition(rep: &mut Report, cut: Cut) {
+    let mut rig = Rig::start(
+        rep,
+        Opts {
+            arbiter: true,
+            ..Opts::default()
+        },
+    );
+    rig.work()
+        .wait_replies_after(Instant::now(), PROOF_REPLIES, PROGRESS_TIMEOUT)
+        .expect("protected stream");
+    let pe = Events::at(rig.dir.join("primary.sock"));
+    let be = Events::at(rig.dir.join("backup.sock"));
+    let (pmark, bmark) = (pe.mark().expect("mark"), be.mark().expect("mark"));
+    rep.step(format!("partition: {cut:?}"));
+    let cut_at = Instant::now();
+    rig.ha.cut_replication(cut).expect("cut");
+    let winner = settle(&rig, &pe, &be, pmark, bmark, Duration::from_secs(30));
+    rep.note(format!(
+        "{winner:?} won, {:.2}s after the cut",
+        cut_at.elapsed().as_secs_f64()
+    ));
+    rep.step("counting frames at both TAPs while the client goes on");
+    let (p, b) = frames_during(&rig, Duration::from_secs(3));
+    rep.note(format!("frames out in 3 s: primary {p}, backup {b}"));
+    match winner {
+        Winner::Backup => {
+            assert_eq!(p, 0, "SPLIT BRAIN: the fenced primary's VM sent {p} frames");
+            assert!(b > 0, "the backup's VM serves nobody");
+        }
+        Winner::Primary => {
+            assert_eq!(
+                b, 0,
+                "SPLIT BRAIN: the detached backup's VM sent {b} frames"
+            );
+            assert!(p > 0, "the primary's VM serves nobody");
+        }
+    }
+    rig.work()
+        .wait_replies_after(cut_at, PROOF_REPLIES, PROGRESS_TIMEOUT)
+        .expect("the client's stream goes on with the winner");
+    let (pr, client) = rig.finish_work();
+    rep.recover = pr.max_gap_after(cut_at - Duration::from_secs(1));
+    check_stream(rep, &pr, client, &format!("{winner:?}").to_lowercase());
+    rig.assert_no_panics();
+    rep.done(format!(
+        "{winner:?} won the arbiter; loser silent (frames out: primary {p}, backup {b}); stream intact"
+    ));
+}
+
+#[test]
+fn partition_both_ways_one_replica() {
+    let mut rep = Report::new("partition_both_ways_one_replica");
+    partition(&mut rep, Cut::Drop(Direction::Both));
+}
+
+#[test]
+fn partition_primary_to_backup_one_replica() {
+    let mut rep = Report::new("partition_primary_to_backup_one_replica");
+    partition(&mut rep, Cut::Drop(Direction::PrimaryToBackup));
+}
+
+#[test]
+fn partition_backup_to_primary_one_replica() {
+    let mut rep = Report::new("partition_backup_to_primary_one_replica");
+    partition(&mut rep, Cut::Drop(Direction::BackupToPrimary));
+}
+
+/// p↔b and p↔etcd cut: the backup wins the claim and takes over; the primary can reach
+/// neither, so it holds every frame (never releasing what the backup lacks). When its link
+/// to etcd returns it learns it lost and stands down.
+#[test]
+fn partition_and_the_primary_loses_the_arbiter() {
+    let mut rep = Report::new("partition_and_the_primary_loses_the_arbiter");
+    let mut rig = Rig::start(
+        &mut rep,
+        Opts {
+            arbiter: true,
+            ..Opts::default()
+        },
+    );
+    rig.work()
+        .wait_replies_after(Instant::now(), PROOF_REPLIES, PROGRESS_TIMEOUT)
+        .expect("protected stream");
+    let pe = Events::at(rig.dir.join("primary.sock"));
+    let be = Events::at(rig.dir.join("backup.sock"));
+    let (pmark, bmark) = (pe.mark().expect("mark"), be.mark().expect("mark"));
+    rep.step("cutting p↔etcd, then p↔b");
+    let etcd = rig.etcd.as_ref().expect("etcd");
+    etcd.cut(HostRole::Primary).expect("cut p↔etcd");
+    let cut_at = Instant::now();
+    rig.ha
+        .cut_replication(Cut::Drop(Direction::Both))
+        .expect("cut");
+    be.wait(bmark, "the takeover", Duration::from_secs(30), |e| {
+        matches!(e.kind, EventKind::FailoverComplete(_))
+    })
+    .expect("the backup wins the arbiter and takes over");
+    pe.wait(
+        pmark,
+        "the primary holding",
+        Duration::from_secs(30),
+        |e| matches!(&e.kind, EventKind::BackupLost { policy, .. } if policy == "hold"),
+    )
+    .expect("the primary, without backup or arbiter, holds its output");
+    let (p, b) = frames_during(&rig, Duration::from_secs(3));
+    rep.note(format!(
+        "frames out in 3 s, primary cut off: primary {p}, backup {b}"
+    ));
+    assert_eq!(
+        p, 0,
+        "SPLIT BRAIN: the cut-off primary's VM sent {p} frames"
+    );
+    assert!(b > 0);
+    rep.step("p↔etcd back: the primary learns it lost and stands down");
+    rig.etcd
+        .as_ref()
+        .expect("etcd")
+        .restore(HostRole::Primary)
+        .expect("restore");
+    pe.wait(
+        pmark,
+        "the primary standing down",
+        Duration::from_secs(30),
+        |e| matches!(e.kind, EventKind::StoodDown { .. }),
+    )
+    .expect("the primary stands down once it hears the arbiter");
+    let (p2, _) = frames_during(&rig, Duration::from_secs(2));
+    assert_eq!(p2, 0, "the fenced primary's VM sent {p2} frames");
+    rig.work()
+        .wait_replies_after(cut_at, PROOF_REPLIES, PROGRESS_TIMEOUT)
+        .expect("the client's stream goes on with the backup");
+    let (pr, client) = rig.finish_work();
+    rep.recover = pr.max_gap_after(cut_at - Duration::from_secs(1));
+    check_stream(&mut rep, &pr, client, "backup");
+    rig.assert_no_panics();
+    rep.done("backup won; cut-off primary held everything, then stood down; stream intact");
+}
+
+/// b↔etcd cut, then the primary dies: the backup cannot reach the arbiter, so it does not
+/// take over (availability traded for never two VMs); when the link returns it claims,
+/// wins (nobody else changed the record) and takes over.
+#[test]
+fn backup_without_the_arbiter_waits_then_takes_over() {
+    let mut rep = Report::new("backup_without_the_arbiter_waits_then_takes_over");
+    let mut rig = Rig::start(
+        &mut rep,
+        Opts {
+            arbiter: true,
+            ..Opts::default()
+        },
+    );
+    rig.work()
+        .wait_replies_after(Instant::now(), PROOF_REPLIES, PROGRESS_TIMEOUT)
+        .expect("protected stream");
+    let be = Events::at(rig.dir.join("backup.sock"));
+    let bmark = be.mark().expect("mark");
+    rep.step("cutting b↔etcd, then SIGKILL of the primary");
+    rig.etcd
+        .as_ref()
+        .expect("etcd")
+        .cut(HostRole::Backup)
+        .expect("cut b↔etcd");
+    rig.primary.kill().expect("SIGKILL the primary");
+    let died = Instant::now();
+    be.wait(
+        bmark,
+        "an unanswered claim",
+        Duration::from_secs(30),
+        |e| matches!(&e.kind, EventKind::Arbitrated { outcome, .. } if outcome == "unreachable"),
+    )
+    .expect("the backup asks the arbiter and gets no answer");
+    std::thread::sleep(Duration::from_secs(3));
+    let st = rig.backup_status().expect("backup status");
+    assert_eq!(st["state"], "claiming", "{st}");
+    assert!(
+        !be.all(bmark, false)
+            .expect("events")
+            .iter()
+            .any(|e| matches!(e.kind, EventKind::FailoverStarted { .. })),
+        "the backup took over without the arbiter's grant"
+    );
+    rep.step("b↔etcd back: the claim wins, the backup takes over");
+    rig.etcd
+        .as_ref()
+        .expect("etcd")
+        .restore(HostRole::Backup)
+        .expect("restore");
+    let done = be
+        .wait(bmark, "the takeover", Duration::from_secs(30), |e| {
+            matches!(e.kind, EventKind::FailoverComplete(_))
+        })
+        .expect("the backup takes over once the arbiter answers");
+    rep.note(format!(
+        "took over {:.1}s after the kill",
+        died.elapsed().as_secs_f64()
+    ));
+    let _ = done;
+    rig.work()
+        .wait_replies_after(died, PROOF_REPLIES, PROGRESS_TIMEOUT)
+        .expect("the client's stream resumes on the backup");
+    let (pr, client) = rig.finish_work();
+    rep.recover = pr.max_gap_after(died - Duration::from_secs(1));
+    check_stream(&mut rep, &pr, client, "backup");
+    rig.assert_no_panics();
+    rep.done(
+        "no takeover while the arbiter was unreachable; took over once it answered; stream intact",
+    );
+}
+
+/// etcd itself down when the primary dies: no takeover; etcd restarted on its data: the
+/// backup's claim wins and it takes over.
+#[test]
+fn etcd_down_during_a_failover() {
+    let mut rep = Report::new("etcd_down_during_a_failover");
+    let mut rig = Rig::start(
+        &mut rep,
+        Opts {
+            arbiter: true,
+            ..Opts::default()
+        },
+    );
+    rig.work()
+        .wait_replies_after(Instant::now(), PROOF_REPLIES, PROGRESS_TIMEOUT)
+        .expect("protected stream");
+    let be = Events::at(rig.dir.join("backup.sock"));
+    let bmark = be.mark().expect("mark");
+    rep.step("etcd killed, then the primary");
+    rig.etcd.as_mut().expect("etcd").kill().expect("kill etcd");
+    rig.primary.kill().expect("SIGKILL the primary");
+    let died = Instant::now();
+    be.wait(
+        bmark,
+        "an unanswered claim",
+        Duration::from_secs(30),
+        |e| matches!(&e.kind, EventKind::Arbitrated { outcome, .. } if outcome == "unreachable"),
+    )
+    .expect("the backup gets no answer");
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        !be.all(bmark, false)
+            .expect("events")
+            .iter()
+            .any(|e| matches!(e.kind, EventKind::FailoverStarted { .. })),
+        "the backup took over without the arbiter's grant"
+    );
+    rep.step("etcd restarted on its data");
+    let dir_etcd = rig.etcd.as_mut().expect("etcd");
+    dir_etcd.restart(&rig.dir).expect("restart etcd");
+    be.wait(bmark, "the takeover", Duration::from_secs(60), |e| {
+        matches!(e.kind, EventKind::FailoverComplete(_))
+    })
+    .expect("the backup takes over once etcd is back");
+    rep.note(format!(
+        "took over {:.1}s after the kill",
+        died.elapsed().as_secs_f64()
+    ));
+    rig.work()
+        .wait_replies_after(died, PROOF_REPLIES, PROGRESS_TIMEOUT)
+        .expect("the client's stream resumes on the backup");
+    let (pr, client) = rig.finish_work();
+    rep.recover = pr.max_gap_after(died - Duration::from_secs(1));
+    check_stream(&mut rep, &pr, client, "backup");
+    rig.assert_no_panics();
+    rep.done("no takeover while etcd was down; took over once it came back; stream intact");
+}
+
+/// The primary stalled (SIGSTOP) past the backup's timeout: the backup wins the claim and
+/// takes over; the thawed primary learns it lost and stands down — one replica's frames.
+#[test]
+fn primary_stalled_past_the_timeout_with_an_arbiter() {
+    let mut rep = Report::new("primary_stalled_past_the_timeout_with_an_arbiter");
+    let mut rig = Rig::start(
+        &mut rep,
+        Opts {
+            arbiter: true,
+            ..Opts::default()
+        },
+    );
+    rig.work()
+        .wait_replies_after(Instant::now(), PROOF_REPLIES, PROGRESS_TIMEOUT)
+        .expect("protected stream");
+    let pe = Events::at(rig.dir.join("primary.sock"));
+    let be = Events::at(rig.dir.join("backup.sock"));
+    let (pmark, bmark) = (pe.mark().expect("mark"), be.mark().expect("mark"));
+    rep.step("SIGSTOP of the primary for 2 s");
+    rig.primary.signal(Signal::Stop).expect("SIGSTOP");
+    let stopped = Instant::now();
+    be.wait(bmark, "the takeover", Duration::from_secs(30), |e| {
+        matches!(e.kind, EventKind::FailoverComplete(_))
+    })
+    .expect("the backup takes over");
+    std::thread::sleep(Duration::from_secs(2).saturating_sub(stopped.elapsed()));
+    rig.primary.signal(Signal::Cont).expect("SIGCONT");
+    let stood = pe
+        .wait(
+            pmark,
+            "the primary standing down",
+            Duration::from_secs(30),
+            |e| matches!(e.kind, EventKind::StoodDown { .. }),
+        )
+        .expect("the thawed primary stands down");
+    rep.note(format!("primary: {:?}", stood.kind));
+    let decided = be.all(bmark, false).expect("events").into_iter().any(|e| {
+        matches!(
+            &e.kind,
+            EventKind::SessionEnded {
+                decision: Decision::TakeOver,
+                ..
+            }
+        )
+    });
+    assert!(decided);
+    let (p, b) = frames_during(&rig, Duration::from_secs(3));
+    rep.note(format!("frames out in 3 s: primary {p}, backup {b}"));
+    assert_eq!(p, 0, "SPLIT BRAIN: the thawed primary's VM sent {p} frames");
+    rig.work()
+        .wait_replies_after(stopped, PROOF_REPLIES, PROGRESS_TIMEOUT)
+        .expect("the client's stream goes on with the backup");
+    let (pr, client) = rig.finish_work();
+    rep.recover = pr.max_gap_after(stopped - Duration::from_secs(1));
+    check_stream(&mut rep, &pr, client, "backup");
+    rig.assert_no_panics();
+    rep.done("backup won; the thawed primary stood down; one replica's frames; stream intact");
+}
