@@ -27,7 +27,7 @@ pub mod takeover;
 use std::net::{SocketAddr, TcpListener};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tracing::{debug, error, info, warn};
@@ -97,7 +97,14 @@ pub use twin_api::FailoverReport;
 /// What the backup did.
 pub enum Outcome {
     /// It took over: the VM runs here now.
-    FailedOver { vmm: Vmm, report: FailoverReport },
+    FailedOver {
+        vmm: Vmm,
+        report: FailoverReport,
+        /// The VM's identity, for protecting it again under the same name.
+        vm_id: VmId,
+        /// The ownership record as this backup won it (with `--arbiter`).
+        arbiter_seen: Option<twin_arbiter::Seen>,
+    },
 }
 
 /// Counters shown by `twin status`.
@@ -210,70 +217,18 @@ pub struct Backup {
     session: Option<SessionStatus>,
     stats: Stats,
     /// The VM's ownership record as read while its primary was in a session: the view a
-    /// claim compares against (read anew for every session; see `RecordReader`).
-    arbiter_seen: Arc<Mutex<Option<(String, twin_arbiter::Seen)>>>,
-    record_reader: Option<RecordReader>,
+    /// claim compares against (read anew in every session, before its first ack).
+    arbiter_seen: Option<(String, twin_arbiter::Seen)>,
+    /// Whether a failed read of the record was already reported in this session.
+    record_unread_said: bool,
     /// The connection of the session whose loss may lead to a takeover: the primary is
     /// told `Goodbye(takeover)` on it only once the takeover is certain (with an arbiter,
     /// once the claim is won).
     takeover_writer: Option<Arc<FrameWriter>>,
     /// Whether an unanswered claim was already reported (once per claiming episode).
     claim_unreachable_said: bool,
-}
-
-/// Reads the VM's ownership record for a session, retrying until it has it or the session
-/// ends. Detached on purpose: each request ends within the arbiter's timeout, and it stops
-/// at the next one after `done`.
-struct RecordReader {
-    done: Arc<AtomicBool>,
-}
-
-impl RecordReader {
-    fn start(
-        arb: twin_arbiter::Arbitration,
-        vm: String,
-        out: Arc<Mutex<Option<(String, twin_arbiter::Seen)>>>,
-    ) -> Option<RecordReader> {
-        let done = Arc::new(AtomicBool::new(false));
-        let d = done.clone();
-        let spawned = std::thread::Builder::new()
-            .name("arbiter-read".into())
-            .spawn(move || {
-                let mut said = false;
-                while !d.load(Ordering::Acquire) {
-                    match arb.client.get(&vm) {
-                        Ok(seen) if seen.record.is_some() => {
-                            debug!(vm, generation = seen.generation(), "ownership record read");
-                            *out.lock().unwrap_or_else(|e| e.into_inner()) = Some((vm, seen));
-                            return;
-                        }
-                        Ok(_) if !said => {
-                            warn!(vm, "the VM has no ownership record yet (its primary creates it); waiting");
-                            said = true;
-                        }
-                        Err(e) if !said => {
-                            warn!(vm, "cannot read the VM's ownership record: {e}; retrying");
-                            said = true;
-                        }
-                        _ => {}
-                    }
-                    std::thread::sleep(Duration::from_millis(500));
-                }
-            });
-        match spawned {
-            Ok(_) => Some(RecordReader { done }),
-            Err(e) => {
-                warn!("cannot start the arbiter reader: {e}");
-                None
-            }
-        }
-    }
-}
-
-impl Drop for RecordReader {
-    fn drop(&mut self) {
-        self.done.store(true, Ordering::Release);
-    }
+    /// The record as this backup's winning claim left it.
+    won: Option<twin_arbiter::Seen>,
 }
 
 impl Backup {
@@ -309,10 +264,11 @@ impl Backup {
             state: BackupState::Waiting,
             session: None,
             stats: Stats::default(),
-            arbiter_seen: Arc::new(Mutex::new(None)),
-            record_reader: None,
+            arbiter_seen: None,
+            record_unread_said: false,
             takeover_writer: None,
             claim_unreachable_said: false,
+            won: None,
         })
     }
 
@@ -331,8 +287,6 @@ impl Backup {
         };
         let seen = self
             .arbiter_seen
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
             .clone()
             .filter(|(v, _)| *v == vm)
             .map(|(_, s)| s);
@@ -360,6 +314,7 @@ impl Backup {
                 );
                 emit(&self.cfg.events, "won", Some(&now));
                 self.claim_unreachable_said = false;
+                self.won = Some(now);
                 ClaimOutcome::Won
             }
             Ok(twin_arbiter::Claim::Lost(now)) => {
@@ -387,6 +342,36 @@ impl Backup {
                     self.claim_unreachable_said = true;
                 }
                 ClaimOutcome::Unreachable
+            }
+        }
+    }
+
+    /// With an arbiter: whether this session's view of the VM's ownership record is known,
+    /// reading it now if not (the primary creates it before its first session).
+    fn knows_the_record(&mut self, s: &Session) -> bool {
+        let Some(arb) = &self.cfg.arbiter else {
+            return true;
+        };
+        if self.arbiter_seen.is_some() {
+            return true;
+        }
+        let vm = s.vm_id.to_string();
+        match arb.client.get(&vm) {
+            Ok(seen) if seen.record.is_some() => {
+                debug!(vm, generation = seen.generation(), "ownership record read");
+                self.arbiter_seen = Some((vm, seen));
+                true
+            }
+            other => {
+                if !self.record_unread_said {
+                    let why = match other {
+                        Ok(_) => "it does not exist yet".to_string(),
+                        Err(e) => e.to_string(),
+                    };
+                    warn!(vm, "cannot read the VM's ownership record ({why}): acknowledgements withheld until it can");
+                    self.record_unread_said = true;
+                }
+                false
             }
         }
     }
@@ -541,13 +526,10 @@ impl Backup {
                 r.committed = None;
             }
         }
-        if let Some(arb) = self.cfg.arbiter.clone() {
-            // This session's view of the ownership record: what a takeover after it claims
-            // against (the primary bumps it if it runs on without us).
-            *self.arbiter_seen.lock().unwrap_or_else(|e| e.into_inner()) = None;
-            self.record_reader =
-                RecordReader::start(arb, c.hello.vm_id.to_string(), self.arbiter_seen.clone());
-        }
+        // This session's view of the ownership record, read before its first ack: what a
+        // takeover after it claims against (the primary bumps it if it runs on without us).
+        self.arbiter_seen = None;
+        self.record_unread_said = false;
         // A newer session of the VM: an earlier one's takeover is off.
         if let Some(w) = self.takeover_writer.take() {
             w.shutdown(std::net::Shutdown::Both);
@@ -947,6 +929,11 @@ impl Backup {
             // Withheld: the primary keeps this epoch's output held.
             return Ok(());
         }
+        if !self.knows_the_record(s) {
+            // Without the record no takeover could be claimed: an ack would promise a
+            // protection this backup cannot give. Later epochs' acks cover this one.
+            return Ok(());
+        }
         s.writer
             .send(&Message::Ack(Ack { epoch: epoch.epoch }))
             .map_err(SessionEnd::Send)
@@ -955,7 +942,6 @@ impl Backup {
     /// Runs the VM from the replica and reports to whoever asked for the takeover.
     fn take_over(&mut self, console: impl FnOnce() -> ConsoleOut) -> Result<Outcome, BackupError> {
         self.state = BackupState::TakingOver;
-        self.record_reader = None;
         if let Some(w) = self.takeover_writer.take() {
             // Silence is not proof of death: a primary that was only stalled finds this
             // when it runs again and stands down (fences its output) instead of running on
@@ -969,18 +955,24 @@ impl Backup {
         let detected = self.detected.unwrap_or_else(Instant::now);
         let r = self.failover(detected, console);
         self.cfg.events.emit(match &r {
-            Ok((_, report)) => EventKind::FailoverComplete(report.clone()),
+            Ok((_, report, _)) => EventKind::FailoverComplete(report.clone()),
             Err(e) => EventKind::FailoverFailed {
                 error: twin_vmm::describe_error(e),
             },
         });
         if let Some(reply) = self.takeover_reply.take() {
             reply(match &r {
-                Ok((_, report)) => Ok(report.clone()),
+                Ok((_, report, _)) => Ok(report.clone()),
                 Err(e) => Err(e.to_string()),
             });
         }
-        r.map(|(vmm, report)| Outcome::FailedOver { vmm, report })
+        let won = self.won.take();
+        r.map(|(vmm, report, vm_id)| Outcome::FailedOver {
+            vmm,
+            report,
+            vm_id,
+            arbiter_seen: won,
+        })
     }
 
     /// Runs the VM from the replica. `detected` is when the primary was declared lost.
@@ -988,7 +980,7 @@ impl Backup {
         &mut self,
         detected: Instant,
         console: impl FnOnce() -> ConsoleOut,
-    ) -> Result<(Vmm, FailoverReport), BackupError> {
+    ) -> Result<(Vmm, FailoverReport, VmId), BackupError> {
         let replica = self.replica.take().expect("failover needs a replica");
         let (epoch, state) = replica.committed.expect("failover needs a committed state");
         info!(epoch, vm = %replica.vm_id, generation = replica.generation, "failover: restoring the VM from the replica");
@@ -1036,6 +1028,7 @@ impl Backup {
                 stale_frames_dropped: stale,
                 detect_to_running_ms: total_ms,
             },
+            replica.vm_id,
         ))
     }
 }

@@ -91,6 +91,28 @@ pub(crate) fn fence(s: &Shared, why: String) {
     });
 }
 
+/// Waits until the arbiter thread has the VM's ownership record (created or adopted): a
+/// backup acknowledges nothing before it can read it, and nothing could be claimed without
+/// it. The guest's output is held meanwhile (nothing is acknowledged).
+pub(crate) fn wait_for_record(s: &Shared) {
+    let t0 = std::time::Instant::now();
+    let mut said = false;
+    while !s.stopping() && !s.fenced() {
+        if s.arbiter_seen
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
+        {
+            return;
+        }
+        if !said && t0.elapsed() > Duration::from_secs(2) {
+            warn!("waiting for the arbiter before protecting the VM (its output is held)");
+            said = true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// The arbiter thread: creates (or adopts) the record, then watches it until the primary
 /// stops; a record owned by anyone else fences this primary.
 pub(crate) fn watch(s: &Arc<Shared>) {

@@ -463,6 +463,9 @@ fn replicate(s: &Shared) {
     twin_link::realtime::elevate_or_warn("replicate");
     let mut generation = 0u64;
     let mut next_epoch = 1u64;
+    if s.cfg.arbiter.is_some() {
+        arbiter::wait_for_record(s);
+    }
     while !s.stopping() && !s.fenced() {
         generation += 1;
         s.status().sessions += 1;
@@ -577,15 +580,36 @@ fn replicate(s: &Shared) {
 }
 
 fn connect(s: &Shared) -> Result<twin_link::Link, SessionError> {
-    let addrs: Vec<SocketAddr> = s
+    // A list of backups is tried in order: the first that answers is this session's.
+    let mut last = None;
+    for backup in s
         .cfg
         .backup
+        .split(',')
+        .map(str::trim)
+        .filter(|b| !b.is_empty())
+    {
+        match connect_one(s, backup) {
+            Ok(link) => return Ok(link),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        SessionError::Resolve(
+            s.cfg.backup.clone(),
+            std::io::Error::new(std::io::ErrorKind::NotFound, "no backup address"),
+        )
+    }))
+}
+
+fn connect_one(s: &Shared, backup: &str) -> Result<twin_link::Link, SessionError> {
+    let addrs: Vec<SocketAddr> = backup
         .to_socket_addrs()
-        .map_err(|e| SessionError::Resolve(s.cfg.backup.clone(), e))?
+        .map_err(|e| SessionError::Resolve(backup.to_string(), e))?
         .collect();
     let addr = *addrs.first().ok_or_else(|| {
         SessionError::Resolve(
-            s.cfg.backup.clone(),
+            backup.to_string(),
             std::io::Error::new(std::io::ErrorKind::NotFound, "no address"),
         )
     })?;

@@ -4,8 +4,8 @@
 //!
 //! ```text
 //!   primary ns  ep0 192.168.78.1 ──── 192.168.78.254 ep0 ┐
-//!                                                         etcd ns  (etcd listens on both)
-//!   backup ns   ep0 192.168.79.2 ──── 192.168.79.254 ep1 ┘
+//!   backup ns   ep0 192.168.79.2 ──── 192.168.79.254 ep1 ├ etcd ns (etcd listens on each)
+//!   standby ns  ep0 192.168.80.3 ──── 192.168.80.254 ep2 ┘ (with a standby)
 //! ```
 
 use std::net::Ipv4Addr;
@@ -17,33 +17,38 @@ use crate::netns::Netns;
 use crate::process::{TestDir, TwinProcess};
 use crate::topology::{Ha, HostRole};
 
-/// The etcd-side interface towards the primary host, and towards the backup host.
+/// The etcd-side interface towards the primary host, the backup host and the standby.
 const TO_PRIMARY: &str = "ep0";
 const TO_BACKUP: &str = "ep1";
+const TO_STANDBY: &str = "ep2";
 /// The host side's interface name.
 const HOST_IF: &str = "ep0";
 /// etcd's client port.
 pub const ETCD_PORT: u16 = 2379;
 
 fn net(role: HostRole) -> (Ipv4Addr, Ipv4Addr) {
-    match role {
-        HostRole::Primary => (
-            Ipv4Addr::new(192, 168, 78, 254),
-            Ipv4Addr::new(192, 168, 78, 1),
-        ),
-        HostRole::Backup => (
-            Ipv4Addr::new(192, 168, 79, 254),
-            Ipv4Addr::new(192, 168, 79, 2),
-        ),
-    }
+    let third = match role {
+        HostRole::Primary => 78,
+        HostRole::Backup => 79,
+        HostRole::Standby => 80,
+    };
+    let host = match role {
+        HostRole::Primary => 1,
+        HostRole::Backup => 2,
+        HostRole::Standby => 3,
+    };
+    (
+        Ipv4Addr::new(192, 168, third, 254),
+        Ipv4Addr::new(192, 168, third, host),
+    )
 }
 
 /// The etcd host. Killed and removed on drop.
 pub struct EtcdHost {
     // The server first, then the links, then the namespace.
     server: Option<TwinProcess>,
-    _to_primary: Veth,
-    _to_backup: Veth,
+    _links: Vec<Veth>,
+    roles: Vec<HostRole>,
     pub ns: Netns,
     data_dir: std::path::PathBuf,
     /// Servers started so far (each gets its own log files).
@@ -56,20 +61,22 @@ impl EtcdHost {
     pub fn start(ha: &Ha, dir: &TestDir) -> Result<EtcdHost> {
         let ns = Netns::new("etcd")?;
         ns.link_up("lo")?;
-        let to_primary = Veth::create(&ns, TO_PRIMARY, &ha.primary.ns, HOST_IF)?;
-        let to_backup = Veth::create(&ns, TO_BACKUP, &ha.backup.ns, HOST_IF)?;
-        for (role, ifname, host) in [
-            (HostRole::Primary, TO_PRIMARY, &ha.primary.ns),
-            (HostRole::Backup, TO_BACKUP, &ha.backup.ns),
-        ] {
+        let mut roles = vec![HostRole::Primary, HostRole::Backup];
+        if ha.standby.is_some() {
+            roles.push(HostRole::Standby);
+        }
+        let mut links = Vec::new();
+        for &role in &roles {
+            let host = &ha.host(role).ns;
+            links.push(Veth::create(&ns, Self::ifname(role), host, HOST_IF)?);
             let (etcd_addr, host_addr) = net(role);
-            ns.add_addr(ifname, &format!("{etcd_addr}/24"))?;
+            ns.add_addr(Self::ifname(role), &format!("{etcd_addr}/24"))?;
             host.add_addr(HOST_IF, &format!("{host_addr}/24"))?;
         }
         let mut host = EtcdHost {
             server: None,
-            _to_primary: to_primary,
-            _to_backup: to_backup,
+            _links: links,
+            roles,
             ns,
             data_dir: dir.join("etcd-data"),
             starts: 0,
@@ -79,9 +86,12 @@ impl EtcdHost {
     }
 
     fn run_server(&mut self, dir: &TestDir) -> Result<()> {
-        let (p, _) = net(HostRole::Primary);
-        let (b, _) = net(HostRole::Backup);
-        let clients = format!("http://{p}:{ETCD_PORT},http://{b}:{ETCD_PORT}");
+        let clients = self
+            .roles
+            .iter()
+            .map(|&r| format!("http://{}:{ETCD_PORT}", net(r).0))
+            .collect::<Vec<_>>()
+            .join(",");
         let data = self.data_dir.to_string_lossy().into_owned();
         let args = [
             "--name",
@@ -156,6 +166,7 @@ impl EtcdHost {
         match role {
             HostRole::Primary => TO_PRIMARY,
             HostRole::Backup => TO_BACKUP,
+            HostRole::Standby => TO_STANDBY,
         }
     }
 

@@ -62,8 +62,9 @@ pub use process::{
 pub use tmpfs::TinyFs;
 pub use topology::{
     guest_service, Cut, Direction, Ha, Host, HostRole, Lan, LanPeer, Single, Tbf, Topology,
-    BACKUP_REPL_ADDR, BRIDGE, CLIENT_ADDR, CLIENT_IF, GUEST_ADDR, GUEST_CIDR, GUEST_PORT,
-    LAN_PREFIX, PRIMARY_REPL_ADDR, REPL_IF, REPL_PREFIX, TAP, UPLINK_IF,
+    BACKUP_REPL_ADDR, BACKUP_TO_STANDBY_ADDR, BRIDGE, CLIENT_ADDR, CLIENT_IF, GUEST_ADDR,
+    GUEST_CIDR, GUEST_PORT, LAN_PREFIX, PRIMARY_REPL_ADDR, REPL_IF, REPL_PREFIX, STANDBY_IF,
+    STANDBY_REPL_ADDR, TAP, UPLINK_IF,
 };
 
 /// Panics with a clear message unless the tests run as root (namespaces, TAPs, nftables).

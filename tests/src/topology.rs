@@ -19,6 +19,8 @@ pub const CLIENT_IF: &str = "eth0";
 pub const UPLINK_IF: &str = "lan0";
 /// The replication interface in `ha` host namespaces.
 pub const REPL_IF: &str = "rep0";
+/// The backup host's replication interface towards the standby.
+pub const STANDBY_IF: &str = "rep1";
 
 /// The client's LAN address.
 pub const CLIENT_ADDR: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
@@ -34,6 +36,10 @@ pub const GUEST_PORT: u16 = 7000;
 pub const PRIMARY_REPL_ADDR: Ipv4Addr = Ipv4Addr::new(192, 168, 77, 1);
 /// The backup host's replication address.
 pub const BACKUP_REPL_ADDR: Ipv4Addr = Ipv4Addr::new(192, 168, 77, 2);
+/// The standby host's replication address (on its link with the backup host).
+pub const STANDBY_REPL_ADDR: Ipv4Addr = Ipv4Addr::new(192, 168, 76, 3);
+/// The backup host's address on its replication link with the standby.
+pub const BACKUP_TO_STANDBY_ADDR: Ipv4Addr = Ipv4Addr::new(192, 168, 76, 2);
 /// The replication link's prefix length.
 pub const REPL_PREFIX: u8 = 24;
 
@@ -100,9 +106,27 @@ impl Topology {
             primary,
             backup,
             repl,
+            standby: None,
             client,
             lan,
         })
+    }
+
+    /// The `ha` layout with a third host, the standby, on the LAN like the other two and on
+    /// a replication link of its own with the backup (for a chain of failovers).
+    pub fn ha_with_standby() -> Result<Ha> {
+        let mut ha = Self::default().build_ha()?;
+        let standby = Host::new(&ha.lan, HostRole::Standby, Self::default().tap)?;
+        let link = Veth::create(&ha.backup.ns, STANDBY_IF, &standby.ns, REPL_IF)?;
+        ha.backup.ns.add_addr(
+            STANDBY_IF,
+            &format!("{BACKUP_TO_STANDBY_ADDR}/{REPL_PREFIX}"),
+        )?;
+        standby
+            .ns
+            .add_addr(REPL_IF, &format!("{STANDBY_REPL_ADDR}/{REPL_PREFIX}"))?;
+        ha.standby = Some((standby, link));
+        Ok(ha)
     }
 }
 
@@ -197,6 +221,9 @@ pub enum HostRole {
     Primary,
     /// The host that receives checkpoints (192.168.77.2).
     Backup,
+    /// A third host, the backup's standby in a chain of failovers (192.168.76.3, on its
+    /// own replication link with the backup).
+    Standby,
 }
 
 impl HostRole {
@@ -204,6 +231,7 @@ impl HostRole {
         match self {
             Self::Primary => "primary",
             Self::Backup => "backup",
+            Self::Standby => "standby",
         }
     }
 }
@@ -226,7 +254,7 @@ pub struct Host {
 }
 
 impl Host {
-    fn new(lan: &Lan, role: HostRole, tap: TapOptions) -> Result<Self> {
+    pub(crate) fn new(lan: &Lan, role: HostRole, tap: TapOptions) -> Result<Self> {
         let ns = Netns::new(role.label())?;
         let bridge = Bridge::create(&ns, BRIDGE)?;
         let tap = Tap::create(&ns, TAP, tap)?;
@@ -236,6 +264,7 @@ impl Host {
         let repl_addr = match role {
             HostRole::Primary => PRIMARY_REPL_ADDR,
             HostRole::Backup => BACKUP_REPL_ADDR,
+            HostRole::Standby => STANDBY_REPL_ADDR,
         };
         Ok(Self {
             tap,
@@ -317,6 +346,9 @@ pub struct Ha {
     pub backup: Host,
     /// The replication veth `rep0` (primary end first).
     pub repl: Veth,
+    /// A third host and its replication link with the backup (`rep1` there, `rep0` on the
+    /// standby, 192.168.76.2 ↔ .3), with [`Topology::ha_with_standby`].
+    pub standby: Option<(Host, Veth)>,
     /// The client at 10.0.0.1.
     pub client: LanPeer,
     /// The LAN switch.
@@ -329,6 +361,13 @@ impl Ha {
         match role {
             HostRole::Primary => &self.primary,
             HostRole::Backup => &self.backup,
+            HostRole::Standby => {
+                &self
+                    .standby
+                    .as_ref()
+                    .expect("this layout has no standby (Topology::ha_with_standby)")
+                    .0
+            }
         }
     }
 
@@ -339,7 +378,7 @@ impl Ha {
 
     /// Names of every namespace of this layout.
     pub fn namespace_names(&self) -> Vec<String> {
-        [
+        let mut v: Vec<String> = [
             &self.lan.ns,
             &self.client.ns,
             &self.primary.ns,
@@ -347,7 +386,11 @@ impl Ha {
         ]
         .iter()
         .map(|ns| ns.name().to_string())
-        .collect()
+        .collect();
+        if let Some((s, _)) = &self.standby {
+            v.push(s.ns.name().to_string());
+        }
+        v
     }
 
     /// Breaks the replication link. Cuts add up (a drop in each direction is `Both`).
@@ -360,6 +403,7 @@ impl Ha {
                         let receiver = match from {
                             HostRole::Primary => &self.backup,
                             HostRole::Backup => &self.primary,
+                            HostRole::Standby => unreachable!("the loop names primary and backup"),
                         };
                         receiver.ns.run_with_input(
                             &["nft", "-f", "-"],

@@ -419,3 +419,144 @@ fn primary_stalled_past_the_timeout_with_an_arbiter() {
     rig.assert_no_panics();
     rep.done("backup won; the thawed primary stood down; one replica's frames; stream intact");
 }
+
+/// Three hosts: the primary dies, the backup takes over and protects the VM again to the
+/// standby (`--reprotect`), then the backup dies and the standby takes over. One client
+/// connection's INCR sequence is continuous across both failovers, and the arbiter's
+/// generation rises at each.
+#[test]
+fn three_hosts_two_failovers() {
+    let mut rep = Report::new("three_hosts_two_failovers");
+    rep.step("building the layout with a standby, and etcd");
+    let ha = Topology::ha_with_standby().expect("layout");
+    let dir = TestDir::new("three-hosts").expect("dir");
+    let etcd = twin_tests::etcd::EtcdHost::start(&ha, &dir).expect("etcd");
+    let key = dir.key_file();
+    let standby_listen = format!("{STANDBY_REPL_ADDR}:{REPL_PORT}");
+    let sock = |n: &str| dir.join(format!("{n}.sock")).to_string_lossy().into_owned();
+    let cons = |n: &str| {
+        dir.join(format!("{n}.console"))
+            .to_string_lossy()
+            .into_owned()
+    };
+    let (ssock, scons) = (sock("standby"), cons("standby"));
+    let surl = etcd.url(HostRole::Standby);
+    let mut standby = spawn_twin(
+        &ha.host(HostRole::Standby).ns,
+        &dir,
+        "standby",
+        &[
+            "backup",
+            "--key-file",
+            &key,
+            "--listen",
+            &standby_listen,
+            "--tap",
+            TAP,
+            "--arbiter",
+            &surl,
+            "--control",
+            &ssock,
+            "--console",
+            &scons,
+        ],
+        "",
+    );
+    standby
+        .wait_for_line("waiting for a primary", Duration::from_secs(30))
+        .expect("the standby listens");
+    let mut auth = Auth::Key.args(&dir, false);
+    auth.extend(["--arbiter".into(), etcd.url(HostRole::Backup)]);
+    let mut backup = spawn_backup(
+        &ha,
+        &dir,
+        "backup",
+        &auth,
+        &["--reprotect", &standby_listen],
+        "",
+    );
+    let mut pauth = Auth::Key.args(&dir, true);
+    pauth.extend(["--arbiter".into(), etcd.url(HostRole::Primary)]);
+    let mut primary = spawn_primary(
+        &ha,
+        &dir,
+        "primary",
+        &backup_listen(),
+        &pauth,
+        &["--guest-args", GUEST_ARGS],
+        "",
+    );
+    let pe = Events::at(dir.join("primary.sock"));
+    let be = Events::at(dir.join("backup.sock"));
+    let se = Events::at(dir.join("standby.sock"));
+    pe.wait_ready(Duration::from_secs(30))
+        .expect("primary control");
+    pe.wait(0, "protection", PROTECT_TIMEOUT, |e| {
+        matches!(e.kind, EventKind::Protected { .. })
+    })
+    .expect("the primary is protected by the backup");
+    let client = GuestClient::connect_retry(ha.client_ns(), guest_service(), BOOT_TIMEOUT, || {
+        primary.ensure_running()
+    })
+    .expect("the guest serves");
+    let work = Workload::start(client, RIDE_THROUGH);
+    work.wait_replies_after(Instant::now(), PROOF_REPLIES, PROGRESS_TIMEOUT)
+        .expect("protected stream");
+
+    rep.step("SIGKILL of the primary: the backup takes over and protects the VM to the standby");
+    let bmark = be.mark().expect("mark");
+    primary.kill().expect("SIGKILL the primary");
+    let first = Instant::now();
+    let won = be
+        .wait(
+            bmark,
+            "the backup's claim",
+            FAILOVER_TIMEOUT,
+            |e| matches!(&e.kind, EventKind::Arbitrated { outcome, .. } if outcome == "won"),
+        )
+        .expect("the backup wins the arbiter");
+    be.wait(bmark, "re-protection", PROTECT_TIMEOUT, |e| {
+        matches!(e.kind, EventKind::Protected { .. })
+    })
+    .expect("the backup, now primary, is protected by the standby");
+    work.wait_replies_after(first, PROOF_REPLIES, PROGRESS_TIMEOUT)
+        .expect("the stream goes on with the backup");
+    let reprotected = first.elapsed();
+
+    rep.step("SIGKILL of the backup: the standby takes over");
+    let smark = se.mark().expect("mark");
+    backup.kill().expect("SIGKILL the backup");
+    let second = Instant::now();
+    let won2 = se
+        .wait(
+            smark,
+            "the standby's claim",
+            FAILOVER_TIMEOUT,
+            |e| matches!(&e.kind, EventKind::Arbitrated { outcome, .. } if outcome == "won"),
+        )
+        .expect("the standby wins the arbiter");
+    se.wait(smark, "the second takeover", FAILOVER_TIMEOUT, |e| {
+        matches!(e.kind, EventKind::FailoverComplete(_))
+    })
+    .expect("the standby takes over");
+    work.wait_replies_after(second, PROOF_REPLIES, PROGRESS_TIMEOUT)
+        .expect("the stream goes on with the standby");
+    let generation = |e: &twin_api::Event| match &e.kind {
+        EventKind::Arbitrated { generation, .. } => generation.unwrap_or(0),
+        _ => 0,
+    };
+    let (g1, g2) = (generation(&won), generation(&won2));
+    assert!(g2 > g1 && g1 >= 2, "generations {g1} then {g2}");
+    rep.note(format!(
+        "generations {g1} → {g2}; re-protected {:.1}s after the first kill",
+        reprotected.as_secs_f64()
+    ));
+    let (p, client) = work.finish(RIDE_THROUGH + Duration::from_secs(5));
+    rep.recover = p.max_gap_after(first - Duration::from_secs(1));
+    check_stream(&mut rep, &p, client, "standby");
+    assert_no_panic(&standby);
+    drop(etcd);
+    rep.done(format!(
+        "p → b (generation {g1}) → re-protected to s → s (generation {g2}); one connection, INCRs continuous"
+    ));
+}

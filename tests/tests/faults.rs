@@ -1289,6 +1289,7 @@ fn ask_one_side(ha: &Ha, role: HostRole) -> String {
     let other = match role {
         HostRole::Primary => HostRole::Backup,
         HostRole::Backup => HostRole::Primary,
+        HostRole::Standby => unreachable!("the ha layout of this scenario has no standby"),
     };
     let _ = ha.isolate_lan(other);
     std::thread::sleep(Duration::from_millis(300));

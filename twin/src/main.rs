@@ -194,6 +194,11 @@ struct BackupArgs {
     auth: AuthArgs,
     #[command(flatten)]
     arbiter: ArbiterArgs,
+    /// After a takeover, protect the VM again to this standby backup (`HOST:PORT`, or a
+    /// comma-separated list tried in order): a live initial sync, then epochs, with the
+    /// same key and arbiter.
+    #[arg(long)]
+    reprotect: Option<String>,
 }
 
 #[derive(Args)]
@@ -668,8 +673,7 @@ fn restore(args: RestoreArgs) -> Result<ExitCode> {
 }
 
 fn protect(args: ProtectArgs) -> Result<ExitCode> {
-    use twin_netbuf::{NetBuffer, NetBufferConfig};
-    use twin_primary::{LossPolicy, Mode, NetbufSink, Primary, ProtectConfig};
+    use twin_primary::{LossPolicy, ProtectConfig};
 
     let sigs = block_termination_signals()?;
     let link = args.auth.link()?;
@@ -677,21 +681,14 @@ fn protect(args: ProtectArgs) -> Result<ExitCode> {
         tracing::warn!("the replication link is NOT authenticated (--no-auth): anyone who reaches the backup's port can pose as it and stop this VM");
     }
     let vmm = Vmm::new(args.vm.to_config(&args.host)?).context("cannot start the VM")?;
-    let netbuf = NetBuffer::new(NetBufferConfig::default());
-    vmm.set_net_sink(Box::new(NetbufSink(netbuf.sink())));
-    let tap = vmm.tap().context("the protected VM has no NIC")?;
-    let release = netbuf
-        .spawn_release_thread("net-release", move |frame| tap.write_vnet(frame))
-        .context("spawning the output release thread")?;
+    // Output commit from the first frame: the guest's output waits for the first backup.
+    let output = OutputCommit::attach(&vmm, false)?;
     let events = EventLog::new();
     let control = control::serve(&args.host.control, events.clone())?;
     let mut vmm = vmm;
     vmm.start().context("cannot start the VM")?;
     forward_signals(sigs, vmm.event_sender())?;
     emit_running(&events, &vmm, ApiRole::Primary);
-    let vmm = std::sync::Arc::new(vmm);
-    // A stable identity for this VM's replication sessions.
-    let vm_id = twin_wire::VmId(*uuid_like(&args.vm.mac.0));
     let cfg = ProtectConfig {
         backup: args.backup.clone(),
         interval: args.interval.0,
@@ -702,7 +699,8 @@ fn protect(args: ProtectArgs) -> Result<ExitCode> {
         },
         backup_timeout: args.backup_timeout.0,
         heartbeat_interval: twin_link::HEARTBEAT_INTERVAL,
-        vm_id,
+        // A stable identity for this VM's replication sessions.
+        vm_id: twin_wire::VmId(*uuid_like(&args.vm.mac.0)),
         link,
         arbiter: args.arbiter.arbitration(format!(
             "primary {} (pid {})",
@@ -711,9 +709,49 @@ fn protect(args: ProtectArgs) -> Result<ExitCode> {
         ))?,
         arbiter_seen: None,
     };
+    tracing::info!(backup = %args.backup, interval_ms = args.interval.0.as_millis() as u64, "VM running, protecting");
+    serve_protected(std::sync::Arc::new(vmm), output, cfg, &control, &events)
+}
+
+/// The output-commit buffer between a VM's NIC and its TAP, and the thread that releases
+/// its frames.
+struct OutputCommit {
+    netbuf: twin_netbuf::NetBuffer,
+    release: twin_netbuf::ReleaseThread,
+}
+
+impl OutputCommit {
+    /// Puts a commit buffer between `vmm`'s NIC and its TAP. `unprotected`: frames flow
+    /// until a backup is in sync (a running VM put under protection), else they wait for the
+    /// first backup's acknowledgement.
+    fn attach(vmm: &Vmm, unprotected: bool) -> Result<Self> {
+        use twin_netbuf::{NetBuffer, NetBufferConfig};
+        let netbuf = NetBuffer::new(NetBufferConfig::default());
+        if unprotected {
+            netbuf.release_all();
+        }
+        vmm.set_net_sink(Box::new(twin_primary::NetbufSink(netbuf.sink())));
+        let tap = vmm.tap().context("a protected VM needs a NIC")?;
+        let release = netbuf
+            .spawn_release_thread("net-release", move |frame| tap.write_vnet(frame))
+            .context("spawning the output release thread")?;
+        Ok(OutputCommit { netbuf, release })
+    }
+}
+
+/// Runs a started VM protected by `cfg`'s backup until it stops, stands down or fails,
+/// answering control requests meanwhile.
+fn serve_protected(
+    vmm: std::sync::Arc<Vmm>,
+    output: OutputCommit,
+    cfg: twin_primary::ProtectConfig,
+    control: &Control,
+    events: &std::sync::Arc<EventLog>,
+) -> Result<ExitCode> {
+    use twin_primary::{Mode, Primary};
+    let OutputCommit { netbuf, release } = output;
     let primary = Primary::start(vmm.clone(), netbuf.clone(), cfg, events.clone())
         .context("starting replication")?;
-    tracing::info!(backup = %args.backup, interval_ms = args.interval.0.as_millis() as u64, "VM running, protecting");
     let outcome = loop {
         if let Some(outcome) = next_vm_outcome(&vmm) {
             break outcome;
@@ -763,7 +801,7 @@ fn protect(args: ProtectArgs) -> Result<ExitCode> {
     if let Ok(mut vmm) = std::sync::Arc::try_unwrap(vmm) {
         vmm.shutdown();
     }
-    emit_stopped(&events, &outcome);
+    emit_stopped(events, &outcome);
     outcome
 }
 
@@ -793,6 +831,12 @@ fn backup(args: BackupArgs) -> Result<ExitCode> {
 
     let sigs = block_termination_signals()?;
     let events = EventLog::new();
+    let arbitration = args.arbiter.arbitration(format!(
+        "backup {} on {} (pid {})",
+        args.listen,
+        host_name(),
+        std::process::id()
+    ))?;
     let cfg = BackupConfig {
         listen: args.listen,
         tap: args.tap.clone(),
@@ -800,12 +844,7 @@ fn backup(args: BackupArgs) -> Result<ExitCode> {
         heartbeat_interval: twin_link::HEARTBEAT_INTERVAL,
         link: args.auth.link()?,
         events: events.clone(),
-        arbiter: args.arbiter.arbitration(format!(
-            "backup {} on {} (pid {})",
-            args.listen,
-            host_name(),
-            std::process::id()
-        ))?,
+        arbiter: arbitration.clone(),
     };
     // The TAP and the port first: a backup that cannot serve must not claim the control
     // socket (and a second one must never take a running backup's).
@@ -867,13 +906,40 @@ fn backup(args: BackupArgs) -> Result<ExitCode> {
         }
     };
     match outcome {
-        Ok(Outcome::FailedOver { vmm, report }) => {
+        Ok(Outcome::FailedOver {
+            vmm,
+            report,
+            vm_id,
+            arbiter_seen,
+        }) => {
             println!(
                 "FAILOVER {}",
                 serde_json::to_string(&report).unwrap_or_default()
             );
             emit_running(&events, &vmm, ApiRole::TookOver);
-            serve_vm(vmm, &control, pending, "primary (took over)", &events)
+            match &args.reprotect {
+                None => serve_vm(vmm, &control, pending, "primary (took over)", &events),
+                Some(standby) => {
+                    // The same process goes on as this VM's primary, under its identity and
+                    // (with an arbiter) as the record's owner it just became.
+                    forward_signals(pending, vmm.event_sender())?;
+                    let output = OutputCommit::attach(&vmm, true)?;
+                    let cfg = twin_primary::ProtectConfig {
+                        backup: standby.clone(),
+                        interval: Duration::from_millis(25),
+                        eager_gap: Some(Duration::from_millis(2)),
+                        on_backup_loss: twin_primary::LossPolicy::Release,
+                        backup_timeout: Duration::from_millis(500),
+                        heartbeat_interval: twin_link::HEARTBEAT_INTERVAL,
+                        vm_id,
+                        link: args.auth.link()?,
+                        arbiter: arbitration,
+                        arbiter_seen,
+                    };
+                    tracing::info!(standby = %standby, "took over; protecting the VM again");
+                    serve_protected(std::sync::Arc::new(vmm), output, cfg, &control, &events)
+                }
+            }
         }
         Err(twin_backup::BackupError::Stopped) => Ok(ExitCode::SUCCESS),
         Err(e) => Err(e.into()),
