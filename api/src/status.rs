@@ -85,10 +85,26 @@ pub struct SyncSummary {
     pub ms: f64,
 }
 
+/// The arbiter as a process sees it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArbiterStatus {
+    pub endpoints: String,
+    /// The ownership record's generation as last seen (0: not read yet).
+    pub generation: u64,
+    /// Its owner's label, as last seen.
+    pub owner: Option<String>,
+    /// Whether this process is the owner.
+    pub owned_here: bool,
+}
+
 /// `twin status` of `twin protect`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct PrimaryStatus {
     pub role: String,
+    /// Whether a backup holds every checkpoint the world's output depends on.
+    pub protected: bool,
+    /// Why not, when not.
+    pub why_not: Option<String>,
     pub mode: Mode,
     pub backup: String,
     pub authenticated: bool,
@@ -116,6 +132,8 @@ pub struct PrimaryStatus {
     pub last_sync: Option<SyncSummary>,
     pub last_error: Option<String>,
     pub protected_for_s: Option<f64>,
+    /// With `--arbiter`.
+    pub arbiter: Option<ArbiterStatus>,
 }
 
 /// Where a backup is.

@@ -400,8 +400,42 @@ impl Primary {
             median: s.median(),
             p99: s.p99(),
         };
+        let why_not = match st.mode {
+            Mode::Protected => None,
+            Mode::Connecting => Some("no backup has answered yet".to_string()),
+            Mode::Syncing => Some("initial sync to the backup".to_string()),
+            Mode::Unprotected => Some(format!(
+                "backup lost ({}); output flows unprotected",
+                st.last_error.as_deref().unwrap_or("no detail")
+            )),
+            Mode::HoldingOutput => Some(format!(
+                "backup lost ({}); output held",
+                st.last_error.as_deref().unwrap_or("no detail")
+            )),
+            Mode::Fenced => Some("stood down: the VM runs elsewhere".to_string()),
+            Mode::Stopped => Some("replication stopped".to_string()),
+        };
+        let arbiter = cfg.arbiter.as_ref().map(|a| {
+            let seen = self
+                .shared
+                .arbiter_seen
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            twin_api::status::ArbiterStatus {
+                endpoints: a.client.endpoints(),
+                generation: seen.as_ref().map_or(0, twin_arbiter::Seen::generation),
+                owner: seen
+                    .as_ref()
+                    .and_then(|x| x.record.as_ref())
+                    .map(|r| r.owner.label.clone()),
+                owned_here: seen.as_ref().is_some_and(|x| x.owned_by(&a.me.id)),
+            }
+        });
         twin_api::PrimaryStatus {
             role: "primary".into(),
+            protected: st.mode == Mode::Protected,
+            why_not,
             mode: st.mode,
             backup: cfg.backup.clone(),
             authenticated: cfg.link.key.is_some(),
@@ -445,6 +479,7 @@ impl Primary {
             last_sync: st.last_sync.clone(),
             last_error: st.last_error.clone(),
             protected_for_s: st.protected_since.map(|t| t.elapsed().as_secs_f64()),
+            arbiter,
         }
     }
 }

@@ -964,6 +964,28 @@ fn pending_signal(set: &SigSet) -> nix::Result<Option<Signal>> {
     Ok(Signal::try_from(r).ok())
 }
 
+/// The first line of `twin status`: protected or not, and why.
+fn headline(v: &serde_json::Value) -> Option<String> {
+    let generation = v["arbiter"]["generation"]
+        .as_u64()
+        .map(|g| format!(", arbiter generation {g}"))
+        .unwrap_or_default();
+    match v["role"].as_str()? {
+        "primary" if v["protected"].as_bool() == Some(true) => {
+            Some(format!("PROTECTED by {}{generation}", v["backup"].as_str()?))
+        }
+        "primary" => Some(format!(
+            "NOT PROTECTED: {}{generation}",
+            v["why_not"].as_str().unwrap_or("unknown")
+        )),
+        "backup" => Some(format!(
+            "BACKUP: {}",
+            v["state"].as_str().unwrap_or("unknown")
+        )),
+        _ => None,
+    }
+}
+
 /// `twin events`: the process's events as JSON lines on stdout.
 fn print_events(a: &EventsArgs) -> Result<ExitCode> {
     use std::io::Write as _;
@@ -1031,6 +1053,9 @@ fn main() -> ExitCode {
             if a.json {
                 println!("{v}");
             } else if let Some(o) = v.as_object() {
+                if let Some(line) = headline(&v) {
+                    println!("{line}");
+                }
                 for (k, v) in o {
                     println!("{k:>16}: {v}");
                 }
