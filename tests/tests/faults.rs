@@ -2,7 +2,7 @@
 //! backup host, the `ha` layout) serving a client that INCRs one counter over one TCP
 //! connection, while something breaks — a host process killed at a given protocol step
 //! (failpoints), the replication link cut, slowed or corrupted (nftables, tbf, and the
-//! frame-rewriting proxy of `twin_tests::proxy`), a disk filling up under a snapshot, the TAP
+//! frame-rewriting proxy of `twin_lab::proxy`), a disk filling up under a snapshot, the TAP
 //! vanishing, a partition.
 //!
 //! Invariants checked wherever they apply:
@@ -41,9 +41,9 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use twin_tests::proxy::{frame_type, Fault, FaultKind, FrameProxy, Injection, Way};
-use twin_tests::rig::*;
-use twin_tests::*;
+use twin_lab::proxy::{frame_type, Fault, FaultKind, FrameProxy, Injection, Way};
+use twin_lab::rig::*;
+use twin_lab::*;
 
 // =============================================================================================
 // Primary killed.
@@ -1471,8 +1471,8 @@ fn failover_proves_the_replica(
 /// must stay pinned to the real VM, and the real primary must resynchronise and fail over.
 #[test]
 fn stranger_takes_idle_slot() {
+    use twin_lab::stranger::{description, hello, random_vm, Peer};
     use twin_link::LinkConfig;
-    use twin_tests::stranger::{description, hello, random_vm, Peer};
     let mut rep = Report::new("stranger_takes_idle_slot");
     let mut rig = Rig::start(
         &mut rep,
@@ -1535,8 +1535,8 @@ fn stranger_takes_idle_slot() {
 /// even get to say Hello: both sides name the cause, and the live session is undisturbed.
 #[test]
 fn stranger_without_the_key() {
+    use twin_lab::stranger::Peer;
     use twin_link::{Key, LinkConfig, LinkError};
-    use twin_tests::stranger::Peer;
     let mut rep = Report::new("stranger_without_the_key");
     let mut rig = Rig::start(&mut rep, Opts::default());
     rig.work()
@@ -1682,8 +1682,8 @@ fn backup_stall_with_health_probe() {
 /// leaves a replica behind what the client saw, whoever takes over — the arbiter's case.)
 #[test]
 fn goodbye_before_hello() {
+    use twin_lab::stranger::{goodbye, Peer};
     use twin_link::LinkConfig;
-    use twin_tests::stranger::{goodbye, Peer};
     use twin_wire::GoodbyeReason;
     let mut rep = Report::new("goodbye_before_hello");
     let mut rig = Rig::start(
@@ -1767,8 +1767,8 @@ fn goodbye_before_hello() {
 /// without the key: the primary names the cause and runs on.
 #[test]
 fn takeover_goodbye_without_ack() {
+    use twin_lab::stranger::{goodbye, FakeBackup};
     use twin_link::LinkConfig;
-    use twin_tests::stranger::{goodbye, FakeBackup};
     use twin_wire::GoodbyeReason;
     let mut rep = Report::new("takeover_goodbye_without_ack");
     rep.step("building the ha layout; a fake backup with the key listens");
@@ -1846,7 +1846,7 @@ fn takeover_goodbye_without_ack() {
 #[test]
 fn slow_peers_do_not_hold_the_backup() {
     use std::io::{Read as _, Write as _};
-    use twin_tests::stranger::Peer;
+    use twin_lab::stranger::Peer;
     let mut rep = Report::new("slow_peers_do_not_hold_the_backup");
     let ha = Topology::ha().expect("ha topology");
     let dir = TestDir::new("slow-peers").expect("test dir");
@@ -1936,7 +1936,7 @@ fn slow_peers_do_not_hold_the_backup() {
 /// session is undisturbed.
 #[test]
 fn busy_backup_refuses_a_second_primary() {
-    use twin_tests::stranger::{hello, random_vm, Peer};
+    use twin_lab::stranger::{hello, random_vm, Peer};
     use twin_wire::RefuseReason;
     let mut rep = Report::new("busy_backup_refuses_a_second_primary");
     let rig = Rig::start(&mut rep, Opts::default());
@@ -2206,13 +2206,13 @@ fn zzz_summary_table() {
 // =============================================================================================
 // The proxy itself, without a VM: each fault does exactly what it says to the byte stream.
 
-fn read_frame(s: &mut impl std::io::Read) -> Option<twin_tests::proxy::Frame> {
-    let mut header = [0u8; twin_tests::proxy::FRAME_HEADER_LEN];
+fn read_frame(s: &mut impl std::io::Read) -> Option<twin_lab::proxy::Frame> {
+    let mut header = [0u8; twin_lab::proxy::FRAME_HEADER_LEN];
     s.read_exact(&mut header).ok()?;
-    let len = twin_tests::proxy::parse_header(&header).expect("a parseable header");
+    let len = twin_lab::proxy::parse_header(&header).expect("a parseable header");
     let mut payload = vec![0u8; len as usize];
     s.read_exact(&mut payload).ok()?;
-    Some(twin_tests::proxy::Frame { header, payload })
+    Some(twin_lab::proxy::Frame { header, payload })
 }
 
 /// Both ends hold the key and encrypt: the proxy terminates both links, so it reads and
@@ -2221,8 +2221,8 @@ fn read_frame(s: &mut impl std::io::Read) -> Option<twin_tests::proxy::Frame> {
 fn proxy_selftest() {
     use std::io::Read as _;
     use std::net::{TcpListener, TcpStream};
+    use twin_lab::proxy::Frame;
     use twin_link::{LinkConfig, LinkReader, LinkWriter};
-    use twin_tests::proxy::Frame;
     require_root();
     let ns = Netns::new("proxyself").expect("namespace");
     let upstream = ns

@@ -1,9 +1,6 @@
 //! `twin`: Remus-style high availability for KVM virtual machines.
 
-mod args;
-mod bench;
-mod control;
-mod demo;
+mod lab;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -16,8 +13,8 @@ use twin_vmm::memory::Memory;
 use twin_vmm::snapshot::{self, Layer};
 use twin_vmm::{HostResources, NetConfig, VmConfig, VmEvent, Vmm};
 
-use crate::args::{Cidr, Mac, Size};
-use crate::control::{Control, Request, Response};
+use twin::args::{self, Cidr, Mac, Size};
+use twin::control::{self, Control, Request, Response};
 
 #[derive(Parser)]
 #[command(
@@ -49,9 +46,15 @@ enum Command {
     /// Planned switchover: make the backup take over and the primary stand down.
     Failover(FailoverArgs),
     /// Demonstrate a failover on this machine: namespaces, primary, backup, client, SIGKILL.
-    Demo(demo::DemoArgs),
+    ///
+    /// Runs `twin-lab demo` (`twin demo --help` for its options).
+    #[command(disable_help_flag = true)]
+    Demo(lab::LabArgs),
     /// Measure protected against unprotected runs and write a report.
-    Bench(bench::BenchArgs),
+    ///
+    /// Runs `twin-lab bench` (`twin bench --help` for its options).
+    #[command(disable_help_flag = true)]
+    Bench(lab::LabArgs),
     /// Write a new replication key (give the same file to the primary and its backup).
     Keygen(KeygenArgs),
 }
@@ -791,8 +794,8 @@ fn main() -> ExitCode {
         Command::Run(args) => run(args),
         Command::Restore(args) => restore(args),
         Command::Protect(args) => protect(args),
-        Command::Demo(args) => demo::run(args),
-        Command::Bench(args) => bench::run(args),
+        Command::Demo(args) => lab::exec("demo", &args),
+        Command::Bench(args) => lab::exec("bench", &args),
         Command::Backup(args) => backup(args),
         Command::Keygen(a) => twin_link::Key::generate()
             .and_then(|k| k.write_new(&a.file))

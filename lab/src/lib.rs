@@ -9,7 +9,7 @@
 //!
 //! ```no_run
 //! use std::time::Duration;
-//! use twin_tests::*;
+//! use twin_lab::*;
 //!
 //! require_kvm();
 //! let topo = Topology::single().unwrap();

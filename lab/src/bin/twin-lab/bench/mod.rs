@@ -45,12 +45,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use serde::Serialize;
-use twin_tests::{
+use twin_lab::{
     guest_service, GuestClient, HarnessError, Netns, Signal, Stream, TestDir, Topology,
     TwinProcess, BACKUP_REPL_ADDR, GUEST_CIDR, TAP,
 };
 
-use crate::control::{self, Request, Response};
+use twin::control::{self, Request, Response};
 
 const PAGE: usize = 4096;
 /// Port the backup listens on for replication.
@@ -709,7 +709,7 @@ fn wait_any(p: &mut TwinProcess, pats: &[&str], timeout: Duration) -> Result<Str
             );
         }
         match p.wait_for(
-            twin_tests::Mark::default(),
+            twin_lab::Mark::default(),
             &what,
             left.min(Duration::from_millis(250)),
             |l| pats.iter().any(|pat| l.contains(pat)),
@@ -732,7 +732,7 @@ fn spawn_twin(
     args: &[String],
     log: &str,
 ) -> Result<TwinProcess> {
-    let exe = std::env::current_exe().context("locating the twin binary")?;
+    let exe = twin_lab::twin_bin().context("locating the twin binary")?;
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     TwinProcess::spawn_program(ns, dir, name, &exe, &args, &[("TWIN_LOG", log)])
         .with_context(|| format!("starting {name}"))
@@ -763,7 +763,7 @@ fn vm_args(cmd: &str, plan: &Plan, w: Workload, dir: &TestDir, name: &str) -> Ve
 /// Starts a protected VM: the backup, then (once it listens) the primary. The processes go
 /// into `slots` as they start, so that the caller can inspect them whatever happens.
 fn start_protected(
-    ha: &twin_tests::Ha,
+    ha: &twin_lab::Ha,
     dir: &TestDir,
     plan: &Plan,
     w: Workload,
@@ -887,7 +887,7 @@ impl Slots {
     }
 }
 
-fn connect(ha: &twin_tests::Ha, vm: &mut TwinProcess) -> Result<GuestClient> {
+fn connect(ha: &twin_lab::Ha, vm: &mut TwinProcess) -> Result<GuestClient> {
     check_interrupt()?;
     let mut c = GuestClient::connect_retry(
         ha.client_ns(),

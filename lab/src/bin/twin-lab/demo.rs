@@ -25,13 +25,13 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use nix::sys::signal::{SigSet, Signal as NixSignal};
 use serde_json::Value;
-use twin_tests::{
+use twin_lab::{
     guest_service, Ha, HarnessError, Netns, Signal, Stream, TestDir, Topology, TwinProcess,
     BACKUP_REPL_ADDR, BRIDGE, CLIENT_ADDR, GUEST_CIDR, PRIMARY_REPL_ADDR, TAP,
 };
 
-use crate::args::{Millis, Size};
-use crate::control::{self, Request, Response};
+use twin::args::{Millis, Size};
+use twin::control::{self, Request, Response};
 
 /// The backup's replication port on `rep0`.
 const REPL_PORT: u16 = 7788;
@@ -165,7 +165,7 @@ fn preflight() -> Result<PathBuf> {
         .context(
             "twin demo runs real VMs and needs /dev/kvm (load kvm_intel, kvm_amd or kvm_pvm)",
         )?;
-    std::env::current_exe().context("cannot find this twin binary to start primary and backup")
+    twin_lab::twin_bin().context("cannot find the twin binary to start primary and backup")
 }
 
 /// Runs the demo; `Ok(true)` when every check passed.
