@@ -8,13 +8,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
-use nix::sys::signal::{SigSet, Signal};
 use twin_vmm::memory::Memory;
 use twin_vmm::snapshot::{self, Layer};
 use twin_vmm::{HostResources, NetConfig, VmConfig, VmEvent, Vmm};
 
 use twin::args::{self, Cidr, Mac, Size};
 use twin::control::{self, Control, Request, Response};
+use twin::signals::Termination;
 
 #[derive(Parser)]
 #[command(
@@ -290,30 +290,12 @@ impl VmArgs {
     }
 }
 
-/// Blocks the termination signals in this thread (and so in every thread spawned after),
-/// and forwards them from a dedicated thread as VM events. Call before any other thread
-/// is spawned.
-fn block_termination_signals() -> Result<SigSet> {
-    let mut set = SigSet::empty();
-    for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
-        set.add(s);
-    }
-    set.thread_block().context("blocking termination signals")?;
-    Ok(set)
-}
-
-fn forward_signals(set: SigSet, tx: std::sync::mpsc::Sender<VmEvent>) -> Result<()> {
-    std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || loop {
-            if let Ok(sig) = set.wait() {
-                tracing::info!("received {sig}, stopping the VM");
-                if tx.send(VmEvent::Signal(sig as i32)).is_err() {
-                    return;
-                }
-            }
-        })
-        .context("spawning the signal thread")?;
+/// Forwards the termination signals from the `signals` thread as VM events.
+fn forward_signals(sigs: Termination, tx: std::sync::mpsc::Sender<VmEvent>) -> Result<()> {
+    sigs.forward(move |sig| {
+        tracing::info!("received {sig}, stopping the VM");
+        tx.send(VmEvent::Signal(sig as i32)).is_ok()
+    })?;
     Ok(())
 }
 
@@ -493,7 +475,12 @@ fn handle_request(vmm: &mut Vmm, session: &mut Session, req: Request) -> Respons
 
 /// Runs a started VM until it powers off or a termination signal arrives, answering
 /// control requests meanwhile.
-fn serve_vm(mut vmm: Vmm, control: &Control, sigs: SigSet, role: &'static str) -> Result<ExitCode> {
+fn serve_vm(
+    mut vmm: Vmm,
+    control: &Control,
+    sigs: Termination,
+    role: &'static str,
+) -> Result<ExitCode> {
     forward_signals(sigs, vmm.event_sender())?;
     let mut session = Session {
         role,
@@ -541,7 +528,7 @@ fn next_vm_outcome(vmm: &Vmm) -> Option<Result<ExitCode>> {
 }
 
 fn run(args: RunArgs) -> Result<ExitCode> {
-    let sigs = block_termination_signals()?;
+    let sigs = Termination::block()?;
     let mut vmm = Vmm::new(args.vm.to_config(&args.host)?).context("cannot start the VM")?;
     let control = control::serve(&args.host.control)?;
     vmm.start().context("cannot start the VM")?;
@@ -550,7 +537,7 @@ fn run(args: RunArgs) -> Result<ExitCode> {
 }
 
 fn restore(args: RestoreArgs) -> Result<ExitCode> {
-    let sigs = block_termination_signals()?;
+    let sigs = Termination::block()?;
     let t0 = Instant::now();
     let state = snapshot::read_state(&args.dir)
         .with_context(|| format!("cannot restore {}", args.dir.display()))?;
@@ -578,7 +565,7 @@ fn protect(args: ProtectArgs) -> Result<ExitCode> {
     use twin_netbuf::{NetBuffer, NetBufferConfig};
     use twin_primary::{LossPolicy, Mode, NetbufSink, Primary, ProtectConfig};
 
-    let sigs = block_termination_signals()?;
+    let sigs = Termination::block()?;
     let link = args.auth.link()?;
     if link.key.is_none() {
         tracing::warn!("the replication link is NOT authenticated (--no-auth): anyone who reaches the backup's port can pose as it and stop this VM");
@@ -678,7 +665,7 @@ fn backup(args: BackupArgs) -> Result<ExitCode> {
     use std::sync::Arc;
     use twin_backup::{Backup, BackupConfig, BackupRequest, Outcome};
 
-    let sigs = block_termination_signals()?;
+    let sigs = Termination::block()?;
     let cfg = BackupConfig {
         listen: args.listen,
         tap: args.tap.clone(),
@@ -713,7 +700,7 @@ fn backup(args: BackupArgs) -> Result<ExitCode> {
                 .join()
                 .map_err(|_| anyhow::anyhow!("the backup thread panicked"))?;
         }
-        if let Ok(Some(sig)) = pending_signal(&pending) {
+        if let Ok(Some(sig)) = pending.pending() {
             tracing::info!("received {sig}, stopping the backup");
             stop.store(true, Ordering::Release);
         }
@@ -756,24 +743,6 @@ fn backup(args: BackupArgs) -> Result<ExitCode> {
         Err(twin_backup::BackupError::Stopped) => Ok(ExitCode::SUCCESS),
         Err(e) => Err(e.into()),
     }
-}
-
-/// A termination signal that is pending (blocked) for this process, taken without waiting.
-fn pending_signal(set: &SigSet) -> nix::Result<Option<Signal>> {
-    let timeout = nix::sys::time::TimeSpec::new(0, 0);
-    let mut info = std::mem::MaybeUninit::<libc::siginfo_t>::uninit();
-    // SAFETY: `set` is a valid sigset, `info` is writable storage for one siginfo_t, and the
-    // zero timeout makes this a poll; the return value is checked.
-    let r = unsafe { libc::sigtimedwait(set.as_ref(), info.as_mut_ptr(), timeout.as_ref()) };
-    if r < 0 {
-        let e = nix::errno::Errno::last();
-        return if e == nix::errno::Errno::EAGAIN {
-            Ok(None)
-        } else {
-            Err(e)
-        };
-    }
-    Ok(Signal::try_from(r).ok())
 }
 
 fn client(path: &Path, req: Request) -> Result<serde_json::Value> {

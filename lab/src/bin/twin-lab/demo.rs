@@ -23,7 +23,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use nix::sys::signal::{SigSet, Signal as NixSignal};
 use serde_json::Value;
 use twin_lab::{
     guest_service, Ha, HarnessError, Netns, Signal, Stream, TestDir, Topology, TwinProcess,
@@ -32,6 +31,7 @@ use twin_lab::{
 
 use twin::args::{Millis, Size};
 use twin::control::{self, Request, Response};
+use twin::signals::Termination;
 
 /// The backup's replication port on `rep0`.
 const REPL_PORT: u16 = 7788;
@@ -87,22 +87,12 @@ fn check_interrupt() -> Result<()> {
 /// processes get an empty mask from `std::process`) and takes them on a thread of their own
 /// that only raises [`INTERRUPTED`]. Must run before any other thread is spawned.
 fn take_termination_signals() -> Result<()> {
-    let mut set = SigSet::empty();
-    for s in [NixSignal::SIGINT, NixSignal::SIGTERM, NixSignal::SIGHUP] {
-        set.add(s);
-    }
-    set.thread_block()
-        .context("blocking SIGINT/SIGTERM/SIGHUP")?;
-    std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || loop {
-            if let Ok(sig) = set.wait() {
-                if !INTERRUPTED.swap(true, Ordering::AcqRel) {
-                    eprintln!("\ntwin demo: {sig} received, cleaning up");
-                }
-            }
-        })
-        .context("spawning the signal thread")?;
+    Termination::block()?.forward(|sig| {
+        if !INTERRUPTED.swap(true, Ordering::AcqRel) {
+            eprintln!("\ntwin demo: {sig} received, cleaning up");
+        }
+        true
+    })?;
     Ok(())
 }
 

@@ -53,6 +53,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use twin::signals::Termination;
 
 use failover::{run_failover, Failover};
 use limits::{machine, measure_limits, read_trim, Limits};
@@ -99,30 +100,22 @@ pub struct BenchArgs {
 // ---------------------------------------------------------------------------------------
 // Ctrl-C
 
+/// Set by the signal thread on SIGINT, SIGTERM or SIGHUP.
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_: libc::c_int) {
-    INTERRUPTED.store(true, Ordering::SeqCst);
-}
 
 /// The bench was interrupted by a signal; everything it started is dropped on the way out.
 #[derive(Debug, thiserror::Error)]
 #[error("interrupted")]
 struct Interrupted;
 
+/// Takes the termination signals on a thread of their own that only raises [`INTERRUPTED`]
+/// (instead of the default action, termination, which would skip every destructor). Must
+/// run before any other thread is spawned.
 fn install_interrupt_handler() -> Result<()> {
-    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal as Sig};
-    let action = SigAction::new(
-        SigHandler::Handler(on_signal),
-        SaFlags::SA_RESTART,
-        SigSet::empty(),
-    );
-    for sig in [Sig::SIGINT, Sig::SIGTERM, Sig::SIGHUP] {
-        // SAFETY: the handler only stores to an atomic, which is async-signal-safe, and
-        // replaces the default action (termination) that would skip every destructor.
-        unsafe { sigaction(sig, &action) }
-            .with_context(|| format!("installing a handler for {sig}"))?;
-    }
+    Termination::block()?.forward(|_| {
+        INTERRUPTED.store(true, Ordering::SeqCst);
+        true
+    })?;
     Ok(())
 }
 
