@@ -95,6 +95,16 @@ fn build_with_cargo(cargo: &Manifest, dir: &Path) -> Result<()> {
         .args(profile_args(dir))
         .arg("--manifest-path")
         .arg(&cargo.manifest);
+    // Without what `cargo run` set for this program: build scripts that track those
+    // variables (ring's does) would otherwise see another environment than the build of
+    // `twin` did, and every `cargo run` would rebuild them twice.
+    for (key, _) in std::env::vars_os() {
+        if key.to_str().is_some_and(|k| {
+            k.starts_with("CARGO_PKG_") || k == "CARGO_MANIFEST_DIR" || k == "CARGO_MANIFEST_PATH"
+        }) {
+            cmd.env_remove(key);
+        }
+    }
     eprintln!(
         "twin: building the lab binary ({})",
         build_command(dir).join(" ")
