@@ -7,9 +7,9 @@
 use std::time::{Duration, Instant};
 
 use twin_api::{Decision, EventKind};
-use twin_tests::events::Events;
-use twin_tests::rig::*;
-use twin_tests::*;
+use twin_lab::events::Events;
+use twin_lab::rig::*;
+use twin_lab::*;
 
 /// Frames the VM on the host of `ns` has sent into the world (its TAP's receive counter:
 /// what the VMM writes into a TAP, the kernel receives).
@@ -430,7 +430,7 @@ fn three_hosts_two_failovers() {
     rep.step("building the layout with a standby, and etcd");
     let ha = Topology::ha_with_standby().expect("layout");
     let dir = TestDir::new("three-hosts").expect("dir");
-    let etcd = twin_tests::etcd::EtcdHost::start(&ha, &dir).expect("etcd");
+    let etcd = twin_lab::etcd::EtcdHost::start(&ha, &dir).expect("etcd");
     let key = dir.key_file();
     let standby_listen = format!("{STANDBY_REPL_ADDR}:{REPL_PORT}");
     let sock = |n: &str| dir.join(format!("{n}.sock")).to_string_lossy().into_owned();

@@ -19,7 +19,7 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use twin_tests::*;
+use twin_lab::*;
 
 /// Boot plus service start-up, generous for software KVM on a busy 2-core machine.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(60);

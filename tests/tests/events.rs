@@ -5,9 +5,9 @@
 use std::time::{Duration, Instant};
 
 use twin_api::{Decision, EventKind, Role};
-use twin_tests::events::Events;
-use twin_tests::rig::*;
-use twin_tests::*;
+use twin_lab::events::Events;
+use twin_lab::rig::*;
+use twin_lab::*;
 
 /// The names of `events`' kinds, in order.
 fn names(events: &[twin_api::Event]) -> Vec<&'static str> {

@@ -14,7 +14,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use twin_tests::*;
+use twin_lab::*;
 
 /// Boot, live initial sync and first ack, on a busy 2-core machine with software KVM.
 const PROTECT_TIMEOUT: Duration = Duration::from_secs(90);

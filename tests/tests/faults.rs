@@ -2,7 +2,7 @@
 //! backup host, the `ha` layout) serving a client that INCRs one counter over one TCP
 //! connection, while something breaks — a host process killed at a given protocol step
 //! (failpoints), the replication link cut, slowed or corrupted (nftables, tbf, and the
-//! frame-rewriting proxy of `twin_tests::proxy`), a disk filling up under a snapshot, the TAP
+//! frame-rewriting proxy of `twin_lab::proxy`), a disk filling up under a snapshot, the TAP
 //! vanishing, a partition.
 //!
 //! Invariants checked wherever they apply:
@@ -41,9 +41,26 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use twin_tests::proxy::{frame_type, Fault, FaultKind, FrameProxy, Injection, Way};
-use twin_tests::rig::*;
-use twin_tests::*;
+use twin_lab::proxy::{frame_type, Fault, FaultKind, FrameProxy, Injection, Way};
+use twin_lab::rig::*;
+use twin_lab::*;
+
+/// The scenarios of a family share one shape over the rig: a row `name: shape(args…);` is
+/// the `#[test]` `name`, which runs `shape(&mut Report::new("name"), args…)` — so the
+/// scenario, its report row and the test all carry the same name. Attributes (docs) before
+/// a row go on its test.
+macro_rules! scenarios {
+    ($($(#[$attr:meta])* $name:ident: $shape:ident($($arg:expr),* $(,)?);)*) => {
+        $(
+            $(#[$attr])*
+            #[test]
+            fn $name() {
+                let mut rep = Report::new(stringify!($name));
+                $shape(&mut rep, $($arg),*);
+            }
+        )*
+    };
+}
 
 // =============================================================================================
 // Primary killed.
@@ -105,34 +122,16 @@ fn primary_killed_with(rep: &mut Report, point: &str, nth: u64, auth: Auth) {
     ));
 }
 
-#[test]
-fn primary_killed_before_pause() {
-    let mut rep = Report::new("primary_killed_before_pause");
-    primary_killed_at(&mut rep, "primary.before_pause", 200);
-}
-
-#[test]
-fn primary_killed_during_page_collection() {
-    let mut rep = Report::new("primary_killed_during_page_collection");
-    primary_killed_at(&mut rep, "primary.collect", 200);
-}
-
-#[test]
-fn primary_killed_mid_stream() {
-    let mut rep = Report::new("primary_killed_mid_stream");
-    primary_killed_at(&mut rep, "primary.mid_stream", 200);
-}
-
-#[test]
-fn primary_killed_after_send_before_ack() {
-    let mut rep = Report::new("primary_killed_after_send_before_ack");
-    primary_killed_at(&mut rep, "primary.after_send", 200);
-}
-
-#[test]
-fn primary_killed_after_ack_before_release() {
-    let mut rep = Report::new("primary_killed_after_ack_before_release");
-    primary_killed_at(&mut rep, "primary.after_ack", 200);
+scenarios! {
+    primary_killed_before_pause: primary_killed_at("primary.before_pause", 200);
+    primary_killed_during_page_collection: primary_killed_at("primary.collect", 200);
+    primary_killed_mid_stream: primary_killed_at("primary.mid_stream", 200);
+    primary_killed_after_send_before_ack: primary_killed_at("primary.after_send", 200);
+    primary_killed_after_ack_before_release: primary_killed_at("primary.after_ack", 200);
+    /// The primary killed mid-stream with the stream encrypted (`--encrypt`): the failover
+    /// is as clean as in the clear.
+    primary_killed_mid_stream_encrypted:
+        primary_killed_with("primary.mid_stream", 200, Auth::Encrypted);
 }
 
 /// Killed during the initial sync there is no committed checkpoint: the backup cannot take
@@ -255,16 +254,9 @@ fn backup_killed_at(rep: &mut Report, point: &str, nth: u64) {
     ));
 }
 
-#[test]
-fn backup_killed_mid_receive() {
-    let mut rep = Report::new("backup_killed_mid_receive");
-    backup_killed_at(&mut rep, "backup.mid_receive", 200);
-}
-
-#[test]
-fn backup_killed_mid_apply() {
-    let mut rep = Report::new("backup_killed_mid_apply");
-    backup_killed_at(&mut rep, "backup.mid_apply", 200);
+scenarios! {
+    backup_killed_mid_receive: backup_killed_at("backup.mid_receive", 200);
+    backup_killed_mid_apply: backup_killed_at("backup.mid_apply", 200);
 }
 
 /// The primary dies, then the backup dies while restoring: nothing runs the VM. Known
@@ -525,28 +517,11 @@ fn link_cut(rep: &mut Report, cut: Cut) {
     ));
 }
 
-#[test]
-fn link_down_both_ways() {
-    let mut rep = Report::new("link_down_both_ways");
-    link_cut(&mut rep, Cut::LinkDown);
-}
-
-#[test]
-fn link_drop_both_ways() {
-    let mut rep = Report::new("link_drop_both_ways");
-    link_cut(&mut rep, Cut::Drop(Direction::Both));
-}
-
-#[test]
-fn link_drop_primary_to_backup() {
-    let mut rep = Report::new("link_drop_primary_to_backup");
-    link_cut(&mut rep, Cut::Drop(Direction::PrimaryToBackup));
-}
-
-#[test]
-fn link_drop_backup_to_primary() {
-    let mut rep = Report::new("link_drop_backup_to_primary");
-    link_cut(&mut rep, Cut::Drop(Direction::BackupToPrimary));
+scenarios! {
+    link_down_both_ways: link_cut(Cut::LinkDown);
+    link_drop_both_ways: link_cut(Cut::Drop(Direction::Both));
+    link_drop_primary_to_backup: link_cut(Cut::Drop(Direction::PrimaryToBackup));
+    link_drop_backup_to_primary: link_cut(Cut::Drop(Direction::BackupToPrimary));
 }
 
 /// The replication link is slowed below what the checkpoints need: the primary stretches
@@ -829,77 +804,30 @@ fn bad_frame(rep: &mut Report, fault: Fault) {
     ));
 }
 
-#[test]
-fn proxy_corrupt_frame_crc() {
-    let mut rep = Report::new("proxy_corrupt_frame_crc");
-    bad_frame(
-        &mut rep,
-        Fault {
-            kind: FaultKind::FlipBit,
-            way: Way::ToBackup,
-            frame_type: frame_type::PAGES,
-            nth: Some(1),
-        },
-    );
+/// The fault `kind` on the first frame of `frame_type` going `way`.
+fn first(kind: FaultKind, way: Way, frame_type: u8) -> Fault {
+    Fault {
+        kind,
+        way,
+        frame_type,
+        nth: Some(1),
+    }
 }
 
-#[test]
-fn proxy_corrupt_forged_crc_epoch_checksum() {
-    let mut rep = Report::new("proxy_corrupt_forged_crc_epoch_checksum");
-    bad_frame(
-        &mut rep,
-        Fault {
-            kind: FaultKind::FlipBitForged,
-            way: Way::ToBackup,
-            frame_type: frame_type::PAGES,
-            nth: Some(1),
-        },
-    );
-}
-
-#[test]
-fn proxy_reordered_frames() {
-    let mut rep = Report::new("proxy_reordered_frames");
-    bad_frame(
-        &mut rep,
-        Fault {
-            kind: FaultKind::SwapWithNext,
-            way: Way::ToBackup,
-            frame_type: frame_type::PAGES,
-            nth: Some(1),
-        },
-    );
-}
-
-#[test]
-fn proxy_duplicated_frame() {
-    let mut rep = Report::new("proxy_duplicated_frame");
-    bad_frame(
-        &mut rep,
-        Fault {
-            kind: FaultKind::Duplicate,
-            way: Way::ToBackup,
-            frame_type: frame_type::PAGES,
-            nth: Some(1),
-        },
-    );
-}
-
-/// A corrupt Ack on its way to the primary: the primary drops the session. PROTOCOL.md §7:
-/// a payload CRC error is a protocol error, answered with `Refuse { protocol error }` before
-/// closing — so the backup knows the primary is alive and detaches instead of taking over.
-#[test]
-fn proxy_corrupt_ack() {
-    let mut rep = Report::new("proxy_corrupt_ack");
-    bad_frame(
-        &mut rep,
-        Fault {
-            kind: FaultKind::FlipBit,
-            way: Way::ToPrimary,
-            frame_type: frame_type::ACK,
-            nth: Some(1),
-        },
-    );
+scenarios! {
+    proxy_corrupt_frame_crc:
+        bad_frame(first(FaultKind::FlipBit, Way::ToBackup, frame_type::PAGES));
+    proxy_corrupt_forged_crc_epoch_checksum:
+        bad_frame(first(FaultKind::FlipBitForged, Way::ToBackup, frame_type::PAGES));
+    proxy_reordered_frames:
+        bad_frame(first(FaultKind::SwapWithNext, Way::ToBackup, frame_type::PAGES));
+    proxy_duplicated_frame:
+        bad_frame(first(FaultKind::Duplicate, Way::ToBackup, frame_type::PAGES));
+    /// A corrupt Ack on its way to the primary: the primary drops the session. PROTOCOL.md
+    /// §7: a payload CRC error is a protocol error, answered with `Refuse { protocol error }`
+    /// before closing — so the backup knows the primary is alive and detaches instead of
+    /// taking over.
+    proxy_corrupt_ack: bad_frame(first(FaultKind::FlipBit, Way::ToPrimary, frame_type::ACK));
 }
 
 /// A frame cut in half and the connection closed: to the backup this is exactly a primary
@@ -1472,8 +1400,8 @@ fn failover_proves_the_replica(
 /// must stay pinned to the real VM, and the real primary must resynchronise and fail over.
 #[test]
 fn stranger_takes_idle_slot() {
+    use twin_lab::stranger::{description, hello, random_vm, Peer};
     use twin_link::LinkConfig;
-    use twin_tests::stranger::{description, hello, random_vm, Peer};
     let mut rep = Report::new("stranger_takes_idle_slot");
     let mut rig = Rig::start(
         &mut rep,
@@ -1536,8 +1464,8 @@ fn stranger_takes_idle_slot() {
 /// even get to say Hello: both sides name the cause, and the live session is undisturbed.
 #[test]
 fn stranger_without_the_key() {
+    use twin_lab::stranger::Peer;
     use twin_link::{Key, LinkConfig, LinkError};
-    use twin_tests::stranger::Peer;
     let mut rep = Report::new("stranger_without_the_key");
     let mut rig = Rig::start(&mut rep, Opts::default());
     rig.work()
@@ -1662,16 +1590,9 @@ fn backup_stall(rep: &mut Report, stall: Duration, probe: bool) {
     ));
 }
 
-#[test]
-fn backup_stalled_7s() {
-    let mut rep = Report::new("backup_stalled_7s");
-    backup_stall(&mut rep, Duration::from_secs(7), false);
-}
-
-#[test]
-fn backup_stall_with_health_probe() {
-    let mut rep = Report::new("backup_stall_with_health_probe");
-    backup_stall(&mut rep, Duration::from_millis(1200), true);
+scenarios! {
+    backup_stalled_7s: backup_stall(Duration::from_secs(7), false);
+    backup_stall_with_health_probe: backup_stall(Duration::from_millis(1200), true);
 }
 
 /// The backup is in its grace after a stall (the primary's goodbye lost: failpoint
@@ -1683,8 +1604,8 @@ fn backup_stall_with_health_probe() {
 /// leaves a replica behind what the client saw, whoever takes over — the arbiter's case.)
 #[test]
 fn goodbye_before_hello() {
+    use twin_lab::stranger::{goodbye, Peer};
     use twin_link::LinkConfig;
-    use twin_tests::stranger::{goodbye, Peer};
     use twin_wire::GoodbyeReason;
     let mut rep = Report::new("goodbye_before_hello");
     let mut rig = Rig::start(
@@ -1768,8 +1689,8 @@ fn goodbye_before_hello() {
 /// without the key: the primary names the cause and runs on.
 #[test]
 fn takeover_goodbye_without_ack() {
+    use twin_lab::stranger::{goodbye, FakeBackup};
     use twin_link::LinkConfig;
-    use twin_tests::stranger::{goodbye, FakeBackup};
     use twin_wire::GoodbyeReason;
     let mut rep = Report::new("takeover_goodbye_without_ack");
     rep.step("building the ha layout; a fake backup with the key listens");
@@ -1847,7 +1768,7 @@ fn takeover_goodbye_without_ack() {
 #[test]
 fn slow_peers_do_not_hold_the_backup() {
     use std::io::{Read as _, Write as _};
-    use twin_tests::stranger::Peer;
+    use twin_lab::stranger::Peer;
     let mut rep = Report::new("slow_peers_do_not_hold_the_backup");
     let ha = Topology::ha().expect("ha topology");
     let dir = TestDir::new("slow-peers").expect("test dir");
@@ -1937,7 +1858,7 @@ fn slow_peers_do_not_hold_the_backup() {
 /// session is undisturbed.
 #[test]
 fn busy_backup_refuses_a_second_primary() {
-    use twin_tests::stranger::{hello, random_vm, Peer};
+    use twin_lab::stranger::{hello, random_vm, Peer};
     use twin_wire::RefuseReason;
     let mut rep = Report::new("busy_backup_refuses_a_second_primary");
     let rig = Rig::start(&mut rep, Opts::default());
@@ -2160,14 +2081,6 @@ fn wrong_key_named_on_both_sides() {
     rep.done("wrong key and missing key each named by both sides; never protected");
 }
 
-/// The primary killed mid-stream with the stream encrypted (`--encrypt`): the failover is
-/// as clean as in the clear.
-#[test]
-fn primary_killed_mid_stream_encrypted() {
-    let mut rep = Report::new("primary_killed_mid_stream_encrypted");
-    primary_killed_with(&mut rep, "primary.mid_stream", 200, Auth::Encrypted);
-}
-
 // =============================================================================================
 
 /// Prints the table of every scenario this test process ran (runs last: tests run in name
@@ -2207,13 +2120,13 @@ fn zzz_summary_table() {
 // =============================================================================================
 // The proxy itself, without a VM: each fault does exactly what it says to the byte stream.
 
-fn read_frame(s: &mut impl std::io::Read) -> Option<twin_tests::proxy::Frame> {
-    let mut header = [0u8; twin_tests::proxy::FRAME_HEADER_LEN];
+fn read_frame(s: &mut impl std::io::Read) -> Option<twin_lab::proxy::Frame> {
+    let mut header = [0u8; twin_lab::proxy::FRAME_HEADER_LEN];
     s.read_exact(&mut header).ok()?;
-    let len = twin_tests::proxy::parse_header(&header).expect("a parseable header");
+    let len = twin_lab::proxy::parse_header(&header).expect("a parseable header");
     let mut payload = vec![0u8; len as usize];
     s.read_exact(&mut payload).ok()?;
-    Some(twin_tests::proxy::Frame { header, payload })
+    Some(twin_lab::proxy::Frame { header, payload })
 }
 
 /// Both ends hold the key and encrypt: the proxy terminates both links, so it reads and
@@ -2222,8 +2135,8 @@ fn read_frame(s: &mut impl std::io::Read) -> Option<twin_tests::proxy::Frame> {
 fn proxy_selftest() {
     use std::io::Read as _;
     use std::net::{TcpListener, TcpStream};
+    use twin_lab::proxy::Frame;
     use twin_link::{LinkConfig, LinkReader, LinkWriter};
-    use twin_tests::proxy::Frame;
     require_root();
     let ns = Netns::new("proxyself").expect("namespace");
     let upstream = ns

@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use twin_tests::*;
+use twin_lab::*;
 
 /// Boot plus service start-up, generous for software KVM (PVM) on a busy 2-core machine.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(60);

@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use twin_tests::*;
+use twin_lab::*;
 use twin_vmm::container::{self, Kind};
 use twin_vmm::memory::{Memory, PAGE_SIZE};
 use twin_vmm::snapshot::{self, SnapshotMeta};

@@ -1,9 +1,6 @@
 //! `twin`: Remus-style high availability for KVM virtual machines.
 
-mod args;
-mod bench;
-mod control;
-mod demo;
+mod lab;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -11,13 +8,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
-use nix::sys::signal::{SigSet, Signal};
 use twin_vmm::memory::Memory;
 use twin_vmm::snapshot::{self, Layer};
 use twin_vmm::{HostResources, NetConfig, VmConfig, VmEvent, Vmm};
 
-use crate::args::{Cidr, Mac, Size};
-use crate::control::{Control, Request, Response};
+use twin::args::{self, Cidr, Mac, Size};
+use twin::control::{self, Control, Request, Response};
+use twin::signals::Termination;
 use twin_api::{EventKind, EventLog, Role as ApiRole};
 
 #[derive(Parser)]
@@ -50,9 +47,15 @@ enum Command {
     /// Planned switchover: make the backup take over and the primary stand down.
     Failover(FailoverArgs),
     /// Demonstrate a failover on this machine: namespaces, primary, backup, client, SIGKILL.
-    Demo(demo::DemoArgs),
+    ///
+    /// Runs `twin-lab demo` (`twin demo --help` for its options).
+    #[command(disable_help_flag = true)]
+    Demo(lab::LabArgs),
     /// Measure protected against unprotected runs and write a report.
-    Bench(bench::BenchArgs),
+    ///
+    /// Runs `twin-lab bench` (`twin bench --help` for its options).
+    #[command(disable_help_flag = true)]
+    Bench(lab::LabArgs),
     /// Write a new replication key (give the same file to the primary and its backup).
     Keygen(KeygenArgs),
     /// Print a VM process's typed events (JSON, one per line), optionally following them.
@@ -340,30 +343,12 @@ impl VmArgs {
     }
 }
 
-/// Blocks the termination signals in this thread (and so in every thread spawned after),
-/// and forwards them from a dedicated thread as VM events. Call before any other thread
-/// is spawned.
-fn block_termination_signals() -> Result<SigSet> {
-    let mut set = SigSet::empty();
-    for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
-        set.add(s);
-    }
-    set.thread_block().context("blocking termination signals")?;
-    Ok(set)
-}
-
-fn forward_signals(set: SigSet, tx: std::sync::mpsc::Sender<VmEvent>) -> Result<()> {
-    std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || loop {
-            if let Ok(sig) = set.wait() {
-                tracing::info!("received {sig}, stopping the VM");
-                if tx.send(VmEvent::Signal(sig as i32)).is_err() {
-                    return;
-                }
-            }
-        })
-        .context("spawning the signal thread")?;
+/// Forwards the termination signals from the `signals` thread as VM events.
+fn forward_signals(sigs: Termination, tx: std::sync::mpsc::Sender<VmEvent>) -> Result<()> {
+    sigs.forward(move |sig| {
+        tracing::info!("received {sig}, stopping the VM");
+        tx.send(VmEvent::Signal(sig as i32)).is_ok()
+    })?;
     Ok(())
 }
 
@@ -560,7 +545,7 @@ fn handle_request(
 fn serve_vm(
     mut vmm: Vmm,
     control: &Control,
-    sigs: SigSet,
+    sigs: Termination,
     role: &'static str,
     events: &EventLog,
 ) -> Result<ExitCode> {
@@ -635,7 +620,7 @@ fn next_vm_outcome(vmm: &Vmm) -> Option<Result<ExitCode>> {
 }
 
 fn run(args: RunArgs) -> Result<ExitCode> {
-    let sigs = block_termination_signals()?;
+    let sigs = Termination::block()?;
     let events = EventLog::new();
     let mut vmm = Vmm::new(args.vm.to_config(&args.host)?).context("cannot start the VM")?;
     let control = control::serve(&args.host.control, events.clone())?;
@@ -646,7 +631,7 @@ fn run(args: RunArgs) -> Result<ExitCode> {
 }
 
 fn restore(args: RestoreArgs) -> Result<ExitCode> {
-    let sigs = block_termination_signals()?;
+    let sigs = Termination::block()?;
     let t0 = Instant::now();
     let state = snapshot::read_state(&args.dir)
         .with_context(|| format!("cannot restore {}", args.dir.display()))?;
@@ -675,7 +660,7 @@ fn restore(args: RestoreArgs) -> Result<ExitCode> {
 fn protect(args: ProtectArgs) -> Result<ExitCode> {
     use twin_primary::{LossPolicy, ProtectConfig};
 
-    let sigs = block_termination_signals()?;
+    let sigs = Termination::block()?;
     let link = args.auth.link()?;
     if link.key.is_none() {
         tracing::warn!("the replication link is NOT authenticated (--no-auth): anyone who reaches the backup's port can pose as it and stop this VM");
@@ -829,7 +814,7 @@ fn backup(args: BackupArgs) -> Result<ExitCode> {
     use std::sync::Arc;
     use twin_backup::{Backup, BackupConfig, BackupRequest, Outcome};
 
-    let sigs = block_termination_signals()?;
+    let sigs = Termination::block()?;
     let events = EventLog::new();
     let arbitration = args.arbiter.arbitration(format!(
         "backup {} on {} (pid {})",
@@ -873,7 +858,7 @@ fn backup(args: BackupArgs) -> Result<ExitCode> {
                 .join()
                 .map_err(|_| anyhow::anyhow!("the backup thread panicked"))?;
         }
-        if let Ok(Some(sig)) = pending_signal(&pending) {
+        if let Ok(Some(sig)) = pending.pending() {
             tracing::info!("received {sig}, stopping the backup");
             stop.store(true, Ordering::Release);
         }
@@ -946,24 +931,6 @@ fn backup(args: BackupArgs) -> Result<ExitCode> {
     }
 }
 
-/// A termination signal that is pending (blocked) for this process, taken without waiting.
-fn pending_signal(set: &SigSet) -> nix::Result<Option<Signal>> {
-    let timeout = nix::sys::time::TimeSpec::new(0, 0);
-    let mut info = std::mem::MaybeUninit::<libc::siginfo_t>::uninit();
-    // SAFETY: `set` is a valid sigset, `info` is writable storage for one siginfo_t, and the
-    // zero timeout makes this a poll; the return value is checked.
-    let r = unsafe { libc::sigtimedwait(set.as_ref(), info.as_mut_ptr(), timeout.as_ref()) };
-    if r < 0 {
-        let e = nix::errno::Errno::last();
-        return if e == nix::errno::Errno::EAGAIN {
-            Ok(None)
-        } else {
-            Err(e)
-        };
-    }
-    Ok(Signal::try_from(r).ok())
-}
-
 /// The first line of `twin status`: protected or not, and why.
 fn headline(v: &serde_json::Value) -> Option<String> {
     let generation = v["arbiter"]["generation"]
@@ -971,9 +938,10 @@ fn headline(v: &serde_json::Value) -> Option<String> {
         .map(|g| format!(", arbiter generation {g}"))
         .unwrap_or_default();
     match v["role"].as_str()? {
-        "primary" if v["protected"].as_bool() == Some(true) => {
-            Some(format!("PROTECTED by {}{generation}", v["backup"].as_str()?))
-        }
+        "primary" if v["protected"].as_bool() == Some(true) => Some(format!(
+            "PROTECTED by {}{generation}",
+            v["backup"].as_str()?
+        )),
         "primary" => Some(format!(
             "NOT PROTECTED: {}{generation}",
             v["why_not"].as_str().unwrap_or("unknown")
@@ -1018,8 +986,8 @@ fn main() -> ExitCode {
         Command::Run(args) => run(args),
         Command::Restore(args) => restore(args),
         Command::Protect(args) => protect(args),
-        Command::Demo(args) => demo::run(args),
-        Command::Bench(args) => bench::run(args),
+        Command::Demo(args) => lab::exec("demo", &args),
+        Command::Bench(args) => lab::exec("bench", &args),
         Command::Backup(args) => backup(args),
         Command::Events(a) => print_events(&a),
         Command::Keygen(a) => twin_link::Key::generate()

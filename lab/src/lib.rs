@@ -5,11 +5,13 @@
 //! removed on drop, also when a test panics; [`cleanup_stale`] removes what crashed runs
 //! left. Nothing in the initial network namespace is touched. Every wait is bounded.
 //!
-//! See `tests/README-harness.md` for the layouts.
+//! See `tests/README-harness.md` for the layouts. Its users: the end-to-end tests
+//! (`twin-tests`, `tests/tests/`) and this crate's `twin-lab` binary (`src/bin/twin-lab/`:
+//! the demo and the bench, which `twin demo` and `twin bench` run).
 //!
 //! ```no_run
 //! use std::time::Duration;
-//! use twin_tests::*;
+//! use twin_lab::*;
 //!
 //! require_kvm();
 //! let topo = Topology::single().unwrap();

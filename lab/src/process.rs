@@ -71,10 +71,10 @@ impl Drop for TestDir {
     }
 }
 
-/// Finds the `twin` binary: `$TWIN_BIN`; `$CARGO_BIN_EXE_twin`; `twin` in the same target
-/// profile directory as the running test executable (which follows `CARGO_TARGET_DIR` and
-/// `--release`); then `<workspace>/target/{release,debug}/twin`, the profile of this build
-/// first.
+/// Finds the `twin` binary: `$TWIN_BIN`; `$CARGO_BIN_EXE_twin`; `twin` next to the running
+/// executable (the `twin-lab` binary); `twin` in the same target profile directory as the
+/// running test executable (which follows `CARGO_TARGET_DIR` and `--release`); then
+/// `<workspace>/target/{release,debug}/twin`, the profile of this build first.
 pub fn twin_bin() -> Result<PathBuf> {
     let mut searched = Vec::new();
     for var in ["TWIN_BIN", "CARGO_BIN_EXE_twin"] {
@@ -88,6 +88,10 @@ pub fn twin_bin() -> Result<PathBuf> {
     }
     let mut candidates = Vec::new();
     if let Ok(exe) = std::env::current_exe() {
+        // <target>/<profile>/twin-lab
+        if let Some(dir) = exe.parent() {
+            candidates.push(dir.join("twin"));
+        }
         // <target>/<profile>/deps/<test>-<hash>
         if let Some(profile_dir) = exe.parent().and_then(Path::parent) {
             candidates.push(profile_dir.join("twin"));

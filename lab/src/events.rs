@@ -3,7 +3,7 @@
 //!
 //! ```no_run
 //! # use std::time::Duration;
-//! # use twin_tests::events::Events;
+//! # use twin_lab::events::Events;
 //! let events = Events::at("/tmp/t/primary.sock");
 //! let mark = events.mark().unwrap();
 //! // ... do something ...

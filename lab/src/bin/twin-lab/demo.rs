@@ -23,15 +23,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use nix::sys::signal::{SigSet, Signal as NixSignal};
 use serde_json::Value;
-use twin_tests::{
+use twin_lab::{
     guest_service, Ha, HarnessError, Netns, Signal, Stream, TestDir, Topology, TwinProcess,
     BACKUP_REPL_ADDR, BRIDGE, CLIENT_ADDR, GUEST_CIDR, PRIMARY_REPL_ADDR, TAP,
 };
 
-use crate::args::{Millis, Size};
-use crate::control::{self, Request, Response};
+use twin::args::{Millis, Size};
+use twin::control::{self, Request, Response};
+use twin::signals::Termination;
 
 /// The backup's replication port on `rep0`.
 const REPL_PORT: u16 = 7788;
@@ -87,22 +87,12 @@ fn check_interrupt() -> Result<()> {
 /// processes get an empty mask from `std::process`) and takes them on a thread of their own
 /// that only raises [`INTERRUPTED`]. Must run before any other thread is spawned.
 fn take_termination_signals() -> Result<()> {
-    let mut set = SigSet::empty();
-    for s in [NixSignal::SIGINT, NixSignal::SIGTERM, NixSignal::SIGHUP] {
-        set.add(s);
-    }
-    set.thread_block()
-        .context("blocking SIGINT/SIGTERM/SIGHUP")?;
-    std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || loop {
-            if let Ok(sig) = set.wait() {
-                if !INTERRUPTED.swap(true, Ordering::AcqRel) {
-                    eprintln!("\ntwin demo: {sig} received, cleaning up");
-                }
-            }
-        })
-        .context("spawning the signal thread")?;
+    Termination::block()?.forward(|sig| {
+        if !INTERRUPTED.swap(true, Ordering::AcqRel) {
+            eprintln!("\ntwin demo: {sig} received, cleaning up");
+        }
+        true
+    })?;
     Ok(())
 }
 
@@ -165,7 +155,7 @@ fn preflight() -> Result<PathBuf> {
         .context(
             "twin demo runs real VMs and needs /dev/kvm (load kvm_intel, kvm_amd or kvm_pvm)",
         )?;
-    std::env::current_exe().context("cannot find this twin binary to start primary and backup")
+    twin_lab::twin_bin().context("cannot find the twin binary to start primary and backup")
 }
 
 /// Runs the demo; `Ok(true)` when every check passed.

@@ -1,0 +1,322 @@
+//! `twin bench`: protected against unprotected, measured side by side in one run on this
+//! machine, with the physical limits measured in the same run.
+//!
+//! ```sh
+//! sudo target/release/twin bench            # about 10 minutes
+//! sudo target/release/twin bench --quick    # about 2 minutes
+//! ```
+//!
+//! For every workload (idle guest, `dirty=16M/s`, `64M/s`, `256M/s`, and the TCP service
+//! under a closed-loop client) and every mode (unprotected `twin run`, `twin protect` at
+//! 100/40/10 checkpoints per second), a *cell* starts fresh processes in a fresh `ha`
+//! topology of the test harness (the unprotected VM runs on the primary host, so both modes
+//! use the same network path), waits until the VM answers (and, protected, until the first
+//! checkpoint is acknowledged), lets it settle, and measures for a bounded window:
+//!
+//! - per checkpoint (protected): pause, dirty pages and bytes sent, from the primary's
+//!   per-epoch `checkpoint sent` debug lines inside the window; the pause split and the ack
+//!   latency from its status (session medians); the achieved rate from the epochs counted;
+//! - the guest: its achieved dirty rate (`STATS` `dirty_pages_written` over guest time) and
+//!   the reply latency of a PING probe (20 per second), or, for the TCP workload, requests
+//!   per second and reply latency of one connection sending `INCR` back to back.
+//!
+//! Cells are interleaved over rounds (the order reversed every other round) so that noise
+//! from whatever else runs on the machine spreads over every mode; samples of all rounds
+//! are pooled for medians and p99, rates are medians over runs. Failover: fresh protected
+//! VMs (40 Hz, `dirty=16M/s`) with a client sending `INCR` back to back on one connection;
+//! the primary is SIGKILLed, and the time to the first reply from the backup on the same
+//! connection is measured, and the counter checked for continuity. Physical limits: memcpy
+//! of random 4 KiB pages, TCP over loopback and over the replication veth, measured at the
+//! start and at the end.
+//!
+//! Output in `--out` (default `results/`): `bench.md` (also printed), `bench.json` (every
+//! run, raw per-epoch samples), `bench.svg`. Logs of failed runs go to `failed/` there.
+//! Needs root and `/dev/kvm`, like the end-to-end tests. Ctrl-C stops everything started
+//! (processes killed, namespaces deleted). Not a timed test: nothing here judges speed.
+//!
+//! Here: the command, its options and Ctrl-C. What runs and in which order: `plan`; one
+//! cell run: `measure`; the failover trials: `failover`; machine facts and physical limits:
+//! `limits`; quantiles: `stats`; aggregation, `bench.md` and `bench.json`: `report`;
+//! `bench.svg`: `plot`.
+
+mod failover;
+mod limits;
+mod measure;
+mod plan;
+mod plot;
+mod report;
+mod stats;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use twin::signals::Termination;
+
+use failover::{run_failover, Failover};
+use limits::{machine, measure_limits, read_trim, Limits};
+use measure::{run_cell, Run};
+use plan::{Mode, Plan};
+use report::{f, markdown, ms, JsonReport, Report};
+use stats::{dist, json_f64};
+
+#[derive(clap::Args)]
+pub struct BenchArgs {
+    /// Directory for bench.md, bench.json and bench.svg (created if missing).
+    #[arg(long, default_value = "results")]
+    out: PathBuf,
+    /// A shorter run (about 2 minutes): one round, 2 s windows, 3 failovers.
+    #[arg(long)]
+    quick: bool,
+    /// Seconds measured per cell [default: 6, quick: 2].
+    #[arg(long)]
+    cell_secs: Option<f64>,
+    /// Times every cell is run, interleaved [default: 2, quick: 1].
+    #[arg(long)]
+    rounds: Option<u32>,
+    /// Failover trials (SIGKILL of the primary) [default: 10, quick: 3].
+    #[arg(long)]
+    failovers: Option<u32>,
+    /// Checkpoint rates to measure, per second.
+    #[arg(long, value_delimiter = ',', default_value = "100,40,10")]
+    rates: Vec<u32>,
+    /// Checkpoint rates to measure again with the replication stream encrypted
+    /// (`--encrypt`); empty for none.
+    #[arg(long, value_delimiter = ',', default_value = "40")]
+    encrypt_rates: Vec<u32>,
+    /// Workloads to measure: idle, 16M, 64M, 256M (guest dirty rates per second), tcp.
+    #[arg(long, value_delimiter = ',', default_value = "idle,16M,64M,256M,tcp")]
+    workloads: Vec<String>,
+    /// Guest RAM.
+    #[arg(long, default_value = "256M")]
+    mem: String,
+    /// `--heartbeat-timeout` for the backups [default: the backup's own default].
+    #[arg(long)]
+    heartbeat_timeout: Option<String>,
+}
+
+// ---------------------------------------------------------------------------------------
+// Ctrl-C
+
+/// Set by the signal thread on SIGINT, SIGTERM or SIGHUP.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+/// The bench was interrupted by a signal; everything it started is dropped on the way out.
+#[derive(Debug, thiserror::Error)]
+#[error("interrupted")]
+struct Interrupted;
+
+/// Takes the termination signals on a thread of their own that only raises [`INTERRUPTED`]
+/// (instead of the default action, termination, which would skip every destructor). Must
+/// run before any other thread is spawned.
+fn install_interrupt_handler() -> Result<()> {
+    Termination::block()?.forward(|_| {
+        INTERRUPTED.store(true, Ordering::SeqCst);
+        true
+    })?;
+    Ok(())
+}
+
+fn check_interrupt() -> Result<()> {
+    if INTERRUPTED.load(Ordering::SeqCst) {
+        return Err(Interrupted.into());
+    }
+    Ok(())
+}
+
+/// Sleeps `d`, waking early (with an error) on Ctrl-C.
+fn nap(d: Duration) -> Result<()> {
+    let end = Instant::now() + d;
+    loop {
+        check_interrupt()?;
+        let left = end.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Ok(());
+        }
+        std::thread::sleep(left.min(Duration::from_millis(50)));
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The command
+
+fn preflight() -> Result<()> {
+    // SAFETY: `geteuid` has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("twin bench creates network namespaces and TAP devices and must run as root");
+    }
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .context("twin bench runs VMs and needs /dev/kvm (read-write)")?;
+    Ok(())
+}
+
+pub fn run(args: BenchArgs) -> Result<ExitCode> {
+    let plan = Plan::new(&args)?;
+    preflight()?;
+    install_interrupt_handler()?;
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating the results directory {}", args.out.display()))?;
+    let failed_dir = args.out.join("failed");
+    let _ = std::fs::remove_dir_all(&failed_dir);
+    let t0 = Instant::now();
+    let mut machine = machine();
+    let schedule = plan.schedule();
+    eprintln!(
+        "bench: {} cell runs ({} workloads × {} modes × {} rounds, {:.1} s each) + {} failovers; numbers from a noisy shared {}-core machine",
+        schedule.len(),
+        plan.workload_list.len(),
+        plan.modes().len(),
+        plan.rounds,
+        plan.cell_secs,
+        plan.failovers,
+        machine.cores
+    );
+    let mut limits = Limits::default();
+    let mut runs: Vec<Run> = Vec::new();
+    let mut failovers: Vec<Failover> = Vec::new();
+    let result = (|| -> Result<()> {
+        eprintln!("bench: physical limits (memcpy, loopback and veth TCP)…");
+        measure_limits(&plan, &mut limits).context("measuring the physical limits")?;
+        let mut consecutive_failures = 0;
+        for (i, &(round, w, m)) in schedule.iter().enumerate() {
+            check_interrupt()?;
+            let mut run = Run::new(round, w, m);
+            let label = format!("{} / {} / round {round}", w.label(), m.label());
+            let logs = failed_dir.join(format!(
+                "r{round}-{}-{}",
+                w.label().replace(['/', ' ', '='], "_"),
+                m.label().replace(' ', "_")
+            ));
+            let started = Instant::now();
+            match run_cell(&plan, &mut run, &logs) {
+                Ok(()) => {
+                    consecutive_failures = 0;
+                    eprintln!(
+                        "bench: [{}/{}] {label}: {:.1} s; replies {} (median {} ms){}",
+                        i + 1,
+                        schedule.len(),
+                        started.elapsed().as_secs_f64(),
+                        run.requests,
+                        ms(run.latency_us.map(|d| d.median)),
+                        match dist(&run.pause_us) {
+                            Some(d) => format!(
+                                ", {:.1} checkpoints/s, pause median {} ms",
+                                run.checkpoint_rate_hz.unwrap_or(0.0),
+                                ms(Some(d.median))
+                            ),
+                            None => String::new(),
+                        }
+                    );
+                }
+                Err(e) if e.downcast_ref::<Interrupted>().is_some() => return Err(e),
+                Err(e) => {
+                    consecutive_failures += 1;
+                    eprintln!(
+                        "bench: [{}/{}] {label}: FAILED: {e:#} (logs in {})",
+                        i + 1,
+                        schedule.len(),
+                        logs.display()
+                    );
+                    run.error = Some(format!("{e:#}"));
+                }
+            }
+            runs.push(run);
+            // Three failures in a row that an unprotected VM shares, or that span workloads,
+            // point at the machine rather than at one workload: stop. One workload whose
+            // protected runs all fail is a result, not a reason to stop.
+            let last = &runs[runs.len().saturating_sub(consecutive_failures)..];
+            if consecutive_failures >= 3
+                && (last.iter().any(|r| r.key.1 == Mode::Unprotected)
+                    || last.iter().any(|r| r.key.0 != last[0].key.0))
+            {
+                bail!("{consecutive_failures} runs in a row failed, across workloads or unprotected; stopping (see the errors above and the logs in {})", failed_dir.display());
+            }
+        }
+        for trial in 1..=plan.failovers {
+            check_interrupt()?;
+            let logs = failed_dir.join(format!("failover-{trial}"));
+            let t = run_failover(&plan, trial, &logs)
+                .with_context(|| format!("failover trial {trial}"))?;
+            match &t.error {
+                None => eprintln!(
+                    "bench: failover {trial}/{}: client-visible {} ms, backup detect→running {} ms, consistent: {}",
+                    plan.failovers,
+                    f(t.client_visible_ms, 1),
+                    f(
+                        t.backup_report
+                            .as_ref()
+                            .and_then(|r| json_f64(r, &["detect_to_running_ms"])),
+                        1
+                    ),
+                    t.consistent.unwrap_or(false)
+                ),
+                Some(e) => eprintln!(
+                    "bench: failover {trial}/{}: FAILED: {e} (logs in {})",
+                    plan.failovers,
+                    logs.display()
+                ),
+            }
+            failovers.push(t);
+        }
+        eprintln!("bench: physical limits again…");
+        measure_limits(&plan, &mut limits).context("measuring the physical limits")?;
+        Ok(())
+    })();
+    if let Err(e) = result {
+        if e.downcast_ref::<Interrupted>().is_some() {
+            eprintln!(
+                "twin bench: interrupted; every process it started was killed and its namespaces deleted"
+            );
+            return Ok(ExitCode::from(130));
+        }
+        return Err(e);
+    }
+    machine.loadavg_end = read_trim("/proc/loadavg");
+    let elapsed_s = t0.elapsed().as_secs_f64();
+    let report = Report {
+        plan: &plan,
+        machine: &machine,
+        limits: &limits,
+        runs: &runs,
+        failovers: &failovers,
+        elapsed_s,
+    };
+    let md = markdown(&report);
+    let md_path = args.out.join("bench.md");
+    std::fs::write(&md_path, &md).with_context(|| format!("writing {}", md_path.display()))?;
+    let json = JsonReport {
+        note: "numbers from a noisy shared machine; see bench.md",
+        plan: &plan,
+        machine: &machine,
+        limits: &limits,
+        runs: &runs,
+        failovers: &failovers,
+        elapsed_s,
+    };
+    let json_path = args.out.join("bench.json");
+    std::fs::write(&json_path, serde_json::to_vec_pretty(&json)?)
+        .with_context(|| format!("writing {}", json_path.display()))?;
+    let svg_path = args.out.join("bench.svg");
+    plot::draw(&svg_path, &report).with_context(|| format!("writing {}", svg_path.display()))?;
+    println!("{md}");
+    eprintln!(
+        "bench: wrote {}, {}, {} in {:.0} s",
+        md_path.display(),
+        json_path.display(),
+        svg_path.display(),
+        elapsed_s
+    );
+    let failures = runs.iter().filter(|r| r.error.is_some()).count()
+        + failovers.iter().filter(|t| t.error.is_some()).count();
+    Ok(if failures > 0 {
+        eprintln!("bench: {failures} run(s) failed; see the report");
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}

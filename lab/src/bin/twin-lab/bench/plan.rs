@@ -1,0 +1,201 @@
+//! What a bench runs: the workloads, the modes (unprotected, protected at a rate,
+//! encrypted), the timings of the run and the order of its cells.
+
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Result};
+use serde::Serialize;
+
+use super::BenchArgs;
+
+/// The guest's page size.
+pub(super) const PAGE: usize = 4096;
+/// Port the backup listens on for replication.
+pub(super) const REPL_PORT: u16 = 7700;
+/// Shortest upper bound of the PING probe's random think time (the longest checkpoint
+/// interval measured is used when longer).
+const PROBE_THINK_MIN: Duration = Duration::from_millis(100);
+/// Working set of the memory workloads.
+pub(super) const WSS: &str = "128M";
+/// The protected VM of the failover trials: the product's default interval, a guest that
+/// writes memory.
+pub(super) const FAILOVER_WORKLOAD: Workload = Workload::Dirty(16);
+pub(super) const FAILOVER_HZ: u32 = 40;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Workload {
+    Idle,
+    /// Guest memory workload, MiB dirtied per second.
+    Dirty(u32),
+    /// The TCP service under a closed-loop client.
+    Tcp,
+}
+
+impl Workload {
+    pub(super) fn parse(s: &str) -> Result<Self> {
+        let t = s.trim().to_ascii_lowercase();
+        Ok(match t.as_str() {
+            "idle" => Workload::Idle,
+            "tcp" => Workload::Tcp,
+            _ => {
+                let n = t
+                    .trim_end_matches("/s")
+                    .trim_end_matches('m')
+                    .parse::<u32>()
+                    .ok()
+                    .filter(|&n| n > 0)
+                    .ok_or_else(|| {
+                        anyhow!("unknown workload {s:?} (known: idle, tcp, <N>M for dirty=<N>M/s)")
+                    })?;
+                Workload::Dirty(n)
+            }
+        })
+    }
+
+    pub(super) fn label(self) -> String {
+        match self {
+            Workload::Idle => "idle".into(),
+            Workload::Dirty(m) => format!("dirty={m}M/s"),
+            Workload::Tcp => "tcp closed-loop".into(),
+        }
+    }
+
+    pub(super) fn guest_args(self) -> Option<String> {
+        match self {
+            Workload::Idle | Workload::Tcp => None,
+            Workload::Dirty(m) => Some(format!("dirty={m}M/s,wss={WSS}")),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Mode {
+    Unprotected,
+    /// Checkpoints per second.
+    Protected(u32),
+    /// Checkpoints per second, the replication stream encrypted.
+    Encrypted(u32),
+}
+
+impl Mode {
+    pub(super) fn label(self) -> String {
+        match self {
+            Mode::Unprotected => "unprotected".into(),
+            Mode::Protected(hz) => format!("protected {hz} Hz"),
+            Mode::Encrypted(hz) => format!("protected {hz} Hz, encrypted"),
+        }
+    }
+
+    pub(super) fn hz(self) -> Option<u32> {
+        match self {
+            Mode::Unprotected => None,
+            Mode::Protected(hz) | Mode::Encrypted(hz) => Some(hz),
+        }
+    }
+}
+
+/// Timings of one bench.
+#[derive(Clone, Debug, Serialize)]
+pub(super) struct Plan {
+    pub(super) quick: bool,
+    pub(super) cell_secs: f64,
+    pub(super) warmup_secs: f64,
+    pub(super) rounds: u32,
+    pub(super) failovers: u32,
+    pub(super) rates: Vec<u32>,
+    pub(super) encrypt_rates: Vec<u32>,
+    pub(super) workloads: Vec<String>,
+    pub(super) mem: String,
+    pub(super) limit_reps: u32,
+    pub(super) tcp_bytes: usize,
+    /// The PING probe waits a random time in `[0, probe_think_max)` after each reply.
+    pub(super) probe_think_max: Duration,
+    pub(super) heartbeat_timeout: Option<String>,
+    #[serde(skip)]
+    pub(super) workload_list: Vec<Workload>,
+}
+
+impl Plan {
+    pub(super) fn new(a: &BenchArgs) -> Result<Self> {
+        let workload_list = a
+            .workloads
+            .iter()
+            .map(|w| Workload::parse(w))
+            .collect::<Result<Vec<_>>>()?;
+        if workload_list.is_empty() {
+            bail!("--workloads is empty");
+        }
+        for &hz in a.rates.iter().chain(&a.encrypt_rates) {
+            if !(1..=1000).contains(&hz) {
+                bail!("checkpoint rate {hz}/s is out of range (1–1000)");
+            }
+        }
+        let cell_secs = a.cell_secs.unwrap_or(if a.quick { 2.0 } else { 6.0 });
+        if !(0.5..=600.0).contains(&cell_secs) {
+            bail!("--cell-secs {cell_secs} is out of range (0.5–600)");
+        }
+        Ok(Plan {
+            quick: a.quick,
+            cell_secs,
+            warmup_secs: if a.quick { 0.5 } else { 1.0 },
+            rounds: a.rounds.unwrap_or(if a.quick { 1 } else { 2 }).max(1),
+            failovers: a.failovers.unwrap_or(if a.quick { 3 } else { 10 }),
+            rates: a.rates.clone(),
+            encrypt_rates: a.encrypt_rates.clone(),
+            workloads: workload_list.iter().map(|w| w.label()).collect(),
+            mem: a.mem.clone(),
+            limit_reps: if a.quick { 3 } else { 5 },
+            tcp_bytes: if a.quick { 256 << 20 } else { 1 << 30 },
+            probe_think_max: a
+                .rates
+                .iter()
+                .map(|&hz| Duration::from_micros(1_000_000 / u64::from(hz)))
+                .max()
+                .unwrap_or_default()
+                .max(PROBE_THINK_MIN),
+            heartbeat_timeout: a.heartbeat_timeout.clone(),
+            workload_list,
+        })
+    }
+
+    pub(super) fn modes(&self) -> Vec<Mode> {
+        let mut m = vec![Mode::Unprotected];
+        m.extend(self.rates.iter().map(|&hz| Mode::Protected(hz)));
+        m.extend(self.encrypt_rates.iter().map(|&hz| Mode::Encrypted(hz)));
+        m
+    }
+
+    /// Every (round, workload, mode) in the order run: rounds interleave, and every other
+    /// round runs backwards so that slow drifts in background load hit every mode alike.
+    pub(super) fn schedule(&self) -> Vec<(u32, Workload, Mode)> {
+        let mut out = Vec::new();
+        for round in 1..=self.rounds {
+            let mut cells = Vec::new();
+            for &w in &self.workload_list {
+                for m in self.modes() {
+                    cells.push((round, w, m));
+                }
+            }
+            if round % 2 == 0 {
+                cells.reverse();
+            }
+            out.extend(cells);
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn workloads_parse() {
+        assert_eq!(Workload::parse("idle").unwrap(), Workload::Idle);
+        assert_eq!(Workload::parse("64M").unwrap(), Workload::Dirty(64));
+        assert_eq!(Workload::parse("256m/s").unwrap(), Workload::Dirty(256));
+        assert_eq!(Workload::parse("TCP").unwrap(), Workload::Tcp);
+        assert!(Workload::parse("0M").is_err());
+        assert!(Workload::parse("lots").is_err());
+    }
+}
