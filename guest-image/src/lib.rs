@@ -59,4 +59,14 @@ mod guest_proto;
 mod guest_pagefmt;
 
 #[cfg(test)]
+#[path = "../../guest/src/ring.rs"]
+#[allow(dead_code)]
+mod guest_ring;
+
+#[cfg(test)]
+#[path = "../../guest/src/resp.rs"]
+#[allow(dead_code)]
+mod guest_resp;
+
+#[cfg(test)]
 mod tests;

@@ -4,6 +4,7 @@
 use super::guest_args::{self, ArgError, GuestArgs, Pattern};
 use super::guest_pagefmt::{self as pagefmt, PageError, WORDS};
 use super::guest_proto::{self as proto, Command};
+use super::guest_resp as resp;
 use super::GUEST_ELF;
 
 fn u16_at(b: &[u8], o: usize) -> u16 {
@@ -193,4 +194,110 @@ fn page_format_detects_stale_and_torn_pages() {
     pagefmt::fill(&mut other, 8, 3);
     assert_ne!(page[3..], newer[3..]);
     assert_ne!(page[3..], other[3..]);
+}
+
+/// The arguments of the request at the front of `buf`, and the bytes it used.
+fn resp_args(buf: &[u8]) -> Result<Option<(Vec<Vec<u8>>, usize)>, resp::Error> {
+    Ok(resp::parse(buf)?.map(|(a, n)| {
+        let mut v = Vec::new();
+        let mut i = 0;
+        while let Some(x) = a.get(i) {
+            v.push(x.to_vec());
+            i += 1;
+        }
+        (v, n)
+    }))
+}
+
+#[test]
+fn resp_requests_frame_as_clients_send_them() {
+    let req = b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$5\r\nhello\r\n";
+    let (args, n) = resp_args(req).unwrap().unwrap();
+    assert_eq!(n, req.len());
+    assert_eq!(args, [b"SET".to_vec(), b"k".to_vec(), b"hello".to_vec()]);
+    // Every prefix is incomplete, never an error.
+    for cut in 0..req.len() {
+        assert_eq!(
+            resp_args(&req[..cut]).unwrap(),
+            None,
+            "prefix of {cut} bytes"
+        );
+    }
+    // Pipelined: one at a time from the front.
+    let two = [&req[..], b"*1\r\n$4\r\nPING\r\n"].concat();
+    let (_, n) = resp_args(&two).unwrap().unwrap();
+    let (args, m) = resp_args(&two[n..]).unwrap().unwrap();
+    assert_eq!((args, n + m), (vec![b"PING".to_vec()], two.len()));
+    // Binary-safe values, empty values.
+    let (args, _) = resp_args(b"*2\r\n$0\r\n\r\n$3\r\na\r\n\r\n")
+        .unwrap()
+        .unwrap();
+    assert_eq!(args, [b"".to_vec(), b"a\r\n".to_vec()]);
+    // Inline commands, as typed into a raw connection.
+    let (args, n) = resp_args(b"GET  key\r\nrest").unwrap().unwrap();
+    assert_eq!((args, n), (vec![b"GET".to_vec(), b"key".to_vec()], 10));
+}
+
+#[test]
+fn resp_rejects_what_cannot_be_framed() {
+    for (bad, want) in [
+        (&b"*x\r\n"[..], resp::Error::Header),
+        (b"*1\r\n+OK\r\n", resp::Error::Header),
+        (b"*1\r\n$-1\r\n", resp::Error::Header),
+        (b"*1\r\n$3\r\nGETXX", resp::Error::Framing),
+        (b"*65\r\n", resp::Error::TooManyArgs),
+        (b"*1\r\n$99999999\r\n", resp::Error::TooLong),
+        (b"*1\r\n$1000000000000\r\n", resp::Error::Header),
+    ] {
+        assert_eq!(
+            resp_args(bad).err(),
+            Some(want),
+            "{:?}",
+            String::from_utf8_lossy(bad)
+        );
+    }
+    // A header that never ends is not waited for forever.
+    assert_eq!(resp_args(&[b'*'; 64]).err(), Some(resp::Error::Header));
+    assert_eq!(
+        resp_args(&vec![b'a'; resp::MAX_REQUEST + 1]).err(),
+        Some(resp::Error::TooLong)
+    );
+}
+
+#[test]
+fn resp_replies_encode() {
+    let mut buf = [0u8; 128];
+    let mut w = resp::Writer::new(&mut buf);
+    w.simple(b"OK");
+    w.error(b"ERR x");
+    w.integer(-42);
+    w.integer(0);
+    w.bulk(b"hi");
+    w.null();
+    w.array(2);
+    assert!(!w.overflowed());
+    assert_eq!(
+        w.bytes(),
+        b"+OK\r\n-ERR x\r\n:-42\r\n:0\r\n$2\r\nhi\r\n$-1\r\n*2\r\n"
+    );
+    let mut small = [0u8; 4];
+    let mut w = resp::Writer::new(&mut small);
+    w.bulk(b"too long for it");
+    assert!(w.overflowed());
+}
+
+#[test]
+fn rx_kick_when_the_device_used_our_new_buffers_too() {
+    use crate::guest_ring::rx_needs_kick;
+    // 256 buffers; we reposted 10 (avail 1000 → 1010) and the device has already used up
+    // to 1005: every older buffer is gone, so it may be about to wait for us.
+    assert!(rx_needs_kick(1010, 1005, 10, 256));
+    // It used all of them: nothing held at all.
+    assert!(rx_needs_kick(1010, 1010, 10, 256));
+    // Across the u16 wrap, the same.
+    assert!(rx_needs_kick(3, 65533, 10, 256));
+    // It still holds 200 older buffers: busy, no exit needed.
+    assert!(!rx_needs_kick(1210, 1000, 10, 256));
+    // Fewer than a quarter of the ring left: kick.
+    assert!(rx_needs_kick(1060, 1000, 10, 256));
 }

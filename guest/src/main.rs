@@ -19,6 +19,8 @@ mod net;
 mod pagefmt;
 mod pci;
 mod proto;
+mod resp;
+mod ring;
 mod serial;
 mod service;
 mod time;
@@ -31,7 +33,7 @@ use crate::service::Guest;
 use alloc::collections::BTreeMap;
 use core::panic::PanicInfo;
 
-const VERSION: &str = env!("CARGO_PKG_VERSION");
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// Lowest guest-physical address that is not RAM (PCI MMIO window).
 const MMIO_START: u64 = 0xC000_0000;

@@ -1,9 +1,15 @@
-//! The network side of the main loop: smoltcp on virtio-net, and the TCP line service on
-//! port 7000.
+//! The network side of the main loop: smoltcp on virtio-net, the TCP line service on port
+//! 7000 and the Redis protocol on port 6379.
+//!
+//! Each connection has an output queue: replies go into it and out as the socket's send
+//! buffer takes them, and a connection with output still queued reads no more requests (a
+//! client that pipelines faster than it reads is slowed, not answered out of order or
+//! dropped).
 
 use crate::arch::{irq_count, IRQ_CONFIG};
 use crate::proto::MAX_LINE;
-use crate::service::{Guest, NetStats, Reply, MAX_REPLY};
+use crate::resp;
+use crate::service::{After, Guest, NetStats, Reply, SocketCensus};
 use crate::virtio::VirtioNet;
 use alloc::vec;
 use alloc::vec::Vec;
@@ -12,21 +18,75 @@ use smoltcp::socket::tcp;
 use smoltcp::time::{Duration, Instant};
 use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr, Ipv4Address};
 
-/// TCP port of the service.
+/// TCP port of the line service.
 pub const PORT: u16 = 7000;
-/// Concurrent connections served.
-pub const SOCKETS: usize = 32;
+/// TCP port of the Redis protocol.
+pub const REDIS_PORT: u16 = 6379;
+/// smoltcp has no listen backlog: a SYN that finds no socket in LISTEN is answered with a
+/// reset. So every port keeps at least this many sockets listening, adding sockets as
+/// connections take them (a burst of new connections while others are still closing, e.g.
+/// their FIN held by output commit, must not be refused).
+const SPARE_LISTENERS: usize = 32;
+/// Frames taken in between two checks of the spare listeners.
+const LISTEN_CHECK: usize = 16;
+/// Most connections on the line port, and on the Redis port (each socket costs
+/// `RX_BUF + TX_BUF` of heap once created; sockets are created as needed, never freed).
+pub const MAX_LINE_CONNECTIONS: usize = 256;
+pub const MAX_REDIS_CONNECTIONS: usize = 1024;
+/// A connection with this much output queued reads no further requests until it drains.
+const OUT_HIGH: usize = 32 << 10;
 /// Most frames taken from the device per main-loop iteration.
 const RX_BUDGET: usize = 128;
 const RX_BUF: usize = 8 << 10;
 const TX_BUF: usize = 16 << 10;
 
+/// Which service a connection speaks.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Proto {
+    Line,
+    Resp,
+}
+
+impl Proto {
+    const ALL: [Proto; 2] = [Proto::Line, Proto::Resp];
+
+    fn port(self) -> u16 {
+        match self {
+            Proto::Line => PORT,
+            Proto::Resp => REDIS_PORT,
+        }
+    }
+
+    fn max_connections(self) -> usize {
+        match self {
+            Proto::Line => MAX_LINE_CONNECTIONS,
+            Proto::Resp => MAX_REDIS_CONNECTIONS,
+        }
+    }
+}
+
 struct Conn {
     handle: SocketHandle,
-    line: [u8; MAX_LINE],
-    len: usize,
+    proto: Proto,
+    /// Bytes received and not yet a whole request.
+    input: Vec<u8>,
+    /// A line longer than the protocol allows is being skipped.
     too_long: bool,
+    /// Replies not yet taken by the socket.
+    output: Vec<u8>,
+    /// Close once the output is out (a `QUIT`, a protocol error).
+    closing: bool,
     established: bool,
+}
+
+impl Conn {
+    fn reset(&mut self) {
+        self.input.clear();
+        self.output.clear();
+        self.too_long = false;
+        self.closing = false;
+        self.established = false;
+    }
 }
 
 /// The interface, its sockets and the per-connection line state.
@@ -39,6 +99,8 @@ pub struct Net {
     config_seen: u64,
     connections: u64,
     reply: Reply,
+    /// Where a Redis reply is built before it is queued.
+    scratch: Vec<u8>,
     pub gratuitous_arps: u64,
     reported_reset: bool,
 }
@@ -70,39 +132,57 @@ impl Net {
         if !gw.is_unspecified() {
             let _ = iface.routes_mut().add_default_ipv4_route(gw);
         }
-        let mut sockets = SocketSet::new(Vec::with_capacity(SOCKETS));
-        let mut conns = Vec::with_capacity(SOCKETS);
-        for _ in 0..SOCKETS {
-            let mut s = tcp::Socket::new(
-                tcp::SocketBuffer::new(vec![0; RX_BUF]),
-                tcp::SocketBuffer::new(vec![0; TX_BUF]),
-            );
-            s.set_nagle_enabled(false);
-            s.set_keep_alive(Some(Duration::from_secs(15)));
-            s.set_timeout(Some(Duration::from_secs(60)));
-            let _ = s.listen(PORT);
-            conns.push(Conn {
-                handle: sockets.add(s),
-                line: [0; MAX_LINE],
-                len: 0,
-                too_long: false,
-                established: false,
-            });
-        }
+        let sockets = SocketSet::new(Vec::new());
         let mut net = Net {
             dev,
             iface,
             sockets,
-            conns,
+            conns: Vec::new(),
             ip,
             config_seen: irq_count(IRQ_CONFIG),
             connections: 0,
             reply: Reply::new(),
+            scratch: vec![0; resp::MAX_REQUEST],
             gratuitous_arps: 0,
             reported_reset: false,
         };
+        net.keep_listening();
         net.announce();
         net
+    }
+
+    /// Tops every port up to `SPARE_LISTENERS` sockets in LISTEN (within its maximum).
+    fn keep_listening(&mut self) {
+        for proto in Proto::ALL {
+            let (mut listening, mut total) = (0, 0);
+            for c in self.conns.iter().filter(|c| c.proto == proto) {
+                total += 1;
+                if self.sockets.get::<tcp::Socket>(c.handle).state() == tcp::State::Listen {
+                    listening += 1;
+                }
+            }
+            while listening < SPARE_LISTENERS && total < proto.max_connections() {
+                let mut s = tcp::Socket::new(
+                    tcp::SocketBuffer::new(vec![0; RX_BUF]),
+                    tcp::SocketBuffer::new(vec![0; TX_BUF]),
+                );
+                s.set_nagle_enabled(false);
+                s.set_keep_alive(Some(Duration::from_secs(15)));
+                s.set_timeout(Some(Duration::from_secs(60)));
+                let _ = s.listen(proto.port());
+                self.conns.push(Conn {
+                    handle: self.sockets.add(s),
+                    proto,
+                    input: Vec::new(),
+                    too_long: false,
+                    output: Vec::new(),
+                    closing: false,
+                    established: false,
+                });
+                listening += 1;
+                total += 1;
+            }
+        }
     }
 
     /// Broadcast a gratuitous ARP for our address, so bridges and neighbours learn where we
@@ -137,7 +217,24 @@ impl Net {
             tx_kicks: self.dev.tx.kicks,
             connections: self.connections,
             gratuitous_arps: self.gratuitous_arps,
+            sockets: self.census(),
         }
+    }
+
+    fn census(&self) -> SocketCensus {
+        let mut n = SocketCensus::default();
+        for c in &self.conns {
+            let s = self.sockets.get::<tcp::Socket>(c.handle);
+            use tcp::State::*;
+            match s.state() {
+                Listen | Closed => n.listen += 1,
+                SynSent | SynReceived => n.opening += 1,
+                Established => n.established += 1,
+                CloseWait | LastAck => n.peer_closed += 1,
+                FinWait1 | FinWait2 | Closing | TimeWait => n.closing += 1,
+            }
+        }
+        n
     }
 
     /// One round of network work. Returns whether anything happened (packets moved or a
@@ -167,7 +264,11 @@ impl Net {
         let ts = instant(now_ns);
         self.iface.poll_maintenance(ts);
         // Bounded ingress, so a flood cannot starve the rest of the main loop.
-        for _ in 0..RX_BUDGET {
+        for i in 0..RX_BUDGET {
+            // At most LISTEN_CHECK SYNs between two top-ups, fewer than SPARE_LISTENERS.
+            if i % LISTEN_CHECK == 0 {
+                self.keep_listening();
+            }
             if self
                 .iface
                 .poll_ingress_single(ts, &mut self.dev, &mut self.sockets)
@@ -190,7 +291,7 @@ impl Net {
             && matches!(self.iface.poll_at(ts, &self.sockets), Some(at) if at <= ts)
     }
 
-    /// Read complete request lines from every connection and queue their replies.
+    /// Reads whole requests from every connection and queues their replies.
     fn serve(&mut self, g: &mut Guest) -> bool {
         let stats = self.stats();
         let mut served = false;
@@ -198,53 +299,115 @@ impl Net {
             let s = self.sockets.get_mut::<tcp::Socket>(c.handle);
             if !s.is_open() {
                 // Closed (peer reset, timed out, or finished): listen again.
-                c.len = 0;
-                c.too_long = false;
-                c.established = false;
-                let _ = s.listen(PORT);
+                c.reset();
+                let _ = s.listen(c.proto.port());
                 continue;
             }
             if s.is_active() && !c.established && s.state() != tcp::State::SynReceived {
                 c.established = true;
                 self.connections += 1;
             }
-            while s.can_recv() && s.send_capacity() - s.send_queue() >= MAX_REPLY {
-                let line = &mut c.line;
-                let len = &mut c.len;
-                let too_long = &mut c.too_long;
-                let complete = s.recv(|buf| {
-                    let (take, done) = match buf.iter().position(|&b| b == b'\n') {
-                        Some(p) => (p + 1, true),
-                        None => (buf.len(), false),
-                    };
-                    let data = &buf[..if done { take - 1 } else { take }];
-                    let room = MAX_LINE - *len;
-                    if data.len() > room {
-                        *too_long = true;
-                    }
-                    let n = data.len().min(room);
-                    line[*len..*len + n].copy_from_slice(&data[..n]);
-                    *len += n;
-                    (take, done)
+            flush(s, &mut c.output);
+            while c.output.len() < OUT_HIGH && !c.closing && s.can_recv() {
+                let before = c.input.len();
+                let _ = s.recv(|buf| {
+                    c.input.extend_from_slice(buf);
+                    (buf.len(), ())
                 });
-                match complete {
-                    Ok(true) => {
-                        self.reply.clear();
-                        g.handle(&c.line[..c.len], c.too_long, &stats, &mut self.reply);
-                        let _ = s.send_slice(self.reply.line());
-                        c.len = 0;
-                        c.too_long = false;
-                        served = true;
-                    }
-                    Ok(false) => {}
-                    Err(_) => break,
+                if c.input.len() == before {
+                    break;
                 }
+                served |= match c.proto {
+                    Proto::Line => serve_lines(c, g, &stats, &mut self.reply),
+                    Proto::Resp => serve_resp(c, g, &stats, &mut self.scratch),
+                };
+                flush(s, &mut c.output);
             }
-            if s.state() == tcp::State::CloseWait && !s.can_recv() {
+            if c.closing && c.output.is_empty() {
+                s.close();
+            } else if s.state() == tcp::State::CloseWait && !s.can_recv() && c.output.is_empty() {
                 // The peer is done sending; replies already queued still go out before our FIN.
                 s.close();
             }
         }
         served
     }
+}
+
+/// Moves queued output into the socket's send buffer, as much as it takes.
+fn flush(s: &mut tcp::Socket<'_>, out: &mut Vec<u8>) {
+    if out.is_empty() {
+        return;
+    }
+    if let Ok(n) = s.send_slice(out) {
+        out.drain(..n);
+    }
+}
+
+/// Line protocol: every complete line in the input is a request.
+fn serve_lines(c: &mut Conn, g: &mut Guest, stats: &NetStats, reply: &mut Reply) -> bool {
+    let mut served = false;
+    let mut start = 0;
+    while let Some(nl) = c.input[start..].iter().position(|&b| b == b'\n') {
+        let line = &c.input[start..start + nl];
+        let too_long = c.too_long || line.len() > MAX_LINE;
+        reply.clear();
+        g.handle(&line[..line.len().min(MAX_LINE)], too_long, stats, reply);
+        c.output.extend_from_slice(reply.line());
+        c.too_long = false;
+        start += nl + 1;
+        served = true;
+    }
+    c.input.drain(..start);
+    if c.input.len() > MAX_LINE {
+        // A line too long to keep: skip it up to its newline and say so then.
+        c.too_long = true;
+        c.input.clear();
+    }
+    served
+}
+
+/// Redis protocol: every complete request at the front of the input, in order.
+fn serve_resp(c: &mut Conn, g: &mut Guest, stats: &NetStats, scratch: &mut [u8]) -> bool {
+    let mut served = false;
+    let mut used = 0;
+    loop {
+        if c.output.len() >= OUT_HIGH {
+            break;
+        }
+        match resp::parse(&c.input[used..]) {
+            Ok(None) => break,
+            Ok(Some((args, n))) => {
+                used += n;
+                if args.is_empty() {
+                    continue;
+                }
+                let mut w = resp::Writer::new(scratch);
+                let after = g.handle_resp(&args, stats, &mut w);
+                if w.overflowed() {
+                    let mut e = resp::Writer::new(scratch);
+                    e.error(b"ERR reply too large");
+                    c.output.extend_from_slice(e.bytes());
+                } else {
+                    c.output.extend_from_slice(w.bytes());
+                }
+                served = true;
+                if after == After::Close {
+                    c.closing = true;
+                    break;
+                }
+            }
+            Err(e) => {
+                let mut w = resp::Writer::new(scratch);
+                w.error(e.message().as_bytes());
+                c.output.extend_from_slice(w.bytes());
+                c.closing = true;
+                used = c.input.len();
+                served = true;
+                break;
+            }
+        }
+    }
+    c.input.drain(..used);
+    served
 }

@@ -1,8 +1,10 @@
-//! Request execution for the port-7000 service, and the guest state it reads.
+//! Request execution for the two services — the port-7000 line protocol and the Redis
+//! protocol on port 6379 — over one key-value store, and the guest state they read.
 
 use crate::arch::{irq_count, IRQ_CONFIG, IRQ_OTHER, IRQ_RX, IRQ_TIMER, IRQ_TX};
 use crate::pagefmt::PageError;
 use crate::proto::{self, Command};
+use crate::resp;
 use crate::time::Clock;
 use crate::workload::Workload;
 use alloc::collections::BTreeMap;
@@ -11,6 +13,8 @@ use core::fmt::{self, Write};
 
 /// Most keys the store holds.
 pub const MAX_KEYS: usize = 1 << 18;
+/// Longest value stored (a Redis client's `SET` may carry any bytes).
+pub const MAX_VALUE: usize = 16 << 10;
 /// Heap left free when the store grows (so the network stack never runs out).
 const HEAP_RESERVE: usize = 4 << 20;
 /// Longest reply line, including the newline.
@@ -20,7 +24,8 @@ pub const MAX_REPLY: usize = 640;
 pub struct Guest {
     pub clock: Clock,
     pub workload: Workload,
-    pub kv: BTreeMap<Vec<u8>, u64>,
+    /// The store: values are byte strings (a decimal number for counters).
+    pub kv: BTreeMap<Vec<u8>, Vec<u8>>,
     pub requests: u64,
     pub halts: u64,
     /// TSC ticks spent in the halt call (idle).
@@ -38,6 +43,67 @@ pub struct NetStats {
     pub tx_kicks: u64,
     pub connections: u64,
     pub gratuitous_arps: u64,
+    /// Sockets by TCP state, for `INFO` (a client that cannot connect wants to know why).
+    pub sockets: SocketCensus,
+}
+
+/// How many of the guest's TCP sockets are in each state.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SocketCensus {
+    pub listen: u32,
+    pub established: u32,
+    /// SYN-RECEIVED: a handshake under way.
+    pub opening: u32,
+    /// CLOSE-WAIT, LAST-ACK: the peer closed first.
+    pub peer_closed: u32,
+    /// FIN-WAIT-1/2, CLOSING, TIME-WAIT: we closed first.
+    pub closing: u32,
+}
+
+/// Why a store operation was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StoreError {
+    TooManyKeys,
+    HeapExhausted,
+    ValueTooLong,
+    /// `INCR` of a value that is not a decimal integer in range.
+    NotAnInteger,
+    /// `INCR` past the largest integer.
+    Overflow,
+}
+
+impl StoreError {
+    pub fn message(self) -> &'static str {
+        match self {
+            StoreError::TooManyKeys => "too many keys (limit 262144)",
+            StoreError::HeapExhausted => "guest heap exhausted",
+            StoreError::ValueTooLong => "value longer than 16384 bytes",
+            StoreError::NotAnInteger => "value is not an integer or out of range",
+            StoreError::Overflow => "increment or decrement would overflow",
+        }
+    }
+}
+
+/// A decimal integer as Redis reads one: optional `-`, digits, in `i64`.
+fn parse_i64(v: &[u8]) -> Option<i64> {
+    let (neg, digits) = match v.split_first() {
+        Some((b'-', d)) => (true, d),
+        _ => (false, v),
+    };
+    if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let mut n: i64 = 0;
+    for &b in digits {
+        n = n.checked_mul(10)?.checked_add(i64::from(b - b'0'))?;
+    }
+    Some(if neg { -n } else { n })
+}
+
+fn decimal(n: i64) -> Vec<u8> {
+    let mut s = alloc::string::String::new();
+    let _ = write!(s, "{n}");
+    s.into_bytes()
 }
 
 /// A fixed-size reply line.
@@ -70,6 +136,23 @@ impl Reply {
     }
 }
 
+impl Reply {
+    /// Appends raw bytes (a stored value), as much as fits.
+    pub fn write_bytes(&mut self, b: &[u8]) -> fmt::Result {
+        let room = MAX_REPLY - 1 - self.len;
+        let n = b.len().min(room);
+        self.buf[self.len..self.len + n].copy_from_slice(&b[..n]);
+        self.len += n;
+        Ok(())
+    }
+}
+
+fn decimal_u64(n: u64) -> Vec<u8> {
+    let mut s = alloc::string::String::new();
+    let _ = write!(s, "{n}");
+    s.into_bytes()
+}
+
 impl Write for Reply {
     fn write_str(&mut self, s: &str) -> fmt::Result {
         let room = MAX_REPLY - 1 - self.len;
@@ -96,28 +179,19 @@ impl Guest {
             }
         };
         let _ = match cmd {
-            Command::Incr(k) => match self.kv.get_mut(k) {
-                Some(v) => match v.checked_add(1) {
-                    Some(n) => {
-                        *v = n;
-                        write!(out, "{n}")
-                    }
-                    None => write!(out, "ERR value would overflow"),
-                },
-                None => self
-                    .insert(k, 1, out)
-                    .and_then(|ok| if ok { write!(out, "1") } else { Ok(()) }),
+            Command::Incr(k) => match self.incr(k) {
+                Ok(n) => write!(out, "{n}"),
+                Err(StoreError::Overflow) => write!(out, "ERR value would overflow"),
+                Err(e) => write!(out, "ERR {}", e.message()),
             },
-            Command::Get(k) => write!(out, "{}", self.kv.get(k).copied().unwrap_or(0)),
-            Command::Set(k, v) => match self.kv.get_mut(k) {
-                Some(old) => {
-                    *old = v;
-                    write!(out, "OK")
-                }
-                None => {
-                    self.insert(k, v, out)
-                        .and_then(|ok| if ok { write!(out, "OK") } else { Ok(()) })
-                }
+            // A key never set reads as 0 on this protocol (its values are counters).
+            Command::Get(k) => match self.kv.get(k) {
+                Some(v) => out.write_bytes(v),
+                None => write!(out, "0"),
+            },
+            Command::Set(k, v) => match self.set(k, &decimal_u64(v)) {
+                Ok(()) => write!(out, "OK"),
+                Err(e) => write!(out, "ERR {}", e.message()),
             },
             Command::Ping => write!(out, "PONG"),
             Command::Time => write!(out, "{}", self.clock.now_ns()),
@@ -126,18 +200,40 @@ impl Guest {
         };
     }
 
-    /// Insert a new key; on refusal writes the `ERR` reply and returns `false`.
-    fn insert(&mut self, k: &[u8], v: u64, out: &mut Reply) -> Result<bool, fmt::Error> {
+    /// Sets `k` to `v`.
+    pub fn set(&mut self, k: &[u8], v: &[u8]) -> Result<(), StoreError> {
+        if v.len() > MAX_VALUE {
+            return Err(StoreError::ValueTooLong);
+        }
+        if let Some(old) = self.kv.get_mut(k) {
+            old.clear();
+            old.extend_from_slice(v);
+            return Ok(());
+        }
         if self.kv.len() >= MAX_KEYS {
-            write!(out, "ERR too many keys (limit {MAX_KEYS})")?;
-            return Ok(false);
+            return Err(StoreError::TooManyKeys);
         }
         if crate::mem::heap_usage().1 < HEAP_RESERVE {
-            write!(out, "ERR guest heap exhausted")?;
-            return Ok(false);
+            return Err(StoreError::HeapExhausted);
         }
-        self.kv.insert(k.to_vec(), v);
-        Ok(true)
+        self.kv.insert(k.to_vec(), v.to_vec());
+        Ok(())
+    }
+
+    /// Adds one to the integer at `k` (0 if absent); the new value.
+    pub fn incr(&mut self, k: &[u8]) -> Result<i64, StoreError> {
+        let n = match self.kv.get(k) {
+            None => 0,
+            Some(v) => parse_i64(v).ok_or(StoreError::NotAnInteger)?,
+        };
+        let n = n.checked_add(1).ok_or(StoreError::Overflow)?;
+        self.set(k, &decimal(n))?;
+        Ok(n)
+    }
+
+    /// Removes `k`; whether it was there.
+    pub fn del(&mut self, k: &[u8]) -> bool {
+        self.kv.remove(k).is_some()
     }
 
     fn stats(&mut self, net: &NetStats, out: &mut Reply) -> fmt::Result {
@@ -200,5 +296,190 @@ impl Guest {
                 }
             }
         }
+    }
+}
+
+/// What the connection does after a Redis request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum After {
+    Continue,
+    /// `QUIT`: close once the reply is out.
+    Close,
+}
+
+impl Guest {
+    /// Executes one Redis request (RESP2), writing its reply.
+    pub fn handle_resp(
+        &mut self,
+        a: &resp::Args<'_>,
+        net: &NetStats,
+        out: &mut resp::Writer<'_>,
+    ) -> After {
+        self.requests += 1;
+        let rest = a.rest();
+        let argc = rest.len();
+        let wrong = |out: &mut resp::Writer<'_>, name: &str| {
+            let mut m = alloc::string::String::new();
+            let _ = write!(m, "ERR wrong number of arguments for '{name}' command");
+            out.error(m.as_bytes());
+        };
+        let store_err = |out: &mut resp::Writer<'_>, e: StoreError| {
+            let mut m = alloc::string::String::from("ERR ");
+            m.push_str(e.message());
+            out.error(m.as_bytes());
+        };
+        if a.is(b"PING") {
+            match rest {
+                [] => out.simple(b"PONG"),
+                [msg] => out.bulk(msg),
+                _ => wrong(out, "ping"),
+            }
+        } else if a.is(b"ECHO") {
+            match rest {
+                [msg] => out.bulk(msg),
+                _ => wrong(out, "echo"),
+            }
+        } else if a.is(b"GET") {
+            match rest {
+                [k] => match self.kv.get(*k) {
+                    Some(v) => out.bulk(v),
+                    None => out.null(),
+                },
+                _ => wrong(out, "get"),
+            }
+        } else if a.is(b"SET") {
+            match rest {
+                [k, v] => match self.set(k, v) {
+                    Ok(()) => out.simple(b"OK"),
+                    Err(e) => store_err(out, e),
+                },
+                // Expiry and conditions (EX, PX, NX, XX, …) are not kept by this store.
+                [_, _, ..] => out.error(b"ERR syntax error (SET options are not supported)"),
+                _ => wrong(out, "set"),
+            }
+        } else if a.is(b"INCR") {
+            match rest {
+                [k] => match self.incr(k) {
+                    Ok(n) => out.integer(n),
+                    Err(e) => store_err(out, e),
+                },
+                _ => wrong(out, "incr"),
+            }
+        } else if a.is(b"DEL") || a.is(b"UNLINK") {
+            if argc == 0 {
+                wrong(out, "del");
+            } else {
+                let n = rest.iter().filter(|k| self.del(k)).count();
+                out.integer(n as i64);
+            }
+        } else if a.is(b"EXISTS") {
+            if argc == 0 {
+                wrong(out, "exists");
+            } else {
+                let n = rest.iter().filter(|k| self.kv.contains_key(**k)).count();
+                out.integer(n as i64);
+            }
+        } else if a.is(b"MGET") {
+            if argc == 0 {
+                wrong(out, "mget");
+            } else {
+                out.array(argc);
+                for k in rest {
+                    match self.kv.get(*k) {
+                        Some(v) => out.bulk(v),
+                        None => out.null(),
+                    }
+                }
+            }
+        } else if a.is(b"MSET") {
+            if argc == 0 || !argc.is_multiple_of(2) {
+                wrong(out, "mset");
+            } else {
+                let mut failed = None;
+                for kv in rest.chunks(2) {
+                    if let Err(e) = self.set(kv[0], kv[1]) {
+                        failed = Some(e);
+                        break;
+                    }
+                }
+                match failed {
+                    None => out.simple(b"OK"),
+                    Some(e) => store_err(out, e),
+                }
+            }
+        } else if a.is(b"DBSIZE") {
+            out.integer(self.kv.len() as i64);
+        } else if a.is(b"FLUSHALL") || a.is(b"FLUSHDB") {
+            self.kv.clear();
+            out.simple(b"OK");
+        } else if a.is(b"SELECT") {
+            match rest {
+                [db] if *db == b"0" => out.simple(b"OK"),
+                [_] => out.error(b"ERR DB index is out of range"),
+                _ => wrong(out, "select"),
+            }
+        } else if a.is(b"INFO") {
+            let k = net.sockets;
+            let mut s = alloc::string::String::new();
+            let _ = write!(
+                s,
+                "# Server\r\nredis_version:7.0.0\r\nredis_mode:standalone\r\ntwin_guest:{}\r\n\
+                 uptime_in_seconds:{}\r\n# Clients\r\nconnected_clients:{}\r\n# Stats\r\n\
+                 total_connections_received:{}\r\ntotal_commands_processed:{}\r\n\
+                 # Sockets\r\nsockets_listening:{}\r\nsockets_opening:{}\r\n\
+                 sockets_established:{}\r\nsockets_peer_closed:{}\r\nsockets_closing:{}\r\n\
+                 # Keyspace\r\ndb0:keys={},expires=0\r\n",
+                crate::VERSION,
+                self.clock.now_ns() / 1_000_000_000,
+                k.established + k.peer_closed,
+                net.connections,
+                self.requests,
+                k.listen,
+                k.opening,
+                k.established,
+                k.peer_closed,
+                k.closing,
+                self.kv.len()
+            );
+            out.bulk(s.as_bytes());
+        } else if a.is(b"CONFIG") {
+            // redis-benchmark asks for `save` and `appendonly` before it starts. Nothing is
+            // written to a disk yet: the replica on the backup is what keeps the data.
+            match rest {
+                [sub, param] if sub.eq_ignore_ascii_case(b"GET") => {
+                    let value: Option<&[u8]> = if param.eq_ignore_ascii_case(b"save") {
+                        Some(b"")
+                    } else if param.eq_ignore_ascii_case(b"appendonly") {
+                        Some(b"no")
+                    } else {
+                        None
+                    };
+                    match value {
+                        Some(v) => {
+                            out.array(2);
+                            out.bulk(param);
+                            out.bulk(v);
+                        }
+                        None => out.array(0),
+                    }
+                }
+                _ => out.error(b"ERR only CONFIG GET save|appendonly is supported"),
+            }
+        } else if a.is(b"COMMAND") {
+            // redis-cli asks for COMMAND DOCS on connecting: no documentation to give.
+            out.array(0);
+        } else if a.is(b"CLIENT") {
+            // CLIENT SETNAME / SETINFO from client libraries: accepted, nothing kept.
+            out.simple(b"OK");
+        } else if a.is(b"QUIT") {
+            out.simple(b"OK");
+            return After::Close;
+        } else {
+            let mut m = alloc::string::String::from("ERR unknown command '");
+            m.push_str(core::str::from_utf8(a.get(0).unwrap_or_default()).unwrap_or("?"));
+            m.push('\'');
+            out.error(m.as_bytes());
+        }
+        After::Continue
     }
 }

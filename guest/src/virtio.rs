@@ -406,19 +406,19 @@ impl RxQueue {
         self.reposted += 1;
     }
 
-    /// Kick the device if it may be short of buffers. It can only be waiting for us when
-    /// it has used every buffer we gave it; kick once fewer than a quarter are left.
+    /// Kick the device if it may be short of buffers ([`crate::ring::rx_needs_kick`]).
     pub fn flush(&mut self) {
         if self.reposted == 0 {
             return;
         }
-        let outstanding_before = self
-            .q
-            .avail_idx
-            .wrapping_sub(self.reposted)
-            .wrapping_sub(self.q.used_idx());
+        let kick = crate::ring::rx_needs_kick(
+            self.q.avail_idx,
+            self.q.used_idx(),
+            self.reposted,
+            self.q.size,
+        );
         self.reposted = 0;
-        if outstanding_before < self.q.size / 4 && self.q.kick() {
+        if kick && self.q.kick() {
             self.kicks += 1;
         }
     }
