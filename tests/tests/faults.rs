@@ -336,7 +336,9 @@ fn backup_killed_during_failover_restore() {
     rig.assert_no_panics();
     let p = rig.work().snapshot();
     rep.lost = Some(format!("VM lost (last acknowledged {})", p.last));
-    rep.done("nothing survives: backup log shows failover started, never completed — known limit");
+    rep.done(
+        "nothing survives: backup events show failover started, never completed — known limit",
+    );
 }
 
 /// The backup dies (SIGKILL) and a new one starts: the primary resynchronises it and is
