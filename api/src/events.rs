@@ -161,8 +161,14 @@ pub enum EventKind {
         pages: u64,
         apply_us: f64,
     },
-    /// A session ended, and what the backup does about it.
-    SessionEnded { reason: String, decision: Decision },
+    /// A session ended, and what the backup does about it. `committed_epoch`: the last
+    /// epoch the replica had committed when it ended (`None`: nothing to take over from).
+    SessionEnded {
+        reason: String,
+        decision: Decision,
+        #[serde(default)]
+        committed_epoch: Option<u64>,
+    },
     /// The takeover began: restoring the VM from the replica.
     FailoverStarted { epoch: u64 },
     /// The VM runs here now.

@@ -611,6 +611,7 @@ impl Backup {
     ) -> Option<Candidate> {
         let end = self.serve(&mut s, control, stop);
         let committed = self.has_committed();
+        let committed_epoch = self.replica.as_ref().and_then(Replica::committed_epoch);
         let stalled = s
             .heartbeats
             .recent_stall(SELF_STALL, STALL_MEMORY)
@@ -688,6 +689,7 @@ impl Backup {
         self.cfg.events.emit(EventKind::SessionEnded {
             reason: full.clone(),
             decision,
+            committed_epoch,
         });
         self.stats.last_error = Some(full);
         self.state = self.idle_state();

@@ -10,6 +10,9 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use twin_api::{Event, EventKind};
+
+use crate::events::{took_over, Events, Recorder};
 use crate::proxy::{Fault, FrameProxy};
 use crate::*;
 
@@ -19,7 +22,7 @@ pub const BOOT_TIMEOUT: Duration = Duration::from_secs(90);
 pub const PROTECT_TIMEOUT: Duration = Duration::from_secs(90);
 /// For a failpoint with `N*kill` to fire once protected.
 pub const DEATH_TIMEOUT: Duration = Duration::from_secs(60);
-/// From a fault to the backup's `FAILOVER` line.
+/// From a fault to the backup's `failover_complete` event.
 pub const FAILOVER_TIMEOUT: Duration = Duration::from_secs(30);
 /// For the client stream to make progress.
 pub const PROGRESS_TIMEOUT: Duration = Duration::from_secs(60);
@@ -404,13 +407,18 @@ impl Default for Opts {
 }
 
 pub struct Rig {
-    // Dropped first: the client, then the proxy, then the processes; the topology last.
+    // Dropped first: the client, then the proxy, then the processes (and their event
+    // recorders); the topology last.
     pub work: Option<Workload>,
     pub proxy: Option<FrameProxy>,
     pub primary: TwinProcess,
     pub backup: Option<TwinProcess>,
     /// Processes that ended (a replaced backup), kept for the panic check.
     pub retired: Vec<TwinProcess>,
+    /// The events of every process the rig started, by its name, recorded from its control
+    /// socket `<dir>/<name>.sock` as it runs (a backup's with its per-epoch events): what
+    /// the scenarios wait on and check, also once the process has exited.
+    pub recorders: Vec<(String, Recorder)>,
     /// The arbiter, with `Opts::arbiter` (dropped after the processes).
     pub etcd: Option<crate::etcd::EtcdHost>,
     pub opts: Opts,
@@ -490,9 +498,54 @@ pub fn spawn_backup(
     let args = backup_args(dir, name, auth, extra);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut b = spawn_twin(&ha.backup.ns, dir, name, &args, failpoints);
-    b.wait_for_line("waiting for a primary", Duration::from_secs(30))
-        .expect("the backup listens");
+    wait_listening(&mut b, &dir.join(format!("{name}.sock")));
     b
+}
+
+/// Waits for the `listening` event of the `twin backup` `b` serving `sock`.
+pub fn wait_listening(b: &mut TwinProcess, sock: &Path) {
+    Events::at(sock)
+        .wait_live(b, 0, "the backup listening", Duration::from_secs(30), |e| {
+            matches!(e.kind, EventKind::Listening { .. })
+        })
+        .unwrap_or_else(|e| panic!("{} does not listen: {e}", b.name()));
+}
+
+/// Whether `e` is the primary's `protected` event.
+pub fn is_protected(e: &Event) -> bool {
+    matches!(e.kind, EventKind::Protected { .. })
+}
+
+/// Whether `e` is the primary's `backup_lost` event.
+pub fn is_backup_lost(e: &Event) -> bool {
+    matches!(e.kind, EventKind::BackupLost { .. })
+}
+
+/// Whether `e` is a `backup_lost` whose reason contains `what`.
+pub fn backup_lost_for(e: &Event, what: &str) -> bool {
+    matches!(&e.kind, EventKind::BackupLost { reason, .. } if reason.contains(what))
+}
+
+/// Whether `e` is a `peer_refused` whose reason contains `what`.
+pub fn refused_for(e: &Event, what: &str) -> bool {
+    matches!(&e.kind, EventKind::PeerRefused { reason, .. } if reason.contains(what))
+}
+
+/// An event as one line for notes and messages: its name and its fields.
+pub fn describe(e: &Event) -> String {
+    let mut v = serde_json::to_value(&e.kind).unwrap_or_default();
+    if let Some(m) = v.as_object_mut() {
+        m.remove("event");
+    }
+    format!("{} {v}", e.kind.name())
+}
+
+/// Checks that `p` also said it in words (the wording an operator reads in its log, after
+/// the event that decided): waits up to 5 s for a line after `since` that `pred` accepts.
+pub fn logged(p: &mut TwinProcess, since: Mark, what: &str, pred: impl Fn(&str) -> bool) -> String {
+    p.wait_for(since, what, Duration::from_secs(5), pred)
+        .unwrap_or_else(|e| panic!("{} did not log {what}: {e}", p.name()))
+        .1
 }
 
 /// The arguments of [`spawn_backup`].
@@ -527,7 +580,7 @@ pub fn status(
     twin_status(ns, dir, sock, Duration::from_secs(20))
 }
 
-/// Whether `p` logged that failpoint `name` fired.
+/// Whether `p` logged that failpoint `name` fired (test instrumentation, not an event).
 pub fn fired(p: &TwinProcess, name: &str) -> bool {
     p.text(Stream::Stderr)
         .lines()
@@ -587,13 +640,14 @@ impl Rig {
             primary,
             backup: None,
             retired: Vec::new(),
+            recorders: Vec::new(),
             etcd,
             opts,
             backup_started: Instant::now(),
             dir,
             ha,
         };
-        let mark = rig.primary.mark();
+        rig.record("primary", false);
         if backup_first {
             rig.start_proxy_and_backup(rep);
         }
@@ -615,11 +669,59 @@ impl Rig {
         }
         if rig.opts.wait_protected {
             rep.step("waiting for the first acknowledged checkpoint");
-            rig.primary
-                .wait_for_line_after(mark, "VM is protected", PROTECT_TIMEOUT)
+            rig.primary_events()
+                .wait(0, "protection", PROTECT_TIMEOUT, is_protected)
                 .expect("the primary becomes protected");
         }
         rig
+    }
+
+    /// Starts recording the events of the process `name` (its socket `<dir>/<name>.sock`).
+    fn record(&mut self, name: &str, epochs: bool) {
+        let r = self.events(name).record(epochs);
+        self.recorders.push((name.to_string(), r));
+    }
+
+    /// The live events of the process `name` (asked of it each time).
+    pub fn events(&self, name: &str) -> Events {
+        Events::at(self.dir.join(format!("{name}.sock")))
+    }
+
+    /// The recorded events of the process `name`.
+    pub fn history(&self, name: &str) -> &Recorder {
+        self.recorders
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, r)| r)
+            .unwrap_or_else(|| panic!("the rig started no process named {name}"))
+    }
+
+    /// The primary's recorded events.
+    pub fn primary_events(&self) -> &Recorder {
+        self.history(self.primary.name())
+    }
+
+    /// The current backup's recorded events (with its per-epoch events).
+    pub fn backup_events(&self) -> &Recorder {
+        self.history(self.backup.as_ref().expect("a backup was started").name())
+    }
+
+    /// The recorded events of every backup the rig started (the current one and those it
+    /// replaced).
+    pub fn backups_events(&self) -> impl Iterator<Item = &Recorder> {
+        self.backup
+            .iter()
+            .chain(self.retired.iter())
+            .map(|b| self.history(b.name()))
+    }
+
+    /// Whether any backup took, or began to take, the VM over ([`took_over`]); caught up
+    /// with the live processes first.
+    pub fn any_takeover(&self) -> Option<Event> {
+        self.backups_events().find_map(|r| {
+            r.sync();
+            r.find(0, took_over)
+        })
     }
 
     pub fn start_proxy_and_backup(&mut self, rep: &mut Report) {
@@ -653,6 +755,7 @@ impl Rig {
             &[],
             &self.opts.backup_failpoints,
         );
+        self.record(name, true);
         if let Some(old) = self.backup.replace(b) {
             self.retired.push(old);
         }
@@ -713,45 +816,62 @@ impl Rig {
     /// judged dead (a stall beyond `--heartbeat-timeout`, e.g. on a loaded machine). The
     /// scenario would then test something else; say so instead of failing obscurely later.
     pub fn assert_no_takeover_yet(&self) {
-        for b in self.backup.iter().chain(self.retired.iter()) {
-            if let Some(l) = b
-                .text(Stream::Stderr)
-                .lines()
-                .find(|l| l.contains("taking over"))
-            {
-                panic!(
-                    "SPURIOUS TAKEOVER before the fault was injected: {} judged the live \
-                     primary dead: {} (primary: {:?})",
-                    b.name(),
-                    log_msg(l),
-                    self.primary
-                        .text(Stream::Stderr)
-                        .lines()
-                        .find(|l| l.contains("fenced") || l.contains("backup lost"))
-                        .map(log_msg)
-                );
-            }
+        if let Some(e) = self.any_takeover() {
+            let said = self.primary_events().find(0, |e| {
+                matches!(
+                    e.kind,
+                    EventKind::StoodDown { .. } | EventKind::BackupLost { .. }
+                )
+            });
+            panic!(
+                "SPURIOUS TAKEOVER before the fault was injected: a backup judged the live \
+                 primary dead: {} (primary: {:?})",
+                describe(&e),
+                said.as_ref().map(describe)
+            );
         }
     }
 
-    /// Waits for the backup's `FAILOVER {json}` line; returns the JSON.
+    /// Waits for the current backup's `failover_complete` event; returns its report as JSON
+    /// (as the `FAILOVER {json}` line it prints has it).
     pub fn wait_failover(&mut self, rep: &mut Report) -> serde_json::Value {
         rep.step("waiting for the backup to take over");
-        let line = self
-            .backup()
-            .wait_for_line("FAILOVER ", FAILOVER_TIMEOUT)
+        let done = self
+            .backup_events()
+            .wait(0, "the takeover", FAILOVER_TIMEOUT, |e| {
+                matches!(
+                    e.kind,
+                    EventKind::FailoverComplete(_) | EventKind::FailoverFailed { .. }
+                )
+            })
             .expect("the backup takes over");
-        let json = line.split_once("FAILOVER ").expect("prefix").1;
-        serde_json::from_str(json).unwrap_or_else(|e| panic!("FAILOVER line {line:?}: {e}"))
+        match done.kind {
+            EventKind::FailoverComplete(report) => {
+                serde_json::to_value(report).expect("a failover report serializes")
+            }
+            other => panic!("the backup's takeover failed: {other:?}"),
+        }
     }
 
-    /// Whether the backup logged epoch `e` as committed (needs its debug log).
+    /// Whether a backup committed epoch `e` (its `epoch_committed` events), caught up with
+    /// the live backups first. Panics if the recorded events cannot tell (they begin after
+    /// `e`): the answer would say nothing.
     pub fn backup_committed(&self, e: u64) -> bool {
-        let pat = format!("epoch={e} ");
-        self.backup.iter().chain(self.retired.iter()).any(|b| {
-            b.text(Stream::Stderr)
-                .lines()
-                .any(|l| l.contains("epoch committed") && l.contains(&pat))
-        })
+        let mut first = None;
+        let mut committed = false;
+        for r in self.backups_events() {
+            r.sync();
+            for ev in r.events() {
+                if let EventKind::EpochCommitted { epoch, .. } = ev.kind {
+                    first = Some(first.map_or(epoch, |f: u64| f.min(epoch)));
+                    committed |= epoch == e;
+                }
+            }
+        }
+        assert!(
+            committed || first.is_some_and(|f| f < e),
+            "the backups' recorded epochs (from {first:?}) do not reach back to epoch {e}"
+        );
+        committed
     }
 }

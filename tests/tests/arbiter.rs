@@ -462,9 +462,7 @@ fn three_hosts_two_failovers() {
         ],
         "",
     );
-    standby
-        .wait_for_line("waiting for a primary", Duration::from_secs(30))
-        .expect("the standby listens");
+    wait_listening(&mut standby, &dir.join("standby.sock"));
     let mut auth = Auth::Key.args(&dir, false);
     auth.extend(["--arbiter".into(), etcd.url(HostRole::Backup)]);
     let mut backup = spawn_backup(

@@ -19,6 +19,8 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use twin_api::EventKind;
+use twin_lab::events::Events;
 use twin_lab::*;
 
 /// Boot plus service start-up, generous for software KVM on a busy 2-core machine.
@@ -52,11 +54,15 @@ fn spawn_backup(
     listen: &str,
     control: &Path,
 ) -> TwinProcess {
+    let sock = control;
     let control = control.display().to_string();
     let key = dir.key_file();
     let mut p = TwinProcess::spawn(ns, dir, name, &backup_args(&key, TAP, listen, &control))
         .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
-    p.wait_for_line("backup waiting for a primary", START_TIMEOUT)
+    Events::at(sock)
+        .wait_live(&mut p, 0, "the backup listening", START_TIMEOUT, |e| {
+            matches!(e.kind, EventKind::Listening { .. })
+        })
         .unwrap_or_else(|e| panic!("{name} does not start: {e}"));
     p
 }
@@ -124,7 +130,10 @@ fn control_socket_in_use() {
         &args1.iter().map(String::as_str).collect::<Vec<_>>(),
     )
     .expect("spawn twin run");
-    vm.wait_for_line("VM running", BOOT_TIMEOUT)
+    Events::at(&sock)
+        .wait_live(&mut vm, 0, "the VM running", BOOT_TIMEOUT, |e| {
+            matches!(e.kind, EventKind::VmRunning { .. })
+        })
         .unwrap_or_else(|e| panic!("twin run: {e}"));
     let before = twin_status(ns, &dir, &sock, CMD_TIMEOUT).expect("status of the first VM");
     assert_eq!(before["pid"].as_u64(), Some(vm.pid() as u64), "{before}");

@@ -150,13 +150,17 @@ fn protection_and_failover_as_events() {
         ),
         "events after the kill: {an:?}"
     );
-    assert!(after.iter().any(|e| matches!(
-        &e.kind,
-        EventKind::SessionEnded {
-            decision: Decision::TakeOver,
-            ..
-        }
-    )));
+    assert!(
+        after.iter().any(|e| matches!(
+            &e.kind,
+            EventKind::SessionEnded {
+                decision: Decision::TakeOver,
+                committed_epoch: Some(c),
+                ..
+            } if *c == report.epoch
+        )),
+        "the session ends naming the epoch the takeover runs from: {after:?}"
+    );
     assert!(after.iter().any(|e| matches!(
         e.kind,
         EventKind::VmRunning {

@@ -14,6 +14,8 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use twin_api::{Event, EventKind};
+use twin_lab::events::{took_over, Events, Recorder};
 use twin_lab::*;
 
 /// Boot, live initial sync and first ack, on a busy 2-core machine with software KVM.
@@ -21,7 +23,7 @@ const PROTECT_TIMEOUT: Duration = Duration::from_secs(90);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
 /// One request across a failover (TCP retransmits carry it to the new host).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
-/// From SIGKILL of the primary to the backup's `FAILOVER` line.
+/// From SIGKILL of the primary to the backup's `failover_complete` event.
 const TAKEOVER_TIMEOUT: Duration = Duration::from_secs(20);
 const PROGRESS_TIMEOUT: Duration = Duration::from_secs(60);
 const CMD_TIMEOUT: Duration = Duration::from_secs(30);
@@ -58,7 +60,10 @@ fn spawn_backup(ha: &Ha, dir: &TestDir, name: &str, control: &Path) -> TwinProce
         ],
     )
     .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
-    p.wait_for_line("backup waiting for a primary", CMD_TIMEOUT)
+    Events::at(&control)
+        .wait_live(&mut p, 0, "the backup listening", CMD_TIMEOUT, |e| {
+            matches!(e.kind, EventKind::Listening { .. })
+        })
         .unwrap_or_else(|e| panic!("{name} does not listen: {e}"));
     p
 }
@@ -123,37 +128,62 @@ fn wait_status(
     }
 }
 
-/// The JSON of the backup's `FAILOVER {json}` line.
-/// (`others`: processes whose output a failure shows besides the backup's own, which the
-/// timeout error carries.)
-fn failover_report(backup: &mut TwinProcess, others: &[&TwinProcess]) -> serde_json::Value {
-    let line = backup
-        .wait_for_line("FAILOVER ", TAKEOVER_TIMEOUT)
+/// The backup's failover report (its `failover_complete` event), as JSON.
+/// (`others`: processes whose output a failure shows.)
+fn failover_report(backup: &Recorder, others: &[&TwinProcess]) -> serde_json::Value {
+    let done = backup
+        .wait(0, "the takeover", TAKEOVER_TIMEOUT, |e| {
+            matches!(
+                e.kind,
+                EventKind::FailoverComplete(_) | EventKind::FailoverFailed { .. }
+            )
+        })
         .unwrap_or_else(|e| panic!("no takeover: {e}\n{}", tails(others)));
-    let json = line
-        .split_once("FAILOVER ")
-        .map(|(_, j)| j)
-        .expect("has FAILOVER");
-    serde_json::from_str(json).unwrap_or_else(|e| panic!("FAILOVER line {line:?}: {e}"))
+    match done.kind {
+        EventKind::FailoverComplete(report) => {
+            serde_json::to_value(report).expect("a failover report serializes")
+        }
+        other => panic!("the takeover failed: {other:?}\n{}", tails(others)),
+    }
 }
 
-/// Waits for the primary's first ack ("VM is protected"). Fails at once, naming split brain,
-/// if the backup takes over meanwhile: the primary is alive, so two copies of the VM would
-/// run on the LAN.
-fn wait_protected(primary: &mut TwinProcess, backup: &TwinProcess, what: &str) {
+/// The first event of `events` that says the backup took the VM over.
+fn takeover_in(events: &Recorder) -> Option<Event> {
+    events.sync();
+    events.find(0, took_over)
+}
+
+/// Waits for the primary's first ack (its `protected` event). Fails at once, naming split
+/// brain, if the backup takes over meanwhile: the primary is alive, so two copies of the VM
+/// would run on the LAN.
+fn wait_protected(
+    primary: &mut TwinProcess,
+    pevents: &Recorder,
+    backup: &TwinProcess,
+    bevents: &Recorder,
+    what: &str,
+) {
     let deadline = Instant::now() + PROTECT_TIMEOUT;
     loop {
-        match primary.wait_for_line("VM is protected", Duration::from_millis(250)) {
+        let slice = Duration::from_millis(250);
+        match pevents.wait(0, "protection", slice, |e| {
+            matches!(e.kind, EventKind::Protected { .. })
+        }) {
             Ok(_) => return,
             Err(HarnessError::Timeout { .. }) => {}
-            Err(e) => panic!("{what}: {e}\n{}", tails(&[backup])),
+            Err(e) => panic!("{what}: {e}\n{}", tails(&[primary, backup])),
         }
-        assert!(
-            !backup.text(Stream::Stdout).contains("FAILOVER"),
-            "{what}: SPLIT BRAIN — the backup took over while the primary was alive and never \
-             protected (the primary keeps running its VM too)\n{}",
-            tails(&[primary, backup])
-        );
+        primary
+            .ensure_running()
+            .unwrap_or_else(|e| panic!("{what}: {e}\n{}", tails(&[backup])));
+        if let Some(e) = bevents.find(0, took_over) {
+            panic!(
+                "{what}: SPLIT BRAIN — the backup took over ({}) while the primary was alive \
+                 and never protected (the primary keeps running its VM too)\n{}",
+                e.kind.name(),
+                tails(&[primary, backup])
+            );
+        }
         assert!(
             Instant::now() < deadline,
             "{what}: the primary was not protected within {PROTECT_TIMEOUT:?}\n{}",
@@ -207,8 +237,16 @@ fn failover_once(iteration: u32, kill_after: Duration) -> Run {
     let dir = TestDir::new(&format!("failover-{iteration}")).expect("test dir");
     let (psock, bsock) = (dir.join("primary.sock"), dir.join("backup.sock"));
     let mut backup = spawn_backup(&ha, &dir, "twin-backup", &bsock);
+    let bevents = Events::at(&bsock).record(false);
     let mut primary = spawn_primary(&ha, &dir, "twin-protect", &psock);
-    wait_protected(&mut primary, &backup, &format!("iteration {iteration}"));
+    let pevents = Events::at(&psock).record(false);
+    wait_protected(
+        &mut primary,
+        &pevents,
+        &backup,
+        &bevents,
+        &format!("iteration {iteration}"),
+    );
     let mut guest =
         GuestClient::connect_retry(ha.client_ns(), guest_service(), CONNECT_TIMEOUT, || {
             primary.ensure_running()
@@ -230,7 +268,7 @@ fn failover_once(iteration: u32, kill_after: Duration) -> Run {
         .ensure_running()
         .unwrap_or_else(|e| panic!("iteration {iteration}: primary died early: {e}"));
     assert!(
-        !backup.text(Stream::Stdout).contains("FAILOVER"),
+        takeover_in(&bevents).is_none(),
         "iteration {iteration}: the backup took over while the primary was alive\n{}",
         tails(&[&primary, &backup])
     );
@@ -238,24 +276,23 @@ fn failover_once(iteration: u32, kill_after: Duration) -> Run {
     let t_kill = Instant::now();
     let killed = primary.kill().expect("SIGKILL the primary");
     assert_eq!(describe_status(killed), "killed by signal 9");
-    // The primary's output is complete now. It must not have lost its backup: nothing but
-    // the SIGKILL happened to either. If it did, the backup gave up on a live primary, and
-    // if the backup took over then, two VMs ran at once (split brain).
-    if let Some(line) = primary
-        .text(Stream::Stderr)
-        .lines()
-        .find(|l| l.contains("backup lost"))
-    {
-        let backup_err = backup.text(Stream::Stderr);
-        let why = backup_err
-            .lines()
-            .find(|l| l.contains("taking over") || l.contains("detached"))
-            .unwrap_or("(no takeover line)");
+    pevents.wait_end(Duration::from_secs(5));
+    // The primary's events are all recorded now (its stream ended with it). It must not
+    // have lost its backup: nothing but the SIGKILL happened to either. If it did, the
+    // backup gave up on a live primary, and if the backup took over then, two VMs ran at
+    // once (split brain).
+    if let Some(lost) = pevents.find(0, |e| matches!(e.kind, EventKind::BackupLost { .. })) {
+        let why = bevents
+            .find(0, |e| matches!(e.kind, EventKind::SessionEnded { .. }))
+            .map_or("(no session ended)".to_string(), |e| {
+                format!("{:?}", e.kind)
+            });
         panic!(
             "iteration {iteration}: the primary lost its backup while alive, before the \
-             SIGKILL {kill_after:?} after 20 INCRs:\n  primary: {line}\n  backup:  {why}\n\
+             SIGKILL {kill_after:?} after 20 INCRs:\n  primary: {:?}\n  backup:  {why}\n\
              {}{}",
-            if backup.text(Stream::Stdout).contains("FAILOVER") {
+            lost.kind,
+            if takeover_in(&bevents).is_some() {
                 "SPLIT BRAIN: the backup took over from a live primary, which went on running \
                  (and released output the backup does not have).\n"
             } else {
@@ -264,7 +301,7 @@ fn failover_once(iteration: u32, kill_after: Duration) -> Run {
             tails(&[&primary, &backup])
         );
     }
-    let report = failover_report(&mut backup, &[&primary]);
+    let report = failover_report(&bevents, &[&primary]);
     if let Err(e) = load.wait_for(incrs_at_kill + 50, PROGRESS_TIMEOUT, || {
         backup.ensure_running()
     }) {
@@ -403,8 +440,10 @@ fn a_new_backup_resynchronises_after_the_backup_dies_and_then_takes_over() {
         dir.join("backup2.sock"),
     );
     let mut backup1 = spawn_backup(&ha, &dir, "twin-backup-1", &bsock1);
+    let b1events = Events::at(&bsock1).record(false);
     let mut primary = spawn_primary(&ha, &dir, "twin-protect", &psock);
-    wait_protected(&mut primary, &backup1, "first backup");
+    let pevents = Events::at(&psock).record(false);
+    wait_protected(&mut primary, &pevents, &backup1, &b1events, "first backup");
     let st = status(&ha.primary.ns, &dir, &psock, &[&primary]);
     assert_eq!(st["mode"].as_str(), Some("protected"), "{st}");
     let sessions_first = st["sessions"].as_u64().expect("sessions");
@@ -453,6 +492,7 @@ fn a_new_backup_resynchronises_after_the_backup_dies_and_then_takes_over() {
     // A new backup on the backup host: resynchronised, protected again.
     let t_new_backup = Instant::now();
     let mut backup2 = spawn_backup(&ha, &dir, "twin-backup-2", &bsock2);
+    let b2events = Events::at(&bsock2).record(false);
     let st = wait_status(
         &ha.primary.ns,
         &dir,
@@ -462,7 +502,7 @@ fn a_new_backup_resynchronises_after_the_backup_dies_and_then_takes_over() {
         &[&primary, &backup2],
         |s| {
             assert!(
-                !backup2.text(Stream::Stdout).contains("FAILOVER"),
+                b2events.find(0, took_over).is_none(),
                 "SPLIT BRAIN — the new backup took over while the primary was alive: {s}\n{}",
                 tails(&[&primary, &backup2])
             );
@@ -499,7 +539,7 @@ fn a_new_backup_resynchronises_after_the_backup_dies_and_then_takes_over() {
     let at_kill = load.incrs();
     let t_kill = Instant::now();
     primary.kill().expect("SIGKILL the primary");
-    let report = failover_report(&mut backup2, &[&primary]);
+    let report = failover_report(&b2events, &[&primary]);
     load.wait_for(at_kill + 50, PROGRESS_TIMEOUT, || backup2.ensure_running())
         .unwrap_or_else(|e| {
             panic!(
@@ -545,8 +585,10 @@ fn a_primary_that_stalls_past_the_heartbeat_timeout_stands_down_after_the_takeov
     let dir = TestDir::new("stalled-primary").expect("test dir");
     let (psock, bsock) = (dir.join("primary.sock"), dir.join("backup.sock"));
     let mut backup = spawn_backup(&ha, &dir, "twin-backup", &bsock);
+    let bevents = Events::at(&bsock).record(false);
     let mut primary = spawn_primary(&ha, &dir, "twin-protect", &psock);
-    wait_protected(&mut primary, &backup, "stalled-primary");
+    let pevents = Events::at(&psock).record(false);
+    wait_protected(&mut primary, &pevents, &backup, &bevents, "stalled-primary");
     let mut guest =
         GuestClient::connect_retry(ha.client_ns(), guest_service(), CONNECT_TIMEOUT, || {
             primary.ensure_running()
@@ -561,19 +603,24 @@ fn a_primary_that_stalls_past_the_heartbeat_timeout_stands_down_after_the_takeov
 
     // Freeze the primary well past the backup's 100 ms heartbeat timeout: it takes over.
     primary.signal(Signal::Stop).expect("SIGSTOP the primary");
-    let report = failover_report(&mut backup, &[&primary]);
+    let report = failover_report(&bevents, &[&primary]);
     primary.signal(Signal::Cont).expect("SIGCONT the primary");
     let t_thaw = Instant::now();
 
-    // The thawed primary must stand down: its process ends (fenced) rather than serve on.
+    // The thawed primary must stand down: its process ends (fenced) rather than serve on,
+    // and never releases its held output to run unprotected. (Its events are all recorded
+    // once its stream has ended with it.)
     let exited = primary.wait_exit(Duration::from_secs(10));
-    let pstderr = primary.text(Stream::Stderr);
-    let released = pstderr
-        .lines()
-        .find(|l| l.contains("UNPROTECTED") || l.contains("output commit off"));
+    let ended = exited.is_ok() && pevents.wait_end(Duration::from_secs(5));
+    let stood_down = pevents.find(0, |e| matches!(e.kind, EventKind::StoodDown { .. }));
+    let released = pevents.find(
+        0,
+        |e| matches!(&e.kind, EventKind::BackupLost { policy, .. } if policy == "release"),
+    );
     assert!(
-        exited.is_ok() && released.is_none(),
-        "SPLIT BRAIN: after the backup took over ({report}), the thawed primary {} {}\n{}",
+        exited.is_ok() && stood_down.is_some() && released.is_none(),
+        "SPLIT BRAIN: after the backup took over ({report}), the thawed primary {} {}{}\n\
+         its events: {:?} (all recorded: {ended})\n{}",
         match &exited {
             Ok(s) => format!("exited ({})", describe_status(*s)),
             Err(_) => format!(
@@ -581,9 +628,16 @@ fn a_primary_that_stalls_past_the_heartbeat_timeout_stands_down_after_the_takeov
                 t_thaw.elapsed()
             ),
         },
-        released.map_or(String::new(), |l| format!(
-            "and released held output to run unprotected: {l}"
+        if stood_down.is_none() {
+            "without standing down "
+        } else {
+            ""
+        },
+        released.map_or(String::new(), |e| format!(
+            "and released held output to run unprotected: {:?}",
+            e.kind
         )),
+        pevents.names_since(0),
         tails(&[&primary, &backup])
     );
     // And the client continues on the new primary without loss.

@@ -13,16 +13,17 @@
 //!   checkpoint (observable directly when acks are withheld: nothing reaches the client);
 //! - **no partial checkpoint applied**: `VERIFY` passes on the survivor (a half-applied epoch
 //!   leaves the workload's pages inconsistent), and epochs the proxy corrupted are never
-//!   logged as committed by the backup;
+//!   reported committed by the backup (its `epoch_committed` events);
 //! - **the survivor serves** (more INCRs after the fault);
 //! - **nothing panics** (no `panicked` in any process's stderr).
 //!
 //! What must happen where the invariants cannot hold (documented limits, asserted as such):
 //! - primary killed **during the initial sync**: no checkpoint was ever committed, so the
-//!   backup must not take over (it says "no committed checkpoint" and keeps waiting); the VM
+//!   backup must not take over (its session ends with nothing committed and it keeps
+//!   waiting); the VM
 //!   and everything the client saw (acknowledged unprotected) are gone;
 //! - backup killed **during its failover restore** (after the primary died): nothing runs
-//!   the VM; the backup's log shows a failover that started and never completed, the client
+//!   the VM; the backup's events show a failover that started and never completed, the client
 //!   sees the service gone — there is no third copy;
 //! - **partition** with `--on-backup-loss release`: Remus cannot tell a cut link from a dead
 //!   primary; `split_brain_on_partition` measures what the world sees and asserts only that
@@ -41,6 +42,8 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use twin_api::EventKind;
+use twin_lab::events::took_over;
 use twin_lab::proxy::{frame_type, Fault, FaultKind, FrameProxy, Injection, Way};
 use twin_lab::rig::*;
 use twin_lab::*;
@@ -98,11 +101,9 @@ fn primary_killed_with(rep: &mut Report, point: &str, nth: u64, auth: Auth) {
         describe_status(status),
         rig.primary.tail(20)
     );
-    let err = rig.primary.text(Stream::Stderr);
-    let protected_at = err.find("VM is protected");
-    let fired_at = err.find("failpoint fired");
+    // Every event recorded came before the failpoint's kill.
     assert!(
-        protected_at.is_some() && protected_at < fired_at,
+        rig.primary_events().any(is_protected),
         "the failpoint fired before the VM was ever protected: the scenario tested nothing"
     );
     let fo = rig.wait_failover(rep);
@@ -156,20 +157,37 @@ fn primary_killed_during_initial_sync() {
         .expect("primary.sync=2*kill kills the primary during the initial sync");
     let died = Instant::now();
     assert!(killed_by_sigkill(status) && fired(&rig.primary, "primary.sync"));
+    // Everything it said is recorded once its event stream has ended with it.
+    rig.primary_events().wait_end(Duration::from_secs(5));
     assert!(
-        !rig.primary.text(Stream::Stderr).contains("VM is protected"),
+        !rig.primary_events().any(is_protected),
         "the primary was protected before the sync failpoint fired"
     );
     rep.step("checking the backup refuses to take over without a committed checkpoint");
-    rig.backup()
-        .wait_for_line("no committed checkpoint", Duration::from_secs(20))
-        .expect("the backup says it has no committed checkpoint to take over from");
+    let ended = rig
+        .backup_events()
+        .wait(0, "the session's end", Duration::from_secs(20), |e| {
+            matches!(e.kind, EventKind::SessionEnded { .. })
+        })
+        .expect("the backup sees the session end");
+    assert!(
+        matches!(
+            ended.kind,
+            EventKind::SessionEnded {
+                decision: twin_api::Decision::Detach,
+                committed_epoch: None,
+                ..
+            }
+        ),
+        "the backup must end the session with no committed checkpoint to take over from: {}",
+        describe(&ended)
+    );
     std::thread::sleep(Duration::from_secs(3));
     rig.backup()
         .ensure_running()
         .expect("the backup keeps running, waiting for a primary");
     assert!(
-        !rig.backup().text(Stream::Stdout).contains("FAILOVER"),
+        rig.any_takeover().is_none(),
         "the backup took over from an incomplete initial sync"
     );
     let st = rig.backup_status().expect("backup status");
@@ -219,7 +237,7 @@ fn backup_killed_at(rep: &mut Report, point: &str, nth: u64) {
             ..Opts::default()
         },
     );
-    let mark = rig.primary.mark();
+    let mark = rig.primary_events().mark();
     rep.step(format!("waiting for failpoint {point} to kill the backup"));
     let status = rig
         .backup()
@@ -232,12 +250,17 @@ fn backup_killed_at(rep: &mut Report, point: &str, nth: u64) {
         describe_status(status)
     );
     assert!(
-        rig.primary.text(Stream::Stderr).contains("VM is protected"),
+        rig.primary_events().any(is_protected),
         "the backup died before the VM was ever protected: the scenario tested nothing"
     );
     rep.step("waiting for the primary to report the lost backup");
-    rig.primary
-        .wait_for_line_after(mark, "backup lost", Duration::from_secs(20))
+    rig.primary_events()
+        .wait(
+            mark,
+            "the lost backup",
+            Duration::from_secs(20),
+            is_backup_lost,
+        )
         .expect("the primary reports the backup lost");
     rig.work()
         .wait_replies_after(died, PROOF_REPLIES, PROGRESS_TIMEOUT)
@@ -260,8 +283,8 @@ scenarios! {
 }
 
 /// The primary dies, then the backup dies while restoring: nothing runs the VM. Known
-/// limit (no third copy). What must hold: the backup's log shows the failover started and
-/// never completed, it exits by the signal (no panic, no FAILOVER line), and the client sees
+/// limit (no third copy). What must hold: the backup's events show the failover started and
+/// never completed, it exits by the signal (no panic), and the client sees
 /// the service gone rather than a half-restored VM.
 #[test]
 fn backup_killed_during_failover_restore() {
@@ -286,14 +309,19 @@ fn backup_killed_during_failover_restore() {
         .wait_exit(FAILOVER_TIMEOUT)
         .expect("backup.restore=kill kills the backup during the failover");
     assert!(killed_by_sigkill(status) && fired(rig.backup(), "backup.restore"));
-    let err = rig.backup().text(Stream::Stderr);
+    let events = rig.backup_events();
+    events.wait_end(Duration::from_secs(5));
     assert!(
-        err.contains("failover: restoring"),
-        "the backup's log does not show the failover starting:\n{}",
+        events.any(|e| matches!(e.kind, EventKind::FailoverStarted { .. })),
+        "the backup's events do not show the failover starting: {:?}\n{}",
+        events.names_since(0),
         rig.backup().tail(20)
     );
-    assert!(!err.contains("failover complete"));
-    assert!(!rig.backup().text(Stream::Stdout).contains("FAILOVER"));
+    assert!(
+        !events.any(|e| matches!(e.kind, EventKind::FailoverComplete(_))),
+        "the backup's events show a failover that completed: {:?}",
+        events.names_since(0)
+    );
     rep.step("checking the client sees the service gone");
     let broke = rig.work().wait_broken(Duration::from_secs(30));
     assert!(
@@ -308,7 +336,9 @@ fn backup_killed_during_failover_restore() {
     rig.assert_no_panics();
     let p = rig.work().snapshot();
     rep.lost = Some(format!("VM lost (last acknowledged {})", p.last));
-    rep.done("nothing survives: backup log shows failover started, never completed — known limit");
+    rep.done(
+        "nothing survives: backup events show failover started, never completed — known limit",
+    );
 }
 
 /// The backup dies (SIGKILL) and a new one starts: the primary resynchronises it and is
@@ -321,23 +351,28 @@ fn backup_restarted_resyncs() {
     rig.work()
         .wait_replies_after(Instant::now(), PROOF_REPLIES, PROGRESS_TIMEOUT)
         .expect("protected stream");
-    let mark = rig.primary.mark();
+    let mark = rig.primary_events().mark();
     rep.step("killing the backup");
     rig.assert_no_takeover_yet();
     rig.backup().kill().expect("SIGKILL the backup");
     let killed = Instant::now();
-    rig.primary
-        .wait_for_line_after(mark, "backup lost", Duration::from_secs(20))
+    rig.primary_events()
+        .wait(
+            mark,
+            "the lost backup",
+            Duration::from_secs(20),
+            is_backup_lost,
+        )
         .expect("the primary reports the backup lost");
     rig.work()
         .wait_replies_after(killed, 10, PROGRESS_TIMEOUT)
         .expect("the primary serves unprotected");
     rep.step("starting a new backup");
-    let mark = rig.primary.mark();
+    let mark = rig.primary_events().mark();
     let restarted = Instant::now();
     rig.spawn_backup("backup2");
-    rig.primary
-        .wait_for_line_after(mark, "VM is protected", PROTECT_TIMEOUT)
+    rig.primary_events()
+        .wait(mark, "protection", PROTECT_TIMEOUT, is_protected)
         .expect("the primary resynchronises the new backup and is protected again");
     let resync = restarted.elapsed();
     let st = rig.primary_status().expect("primary status");
@@ -382,51 +417,54 @@ fn backup_stalled_past_the_primary_timeout() {
     rig.work()
         .wait_replies_after(Instant::now(), PROOF_REPLIES, PROGRESS_TIMEOUT)
         .expect("protected stream");
-    let pmark = rig.primary.mark();
-    let bmark = rig.backup().mark();
+    let pmark = rig.primary_events().mark();
+    let bmark = rig.backup_events().mark();
     rep.step("freezing the backup (SIGSTOP) for 2 s");
     rig.assert_no_takeover_yet();
     rig.backup()
         .signal(Signal::Stop)
         .expect("SIGSTOP the backup");
     let frozen = Instant::now();
-    rig.primary
-        .wait_for_line_after(pmark, "backup lost", Duration::from_secs(20))
+    rig.primary_events()
+        .wait(
+            pmark,
+            "the lost backup",
+            Duration::from_secs(20),
+            is_backup_lost,
+        )
         .expect("the primary gives up on the frozen backup");
     std::thread::sleep(Duration::from_secs(2).saturating_sub(frozen.elapsed()));
     rig.backup()
         .signal(Signal::Cont)
         .expect("SIGCONT the backup");
     rep.step("thawed; waiting for the primary to resynchronise the backup");
-    rig.primary
-        .wait_for_line_after(pmark, "VM is protected", PROTECT_TIMEOUT)
+    rig.primary_events()
+        .wait(pmark, "protection", PROTECT_TIMEOUT, is_protected)
         .expect("the primary resynchronises the thawed backup and is protected again");
-    let (_, said) = rig
-        .backup()
-        .wait_for(
+    let said = rig
+        .backup_events()
+        .wait(
             bmark,
-            "the backup's view of the lost session",
+            "the primary reconnecting to the thawed backup",
             Duration::from_secs(5),
-            |l| l.contains("primary connected"),
+            |e| matches!(e.kind, EventKind::PrimaryConnected { .. }),
         )
         .expect("the primary reconnected to the thawed backup");
-    rep.note(format!("backup: {}", log_msg(&said)));
+    rep.note(format!("backup: {}", describe(&said)));
     // Past the backup's grace for an ambiguous EOF: a takeover would have happened by now.
     std::thread::sleep(Duration::from_secs(4));
     rig.backup().ensure_running().expect("the backup stays up");
     assert!(
-        !rig.backup().text(Stream::Stdout).contains("FAILOVER"),
+        rig.any_takeover().is_none(),
         "SPLIT BRAIN: the thawed backup took over while the primary runs"
     );
     rig.assert_no_takeover_yet();
     let st = rig.primary_status().expect("primary status");
     assert_eq!(st["mode"], "protected", "{st}");
     let why = rig
-        .backup()
-        .text(Stream::Stderr)
-        .lines()
-        .find(|l| l.contains("stalled") || l.contains("said goodbye"))
-        .map(log_msg)
+        .backup_events()
+        .find(bmark, |e| matches!(e.kind, EventKind::SessionEnded { .. }))
+        .map(|e| describe(&e))
         .unwrap_or_else(|| "nothing".into());
     rep.note(format!("how the backup saw the session end: {why}"));
     rig.work()
@@ -467,23 +505,27 @@ fn link_cut(rep: &mut Report, cut: Cut) {
     rig.work()
         .wait_replies_after(Instant::now(), PROOF_REPLIES, PROGRESS_TIMEOUT)
         .expect("protected stream");
-    let mark = rig.primary.mark();
+    let mark = rig.primary_events().mark();
     rep.step(format!("cutting the replication link: {cut:?}"));
     rig.assert_no_takeover_yet();
     let cut_at = Instant::now();
     rig.ha.cut_replication(cut).expect("cut");
     let fo = rig.wait_failover(rep);
     rep.step("waiting for the primary to hold its output or stand down");
-    let (_, said) = rig
-        .primary
-        .wait_for(
+    let said = rig
+        .primary_events()
+        .wait(
             mark,
             "the primary holding its output or standing down",
             Duration::from_secs(20),
-            |l| l.contains("holding all output") || l.contains("fenced"),
+            |e| match &e.kind {
+                EventKind::BackupLost { policy, .. } => policy == "hold",
+                EventKind::StoodDown { .. } => true,
+                _ => false,
+            },
         )
         .expect("the primary reports the lost backup (holding output) or stands down");
-    let fenced = said.contains("fenced");
+    let fenced = matches!(said.kind, EventKind::StoodDown { .. });
     rig.work()
         .wait_replies_after(cut_at, PROOF_REPLIES, PROGRESS_TIMEOUT)
         .expect("the stream resumes on the backup");
@@ -598,7 +640,7 @@ fn link_slowed_backup_lags() {
         "the primary must stay protected: {during}"
     );
     assert!(
-        !rig.backup().text(Stream::Stdout).contains("FAILOVER"),
+        rig.any_takeover().is_none(),
         "the backup took over on a slow link"
     );
     rep.step("removing the limit");
@@ -661,10 +703,7 @@ fn acks_withheld_output_held() {
         leaked, 0,
         "{leaked} replies reached the client while no checkpoint was acknowledged"
     );
-    assert!(
-        !rig.backup().text(Stream::Stdout).contains("FAILOVER"),
-        "the backup took over"
-    );
+    assert!(rig.any_takeover().is_none(), "the backup took over");
     let (p, client) = rig.finish_work();
     rep.recover = p.max_gap_after(armed);
     check_stream(&mut rep, &p, client, "primary");
@@ -676,36 +715,36 @@ fn acks_withheld_output_held() {
 // Bad frames on the replication stream (the proxy).
 
 /// What happened to the session after a bad frame.
-fn expect_resync(
-    rep: &mut Report,
-    rig: &mut Rig,
-    injected: &[Injection],
-    bmark: Mark,
-    pmark: Mark,
-) {
+fn expect_resync(rep: &mut Report, rig: &mut Rig, injected: &[Injection], bmark: u64, pmark: u64) {
     let inj = injected.first().expect("an injection");
     rep.step("waiting for the backup to reject the stream");
-    let (_, why) = rig
-        .backup()
-        .wait_for(
+    let why = rig
+        .backup_events()
+        .wait(
             bmark,
             "the backup rejecting the stream",
             Duration::from_secs(20),
-            |l| {
-                l.contains("detached")
-                    || l.contains("rejected epoch")
-                    || l.contains("corrupt")
-                    || l.contains("taking over")
-                    || l.starts_with("FAILOVER")
+            |e| {
+                matches!(
+                    e.kind,
+                    EventKind::SessionEnded { .. }
+                        | EventKind::FailoverStarted { .. }
+                        | EventKind::FailoverComplete(_)
+                )
             },
         )
         .expect("the backup rejects the bad stream");
-    rep.note(format!("backup: {}", log_msg(&why)));
-    if why.contains("taking over") || why.starts_with("FAILOVER") {
+    rep.note(format!("backup: {}", describe(&why)));
+    if took_over(&why) {
         let said = rig
-            .primary
-            .wait_for_line_after(pmark, "backup lost", Duration::from_secs(5))
-            .map(|(_, l)| log_msg(&l))
+            .primary_events()
+            .wait(
+                pmark,
+                "the lost backup",
+                Duration::from_secs(5),
+                is_backup_lost,
+            )
+            .map(|e| describe(&e))
             .unwrap_or_else(|e| format!("nothing ({e})"));
         let primary_alive = rig.primary.ensure_running().is_ok();
         panic!(
@@ -714,23 +753,22 @@ fn expect_resync(
             inj.kind,
             frame_type::name(inj.frame_type),
             inj.way,
-            log_msg(&why),
+            describe(&why),
         );
     }
     rep.step("waiting for the primary to reconnect, resync and be protected again");
-    rig.primary
-        .wait_for_line_after(pmark, "VM is protected", PROTECT_TIMEOUT)
+    rig.primary_events()
+        .wait(pmark, "protection", PROTECT_TIMEOUT, is_protected)
         .expect("the primary resynchronises and is protected again");
     rig.backup().ensure_running().expect("the backup stays up");
     assert!(
-        !rig.backup().text(Stream::Stdout).contains("FAILOVER"),
+        rig.any_takeover().is_none(),
         "the backup took over after a bad frame from a live primary (split brain)"
     );
     // Only an epoch's own frames, on their way to the backup, make that epoch bad; a
     // corrupted Ack (to the primary) is about an epoch the backup rightly committed.
     if let (Some(e), Way::ToBackup) = (inj.epoch, inj.way) {
-        // Give the backup's log a moment, then make sure the bad epoch never committed.
-        std::thread::sleep(Duration::from_millis(500));
+        // Every epoch the backup committed so far is recorded: the bad one is not.
         assert!(
             !rig.backup_committed(e),
             "the backup committed epoch {e}, which the proxy corrupted ({:?})",
@@ -762,7 +800,7 @@ fn bad_frame(rep: &mut Report, fault: Fault) {
     rig.work()
         .wait_replies_after(t, PROOF_REPLIES, PROGRESS_TIMEOUT)
         .expect("protected stream");
-    let (bmark, pmark) = (rig.backup().mark(), rig.primary.mark());
+    let (bmark, pmark) = (rig.backup_events().mark(), rig.primary_events().mark());
     rep.step(format!("arming {fault:?}"));
     rig.assert_no_takeover_yet();
     let armed = Instant::now();
@@ -906,21 +944,29 @@ fn proxy_wrong_version_hello() {
         },
     );
     rep.step("waiting for the refusal");
-    let refusal = rig
-        .backup()
-        .wait_for(
-            Mark::default(),
+    let names_both = |l: &str| {
+        l.contains("version")
+            && l.contains(&FUTURE_VERSION.to_string())
+            && l.contains(&twin_wire::PROTOCOL_VERSION.to_string())
+    };
+    let refused = rig
+        .backup_events()
+        .wait(
+            0,
             "a version refusal",
             Duration::from_secs(30),
-            |l| {
-                l.contains("version")
-                    && l.contains(&FUTURE_VERSION.to_string())
-                    && l.contains(&twin_wire::PROTOCOL_VERSION.to_string())
-            },
+            |e| matches!(&e.kind, EventKind::PeerRefused { reason, .. } if names_both(reason)),
         )
-        .expect("the backup logs the version refusal")
-        .1;
-    rep.note(format!("backup: {}", log_msg(&refusal)));
+        .expect("the backup refuses the version, naming both");
+    rep.note(format!("backup: {}", describe(&refused)));
+    // What an operator reads: the log names both versions too.
+    let refusal = logged(
+        rig.backup(),
+        Mark::default(),
+        "the version refusal",
+        names_both,
+    );
+    rep.note(format!("backup logged: {}", log_msg(&refusal)));
     wait_until(
         "the primary's status to show the refusal",
         Duration::from_secs(20),
@@ -952,10 +998,10 @@ fn proxy_wrong_version_hello() {
         "{attempts} connection attempts, {hellos} Hellos rewritten"
     ));
     rig.proxy().disarm();
-    let pmark = rig.primary.mark();
+    let pmark = rig.primary_events().mark();
     let recovered = rig
-        .primary
-        .wait_for_line_after(pmark, "VM is protected", Duration::from_secs(15))
+        .primary_events()
+        .wait(pmark, "protection", Duration::from_secs(15), is_protected)
         .is_ok();
     rep.note(format!(
         "after the rewrite stopped: protected again = {recovered}"
@@ -1107,8 +1153,10 @@ fn tap_deleted_while_running() {
         rig.primary.try_status().ok().flatten()
     };
     let failed_over = rig
-        .backup()
-        .wait_for_line("FAILOVER ", Duration::from_secs(5))
+        .backup_events()
+        .wait(0, "the takeover", Duration::from_secs(5), |e| {
+            matches!(e.kind, EventKind::FailoverComplete(_))
+        })
         .is_ok();
     let p = rig.work().snapshot();
     let after = p.replies_after(gone);
@@ -1255,7 +1303,7 @@ fn split_brain_on_partition() {
     let port_before = switch_port(&rig.ha);
     rep.step("cutting replication both ways, both hosts alive");
     rig.assert_no_takeover_yet();
-    let pmark = rig.primary.mark();
+    let pmark = rig.primary_events().mark();
     let cut_at = Instant::now();
     rig.ha
         .cut_replication(Cut::Drop(Direction::Both))
@@ -1274,12 +1322,19 @@ fn split_brain_on_partition() {
         std::thread::sleep(Duration::from_millis(100));
     }
     let took_over = rig
-        .backup()
-        .wait_for_line("FAILOVER ", Duration::from_secs(1))
+        .backup_events()
+        .wait(0, "the takeover", Duration::from_secs(1), |e| {
+            matches!(e.kind, EventKind::FailoverComplete(_))
+        })
         .ok();
     let primary_lost = rig
-        .primary
-        .wait_for_line_after(pmark, "backup lost", Duration::from_secs(1))
+        .primary_events()
+        .wait(
+            pmark,
+            "the lost backup",
+            Duration::from_secs(1),
+            is_backup_lost,
+        )
         .is_ok();
     let pst = rig.primary_status();
     let bst = rig.backup_status();
@@ -1403,7 +1458,7 @@ fn stranger_takes_idle_slot() {
     use twin_lab::stranger::{description, hello, random_vm, Peer};
     use twin_link::LinkConfig;
     let mut rep = Report::new("stranger_takes_idle_slot");
-    let mut rig = Rig::start(
+    let rig = Rig::start(
         &mut rep,
         Opts {
             proxy: true,
@@ -1415,7 +1470,7 @@ fn stranger_takes_idle_slot() {
         .wait_replies_after(Instant::now(), PROOF_REPLIES, PROGRESS_TIMEOUT)
         .expect("protected stream");
     let vm = protected_vm(&rig);
-    let pmark = rig.primary.mark();
+    let pmark = rig.primary_events().mark();
     rep.step("a stranger queues Hello{generation: 2^62} and its own VM description");
     let mut stranger = Peer::dial(&rig.ha.primary.ns, backup_addr(), &LinkConfig::insecure())
         .expect("dial the backup")
@@ -1443,8 +1498,8 @@ fn stranger_takes_idle_slot() {
         "stranger refused: {} ({})",
         refused.reason, refused.detail
     ));
-    rig.primary
-        .wait_for_line_after(pmark, "VM is protected", PROTECT_TIMEOUT)
+    rig.primary_events()
+        .wait(pmark, "protection", PROTECT_TIMEOUT, is_protected)
         .expect("the real primary resynchronises the backup (not refused as stale)");
     let st = rig.backup_status().expect("backup status");
     assert_eq!(
@@ -1471,7 +1526,7 @@ fn stranger_without_the_key() {
     rig.work()
         .wait_replies_after(Instant::now(), PROOF_REPLIES, PROGRESS_TIMEOUT)
         .expect("protected stream");
-    let bmark = rig.backup().mark();
+    let (bmark, blog) = (rig.backup_events().mark(), rig.backup().mark());
     rep.step("a stranger without a key, then one with another key");
     let none =
         Peer::dial(&rig.ha.primary.ns, backup_addr(), &LinkConfig::insecure()).expect("dial");
@@ -1481,24 +1536,29 @@ fn stranger_without_the_key() {
     let wrong = Peer::dial(&rig.ha.primary.ns, backup_addr(), &other).expect("dial");
     let e2 = wrong.err().expect("refused with the wrong key");
     assert!(matches!(e2, LinkError::WrongKey { .. }), "{e2}");
-    let (_, l1) = rig
-        .backup()
-        .wait_for(
+    rig.backup_events()
+        .wait(
             bmark,
-            "the backup naming the keyless peer",
+            "the backup refusing the keyless peer",
             Duration::from_secs(10),
-            |l| l.contains("refused a replication peer") && l.contains("has no key"),
+            |e| refused_for(e, "has no key"),
         )
-        .expect("the backup logs the keyless peer");
-    let (_, l2) = rig
-        .backup()
-        .wait_for(
+        .expect("the backup refuses the keyless peer, naming the cause");
+    rig.backup_events()
+        .wait(
             bmark,
-            "the backup naming the wrong key",
+            "the backup refusing the wrong key",
             Duration::from_secs(10),
-            |l| l.contains("refused a replication peer") && l.contains("key differs"),
+            |e| refused_for(e, "key differs"),
         )
-        .expect("the backup logs the wrong key");
+        .expect("the backup refuses the wrong key, naming the cause");
+    // What an operator reads in the backup's log.
+    let l1 = logged(rig.backup(), blog, "the keyless peer", |l| {
+        l.contains("refused a replication peer") && l.contains("has no key")
+    });
+    let l2 = logged(rig.backup(), blog, "the wrong key", |l| {
+        l.contains("refused a replication peer") && l.contains("key differs")
+    });
     rep.note(format!("stranger: {e}; backup: {}", log_msg(&l1)));
     rep.note(format!("stranger: {e2}; backup: {}", log_msg(&l2)));
     rig.work()
@@ -1545,15 +1605,20 @@ fn backup_stall(rep: &mut Report, stall: Duration, probe: bool) {
         })
     });
     std::thread::sleep(Duration::from_secs(1));
-    let pmark = rig.primary.mark();
+    let pmark = rig.primary_events().mark();
     rep.step(format!("freezing the backup (SIGSTOP) for {stall:?}"));
     rig.assert_no_takeover_yet();
     rig.backup()
         .signal(Signal::Stop)
         .expect("SIGSTOP the backup");
     let frozen = Instant::now();
-    rig.primary
-        .wait_for_line_after(pmark, "backup lost", stall.max(Duration::from_secs(20)))
+    rig.primary_events()
+        .wait(
+            pmark,
+            "the lost backup",
+            stall.max(Duration::from_secs(20)),
+            is_backup_lost,
+        )
         .expect("the primary gives up on the frozen backup");
     std::thread::sleep(stall.saturating_sub(frozen.elapsed()));
     rig.backup()
@@ -1561,8 +1626,8 @@ fn backup_stall(rep: &mut Report, stall: Duration, probe: bool) {
         .expect("SIGCONT the backup");
     let thawed = Instant::now();
     rep.step("thawed; the primary must resynchronise it, and nothing may take over");
-    rig.primary
-        .wait_for_line_after(pmark, "VM is protected", PROTECT_TIMEOUT)
+    rig.primary_events()
+        .wait(pmark, "protection", PROTECT_TIMEOUT, is_protected)
         .expect("the primary resynchronises the thawed backup");
     // Past the backup's grace for an ambiguous loss: a takeover would have happened by now.
     std::thread::sleep(Duration::from_secs(5).saturating_sub(thawed.elapsed()));
@@ -1573,8 +1638,9 @@ fn backup_stall(rep: &mut Report, stall: Duration, probe: bool) {
     }
     rig.backup().ensure_running().expect("the backup stays up");
     assert!(
-        !rig.backup().text(Stream::Stdout).contains("FAILOVER"),
-        "SPLIT BRAIN: the thawed backup took over while the primary runs:\n{}",
+        rig.any_takeover().is_none(),
+        "SPLIT BRAIN: the thawed backup took over while the primary runs: {:?}\n{}",
+        rig.backup_events().names_since(0),
         rig.backup().tail(30)
     );
     rig.assert_no_takeover_yet();
@@ -1620,15 +1686,20 @@ fn goodbye_before_hello() {
     rig.work()
         .wait_replies_after(Instant::now(), PROOF_REPLIES, PROGRESS_TIMEOUT)
         .expect("protected stream");
-    let (pmark, bmark) = (rig.primary.mark(), rig.backup().mark());
+    let (pmark, bmark) = (rig.primary_events().mark(), rig.backup_events().mark());
     rep.step("freezing the backup until the primary gives up on it");
     rig.assert_no_takeover_yet();
     rig.backup()
         .signal(Signal::Stop)
         .expect("SIGSTOP the backup");
     let frozen = Instant::now();
-    rig.primary
-        .wait_for_line_after(pmark, "backup lost", Duration::from_secs(20))
+    rig.primary_events()
+        .wait(
+            pmark,
+            "the lost backup",
+            Duration::from_secs(20),
+            is_backup_lost,
+        )
         .expect("the primary gives up on the frozen backup");
     std::thread::sleep(Duration::from_millis(1500).saturating_sub(frozen.elapsed()));
     rep.step("SIGKILL of the primary; strangers queue bare goodbyes; the backup thaws");
@@ -1657,16 +1728,16 @@ fn goodbye_before_hello() {
     }
     let fo = rig.wait_failover(&mut rep);
     let waited = thawed.elapsed();
-    let (_, seen) = rig
-        .backup()
-        .wait_for(
+    let seen = rig
+        .backup_events()
+        .wait(
             bmark,
-            "the backup ignoring the goodbyes",
+            "the backup refusing the goodbyes",
             Duration::from_secs(5),
-            |l| l.contains("before Hello"),
+            |e| refused_for(e, "before Hello"),
         )
-        .expect("the backup says the strangers sent something before Hello");
-    rep.note(format!("backup: {}", log_msg(&seen)));
+        .expect("the backup refuses the strangers for sending something before Hello");
+    rep.note(format!("backup: {}", describe(&seen)));
     rep.note(format!(
         "takeover {:.1}s after the thaw",
         waited.as_secs_f64()
@@ -1700,6 +1771,7 @@ fn takeover_goodbye_without_ack() {
         FakeBackup::listen(&ha.backup.ns, backup_addr(), dir.link_config()).expect("fake backup");
     let auth = Auth::Key.args(&dir, true);
     let mut primary = spawn_primary(&ha, &dir, "primary", &backup_listen(), &auth, &[], "");
+    let pe = twin_lab::events::Events::at(dir.join("primary.sock")).record(false);
     let (mut peer, hello) = fake
         .accept(BOOT_TIMEOUT)
         .expect("the primary dials")
@@ -1708,26 +1780,28 @@ fn takeover_goodbye_without_ack() {
         "fake backup accepted VM {} generation {}",
         hello.vm_id, hello.generation
     ));
-    let pmark = primary.mark();
+    let pmark = pe.mark();
     let _ = peer.drain(Duration::from_millis(500));
     rep.step("the fake backup says takeover without ever acknowledging");
     peer.send(&goodbye(GoodbyeReason::Takeover, "a fake takeover"))
         .expect("send the goodbye");
-    let (_, said) = primary
-        .wait_for(
+    let said = pe
+        .wait(
             pmark,
             "the primary refusing to stand down",
             Duration::from_secs(10),
-            |l| l.contains("not standing down"),
+            |e| matches!(e.kind, EventKind::TakeoverIgnored { .. }),
         )
         .expect("the primary says it does not stand down");
-    rep.note(format!("primary: {}", log_msg(&said)));
+    rep.note(format!("primary: {}", describe(&said)));
     drop(peer);
     std::thread::sleep(Duration::from_secs(2));
     primary.ensure_running().expect("the primary keeps running");
+    pe.sync();
     assert!(
-        !primary.text(Stream::Stderr).contains("fenced"),
-        "the primary fenced itself for a fake backup:\n{}",
+        !pe.any(|e| matches!(e.kind, EventKind::StoodDown { .. })),
+        "the primary fenced itself for a fake backup: {:?}\n{}",
+        pe.names_since(0),
         primary.tail(20)
     );
     let st = status(&ha.primary.ns, &dir, &dir.join("primary.sock")).expect("status");
@@ -1743,19 +1817,21 @@ fn takeover_goodbye_without_ack() {
     drop(fake);
     let keyless = FakeBackup::listen(&ha.backup.ns, backup_addr(), LinkConfig::insecure())
         .expect("keyless fake");
-    let pmark = primary.mark();
+    let (pmark, plog) = (pe.mark(), primary.mark());
     let r = keyless
         .accept(Duration::from_secs(20))
         .expect("the primary dials again");
     let e = r.err().expect("the keyless fake cannot complete the link");
-    let (_, said) = primary
-        .wait_for(
-            pmark,
-            "the primary naming the keyless backup",
-            Duration::from_secs(10),
-            |l| l.contains("has no key"),
-        )
-        .expect("the primary names the cause");
+    pe.wait(
+        pmark,
+        "the primary naming the keyless backup",
+        Duration::from_secs(10),
+        |e| backup_lost_for(e, "has no key"),
+    )
+    .expect("the primary loses the keyless backup, naming the cause");
+    let said = logged(&mut primary, plog, "the keyless backup's cause", |l| {
+        l.contains("has no key")
+    });
     rep.note(format!("fake: {e}; primary: {}", log_msg(&said)));
     primary.ensure_running().expect("the primary keeps running");
     assert_eq!(client.incr(KEY).expect("INCR"), a + 2);
@@ -1827,8 +1903,8 @@ fn slow_peers_do_not_hold_the_backup() {
     rep.step("starting the real primary");
     let pauth = Auth::Key.args(&dir, true);
     let mut primary = spawn_primary(&ha, &dir, "primary", &backup_listen(), &pauth, &[], "");
-    primary
-        .wait_for_line("VM is protected", PROTECT_TIMEOUT)
+    twin_lab::events::Events::at(dir.join("primary.sock"))
+        .wait_live(&mut primary, 0, "protection", PROTECT_TIMEOUT, is_protected)
         .expect("the real primary is protected despite the slow peers");
     let protected = t0.elapsed();
     let d = dribble.join().expect("dribbler");
@@ -1970,9 +2046,7 @@ fn backup_memory_cgroup_too_small() {
     )
     .expect("spawn the backup");
     cg.add(backup.pid());
-    backup
-        .wait_for_line("waiting for a primary", Duration::from_secs(30))
-        .expect("the backup listens");
+    wait_listening(&mut backup, &dir.join("backup.sock"));
     rep.step("the backup runs in an 80 MiB memory cgroup; a 256 MiB primary protects to it");
     let pauth = Auth::Key.args(&dir, true);
     // A guest that writes 128 MiB of its RAM: the replica outgrows the cgroup.
@@ -1985,15 +2059,21 @@ fn backup_memory_cgroup_too_small() {
         &["--guest-args", "dirty=64M/s,wss=128M"],
         "",
     );
-    let (_, why) = primary
-        .wait_for(
-            primary.mark(),
+    let pe = twin_lab::events::Events::at(dir.join("primary.sock"));
+    let why = pe
+        .wait_live(
+            &mut primary,
+            0,
             "the primary naming the refusal",
             PROTECT_TIMEOUT,
-            |l| l.contains("backup lost") && l.contains("does not fit"),
+            |e| backup_lost_for(e, "does not fit"),
         )
         .expect("the primary reports why the backup cannot hold its replica");
-    rep.note(format!("primary: {}", log_msg(&why)));
+    rep.note(format!("primary: {}", describe(&why)));
+    let said = logged(&mut primary, Mark::default(), "the refusal's cause", |l| {
+        l.contains("backup lost") && l.contains("does not fit")
+    });
+    rep.note(format!("primary logged: {}", log_msg(&said)));
     std::thread::sleep(Duration::from_secs(3));
     backup
         .ensure_running()
@@ -2003,7 +2083,7 @@ fn backup_memory_cgroup_too_small() {
     let err = st["last_error"].as_str().unwrap_or_default().to_string();
     assert!(err.contains("does not fit"), "{st}");
     assert!(
-        !primary.text(Stream::Stderr).contains("VM is protected"),
+        pe.find(0, is_protected).expect("primary events").is_none(),
         "a replica that does not fit was accepted"
     );
     primary.ensure_running().expect("the primary runs on");
@@ -2029,52 +2109,71 @@ fn wrong_key_named_on_both_sides() {
         "--key-file".to_string(),
         other.to_string_lossy().into_owned(),
     ];
+    let be = twin_lab::events::Events::at(dir.join("backup.sock"));
     rep.step("a primary with another key");
-    let bmark = backup.mark();
+    let (bmark, blog) = (be.mark().expect("backup events"), backup.mark());
     let mut primary = spawn_primary(&ha, &dir, "primary", &backup_listen(), &wrong, &[], "");
-    let (_, p1) = primary
-        .wait_for(
-            primary.mark(),
-            "the primary naming the wrong key",
-            PROTECT_TIMEOUT,
-            |l| l.contains("backup lost") && l.contains("key differs"),
-        )
-        .expect("the primary names the wrong key");
-    let (_, b1) = backup
-        .wait_for(
-            bmark,
-            "the backup naming the wrong key",
-            Duration::from_secs(10),
-            |l| l.contains("refused a replication peer") && l.contains("key differs"),
-        )
-        .expect("the backup names the wrong key");
+    let pe = twin_lab::events::Events::at(dir.join("primary.sock"));
+    pe.wait_live(
+        &mut primary,
+        0,
+        "the primary naming the wrong key",
+        PROTECT_TIMEOUT,
+        |e| backup_lost_for(e, "key differs"),
+    )
+    .expect("the primary names the wrong key");
+    be.wait_live(
+        &mut backup,
+        bmark,
+        "the backup naming the wrong key",
+        Duration::from_secs(10),
+        |e| refused_for(e, "key differs"),
+    )
+    .expect("the backup names the wrong key");
+    // What an operator reads in the logs.
+    let p1 = logged(&mut primary, Mark::default(), "the wrong key", |l| {
+        l.contains("backup lost") && l.contains("key differs")
+    });
+    let b1 = logged(&mut backup, blog, "the wrong key", |l| {
+        l.contains("refused a replication peer") && l.contains("key differs")
+    });
     rep.note(format!("primary: {}", log_msg(&p1)));
     rep.note(format!("backup: {}", log_msg(&b1)));
     primary.terminate().expect("SIGTERM");
     let _ = primary.wait_exit(Duration::from_secs(20));
     rep.step("a primary with no key (--no-auth)");
-    let bmark = backup.mark();
+    let (bmark, blog) = (be.mark().expect("backup events"), backup.mark());
     let noauth = ["--no-auth".to_string()];
     let mut primary2 = spawn_primary(&ha, &dir, "primary2", &backup_listen(), &noauth, &[], "");
-    let (_, p2) = primary2
-        .wait_for(
-            primary2.mark(),
-            "the keyless primary naming the cause",
-            PROTECT_TIMEOUT,
-            |l| l.contains("backup lost") && l.contains("requires an authenticated link"),
-        )
-        .expect("the keyless primary names the cause");
-    let (_, b2) = backup
-        .wait_for(
-            bmark,
-            "the backup naming the keyless primary",
-            Duration::from_secs(10),
-            |l| l.contains("refused a replication peer") && l.contains("has no key"),
-        )
-        .expect("the backup names the keyless primary");
+    let pe2 = twin_lab::events::Events::at(dir.join("primary2.sock"));
+    pe2.wait_live(
+        &mut primary2,
+        0,
+        "the keyless primary naming the cause",
+        PROTECT_TIMEOUT,
+        |e| backup_lost_for(e, "requires an authenticated link"),
+    )
+    .expect("the keyless primary names the cause");
+    be.wait_live(
+        &mut backup,
+        bmark,
+        "the backup naming the keyless primary",
+        Duration::from_secs(10),
+        |e| refused_for(e, "has no key"),
+    )
+    .expect("the backup names the keyless primary");
+    let p2 = logged(&mut primary2, Mark::default(), "the missing key", |l| {
+        l.contains("backup lost") && l.contains("requires an authenticated link")
+    });
+    let b2 = logged(&mut backup, blog, "the keyless primary", |l| {
+        l.contains("refused a replication peer") && l.contains("has no key")
+    });
     rep.note(format!("primary: {}", log_msg(&p2)));
     rep.note(format!("backup: {}", log_msg(&b2)));
-    assert!(!primary2.text(Stream::Stderr).contains("VM is protected"));
+    assert!(pe2
+        .find(0, is_protected)
+        .expect("primary2 events")
+        .is_none());
     assert_no_panic(&primary);
     assert_no_panic(&primary2);
     assert_no_panic(&backup);

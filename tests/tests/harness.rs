@@ -565,6 +565,80 @@ fn processes_are_watched_signalled_and_report_early_exit() {
     assert_eq!(describe_status(status), "killed by signal 9");
 }
 
+/// The events client on a real `twin backup` (no VM needed): a wait for a process still
+/// starting, a recorder that keeps what it saw once the process is gone, and waits that
+/// fail at once on a dead process instead of running into their timeouts.
+#[test]
+fn events_are_waited_for_and_recorded_and_outlive_the_process() {
+    use twin_api::EventKind;
+    use twin_lab::events::Events;
+    require_root();
+    let topo = Topology::single().expect("single topology");
+    let dir = TestDir::new("events").expect("dir");
+    let sock = dir.join("backup.sock");
+    let (key, control) = (dir.key_file(), sock.display().to_string());
+    let listen = "127.0.0.1:7410";
+    let mut b = TwinProcess::spawn(
+        topo.vm_ns(),
+        &dir,
+        "backup",
+        &[
+            "backup",
+            "--key-file",
+            &key,
+            "--listen",
+            listen,
+            "--tap",
+            TAP,
+            "--control",
+            &control,
+        ],
+    )
+    .expect("spawn twin backup");
+    let events = Events::at(&sock);
+    let rec = events.record(true);
+    let listening = events
+        .wait_live(
+            &mut b,
+            0,
+            "the backup listening",
+            Duration::from_secs(30),
+            |e| matches!(e.kind, EventKind::Listening { .. }),
+        )
+        .expect("the backup listens");
+    assert!(
+        matches!(&listening.kind, EventKind::Listening { listen: l } if l == listen),
+        "{listening:?}"
+    );
+    let recorded = rec
+        .wait(0, "the recorded listening", LONG, |e| {
+            e.seq == listening.seq
+        })
+        .expect("the recorder has it too");
+    assert_eq!(recorded, listening);
+    let mark = rec.mark();
+    assert!(mark > listening.seq);
+    let quiet = rec
+        .wait(mark, "nothing", Duration::from_millis(200), |_| true)
+        .unwrap_err();
+    assert!(matches!(quiet, HarnessError::Timeout { .. }), "{quiet}");
+
+    b.kill().expect("SIGKILL the backup");
+    assert!(rec.wait_end(LONG), "the recorder sees the process gone");
+    assert!(rec.any(|e| e.seq == listening.seq), "what it said is kept");
+    assert!(events.mark().is_err(), "nobody answers the socket now");
+    let t = Instant::now();
+    let gone = rec
+        .wait(mark, "an event of a dead process", LONG, |_| true)
+        .unwrap_err();
+    assert!(gone.to_string().contains("gone"), "{gone}");
+    let dead = events
+        .wait_live(&mut b, 0, "an event of a dead process", LONG, |_| false)
+        .unwrap_err();
+    assert!(matches!(dead, HarnessError::ProcessExited { .. }), "{dead}");
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+}
+
 #[test]
 fn namespaces_and_processes_are_gone_after_drop_and_after_a_panic() {
     require_root();

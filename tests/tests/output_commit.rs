@@ -15,6 +15,8 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use twin_api::EventKind;
+use twin_lab::events::{took_over, Events};
 use twin_lab::*;
 
 const PROTECT_TIMEOUT: Duration = Duration::from_secs(90);
@@ -24,7 +26,7 @@ const REPL_PORT: u16 = 7777;
 /// The failpoint window, as configured below.
 const WINDOW: Duration = Duration::from_millis(3000);
 const FAILPOINTS: &str = "backup.before_ack=drop~3000";
-/// Slack for when the test sees a log line after the process printed it.
+/// Slack for when the test sees an event after the process emitted it.
 const SLACK: Duration = Duration::from_millis(200);
 /// A PING under protection (epoch 25 ms + ack) is answered well within this.
 const PROTECTED_PING: Duration = Duration::from_secs(2);
@@ -59,7 +61,10 @@ fn spawn_backup(
         env,
     )
     .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
-    p.wait_for_line("backup waiting for a primary", CMD_TIMEOUT)
+    Events::at(&control)
+        .wait_live(&mut p, 0, "the backup listening", CMD_TIMEOUT, |e| {
+            matches!(e.kind, EventKind::Listening { .. })
+        })
         .unwrap_or_else(|e| panic!("{name} does not listen: {e}"));
     p
 }
@@ -119,8 +124,10 @@ fn output_is_held_while_the_backup_withholds_acks_and_released_when_they_flow() 
         ],
     )
     .expect("spawn twin protect");
-    primary
-        .wait_for_line("VM is protected", PROTECT_TIMEOUT)
+    let pevents = Events::at(&psock).record(false);
+    let protected = |e: &twin_api::Event| matches!(e.kind, EventKind::Protected { .. });
+    Events::at(&psock)
+        .wait_live(&mut primary, 0, "protection", PROTECT_TIMEOUT, protected)
         .unwrap_or_else(|e| panic!("{e}\n{}", tails(&[&backup1])));
     let mut guest =
         GuestClient::connect_retry(ha.client_ns(), guest_service(), CONNECT_TIMEOUT, || {
@@ -140,7 +147,7 @@ fn output_is_held_while_the_backup_withholds_acks_and_released_when_they_flow() 
 
     // Replace the backup by one that withholds its acks for 3 s after its first epoch.
     backup1.kill().expect("SIGKILL the first backup");
-    let mark = primary.mark();
+    let mark = pevents.mark();
     let backup2 = spawn_backup(
         &ha,
         &dir,
@@ -148,9 +155,14 @@ fn output_is_held_while_the_backup_withholds_acks_and_released_when_they_flow() 
         &bsock2,
         &[("TWIN_FAILPOINTS", FAILPOINTS)],
     );
-    let (after_sync, _) = primary
-        .wait_for_line_after(mark, "initial sync sent", PROTECT_TIMEOUT)
-        .unwrap_or_else(|e| panic!("resync with the second backup: {e}\n{}", tails(&[&backup2])));
+    let b2events = Events::at(&bsock2).record(false);
+    let after_sync = pevents
+        .wait(mark, "the initial sync sent", PROTECT_TIMEOUT, |e| {
+            matches!(e.kind, EventKind::SyncSent { .. })
+        })
+        .unwrap_or_else(|e| panic!("resync with the second backup: {e}\n{}", tails(&[&backup2])))
+        .seq
+        + 1;
     let t_sync = Instant::now();
     std::thread::sleep(SLACK);
 
@@ -189,8 +201,13 @@ fn output_is_held_while_the_backup_withholds_acks_and_released_when_they_flow() 
     );
 
     // Acks flow again after the window: the primary says so, the PONG arrives.
-    primary
-        .wait_for_line_after(after_sync, "VM is protected", WINDOW + PROTECT_TIMEOUT)
+    pevents
+        .wait(
+            after_sync,
+            "protection",
+            WINDOW + PROTECT_TIMEOUT,
+            protected,
+        )
         .unwrap_or_else(|e| panic!("acks after the window: {e}\n{}", tails(&[&backup2])));
     let t_protected = Instant::now();
     let (mut guest, sent, replied, r) = pinger.join().expect("pinger thread");
@@ -247,9 +264,11 @@ fn output_is_held_while_the_backup_withholds_acks_and_released_when_they_flow() 
         Verify::Ok { .. } => {}
         Verify::Fail(why) => panic!("VERIFY: {why}"),
     }
+    b2events.sync();
     assert!(
-        !backup2.text(Stream::Stdout).contains("FAILOVER"),
-        "the second backup took over while the primary was alive\n{}",
+        b2events.find(0, took_over).is_none(),
+        "the second backup took over while the primary was alive: {:?}\n{}",
+        b2events.names_since(0),
         tails(&[&primary, &backup2])
     );
     drop(guest);

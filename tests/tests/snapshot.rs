@@ -21,6 +21,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+use twin_api::EventKind;
+use twin_lab::events::Events;
 use twin_lab::*;
 use twin_vmm::container::{self, Kind};
 use twin_vmm::memory::{Memory, PAGE_SIZE};
@@ -46,6 +48,15 @@ const MEM: &str = "256M";
 const GUEST_ARGS: &str = "dirty=16M/s,wss=64M";
 
 static NEXT_CMD: AtomicU32 = AtomicU32::new(0);
+
+/// Waits for the `vm_running` event of the restored VM `p` serving `control`.
+fn wait_restored(p: &mut TwinProcess, control: &Path) -> Result<()> {
+    Events::at(control)
+        .wait_live(p, 0, "the restored VM running", RESTORE_TIMEOUT, |e| {
+            matches!(e.kind, EventKind::VmRunning { .. })
+        })
+        .map(|_| ())
+}
 
 fn run_args(tap: &str, control: &Path, guest_args: &str) -> Vec<String> {
     [
@@ -197,9 +208,7 @@ fn snapshot_stop_kill_restore_on_a_new_tap_keeps_the_connection_and_every_incr()
         ],
     )
     .expect("spawn twin restore");
-    restored
-        .wait_for_line("VM restored and running", RESTORE_TIMEOUT)
-        .unwrap_or_else(|e| panic!("restore: {e}"));
+    wait_restored(&mut restored, &sock2).unwrap_or_else(|e| panic!("restore: {e}"));
     let restore_took = t_restore.elapsed();
     let after_restore = load.incrs();
     if let Err(e) = load.wait_for(after_restore + 300, PROGRESS_TIMEOUT, || {
@@ -503,9 +512,7 @@ fn restore_paused_then_snapshot_again_gives_the_same_state_and_memory() {
         ],
     )
     .expect("spawn twin restore --paused");
-    restored
-        .wait_for_line("VM restored and running", RESTORE_TIMEOUT)
-        .unwrap_or_else(|e| panic!("restore --paused: {e}"));
+    wait_restored(&mut restored, &sock2).unwrap_or_else(|e| panic!("restore --paused: {e}"));
     let sock2_s = sock2.display().to_string();
     let st = twin_json(
         topo.vm_ns(),
@@ -854,9 +861,7 @@ fn incremental_chain_restores_to_the_memory_of_a_full_snapshot_of_the_same_momen
         ],
     )
     .expect("spawn twin restore of the chain");
-    restored
-        .wait_for_line("VM restored and running", RESTORE_TIMEOUT)
-        .unwrap_or_else(|e| panic!("restore of the chain: {e}"));
+    wait_restored(&mut restored, &sock2).unwrap_or_else(|e| panic!("restore of the chain: {e}"));
     let got = guest.get("counter").unwrap_or_else(|e| {
         panic!(
             "GET after restoring the chain: {e}\n{}",
@@ -1086,9 +1091,7 @@ fn snapshot_failure_keeps_dirty() {
         ],
     )
     .expect("spawn twin restore of the chain");
-    restored
-        .wait_for_line("VM restored and running", RESTORE_TIMEOUT)
-        .unwrap_or_else(|e| panic!("restore of the chain: {e}"));
+    wait_restored(&mut restored, &sock2).unwrap_or_else(|e| panic!("restore of the chain: {e}"));
     let got = guest.get("counter").unwrap_or_else(|e| {
         panic!(
             "GET after restoring the chain: {e}\n{}",
@@ -1668,6 +1671,7 @@ fn restore_refuses_hostile_snapshots_with_one_clear_line() {
     eprintln!("hostile restores:\n{}", summary.join("\n"));
 
     // Control: the unmodified snapshot restores (so each failure above is the mutation's).
+    let good_sock = dir.join("good.sock");
     let mut ok = TwinProcess::spawn(
         topo.vm_ns(),
         &dir,
@@ -1678,11 +1682,11 @@ fn restore_refuses_hostile_snapshots_with_one_clear_line() {
             "--tap",
             TAP,
             "--control",
-            &dir.join("good.sock").display().to_string(),
+            &good_sock.display().to_string(),
         ],
     )
     .expect("spawn restore of the good snapshot");
-    ok.wait_for_line("VM restored and running", RESTORE_TIMEOUT)
+    wait_restored(&mut ok, &good_sock)
         .unwrap_or_else(|e| panic!("the unmodified snapshot does not restore: {e}"));
     let mut guest =
         GuestClient::connect_retry(topo.client_ns(), guest_service(), BOOT_TIMEOUT, || {

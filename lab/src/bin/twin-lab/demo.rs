@@ -24,8 +24,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::Value;
+use twin_api::{Event, EventKind};
+use twin_lab::events::{took_over, Events, Recorder};
 use twin_lab::{
-    guest_service, Ha, HarnessError, Netns, Signal, Stream, TestDir, Topology, TwinProcess,
+    guest_service, Ha, HarnessError, Netns, Signal, TestDir, Topology, TwinProcess,
     BACKUP_REPL_ADDR, BRIDGE, CLIENT_ADDR, GUEST_CIDR, PRIMARY_REPL_ADDR, TAP,
 };
 
@@ -210,10 +212,14 @@ fn demo(args: &DemoArgs) -> Result<bool> {
             &backup_sock.to_string_lossy(),
         ],
     )?;
-    wait_for_line(
+    let backup_events = Events::at(&backup_sock).record(false);
+    wait_event(
         &mut backup,
-        "waiting for a primary",
+        &backup_events,
+        0,
+        "listening",
         Duration::from_secs(30),
+        |e| matches!(e.kind, EventKind::Listening { .. }),
     )
     .context("starting the backup")?;
     log.step(format_args!(
@@ -259,7 +265,7 @@ fn demo(args: &DemoArgs) -> Result<bool> {
         },
         args.interval.0.as_secs_f64() * 1e3
     ));
-    wait_protected(&primary_sock, &mut primary, &mut backup)
+    wait_protected(&primary_sock, &mut primary, &mut backup, &backup_events)
         .map_err(|e| with_logs("waiting for protection", e, &primary, &backup))?;
     log.step("protected: initial sync done, every epoch is acknowledged by the backup");
 
@@ -292,7 +298,7 @@ fn demo(args: &DemoArgs) -> Result<bool> {
     wait_client(half, &worker)?;
     let before_status =
         status(&primary_sock).context("reading the primary's status before the kill")?;
-    check_no_early_takeover(&backup)
+    check_no_early_takeover(&backup_events)
         .map_err(|e| with_logs("checking before the kill", e, &primary, &backup))?;
     if before_status["mode"] != "protected" {
         return Err(with_logs(
@@ -311,6 +317,7 @@ fn demo(args: &DemoArgs) -> Result<bool> {
         "{replies_at_kill} requests answered; SIGKILL -> primary (pid {})",
         primary.pid()
     ));
+    let bmark = backup_events.mark();
     let t_kill = Instant::now();
     primary
         .signal(Signal::Kill)
@@ -321,12 +328,33 @@ fn demo(args: &DemoArgs) -> Result<bool> {
         .context("waiting for the killed primary to be gone")?;
     let t_dead = Instant::now();
 
-    let failover_line = wait_for_line(&mut backup, "FAILOVER ", FAILOVER_TIMEOUT)
-        .map_err(|e| with_logs("waiting for the backup to take over", e, &primary, &backup))?;
-    let failover: Value = failover_line
-        .split_once("FAILOVER ")
-        .and_then(|(_, j)| serde_json::from_str(j).ok())
-        .ok_or_else(|| anyhow!("the backup's FAILOVER line is not JSON: {failover_line}"))?;
+    let done = wait_event(
+        &mut backup,
+        &backup_events,
+        bmark,
+        "the takeover",
+        FAILOVER_TIMEOUT,
+        |e| {
+            matches!(
+                e.kind,
+                EventKind::FailoverComplete(_) | EventKind::FailoverFailed { .. }
+            )
+        },
+    )
+    .map_err(|e| with_logs("waiting for the backup to take over", e, &primary, &backup))?;
+    let failover: Value = match done.kind {
+        EventKind::FailoverComplete(report) => {
+            serde_json::to_value(report).context("the backup's failover report")?
+        }
+        other => {
+            return Err(with_logs(
+                "waiting for the backup to take over",
+                anyhow!("the takeover failed: {other:?}"),
+                &primary,
+                &backup,
+            ))
+        }
+    };
     log.step(format_args!(
         "backup took over from epoch {} (VM running {} after it noticed)",
         failover["epoch"],
@@ -396,6 +424,7 @@ fn demo(args: &DemoArgs) -> Result<bool> {
     keeper.done = ok;
     drop(keeper);
     drop(backup);
+    drop(backup_events);
     drop(primary);
     drop(dir);
     drop(topo);
@@ -499,22 +528,34 @@ fn spawn_twin(
         .with_context(|| format!("starting the {name} (`twin {}`) in {}", args[0], ns.name()))
 }
 
-/// Waits for a line containing `pattern`, checking for a termination signal meanwhile.
-fn wait_for_line(p: &mut TwinProcess, pattern: &str, timeout: Duration) -> Result<String> {
+/// Waits for an event of `p` (recorded by `events`, from `since` on) that `pred` accepts,
+/// checking for a termination signal meanwhile; fails at once if `p` exits.
+fn wait_event(
+    p: &mut TwinProcess,
+    events: &Recorder,
+    since: u64,
+    what: &str,
+    timeout: Duration,
+    mut pred: impl FnMut(&Event) -> bool,
+) -> Result<Event> {
     let deadline = Instant::now() + timeout;
     loop {
         check_interrupt()?;
         let left = deadline.saturating_duration_since(Instant::now());
-        match p.wait_for_line(pattern, left.min(Duration::from_millis(200))) {
-            Ok(line) => return Ok(line),
-            Err(HarnessError::Timeout { .. }) if !left.is_zero() => {}
-            Err(HarnessError::Timeout { .. }) => bail!(
-                "no line containing {pattern:?} from the {} within {timeout:?}; last output:\n{}",
+        if left.is_zero() {
+            bail!(
+                "no {what} from the {} within {timeout:?} (its events: {:?}); last output:\n{}",
                 p.name(),
+                events.names_since(since),
                 p.tail(20)
-            ),
+            );
+        }
+        match events.wait(since, what, left.min(Duration::from_millis(200)), &mut pred) {
+            Ok(e) => return Ok(e),
+            Err(HarnessError::Timeout { .. }) => {}
             Err(e) => return Err(e.into()),
         }
+        p.ensure_running()?;
     }
 }
 
@@ -541,25 +582,31 @@ fn status(sock: &Path) -> Result<Value> {
 
 /// Fails if the backup has taken over although nobody killed the primary (both VMs would
 /// then answer for the guest's address: nothing the demo measured would mean anything).
-fn check_no_early_takeover(backup: &TwinProcess) -> Result<()> {
-    let out = backup.text(Stream::Stdout);
-    match out.lines().find(|l| l.starts_with("FAILOVER ")) {
-        Some(line) => bail!(
-            "the backup took over although the primary was not killed ({line}); \
-             nothing the demo would measure could be trusted"
+fn check_no_early_takeover(backup: &Recorder) -> Result<()> {
+    backup.sync();
+    match backup.find(0, took_over) {
+        Some(e) => bail!(
+            "the backup took over although the primary was not killed ({:?}); \
+             nothing the demo would measure could be trusted",
+            e.kind
         ),
         None => Ok(()),
     }
 }
 
-fn wait_protected(sock: &Path, primary: &mut TwinProcess, backup: &mut TwinProcess) -> Result<()> {
+fn wait_protected(
+    sock: &Path,
+    primary: &mut TwinProcess,
+    backup: &mut TwinProcess,
+    backup_events: &Recorder,
+) -> Result<()> {
     let deadline = Instant::now() + PROTECT_TIMEOUT;
     let mut last;
     loop {
         check_interrupt()?;
         primary.ensure_running()?;
         backup.ensure_running()?;
-        check_no_early_takeover(backup)?;
+        check_no_early_takeover(backup_events)?;
         match status(sock) {
             Ok(v) if v["mode"] == "protected" => return Ok(()),
             Ok(v) if v["mode"] == "connecting" || v["mode"] == "syncing" => {

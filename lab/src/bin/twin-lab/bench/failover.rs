@@ -7,11 +7,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
 use serde::Serialize;
-use twin_lab::{HarnessError, Signal, TestDir, Topology};
+use twin_api::EventKind;
+use twin_lab::{Signal, TestDir, Topology};
 
-use super::measure::{connect, save_logs, start_protected, Slots};
+use super::measure::{connect, save_logs, start_protected, wait_event, Slots};
 use super::plan::{Plan, FAILOVER_HZ, FAILOVER_WORKLOAD};
 use super::stats::json_f64;
 use super::{check_interrupt, nap, Interrupted, INTERRUPTED};
@@ -22,7 +23,8 @@ pub(super) struct Failover {
     pub(super) error: Option<String>,
     /// SIGKILL of the primary → first reply on the same connection (from the backup).
     pub(super) client_visible_ms: Option<f64>,
-    /// SIGKILL → the backup's `FAILOVER` line.
+    /// SIGKILL → the backup's `failover_complete` event, as the bench sees it (named after
+    /// the `FAILOVER` line that event is printed as, a moment later).
     pub(super) kill_to_failover_line_ms: Option<f64>,
     /// The backup's own report (`detect_to_running_ms`, `restore_ms`, …).
     pub(super) backup_report: Option<serde_json::Value>,
@@ -112,7 +114,8 @@ fn kill_and_time(
     nap(Duration::from_secs_f64(plan.warmup_secs.max(1.0)))?;
     slots.judge(Ok(()))?;
     let backup = slots.backup.as_mut().expect("started");
-    let mark = backup.mark();
+    let events = slots.backup_events.as_ref().expect("started");
+    let mark = events.mark();
     let killed = Instant::now();
     slots
         .vm
@@ -120,18 +123,25 @@ fn kill_and_time(
         .expect("started")
         .signal(Signal::Kill)
         .context("SIGKILL to the primary")?;
-    let (_, line) = loop {
-        check_interrupt()?;
-        match backup.wait_for_line_after(mark, "FAILOVER", Duration::from_millis(250)) {
-            Ok(found) => break found,
-            Err(HarnessError::Timeout { .. }) if killed.elapsed() < Duration::from_secs(20) => {}
-            Err(e) => return Err(anyhow!(e).context("waiting for the backup's FAILOVER")),
-        }
+    let done = wait_event(
+        backup,
+        events,
+        mark,
+        "the takeover",
+        Duration::from_secs(20),
+        |e| {
+            matches!(
+                e.kind,
+                EventKind::FailoverComplete(_) | EventKind::FailoverFailed { .. }
+            )
+        },
+    )?;
+    let report = match done.kind {
+        EventKind::FailoverComplete(report) => report,
+        other => bail!("the backup's takeover failed: {other:?}"),
     };
     out.kill_to_failover_line_ms = Some(killed.elapsed().as_secs_f64() * 1e3);
-    out.backup_report = line
-        .split_once("FAILOVER ")
-        .and_then(|(_, j)| serde_json::from_str(j).ok());
+    out.backup_report = serde_json::to_value(report).ok();
     // The first reply after the backup noticed the primary was gone. A reply the primary
     // released just before it died may still arrive just after the SIGKILL; it says
     // nothing about the failover, so only replies after the detection count.

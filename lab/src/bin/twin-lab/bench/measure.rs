@@ -1,6 +1,6 @@
 //! One cell run: a fresh `ha` topology and fresh processes (`twin run`, or `twin backup`
 //! and `twin protect`), settle, then the measured window: the client load, the guest's
-//! STATS at both ends, the primary's per-epoch lines and its status.
+//! STATS at both ends, the primary's per-epoch events and its status.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -11,8 +11,11 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use serde::Serialize;
 use twin::control::{self, Request, Response};
+use twin_api::{Event, EventKind};
+use twin_lab::events::{took_over, Events, Recorder};
+use twin_lab::rig::describe;
 use twin_lab::{
-    guest_service, GuestClient, HarnessError, Netns, Stream, TestDir, Topology, TwinProcess,
+    guest_service, GuestClient, HarnessError, Netns, TestDir, Topology, TwinProcess,
     BACKUP_REPL_ADDR, GUEST_CIDR, TAP,
 };
 
@@ -78,40 +81,37 @@ impl Run {
     }
 }
 
-/// Waits until `p` prints a line containing one of `pats`; returns the line. Waits in
-/// slices so that Ctrl-C is noticed.
-fn wait_any(p: &mut TwinProcess, pats: &[&str], timeout: Duration) -> Result<String> {
+/// Waits until `p`'s recorded events (`events`) hold one that `pred` accepts (from the
+/// first on); returns it. Waits in slices so that Ctrl-C is noticed, and fails at once if
+/// `p` exits.
+pub(super) fn wait_event(
+    p: &mut TwinProcess,
+    events: &Recorder,
+    since: u64,
+    what: &str,
+    timeout: Duration,
+    mut pred: impl FnMut(&Event) -> bool,
+) -> Result<Event> {
     let deadline = Instant::now() + timeout;
-    let what = pats
-        .iter()
-        .map(|p| format!("{p:?}"))
-        .collect::<Vec<_>>()
-        .join(" or ");
     loop {
         check_interrupt()?;
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             bail!(
-                "{} printed no line containing {what} within {timeout:?}; last output:\n{}",
+                "{} reported no {what} within {timeout:?} (its events: {:?}); last output:\n{}",
                 p.name(),
+                events.names_since(0),
                 p.tail(12)
             );
         }
-        match p.wait_for(
-            twin_lab::Mark::default(),
-            &what,
-            left.min(Duration::from_millis(250)),
-            |l| pats.iter().any(|pat| l.contains(pat)),
-        ) {
-            Ok((_, l)) => return Ok(l),
+        match events.wait(since, what, left.min(Duration::from_millis(250)), &mut pred) {
+            Ok(e) => return Ok(e),
             Err(HarnessError::Timeout { .. }) => {}
             Err(e) => return Err(anyhow!(e)).with_context(|| format!("waiting for {what}")),
         }
+        p.ensure_running()
+            .with_context(|| format!("waiting for {what}"))?;
     }
-}
-
-fn wait_line(p: &mut TwinProcess, pat: &str, timeout: Duration) -> Result<String> {
-    wait_any(p, &[pat], timeout)
 }
 
 fn spawn_twin(
@@ -185,10 +185,16 @@ pub(super) fn start_protected(
         &backup_args,
         "info",
     )?);
-    wait_line(
+    let bevents = slots
+        .backup_events
+        .insert(Events::at(dir.join("backup.sock")).record(false));
+    wait_event(
         backup,
-        "backup waiting for a primary",
+        bevents,
+        0,
+        "listening",
         Duration::from_secs(20),
+        |e| matches!(e.kind, EventKind::Listening { .. }),
     )?;
     let mut args = vm_args("protect", plan, w, dir, "primary");
     if encrypt {
@@ -202,30 +208,42 @@ pub(super) fn start_protected(
         "--interval".into(),
         format!("{}us", 1_000_000 / hz),
     ]);
-    let primary = slots.vm.insert(spawn_twin(
-        &ha.primary.ns,
-        dir,
-        "primary",
-        &args,
-        "info,twin_primary=debug",
-    )?);
-    let line = wait_any(
+    let primary = slots
+        .vm
+        .insert(spawn_twin(&ha.primary.ns, dir, "primary", &args, "info")?);
+    let pevents = slots
+        .vm_events
+        .insert(Events::at(dir.join("primary.sock")).record(false));
+    let e = wait_event(
         primary,
-        &["VM is protected", "backup lost"],
+        pevents,
+        0,
+        "protection (or a lost backup)",
         Duration::from_secs(90),
+        |e| {
+            matches!(
+                e.kind,
+                EventKind::Protected { .. } | EventKind::BackupLost { .. }
+            )
+        },
     )?;
-    if !line.contains("VM is protected") {
-        bail!("the primary lost its backup before it was protected: {line}");
+    if !matches!(e.kind, EventKind::Protected { .. }) {
+        bail!(
+            "the primary lost its backup before it was protected: {}",
+            describe(&e)
+        );
     }
     Ok(())
 }
 
-/// The processes of a run.
+/// The processes of a run, and their recorded events.
 #[derive(Default)]
 pub(super) struct Slots {
     /// The VM process (`run`, or the primary's `protect`).
     pub(super) vm: Option<TwinProcess>,
     pub(super) backup: Option<TwinProcess>,
+    pub(super) vm_events: Option<Recorder>,
+    pub(super) backup_events: Option<Recorder>,
 }
 
 impl Slots {
@@ -233,26 +251,18 @@ impl Slots {
     /// primary was running: the backup must never do so, and a measurement during which two
     /// VMs answered for one is void.
     pub(super) fn judge(&self, result: Result<()>) -> Result<()> {
-        let Some(b) = &self.backup else {
+        let Some(b) = &self.backup_events else {
             return result;
         };
-        let Some(line) = b
-            .text(Stream::Stdout)
-            .lines()
-            .find(|l| l.contains("FAILOVER"))
-            .map(str::to_string)
-        else {
+        b.sync();
+        let Some(took) = b.find(0, took_over) else {
             return result;
         };
         let why = self
-            .vm
+            .vm_events
             .as_ref()
-            .and_then(|p| {
-                p.text(Stream::Stderr)
-                    .lines()
-                    .find(|l| l.contains("backup lost"))
-                    .map(|l| format!("; the primary had logged: {}", l.trim()))
-            })
+            .and_then(|p| p.find(0, |e| matches!(e.kind, EventKind::BackupLost { .. })))
+            .map(|e| format!("; the primary had reported: {}", describe(&e)))
             .unwrap_or_default();
         let saw = match &result {
             Err(e) if e.downcast_ref::<Interrupted>().is_some() => return result,
@@ -261,7 +271,7 @@ impl Slots {
         };
         bail!(
             "false takeover: the backup declared the running primary dead and started the VM too ({}){why}{saw}",
-            line.trim()
+            describe(&took)
         )
     }
 
@@ -306,36 +316,32 @@ fn stat(m: &BTreeMap<String, String>, k: &str) -> Result<u64> {
         .ok_or_else(|| anyhow!("guest STATS has no numeric {k}"))
 }
 
-struct EpochLine {
+/// One epoch of the window, from the primary's `epoch_sent` event.
+#[derive(Debug, PartialEq)]
+struct EpochSample {
     pages: f64,
     bytes: f64,
     pause_us: f64,
 }
 
-/// Parses the primary's per-epoch debug line `… checkpoint sent epoch=… pages=… bytes=…
-/// pause_us=…`.
-fn parse_epoch_line(line: &str) -> Option<EpochLine> {
-    let (_, fields) = line.split_once("checkpoint sent")?;
-    let mut pages = None;
-    let mut bytes = None;
-    let mut pause_us = None;
-    for tok in fields.split_whitespace() {
-        match tok.split_once('=') {
-            Some(("pages", v)) => pages = v.parse().ok(),
-            Some(("bytes", v)) => bytes = v.parse().ok(),
-            Some(("pause_us", v)) => pause_us = v.parse().ok(),
-            _ => {}
-        }
-    }
-    Some(EpochLine {
-        pages: pages?,
-        bytes: bytes?,
-        pause_us: pause_us?,
-    })
-}
-
-fn stderr_lines(p: &TwinProcess) -> Vec<String> {
-    p.text(Stream::Stderr).lines().map(str::to_string).collect()
+/// The epochs the primary sent among `events`.
+fn epoch_samples(events: &[Event]) -> Vec<EpochSample> {
+    events
+        .iter()
+        .filter_map(|e| match e.kind {
+            EventKind::EpochSent {
+                pages,
+                bytes,
+                pause_us,
+                ..
+            } => Some(EpochSample {
+                pages: pages as f64,
+                bytes: bytes as f64,
+                pause_us,
+            }),
+            _ => None,
+        })
+        .collect()
 }
 
 /// Runs one cell: fresh topology and processes, settle, measure, tear down.
@@ -352,7 +358,17 @@ pub(super) fn run_cell(plan: &Plan, run: &mut Run, keep_logs: &Path) -> Result<(
                 let vm = slots
                     .vm
                     .insert(spawn_twin(&ha.primary.ns, &dir, "vm", &args, "info")?);
-                wait_line(vm, "VM running", Duration::from_secs(60))?;
+                let events = slots
+                    .vm_events
+                    .insert(Events::at(dir.join("vm.sock")).record(false));
+                wait_event(
+                    vm,
+                    events,
+                    0,
+                    "the VM running",
+                    Duration::from_secs(60),
+                    |e| matches!(e.kind, EventKind::VmRunning { .. }),
+                )?;
             }
             Mode::Protected(hz) => start_protected(&ha, &dir, plan, w, hz, false, &mut slots)?,
             Mode::Encrypted(hz) => start_protected(&ha, &dir, plan, w, hz, true, &mut slots)?,
@@ -392,7 +408,7 @@ pub(super) fn run_cell(plan: &Plan, run: &mut Run, keep_logs: &Path) -> Result<(
 }
 
 /// The measured window of a cell: the client load, guest STATS at both ends, the primary's
-/// per-epoch lines in between and its status at the end (`status`: its control socket).
+/// per-epoch events in between and its status at the end (`status`: its control socket).
 pub(super) fn measure(
     plan: &Plan,
     run: &mut Run,
@@ -401,8 +417,19 @@ pub(super) fn measure(
     status: Option<&Path>,
 ) -> Result<()> {
     let (w, m) = run.key;
+    // The primary's epochs from the window's start on, as they happen (its ring of per-epoch
+    // events would not hold a long window of eager checkpoints).
+    let epochs = match status {
+        Some(sock) => {
+            let ev = Events::at(sock);
+            let from = ev
+                .mark()
+                .context("the primary's events at the window start")?;
+            Some((from, ev.record_from(from, true)))
+        }
+        None => None,
+    };
     let s0 = client.stats().context("guest STATS at the window start")?;
-    let n0 = stderr_lines(vm).len();
     let start = Instant::now();
     let end = start + Duration::from_secs_f64(plan.cell_secs);
     let mut rng = 0x2545_F491_4F6C_DD1Du64 ^ u64::from(run.round);
@@ -425,7 +452,34 @@ pub(super) fn measure(
         }
     }
     let window = start.elapsed().as_secs_f64();
-    let lines = stderr_lines(vm);
+    let window_events = match &epochs {
+        Some((from, rec)) => {
+            let until = rec
+                .live()
+                .mark()
+                .context("the primary's events at the window end")?;
+            rec.sync();
+            let got: Vec<Event> = rec
+                .since(*from)
+                .into_iter()
+                .filter(|e| e.seq < until)
+                .collect();
+            // Every event of the window, or the figures would leave epochs out.
+            let contiguous = got.first().map(|e| e.seq) == Some(*from)
+                && got.windows(2).all(|w| w[1].seq == w[0].seq + 1)
+                && got.last().map(|e| e.seq + 1) == Some(until);
+            if !contiguous && until > *from {
+                bail!(
+                    "the primary's events of the window are incomplete: {} of {} (seq {from}..{until})",
+                    got.len(),
+                    until - from
+                );
+            }
+            got
+        }
+        None => Vec::new(),
+    };
+    drop(epochs);
     let s1 = client.stats().context("guest STATS at the window end")?;
     if let Some(sock) = status {
         match control::request(sock, &Request::Status).context("reading the primary's status")? {
@@ -449,17 +503,15 @@ pub(super) fn measure(
             Some(stat(&s1, "pages_skipped")?.saturating_sub(stat(&s0, "pages_skipped")?));
     }
     if m != Mode::Unprotected {
-        for l in lines.iter().skip(n0) {
-            if let Some(e) = parse_epoch_line(l) {
-                run.pause_us.push(e.pause_us);
-                run.dirty_pages.push(e.pages);
-                run.epoch_bytes.push(e.bytes);
-            }
+        for e in epoch_samples(&window_events) {
+            run.pause_us.push(e.pause_us);
+            run.dirty_pages.push(e.pages);
+            run.epoch_bytes.push(e.bytes);
         }
         run.checkpoints = run.pause_us.len() as u64;
         run.checkpoint_rate_hz = Some(run.checkpoints as f64 / window);
         if run.checkpoints == 0 {
-            bail!("no `checkpoint sent` lines from the primary in the window (is TWIN_LOG debug for twin_primary honoured?)");
+            bail!("no `epoch_sent` events from the primary in the window");
         }
     }
     Ok(())
@@ -485,10 +537,41 @@ mod tests {
     use super::*;
 
     #[test]
-    fn epoch_lines_parse() {
-        let l = "2025-01-01T00:00:00.000001Z DEBUG checkpoint sent epoch=12 pages=3 bytes=13000 pause_us=412";
-        let e = parse_epoch_line(l).expect("parses");
-        assert_eq!((e.pages, e.bytes, e.pause_us), (3.0, 13000.0, 412.0));
-        assert!(parse_epoch_line("INFO VM is protected epoch=1").is_none());
+    fn epochs_come_from_epoch_sent_events_only() {
+        let ev = |seq, kind| Event {
+            seq,
+            t_ms: 0.0,
+            unix_ms: 0,
+            kind,
+        };
+        let sent = EventKind::EpochSent {
+            epoch: 12,
+            pages: 3,
+            bytes: 13000,
+            pause_us: 412.0,
+            stop_us: 50.0,
+            state_us: 100.0,
+            harvest_us: 20.0,
+            copy_us: 10.0,
+            eager: false,
+        };
+        let events = [
+            ev(
+                1,
+                EventKind::Protected {
+                    epoch: 1,
+                    generation: 1,
+                },
+            ),
+            ev(2, sent),
+        ];
+        assert_eq!(
+            epoch_samples(&events),
+            [EpochSample {
+                pages: 3.0,
+                bytes: 13000.0,
+                pause_us: 412.0
+            }]
+        );
     }
 }

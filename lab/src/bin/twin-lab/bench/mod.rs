@@ -14,7 +14,7 @@
 //! checkpoint is acknowledged), lets it settle, and measures for a bounded window:
 //!
 //! - per checkpoint (protected): pause, dirty pages and bytes sent, from the primary's
-//!   per-epoch `checkpoint sent` debug lines inside the window; the pause split and the ack
+//!   per-epoch `epoch_sent` events inside the window; the pause split and the ack
 //!   latency from its status (session medians); the achieved rate from the epochs counted;
 //! - the guest: its achieved dirty rate (`STATS` `dirty_pages_written` over guest time) and
 //!   the reply latency of a PING probe (20 per second), or, for the TCP workload, requests

@@ -449,7 +449,7 @@ pub(super) fn markdown(r: &Report<'_>) -> String {
     );
     row(
         &mut s,
-        "SIGKILL → backup prints FAILOVER",
+        "SIGKILL → backup reports failover_complete",
         col(&|t| t.kill_to_failover_line_ms),
     );
     row(
