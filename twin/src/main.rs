@@ -371,7 +371,12 @@ fn take_snapshot(
     vmm.pause();
     if stop {
         // Before the freeze: once its locks are released no queued frame may slip in.
-        vmm.pause_devices();
+        if let Err(e) = vmm.pause_devices() {
+            if !was_stopped {
+                vmm.resume();
+            }
+            return Err(e).context("pausing the VM's devices");
+        }
     }
     // Frozen: vCPUs paused and device workers locked out, so the memory written matches
     // the state. With tracking on, the harvest makes this snapshot the base of the next
@@ -428,7 +433,7 @@ fn take_snapshot(
     });
     let paused = t0.elapsed();
     if (!stop || result.is_err()) && !was_stopped {
-        vmm.resume_devices();
+        resume_devices(vmm);
         vmm.resume();
     }
     let report = result?;
@@ -453,6 +458,14 @@ fn take_snapshot(
     }))
 }
 
+/// Resumes the VM's devices; one that fails only logs (it wakes on the guest's next
+/// notification), the VM runs on.
+fn resume_devices(vmm: &Vmm) {
+    if let Err(e) = vmm.resume_devices() {
+        tracing::warn!("{}", twin_vmm::describe_error(&e));
+    }
+}
+
 fn status(vmm: &Vmm, session: &Session) -> serde_json::Value {
     serde_json::json!({
         "role": session.role,
@@ -474,7 +487,7 @@ fn handle_request(vmm: &mut Vmm, session: &mut Session, req: Request) -> Respons
             stop,
         } => take_snapshot(vmm, session, &dir, incremental, stop),
         Request::Resume => {
-            vmm.resume_devices();
+            resume_devices(vmm);
             vmm.resume();
             Ok(serde_json::json!({"vm": "running"}))
         }

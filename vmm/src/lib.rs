@@ -11,6 +11,7 @@ pub mod dirty;
 pub mod interrupt;
 pub mod layout;
 pub mod memory;
+pub mod persist;
 pub mod snapshot;
 pub mod state;
 pub mod vcpu;
@@ -25,15 +26,17 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::boot::{BootError, BootParams};
 use crate::devices::bus::{Bus, BusError};
-use crate::devices::pci::PciRoot;
+use crate::devices::pci::{PciError, PciRoot};
 use crate::devices::power::PowerDevice;
-use crate::devices::serial::{ConsoleOut, SerialDevice};
-use crate::devices::tap::Tap;
-use crate::devices::virtio::net::{NetResources, NetSink, NetWorker, TapSink, VirtioNet};
+use crate::devices::serial::{ConsoleOut, SerialArgs, SerialDevice};
+use crate::devices::tap::{Tap, TapError};
+use crate::devices::virtio::net::{NetError, NetResources, NetSink, NetWorker, TapSink, VirtioNet};
+use crate::devices::{DeviceError, Pausable};
 use crate::dirty::DirtyTracker;
 pub use crate::dirty::TrackingSpan;
 use crate::layout::*;
 use crate::memory::{Memory, MemoryError};
+pub use crate::persist::Persist;
 use crate::vcpu::{Vcpu, VcpuControl, VcpuError};
 use crate::vm::{Vm, VmError};
 
@@ -86,8 +89,9 @@ pub struct MachineConfig {
     pub ip: Option<Ipv4Addr>,
 }
 
-/// State of every device. Each device is saved by its own `save_state`; a device that
-/// cannot save makes the whole capture fail.
+/// State of every device, one field per device, each from that device's
+/// [`Persist::save`]: a device that cannot save makes the whole capture fail (it is never
+/// left out).
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub struct DeviceStates {
     pub serial: devices::serial::SerialDeviceState,
@@ -225,20 +229,18 @@ pub enum VmmError {
         #[source]
         source: kvm_ioctls::Error,
     },
+    #[error("opening the NIC's TAP")]
+    Tap(#[source] TapError),
     #[error("network device")]
-    Net(#[source] Box<dyn std::error::Error + Send + Sync>),
+    Net(#[source] NetError),
+    #[error("placing a device on the PCI bus")]
+    Pci(#[source] PciError),
     #[error("capturing or restoring KVM state")]
     State(#[from] state::StateError),
-    #[error("saving the {0} device")]
-    DeviceSave(
-        &'static str,
-        #[source] Box<dyn std::error::Error + Send + Sync>,
-    ),
-    #[error("restoring the {0} device")]
-    DeviceRestore(
-        &'static str,
-        #[source] Box<dyn std::error::Error + Send + Sync>,
-    ),
+    #[error("saving the devices")]
+    SaveDevices(#[source] DeviceError),
+    #[error("restoring the devices")]
+    RestoreDevices(#[source] DeviceError),
     #[error("the saved state has a network device but no TAP was given for it")]
     NoTap,
     #[error("the saved state has {saved} vCPUs, but {expected} were configured")]
@@ -262,7 +264,6 @@ pub struct Vmm {
     /// Generations of dirty tracking, and the lock that makes a harvest one step.
     dirty: DirtyTracker,
     config: MachineConfig,
-    msr_indices: Vec<u32>,
     started: bool,
 }
 
@@ -290,7 +291,7 @@ impl Vmm {
             ip: Some(cfg.ip),
         };
         let tap = match &cfg.net {
-            Some(n) => Some(Tap::open(&n.tap).map_err(|e| VmmError::Net(e.into()))?),
+            Some(n) => Some(Tap::open(&n.tap).map_err(VmmError::Tap)?),
             None => None,
         };
         let host = HostResources {
@@ -343,28 +344,18 @@ impl Vmm {
         memory: Memory,
         host: HostResources,
     ) -> Result<Self, VmmError> {
-        let vmm = Self::build(state.config.clone(), memory, host, Some(&state.devices))?;
-        if state.vcpus.len() != vmm.vcpus.len() {
-            return Err(VmmError::VcpuMismatch {
-                saved: state.vcpus.len(),
-                expected: state.config.vcpus,
-            });
-        }
-        state::restore_vm(vmm.vm.fd(), &state.vm)?;
-        for (v, s) in vmm.vcpus.iter().zip(&state.vcpus) {
-            state::restore_vcpu(&v.fd(), s)?;
-        }
-        Ok(vmm)
+        Self::build(state.config.clone(), memory, host, Some(state))
     }
 
-    /// Creates KVM VM, vCPUs and devices around `memory`; devices start from `devices` when
-    /// restoring.
+    /// Creates KVM VM, vCPUs and devices around `memory`; when restoring, devices, the VM
+    /// and the vCPUs are then loaded from `saved`, in that order.
     fn build(
         config: MachineConfig,
         memory: Memory,
         host: HostResources,
-        devices: Option<&DeviceStates>,
+        saved: Option<&MachineState>,
     ) -> Result<Self, VmmError> {
+        let devices = saved.map(|s| &s.devices);
         if config.vcpus == 0 || config.vcpus > 64 {
             return Err(VmmError::VcpuCount(config.vcpus));
         }
@@ -378,6 +369,9 @@ impl Vmm {
             vcpus.push(v);
         }
         let msr_indices = state::saveable_msrs(vm.kvm(), &vcpus[0].fd())?;
+        for v in &mut vcpus {
+            v.set_saved_msrs(msr_indices.clone());
+        }
 
         let (events_tx, events_rx) = channel();
         let mut pio = Bus::new();
@@ -386,8 +380,14 @@ impl Vmm {
         vm.register_irqfd(&serial_irq, COM1_IRQ)?;
         let serial = match devices {
             None => SerialDevice::new(serial_irq, host.console),
-            Some(d) => SerialDevice::from_state(&d.serial, serial_irq, host.console)
-                .map_err(|e| VmmError::DeviceRestore("serial", format!("{e:?}").into()))?,
+            Some(d) => SerialDevice::restore(
+                SerialArgs {
+                    irq: serial_irq,
+                    out: host.console,
+                },
+                &d.serial,
+            )
+            .map_err(|e| VmmError::RestoreDevices(DeviceError::Serial(e)))?,
         };
         let serial = Arc::new(Mutex::new(serial));
         pio.insert(serial.clone(), COM1_PORT, 8)?;
@@ -400,8 +400,8 @@ impl Vmm {
         let mut mmio = mmio;
         let mut pci = match devices {
             None => PciRoot::new(),
-            Some(d) => PciRoot::restore(&d.pci)
-                .map_err(|e| VmmError::DeviceRestore("PCI root", e.into()))?,
+            Some(d) => PciRoot::restore((), &d.pci)
+                .map_err(|e| VmmError::RestoreDevices(DeviceError::PciRoot(e)))?,
         };
         let saved_net = devices.and_then(|d| d.net.as_ref());
         let net = match (config.mac, host.tap) {
@@ -410,18 +410,17 @@ impl Vmm {
                 let res = NetResources {
                     mem: memory.guest_memory().clone(),
                     msi: vm.msi_sender(),
-                    sink: TapSink::boxed(tap.clone()),
+                    model: TapSink::boxed(tap.clone()),
                 };
                 let dev = match saved_net {
-                    None => VirtioNet::new_net(mac, PCI_MMIO_START, res),
-                    Some(st) => VirtioNet::restore(st, res),
-                }
-                .map_err(|e| VmmError::Net(e.into()))?;
+                    None => VirtioNet::new_net(mac, PCI_MMIO_START, res).map_err(VmmError::Net)?,
+                    Some(st) => VirtioNet::restore(res, st)
+                        .map_err(|e| VmmError::RestoreDevices(DeviceError::Net(e)))?,
+                };
                 let bar = dev.bar_addr();
                 let dev = Arc::new(Mutex::new(dev));
                 // Devices are re-added in the same order on restore, so they keep their slots.
-                pci.add_device(dev.clone())
-                    .map_err(|e| VmmError::Net(e.into()))?;
+                pci.add_device(dev.clone()).map_err(VmmError::Pci)?;
                 mmio.insert(dev.clone(), bar, devices::virtio::pci::BAR_SIZE)?;
                 Some(NetDevice {
                     dev,
@@ -434,6 +433,26 @@ impl Vmm {
         };
         let pci = Arc::new(Mutex::new(pci));
         pio.insert(pci.clone(), PCI_CONFIG_PORT, PCI_CONFIG_PORT_SIZE)?;
+
+        // KVM state after the devices, VM before vCPUs (see `state`).
+        let (vm, vcpus) = match saved {
+            None => (vm, vcpus),
+            Some(s) => {
+                if s.vcpus.len() != vcpus.len() {
+                    return Err(VmmError::VcpuMismatch {
+                        saved: s.vcpus.len(),
+                        expected: config.vcpus,
+                    });
+                }
+                let vm = Vm::restore(vm, &s.vm)?;
+                let vcpus = vcpus
+                    .into_iter()
+                    .zip(&s.vcpus)
+                    .map(|(v, st)| Vcpu::restore(v, st))
+                    .collect::<Result<Vec<_>, _>>()?;
+                (vm, vcpus)
+            }
+        };
 
         Ok(Vmm {
             vcpus,
@@ -449,7 +468,6 @@ impl Vmm {
             memory,
             dirty: DirtyTracker::default(),
             config,
-            msr_indices,
             started: false,
         })
     }
@@ -457,10 +475,8 @@ impl Vmm {
     /// Starts the vCPU threads.
     pub fn start(&mut self) -> Result<(), VmmError> {
         if let Some(net) = &mut self.net {
-            net.worker = Some(
-                NetWorker::start(net.dev.clone(), net.tap.clone())
-                    .map_err(|e| VmmError::Net(e.into()))?,
-            );
+            net.worker =
+                Some(NetWorker::start(net.dev.clone(), net.tap.clone()).map_err(VmmError::Net)?);
         }
         for v in &mut self.vcpus {
             v.start(
@@ -477,7 +493,7 @@ impl Vmm {
     /// Like [`Vmm::start`], but the vCPUs park before running any guest code and the devices
     /// are paused; the VM runs on [`Vmm::resume_devices`] + [`Vmm::resume`].
     pub fn start_paused(&mut self) -> Result<(), VmmError> {
-        self.pause_devices();
+        self.pause_devices()?;
         self.control.pause_before_start();
         self.start()?;
         self.pause();
@@ -539,23 +555,12 @@ impl Vmm {
         let t = std::time::Instant::now();
         // Devices first: a device quiescing may still raise an interrupt, which must land
         // in the LAPIC/IOAPIC state captured after it (Firecracker learned this).
-        let net = match &locked.net {
-            Some(n) => Some(
-                n.save_state()
-                    .map_err(|e| VmmError::DeviceSave("virtio-net", e.into()))?,
-            ),
-            None => None,
-        };
-        let devices = DeviceStates {
-            serial: locked.serial.state(),
-            pci: locked.pci.save_state(),
-            net,
-        };
+        let devices = locked.save().map_err(VmmError::SaveDevices)?;
         let device_ns = t.elapsed().as_nanos() as u64;
-        let vm = state::capture_vm(self.vm.fd())?;
+        let vm = self.vm.save()?;
         let mut vcpus = Vec::with_capacity(self.vcpus.len());
         for v in &self.vcpus {
-            vcpus.push(state::capture_vcpu(v.id, &v.fd(), &self.msr_indices)?);
+            vcpus.push(v.save()?);
         }
         let kvm_ns = t.elapsed().as_nanos() as u64 - device_ns;
         Ok((
@@ -602,17 +607,28 @@ impl Vmm {
 
     /// Pauses every device that works on its own (the NIC's RX): with the vCPUs paused too,
     /// the VM stands fully still (a VM stopped after a snapshot, or restored paused).
-    pub fn pause_devices(&self) {
+    pub fn pause_devices(&self) -> Result<(), VmmError> {
         if let Some(n) = &self.net {
-            devices::Pausable::pause(&mut *n.dev.lock().expect("net device lock poisoned"));
+            n.dev
+                .lock()
+                .expect("net device lock poisoned")
+                .pause()
+                .map_err(VmmError::Net)?;
         }
+        Ok(())
     }
 
-    /// Undoes [`Vmm::pause_devices`].
-    pub fn resume_devices(&self) {
+    /// Undoes [`Vmm::pause_devices`]. A device that fails to resume may stay idle until the
+    /// guest next notifies it.
+    pub fn resume_devices(&self) -> Result<(), VmmError> {
         if let Some(n) = &self.net {
-            devices::Pausable::resume(&mut *n.dev.lock().expect("net device lock poisoned"));
+            n.dev
+                .lock()
+                .expect("net device lock poisoned")
+                .resume()
+                .map_err(VmmError::Net)?;
         }
+        Ok(())
     }
 
     /// Replaces where the guest's transmitted frames go (the output-commit buffer);
@@ -802,6 +818,18 @@ struct LockedDevices<'a> {
     net: Option<std::sync::MutexGuard<'a, VirtioNet>>,
     pci: std::sync::MutexGuard<'a, PciRoot>,
     serial: std::sync::MutexGuard<'a, SerialDevice>,
+}
+
+impl LockedDevices<'_> {
+    /// Saves every device, stopping at the first that cannot.
+    fn save(&self) -> Result<DeviceStates, DeviceError> {
+        let net = self.net.as_ref().map(|n| n.save()).transpose();
+        Ok(DeviceStates {
+            net: net.map_err(DeviceError::Net)?,
+            serial: self.serial.save().map_err(DeviceError::Serial)?,
+            pci: self.pci.save().map_err(DeviceError::PciRoot)?,
+        })
+    }
 }
 
 impl Drop for Vmm {

@@ -632,7 +632,7 @@ mod tests {
             },
             devices: DeviceStates {
                 serial: SerialDeviceState::default(),
-                pci: crate::devices::pci::PciRoot::new().save_state(),
+                pci: crate::Persist::save(&crate::devices::pci::PciRoot::new()).unwrap(),
                 net: None,
             },
             vm: VmState {

@@ -1,4 +1,5 @@
-//! Capture and restore of KVM state: per vCPU and per VM.
+//! Capture and restore of KVM state: per vCPU and per VM, as [`Persist`] of [`Vcpu`] and
+//! [`Vm`].
 //!
 //! What is captured is everything KVM holds for a guest: registers, special registers,
 //! XSAVE (x87/SSE/AVX, which also covers the legacy FPU image), XCRs, the MSRs KVM reports
@@ -6,6 +7,12 @@
 //! registers; per VM the PIC pair, IOAPIC, PIT and the KVM clock. Device state is captured
 //! separately and before this (see `Vmm::capture_state`), so an interrupt a device raises
 //! while it is quiesced is already in the LAPIC/IOAPIC state saved here.
+//!
+//! The host resource a KVM state is restored into is the KVM object itself: a [`Vm`] or a
+//! [`Vcpu`] freshly created on this host is the `ConstructorArgs`, and `restore` returns it
+//! with the state loaded. Creating them is the builder's (the VM before the devices that
+//! signal it, the vCPUs right after it), loading state comes after the devices, in the
+//! order KVM needs.
 
 use kvm_bindings::{
     kvm_clock_data, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_msr_entry,
@@ -14,6 +21,10 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
+
+use crate::persist::Persist;
+use crate::vcpu::Vcpu;
+use crate::vm::Vm;
 
 /// Errors capturing or restoring KVM state; `op` names the ioctl.
 #[derive(Debug, thiserror::Error)]
@@ -86,7 +97,7 @@ pub fn saveable_msrs(kvm: &Kvm, vcpu: &VcpuFd) -> Result<Vec<u32>, StateError> {
 }
 
 /// Captures vCPU `id`. The vCPU must be paused.
-pub fn capture_vcpu(id: u8, vcpu: &VcpuFd, msr_indices: &[u32]) -> Result<VcpuState, StateError> {
+fn capture_vcpu(id: u8, vcpu: &VcpuFd, msr_indices: &[u32]) -> Result<VcpuState, StateError> {
     // Events first: reading them does not change them, but later reads (MSRs) could make
     // KVM process pending work on some hosts.
     let events = vcpu
@@ -133,7 +144,7 @@ pub fn capture_vcpu(id: u8, vcpu: &VcpuFd, msr_indices: &[u32]) -> Result<VcpuSt
 
 /// Restores a vCPU created with the same CPUID. Order follows what KVM needs: special
 /// registers before MSRs (EFER), LAPIC before events, events last.
-pub fn restore_vcpu(vcpu: &VcpuFd, s: &VcpuState) -> Result<(), StateError> {
+fn restore_vcpu(vcpu: &VcpuFd, s: &VcpuState) -> Result<(), StateError> {
     if vcpu.get_tsc_khz().ok() != Some(s.tsc_khz) {
         // Keeps guest time at the right rate on a host with another TSC frequency; a
         // host that cannot scale refuses, and the guest then sees this host's rate.
@@ -177,7 +188,7 @@ fn get_chip(vm: &VmFd, chip_id: u32) -> Result<kvm_irqchip, StateError> {
 }
 
 /// Captures the VM-wide KVM state. vCPUs must be paused.
-pub fn capture_vm(vm: &VmFd) -> Result<VmState, StateError> {
+fn capture_vm(vm: &VmFd) -> Result<VmState, StateError> {
     Ok(VmState {
         pic_master: get_chip(vm, KVM_IRQCHIP_PIC_MASTER)?,
         pic_slave: get_chip(vm, KVM_IRQCHIP_PIC_SLAVE)?,
@@ -188,7 +199,7 @@ pub fn capture_vm(vm: &VmFd) -> Result<VmState, StateError> {
 }
 
 /// Restores VM-wide state into a VM created with an irqchip and PIT.
-pub fn restore_vm(vm: &VmFd, s: &VmState) -> Result<(), StateError> {
+fn restore_vm(vm: &VmFd, s: &VmState) -> Result<(), StateError> {
     vm.set_pit2(&s.pit).map_err(ioctl("KVM_SET_PIT2"))?;
     // Only the clock value is restored; the flags/realtime fields describe the source
     // host and KVM rejects most of them.
@@ -201,4 +212,39 @@ pub fn restore_vm(vm: &VmFd, s: &VmState) -> Result<(), StateError> {
         vm.set_irqchip(chip).map_err(ioctl("KVM_SET_IRQCHIP"))?;
     }
     Ok(())
+}
+
+/// A vCPU saves what KVM holds for it; it is restored into a vCPU created on this host
+/// (with [`Vcpu::new`], not yet run). Save only while the vCPU is paused.
+impl Persist<'_> for Vcpu {
+    type State = VcpuState;
+    type ConstructorArgs = Vcpu;
+    type Error = StateError;
+
+    fn save(&self) -> Result<VcpuState, StateError> {
+        capture_vcpu(self.id, &self.fd(), self.saved_msrs())
+    }
+
+    fn restore(vcpu: Vcpu, state: &VcpuState) -> Result<Vcpu, StateError> {
+        restore_vcpu(&vcpu.fd(), state)?;
+        Ok(vcpu)
+    }
+}
+
+/// The VM saves its in-kernel irqchip, PIT and clock; it is restored into a VM created on
+/// this host (with [`Vm::new`]: irqchip, PIT and guest RAM registered). Save only while
+/// every vCPU is paused.
+impl Persist<'_> for Vm {
+    type State = VmState;
+    type ConstructorArgs = Vm;
+    type Error = StateError;
+
+    fn save(&self) -> Result<VmState, StateError> {
+        capture_vm(self.fd())
+    }
+
+    fn restore(vm: Vm, state: &VmState) -> Result<Vm, StateError> {
+        restore_vm(vm.fd(), state)?;
+        Ok(vm)
+    }
 }

@@ -109,6 +109,8 @@ pub struct Vcpu {
     pub id: u8,
     fd: Arc<Mutex<VcpuFd>>,
     thread: Option<JoinHandle<()>>,
+    /// The MSRs a save reads (probed once per VM, see `state::saveable_msrs`).
+    saved_msrs: Vec<u32>,
 }
 
 impl Vcpu {
@@ -120,7 +122,18 @@ impl Vcpu {
             id,
             fd: Arc::new(Mutex::new(fd)),
             thread: None,
+            saved_msrs: Vec::new(),
         })
+    }
+
+    /// The MSR indices a save of this vCPU reads.
+    pub fn saved_msrs(&self) -> &[u32] {
+        &self.saved_msrs
+    }
+
+    /// Sets the MSR indices a save reads: those KVM can save and this vCPU can read.
+    pub fn set_saved_msrs(&mut self, indices: Vec<u32>) {
+        self.saved_msrs = indices;
     }
 
     /// Locks the vCPU fd. Only call while the vCPU is paused or not yet started: the

@@ -23,11 +23,10 @@ use virtio_queue::{QueueOwnedT, QueueT};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::pci::{QueueContext, VirtioPciDevice, VirtioPciError, VirtioPciState};
+use super::pci::{QueueContext, VirtioPciArgs, VirtioPciDevice, VirtioPciDeviceState};
 use super::{VirtioDevice, VIRTIO_F_VERSION_1};
 use crate::devices::tap::{Tap, VNET_HDR_LEN};
-use crate::interrupt::MsiSender;
-use crate::memory::GuestMem;
+use crate::persist::Persist;
 
 /// Entries per queue.
 pub const QUEUE_SIZE: u16 = 256;
@@ -80,7 +79,9 @@ pub enum NetError {
     #[error("the RX worker thread panicked")]
     WorkerPanicked,
     #[error("virtio-pci transport")]
-    Transport(#[from] VirtioPciError),
+    Transport(#[from] super::pci::VirtioPciError),
+    #[error("waking the RX worker failed")]
+    Kick(#[source] io::Error),
     #[error("TAP {tap} failed (was it deleted?)")]
     TapGone {
         tap: String,
@@ -108,18 +109,11 @@ pub struct NetState {
 }
 
 /// Saved state of the whole device: transport plus model.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct VirtioNetState {
-    pub transport: VirtioPciState,
-    pub net: NetState,
-}
+pub type VirtioNetState = VirtioPciDeviceState<NetState>;
 
-/// Host resources a (restored) device is built with.
-pub struct NetResources {
-    pub mem: GuestMem,
-    pub msi: Arc<dyn MsiSender>,
-    pub sink: Box<dyn NetSink>,
-}
+/// Host resources a (restored) device is built with: guest memory, the interrupt sender,
+/// and where its transmitted frames go (`model`).
+pub type NetResources = VirtioPciArgs<Box<dyn NetSink>>;
 
 /// virtio-net on the virtio-pci transport: the object to put on the buses.
 pub type VirtioNet = VirtioPciDevice<Net>;
@@ -160,19 +154,6 @@ impl Net {
             stats: NetStats::default(),
             rx_paused: false,
         })
-    }
-
-    pub fn from_state(state: &NetState, sink: Box<dyn NetSink>) -> Result<Self, NetError> {
-        let mut net = Self::new(state.mac, sink)?;
-        net.link_up = state.link_up;
-        Ok(net)
-    }
-
-    pub fn state(&self) -> NetState {
-        NetState {
-            mac: self.mac,
-            link_up: self.link_up,
-        }
     }
 
     /// Replaces where transmitted frames go; returns the previous sink.
@@ -338,6 +319,27 @@ impl Net {
     }
 }
 
+/// The MAC and the link status are the model's state; the sink (the TAP, or the
+/// output-commit buffer) is the host's. Counters and the RX pause are host-side too.
+impl Persist<'_> for Net {
+    type State = NetState;
+    type ConstructorArgs = Box<dyn NetSink>;
+    type Error = NetError;
+
+    fn save(&self) -> Result<NetState, NetError> {
+        Ok(NetState {
+            mac: self.mac,
+            link_up: self.link_up,
+        })
+    }
+
+    fn restore(sink: Box<dyn NetSink>, state: &NetState) -> Result<Self, NetError> {
+        let mut net = Self::new(state.mac, sink)?;
+        net.link_up = state.link_up;
+        Ok(net)
+    }
+}
+
 impl VirtioDevice for Net {
     fn device_type(&self) -> u16 {
         VIRTIO_ID_NET
@@ -390,23 +392,8 @@ impl VirtioDevice for Net {
 impl VirtioPciDevice<Net> {
     /// Creates virtio-net with BAR 0 at `bar_addr` (see [`super::pci::BAR_SIZE`]).
     pub fn new_net(mac: [u8; 6], bar_addr: u64, res: NetResources) -> Result<Self, NetError> {
-        let net = Net::new(mac, res.sink)?;
+        let net = Net::new(mac, res.model)?;
         Ok(Self::new(net, res.mem, res.msi, bar_addr)?)
-    }
-
-    /// Saves transport and model. Call with the device mutex held and vCPUs paused.
-    pub fn save_state(&self) -> Result<VirtioNetState, NetError> {
-        Ok(VirtioNetState {
-            transport: self.transport_state(),
-            net: self.device().state(),
-        })
-    }
-
-    /// Rebuilds a device from saved state and fresh host resources. Start a new
-    /// [`NetWorker`] for it afterwards.
-    pub fn restore(state: &VirtioNetState, res: NetResources) -> Result<Self, NetError> {
-        let net = Net::from_state(&state.net, res.sink)?;
-        Ok(Self::from_state(&state.transport, net, res.mem, res.msi)?)
     }
 
     /// Changes the link status the guest sees and raises a configuration interrupt.
@@ -439,14 +426,19 @@ struct RxPending {
 }
 
 impl crate::devices::Pausable for VirtioNet {
-    fn pause(&mut self) {
+    type Error = NetError;
+
+    fn pause(&mut self) -> Result<(), NetError> {
         self.device_mut().rx_paused = true;
+        Ok(())
     }
 
-    fn resume(&mut self) {
+    /// Fails if the RX worker cannot be woken: it would leave frames in the TAP until the
+    /// guest's next RX notification.
+    fn resume(&mut self) -> Result<(), NetError> {
         let net = self.device_mut();
         net.rx_paused = false;
-        net.kick_rx();
+        net.rx_kick.write(1).map_err(NetError::Kick)
     }
 }
 
@@ -686,6 +678,7 @@ mod tests {
     use crate::devices::pci::PciDevice;
     use crate::devices::virtio::pci::tests::{enable_msix, mem, negotiate, r, w, BAR};
     use crate::devices::virtio::status;
+    use crate::memory::GuestMem;
     use std::cell::RefCell;
     use std::collections::VecDeque;
     use vm_memory::bitmap::Bitmap;
@@ -811,7 +804,7 @@ mod tests {
             NetResources {
                 mem: mem.clone(),
                 msi: msi.clone(),
-                sink: Box::new(sent.clone()),
+                model: Box::new(sent.clone()),
             },
         )
         .unwrap();
@@ -1043,14 +1036,14 @@ mod tests {
         };
         s.rxq.add(&[(0x50000, 1526, true)]);
         s.msi.take();
-        s.dev.pause();
+        s.dev.pause().unwrap();
         assert_eq!(rx_pass(&mut s.dev, &mut rx, &src), RxStop::NoBuffers);
         assert_eq!(s.rxq.used_idx(), 0, "nothing delivered while paused");
         assert!(s.msi.take().is_empty(), "no interrupt while paused");
         assert_eq!(src.0.borrow().len(), 1, "the frame stays in the TAP");
         // Drain the kick of the device's activation.
         let _ = s.dev.device().rx_kick.read();
-        s.dev.resume();
+        s.dev.resume().unwrap();
         assert_eq!(
             s.dev.device().rx_kick.read().unwrap(),
             1,
@@ -1106,7 +1099,7 @@ mod tests {
         s.txq.add(&[(0x40000, 72, false)]);
         w(&mut s.dev, 0x3004, 2, 1);
         w(&mut s.dev, 0x14, 1, 0);
-        let st = s.dev.save_state().unwrap();
+        let st = s.dev.save().unwrap();
         assert!(st
             .transport
             .queues
@@ -1122,24 +1115,25 @@ mod tests {
         w(&mut s.dev, 0x3004, 2, 1);
         s.rxq.add(&[(0x50000, 1526, true)]);
         s.dev.set_link_up(false);
-        let st = s.dev.save_state().unwrap();
+        let st = s.dev.save().unwrap();
         assert_eq!(st.transport.queues[1].next_avail, 1);
         assert_eq!(st.transport.queues[1].next_used, 1);
-        assert_eq!(st.net.mac, MAC);
+        assert_eq!(st.device.mac, MAC);
+        assert!(!st.device.link_up);
         // Through a real encoding, as a checkpoint would carry it.
         let bytes = bincode::serialize(&st).unwrap();
         let decoded: VirtioNetState = bincode::deserialize(&bytes).unwrap();
         let sent = Recorder::default();
         let mut restored = VirtioNet::restore(
-            &decoded,
             NetResources {
                 mem: s.mem.clone(),
                 msi: s.msi.clone(),
-                sink: Box::new(sent.clone()),
+                model: Box::new(sent.clone()),
             },
+            &decoded,
         )
         .unwrap();
-        assert_eq!(restored.save_state().unwrap(), st);
+        assert_eq!(restored.save().unwrap(), st);
         // And it carries on where the original stopped.
         s.mem
             .write_slice(&frame(9, 60), GuestAddress(0x4100c))

@@ -32,6 +32,7 @@ use crate::devices::pci::{
 };
 use crate::interrupt::MsiSender;
 use crate::memory::GuestMem;
+use crate::persist::Persist;
 
 /// Size of BAR 0.
 pub const BAR_SIZE: u64 = 0x8000;
@@ -116,6 +117,31 @@ pub struct VirtioPciState {
     pub queues: Vec<VirtQueueState>,
 }
 
+/// Saved state of a virtio-pci device: the transport's and its device model's.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VirtioPciDeviceState<S> {
+    pub transport: VirtioPciState,
+    pub device: S,
+}
+
+/// Host resources a (restored) virtio-pci device is built with: the guest memory mapping,
+/// the interrupt sender, and what its device model needs of this host (`model`).
+pub struct VirtioPciArgs<A> {
+    pub mem: GuestMem,
+    pub msi: Arc<dyn MsiSender>,
+    pub model: A,
+}
+
+/// Errors saving or restoring a virtio-pci device: of the transport, or of its model
+/// (typed by the model, so the chain names what failed).
+#[derive(Debug, thiserror::Error)]
+pub enum VirtioPersistError<E: std::error::Error + 'static> {
+    #[error("virtio-pci transport")]
+    Transport(#[source] VirtioPciError),
+    #[error("virtio device model")]
+    Device(#[source] E),
+}
+
 /// One virtqueue and its transport-side settings.
 #[derive(Debug)]
 pub struct VirtQueue {
@@ -133,10 +159,17 @@ impl VirtQueue {
             broken: false,
         }
     }
+}
 
-    fn state(&self) -> VirtQueueState {
+/// A queue's rings live in guest memory; what the transport holds of it is the state.
+impl Persist<'_> for VirtQueue {
+    type State = VirtQueueState;
+    type ConstructorArgs = ();
+    type Error = virtio_queue::Error;
+
+    fn save(&self) -> Result<VirtQueueState, virtio_queue::Error> {
         let q = self.queue.state();
-        VirtQueueState {
+        Ok(VirtQueueState {
             max_size: q.max_size,
             size: q.size,
             ready: q.ready,
@@ -148,10 +181,10 @@ impl VirtQueue {
             event_idx: q.event_idx_enabled,
             msix_vector: self.msix_vector,
             broken: self.broken,
-        }
+        })
     }
 
-    fn from_state(s: &VirtQueueState) -> Result<Self, virtio_queue::Error> {
+    fn restore((): (), s: &VirtQueueState) -> Result<Self, virtio_queue::Error> {
         let queue = Queue::try_from(QueueState {
             max_size: s.max_size,
             next_avail: s.next_avail,
@@ -394,9 +427,9 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
         })
     }
 
-    /// Rebuilds the transport from saved state around a device model the caller restored,
-    /// with fresh host resources (guest memory mapping, interrupt sender).
-    pub fn from_state(
+    /// Rebuilds the transport from saved state around a restored device model, with fresh
+    /// host resources (guest memory mapping, interrupt sender).
+    fn restore_transport(
         state: &VirtioPciState,
         device: D,
         mem: GuestMem,
@@ -409,11 +442,11 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
                 expected,
             });
         }
-        let msix = Msix::from_state(&state.msix, msi)?;
+        let msix = Msix::restore(msi, &state.msix)?;
         // The capability layout is a function of the device; rebuild it to find the
         // offsets, then take the saved register contents.
         let (fresh, caps) = build_config(&device, &msix, 0)?;
-        let config = PciConfiguration::from_state(&state.pci)?;
+        let config = PciConfiguration::restore((), &state.pci)?;
         if config.read_reg(0) != fresh.read_reg(0) {
             return Err(VirtioPciError::DeviceMismatch {
                 saved: config.read_reg(0),
@@ -425,7 +458,7 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
             .iter()
             .enumerate()
             .map(|(index, q)| {
-                VirtQueue::from_state(q)
+                VirtQueue::restore((), q)
                     .map_err(|source| VirtioPciError::QueueState { index, source })
             })
             .collect::<Result<_, _>>()?;
@@ -450,11 +483,20 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
         })
     }
 
-    /// The transport's state; the device model's comes from [`Self::device`].
-    pub fn transport_state(&self) -> VirtioPciState {
-        VirtioPciState {
-            pci: self.config.state(),
-            msix: self.notifier.msix.state(),
+    /// The transport's state (the device model saves its own).
+    fn save_transport(&self) -> Result<VirtioPciState, VirtioPciError> {
+        let queues = self
+            .queues
+            .iter()
+            .enumerate()
+            .map(|(index, q)| {
+                q.save()
+                    .map_err(|source| VirtioPciError::QueueState { index, source })
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(VirtioPciState {
+            pci: self.config.save()?,
+            msix: self.notifier.msix.save()?,
             device_feature_select: self.device_feature_select,
             driver_feature_select: self.driver_feature_select,
             driver_features: self.driver_features,
@@ -463,8 +505,8 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
             config_generation: self.notifier.config_generation,
             msix_config: self.notifier.msix_config,
             isr: self.notifier.isr,
-            queues: self.queues.iter().map(VirtQueue::state).collect(),
-        }
+            queues,
+        })
     }
 
     pub fn device(&self) -> &D {
@@ -887,6 +929,32 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
     }
 }
 
+/// The transport and its device model are saved and restored together: the model first
+/// on restore (the transport's layout is a function of it), the transport first on save.
+impl<'a, D> Persist<'a> for VirtioPciDevice<D>
+where
+    D: VirtioDevice + Persist<'a>,
+{
+    type State = VirtioPciDeviceState<D::State>;
+    type ConstructorArgs = VirtioPciArgs<D::ConstructorArgs>;
+    type Error = VirtioPersistError<D::Error>;
+
+    fn save(&self) -> Result<Self::State, Self::Error> {
+        Ok(VirtioPciDeviceState {
+            transport: self
+                .save_transport()
+                .map_err(VirtioPersistError::Transport)?,
+            device: self.device.save().map_err(VirtioPersistError::Device)?,
+        })
+    }
+
+    fn restore(args: Self::ConstructorArgs, state: &Self::State) -> Result<Self, Self::Error> {
+        let device = D::restore(args.model, &state.device).map_err(VirtioPersistError::Device)?;
+        Self::restore_transport(&state.transport, device, args.mem, args.msi)
+            .map_err(VirtioPersistError::Transport)
+    }
+}
+
 impl<D: VirtioDevice> BusDevice for VirtioPciDevice<D> {
     fn read(&mut self, _base: u64, offset: u64, data: &mut [u8]) {
         self.bar_read(offset, data)
@@ -949,6 +1017,47 @@ pub(crate) mod tests {
         pub notified: Vec<usize>,
         pub activated: bool,
         pub resets: usize,
+        /// Pretends work is in flight, which its state cannot hold.
+        pub in_flight: bool,
+    }
+
+    #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct DummyState {
+        pub activated: bool,
+        /// Makes the restore fail, to see the model's error come through.
+        pub refuse_restore: bool,
+    }
+
+    #[derive(Debug, thiserror::Error, PartialEq, Eq)]
+    pub enum DummyError {
+        #[error("a request is in flight")]
+        InFlight,
+        #[error("refused")]
+        Refused,
+    }
+
+    impl Persist<'_> for Dummy {
+        type State = DummyState;
+        type ConstructorArgs = ();
+        type Error = DummyError;
+        fn save(&self) -> Result<DummyState, DummyError> {
+            if self.in_flight {
+                return Err(DummyError::InFlight);
+            }
+            Ok(DummyState {
+                activated: self.activated,
+                refuse_restore: false,
+            })
+        }
+        fn restore((): (), s: &DummyState) -> Result<Self, DummyError> {
+            if s.refuse_restore {
+                return Err(DummyError::Refused);
+            }
+            Ok(Dummy {
+                activated: s.activated,
+                ..Dummy::default()
+            })
+        }
     }
 
     impl VirtioDevice for Dummy {
@@ -1288,8 +1397,16 @@ pub(crate) mod tests {
         d.read_config_register(cap + 4);
     }
 
+    fn args(m: &GuestMem, rec: &Arc<RecordingMsi>) -> VirtioPciArgs<()> {
+        VirtioPciArgs {
+            mem: m.clone(),
+            msi: rec.clone(),
+            model: (),
+        }
+    }
+
     #[test]
-    fn transport_state_round_trip() {
+    fn save_restore_save_is_identical() {
         let (mut d, rec, m) = new_dummy();
         negotiate(&mut d, 1 << 5);
         enable_msix(&mut d, 3);
@@ -1297,17 +1414,28 @@ pub(crate) mod tests {
         setup_queue(&mut d, 0, 0x1000, 1);
         setup_queue(&mut d, 1, 0x2000, 2);
         w(&mut d, 0x14, 1, 0xf);
-        let s = d.transport_state();
-        let d2 = VirtioPciDevice::from_state(&s, Dummy::default(), m.clone(), rec.clone()).unwrap();
-        assert_eq!(d2.transport_state(), s);
+        let s = d.save().unwrap();
+        assert!(s.device.activated, "the model's state rides along");
+        let bytes = bincode::serialize(&s).unwrap();
+        let decoded: VirtioPciDeviceState<DummyState> = bincode::deserialize(&bytes).unwrap();
+        let d2 = VirtioPciDevice::<Dummy>::restore(args(&m, &rec), &decoded).unwrap();
+        assert_eq!(d2.save().unwrap(), s);
         assert_eq!(d2.msix_cap_reg, d.msix_cap_reg);
+        assert!(d2.device().activated);
+        let restore = |st: &VirtioPciDeviceState<DummyState>| {
+            VirtioPciDevice::<Dummy>::restore(args(&m, &rec), st)
+        };
         let mut bad = s.clone();
-        bad.queues.pop();
-        assert!(
-            VirtioPciDevice::from_state(&bad, Dummy::default(), m.clone(), rec.clone()).is_err()
-        );
+        bad.transport.queues.pop();
+        assert!(matches!(
+            restore(&bad),
+            Err(VirtioPersistError::Transport(VirtioPciError::QueueCount {
+                found: 1,
+                expected: 2
+            }))
+        ));
         let mut bad = s.clone();
-        bad.pci = PciConfiguration::new(PciHeader {
+        bad.transport.pci = PciConfiguration::new(PciHeader {
             vendor_id: 0x1af4,
             device_id: 0x1042,
             revision: 1,
@@ -1317,13 +1445,45 @@ pub(crate) mod tests {
             subsystem_vendor_id: 0,
             subsystem_id: 0,
         })
-        .state();
+        .save()
+        .unwrap();
         assert!(matches!(
-            VirtioPciDevice::from_state(&bad, Dummy::default(), m.clone(), rec.clone()),
-            Err(VirtioPciError::DeviceMismatch { .. })
+            restore(&bad),
+            Err(VirtioPersistError::Transport(
+                VirtioPciError::DeviceMismatch { .. }
+            ))
+        ));
+        let mut bad = s.clone();
+        bad.transport.queues[0].size = 3;
+        assert!(matches!(
+            restore(&bad),
+            Err(VirtioPersistError::Transport(VirtioPciError::QueueState {
+                index: 0,
+                ..
+            }))
         ));
         let mut bad = s;
-        bad.queues[0].size = 3;
-        assert!(VirtioPciDevice::from_state(&bad, Dummy::default(), m, rec).is_err());
+        bad.device.refuse_restore = true;
+        assert!(matches!(
+            restore(&bad),
+            Err(VirtioPersistError::Device(DummyError::Refused))
+        ));
+    }
+
+    /// A model that cannot represent its state (work in flight) makes the device's save
+    /// fail, naming the model in the error chain: it is never saved without it.
+    #[test]
+    fn a_model_that_cannot_save_fails_the_save_loudly() {
+        let (mut d, _, _) = new_dummy();
+        d.device_mut().in_flight = true;
+        let e = d.save().unwrap_err();
+        assert!(matches!(
+            e,
+            VirtioPersistError::Device(DummyError::InFlight)
+        ));
+        assert_eq!(
+            crate::describe_error(&e),
+            "virtio device model: a request is in flight"
+        );
     }
 }
