@@ -347,6 +347,7 @@ fn leaves(st: &MachineState) -> Leaves {
     l.insert("vcpus.len".into(), ser(&st.vcpus.len()));
     for v in &st.vcpus {
         let p = format!("vcpu{}", v.id);
+        l.insert(format!("{p}.cpuid"), ser(&v.cpuid));
         l.insert(format!("{p}.regs"), ser(&v.regs));
         l.insert(format!("{p}.sregs"), ser(&v.sregs));
         l.insert(format!("{p}.xsave"), ser(&v.xsave));

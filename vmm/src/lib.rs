@@ -364,13 +364,12 @@ impl Vmm {
 
         let mut vcpus = Vec::with_capacity(config.vcpus as usize);
         for id in 0..config.vcpus {
-            let v = Vcpu::new(vm.fd(), id)?;
-            v.configure_cpuid(vm.kvm(), config.vcpus)?;
+            let mut v = Vcpu::new(vm.fd(), id)?;
+            if saved.is_none() {
+                // A restored vCPU gets the CPUID of its state, below.
+                v.configure_cpuid(vm.kvm(), config.vcpus)?;
+            }
             vcpus.push(v);
-        }
-        let msr_indices = state::saveable_msrs(vm.kvm(), &vcpus[0].fd())?;
-        for v in &mut vcpus {
-            v.set_saved_msrs(msr_indices.clone());
         }
 
         let (events_tx, events_rx) = channel();
@@ -453,6 +452,12 @@ impl Vmm {
                 (vm, vcpus)
             }
         };
+        // Which MSRs a vCPU can read depends on its CPUID, so this comes after it is set.
+        let msr_indices = state::saveable_msrs(vm.kvm(), &vcpus[0].fd())?;
+        let mut vcpus = vcpus;
+        for v in &mut vcpus {
+            v.set_saved_msrs(msr_indices.clone());
+        }
 
         Ok(Vmm {
             vcpus,
