@@ -1,4 +1,4 @@
-//! Snapshot directories: a layer of guest memory plus the machine state.
+//! Snapshot directories (*layers*): guest memory plus the machine state, on disk.
 //!
 //! A directory holds:
 //! - `meta`: a state container (`Kind::SnapshotMeta`) with format, parent, sizes and the
@@ -46,7 +46,7 @@ pub struct LayerId(pub [u8; 16]);
 
 impl LayerId {
     /// A fresh random id (from the kernel's CSPRNG).
-    pub fn random() -> Result<Self, SnapshotError> {
+    pub fn random() -> Result<Self, LayerError> {
         let path = Path::new("/dev/urandom");
         let mut id = [0u8; 16];
         File::open(path)
@@ -68,9 +68,9 @@ impl std::fmt::Debug for LayerId {
     }
 }
 
-/// Errors writing or reading a snapshot directory.
+/// Errors writing or reading a snapshot directory (one layer, or a chain of them).
 #[derive(Debug, thiserror::Error)]
-pub enum SnapshotError {
+pub enum LayerError {
     #[error("{op} {path}")]
     Io {
         op: &'static str,
@@ -110,9 +110,9 @@ pub enum SnapshotError {
     Encode(#[source] ContainerError),
 }
 
-fn io(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> SnapshotError {
+fn io(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> LayerError {
     let path = path.to_path_buf();
-    move |source| SnapshotError::Io { op, path, source }
+    move |source| LayerError::Io { op, path, source }
 }
 
 /// Metadata of one layer.
@@ -178,8 +178,8 @@ fn target_parent(dir: &Path) -> &Path {
 /// harvested: `dir` exists (also as a dangling symlink), or the directory it is to be
 /// created in is missing, not a directory, or not writable. [`write`] checks `dir` again
 /// (and creates it atomically); this is so that a caller can refuse before touching the VM.
-pub fn check_target(dir: &Path) -> Result<(), SnapshotError> {
-    let target = |why: String| SnapshotError::Target {
+pub fn check_target(dir: &Path) -> Result<(), LayerError> {
+    let target = |why: String| LayerError::Target {
         dir: dir.to_path_buf(),
         why,
     };
@@ -187,7 +187,7 @@ pub fn check_target(dir: &Path) -> Result<(), SnapshotError> {
         return Err(target("the path names no directory to create".into()));
     }
     if fs::symlink_metadata(dir).is_ok() {
-        return Err(SnapshotError::Exists(dir.to_path_buf()));
+        return Err(LayerError::Exists(dir.to_path_buf()));
     }
     let parent = target_parent(dir);
     match fs::metadata(parent) {
@@ -211,13 +211,11 @@ pub fn check_target(dir: &Path) -> Result<(), SnapshotError> {
 
 /// Renames `from` to `to` unless `to` exists (`renameat2(RENAME_NOREPLACE)`): a plain
 /// rename would replace an empty directory created at `to` meanwhile.
-fn rename_no_replace(from: &Path, to: &Path) -> Result<(), SnapshotError> {
+fn rename_no_replace(from: &Path, to: &Path) -> Result<(), LayerError> {
     let c = |p: &Path| {
-        std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).map_err(|_| {
-            SnapshotError::Target {
-                dir: to.to_path_buf(),
-                why: format!("{} contains a NUL byte", p.display()),
-            }
+        std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).map_err(|_| LayerError::Target {
+            dir: to.to_path_buf(),
+            why: format!("{} contains a NUL byte", p.display()),
         })
     };
     let (cf, ct) = (c(from)?, c(to)?);
@@ -237,7 +235,7 @@ fn rename_no_replace(from: &Path, to: &Path) -> Result<(), SnapshotError> {
     }
     let e = std::io::Error::last_os_error();
     match e.raw_os_error() {
-        Some(libc::EEXIST) | Some(libc::ENOTEMPTY) => Err(SnapshotError::Exists(to.to_path_buf())),
+        Some(libc::EEXIST) | Some(libc::ENOTEMPTY) => Err(LayerError::Exists(to.to_path_buf())),
         // A filesystem without RENAME_NOREPLACE: check, then rename (a narrow race).
         Some(libc::EINVAL) if fs::symlink_metadata(to).is_err() => {
             fs::rename(from, to).map_err(io("renaming snapshot into place at", to))
@@ -255,7 +253,7 @@ pub fn write(
     state: &MachineState,
     ram: &[u8],
     layer: Layer<'_>,
-) -> Result<WriteReport, SnapshotError> {
+) -> Result<WriteReport, LayerError> {
     check_target(dir)?;
     let page_count = ram.len() / PAGE_SIZE;
     let words = page_count.div_ceil(64);
@@ -281,7 +279,7 @@ pub fn write(
             let parent =
                 fs::canonicalize(parent).map_err(io("resolving parent snapshot", parent))?;
             let meta = read_meta(&parent)?;
-            let broken = |what: String| SnapshotError::ChainBroken {
+            let broken = |what: String| LayerError::ChainBroken {
                 child: dir.to_path_buf(),
                 parent: parent.clone(),
                 what,
@@ -334,9 +332,9 @@ fn write_files(
     (layer_id, parent_id): (LayerId, Option<LayerId>),
     tracking: TrackingSpan,
     present: &[u64],
-) -> Result<WriteReport, SnapshotError> {
+) -> Result<WriteReport, LayerError> {
     fs::create_dir_all(dir).map_err(io("creating snapshot directory", dir))?;
-    let state_bytes = state.encode().map_err(SnapshotError::Encode)?;
+    let state_bytes = state.encode().map_err(LayerError::Encode)?;
     write_file(&dir.join("state"), &state_bytes)?;
     let bitmap: Vec<u8> = present.iter().flat_map(|w| w.to_le_bytes()).collect();
     write_file(&dir.join("pages"), &bitmap)?;
@@ -391,7 +389,7 @@ fn write_files(
         state_crc: container::crc64(&state_bytes),
         bitmap_crc: container::crc64(&bitmap),
     };
-    let meta_bytes = container::encode(Kind::SnapshotMeta, &meta).map_err(SnapshotError::Encode)?;
+    let meta_bytes = container::encode(Kind::SnapshotMeta, &meta).map_err(LayerError::Encode)?;
     write_file(&dir.join("meta"), &meta_bytes)?;
     Ok(WriteReport {
         pages,
@@ -402,17 +400,17 @@ fn write_files(
     })
 }
 
-fn write_file(path: &Path, data: &[u8]) -> Result<(), SnapshotError> {
+fn write_file(path: &Path, data: &[u8]) -> Result<(), LayerError> {
     let mut f = File::create(path).map_err(io("creating", path))?;
     f.write_all(data).map_err(io("writing", path))?;
     f.sync_all().map_err(io("syncing", path))
 }
 
-fn read_file(path: &Path, max: u64) -> Result<Vec<u8>, SnapshotError> {
+fn read_file(path: &Path, max: u64) -> Result<Vec<u8>, LayerError> {
     let f = File::open(path).map_err(io("opening", path))?;
     let len = f.metadata().map_err(io("reading the size of", path))?.len();
     if len > max {
-        return Err(SnapshotError::Inconsistent {
+        return Err(LayerError::Inconsistent {
             path: path.to_path_buf(),
             what: format!("file is {len} bytes, more than the {max} allowed"),
         });
@@ -425,10 +423,10 @@ fn read_file(path: &Path, max: u64) -> Result<Vec<u8>, SnapshotError> {
 }
 
 /// Reads and checks a layer's metadata.
-pub fn read_meta(dir: &Path) -> Result<SnapshotMeta, SnapshotError> {
+pub fn read_meta(dir: &Path) -> Result<SnapshotMeta, LayerError> {
     let path = dir.join("meta");
     let data = read_file(&path, 1 << 20)?;
-    let invalid = |source| SnapshotError::Container {
+    let invalid = |source| LayerError::Container {
         path: path.clone(),
         source,
     };
@@ -438,12 +436,12 @@ pub fn read_meta(dir: &Path) -> Result<SnapshotMeta, SnapshotError> {
     if let Some(f) = payload.get(..4) {
         let found = u32::from_le_bytes(f.try_into().expect("4 bytes"));
         if found != SNAPSHOT_FORMAT {
-            return Err(SnapshotError::Format { path, found });
+            return Err(LayerError::Format { path, found });
         }
     }
     let meta: SnapshotMeta = container::decode_payload(payload, 1 << 20).map_err(invalid)?;
     if meta.parent.is_some() != meta.parent_id.is_some() || meta.tracking_from > meta.tracking_to {
-        return Err(SnapshotError::Inconsistent {
+        return Err(LayerError::Inconsistent {
             path,
             what: format!(
                 "parent {:?} with parent id {:?}, tracking generations {}..{}",
@@ -455,7 +453,7 @@ pub fn read_meta(dir: &Path) -> Result<SnapshotMeta, SnapshotError> {
         || meta.mem_size == 0
         || meta.mem_size % PAGE_SIZE as u64 != 0
     {
-        return Err(SnapshotError::Inconsistent {
+        return Err(LayerError::Inconsistent {
             path,
             what: format!(
                 "page size {} / memory size {} are not usable",
@@ -467,7 +465,7 @@ pub fn read_meta(dir: &Path) -> Result<SnapshotMeta, SnapshotError> {
 }
 
 /// Reads the machine state of the top layer `dir`.
-pub fn read_state(dir: &Path) -> Result<MachineState, SnapshotError> {
+pub fn read_state(dir: &Path) -> Result<MachineState, LayerError> {
     let meta = read_meta(dir)?;
     let path = dir.join("state");
     let data = read_file(
@@ -475,17 +473,17 @@ pub fn read_state(dir: &Path) -> Result<MachineState, SnapshotError> {
         container::DEFAULT_MAX_PAYLOAD + container::HEADER_LEN as u64,
     )?;
     if container::crc64(&data) != meta.state_crc {
-        return Err(SnapshotError::Inconsistent {
+        return Err(LayerError::Inconsistent {
             path,
             what: "state does not match the checksum in meta".into(),
         });
     }
-    let state = MachineState::decode(&data).map_err(|source| SnapshotError::Container {
+    let state = MachineState::decode(&data).map_err(|source| LayerError::Container {
         path: path.clone(),
         source,
     })?;
     if state.config.mem_size != meta.mem_size {
-        return Err(SnapshotError::Inconsistent {
+        return Err(LayerError::Inconsistent {
             path,
             what: format!(
                 "state says {} bytes of RAM, meta {}",
@@ -499,24 +497,24 @@ pub fn read_state(dir: &Path) -> Result<MachineState, SnapshotError> {
 /// The chain of layers ending at `dir`, base first. Refused: a loop, a chain longer than
 /// [`MAX_CHAIN`], and a chain that does not add up (see the module docs) — each child must
 /// name its parent's id and start its tracking span where the parent's ends.
-pub fn chain(dir: &Path) -> Result<Vec<(PathBuf, SnapshotMeta)>, SnapshotError> {
+pub fn chain(dir: &Path) -> Result<Vec<(PathBuf, SnapshotMeta)>, LayerError> {
     let mut layers: Vec<(PathBuf, SnapshotMeta)> = Vec::new();
     let mut seen = Vec::new();
     let mut cur = Some(dir.to_path_buf());
     while let Some(d) = cur {
         if layers.len() >= MAX_CHAIN {
-            return Err(SnapshotError::ChainTooLong(dir.to_path_buf()));
+            return Err(LayerError::ChainTooLong(dir.to_path_buf()));
         }
         let meta = read_meta(&d)?;
         seen.push(fs::canonicalize(&d).map_err(io("resolving snapshot", &d))?);
         if let Some((child_dir, child)) = layers.last() {
-            let broken = |what: String| SnapshotError::ChainBroken {
+            let broken = |what: String| LayerError::ChainBroken {
                 child: child_dir.clone(),
                 parent: d.clone(),
                 what,
             };
             if child.mem_size != meta.mem_size {
-                return Err(SnapshotError::Inconsistent {
+                return Err(LayerError::Inconsistent {
                     path: d,
                     what: "parent has another memory size".into(),
                 });
@@ -542,7 +540,7 @@ pub fn chain(dir: &Path) -> Result<Vec<(PathBuf, SnapshotMeta)>, SnapshotError> 
             Some(p) => {
                 let p = fs::canonicalize(p).map_err(io("resolving parent snapshot", p))?;
                 if seen.contains(&p) {
-                    return Err(SnapshotError::ChainLoop {
+                    return Err(LayerError::ChainLoop {
                         dir: dir.to_path_buf(),
                         layer: p,
                     });
@@ -558,14 +556,14 @@ pub fn chain(dir: &Path) -> Result<Vec<(PathBuf, SnapshotMeta)>, SnapshotError> 
 }
 
 /// Fills fresh guest memory from the chain ending at `dir`; returns the pages loaded.
-pub fn load_memory(dir: &Path, memory: &Memory) -> Result<u64, SnapshotError> {
+pub fn load_memory(dir: &Path, memory: &Memory) -> Result<u64, LayerError> {
     let layers = chain(dir)?;
     let ram_len = memory.size() as usize;
     let ram_ptr = memory.host_address() as *mut u8;
     let mut loaded = 0u64;
     for (d, meta) in &layers {
         if meta.mem_size != memory.size() {
-            return Err(SnapshotError::Inconsistent {
+            return Err(LayerError::Inconsistent {
                 path: d.clone(),
                 what: format!(
                     "layer is for {} bytes of RAM, the VM has {}",
@@ -577,7 +575,7 @@ pub fn load_memory(dir: &Path, memory: &Memory) -> Result<u64, SnapshotError> {
         let bm_path = d.join("pages");
         let bitmap = read_file(&bm_path, meta.mem_size / PAGE_SIZE as u64 / 8 + 8)?;
         if container::crc64(&bitmap) != meta.bitmap_crc || bitmap.len() % 8 != 0 {
-            return Err(SnapshotError::Inconsistent {
+            return Err(LayerError::Inconsistent {
                 path: bm_path,
                 what: "page bitmap does not match meta".into(),
             });
@@ -592,7 +590,7 @@ pub fn load_memory(dir: &Path, memory: &Memory) -> Result<u64, SnapshotError> {
         for p in bitmap_pages(&words) {
             let off = p * PAGE_SIZE;
             if off + PAGE_SIZE > ram_len {
-                return Err(SnapshotError::Inconsistent {
+                return Err(LayerError::Inconsistent {
                     path: bm_path,
                     what: format!("page {p} is beyond RAM"),
                 });
@@ -605,7 +603,7 @@ pub fn load_memory(dir: &Path, memory: &Memory) -> Result<u64, SnapshotError> {
             n += 1;
         }
         if n != meta.pages {
-            return Err(SnapshotError::Inconsistent {
+            return Err(LayerError::Inconsistent {
                 path: d.clone(),
                 what: format!("bitmap has {n} pages, meta says {}", meta.pages),
             });
@@ -704,7 +702,7 @@ mod tests {
         assert_eq!(read_state(&b).unwrap().config.mem_size, size as u64);
         assert!(matches!(
             write(&b, &state(size as u64), &ram, Layer::Full { tracking: 1 }),
-            Err(SnapshotError::Exists(_))
+            Err(LayerError::Exists(_))
         ));
     }
 
@@ -723,7 +721,7 @@ mod tests {
         fs::write(d.join("state"), &st).unwrap();
         assert!(matches!(
             read_state(&d),
-            Err(SnapshotError::Inconsistent { .. })
+            Err(LayerError::Inconsistent { .. })
         ));
 
         let mut bm = fs::read(d.join("pages")).unwrap();
@@ -731,24 +729,21 @@ mod tests {
         fs::write(d.join("pages"), &bm).unwrap();
         assert!(matches!(
             load_memory(&d, &mem),
-            Err(SnapshotError::Inconsistent { .. })
+            Err(LayerError::Inconsistent { .. })
         ));
 
         let meta = fs::read(d.join("meta")).unwrap();
         fs::write(d.join("meta"), &meta[..meta.len() - 3]).unwrap();
-        assert!(matches!(
-            read_meta(&d),
-            Err(SnapshotError::Container { .. })
-        ));
+        assert!(matches!(read_meta(&d), Err(LayerError::Container { .. })));
         fs::remove_file(d.join("meta")).unwrap();
-        assert!(matches!(read_meta(&d), Err(SnapshotError::Io { .. })));
+        assert!(matches!(read_meta(&d), Err(LayerError::Io { .. })));
 
         let other = Memory::new(4 << 20).unwrap();
         let d2 = tmp.join("t");
         write(&d2, &state(size as u64), &ram, Layer::Full { tracking: 1 }).unwrap();
         assert!(matches!(
             load_memory(&d2, &other),
-            Err(SnapshotError::Inconsistent { .. })
+            Err(LayerError::Inconsistent { .. })
         ));
     }
 
@@ -767,7 +762,7 @@ mod tests {
         check_target(&d).unwrap();
         assert!(matches!(
             write(&d, &state(2 << 20), &ram, Layer::Full { tracking: 1 }),
-            Err(SnapshotError::Io { .. })
+            Err(LayerError::Io { .. })
         ));
         assert!(!d.exists());
     }
@@ -827,7 +822,7 @@ mod tests {
             &ram,
             incremental(&c, &dirty, 8, 9),
         ) {
-            Err(SnapshotError::ChainBroken { what, .. }) => {
+            Err(LayerError::ChainBroken { what, .. }) => {
                 assert!(
                     what.contains("generation 8") && what.contains("generation 7"),
                     "{what}"
@@ -849,7 +844,7 @@ mod tests {
         write(&a, &state(size as u64), &ram, Layer::Full { tracking: 1 }).unwrap();
         write(&b, &state(size as u64), &ram, incremental(&a, &dirty, 1, 2)).unwrap();
         let mem = Memory::new(size as u64).unwrap();
-        let names_both = |e: &SnapshotError| {
+        let names_both = |e: &LayerError| {
             let msg = e.to_string();
             assert!(msg.contains(&*b.to_string_lossy()), "{msg}");
             assert!(
@@ -862,7 +857,7 @@ mod tests {
         let good = read_meta(&a).unwrap();
         rewrite_meta(&a, |m| m.layer_id = LayerId([7; 16]));
         let e = load_memory(&b, &mem).unwrap_err();
-        assert!(matches!(e, SnapshotError::ChainBroken { .. }), "{e}");
+        assert!(matches!(e, LayerError::ChainBroken { .. }), "{e}");
         assert!(e.to_string().contains(&LayerId([7; 16]).to_string()), "{e}");
         names_both(&e);
         rewrite_meta(&a, |m| *m = good.clone());
@@ -874,7 +869,7 @@ mod tests {
             m.tracking_to = 4;
         });
         let e = chain(&b).unwrap_err();
-        assert!(matches!(e, SnapshotError::ChainBroken { .. }), "{e}");
+        assert!(matches!(e, LayerError::ChainBroken { .. }), "{e}");
         assert!(e.to_string().contains("generation 3"), "{e}");
         names_both(&e);
 
@@ -885,7 +880,7 @@ mod tests {
         });
         assert!(matches!(
             read_meta(&b),
-            Err(SnapshotError::Inconsistent { .. })
+            Err(LayerError::Inconsistent { .. })
         ));
     }
 
@@ -930,7 +925,7 @@ mod tests {
         )
         .unwrap();
         let e = read_meta(&d).unwrap_err();
-        assert!(matches!(e, SnapshotError::Format { found: 1, .. }), "{e:?}");
+        assert!(matches!(e, LayerError::Format { found: 1, .. }), "{e:?}");
         let msg = e.to_string();
         assert!(
             msg.contains("format 1 is older") && msg.contains("format 2"),
@@ -973,16 +968,16 @@ mod tests {
         fs::create_dir(tmp.join("there")).unwrap();
         assert!(matches!(
             check_target(&tmp.join("there")),
-            Err(SnapshotError::Exists(_))
+            Err(LayerError::Exists(_))
         ));
         std::os::unix::fs::symlink("/nonexistent/twin", tmp.join("dangling")).unwrap();
         assert!(matches!(
             check_target(&tmp.join("dangling")),
-            Err(SnapshotError::Exists(_))
+            Err(LayerError::Exists(_))
         ));
         let e = check_target(&tmp.join("missing").join("snap")).unwrap_err();
         assert!(
-            matches!(e, SnapshotError::Target { .. }) && e.to_string().contains("missing"),
+            matches!(e, LayerError::Target { .. }) && e.to_string().contains("missing"),
             "{e}"
         );
         fs::write(tmp.join("file"), b"x").unwrap();
@@ -995,7 +990,7 @@ mod tests {
         fs::create_dir(tmp.join("src")).unwrap();
         assert!(matches!(
             rename_no_replace(&tmp.join("src"), &tmp.join("there")),
-            Err(SnapshotError::Exists(_))
+            Err(LayerError::Exists(_))
         ));
         write(
             &tmp.join("new"),
