@@ -15,7 +15,7 @@ use crate::devices::pci::PciRoot;
 use crate::devices::serial::SerialDevice;
 use crate::devices::virtio::net::VirtioNet;
 use crate::devices::DeviceError;
-use crate::memory::PAGE_SIZE;
+use crate::memory::Memory;
 use crate::persist::Persist;
 use crate::{bitmap_pages, DeviceStates, MachineState, TrackingSpan, Vmm, VmmError};
 
@@ -164,12 +164,7 @@ impl Vmm {
         let t = Instant::now();
         let mut pages = Vec::new();
         if copy_pages {
-            let ram = self.memory.as_slice();
-            let n: usize = dirty.iter().map(|w| w.count_ones() as usize).sum();
-            pages.reserve_exact(n * PAGE_SIZE);
-            for p in bitmap_pages(&dirty) {
-                pages.extend_from_slice(&ram[p * PAGE_SIZE..(p + 1) * PAGE_SIZE]);
-            }
+            self.memory.copy_pages(&dirty, &mut pages)?;
         }
         let copy_ns = t.elapsed().as_nanos() as u64;
         Ok(Harvest {
@@ -238,8 +233,8 @@ impl Frozen<'_> {
     }
 
     /// Guest RAM, which stands still while frozen.
-    pub fn ram(&self) -> &[u8] {
-        self.vmm.memory.as_slice()
+    pub fn memory(&self) -> &Memory {
+        &self.vmm.memory
     }
 
     /// Starts dirty tracking (KVM's log on, both logs cleared); returns the generation

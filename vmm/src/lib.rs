@@ -174,6 +174,19 @@ pub fn bitmap_pages(bitmap: &[u64]) -> impl Iterator<Item = usize> + '_ {
     })
 }
 
+/// Runs of consecutive set bits of a page bitmap, ascending: `(first page, page count)`.
+pub fn bitmap_runs(bitmap: &[u64]) -> impl Iterator<Item = (usize, usize)> + '_ {
+    let mut pages = bitmap_pages(bitmap).peekable();
+    std::iter::from_fn(move || {
+        let first = pages.next()?;
+        let mut count = 1;
+        while pages.next_if_eq(&(first + count)).is_some() {
+            count += 1;
+        }
+        Some((first, count))
+    })
+}
+
 /// Errors building or running a VM.
 #[derive(Debug, thiserror::Error)]
 pub enum VmmError {
@@ -396,5 +409,27 @@ impl Vmm {
 impl Drop for Vmm {
     fn drop(&mut self) {
         self.shutdown();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bitmap_pages_and_runs() {
+        let mut bm = vec![0u64; 3];
+        for p in [0, 1, 2, 63, 64, 65, 100, 190, 191] {
+            bm[p / 64] |= 1 << (p % 64);
+        }
+        let pages: Vec<usize> = bitmap_pages(&bm).collect();
+        assert_eq!(pages, vec![0, 1, 2, 63, 64, 65, 100, 190, 191]);
+        let runs: Vec<(usize, usize)> = bitmap_runs(&bm).collect();
+        assert_eq!(runs, vec![(0, 3), (63, 3), (100, 1), (190, 2)]);
+        assert_eq!(bitmap_runs(&[0, 0]).count(), 0);
+        assert_eq!(
+            bitmap_runs(&[u64::MAX, u64::MAX]).collect::<Vec<_>>(),
+            vec![(0, 128)]
+        );
     }
 }

@@ -23,15 +23,16 @@
 //! `tracking_to` (a harvest in between went elsewhere: its pages are in neither layer).
 
 use std::fs::{self, File};
-use std::io::{Read, Write};
-use std::os::unix::fs::FileExt;
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+use vm_memory::VolatileMemoryError;
+use vm_memory::{ReadVolatile, WriteVolatile};
 
 use crate::container::{self, ContainerError, Kind};
 use crate::memory::{Memory, PAGE_SIZE};
-use crate::{bitmap_pages, MachineState, TrackingSpan};
+use crate::{bitmap_runs, MachineState, TrackingSpan};
 
 /// Chains longer than this are refused.
 pub const MAX_CHAIN: usize = 256;
@@ -244,24 +245,52 @@ fn rename_no_replace(from: &Path, to: &Path) -> Result<(), LayerError> {
     }
 }
 
+/// The I/O error inside a volatile copy's error (a copy between a file and guest memory
+/// fails only by its I/O).
+fn volatile_io(e: VolatileMemoryError) -> std::io::Error {
+    match e {
+        VolatileMemoryError::IOError(e) => e,
+        e => std::io::Error::other(e),
+    }
+}
+
+/// Writes pages `first..first + count` of guest RAM into `file` at their own offset.
+fn write_pages(file: &File, ram: &Memory, first: usize, count: usize) -> std::io::Result<()> {
+    let pages = ram.pages(first, count).map_err(std::io::Error::other)?;
+    let mut f = file;
+    f.seek(SeekFrom::Start((first * PAGE_SIZE) as u64))?;
+    f.write_all_volatile(&pages).map_err(volatile_io)
+}
+
+/// Reads pages `first..first + count` of guest RAM from `file` at their own offset.
+fn read_pages(file: &File, ram: &Memory, first: usize, count: usize) -> std::io::Result<()> {
+    let mut pages = ram.pages(first, count).map_err(std::io::Error::other)?;
+    let mut f = file;
+    f.seek(SeekFrom::Start((first * PAGE_SIZE) as u64))?;
+    f.read_exact_volatile(&mut pages).map_err(volatile_io)
+}
+
 /// Writes a snapshot of `state` and the layer's pages of `ram` into `dir`, which must not
-/// exist. `ram` must not change during the call (the VM is paused, or `ram` is a copy).
+/// exist. `ram` must not change during the call (the VM is frozen, or not running).
 /// An increment is refused (nothing written) unless it continues its parent: its tracking
 /// span must start where the parent's ends.
 pub fn write(
     dir: &Path,
     state: &MachineState,
-    ram: &[u8],
+    ram: &Memory,
     layer: Layer<'_>,
 ) -> Result<WriteReport, LayerError> {
     check_target(dir)?;
-    let page_count = ram.len() / PAGE_SIZE;
+    let page_count = ram.page_count();
     let words = page_count.div_ceil(64);
     let (parent, mut present, tracking) = match layer {
         Layer::Full { tracking } => {
             let mut bm = vec![0u64; words];
+            let mut page = vec![0u8; PAGE_SIZE];
             for p in 0..page_count {
-                if !is_zero(&ram[p * PAGE_SIZE..(p + 1) * PAGE_SIZE]) {
+                ram.read_page(p, &mut page)
+                    .expect("every page below page_count is in RAM");
+                if !is_zero(&page) {
                     bm[p / 64] |= 1 << (p % 64);
                 }
             }
@@ -284,11 +313,11 @@ pub fn write(
                 parent: parent.clone(),
                 what,
             };
-            if meta.mem_size != ram.len() as u64 {
+            if meta.mem_size != ram.size() {
                 return Err(broken(format!(
                     "the parent is for {} bytes of RAM, the VM has {}",
                     meta.mem_size,
-                    ram.len()
+                    ram.size()
                 )));
             }
             if meta.tracking_to != tracking.from {
@@ -327,7 +356,7 @@ pub fn write(
 fn write_files(
     dir: &Path,
     state: &MachineState,
-    ram: &[u8],
+    ram: &Memory,
     parent: Option<PathBuf>,
     (layer_id, parent_id): (LayerId, Option<LayerId>),
     tracking: TrackingSpan,
@@ -341,34 +370,17 @@ fn write_files(
 
     let mem_path = dir.join("memory");
     let mem = File::create(&mem_path).map_err(io("creating", &mem_path))?;
-    mem.set_len(ram.len() as u64)
-        .map_err(io("sizing", &mem_path))?;
+    mem.set_len(ram.size()).map_err(io("sizing", &mem_path))?;
     let mut pages = 0u64;
-    // Write runs of consecutive pages with one call each.
-    let mut run: Option<(usize, usize)> = None;
-    let flush = |(start, end): (usize, usize)| {
-        mem.write_all_at(
-            &ram[start * PAGE_SIZE..end * PAGE_SIZE],
-            (start * PAGE_SIZE) as u64,
-        )
-        .map_err(io("writing guest memory to", &mem_path))
-    };
-    for p in bitmap_pages(present) {
-        if p * PAGE_SIZE >= ram.len() {
+    // Runs of consecutive pages, one write each; bits past the end of RAM are not pages.
+    let in_ram = ram.page_count();
+    for (first, count) in bitmap_runs(present) {
+        let count = count.min(in_ram.saturating_sub(first));
+        if count == 0 {
             break;
         }
-        pages += 1;
-        run = match run {
-            Some((s, e)) if e == p => Some((s, p + 1)),
-            Some(r) => {
-                flush(r)?;
-                Some((p, p + 1))
-            }
-            None => Some((p, p + 1)),
-        };
-    }
-    if let Some(r) = run {
-        flush(r)?;
+        pages += count as u64;
+        write_pages(&mem, ram, first, count).map_err(io("writing guest memory to", &mem_path))?;
     }
     mem.sync_all().map_err(io("syncing", &mem_path))?;
 
@@ -379,7 +391,7 @@ fn write_files(
         parent_id,
         tracking_from: tracking.from,
         tracking_to: tracking.to,
-        mem_size: ram.len() as u64,
+        mem_size: ram.size(),
         page_size: PAGE_SIZE as u64,
         pages,
         created_unix_ms: std::time::SystemTime::now()
@@ -558,8 +570,7 @@ pub fn chain(dir: &Path) -> Result<Vec<(PathBuf, SnapshotMeta)>, LayerError> {
 /// Fills fresh guest memory from the chain ending at `dir`; returns the pages loaded.
 pub fn load_memory(dir: &Path, memory: &Memory) -> Result<u64, LayerError> {
     let layers = chain(dir)?;
-    let ram_len = memory.size() as usize;
-    let ram_ptr = memory.host_address() as *mut u8;
+    let in_ram = memory.page_count();
     let mut loaded = 0u64;
     for (d, meta) in &layers {
         if meta.mem_size != memory.size() {
@@ -587,20 +598,18 @@ pub fn load_memory(dir: &Path, memory: &Memory) -> Result<u64, LayerError> {
         let mem_path = d.join("memory");
         let f = File::open(&mem_path).map_err(io("opening", &mem_path))?;
         let mut n = 0u64;
-        for p in bitmap_pages(&words) {
-            let off = p * PAGE_SIZE;
-            if off + PAGE_SIZE > ram_len {
+        // Runs of consecutive pages, one read each (the file is sparse: the pages of this
+        // layer are at their own offsets).
+        for (first, count) in bitmap_runs(&words) {
+            if first + count > in_ram {
                 return Err(LayerError::Inconsistent {
                     path: bm_path,
-                    what: format!("page {p} is beyond RAM"),
+                    what: format!("page {} is beyond RAM", first.max(in_ram)),
                 });
             }
-            // SAFETY: `off..off + PAGE_SIZE` is inside the guest RAM mapping (checked
-            // above); the VM is not running yet, so nothing else touches it.
-            let page = unsafe { std::slice::from_raw_parts_mut(ram_ptr.add(off), PAGE_SIZE) };
-            f.read_exact_at(page, off as u64)
+            read_pages(&f, memory, first, count)
                 .map_err(io("reading guest memory from", &mem_path))?;
-            n += 1;
+            n += count as u64;
         }
         if n != meta.pages {
             return Err(LayerError::Inconsistent {
@@ -644,8 +653,11 @@ mod tests {
         }
     }
 
-    fn fill(ram: &mut [u8], page: usize, v: u8) {
-        ram[page * PAGE_SIZE..(page + 1) * PAGE_SIZE].fill(v);
+    fn fill(ram: &Memory, page: usize, v: u8) {
+        use vm_memory::{Bytes, GuestAddress};
+        ram.guest_memory()
+            .write_slice(&[v; PAGE_SIZE], GuestAddress((page * PAGE_SIZE) as u64))
+            .unwrap();
     }
 
     #[test]
@@ -653,9 +665,9 @@ mod tests {
         let tmp = tempdir();
         let size = 2 << 20;
         let pages = size / PAGE_SIZE;
-        let mut ram = vec![0u8; size];
-        fill(&mut ram, 3, 1);
-        fill(&mut ram, 100, 2);
+        let ram = Memory::new(size as u64).unwrap();
+        fill(&ram, 3, 1);
+        fill(&ram, 100, 2);
         let r = write(
             &tmp.join("a"),
             &state(size as u64),
@@ -665,9 +677,9 @@ mod tests {
         .unwrap();
         assert_eq!(r.pages, 2, "zero pages are not stored");
         // Epoch 2: page 3 changes, page 100 becomes zero, page 7 is new.
-        fill(&mut ram, 3, 9);
-        fill(&mut ram, 100, 0);
-        fill(&mut ram, 7, 4);
+        fill(&ram, 3, 9);
+        fill(&ram, 100, 0);
+        fill(&ram, 7, 4);
         let mut dirty = vec![0u64; pages / 64];
         for p in [3, 7, 100] {
             dirty[p / 64] |= 1 << (p % 64);
@@ -697,8 +709,8 @@ mod tests {
         load_memory(&b, &from_chain).unwrap();
         let from_full = Memory::new(size as u64).unwrap();
         load_memory(&tmp.join("full"), &from_full).unwrap();
-        assert_eq!(from_chain.as_slice(), &ram[..]);
-        assert_eq!(from_full.as_slice(), from_chain.as_slice());
+        assert!(from_chain.to_vec() == ram.to_vec());
+        assert!(from_full.to_vec() == from_chain.to_vec());
         assert_eq!(read_state(&b).unwrap().config.mem_size, size as u64);
         assert!(matches!(
             write(&b, &state(size as u64), &ram, Layer::Full { tracking: 1 }),
@@ -710,8 +722,8 @@ mod tests {
     fn corrupt_files_are_refused() {
         let tmp = tempdir();
         let size = 2 << 20;
-        let mut ram = vec![0u8; size];
-        fill(&mut ram, 1, 1);
+        let ram = Memory::new(size as u64).unwrap();
+        fill(&ram, 1, 1);
         let d = tmp.join("s");
         write(&d, &state(size as u64), &ram, Layer::Full { tracking: 1 }).unwrap();
         let mem = Memory::new(size as u64).unwrap();
@@ -753,7 +765,7 @@ mod tests {
         // A file where the parent directory should be: refused before anything is written.
         fs::write(tmp.join("blocker"), b"x").unwrap();
         let d = tmp.join("blocker").join("snap");
-        let ram = vec![0u8; 2 << 20];
+        let ram = Memory::new(2 << 20).unwrap();
         assert!(write(&d, &state(2 << 20), &ram, Layer::Full { tracking: 1 }).is_err());
         assert!(!d.exists());
         // A file squatting the temporary name makes creation fail midway, after the checks.
@@ -789,8 +801,8 @@ mod tests {
     fn layers_record_their_ids_and_tracking_spans() {
         let tmp = tempdir();
         let size = 2 << 20;
-        let mut ram = vec![0u8; size];
-        fill(&mut ram, 1, 1);
+        let ram = Memory::new(size as u64).unwrap();
+        fill(&ram, 1, 1);
         let dirty = vec![0b10u64; size / PAGE_SIZE / 64];
         let (a, b, c) = (tmp.join("a"), tmp.join("b"), tmp.join("c"));
         let ra = write(&a, &state(size as u64), &ram, Layer::Full { tracking: 4 }).unwrap();
@@ -837,8 +849,8 @@ mod tests {
     fn a_chain_that_does_not_add_up_is_refused_naming_both_layers() {
         let tmp = tempdir();
         let size = 2 << 20;
-        let mut ram = vec![0u8; size];
-        fill(&mut ram, 1, 1);
+        let ram = Memory::new(size as u64).unwrap();
+        fill(&ram, 1, 1);
         let dirty = vec![0b10u64; size / PAGE_SIZE / 64];
         let (a, b) = (tmp.join("a"), tmp.join("b"));
         write(&a, &state(size as u64), &ram, Layer::Full { tracking: 1 }).unwrap();
@@ -892,7 +904,7 @@ mod tests {
         write(
             &d,
             &state(size as u64),
-            &vec![0u8; size],
+            &Memory::new(size as u64).unwrap(),
             Layer::Full { tracking: 1 },
         )
         .unwrap();
@@ -986,7 +998,7 @@ mod tests {
         check_target(&tmp.join("new")).unwrap();
         // The final rename does not replace a directory that appeared meanwhile.
         let size = 2 << 20;
-        let ram = vec![0u8; size];
+        let ram = Memory::new(size as u64).unwrap();
         fs::create_dir(tmp.join("src")).unwrap();
         assert!(matches!(
             rename_no_replace(&tmp.join("src"), &tmp.join("there")),

@@ -208,7 +208,7 @@ fn write_layer(
                 Layer::Full { tracking: from }
             }
         };
-        write(dir, &state, fz.ram(), layer).map_err(|source| SnapshotError::Write {
+        write(dir, &state, fz.memory(), layer).map_err(|source| SnapshotError::Write {
             dir: dir.to_path_buf(),
             source,
         })
@@ -331,13 +331,7 @@ mod tests {
         fs::rename(&a, tmp.join("a-old")).unwrap();
         // Another full layer at the same path (frozen in place: this vCPU must never run).
         let state = vmm.frozen(|fz| fz.capture()).unwrap();
-        write(
-            &a,
-            &state,
-            vmm.memory().as_slice(),
-            Layer::Full { tracking: 1 },
-        )
-        .unwrap();
+        write(&a, &state, vmm.memory(), Layer::Full { tracking: 1 }).unwrap();
         let e = vmm.snapshot(&tmp.join("b"), INCREMENTAL).unwrap_err();
         assert!(matches!(e, SnapshotError::ParentReplaced { .. }), "{e}");
         assert!(!tmp.join("b").exists());
@@ -394,7 +388,7 @@ mod tests {
         assert_eq!(chain(&b).unwrap().len(), 2);
         let restored = Memory::new(MEM).unwrap();
         load_memory(&b, &restored).unwrap();
-        assert!(restored.as_slice() == vmm.memory().as_slice());
+        assert!(restored.to_vec() == vmm.memory().to_vec());
         assert!(vmm.is_paused(), "a VM paused before stays paused");
     }
 }
