@@ -12,24 +12,24 @@ use std::sync::{Arc, Mutex, RwLock};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::boot::{self, BootParams, EntryPoint};
+use crate::devices;
 use crate::devices::bus::Bus;
 use crate::devices::pci::PciRoot;
-use crate::devices::power::PowerDevice;
 use crate::devices::serial::{SerialArgs, SerialDevice};
 use crate::devices::tap::Tap;
 use crate::devices::virtio::net::{NetResources, TapSink, VirtioNet};
-use crate::devices::{self, DeviceError};
 use crate::dirty::DirtyTracker;
 use crate::layout::*;
 use crate::memory::Memory;
-use crate::persist::Persist;
+use crate::power::PowerDevice;
 use crate::state;
 use crate::vcpu::{self, Vcpu, VcpuControl, VcpuError};
 use crate::vm::Vm;
 use crate::{
-    DeviceStates, HostResources, MachineConfig, MachineState, NetDevice, VmConfig, VmEvent, Vmm,
-    VmmError,
+    DeviceError, DeviceStates, HostResources, MachineConfig, MachineState, NetDevice, VmConfig,
+    VmEvent, Vmm, VmmError,
 };
+use twin_devices::Persist;
 
 /// Most vCPUs a VM may have.
 const MAX_VCPUS: u8 = 64;

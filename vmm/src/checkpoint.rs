@@ -5,7 +5,7 @@
 //! virtio-net RX thread) write guest memory only under their lock, so guest memory and
 //! device state stand still, and a state captured then matches the memory read then. Every
 //! capture goes through [`Vmm::frozen`]; every harvest of the dirty logs (a checkpoint's,
-//! a snapshot's, a live sync round's) through one function, [`Vmm::harvest`], which also
+//! a snapshot's, a live sync round's) through one function, `Vmm::harvest`, which also
 //! bumps the tracking generation (see [`crate::dirty`]).
 
 use std::sync::MutexGuard;
@@ -14,10 +14,9 @@ use std::time::Instant;
 use crate::devices::pci::PciRoot;
 use crate::devices::serial::SerialDevice;
 use crate::devices::virtio::net::VirtioNet;
-use crate::devices::DeviceError;
 use crate::memory::Memory;
-use crate::persist::Persist;
-use crate::{bitmap_pages, DeviceStates, MachineState, TrackingSpan, Vmm, VmmError};
+use crate::{bitmap_pages, DeviceError, DeviceStates, MachineState, TrackingSpan, Vmm, VmmError};
+use twin_devices::Persist;
 
 /// Time spent in each phase of one checkpoint.
 #[derive(Clone, Copy, Debug, Default, serde::Serialize, serde::Deserialize)]

@@ -10,16 +10,17 @@ pub mod boot;
 mod builder;
 pub mod checkpoint;
 pub mod container;
-pub mod devices;
 pub mod dirty;
-pub mod interrupt;
 pub mod layout;
 pub mod memory;
-pub mod persist;
+pub mod power;
 pub mod snapshot;
 pub mod state;
 pub mod vcpu;
 pub mod vm;
+
+/// The devices, a crate of their own (`twin-devices`); the VMM builds, runs and saves them.
+pub use twin_devices as devices;
 
 use std::net::Ipv4Addr;
 use std::sync::mpsc::{Receiver, Sender};
@@ -31,7 +32,7 @@ use crate::devices::pci::{PciError, PciRoot};
 use crate::devices::serial::{ConsoleOut, SerialDevice};
 use crate::devices::tap::{Tap, TapError};
 use crate::devices::virtio::net::{NetError, NetSink, NetWorker, VirtioNet};
-use crate::devices::{DeviceError, Pausable};
+use crate::devices::Pausable;
 use crate::dirty::DirtyTracker;
 use crate::memory::{Memory, MemoryError};
 use crate::vcpu::{Vcpu, VcpuControl, VcpuError};
@@ -39,8 +40,8 @@ use crate::vm::{Vm, VmError};
 
 pub use crate::checkpoint::{Checkpoint, CheckpointTimings, Frozen};
 pub use crate::dirty::TrackingSpan;
-pub use crate::persist::Persist;
 pub use crate::snapshot::{SnapshotError, SnapshotOptions, SnapshotReport};
+pub use twin_devices::Persist;
 
 /// Something that happened to a running VM, reported to whoever drives it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -125,27 +126,23 @@ impl MachineState {
     }
 }
 
+/// A device that failed to save or restore, by name, with its own typed error.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    #[error("serial port (COM1)")]
+    Serial(#[source] devices::serial::SerialError),
+    #[error("PCI root")]
+    PciRoot(#[source] devices::pci::PciError),
+    #[error("virtio-net")]
+    Net(#[source] devices::virtio::pci::VirtioPersistError<devices::virtio::net::NetError>),
+}
+
 /// Host resources a restored VM gets from its caller, not from the saved state.
 pub struct HostResources {
     /// The TAP for the NIC, already open (a backup holds its TAP from start-up so the
     /// bridge port is forwarding long before a takeover).
     pub tap: Option<Tap>,
     pub console: ConsoleOut,
-}
-
-/// The `source()` chain of an error, joined with ": " ("no further detail" if none): for
-/// log lines that name the root cause, not just the outermost context.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = Vec::new();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        out.push(c.to_string());
-        cur = c.source();
-    }
-    if out.is_empty() {
-        return "no further detail".into();
-    }
-    out.join(": ")
 }
 
 /// `e` and its causes on one line, `outer: cause: root cause`.

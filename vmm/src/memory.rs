@@ -25,8 +25,8 @@ use vm_memory::{
     VolatileSlice, WriteVolatile,
 };
 
-/// Guest memory as the whole VMM sees it: dirty-tracked mmap regions.
-pub type GuestMem = vm_memory::GuestMemoryMmap<AtomicBitmap>;
+/// Guest memory as the whole VMM sees it: dirty-tracked mmap regions (the devices' type).
+pub use twin_devices::GuestMem;
 /// One region of [`GuestMem`].
 pub type GuestRegion = vm_memory::GuestRegionMmap<AtomicBitmap>;
 /// Guest RAM as volatile memory: what [`Memory::pages`] gives out. Writes through it are

@@ -22,9 +22,9 @@ use kvm_bindings::{
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
 
-use crate::persist::Persist;
 use crate::vcpu::{Vcpu, VcpuError};
 use crate::vm::Vm;
+use twin_devices::Persist;
 
 /// Errors capturing or restoring KVM state; `op` names the ioctl.
 #[derive(Debug, thiserror::Error)]

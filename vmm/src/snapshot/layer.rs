@@ -175,9 +175,9 @@ fn target_parent(dir: &Path) -> &Path {
     }
 }
 
-/// Checks what a [`write`] of `dir` can be known to fail on before anything is captured or
+/// Checks what a [`write()`] of `dir` can be known to fail on before anything is captured or
 /// harvested: `dir` exists (also as a dangling symlink), or the directory it is to be
-/// created in is missing, not a directory, or not writable. [`write`] checks `dir` again
+/// created in is missing, not a directory, or not writable. [`write()`] checks `dir` again
 /// (and creates it atomically); this is so that a caller can refuse before touching the VM.
 pub fn check_target(dir: &Path) -> Result<(), LayerError> {
     let target = |why: String| LayerError::Target {

@@ -1,5 +1,5 @@
 //! Snapshots of a running VM: [`Vmm::snapshot`] freezes the VM, captures its state,
-//! harvests its dirty pages and writes one layer; [`layer`] is the directory format, the
+//! harvests its dirty pages and writes one layer; `layer.rs` is the directory format, the
 //! chains of layers and their checks.
 //!
 //! A snapshot changes nothing when it fails. What can be known to fail is checked before

@@ -13,8 +13,8 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{Net, NetError, VirtioNet, ETH_HLEN, MAX_BUFFER_LEN, RX_BATCH, RX_HEADER, RX_QUEUE};
-use crate::devices::tap::{Tap, VNET_HDR_LEN};
-use crate::devices::virtio::pci::QueueContext;
+use crate::tap::{Tap, VNET_HDR_LEN};
+use crate::virtio::pci::QueueContext;
 
 /// Outcome of offering one frame to the RX queue.
 #[derive(Debug, PartialEq, Eq)]
@@ -215,7 +215,7 @@ impl NetWorker {
             .spawn(move || {
                 let r = rx_loop(&dev, &tap, &kick, &epoll);
                 if let Err(e) = &r {
-                    let why = crate::error_chain(e);
+                    let why = error_chain(e);
                     tracing::error!(tap = tap.name(), "virtio-net RX worker stopped: {e}: {why}");
                     if let Ok(mut f) = failure2.lock() {
                         *f = Some(format!("{e}: {why}"));
@@ -261,6 +261,21 @@ impl Drop for NetWorker {
     fn drop(&mut self) {
         let _ = self.shutdown();
     }
+}
+
+/// The `source()` chain of an error, joined with ": " ("no further detail" if none): the
+/// failure a dead NIC is reported with names its root cause, not just the outermost context.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = Vec::new();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        out.push(c.to_string());
+        cur = c.source();
+    }
+    if out.is_empty() {
+        return "no further detail".into();
+    }
+    out.join(": ")
 }
 
 fn rx_loop(
@@ -348,8 +363,8 @@ mod tests {
     use super::super::test_util::*;
     use super::super::TapSink;
     use super::*;
-    use crate::devices::virtio::pci::tests::w;
-    use crate::devices::virtio::status;
+    use crate::virtio::pci::tests::w;
+    use crate::virtio::status;
     use std::cell::RefCell;
     use vm_memory::{Bytes, GuestAddress};
 
@@ -394,7 +409,7 @@ mod tests {
 
     #[test]
     fn paused_rx_leaves_guest_memory_alone_until_resumed() {
-        use crate::devices::Pausable;
+        use crate::Pausable;
         let mut s = setup();
         let src = Frames(RefCell::new([frame(1, 60)].into()));
         let mut rx = RxPending {
@@ -463,7 +478,7 @@ mod tests {
 
     #[test]
     fn worker_moves_frames_between_tap_and_guest() {
-        use crate::devices::tap::testutil::test_tap;
+        use crate::tap::testutil::test_tap;
         use std::time::{Duration, Instant};
         let Some(t) = test_tap() else { return };
         let tap = t.tap.clone();

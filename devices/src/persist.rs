@@ -1,7 +1,7 @@
 //! Save and restore: one trait for every device, the VM and the vCPUs.
 //!
 //! After Firecracker's `snapshot::Persist`: a component saves itself into a `State` (plain
-//! data, serde, part of the [`crate::MachineState`] a checkpoint or snapshot carries) and
+//! data, serde, part of the VMM's `MachineState` a checkpoint or snapshot carries) and
 //! is rebuilt from a `State` plus `ConstructorArgs`, the things of *this* host that a state
 //! must never hold: the guest memory mapping, the interrupt sender, the TAP behind a NIC,
 //! the console behind the UART, the KVM objects created on this host. A failover rebuilds
@@ -11,7 +11,7 @@
 //! does: the KVM parts are saved with ioctls that can fail, and a device that is in a state
 //! its `State` cannot represent must make the whole capture fail, loudly and by name,
 //! rather than be left out of a checkpoint the backup would then resume from. Nothing is
-//! ever skipped: [`crate::DeviceStates`] has one field per device, filled from that
+//! ever skipped: the VMM's `DeviceStates` has one field per device, filled from that
 //! device's `save`, and the capture stops at the first error.
 
 /// A component that can be saved into a `State` and rebuilt from one.

@@ -7,7 +7,7 @@ use virtio_queue::QueueT;
 use vm_memory::GuestAddress;
 
 use super::{VirtQueue, VirtioPciDevice, COMMON_LEN};
-use crate::devices::virtio::{status, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_MSI_NO_VECTOR};
+use crate::virtio::{status, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_MSI_NO_VECTOR};
 
 impl<D: VirtioDevice> VirtioPciDevice<D> {
     fn reset(&mut self) {

@@ -6,7 +6,7 @@ use vm_superio::serial::SerialState;
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::devices::bus::BusDevice;
+use crate::bus::BusDevice;
 use crate::persist::Persist;
 
 /// Raises the serial IRQ through an irqfd.

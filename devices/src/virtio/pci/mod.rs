@@ -16,9 +16,9 @@
 //! notifications are handled synchronously in the vCPU thread that took the MMIO exit.
 //! There is no INTx: a driver that does not enable MSI-X gets no interrupts.
 //!
-//! Submodules: the common configuration registers and feature/status negotiation
-//! ([`common_cfg`]), the virtqueues and what a device model sees of the transport while it
-//! processes them ([`queue`]), save and restore ([`persist`]).
+//! Files: the common configuration registers and feature/status negotiation
+//! (`common_cfg.rs`), the virtqueues and what a device model sees of the transport while it
+//! processes them (`queue.rs`), save and restore (`persist.rs`).
 
 mod common_cfg;
 mod persist;
@@ -31,14 +31,14 @@ use std::sync::Arc;
 use virtio_queue::QueueT;
 
 use super::{VirtioDevice, VIRTIO_MSI_NO_VECTOR};
-use crate::devices::bus::BusDevice;
-use crate::devices::pci::configuration::COMMAND_MEMORY_SPACE;
-use crate::devices::pci::msix::{Msix, MsixError, MsixLayout, MSIX_CAP_ID};
-use crate::devices::pci::{
+use crate::bus::BusDevice;
+use crate::interrupt::MsiSender;
+use crate::pci::configuration::COMMAND_MEMORY_SPACE;
+use crate::pci::msix::{Msix, MsixError, MsixLayout, MSIX_CAP_ID};
+use crate::pci::{
     BarKind, BarReprogram, PciBar, PciConfigError, PciConfiguration, PciDevice, PciHeader,
 };
-use crate::interrupt::MsiSender;
-use crate::memory::GuestMem;
+use crate::GuestMem;
 
 pub use persist::{VirtioPciArgs, VirtioPciDeviceState, VirtioPciState, VirtioPersistError};
 use queue::Notifier;

@@ -7,12 +7,12 @@ use serde::{Deserialize, Serialize};
 
 use super::queue::Notifier;
 use super::{build_config, VirtQueue, VirtQueueState, VirtioPciDevice, VirtioPciError};
-use crate::devices::pci::msix::{Msix, MsixState};
-use crate::devices::pci::{PciConfiguration, PciConfigurationState};
-use crate::devices::virtio::VirtioDevice;
 use crate::interrupt::MsiSender;
-use crate::memory::GuestMem;
+use crate::pci::msix::{Msix, MsixState};
+use crate::pci::{PciConfiguration, PciConfigurationState};
 use crate::persist::Persist;
+use crate::virtio::VirtioDevice;
+use crate::GuestMem;
 
 /// Saved state of the transport (the device model saves its own).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -2,10 +2,10 @@
 //! device models' tests share.
 
 use super::*;
-use crate::devices::pci::msix::RecordingMsi;
-use crate::devices::pci::PciRoot;
-use crate::devices::virtio::{status, VIRTIO_F_VERSION_1};
+use crate::pci::msix::RecordingMsi;
+use crate::pci::PciRoot;
 use crate::persist::Persist;
+use crate::virtio::{status, VIRTIO_F_VERSION_1};
 use serde::{Deserialize, Serialize};
 use std::sync::Mutex;
 use virtio_queue::QueueOwnedT;
@@ -214,7 +214,7 @@ fn on_conf1_with_linux_style_sizing() {
     let mut root = PciRoot::new();
     root.add_device(d.clone()).unwrap();
     let root = Arc::new(Mutex::new(root));
-    let mut bus = crate::devices::bus::Bus::new();
+    let mut bus = crate::bus::Bus::new();
     bus.insert(root, PciRoot::PORT_BASE, PciRoot::PORT_LEN)
         .unwrap();
     let sel = |reg: u32| (1u32 << 31 | 1 << 11 | reg << 2).to_le_bytes();
@@ -483,7 +483,7 @@ fn a_model_that_cannot_save_fails_the_save_loudly() {
         VirtioPersistError::Device(DummyError::InFlight)
     ));
     assert_eq!(
-        crate::describe_error(&e),
+        format!("{e}: {}", std::error::Error::source(&e).unwrap()),
         "virtio device model: a request is in flight"
     );
 }

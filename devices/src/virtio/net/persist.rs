@@ -1,11 +1,11 @@
 //! Save and restore of virtio-net: the model's state is its MAC and link status; the
-//! transport saves its own (see [`crate::devices::virtio::pci`]).
+//! transport saves its own (see [`crate::virtio::pci`]).
 
 use serde::{Deserialize, Serialize};
 
 use super::{Net, NetError, NetSink};
-use crate::devices::virtio::pci::{VirtioPciArgs, VirtioPciDeviceState};
 use crate::persist::Persist;
+use crate::virtio::pci::{VirtioPciArgs, VirtioPciDeviceState};
 
 /// Saved state of the virtio-net model.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -47,7 +47,7 @@ mod tests {
     use super::super::test_util::*;
     use super::super::VirtioNet;
     use super::*;
-    use crate::devices::virtio::pci::tests::w;
+    use crate::virtio::pci::tests::w;
     use vm_memory::{Bytes, GuestAddress};
 
     #[test]

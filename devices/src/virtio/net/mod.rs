@@ -14,7 +14,7 @@
 //!   checkpoint engine) sees no RX writes.
 //!
 //! Files: the device model and its TX path (here), the RX path and worker thread
-//! ([`rx`]), save and restore ([`persist`]).
+//! (`rx.rs`), save and restore (`persist.rs`).
 
 mod persist;
 mod rx;
@@ -31,7 +31,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::pci::{QueueContext, VirtioPciDevice};
 use super::{VirtioDevice, VIRTIO_F_VERSION_1};
-use crate::devices::tap::{Tap, VNET_HDR_LEN};
+use crate::tap::{Tap, VNET_HDR_LEN};
 
 pub use persist::{NetResources, NetState, VirtioNetState};
 pub use rx::NetWorker;
@@ -306,7 +306,7 @@ impl VirtioPciDevice<Net> {
     }
 }
 
-impl crate::devices::Pausable for VirtioNet {
+impl crate::Pausable for VirtioNet {
     type Error = NetError;
 
     fn pause(&mut self) -> Result<(), NetError> {
@@ -326,11 +326,11 @@ impl crate::devices::Pausable for VirtioNet {
 #[cfg(test)]
 mod tests {
     use super::test_util::*;
-    use crate::devices::bus::BusDevice;
-    use crate::devices::pci::PciDevice;
-    use crate::devices::virtio::pci::tests::{r, w, BAR};
-    use crate::devices::virtio::status;
+    use crate::bus::BusDevice;
+    use crate::pci::PciDevice;
     use crate::persist::Persist;
+    use crate::virtio::pci::tests::{r, w, BAR};
+    use crate::virtio::status;
     use vm_memory::{Bytes, GuestAddress};
 
     #[test]

@@ -12,11 +12,11 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use super::rx::FrameSource;
 use super::{NetResources, NetSink, VirtioNet, VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS};
-use crate::devices::bus::BusDevice;
-use crate::devices::pci::msix::RecordingMsi;
-use crate::devices::tap::VNET_HDR_LEN;
-use crate::devices::virtio::pci::tests::{enable_msix, mem, negotiate, r, w, BAR};
-use crate::memory::GuestMem;
+use crate::bus::BusDevice;
+use crate::pci::msix::RecordingMsi;
+use crate::tap::VNET_HDR_LEN;
+use crate::virtio::pci::tests::{enable_msix, mem, negotiate, r, w, BAR};
+use crate::GuestMem;
 
 pub(super) const MAC: [u8; 6] = [0x02, 0x54, 0x57, 0x49, 0x4e, 0x01];
 

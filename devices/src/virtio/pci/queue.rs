@@ -6,10 +6,10 @@ use virtio_queue::{Queue, QueueState, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 
 use super::{ISR_CONFIG, ISR_QUEUE, VIRTQ_AVAIL_F_NO_INTERRUPT};
-use crate::devices::pci::msix::Msix;
-use crate::devices::virtio::{status, VIRTIO_MSI_NO_VECTOR};
-use crate::memory::GuestMem;
+use crate::pci::msix::Msix;
 use crate::persist::Persist;
+use crate::virtio::{status, VIRTIO_MSI_NO_VECTOR};
+use crate::GuestMem;
 
 /// Saved state of one queue.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -317,7 +317,7 @@ impl BusDevice for PciRoot {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::devices::bus::Bus;
+    use crate::bus::Bus;
 
     struct Fake {
         config: PciConfiguration,
