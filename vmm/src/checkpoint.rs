@@ -11,12 +11,25 @@
 use std::sync::MutexGuard;
 use std::time::Instant;
 
-use crate::devices::pci::PciRoot;
-use crate::devices::serial::SerialDevice;
-use crate::devices::virtio::net::VirtioNet;
+use crate::devices::pci::{PciError, PciRoot};
+use crate::devices::serial::{SerialDevice, SerialError};
+use crate::devices::virtio::net::{NetError, VirtioNet};
+use crate::devices::virtio::pci::VirtioPersistError;
 use crate::memory::Memory;
-use crate::{bitmap_pages, DeviceError, DeviceStates, MachineState, TrackingSpan, Vmm, VmmError};
+use crate::{bitmap_pages, DeviceStates, MachineState, TrackingSpan, Vmm, VmmError};
 use twin_devices::Persist;
+
+/// A device of the VM that failed to save (here) or restore (in the builder), by name,
+/// with its own typed error.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    #[error("serial port (COM1)")]
+    Serial(#[source] SerialError),
+    #[error("PCI root")]
+    PciRoot(#[source] PciError),
+    #[error("virtio-net")]
+    Net(#[source] VirtioPersistError<NetError>),
+}
 
 /// Time spent in each phase of one checkpoint.
 #[derive(Clone, Copy, Debug, Default, serde::Serialize, serde::Deserialize)]

@@ -38,7 +38,7 @@ use crate::memory::{Memory, MemoryError};
 use crate::vcpu::{Vcpu, VcpuControl, VcpuError};
 use crate::vm::{Vm, VmError};
 
-pub use crate::checkpoint::{Checkpoint, CheckpointTimings, Frozen};
+pub use crate::checkpoint::{Checkpoint, CheckpointTimings, DeviceError, Frozen};
 pub use crate::dirty::TrackingSpan;
 pub use crate::snapshot::{SnapshotError, SnapshotOptions, SnapshotReport};
 pub use twin_devices::Persist;
@@ -124,17 +124,6 @@ impl MachineState {
             container::DEFAULT_MAX_PAYLOAD,
         )
     }
-}
-
-/// A device that failed to save or restore, by name, with its own typed error.
-#[derive(Debug, thiserror::Error)]
-pub enum DeviceError {
-    #[error("serial port (COM1)")]
-    Serial(#[source] devices::serial::SerialError),
-    #[error("PCI root")]
-    PciRoot(#[source] devices::pci::PciError),
-    #[error("virtio-net")]
-    Net(#[source] devices::virtio::pci::VirtioPersistError<devices::virtio::net::NetError>),
 }
 
 /// Host resources a restored VM gets from its caller, not from the saved state.
