@@ -196,8 +196,11 @@ fn page_format_detects_stale_and_torn_pages() {
     assert_ne!(page[3..], other[3..]);
 }
 
+/// A parsed request's arguments, owned, and the bytes it used.
+type Request = (Vec<Vec<u8>>, usize);
+
 /// The arguments of the request at the front of `buf`, and the bytes it used.
-fn resp_args(buf: &[u8]) -> Result<Option<(Vec<Vec<u8>>, usize)>, resp::Error> {
+fn resp_args(buf: &[u8]) -> Result<Option<Request>, resp::Error> {
     Ok(resp::parse(buf)?.map(|(a, n)| {
         let mut v = Vec::new();
         let mut i = 0;

@@ -61,7 +61,7 @@ use tracing::{debug, error, info, warn};
 use twin_api::{EventKind, EventLog};
 use twin_link::{FrameReader, FrameWriter, Heartbeats, LinkConfig, RecvError};
 use twin_netbuf::{Mode as BufferMode, NetBuffer};
-use twin_vmm::memory::PAGE_SIZE;
+use twin_vmm::memory::{Memory, PAGE_SIZE};
 use twin_vmm::{bitmap_pages, Vmm, VmmError};
 use twin_wire::{
     handshake, EpochBegin, EpochEncoder, FrameCodec, Goodbye, GoodbyeReason, Hello, Message,
@@ -789,8 +789,8 @@ fn initial_sync(s: &Shared, writer: &FrameWriter) -> Result<(), SessionError> {
     // Tracking starts before the first read, so a page written while (or after) it is
     // read is resent by a later round or by the first checkpoint.
     vmm.start_dirty_tracking()?;
-    let ram = vmm.memory().as_slice();
-    let pages = ram.len() / PAGE_SIZE;
+    let ram = vmm.memory();
+    let pages = ram.page_count();
     let mut out = SyncOut {
         writer,
         codec: writer.codec(),
@@ -798,19 +798,16 @@ fn initial_sync(s: &Shared, writer: &FrameWriter) -> Result<(), SessionError> {
         sent: 0,
     };
     let mut zero = Vec::new();
-    let mut batch: Vec<PageRef<'_>> = Vec::with_capacity(BATCH);
+    // Pages are copied out of guest memory (which the guest writes meanwhile) with volatile
+    // reads into this batch, and encoded from there.
+    let mut batch = PageBatch::new(BATCH);
     let mut progress = SyncProgress::new(pages, &s.events);
     for p in 0..pages {
         progress.at(p);
-        let data = &ram[p * PAGE_SIZE..(p + 1) * PAGE_SIZE];
-        if data.iter().all(|&b| b == 0) {
+        if !batch.add(ram, p, true)? {
             zero.push(p as u64);
             continue;
         }
-        batch.push(PageRef {
-            index: p as u64,
-            data,
-        });
         if batch.len() == BATCH {
             out.pages(&mut batch)?;
             twin_failpoints::hit("primary.sync");
@@ -833,10 +830,7 @@ fn initial_sync(s: &Shared, writer: &FrameWriter) -> Result<(), SessionError> {
         let n = dirty.iter().map(|w| w.count_ones() as usize).sum::<usize>();
         rounds.push(n);
         for p in bitmap_pages(&dirty) {
-            batch.push(PageRef {
-                index: p as u64,
-                data: &ram[p * PAGE_SIZE..(p + 1) * PAGE_SIZE],
-            });
+            batch.add(ram, p, false)?;
             if batch.len() == BATCH {
                 out.pages(&mut batch)?;
             }
@@ -882,21 +876,65 @@ struct SyncOut<'a> {
 }
 
 impl SyncOut<'_> {
-    fn pages(&mut self, batch: &mut Vec<PageRef<'_>>) -> Result<(), SessionError> {
-        if batch.is_empty() {
+    fn pages(&mut self, batch: &mut PageBatch) -> Result<(), SessionError> {
+        if batch.len() == 0 {
             return Ok(());
         }
+        let pages: Vec<PageRef<'_>> = batch.pages().collect();
         self.buf.clear();
         self.codec.encode_sync_pages(
             SyncPagesRef {
                 page_size: PAGE_SIZE as u32,
-                pages: batch,
+                pages: &pages,
             },
             &mut self.buf,
         )?;
-        self.sent += batch.len() as u64;
+        self.sent += pages.len() as u64;
         batch.clear();
         Ok(self.writer.write(&self.buf)?)
+    }
+}
+
+/// Copies of the pages of one sync batch (the encoder takes pages as byte slices).
+struct PageBatch {
+    data: Vec<u8>,
+    indices: Vec<u64>,
+}
+
+impl PageBatch {
+    fn new(capacity: usize) -> Self {
+        Self {
+            data: vec![0; capacity * PAGE_SIZE],
+            indices: Vec::with_capacity(capacity),
+        }
+    }
+
+    /// Copies page `p` in; with `skip_zero`, a page of zeroes is not kept (false).
+    fn add(&mut self, ram: &Memory, p: usize, skip_zero: bool) -> Result<bool, SessionError> {
+        let at = self.indices.len() * PAGE_SIZE;
+        let data = &mut self.data[at..at + PAGE_SIZE];
+        ram.read_page(p, data).map_err(VmmError::Memory)?;
+        if skip_zero && data.iter().all(|&b| b == 0) {
+            return Ok(false);
+        }
+        self.indices.push(p as u64);
+        Ok(true)
+    }
+
+    fn len(&self) -> usize {
+        self.indices.len()
+    }
+
+    fn pages(&self) -> impl Iterator<Item = PageRef<'_>> {
+        let data = self.data.chunks_exact(PAGE_SIZE);
+        self.indices
+            .iter()
+            .zip(data)
+            .map(|(&index, data)| PageRef { index, data })
+    }
+
+    fn clear(&mut self) {
+        self.indices.clear();
     }
 }
 

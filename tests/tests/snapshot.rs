@@ -356,6 +356,7 @@ fn leaves(st: &MachineState) -> Leaves {
     l.insert("vcpus.len".into(), ser(&st.vcpus.len()));
     for v in &st.vcpus {
         let p = format!("vcpu{}", v.id);
+        l.insert(format!("{p}.cpuid"), ser(&v.cpuid));
         l.insert(format!("{p}.regs"), ser(&v.regs));
         l.insert(format!("{p}.sregs"), ser(&v.sregs));
         l.insert(format!("{p}.xsave"), ser(&v.xsave));
@@ -660,10 +661,11 @@ fn snapshot_stop_freezes_the_vm_even_when_frames_arrive() {
 // ---------------------------------------------------------------------------------------
 // 3. A chain of incremental snapshots restores like a full one.
 
-fn load_into_memory(dir: &Path, size: u64) -> Memory {
+/// The guest memory the chain ending at `dir` restores, as bytes.
+fn load_into_memory(dir: &Path, size: u64) -> Vec<u8> {
     let mem = Memory::new(size).expect("memfd guest memory in the test");
     snapshot::load_memory(dir, &mem).unwrap_or_else(|e| panic!("loading {}: {e:?}", dir.display()));
-    mem
+    mem.to_vec()
 }
 
 /// The present-page bitmap of one layer.

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use twin_vmm::memory::Memory;
-use twin_vmm::snapshot::{self, Layer};
-use twin_vmm::{HostResources, NetConfig, VmConfig, VmEvent, Vmm};
+use twin_vmm::snapshot;
+use twin_vmm::{HostResources, NetConfig, SnapshotOptions, VmConfig, VmEvent, Vmm};
 
 use twin::args::{self, Cidr, Mac, Size};
 use twin::control::{self, Control, Request, Response};
@@ -352,20 +352,12 @@ fn forward_signals(sigs: Termination, tx: std::sync::mpsc::Sender<VmEvent>) -> R
     Ok(())
 }
 
-/// What a VM process remembers between control requests.
+/// What a VM process remembers between control requests (the VMM itself remembers the
+/// layer its next incremental snapshot is taken on).
 struct Session {
     role: &'static str,
     started: Instant,
-    /// The layer the next `--incremental` snapshot is taken on.
-    last_snapshot: Option<LastLayer>,
     snapshots: u64,
-}
-
-/// The latest snapshot this process wrote: where, and which layer it is (a directory
-/// replaced since by another snapshot is not the parent the dirty tracking continues).
-struct LastLayer {
-    dir: PathBuf,
-    id: snapshot::LayerId,
 }
 
 fn take_snapshot(
@@ -375,120 +367,29 @@ fn take_snapshot(
     incremental: bool,
     stop: bool,
 ) -> Result<serde_json::Value> {
-    // Everything that can be known to fail is checked before the VM is touched: a refusal
-    // here leaves it running and its dirty tracking as it was.
-    let parent = match (incremental, &session.last_snapshot) {
-        (true, Some(p)) => Some(p),
-        (true, None) => bail!("no earlier snapshot of this VM process to be incremental on"),
-        (false, _) => None,
-    };
-    if parent.is_some() && !vmm.vm().dirty_logging() {
-        bail!("dirty tracking is off; take a full snapshot first");
-    }
-    snapshot::check_target(dir).context("refusing the snapshot")?;
-    if let Some(p) = parent {
-        let meta = snapshot::read_meta(&p.dir).with_context(|| {
-            format!(
-                "the previous snapshot {} (the parent of an incremental one) is unusable",
-                p.dir.display()
-            )
-        })?;
-        if meta.layer_id != p.id {
-            bail!(
-                "the previous snapshot {} was replaced (it is layer {}, this process wrote {}); \
-                 take a full snapshot",
-                p.dir.display(),
-                meta.layer_id,
-                p.id
-            );
-        }
-    }
-    let parent = parent.map(|p| p.dir.clone());
-    let t0 = Instant::now();
-    let was_stopped = vmm.is_paused();
-    vmm.pause();
-    if stop {
-        // Before the freeze: once its locks are released no queued frame may slip in.
-        vmm.pause_devices();
-    }
-    // Frozen: vCPUs paused and device workers locked out, so the memory written matches
-    // the state. With tracking on, the harvest makes this snapshot the base of the next
-    // increment; a first snapshot starts tracking instead.
-    let tracking = vmm.vm().dirty_logging();
-    let result = vmm.frozen(|fz| -> Result<snapshot::WriteReport> {
-        let (state, harvest) = if tracking {
-            let cp = fz.checkpoint(false).context("capturing VM state")?;
-            (cp.state, Some((cp.dirty, cp.tracking)))
-        } else {
-            (fz.capture().context("capturing VM state")?, None)
-        };
-        let mut started_tracking = false;
-        let written = (|| {
-            let layer = match (&parent, &harvest) {
-                (Some(p), Some((dirty, span))) => Layer::Incremental {
-                    parent: p,
-                    dirty,
-                    tracking: *span,
-                },
-                (Some(_), None) => bail!("dirty tracking is off; take a full snapshot first"),
-                (None, Some((_, span))) => Layer::Full { tracking: span.to },
-                (None, None) => {
-                    let from = fz
-                        .start_dirty_tracking()
-                        .context("starting dirty tracking")?;
-                    started_tracking = true;
-                    Layer::Full { tracking: from }
-                }
-            };
-            snapshot::write(dir, &state, fz.ram(), layer)
-                .with_context(|| format!("writing snapshot {}", dir.display()))
-        })();
-        if let Err(e) = &written {
-            // The harvested pages are still owed to the layer the next increment is taken
-            // on (the previous snapshot): give them back. And tracking started for this
-            // snapshot only is stopped again.
-            if let Some((dirty, span)) = &harvest {
-                let rejoined = fz.restore_dirty(dirty, *span);
-                tracing::warn!(
-                    error = %format!("{e:#}"),
-                    pages = dirty.iter().map(|w| w.count_ones() as u64).sum::<u64>(),
-                    rejoined,
-                    "snapshot failed; its harvested dirty pages go to the next one"
-                );
-            }
-            if started_tracking {
-                if let Err(e) = fz.stop_dirty_tracking() {
-                    tracing::warn!(error = %e, "could not stop the dirty tracking started for the failed snapshot");
-                }
-            }
-        }
-        written
-    });
-    let paused = t0.elapsed();
-    if (!stop || result.is_err()) && !was_stopped {
-        vmm.resume_devices();
-        vmm.resume();
-    }
-    let report = result?;
-    session.last_snapshot = Some(LastLayer {
-        dir: std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf()),
-        id: report.layer_id,
-    });
+    let report = vmm.snapshot(dir, SnapshotOptions { incremental, stop })?;
     session.snapshots += 1;
-    tracing::info!(dir = %dir.display(), pages = report.pages, layer = %report.layer_id, paused_ms = paused.as_millis() as u64, "snapshot written");
     Ok(serde_json::json!({
         "dir": dir,
         "incremental": incremental,
         "pages": report.pages,
         "bytes": report.bytes,
         "mem_size": vmm.memory().size(),
-        "paused_ms": paused.as_secs_f64() * 1e3,
+        "paused_ms": report.paused.as_secs_f64() * 1e3,
         "stopped": stop,
         "layer_id": report.layer_id.to_string(),
         "parent_id": report.parent_id.map(|i| i.to_string()),
         "tracking_from": report.tracking.from,
         "tracking_to": report.tracking.to,
     }))
+}
+
+/// Resumes the VM's devices; one that fails only logs (it wakes on the guest's next
+/// notification), the VM runs on.
+fn resume_devices(vmm: &Vmm) {
+    if let Err(e) = vmm.resume_devices() {
+        tracing::warn!("{}", twin_vmm::describe_error(&e));
+    }
 }
 
 fn status(vmm: &Vmm, session: &Session) -> twin_api::VmStatus {
@@ -523,7 +424,7 @@ fn handle_request(
             });
         }),
         Request::Resume => {
-            vmm.resume_devices();
+            resume_devices(vmm);
             vmm.resume();
             Ok(serde_json::json!({"vm": "running"}))
         }
@@ -553,7 +454,6 @@ fn serve_vm(
     let mut session = Session {
         role,
         started: Instant::now(),
-        last_snapshot: None,
         snapshots: 0,
     };
     let outcome = loop {

@@ -7,7 +7,7 @@
 
 use std::net::Ipv4Addr;
 
-use kvm_bindings::{kvm_dtable, kvm_regs, kvm_segment, kvm_sregs};
+use kvm_bindings::{kvm_dtable, kvm_lapic_state, kvm_regs, kvm_segment, kvm_sregs};
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::layout::*;
@@ -306,6 +306,46 @@ pub fn initial_regs(entry: EntryPoint) -> kvm_regs {
     }
 }
 
+/// xAPIC registers the boot contract sets, by offset in the register page (the layout of
+/// `kvm_lapic_state.regs`; Intel SDM vol. 3A, table 11-1).
+pub mod apic {
+    /// Spurious-interrupt vector register.
+    pub const SPIV: usize = 0xF0;
+    /// Local vector table entry of LINT0 (the 8259 PIC's INTR pin).
+    pub const LVT_LINT0: usize = 0x350;
+    /// Local vector table entry of LINT1 (NMI).
+    pub const LVT_LINT1: usize = 0x360;
+
+    /// SPIV: the APIC is software-enabled.
+    pub const SPIV_APIC_ENABLED: u32 = 1 << 8;
+    /// SPIV: the spurious-interrupt vector.
+    pub const SPURIOUS_VECTOR: u32 = 0xFF;
+    /// LVT delivery mode ExtINT: the vector comes from the PIC.
+    pub const DM_EXTINT: u32 = 0b111 << 8;
+    /// LVT delivery mode NMI.
+    pub const DM_NMI: u32 = 0b100 << 8;
+    /// LVT: the entry is masked.
+    pub const LVT_MASKED: u32 = 1 << 16;
+}
+
+fn set_lapic_reg(lapic: &mut kvm_lapic_state, reg: usize, value: u32) {
+    for (i, b) in value.to_le_bytes().iter().enumerate() {
+        lapic.regs[reg + i] = *b as i8;
+    }
+}
+
+/// The LAPIC the guest starts with: software-enabled (the guest programs its own timer),
+/// the PIC's ExtINT on LINT0 masked (the IOAPIC delivers legacy interrupts), NMI on LINT1.
+pub fn initial_lapic(lapic: &mut kvm_lapic_state) {
+    set_lapic_reg(
+        lapic,
+        apic::SPIV,
+        apic::SPIV_APIC_ENABLED | apic::SPURIOUS_VECTOR,
+    );
+    set_lapic_reg(lapic, apic::LVT_LINT0, apic::LVT_MASKED | apic::DM_EXTINT);
+    set_lapic_reg(lapic, apic::LVT_LINT1, apic::DM_NMI);
+}
+
 /// Long mode at CPL 3 with the contract's GDT, IDT, TSS and page tables, SSE enabled.
 pub fn initial_sregs(mut s: kvm_sregs) -> kvm_sregs {
     let code = kvm_segment {
@@ -364,6 +404,18 @@ pub fn initial_sregs(mut s: kvm_sregs) -> kvm_sregs {
 mod tests {
     use super::*;
     use vm_memory::GuestAddress;
+
+    #[test]
+    fn initial_lapic_is_the_contract() {
+        let mut l = kvm_lapic_state::default();
+        initial_lapic(&mut l);
+        let reg = |off: usize| u32::from_le_bytes(std::array::from_fn(|i| l.regs[off + i] as u8));
+        // The values the boot contract names (ARCHITECTURE.md): SVR 0x1FF, LINT0 ExtINT
+        // masked, LINT1 NMI.
+        assert_eq!(reg(0xF0), 0x1FF);
+        assert_eq!(reg(0x350), 0x1_0700);
+        assert_eq!(reg(0x360), 0x400);
+    }
 
     fn params() -> BootParams {
         BootParams {

@@ -20,8 +20,9 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 pub const MAGIC: &[u8; 8] = b"TWINSTAT";
-/// Current format version. Bump on any change of the payload types.
-pub const FORMAT_VERSION: u32 = 1;
+/// Current format version. Bump on any change of the payload types. 2: a vCPU's state
+/// carries the CPUID it runs with (a version-1 state has none to restore, and is refused).
+pub const FORMAT_VERSION: u32 = 2;
 pub const HEADER_LEN: usize = 32;
 /// Default cap on a payload: machine state is tens of KiB per vCPU.
 pub const DEFAULT_MAX_PAYLOAD: u64 = 16 << 20;
@@ -190,8 +191,22 @@ mod tests {
         m[0] ^= 1;
         assert!(matches!(d(&m), ContainerError::BadMagic));
         let mut v = b.clone();
-        v[8] = 2;
-        assert!(matches!(d(&v), ContainerError::NewerVersion { found: 2 }));
+        v[8..12].copy_from_slice(&(FORMAT_VERSION + 1).to_le_bytes());
+        assert!(
+            matches!(d(&v), ContainerError::NewerVersion { found } if found == FORMAT_VERSION + 1)
+        );
+        // Version 1, before vCPU states held their CPUID: refused as older, by number.
+        let mut v = b.clone();
+        v[8..12].copy_from_slice(&1u32.to_le_bytes());
+        let e = d(&v);
+        assert!(
+            matches!(e, ContainerError::OlderVersion { found: 1 }),
+            "{e}"
+        );
+        assert_eq!(
+            e.to_string(),
+            "state format version 1 is older than this build supports (2)"
+        );
         let mut k = b.clone();
         k[12] = 9;
         assert!(matches!(d(&k), ContainerError::WrongKind { found: 9, .. }));

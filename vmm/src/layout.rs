@@ -24,8 +24,11 @@ pub const IOAPIC_ADDR: u64 = 0xFEC0_0000;
 pub const LAPIC_ADDR: u64 = 0xFEE0_0000;
 
 pub const COM1_PORT: u64 = 0x3F8;
+/// The 8250's eight registers.
+pub const COM1_PORT_SIZE: u64 = 8;
 pub const COM1_IRQ: u32 = 4;
 /// A byte written here powers the VM off with that exit status.
 pub const POWER_PORT: u64 = 0x501;
+pub const POWER_PORT_SIZE: u64 = 1;
 pub const PCI_CONFIG_PORT: u64 = 0xCF8;
 pub const PCI_CONFIG_PORT_SIZE: u64 = 8;

@@ -1,41 +1,47 @@
 //! KVM virtual machine monitor: guest memory, vCPUs, platform and virtio devices, state
 //! capture.
 //!
-//! [`Vmm`] owns one VM. It is built from a [`VmConfig`], started, and then either runs until
-//! the guest powers off or is controlled (paused, checkpointed, resumed) by the caller.
+//! [`Vmm`] owns one VM. It is built from a [`VmConfig`] or restored from a
+//! [`MachineState`] (`builder`), started, and then either runs until the guest powers off
+//! or is controlled by the caller: paused and resumed (here), checkpointed
+//! ([`checkpoint`]), snapshotted ([`snapshot`]).
 
 pub mod boot;
+mod builder;
+pub mod checkpoint;
 pub mod container;
-pub mod devices;
 pub mod dirty;
-pub mod interrupt;
 pub mod layout;
 pub mod memory;
+pub mod power;
 pub mod snapshot;
 pub mod state;
 pub mod vcpu;
 pub mod vm;
 
+/// The devices, a crate of their own (`twin-devices`); the VMM builds, runs and saves them.
+pub use twin_devices as devices;
+
 use std::net::Ipv4Addr;
-use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::mpsc::{Receiver, Sender};
 use std::sync::{Arc, Mutex, RwLock};
 
-use kvm_bindings::kvm_lapic_state;
-use vmm_sys_util::eventfd::EventFd;
-
-use crate::boot::{BootError, BootParams};
+use crate::boot::BootError;
 use crate::devices::bus::{Bus, BusError};
-use crate::devices::pci::PciRoot;
-use crate::devices::power::PowerDevice;
+use crate::devices::pci::{PciError, PciRoot};
 use crate::devices::serial::{ConsoleOut, SerialDevice};
-use crate::devices::tap::Tap;
-use crate::devices::virtio::net::{NetResources, NetSink, NetWorker, TapSink, VirtioNet};
+use crate::devices::tap::{Tap, TapError};
+use crate::devices::virtio::net::{NetError, NetSink, NetWorker, VirtioNet};
+use crate::devices::Pausable;
 use crate::dirty::DirtyTracker;
-pub use crate::dirty::TrackingSpan;
-use crate::layout::*;
 use crate::memory::{Memory, MemoryError};
 use crate::vcpu::{Vcpu, VcpuControl, VcpuError};
 use crate::vm::{Vm, VmError};
+
+pub use crate::checkpoint::{Checkpoint, CheckpointTimings, DeviceError, Frozen};
+pub use crate::dirty::TrackingSpan;
+pub use crate::snapshot::{SnapshotError, SnapshotOptions, SnapshotReport};
+pub use twin_devices::Persist;
 
 /// Something that happened to a running VM, reported to whoever drives it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -86,8 +92,9 @@ pub struct MachineConfig {
     pub ip: Option<Ipv4Addr>,
 }
 
-/// State of every device. Each device is saved by its own `save_state`; a device that
-/// cannot save makes the whole capture fail.
+/// State of every device, one field per device, each from that device's
+/// [`Persist::save`]: a device that cannot save makes the whole capture fail (it is never
+/// left out).
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub struct DeviceStates {
     pub serial: devices::serial::SerialDeviceState,
@@ -127,53 +134,6 @@ pub struct HostResources {
     pub console: ConsoleOut,
 }
 
-/// Time spent in each phase of one checkpoint.
-#[derive(Clone, Copy, Debug, Default, serde::Serialize, serde::Deserialize)]
-pub struct CheckpointTimings {
-    /// From the pause request until every vCPU is parked.
-    pub stop_ns: u64,
-    pub device_state_ns: u64,
-    pub kvm_state_ns: u64,
-    pub harvest_ns: u64,
-    pub copy_ns: u64,
-    /// From the pause request until the vCPUs run again: the guest-visible pause.
-    pub pause_ns: u64,
-}
-
-/// One checkpoint: the machine state and the pages written since the previous one.
-pub struct Checkpoint {
-    pub state: MachineState,
-    /// Dirty-page bitmap (KVM's log OR the VMM's), one bit per page.
-    pub dirty: Vec<u64>,
-    /// Contents of the dirty pages, in bitmap order, `PAGE_SIZE` bytes each.
-    pub pages: Vec<u8>,
-    /// The tracking generations `dirty` covers (see [`dirty`]).
-    pub tracking: TrackingSpan,
-    pub timings: CheckpointTimings,
-}
-
-impl Checkpoint {
-    /// Indices of the dirty pages, ascending.
-    pub fn dirty_pages(&self) -> impl Iterator<Item = usize> + '_ {
-        bitmap_pages(&self.dirty)
-    }
-}
-
-/// The `source()` chain of an error, joined with ": " ("no further detail" if none): for
-/// log lines that name the root cause, not just the outermost context.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = Vec::new();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        out.push(c.to_string());
-        cur = c.source();
-    }
-    if out.is_empty() {
-        return "no further detail".into();
-    }
-    out.join(": ")
-}
-
 /// `e` and its causes on one line, `outer: cause: root cause`.
 pub fn describe_error(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
@@ -197,6 +157,19 @@ pub fn bitmap_pages(bitmap: &[u64]) -> impl Iterator<Item = usize> + '_ {
                 w * 64 + i
             })
         })
+    })
+}
+
+/// Runs of consecutive set bits of a page bitmap, ascending: `(first page, page count)`.
+pub fn bitmap_runs(bitmap: &[u64]) -> impl Iterator<Item = (usize, usize)> + '_ {
+    let mut pages = bitmap_pages(bitmap).peekable();
+    std::iter::from_fn(move || {
+        let first = pages.next()?;
+        let mut count = 1;
+        while pages.next_if_eq(&(first + count)).is_some() {
+            count += 1;
+        }
+        Some((first, count))
     })
 }
 
@@ -225,20 +198,18 @@ pub enum VmmError {
         #[source]
         source: kvm_ioctls::Error,
     },
+    #[error("opening the NIC's TAP")]
+    Tap(#[source] TapError),
     #[error("network device")]
-    Net(#[source] Box<dyn std::error::Error + Send + Sync>),
+    Net(#[source] NetError),
+    #[error("placing a device on the PCI bus")]
+    Pci(#[source] PciError),
     #[error("capturing or restoring KVM state")]
     State(#[from] state::StateError),
-    #[error("saving the {0} device")]
-    DeviceSave(
-        &'static str,
-        #[source] Box<dyn std::error::Error + Send + Sync>,
-    ),
-    #[error("restoring the {0} device")]
-    DeviceRestore(
-        &'static str,
-        #[source] Box<dyn std::error::Error + Send + Sync>,
-    ),
+    #[error("saving the devices")]
+    SaveDevices(#[source] DeviceError),
+    #[error("restoring the devices")]
+    RestoreDevices(#[source] DeviceError),
     #[error("the saved state has a network device but no TAP was given for it")]
     NoTap,
     #[error("the saved state has {saved} vCPUs, but {expected} were configured")]
@@ -262,7 +233,8 @@ pub struct Vmm {
     /// Generations of dirty tracking, and the lock that makes a harvest one step.
     dirty: DirtyTracker,
     config: MachineConfig,
-    msr_indices: Vec<u32>,
+    /// The layer the next incremental snapshot is taken on (see [`snapshot`]).
+    last_snapshot: Option<snapshot::LastLayer>,
     started: bool,
 }
 
@@ -273,194 +245,12 @@ struct NetDevice {
     worker: Option<NetWorker>,
 }
 
-fn set_lapic_reg(lapic: &mut kvm_lapic_state, reg: usize, value: u32) {
-    for (i, b) in value.to_le_bytes().iter().enumerate() {
-        lapic.regs[reg + i] = *b as i8;
-    }
-}
-
 impl Vmm {
-    /// Builds the VM: memory, KVM VM, vCPUs, devices, and loads the built-in guest.
-    pub fn new(cfg: VmConfig) -> Result<Self, VmmError> {
-        let memory = Memory::new(cfg.mem_size)?;
-        let config = MachineConfig {
-            mem_size: cfg.mem_size,
-            vcpus: cfg.vcpus,
-            mac: cfg.net.as_ref().map(|n| n.mac),
-            ip: Some(cfg.ip),
-        };
-        let tap = match &cfg.net {
-            Some(n) => Some(Tap::open(&n.tap).map_err(|e| VmmError::Net(e.into()))?),
-            None => None,
-        };
-        let host = HostResources {
-            tap,
-            console: cfg.console,
-        };
-        let vmm = Self::build(config, memory, host, None)?;
-        let tsc_khz = vmm.vcpus[0].fd().get_tsc_khz().map_err(VmmError::TscKhz)? as u64;
-        let params = BootParams {
-            mem_size: cfg.mem_size,
-            tsc_khz,
-            ip: cfg.ip,
-            prefix_len: cfg.prefix_len,
-            gateway: cfg.gateway,
-            guest_args: cfg.guest_args,
-        };
-        let entry = boot::load_builtin_guest(vmm.memory.guest_memory(), &cfg.guest_elf, &params)?;
-        for v in &vmm.vcpus {
-            let fd = v.fd();
-            let sregs = fd.get_sregs().map_err(|source| VcpuError::Ioctl {
-                op: "KVM_GET_SREGS",
-                source,
-            })?;
-            fd.set_sregs(&boot::initial_sregs(sregs))
-                .map_err(|source| VcpuError::Ioctl {
-                    op: "KVM_SET_SREGS",
-                    source,
-                })?;
-            fd.set_regs(&boot::initial_regs(entry))
-                .map_err(|source| VcpuError::Ioctl {
-                    op: "KVM_SET_REGS",
-                    source,
-                })?;
-            let mut lapic = fd
-                .get_lapic()
-                .map_err(|source| VmmError::Lapic { vcpu: v.id, source })?;
-            set_lapic_reg(&mut lapic, 0xF0, 0x1FF); // SVR: software-enabled, spurious 0xFF
-            set_lapic_reg(&mut lapic, 0x350, 0x1_0700); // LINT0: ExtINT, masked
-            set_lapic_reg(&mut lapic, 0x360, 0x400); // LINT1: NMI
-            fd.set_lapic(&lapic)
-                .map_err(|source| VmmError::Lapic { vcpu: v.id, source })?;
-        }
-        Ok(vmm)
-    }
-
-    /// Rebuilds a VM from saved state and guest memory that already holds the guest's
-    /// pages. Host resources (TAP, console) come from the caller.
-    pub fn restore(
-        state: &MachineState,
-        memory: Memory,
-        host: HostResources,
-    ) -> Result<Self, VmmError> {
-        let vmm = Self::build(state.config.clone(), memory, host, Some(&state.devices))?;
-        if state.vcpus.len() != vmm.vcpus.len() {
-            return Err(VmmError::VcpuMismatch {
-                saved: state.vcpus.len(),
-                expected: state.config.vcpus,
-            });
-        }
-        state::restore_vm(vmm.vm.fd(), &state.vm)?;
-        for (v, s) in vmm.vcpus.iter().zip(&state.vcpus) {
-            state::restore_vcpu(&v.fd(), s)?;
-        }
-        Ok(vmm)
-    }
-
-    /// Creates KVM VM, vCPUs and devices around `memory`; devices start from `devices` when
-    /// restoring.
-    fn build(
-        config: MachineConfig,
-        memory: Memory,
-        host: HostResources,
-        devices: Option<&DeviceStates>,
-    ) -> Result<Self, VmmError> {
-        if config.vcpus == 0 || config.vcpus > 64 {
-            return Err(VmmError::VcpuCount(config.vcpus));
-        }
-        let vm = Vm::new(&memory)?;
-        vcpu::register_kick_handler()?;
-
-        let mut vcpus = Vec::with_capacity(config.vcpus as usize);
-        for id in 0..config.vcpus {
-            let v = Vcpu::new(vm.fd(), id)?;
-            v.configure_cpuid(vm.kvm(), config.vcpus)?;
-            vcpus.push(v);
-        }
-        let msr_indices = state::saveable_msrs(vm.kvm(), &vcpus[0].fd())?;
-
-        let (events_tx, events_rx) = channel();
-        let mut pio = Bus::new();
-        let mmio = Bus::new();
-        let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventFd)?;
-        vm.register_irqfd(&serial_irq, COM1_IRQ)?;
-        let serial = match devices {
-            None => SerialDevice::new(serial_irq, host.console),
-            Some(d) => SerialDevice::from_state(&d.serial, serial_irq, host.console)
-                .map_err(|e| VmmError::DeviceRestore("serial", format!("{e:?}").into()))?,
-        };
-        let serial = Arc::new(Mutex::new(serial));
-        pio.insert(serial.clone(), COM1_PORT, 8)?;
-        pio.insert(
-            Arc::new(Mutex::new(PowerDevice::new(events_tx.clone()))),
-            POWER_PORT,
-            1,
-        )?;
-
-        let mut mmio = mmio;
-        let mut pci = match devices {
-            None => PciRoot::new(),
-            Some(d) => PciRoot::restore(&d.pci)
-                .map_err(|e| VmmError::DeviceRestore("PCI root", e.into()))?,
-        };
-        let saved_net = devices.and_then(|d| d.net.as_ref());
-        let net = match (config.mac, host.tap) {
-            (Some(mac), Some(tap)) => {
-                let tap = Arc::new(tap);
-                let res = NetResources {
-                    mem: memory.guest_memory().clone(),
-                    msi: vm.msi_sender(),
-                    sink: TapSink::boxed(tap.clone()),
-                };
-                let dev = match saved_net {
-                    None => VirtioNet::new_net(mac, PCI_MMIO_START, res),
-                    Some(st) => VirtioNet::restore(st, res),
-                }
-                .map_err(|e| VmmError::Net(e.into()))?;
-                let bar = dev.bar_addr();
-                let dev = Arc::new(Mutex::new(dev));
-                // Devices are re-added in the same order on restore, so they keep their slots.
-                pci.add_device(dev.clone())
-                    .map_err(|e| VmmError::Net(e.into()))?;
-                mmio.insert(dev.clone(), bar, devices::virtio::pci::BAR_SIZE)?;
-                Some(NetDevice {
-                    dev,
-                    tap,
-                    worker: None,
-                })
-            }
-            (Some(_), None) if saved_net.is_some() => return Err(VmmError::NoTap),
-            _ => None,
-        };
-        let pci = Arc::new(Mutex::new(pci));
-        pio.insert(pci.clone(), PCI_CONFIG_PORT, PCI_CONFIG_PORT_SIZE)?;
-
-        Ok(Vmm {
-            vcpus,
-            control: Arc::new(VcpuControl::default()),
-            pio: Arc::new(RwLock::new(pio)),
-            mmio: Arc::new(RwLock::new(mmio)),
-            serial,
-            pci,
-            net,
-            events_tx,
-            events_rx: Mutex::new(events_rx),
-            vm,
-            memory,
-            dirty: DirtyTracker::default(),
-            config,
-            msr_indices,
-            started: false,
-        })
-    }
-
     /// Starts the vCPU threads.
     pub fn start(&mut self) -> Result<(), VmmError> {
         if let Some(net) = &mut self.net {
-            net.worker = Some(
-                NetWorker::start(net.dev.clone(), net.tap.clone())
-                    .map_err(|e| VmmError::Net(e.into()))?,
-            );
+            net.worker =
+                Some(NetWorker::start(net.dev.clone(), net.tap.clone()).map_err(VmmError::Net)?);
         }
         for v in &mut self.vcpus {
             v.start(
@@ -477,7 +267,7 @@ impl Vmm {
     /// Like [`Vmm::start`], but the vCPUs park before running any guest code and the devices
     /// are paused; the VM runs on [`Vmm::resume_devices`] + [`Vmm::resume`].
     pub fn start_paused(&mut self) -> Result<(), VmmError> {
-        self.pause_devices();
+        self.pause_devices()?;
         self.control.pause_before_start();
         self.start()?;
         self.pause();
@@ -530,89 +320,34 @@ impl Vmm {
         &self.serial
     }
 
-    /// Captures devices, then KVM VM state, then every vCPU. vCPUs must be paused and the
-    /// caller must hold the device locks (see [`Vmm::checkpoint`]).
-    fn capture_locked(
-        &self,
-        locked: &LockedDevices<'_>,
-    ) -> Result<(MachineState, u64, u64), VmmError> {
-        let t = std::time::Instant::now();
-        // Devices first: a device quiescing may still raise an interrupt, which must land
-        // in the LAPIC/IOAPIC state captured after it (Firecracker learned this).
-        let net = match &locked.net {
-            Some(n) => Some(
-                n.save_state()
-                    .map_err(|e| VmmError::DeviceSave("virtio-net", e.into()))?,
-            ),
-            None => None,
-        };
-        let devices = DeviceStates {
-            serial: locked.serial.state(),
-            pci: locked.pci.save_state(),
-            net,
-        };
-        let device_ns = t.elapsed().as_nanos() as u64;
-        let vm = state::capture_vm(self.vm.fd())?;
-        let mut vcpus = Vec::with_capacity(self.vcpus.len());
-        for v in &self.vcpus {
-            vcpus.push(state::capture_vcpu(v.id, &v.fd(), &self.msr_indices)?);
-        }
-        let kvm_ns = t.elapsed().as_nanos() as u64 - device_ns;
-        Ok((
-            MachineState {
-                config: self.config.clone(),
-                devices,
-                vm,
-                vcpus,
-            },
-            device_ns,
-            kvm_ns,
-        ))
-    }
-
-    /// Runs `f` on the VM frozen: the caller has paused the vCPUs, and every device lock
-    /// is held for the whole of `f`, so no device worker writes guest memory meanwhile. A
-    /// snapshot writes memory from here; state captured here matches that memory.
-    pub fn frozen<R>(&self, f: impl FnOnce(&Frozen<'_>) -> R) -> R {
-        debug_assert!(self.is_paused(), "freeze only a paused VM");
-        let frozen = Frozen {
-            vmm: self,
-            locked: self.lock_devices(),
-        };
-        f(&frozen)
-    }
-
     pub fn is_paused(&self) -> bool {
         self.control.is_paused()
     }
 
-    /// Holds every device lock: device workers (the virtio-net RX thread) write guest
-    /// memory only under their lock, so with vCPUs paused and these held, guest memory
-    /// and device state stand still.
-    fn lock_devices(&self) -> LockedDevices<'_> {
-        // Same order as a vCPU's config-space access: PCI root, then the device.
-        let pci = self.pci.lock().expect("PCI root lock poisoned");
-        let net = self
-            .net
-            .as_ref()
-            .map(|n| n.dev.lock().expect("net device lock poisoned"));
-        let serial = self.serial.lock().expect("serial lock poisoned");
-        LockedDevices { net, pci, serial }
-    }
-
     /// Pauses every device that works on its own (the NIC's RX): with the vCPUs paused too,
     /// the VM stands fully still (a VM stopped after a snapshot, or restored paused).
-    pub fn pause_devices(&self) {
+    pub fn pause_devices(&self) -> Result<(), VmmError> {
         if let Some(n) = &self.net {
-            devices::Pausable::pause(&mut *n.dev.lock().expect("net device lock poisoned"));
+            n.dev
+                .lock()
+                .expect("net device lock poisoned")
+                .pause()
+                .map_err(VmmError::Net)?;
         }
+        Ok(())
     }
 
-    /// Undoes [`Vmm::pause_devices`].
-    pub fn resume_devices(&self) {
+    /// Undoes [`Vmm::pause_devices`]. A device that fails to resume may stay idle until the
+    /// guest next notifies it.
+    pub fn resume_devices(&self) -> Result<(), VmmError> {
         if let Some(n) = &self.net {
-            devices::Pausable::resume(&mut *n.dev.lock().expect("net device lock poisoned"));
+            n.dev
+                .lock()
+                .expect("net device lock poisoned")
+                .resume()
+                .map_err(VmmError::Net)?;
         }
+        Ok(())
     }
 
     /// Replaces where the guest's transmitted frames go (the output-commit buffer);
@@ -638,104 +373,6 @@ impl Vmm {
     pub fn device_failure(&self) -> Option<String> {
         self.net.as_ref()?.worker.as_ref()?.failure()
     }
-    /// Pauses the VM, captures its whole state, resumes it. No pages.
-    pub fn capture_state(&self) -> Result<MachineState, VmmError> {
-        self.pause();
-        let locked = self.lock_devices();
-        let r = self.capture_locked(&locked).map(|(s, _, _)| s);
-        drop(locked);
-        self.resume();
-        r
-    }
-
-    /// Pages written since the previous harvest (KVM's log OR the VMM's bitmap), read while
-    /// the guest runs: for the rounds of a live initial sync, where a page written again
-    /// after being read is caught by the next round.
-    pub fn harvest_dirty(&self) -> Result<Vec<u64>, VmmError> {
-        Ok(self.dirty.harvest(&self.vm, &self.memory)?.0)
-    }
-
-    /// Starts dirty-page tracking: KVM's log on, both logs cleared. The next checkpoint
-    /// returns the pages written from now on.
-    pub fn start_dirty_tracking(&self) -> Result<(), VmmError> {
-        self.dirty.start(&self.vm, &self.memory)?;
-        Ok(())
-    }
-
-    /// Gives back the pages of a harvest whose consumer failed (`dirty` and `span` of a
-    /// [`Checkpoint`]): the next harvest returns them again, so nothing written before the
-    /// failure is missing from the next checkpoint or increment. True if the tracking is
-    /// then as if the harvest had not happened (no other harvest since); false if another
-    /// harvest came in between, whose span the next one cannot reach back over (see
-    /// [`dirty`]). Safe while the guest runs.
-    pub fn restore_dirty(&self, dirty: &[u64], span: TrackingSpan) -> bool {
-        self.dirty.merge_back(&self.memory, dirty, span)
-    }
-
-    /// One epoch checkpoint: pause, capture device + KVM state, harvest the dirty pages
-    /// (KVM's log OR the VMM's own bitmap) and copy them, resume. With `copy_pages` false
-    /// only the bitmap is returned (the caller reads memory itself while the VM stays
-    /// paused, e.g. for a snapshot that keeps the VM stopped).
-    pub fn checkpoint(&self, copy_pages: bool) -> Result<Checkpoint, VmmError> {
-        self.checkpoint_sealed(copy_pages, || ())
-    }
-
-    /// [`Vmm::checkpoint`], calling `seal` while the vCPUs are paused and the devices
-    /// locked: the point where the guest's output of this epoch is exactly what it has
-    /// transmitted so far (the output-commit buffer closes the epoch there).
-    pub fn checkpoint_sealed(
-        &self,
-        copy_pages: bool,
-        seal: impl FnOnce(),
-    ) -> Result<Checkpoint, VmmError> {
-        let t0 = std::time::Instant::now();
-        self.pause();
-        let stop_ns = t0.elapsed().as_nanos() as u64;
-        let locked = self.lock_devices();
-        seal();
-        let r = self.checkpoint_locked(&locked, copy_pages);
-        drop(locked);
-        self.resume();
-        let mut cp = r?;
-        cp.timings.stop_ns = stop_ns;
-        cp.timings.pause_ns = t0.elapsed().as_nanos() as u64;
-        Ok(cp)
-    }
-
-    fn checkpoint_locked(
-        &self,
-        locked: &LockedDevices<'_>,
-        copy_pages: bool,
-    ) -> Result<Checkpoint, VmmError> {
-        let (state, device_state_ns, kvm_state_ns) = self.capture_locked(locked)?;
-        let t = std::time::Instant::now();
-        let (dirty, tracking) = self.dirty.harvest(&self.vm, &self.memory)?;
-        let harvest_ns = t.elapsed().as_nanos() as u64;
-        let t = std::time::Instant::now();
-        let mut pages = Vec::new();
-        if copy_pages {
-            let ram = self.memory.as_slice();
-            let n: usize = dirty.iter().map(|w| w.count_ones() as usize).sum();
-            pages.reserve_exact(n * memory::PAGE_SIZE);
-            for p in bitmap_pages(&dirty) {
-                pages.extend_from_slice(&ram[p * memory::PAGE_SIZE..(p + 1) * memory::PAGE_SIZE]);
-            }
-        }
-        let copy_ns = t.elapsed().as_nanos() as u64;
-        Ok(Checkpoint {
-            state,
-            dirty,
-            pages,
-            tracking,
-            timings: CheckpointTimings {
-                device_state_ns,
-                kvm_state_ns,
-                harvest_ns,
-                copy_ns,
-                ..Default::default()
-            },
-        })
-    }
 
     pub fn config(&self) -> &MachineConfig {
         &self.config
@@ -755,57 +392,30 @@ impl Vmm {
     }
 }
 
-/// A VM with vCPUs paused and device locks held; see [`Vmm::frozen`].
-pub struct Frozen<'a> {
-    vmm: &'a Vmm,
-    locked: LockedDevices<'a>,
-}
-
-impl Frozen<'_> {
-    /// The whole machine state.
-    pub fn capture(&self) -> Result<MachineState, VmmError> {
-        self.vmm.capture_locked(&self.locked).map(|(s, _, _)| s)
-    }
-
-    /// State plus the pages dirtied since the last harvest (copied if `copy_pages`).
-    pub fn checkpoint(&self, copy_pages: bool) -> Result<Checkpoint, VmmError> {
-        self.vmm.checkpoint_locked(&self.locked, copy_pages)
-    }
-
-    /// Guest RAM, which stands still while frozen.
-    pub fn ram(&self) -> &[u8] {
-        self.vmm.memory.as_slice()
-    }
-
-    /// Starts dirty tracking (KVM's log on, both logs cleared); returns the generation
-    /// from which the next harvest counts: what a first full snapshot is the base of.
-    pub fn start_dirty_tracking(&self) -> Result<u64, VmmError> {
-        Ok(self.vmm.dirty.start(&self.vmm.vm, &self.vmm.memory)?)
-    }
-
-    /// Turns dirty tracking off again: undoes [`Frozen::start_dirty_tracking`] when what
-    /// it was started for failed, so that a failure leaves the VM as it was (tracking off
-    /// costs the guest no write faults).
-    pub fn stop_dirty_tracking(&self) -> Result<(), VmmError> {
-        Ok(self.vmm.dirty.stop(&self.vmm.vm)?)
-    }
-
-    /// [`Vmm::restore_dirty`]: gives back the pages of a checkpoint taken here whose
-    /// consumer failed.
-    pub fn restore_dirty(&self, dirty: &[u64], span: TrackingSpan) -> bool {
-        self.vmm.restore_dirty(dirty, span)
-    }
-}
-
-/// Device locks held during a capture (taken PCI root → NIC → serial; the NIC before its sink).
-struct LockedDevices<'a> {
-    net: Option<std::sync::MutexGuard<'a, VirtioNet>>,
-    pci: std::sync::MutexGuard<'a, PciRoot>,
-    serial: std::sync::MutexGuard<'a, SerialDevice>,
-}
-
 impl Drop for Vmm {
     fn drop(&mut self) {
         self.shutdown();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bitmap_pages_and_runs() {
+        let mut bm = vec![0u64; 3];
+        for p in [0, 1, 2, 63, 64, 65, 100, 190, 191] {
+            bm[p / 64] |= 1 << (p % 64);
+        }
+        let pages: Vec<usize> = bitmap_pages(&bm).collect();
+        assert_eq!(pages, vec![0, 1, 2, 63, 64, 65, 100, 190, 191]);
+        let runs: Vec<(usize, usize)> = bitmap_runs(&bm).collect();
+        assert_eq!(runs, vec![(0, 3), (63, 3), (100, 1), (190, 2)]);
+        assert_eq!(bitmap_runs(&[0, 0]).count(), 0);
+        assert_eq!(
+            bitmap_runs(&[u64::MAX, u64::MAX]).collect::<Vec<_>>(),
+            vec![(0, 128)]
+        );
     }
 }

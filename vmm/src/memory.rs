@@ -5,18 +5,33 @@
 //! through [`GuestMem`] is recorded in the region's [`AtomicBitmap`]: KVM's dirty log only
 //! sees writes made by the guest, so the checkpoint engine ORs this bitmap into KVM's
 //! (virtio RX buffers and used rings are written here).
+//!
+//! Guest RAM is never handed out as `&[u8]`: the guest (or a device worker) may write it
+//! while it is read, which a Rust reference forbids. Pages are reached as vm-memory
+//! [`VolatileSlice`]s ([`Memory::pages`]) and copied with its volatile accessors
+//! (`ReadVolatile`/`WriteVolatile`, `copy_to`); a caller that needs bytes (the wire encoder
+//! takes `&[u8]` pages) gets a copy ([`Memory::copy_pages`], [`Memory::read_page`]). For
+//! a copy of more than a few bytes those accessors are one `memcpy`, as a slice copy is,
+//! so the checkpoint's page copy costs what it did.
 
 use std::ffi::CStr;
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd};
 
-use vm_memory::bitmap::AtomicBitmap;
-use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::bitmap::{AtomicBitmap, BS};
+use vm_memory::VolatileMemoryError;
+use vm_memory::{
+    FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress,
+    VolatileSlice, WriteVolatile,
+};
 
-/// Guest memory as the whole VMM sees it: dirty-tracked mmap regions.
-pub type GuestMem = vm_memory::GuestMemoryMmap<AtomicBitmap>;
+/// Guest memory as the whole VMM sees it: dirty-tracked mmap regions (the devices' type).
+pub use twin_devices::GuestMem;
 /// One region of [`GuestMem`].
 pub type GuestRegion = vm_memory::GuestRegionMmap<AtomicBitmap>;
+/// Guest RAM as volatile memory: what [`Memory::pages`] gives out. Writes through it are
+/// recorded in the VMM's dirty bitmap.
+pub type GuestSlice<'a> = VolatileSlice<'a, BS<'a, AtomicBitmap>>;
 
 /// Size of a guest page, the unit of dirty tracking and of checkpoint transfer.
 pub const PAGE_SIZE: usize = 4096;
@@ -41,6 +56,10 @@ pub enum MemoryError {
     },
     #[error("mapping guest memory failed")]
     Map(#[source] vm_memory::mmap::FromRangesError),
+    #[error("pages {first}..{} are not inside guest memory", first + count)]
+    Range { first: usize, count: usize },
+    #[error("copying guest memory failed")]
+    Copy(#[source] VolatileMemoryError),
 }
 
 /// Guest RAM together with the file that backs it.
@@ -105,19 +124,72 @@ impl Memory {
 
     /// Host address of the mapping of GPA 0, for `KVM_SET_USER_MEMORY_REGION`.
     pub fn host_address(&self) -> u64 {
-        let region = self.mem.iter().next().expect("guest memory has one region");
-        region.as_ptr() as u64
+        self.region().as_ptr() as u64
     }
 
-    /// The whole of guest RAM as a byte slice, for checkpoint page copies.
-    ///
-    /// Reads race with the guest when vCPUs run; callers read only while vCPUs and devices
-    /// are paused, or accept torn pages that a later epoch resends.
-    pub fn as_slice(&self) -> &[u8] {
-        let region = self.mem.iter().next().expect("guest memory has one region");
-        // SAFETY: the region maps `len` bytes for as long as `self.mem` lives, and this
-        // borrow is tied to `self`. Concurrent guest writes only change byte values.
-        unsafe { std::slice::from_raw_parts(region.as_ptr(), region.len() as usize) }
+    fn region(&self) -> &GuestRegion {
+        self.mem.iter().next().expect("guest memory has one region")
+    }
+
+    /// Pages `first..first + count` as volatile memory, to copy from or into with
+    /// vm-memory's volatile accessors. What they hold changes under a running guest (a
+    /// checkpoint reads them with the vCPUs paused and the devices locked; a live sync
+    /// takes torn pages, which a later round sends again).
+    pub fn pages(&self, first: usize, count: usize) -> Result<GuestSlice<'_>, MemoryError> {
+        let range = MemoryError::Range { first, count };
+        let (Some(off), Some(len)) = (first.checked_mul(PAGE_SIZE), count.checked_mul(PAGE_SIZE))
+        else {
+            return Err(range);
+        };
+        if off
+            .checked_add(len)
+            .is_none_or(|end| end > self.size as usize)
+        {
+            return Err(range);
+        }
+        self.region()
+            .get_slice(MemoryRegionAddress(off as u64), len)
+            .map_err(|_| range)
+    }
+
+    /// Appends the contents of the pages set in `bitmap` (one bit per page, u64 words, as
+    /// a harvest returns it) to `out`, in bitmap order: the checkpoint's page copy. Runs of
+    /// consecutive pages are copied at once.
+    pub fn copy_pages(&self, bitmap: &[u64], out: &mut Vec<u8>) -> Result<(), MemoryError> {
+        let n: usize = bitmap.iter().map(|w| w.count_ones() as usize).sum();
+        out.reserve_exact(n * PAGE_SIZE);
+        // One slice of all of RAM, cut per run: the copy loop does no region lookup.
+        let ram = self.pages(0, self.page_count())?;
+        for (first, count) in crate::bitmap_runs(bitmap) {
+            let run = ram
+                .subslice(first * PAGE_SIZE, count * PAGE_SIZE)
+                .map_err(|_| MemoryError::Range { first, count })?;
+            // `Vec`'s `write_volatile` reserves, copies with one `memcpy` and sets the length:
+            // what `extend_from_slice` does, without a `&[u8]` over guest memory.
+            out.write_all_volatile(&run).map_err(MemoryError::Copy)?;
+        }
+        Ok(())
+    }
+
+    /// Copies page `index` into `buf` (a page's worth of it).
+    pub fn read_page(&self, index: usize, buf: &mut [u8]) -> Result<(), MemoryError> {
+        let page = self.pages(index, 1)?;
+        if buf.len() != PAGE_SIZE {
+            return Err(MemoryError::Copy(VolatileMemoryError::PartialBuffer {
+                expected: PAGE_SIZE,
+                completed: buf.len(),
+            }));
+        }
+        page.copy_to(buf);
+        Ok(())
+    }
+
+    /// A copy of the whole of guest RAM (tests and tools compare memories with it).
+    pub fn to_vec(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        out.write_all_volatile(&self.region().as_volatile_slice().expect("the whole region"))
+            .expect("a Vec takes any number of bytes");
+        out
     }
 
     /// Overwrites page `index` (the backup applying a checkpoint to its replica). Only for
@@ -185,8 +257,7 @@ impl Memory {
     /// Takes the VMM's own dirty bitmap (one bit per page, u64 words, like KVM's log) and
     /// clears it.
     pub fn take_vmm_dirty_bitmap(&self) -> Vec<u64> {
-        let region = self.mem.iter().next().expect("guest memory has one region");
-        region.get_mmap().bitmap().get_and_reset()
+        self.region().get_mmap().bitmap().get_and_reset()
     }
 
     /// Marks the pages set in `bitmap` (one bit per page, u64 words, as
@@ -196,8 +267,7 @@ impl Memory {
     /// end of guest RAM are ignored. Safe while the guest runs: setting a bit races nothing
     /// (the page is at worst reported once more than needed).
     pub fn mark_vmm_dirty(&self, bitmap: &[u64]) {
-        let region = self.mem.iter().next().expect("guest memory has one region");
-        let mmap = region.get_mmap();
+        let mmap = self.region().get_mmap();
         let bm = mmap.bitmap();
         let pages = self.page_count();
         for p in crate::bitmap_pages(bitmap).take_while(|&p| p < pages) {
@@ -232,23 +302,69 @@ mod tests {
             .collect();
         assert_eq!(set, vec![5, 63, 64]);
         assert!(m.take_vmm_dirty_bitmap().iter().all(|&w| w == 0));
-        assert_eq!(m.as_slice()[5 * PAGE_SIZE + 8], 0xef);
+        assert_eq!(m.to_vec()[5 * PAGE_SIZE + 8], 0xef);
         assert!(m.write_page(1023, &[7u8; PAGE_SIZE]));
-        assert_eq!(m.as_slice()[1023 * PAGE_SIZE], 7);
+        assert_eq!(m.to_vec()[1023 * PAGE_SIZE], 7);
         assert!(!m.write_page(1024, &[7u8; PAGE_SIZE]));
         assert!(!m.write_page(u64::MAX, &[7u8; PAGE_SIZE]));
         assert!(!m.write_page(0, &[7u8; 10]));
         assert!(m.write_page(1022, &[9u8; PAGE_SIZE]));
         assert!(m.write_page(5, &[9u8; PAGE_SIZE]));
         assert!(!m.zero_pages(&[5, 1024]).unwrap(), "out of range refused");
-        assert_eq!(m.as_slice()[5 * PAGE_SIZE], 9, "nothing zeroed on refusal");
+        assert_eq!(m.to_vec()[5 * PAGE_SIZE], 9, "nothing zeroed on refusal");
         assert!(m.zero_pages(&[5, 1022, 1023]).unwrap());
-        assert!(m.as_slice()[5 * PAGE_SIZE..6 * PAGE_SIZE]
-            .iter()
-            .all(|&b| b == 0));
-        assert!(m.as_slice()[1022 * PAGE_SIZE..].iter().all(|&b| b == 0));
-        assert_eq!(m.as_slice()[4 * PAGE_SIZE], 0);
-        assert_eq!(m.as_slice()[6 * PAGE_SIZE - 1], 0);
+        let ram = m.to_vec();
+        assert!(ram[5 * PAGE_SIZE..6 * PAGE_SIZE].iter().all(|&b| b == 0));
+        assert!(ram[1022 * PAGE_SIZE..].iter().all(|&b| b == 0));
+        assert_eq!(ram[4 * PAGE_SIZE], 0);
+        assert_eq!(ram[6 * PAGE_SIZE - 1], 0);
+    }
+
+    #[test]
+    fn pages_are_copied_through_volatile_slices() {
+        let m = Memory::new(4 << 20).unwrap();
+        for p in [0u64, 1, 7, 1023] {
+            m.guest_memory()
+                .write_slice(
+                    &[p as u8 + 1; PAGE_SIZE],
+                    GuestAddress(p * PAGE_SIZE as u64),
+                )
+                .unwrap();
+        }
+        m.take_vmm_dirty_bitmap();
+        let mut bm = vec![0u64; 1024 / 64];
+        for p in [0usize, 1, 7, 1023] {
+            bm[p / 64] |= 1 << (p % 64);
+        }
+        let mut out = vec![0xaa];
+        m.copy_pages(&bm, &mut out).unwrap();
+        assert_eq!(out.len(), 1 + 4 * PAGE_SIZE, "appended, one page per bit");
+        for (i, v) in [1u8, 2, 8, 0].into_iter().enumerate() {
+            let page = &out[1 + i * PAGE_SIZE..1 + (i + 1) * PAGE_SIZE];
+            assert!(page.iter().all(|&b| b == v), "page {i} holds {v}");
+        }
+        assert!(
+            m.take_vmm_dirty_bitmap().iter().all(|&w| w == 0),
+            "reading marks nothing dirty"
+        );
+        let mut page = [0u8; PAGE_SIZE];
+        m.read_page(7, &mut page).unwrap();
+        assert!(page.iter().all(|&b| b == 8));
+        assert!(matches!(
+            m.read_page(1024, &mut page),
+            Err(MemoryError::Range {
+                first: 1024,
+                count: 1
+            })
+        ));
+        assert!(m.read_page(0, &mut page[..10]).is_err());
+        assert!(m.pages(1020, 4).is_ok());
+        assert!(m.pages(1020, 5).is_err());
+        assert!(m.pages(usize::MAX, 2).is_err());
+        // A bit past the end of RAM is refused, not read.
+        let mut past = vec![0u64; 1024 / 64 + 1];
+        past[1024 / 64] = 1;
+        assert!(m.copy_pages(&past, &mut Vec::new()).is_err());
     }
 
     #[test]

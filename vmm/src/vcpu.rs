@@ -14,7 +14,7 @@ use std::sync::mpsc::Sender;
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::thread::JoinHandle;
 
-use kvm_bindings::{kvm_run, CpuId, KVM_MAX_CPUID_ENTRIES};
+use kvm_bindings::{kvm_cpuid_entry2, kvm_run, CpuId, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
@@ -44,6 +44,10 @@ pub enum VcpuError {
         #[source]
         source: std::io::Error,
     },
+    #[error("vCPU {id}: {entries} CPUID entries is more than KVM takes ({KVM_MAX_CPUID_ENTRIES})")]
+    CpuidCount { id: u8, entries: usize },
+    #[error("vCPU {id}: no CPUID entries")]
+    NoCpuid { id: u8 },
 }
 
 fn ioctl(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError {
@@ -109,6 +113,11 @@ pub struct Vcpu {
     pub id: u8,
     fd: Arc<Mutex<VcpuFd>>,
     thread: Option<JoinHandle<()>>,
+    /// The MSRs a save reads (probed once per VM, see `state::saveable_msrs`).
+    saved_msrs: Vec<u32>,
+    /// The CPUID the vCPU runs with, as given to KVM: part of its saved state, so a
+    /// restore on another host gives the guest the CPU it booted on.
+    cpuid: Vec<kvm_cpuid_entry2>,
 }
 
 impl Vcpu {
@@ -120,7 +129,19 @@ impl Vcpu {
             id,
             fd: Arc::new(Mutex::new(fd)),
             thread: None,
+            saved_msrs: Vec::new(),
+            cpuid: Vec::new(),
         })
+    }
+
+    /// The MSR indices a save of this vCPU reads.
+    pub fn saved_msrs(&self) -> &[u32] {
+        &self.saved_msrs
+    }
+
+    /// Sets the MSR indices a save reads: those KVM can save and this vCPU can read.
+    pub fn set_saved_msrs(&mut self, indices: Vec<u32>) {
+        self.saved_msrs = indices;
     }
 
     /// Locks the vCPU fd. Only call while the vCPU is paused or not yet started: the
@@ -129,8 +150,9 @@ impl Vcpu {
         self.fd.lock().expect("vCPU fd lock poisoned")
     }
 
-    /// Gives the vCPU the host's supported CPUID less what the guest must not see.
-    pub fn configure_cpuid(&self, kvm: &kvm_ioctls::Kvm, vcpus: u8) -> Result<(), VcpuError> {
+    /// Gives a new vCPU the host's supported CPUID less what the guest must not see (a
+    /// restored one gets the CPUID of its saved state instead, see [`Vcpu::set_cpuid`]).
+    pub fn configure_cpuid(&mut self, kvm: &kvm_ioctls::Kvm, vcpus: u8) -> Result<(), VcpuError> {
         let mut cpuid: CpuId = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(ioctl("KVM_GET_SUPPORTED_CPUID"))?;
@@ -147,9 +169,30 @@ impl Vcpu {
                 _ => {}
             }
         }
+        self.set_cpuid(cpuid.as_slice())
+    }
+
+    /// Sets the vCPU's CPUID (before it first runs) and keeps a copy for its saves: the
+    /// CPUID never changes after that, so a save reads the copy, not KVM (one ioctl less
+    /// in every checkpoint).
+    pub fn set_cpuid(&mut self, entries: &[kvm_cpuid_entry2]) -> Result<(), VcpuError> {
+        if entries.is_empty() {
+            return Err(VcpuError::NoCpuid { id: self.id });
+        }
+        let cpuid = CpuId::from_entries(entries).map_err(|_| VcpuError::CpuidCount {
+            id: self.id,
+            entries: entries.len(),
+        })?;
         self.fd()
             .set_cpuid2(&cpuid)
-            .map_err(ioctl("KVM_SET_CPUID2"))
+            .map_err(ioctl("KVM_SET_CPUID2"))?;
+        self.cpuid = entries.to_vec();
+        Ok(())
+    }
+
+    /// The CPUID entries this vCPU runs with.
+    pub fn cpuid(&self) -> &[kvm_cpuid_entry2] {
+        &self.cpuid
     }
 
     /// Starts the vCPU thread running the guest until `control` says otherwise.

@@ -9,8 +9,8 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{Kvm, VmFd};
 
-use crate::interrupt::{MsiMessage, MsiSender};
 use crate::memory::Memory;
+use twin_devices::interrupt::{MsiMessage, MsiSender};
 
 /// Errors creating or configuring the KVM VM.
 #[derive(Debug, thiserror::Error)]

@@ -6,7 +6,8 @@ use vm_superio::serial::SerialState;
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::devices::bus::BusDevice;
+use crate::bus::BusDevice;
+use crate::persist::Persist;
 
 /// Raises the serial IRQ through an irqfd.
 pub struct IrqTrigger(pub EventFd);
@@ -57,18 +58,50 @@ pub struct SerialDeviceState {
     pub in_buffer: Vec<u8>,
 }
 
+/// Errors restoring the UART.
+#[derive(Debug, thiserror::Error)]
+pub enum SerialError {
+    #[error("the saved UART state is invalid")]
+    State(#[source] vm_superio::serial::Error<std::io::Error>),
+}
+
+/// Host resources of a (restored) UART: its interrupt line and where its output goes.
+pub struct SerialArgs {
+    pub irq: EventFd,
+    pub out: ConsoleOut,
+}
+
 impl SerialDevice {
     pub fn new(irq: EventFd, out: ConsoleOut) -> Self {
         SerialDevice {
             uart: Serial::new(IrqTrigger(irq), LineFlusher(out)),
         }
     }
+}
 
-    pub fn from_state(
-        state: &SerialDeviceState,
-        irq: EventFd,
-        out: ConsoleOut,
-    ) -> Result<Self, vm_superio::serial::Error<std::io::Error>> {
+impl Persist<'_> for SerialDevice {
+    type State = SerialDeviceState;
+    type ConstructorArgs = SerialArgs;
+    type Error = SerialError;
+
+    fn save(&self) -> Result<SerialDeviceState, SerialError> {
+        let s = self.uart.state();
+        Ok(SerialDeviceState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        })
+    }
+
+    /// Rebuilds the UART; a pending interrupt the state records is raised again on `irq`.
+    fn restore(args: SerialArgs, state: &SerialDeviceState) -> Result<Self, SerialError> {
         let s = SerialState {
             baud_divisor_low: state.baud_divisor_low,
             baud_divisor_high: state.baud_divisor_high,
@@ -83,27 +116,12 @@ impl SerialDevice {
         };
         let uart = Serial::from_state(
             &s,
-            IrqTrigger(irq),
+            IrqTrigger(args.irq),
             vm_superio::serial::NoEvents,
-            LineFlusher(out),
-        )?;
+            LineFlusher(args.out),
+        )
+        .map_err(SerialError::State)?;
         Ok(SerialDevice { uart })
-    }
-
-    pub fn state(&self) -> SerialDeviceState {
-        let s = self.uart.state();
-        SerialDeviceState {
-            baud_divisor_low: s.baud_divisor_low,
-            baud_divisor_high: s.baud_divisor_high,
-            interrupt_enable: s.interrupt_enable,
-            interrupt_identification: s.interrupt_identification,
-            line_control: s.line_control,
-            line_status: s.line_status,
-            modem_control: s.modem_control,
-            modem_status: s.modem_status,
-            scratch: s.scratch,
-            in_buffer: s.in_buffer,
-        }
     }
 }
 
@@ -151,10 +169,45 @@ mod tests {
         }
         s.write(0x3f8, 7, &[0x5a]); // scratch
         assert_eq!(&*out.0.lock().unwrap(), b"hi\n");
-        let st = s.state();
+        let st = s.save().unwrap();
         assert_eq!(st.scratch, 0x5a);
-        let s2 = SerialDevice::from_state(&st, EventFd::new(0).unwrap(), Box::new(std::io::sink()))
-            .unwrap();
-        assert_eq!(s2.state(), st);
+        let s2 = SerialDevice::restore(args(), &st).unwrap();
+        assert_eq!(s2.save().unwrap(), st);
+    }
+
+    fn args() -> SerialArgs {
+        SerialArgs {
+            irq: EventFd::new(0).unwrap(),
+            out: Box::new(std::io::sink()),
+        }
+    }
+
+    #[test]
+    fn save_restore_save_is_identical_through_an_encoding() {
+        let mut s = SerialDevice::new(EventFd::new(0).unwrap(), Box::new(std::io::sink()));
+        s.write(0x3f8, 3, &[0x80]); // DLAB on
+        s.write(0x3f8, 0, &[0x0c]); // divisor 9600 baud
+        s.write(0x3f8, 3, &[0x03]); // 8N1, DLAB off
+        s.write(0x3f8, 1, &[0x01]); // RX data interrupt enabled
+        s.write(0x3f8, 7, &[0xa5]);
+        let st = s.save().unwrap();
+        let bytes = bincode::serialize(&st).unwrap();
+        let decoded: SerialDeviceState = bincode::deserialize(&bytes).unwrap();
+        let restored = SerialDevice::restore(args(), &decoded).unwrap();
+        assert_eq!(restored.save().unwrap(), st);
+        assert_eq!((st.baud_divisor_low, st.line_control), (0x0c, 0x03));
+    }
+
+    #[test]
+    fn a_state_with_an_overfull_fifo_is_refused_by_type() {
+        let st = SerialDeviceState {
+            in_buffer: vec![0; 65],
+            ..Default::default()
+        };
+        match SerialDevice::restore(args(), &st) {
+            Err(SerialError::State(vm_superio::serial::Error::FullFifo)) => {}
+            Err(e) => panic!("another error: {e:?}"),
+            Ok(_) => panic!("a UART with 65 bytes in its 64-byte FIFO was restored"),
+        }
     }
 }

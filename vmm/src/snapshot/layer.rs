@@ -1,4 +1,4 @@
-//! Snapshot directories: a layer of guest memory plus the machine state.
+//! Snapshot directories (*layers*): guest memory plus the machine state, on disk.
 //!
 //! A directory holds:
 //! - `meta`: a state container (`Kind::SnapshotMeta`) with format, parent, sizes and the
@@ -23,15 +23,16 @@
 //! `tracking_to` (a harvest in between went elsewhere: its pages are in neither layer).
 
 use std::fs::{self, File};
-use std::io::{Read, Write};
-use std::os::unix::fs::FileExt;
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+use vm_memory::VolatileMemoryError;
+use vm_memory::{ReadVolatile, WriteVolatile};
 
 use crate::container::{self, ContainerError, Kind};
 use crate::memory::{Memory, PAGE_SIZE};
-use crate::{bitmap_pages, MachineState, TrackingSpan};
+use crate::{bitmap_runs, MachineState, TrackingSpan};
 
 /// Chains longer than this are refused.
 pub const MAX_CHAIN: usize = 256;
@@ -46,7 +47,7 @@ pub struct LayerId(pub [u8; 16]);
 
 impl LayerId {
     /// A fresh random id (from the kernel's CSPRNG).
-    pub fn random() -> Result<Self, SnapshotError> {
+    pub fn random() -> Result<Self, LayerError> {
         let path = Path::new("/dev/urandom");
         let mut id = [0u8; 16];
         File::open(path)
@@ -68,9 +69,9 @@ impl std::fmt::Debug for LayerId {
     }
 }
 
-/// Errors writing or reading a snapshot directory.
+/// Errors writing or reading a snapshot directory (one layer, or a chain of them).
 #[derive(Debug, thiserror::Error)]
-pub enum SnapshotError {
+pub enum LayerError {
     #[error("{op} {path}")]
     Io {
         op: &'static str,
@@ -110,9 +111,9 @@ pub enum SnapshotError {
     Encode(#[source] ContainerError),
 }
 
-fn io(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> SnapshotError {
+fn io(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> LayerError {
     let path = path.to_path_buf();
-    move |source| SnapshotError::Io { op, path, source }
+    move |source| LayerError::Io { op, path, source }
 }
 
 /// Metadata of one layer.
@@ -174,12 +175,12 @@ fn target_parent(dir: &Path) -> &Path {
     }
 }
 
-/// Checks what a [`write`] of `dir` can be known to fail on before anything is captured or
+/// Checks what a [`write()`] of `dir` can be known to fail on before anything is captured or
 /// harvested: `dir` exists (also as a dangling symlink), or the directory it is to be
-/// created in is missing, not a directory, or not writable. [`write`] checks `dir` again
+/// created in is missing, not a directory, or not writable. [`write()`] checks `dir` again
 /// (and creates it atomically); this is so that a caller can refuse before touching the VM.
-pub fn check_target(dir: &Path) -> Result<(), SnapshotError> {
-    let target = |why: String| SnapshotError::Target {
+pub fn check_target(dir: &Path) -> Result<(), LayerError> {
+    let target = |why: String| LayerError::Target {
         dir: dir.to_path_buf(),
         why,
     };
@@ -187,7 +188,7 @@ pub fn check_target(dir: &Path) -> Result<(), SnapshotError> {
         return Err(target("the path names no directory to create".into()));
     }
     if fs::symlink_metadata(dir).is_ok() {
-        return Err(SnapshotError::Exists(dir.to_path_buf()));
+        return Err(LayerError::Exists(dir.to_path_buf()));
     }
     let parent = target_parent(dir);
     match fs::metadata(parent) {
@@ -211,13 +212,11 @@ pub fn check_target(dir: &Path) -> Result<(), SnapshotError> {
 
 /// Renames `from` to `to` unless `to` exists (`renameat2(RENAME_NOREPLACE)`): a plain
 /// rename would replace an empty directory created at `to` meanwhile.
-fn rename_no_replace(from: &Path, to: &Path) -> Result<(), SnapshotError> {
+fn rename_no_replace(from: &Path, to: &Path) -> Result<(), LayerError> {
     let c = |p: &Path| {
-        std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).map_err(|_| {
-            SnapshotError::Target {
-                dir: to.to_path_buf(),
-                why: format!("{} contains a NUL byte", p.display()),
-            }
+        std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).map_err(|_| LayerError::Target {
+            dir: to.to_path_buf(),
+            why: format!("{} contains a NUL byte", p.display()),
         })
     };
     let (cf, ct) = (c(from)?, c(to)?);
@@ -237,7 +236,7 @@ fn rename_no_replace(from: &Path, to: &Path) -> Result<(), SnapshotError> {
     }
     let e = std::io::Error::last_os_error();
     match e.raw_os_error() {
-        Some(libc::EEXIST) | Some(libc::ENOTEMPTY) => Err(SnapshotError::Exists(to.to_path_buf())),
+        Some(libc::EEXIST) | Some(libc::ENOTEMPTY) => Err(LayerError::Exists(to.to_path_buf())),
         // A filesystem without RENAME_NOREPLACE: check, then rename (a narrow race).
         Some(libc::EINVAL) if fs::symlink_metadata(to).is_err() => {
             fs::rename(from, to).map_err(io("renaming snapshot into place at", to))
@@ -246,24 +245,52 @@ fn rename_no_replace(from: &Path, to: &Path) -> Result<(), SnapshotError> {
     }
 }
 
+/// The I/O error inside a volatile copy's error (a copy between a file and guest memory
+/// fails only by its I/O).
+fn volatile_io(e: VolatileMemoryError) -> std::io::Error {
+    match e {
+        VolatileMemoryError::IOError(e) => e,
+        e => std::io::Error::other(e),
+    }
+}
+
+/// Writes pages `first..first + count` of guest RAM into `file` at their own offset.
+fn write_pages(file: &File, ram: &Memory, first: usize, count: usize) -> std::io::Result<()> {
+    let pages = ram.pages(first, count).map_err(std::io::Error::other)?;
+    let mut f = file;
+    f.seek(SeekFrom::Start((first * PAGE_SIZE) as u64))?;
+    f.write_all_volatile(&pages).map_err(volatile_io)
+}
+
+/// Reads pages `first..first + count` of guest RAM from `file` at their own offset.
+fn read_pages(file: &File, ram: &Memory, first: usize, count: usize) -> std::io::Result<()> {
+    let mut pages = ram.pages(first, count).map_err(std::io::Error::other)?;
+    let mut f = file;
+    f.seek(SeekFrom::Start((first * PAGE_SIZE) as u64))?;
+    f.read_exact_volatile(&mut pages).map_err(volatile_io)
+}
+
 /// Writes a snapshot of `state` and the layer's pages of `ram` into `dir`, which must not
-/// exist. `ram` must not change during the call (the VM is paused, or `ram` is a copy).
+/// exist. `ram` must not change during the call (the VM is frozen, or not running).
 /// An increment is refused (nothing written) unless it continues its parent: its tracking
 /// span must start where the parent's ends.
 pub fn write(
     dir: &Path,
     state: &MachineState,
-    ram: &[u8],
+    ram: &Memory,
     layer: Layer<'_>,
-) -> Result<WriteReport, SnapshotError> {
+) -> Result<WriteReport, LayerError> {
     check_target(dir)?;
-    let page_count = ram.len() / PAGE_SIZE;
+    let page_count = ram.page_count();
     let words = page_count.div_ceil(64);
     let (parent, mut present, tracking) = match layer {
         Layer::Full { tracking } => {
             let mut bm = vec![0u64; words];
+            let mut page = vec![0u8; PAGE_SIZE];
             for p in 0..page_count {
-                if !is_zero(&ram[p * PAGE_SIZE..(p + 1) * PAGE_SIZE]) {
+                ram.read_page(p, &mut page)
+                    .expect("every page below page_count is in RAM");
+                if !is_zero(&page) {
                     bm[p / 64] |= 1 << (p % 64);
                 }
             }
@@ -281,16 +308,16 @@ pub fn write(
             let parent =
                 fs::canonicalize(parent).map_err(io("resolving parent snapshot", parent))?;
             let meta = read_meta(&parent)?;
-            let broken = |what: String| SnapshotError::ChainBroken {
+            let broken = |what: String| LayerError::ChainBroken {
                 child: dir.to_path_buf(),
                 parent: parent.clone(),
                 what,
             };
-            if meta.mem_size != ram.len() as u64 {
+            if meta.mem_size != ram.size() {
                 return Err(broken(format!(
                     "the parent is for {} bytes of RAM, the VM has {}",
                     meta.mem_size,
-                    ram.len()
+                    ram.size()
                 )));
             }
             if meta.tracking_to != tracking.from {
@@ -329,48 +356,31 @@ pub fn write(
 fn write_files(
     dir: &Path,
     state: &MachineState,
-    ram: &[u8],
+    ram: &Memory,
     parent: Option<PathBuf>,
     (layer_id, parent_id): (LayerId, Option<LayerId>),
     tracking: TrackingSpan,
     present: &[u64],
-) -> Result<WriteReport, SnapshotError> {
+) -> Result<WriteReport, LayerError> {
     fs::create_dir_all(dir).map_err(io("creating snapshot directory", dir))?;
-    let state_bytes = state.encode().map_err(SnapshotError::Encode)?;
+    let state_bytes = state.encode().map_err(LayerError::Encode)?;
     write_file(&dir.join("state"), &state_bytes)?;
     let bitmap: Vec<u8> = present.iter().flat_map(|w| w.to_le_bytes()).collect();
     write_file(&dir.join("pages"), &bitmap)?;
 
     let mem_path = dir.join("memory");
     let mem = File::create(&mem_path).map_err(io("creating", &mem_path))?;
-    mem.set_len(ram.len() as u64)
-        .map_err(io("sizing", &mem_path))?;
+    mem.set_len(ram.size()).map_err(io("sizing", &mem_path))?;
     let mut pages = 0u64;
-    // Write runs of consecutive pages with one call each.
-    let mut run: Option<(usize, usize)> = None;
-    let flush = |(start, end): (usize, usize)| {
-        mem.write_all_at(
-            &ram[start * PAGE_SIZE..end * PAGE_SIZE],
-            (start * PAGE_SIZE) as u64,
-        )
-        .map_err(io("writing guest memory to", &mem_path))
-    };
-    for p in bitmap_pages(present) {
-        if p * PAGE_SIZE >= ram.len() {
+    // Runs of consecutive pages, one write each; bits past the end of RAM are not pages.
+    let in_ram = ram.page_count();
+    for (first, count) in bitmap_runs(present) {
+        let count = count.min(in_ram.saturating_sub(first));
+        if count == 0 {
             break;
         }
-        pages += 1;
-        run = match run {
-            Some((s, e)) if e == p => Some((s, p + 1)),
-            Some(r) => {
-                flush(r)?;
-                Some((p, p + 1))
-            }
-            None => Some((p, p + 1)),
-        };
-    }
-    if let Some(r) = run {
-        flush(r)?;
+        pages += count as u64;
+        write_pages(&mem, ram, first, count).map_err(io("writing guest memory to", &mem_path))?;
     }
     mem.sync_all().map_err(io("syncing", &mem_path))?;
 
@@ -381,7 +391,7 @@ fn write_files(
         parent_id,
         tracking_from: tracking.from,
         tracking_to: tracking.to,
-        mem_size: ram.len() as u64,
+        mem_size: ram.size(),
         page_size: PAGE_SIZE as u64,
         pages,
         created_unix_ms: std::time::SystemTime::now()
@@ -391,7 +401,7 @@ fn write_files(
         state_crc: container::crc64(&state_bytes),
         bitmap_crc: container::crc64(&bitmap),
     };
-    let meta_bytes = container::encode(Kind::SnapshotMeta, &meta).map_err(SnapshotError::Encode)?;
+    let meta_bytes = container::encode(Kind::SnapshotMeta, &meta).map_err(LayerError::Encode)?;
     write_file(&dir.join("meta"), &meta_bytes)?;
     Ok(WriteReport {
         pages,
@@ -402,17 +412,17 @@ fn write_files(
     })
 }
 
-fn write_file(path: &Path, data: &[u8]) -> Result<(), SnapshotError> {
+fn write_file(path: &Path, data: &[u8]) -> Result<(), LayerError> {
     let mut f = File::create(path).map_err(io("creating", path))?;
     f.write_all(data).map_err(io("writing", path))?;
     f.sync_all().map_err(io("syncing", path))
 }
 
-fn read_file(path: &Path, max: u64) -> Result<Vec<u8>, SnapshotError> {
+fn read_file(path: &Path, max: u64) -> Result<Vec<u8>, LayerError> {
     let f = File::open(path).map_err(io("opening", path))?;
     let len = f.metadata().map_err(io("reading the size of", path))?.len();
     if len > max {
-        return Err(SnapshotError::Inconsistent {
+        return Err(LayerError::Inconsistent {
             path: path.to_path_buf(),
             what: format!("file is {len} bytes, more than the {max} allowed"),
         });
@@ -425,10 +435,10 @@ fn read_file(path: &Path, max: u64) -> Result<Vec<u8>, SnapshotError> {
 }
 
 /// Reads and checks a layer's metadata.
-pub fn read_meta(dir: &Path) -> Result<SnapshotMeta, SnapshotError> {
+pub fn read_meta(dir: &Path) -> Result<SnapshotMeta, LayerError> {
     let path = dir.join("meta");
     let data = read_file(&path, 1 << 20)?;
-    let invalid = |source| SnapshotError::Container {
+    let invalid = |source| LayerError::Container {
         path: path.clone(),
         source,
     };
@@ -438,12 +448,12 @@ pub fn read_meta(dir: &Path) -> Result<SnapshotMeta, SnapshotError> {
     if let Some(f) = payload.get(..4) {
         let found = u32::from_le_bytes(f.try_into().expect("4 bytes"));
         if found != SNAPSHOT_FORMAT {
-            return Err(SnapshotError::Format { path, found });
+            return Err(LayerError::Format { path, found });
         }
     }
     let meta: SnapshotMeta = container::decode_payload(payload, 1 << 20).map_err(invalid)?;
     if meta.parent.is_some() != meta.parent_id.is_some() || meta.tracking_from > meta.tracking_to {
-        return Err(SnapshotError::Inconsistent {
+        return Err(LayerError::Inconsistent {
             path,
             what: format!(
                 "parent {:?} with parent id {:?}, tracking generations {}..{}",
@@ -455,7 +465,7 @@ pub fn read_meta(dir: &Path) -> Result<SnapshotMeta, SnapshotError> {
         || meta.mem_size == 0
         || meta.mem_size % PAGE_SIZE as u64 != 0
     {
-        return Err(SnapshotError::Inconsistent {
+        return Err(LayerError::Inconsistent {
             path,
             what: format!(
                 "page size {} / memory size {} are not usable",
@@ -467,7 +477,7 @@ pub fn read_meta(dir: &Path) -> Result<SnapshotMeta, SnapshotError> {
 }
 
 /// Reads the machine state of the top layer `dir`.
-pub fn read_state(dir: &Path) -> Result<MachineState, SnapshotError> {
+pub fn read_state(dir: &Path) -> Result<MachineState, LayerError> {
     let meta = read_meta(dir)?;
     let path = dir.join("state");
     let data = read_file(
@@ -475,17 +485,17 @@ pub fn read_state(dir: &Path) -> Result<MachineState, SnapshotError> {
         container::DEFAULT_MAX_PAYLOAD + container::HEADER_LEN as u64,
     )?;
     if container::crc64(&data) != meta.state_crc {
-        return Err(SnapshotError::Inconsistent {
+        return Err(LayerError::Inconsistent {
             path,
             what: "state does not match the checksum in meta".into(),
         });
     }
-    let state = MachineState::decode(&data).map_err(|source| SnapshotError::Container {
+    let state = MachineState::decode(&data).map_err(|source| LayerError::Container {
         path: path.clone(),
         source,
     })?;
     if state.config.mem_size != meta.mem_size {
-        return Err(SnapshotError::Inconsistent {
+        return Err(LayerError::Inconsistent {
             path,
             what: format!(
                 "state says {} bytes of RAM, meta {}",
@@ -499,24 +509,24 @@ pub fn read_state(dir: &Path) -> Result<MachineState, SnapshotError> {
 /// The chain of layers ending at `dir`, base first. Refused: a loop, a chain longer than
 /// [`MAX_CHAIN`], and a chain that does not add up (see the module docs) — each child must
 /// name its parent's id and start its tracking span where the parent's ends.
-pub fn chain(dir: &Path) -> Result<Vec<(PathBuf, SnapshotMeta)>, SnapshotError> {
+pub fn chain(dir: &Path) -> Result<Vec<(PathBuf, SnapshotMeta)>, LayerError> {
     let mut layers: Vec<(PathBuf, SnapshotMeta)> = Vec::new();
     let mut seen = Vec::new();
     let mut cur = Some(dir.to_path_buf());
     while let Some(d) = cur {
         if layers.len() >= MAX_CHAIN {
-            return Err(SnapshotError::ChainTooLong(dir.to_path_buf()));
+            return Err(LayerError::ChainTooLong(dir.to_path_buf()));
         }
         let meta = read_meta(&d)?;
         seen.push(fs::canonicalize(&d).map_err(io("resolving snapshot", &d))?);
         if let Some((child_dir, child)) = layers.last() {
-            let broken = |what: String| SnapshotError::ChainBroken {
+            let broken = |what: String| LayerError::ChainBroken {
                 child: child_dir.clone(),
                 parent: d.clone(),
                 what,
             };
             if child.mem_size != meta.mem_size {
-                return Err(SnapshotError::Inconsistent {
+                return Err(LayerError::Inconsistent {
                     path: d,
                     what: "parent has another memory size".into(),
                 });
@@ -542,7 +552,7 @@ pub fn chain(dir: &Path) -> Result<Vec<(PathBuf, SnapshotMeta)>, SnapshotError> 
             Some(p) => {
                 let p = fs::canonicalize(p).map_err(io("resolving parent snapshot", p))?;
                 if seen.contains(&p) {
-                    return Err(SnapshotError::ChainLoop {
+                    return Err(LayerError::ChainLoop {
                         dir: dir.to_path_buf(),
                         layer: p,
                     });
@@ -558,14 +568,13 @@ pub fn chain(dir: &Path) -> Result<Vec<(PathBuf, SnapshotMeta)>, SnapshotError> 
 }
 
 /// Fills fresh guest memory from the chain ending at `dir`; returns the pages loaded.
-pub fn load_memory(dir: &Path, memory: &Memory) -> Result<u64, SnapshotError> {
+pub fn load_memory(dir: &Path, memory: &Memory) -> Result<u64, LayerError> {
     let layers = chain(dir)?;
-    let ram_len = memory.size() as usize;
-    let ram_ptr = memory.host_address() as *mut u8;
+    let in_ram = memory.page_count();
     let mut loaded = 0u64;
     for (d, meta) in &layers {
         if meta.mem_size != memory.size() {
-            return Err(SnapshotError::Inconsistent {
+            return Err(LayerError::Inconsistent {
                 path: d.clone(),
                 what: format!(
                     "layer is for {} bytes of RAM, the VM has {}",
@@ -577,7 +586,7 @@ pub fn load_memory(dir: &Path, memory: &Memory) -> Result<u64, SnapshotError> {
         let bm_path = d.join("pages");
         let bitmap = read_file(&bm_path, meta.mem_size / PAGE_SIZE as u64 / 8 + 8)?;
         if container::crc64(&bitmap) != meta.bitmap_crc || bitmap.len() % 8 != 0 {
-            return Err(SnapshotError::Inconsistent {
+            return Err(LayerError::Inconsistent {
                 path: bm_path,
                 what: "page bitmap does not match meta".into(),
             });
@@ -589,23 +598,21 @@ pub fn load_memory(dir: &Path, memory: &Memory) -> Result<u64, SnapshotError> {
         let mem_path = d.join("memory");
         let f = File::open(&mem_path).map_err(io("opening", &mem_path))?;
         let mut n = 0u64;
-        for p in bitmap_pages(&words) {
-            let off = p * PAGE_SIZE;
-            if off + PAGE_SIZE > ram_len {
-                return Err(SnapshotError::Inconsistent {
+        // Runs of consecutive pages, one read each (the file is sparse: the pages of this
+        // layer are at their own offsets).
+        for (first, count) in bitmap_runs(&words) {
+            if first + count > in_ram {
+                return Err(LayerError::Inconsistent {
                     path: bm_path,
-                    what: format!("page {p} is beyond RAM"),
+                    what: format!("page {} is beyond RAM", first.max(in_ram)),
                 });
             }
-            // SAFETY: `off..off + PAGE_SIZE` is inside the guest RAM mapping (checked
-            // above); the VM is not running yet, so nothing else touches it.
-            let page = unsafe { std::slice::from_raw_parts_mut(ram_ptr.add(off), PAGE_SIZE) };
-            f.read_exact_at(page, off as u64)
+            read_pages(&f, memory, first, count)
                 .map_err(io("reading guest memory from", &mem_path))?;
-            n += 1;
+            n += count as u64;
         }
         if n != meta.pages {
-            return Err(SnapshotError::Inconsistent {
+            return Err(LayerError::Inconsistent {
                 path: d.clone(),
                 what: format!("bitmap has {n} pages, meta says {}", meta.pages),
             });
@@ -632,7 +639,7 @@ mod tests {
             },
             devices: DeviceStates {
                 serial: SerialDeviceState::default(),
-                pci: crate::devices::pci::PciRoot::new().save_state(),
+                pci: crate::Persist::save(&crate::devices::pci::PciRoot::new()).unwrap(),
                 net: None,
             },
             vm: VmState {
@@ -646,8 +653,11 @@ mod tests {
         }
     }
 
-    fn fill(ram: &mut [u8], page: usize, v: u8) {
-        ram[page * PAGE_SIZE..(page + 1) * PAGE_SIZE].fill(v);
+    fn fill(ram: &Memory, page: usize, v: u8) {
+        use vm_memory::{Bytes, GuestAddress};
+        ram.guest_memory()
+            .write_slice(&[v; PAGE_SIZE], GuestAddress((page * PAGE_SIZE) as u64))
+            .unwrap();
     }
 
     #[test]
@@ -655,9 +665,9 @@ mod tests {
         let tmp = tempdir();
         let size = 2 << 20;
         let pages = size / PAGE_SIZE;
-        let mut ram = vec![0u8; size];
-        fill(&mut ram, 3, 1);
-        fill(&mut ram, 100, 2);
+        let ram = Memory::new(size as u64).unwrap();
+        fill(&ram, 3, 1);
+        fill(&ram, 100, 2);
         let r = write(
             &tmp.join("a"),
             &state(size as u64),
@@ -667,9 +677,9 @@ mod tests {
         .unwrap();
         assert_eq!(r.pages, 2, "zero pages are not stored");
         // Epoch 2: page 3 changes, page 100 becomes zero, page 7 is new.
-        fill(&mut ram, 3, 9);
-        fill(&mut ram, 100, 0);
-        fill(&mut ram, 7, 4);
+        fill(&ram, 3, 9);
+        fill(&ram, 100, 0);
+        fill(&ram, 7, 4);
         let mut dirty = vec![0u64; pages / 64];
         for p in [3, 7, 100] {
             dirty[p / 64] |= 1 << (p % 64);
@@ -699,12 +709,12 @@ mod tests {
         load_memory(&b, &from_chain).unwrap();
         let from_full = Memory::new(size as u64).unwrap();
         load_memory(&tmp.join("full"), &from_full).unwrap();
-        assert_eq!(from_chain.as_slice(), &ram[..]);
-        assert_eq!(from_full.as_slice(), from_chain.as_slice());
+        assert!(from_chain.to_vec() == ram.to_vec());
+        assert!(from_full.to_vec() == from_chain.to_vec());
         assert_eq!(read_state(&b).unwrap().config.mem_size, size as u64);
         assert!(matches!(
             write(&b, &state(size as u64), &ram, Layer::Full { tracking: 1 }),
-            Err(SnapshotError::Exists(_))
+            Err(LayerError::Exists(_))
         ));
     }
 
@@ -712,8 +722,8 @@ mod tests {
     fn corrupt_files_are_refused() {
         let tmp = tempdir();
         let size = 2 << 20;
-        let mut ram = vec![0u8; size];
-        fill(&mut ram, 1, 1);
+        let ram = Memory::new(size as u64).unwrap();
+        fill(&ram, 1, 1);
         let d = tmp.join("s");
         write(&d, &state(size as u64), &ram, Layer::Full { tracking: 1 }).unwrap();
         let mem = Memory::new(size as u64).unwrap();
@@ -723,7 +733,7 @@ mod tests {
         fs::write(d.join("state"), &st).unwrap();
         assert!(matches!(
             read_state(&d),
-            Err(SnapshotError::Inconsistent { .. })
+            Err(LayerError::Inconsistent { .. })
         ));
 
         let mut bm = fs::read(d.join("pages")).unwrap();
@@ -731,24 +741,21 @@ mod tests {
         fs::write(d.join("pages"), &bm).unwrap();
         assert!(matches!(
             load_memory(&d, &mem),
-            Err(SnapshotError::Inconsistent { .. })
+            Err(LayerError::Inconsistent { .. })
         ));
 
         let meta = fs::read(d.join("meta")).unwrap();
         fs::write(d.join("meta"), &meta[..meta.len() - 3]).unwrap();
-        assert!(matches!(
-            read_meta(&d),
-            Err(SnapshotError::Container { .. })
-        ));
+        assert!(matches!(read_meta(&d), Err(LayerError::Container { .. })));
         fs::remove_file(d.join("meta")).unwrap();
-        assert!(matches!(read_meta(&d), Err(SnapshotError::Io { .. })));
+        assert!(matches!(read_meta(&d), Err(LayerError::Io { .. })));
 
         let other = Memory::new(4 << 20).unwrap();
         let d2 = tmp.join("t");
         write(&d2, &state(size as u64), &ram, Layer::Full { tracking: 1 }).unwrap();
         assert!(matches!(
             load_memory(&d2, &other),
-            Err(SnapshotError::Inconsistent { .. })
+            Err(LayerError::Inconsistent { .. })
         ));
     }
 
@@ -758,7 +765,7 @@ mod tests {
         // A file where the parent directory should be: refused before anything is written.
         fs::write(tmp.join("blocker"), b"x").unwrap();
         let d = tmp.join("blocker").join("snap");
-        let ram = vec![0u8; 2 << 20];
+        let ram = Memory::new(2 << 20).unwrap();
         assert!(write(&d, &state(2 << 20), &ram, Layer::Full { tracking: 1 }).is_err());
         assert!(!d.exists());
         // A file squatting the temporary name makes creation fail midway, after the checks.
@@ -767,7 +774,7 @@ mod tests {
         check_target(&d).unwrap();
         assert!(matches!(
             write(&d, &state(2 << 20), &ram, Layer::Full { tracking: 1 }),
-            Err(SnapshotError::Io { .. })
+            Err(LayerError::Io { .. })
         ));
         assert!(!d.exists());
     }
@@ -794,8 +801,8 @@ mod tests {
     fn layers_record_their_ids_and_tracking_spans() {
         let tmp = tempdir();
         let size = 2 << 20;
-        let mut ram = vec![0u8; size];
-        fill(&mut ram, 1, 1);
+        let ram = Memory::new(size as u64).unwrap();
+        fill(&ram, 1, 1);
         let dirty = vec![0b10u64; size / PAGE_SIZE / 64];
         let (a, b, c) = (tmp.join("a"), tmp.join("b"), tmp.join("c"));
         let ra = write(&a, &state(size as u64), &ram, Layer::Full { tracking: 4 }).unwrap();
@@ -827,7 +834,7 @@ mod tests {
             &ram,
             incremental(&c, &dirty, 8, 9),
         ) {
-            Err(SnapshotError::ChainBroken { what, .. }) => {
+            Err(LayerError::ChainBroken { what, .. }) => {
                 assert!(
                     what.contains("generation 8") && what.contains("generation 7"),
                     "{what}"
@@ -842,14 +849,14 @@ mod tests {
     fn a_chain_that_does_not_add_up_is_refused_naming_both_layers() {
         let tmp = tempdir();
         let size = 2 << 20;
-        let mut ram = vec![0u8; size];
-        fill(&mut ram, 1, 1);
+        let ram = Memory::new(size as u64).unwrap();
+        fill(&ram, 1, 1);
         let dirty = vec![0b10u64; size / PAGE_SIZE / 64];
         let (a, b) = (tmp.join("a"), tmp.join("b"));
         write(&a, &state(size as u64), &ram, Layer::Full { tracking: 1 }).unwrap();
         write(&b, &state(size as u64), &ram, incremental(&a, &dirty, 1, 2)).unwrap();
         let mem = Memory::new(size as u64).unwrap();
-        let names_both = |e: &SnapshotError| {
+        let names_both = |e: &LayerError| {
             let msg = e.to_string();
             assert!(msg.contains(&*b.to_string_lossy()), "{msg}");
             assert!(
@@ -862,7 +869,7 @@ mod tests {
         let good = read_meta(&a).unwrap();
         rewrite_meta(&a, |m| m.layer_id = LayerId([7; 16]));
         let e = load_memory(&b, &mem).unwrap_err();
-        assert!(matches!(e, SnapshotError::ChainBroken { .. }), "{e}");
+        assert!(matches!(e, LayerError::ChainBroken { .. }), "{e}");
         assert!(e.to_string().contains(&LayerId([7; 16]).to_string()), "{e}");
         names_both(&e);
         rewrite_meta(&a, |m| *m = good.clone());
@@ -874,7 +881,7 @@ mod tests {
             m.tracking_to = 4;
         });
         let e = chain(&b).unwrap_err();
-        assert!(matches!(e, SnapshotError::ChainBroken { .. }), "{e}");
+        assert!(matches!(e, LayerError::ChainBroken { .. }), "{e}");
         assert!(e.to_string().contains("generation 3"), "{e}");
         names_both(&e);
 
@@ -885,7 +892,7 @@ mod tests {
         });
         assert!(matches!(
             read_meta(&b),
-            Err(SnapshotError::Inconsistent { .. })
+            Err(LayerError::Inconsistent { .. })
         ));
     }
 
@@ -897,7 +904,7 @@ mod tests {
         write(
             &d,
             &state(size as u64),
-            &vec![0u8; size],
+            &Memory::new(size as u64).unwrap(),
             Layer::Full { tracking: 1 },
         )
         .unwrap();
@@ -930,7 +937,7 @@ mod tests {
         )
         .unwrap();
         let e = read_meta(&d).unwrap_err();
-        assert!(matches!(e, SnapshotError::Format { found: 1, .. }), "{e:?}");
+        assert!(matches!(e, LayerError::Format { found: 1, .. }), "{e:?}");
         let msg = e.to_string();
         assert!(
             msg.contains("format 1 is older") && msg.contains("format 2"),
@@ -973,16 +980,16 @@ mod tests {
         fs::create_dir(tmp.join("there")).unwrap();
         assert!(matches!(
             check_target(&tmp.join("there")),
-            Err(SnapshotError::Exists(_))
+            Err(LayerError::Exists(_))
         ));
         std::os::unix::fs::symlink("/nonexistent/twin", tmp.join("dangling")).unwrap();
         assert!(matches!(
             check_target(&tmp.join("dangling")),
-            Err(SnapshotError::Exists(_))
+            Err(LayerError::Exists(_))
         ));
         let e = check_target(&tmp.join("missing").join("snap")).unwrap_err();
         assert!(
-            matches!(e, SnapshotError::Target { .. }) && e.to_string().contains("missing"),
+            matches!(e, LayerError::Target { .. }) && e.to_string().contains("missing"),
             "{e}"
         );
         fs::write(tmp.join("file"), b"x").unwrap();
@@ -991,11 +998,11 @@ mod tests {
         check_target(&tmp.join("new")).unwrap();
         // The final rename does not replace a directory that appeared meanwhile.
         let size = 2 << 20;
-        let ram = vec![0u8; size];
+        let ram = Memory::new(size as u64).unwrap();
         fs::create_dir(tmp.join("src")).unwrap();
         assert!(matches!(
             rename_no_replace(&tmp.join("src"), &tmp.join("there")),
-            Err(SnapshotError::Exists(_))
+            Err(LayerError::Exists(_))
         ));
         write(
             &tmp.join("new"),

@@ -3,27 +3,36 @@
 //! [`pci::VirtioPciDevice`] is the transport (configuration space, capabilities, common
 //! configuration, ISR, notifications, MSI-X, queue state); a [`VirtioDevice`] plugged into it
 //! supplies the device type, features, device configuration and queue processing.
-//! [`net`] is virtio-net on a TAP.
+//! [`net`] is virtio-net on a TAP. A device model lives in a directory of its own beside it
+//! (`net/`: the model, its worker, its persist; a block device would be `blk/`), and is
+//! put on the buses as `VirtioPciDevice<Model>`.
 
 pub mod net;
 pub mod pci;
 
 pub use pci::{QueueContext, VirtioPciDevice, VirtioPciError, VirtioPciState};
 
-/// Feature bit: the device conforms to virtio 1.0 or later (no legacy interface).
-pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+use virtio_bindings::virtio_config;
 
-/// Device-status bits (virtio 1.2, 2.1).
+/// Feature bit: the device conforms to virtio 1.0 or later (no legacy interface).
+pub const VIRTIO_F_VERSION_1: u64 = 1 << virtio_config::VIRTIO_F_VERSION_1;
+
+/// Device-status bits (virtio 1.2, 2.1), as the one-byte `device_status` register holds
+/// them.
 pub mod status {
-    pub const ACKNOWLEDGE: u8 = 1;
-    pub const DRIVER: u8 = 2;
-    pub const DRIVER_OK: u8 = 4;
-    pub const FEATURES_OK: u8 = 8;
-    pub const NEEDS_RESET: u8 = 0x40;
-    pub const FAILED: u8 = 0x80;
+    use virtio_bindings::virtio_config as c;
+
+    pub const ACKNOWLEDGE: u8 = c::VIRTIO_CONFIG_S_ACKNOWLEDGE as u8;
+    pub const DRIVER: u8 = c::VIRTIO_CONFIG_S_DRIVER as u8;
+    pub const DRIVER_OK: u8 = c::VIRTIO_CONFIG_S_DRIVER_OK as u8;
+    pub const FEATURES_OK: u8 = c::VIRTIO_CONFIG_S_FEATURES_OK as u8;
+    pub const NEEDS_RESET: u8 = c::VIRTIO_CONFIG_S_NEEDS_RESET as u8;
+    pub const FAILED: u8 = c::VIRTIO_CONFIG_S_FAILED as u8;
 }
 
-/// MSI-X vector number meaning "no vector".
+/// MSI-X vector number meaning "no vector" (`VIRTIO_MSI_NO_VECTOR` of Linux's
+/// `virtio_pci.h`; virtio-bindings has no virtio-pci constants, so the transport's are
+/// written out in [`pci`]).
 pub const VIRTIO_MSI_NO_VECTOR: u16 = 0xffff;
 
 /// A virtio device model behind the transport.

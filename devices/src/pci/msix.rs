@@ -9,6 +9,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::interrupt::{MsiMessage, MsiSender};
+use crate::persist::Persist;
 
 /// Capability id of MSI-X.
 pub const MSIX_CAP_ID: u8 = 0x11;
@@ -113,30 +114,6 @@ impl Msix {
             function_masked: false,
             sender,
         })
-    }
-
-    pub fn from_state(state: &MsixState, sender: Arc<dyn MsiSender>) -> Result<Self, MsixError> {
-        let mut m = Self::new(state.table.len(), sender)?;
-        if state.pba.len() != m.pba.len() {
-            return Err(MsixError::PbaSize {
-                found: state.pba.len(),
-                expected: m.pba.len(),
-            });
-        }
-        m.table.clone_from(&state.table);
-        m.pba.clone_from(&state.pba);
-        m.enabled = state.enabled;
-        m.function_masked = state.function_masked;
-        Ok(m)
-    }
-
-    pub fn state(&self) -> MsixState {
-        MsixState {
-            table: self.table.clone(),
-            pba: self.pba.clone(),
-            enabled: self.enabled,
-            function_masked: self.function_masked,
-        }
     }
 
     pub fn num_vectors(&self) -> usize {
@@ -286,6 +263,39 @@ impl Msix {
     }
 }
 
+/// The table, PBA and control bits are the state; the interrupt sender is this host's.
+impl Persist<'_> for Msix {
+    type State = MsixState;
+    type ConstructorArgs = Arc<dyn MsiSender>;
+    type Error = MsixError;
+
+    fn save(&self) -> Result<MsixState, MsixError> {
+        Ok(MsixState {
+            table: self.table.clone(),
+            pba: self.pba.clone(),
+            enabled: self.enabled,
+            function_masked: self.function_masked,
+        })
+    }
+
+    /// A pending vector stays pending: it fires when the guest unmasks it, as it would
+    /// have on the saved host.
+    fn restore(sender: Arc<dyn MsiSender>, state: &MsixState) -> Result<Self, MsixError> {
+        let mut m = Self::new(state.table.len(), sender)?;
+        if state.pba.len() != m.pba.len() {
+            return Err(MsixError::PbaSize {
+                found: state.pba.len(),
+                expected: m.pba.len(),
+            });
+        }
+        m.table.clone_from(&state.table);
+        m.pba.clone_from(&state.pba);
+        m.enabled = state.enabled;
+        m.function_masked = state.function_masked;
+        Ok(m)
+    }
+}
+
 impl std::fmt::Debug for Msix {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Msix")
@@ -413,14 +423,26 @@ mod tests {
         program(&mut m, 1, 0xfee0_0000, 0x31, true);
         m.set_message_control(MSIX_CTL_ENABLE);
         m.trigger(1);
-        let s = m.state();
-        let mut r = Msix::from_state(&s, rec.clone()).unwrap();
-        assert_eq!(r.state(), s);
+        let s = m.save().unwrap();
+        let mut r = Msix::restore(rec.clone(), &s).unwrap();
+        assert_eq!(r.save().unwrap(), s);
         // The restored pending bit still fires on unmask.
         r.write_table(16 + 12, &0u32.to_le_bytes());
         assert_eq!(rec.take(), vec![msg(0xfee0_0000, 0x31)]);
-        let mut bad = s;
+        let mut bad = s.clone();
         bad.pba.push(0);
-        assert!(Msix::from_state(&bad, rec).is_err());
+        assert_eq!(
+            Msix::restore(rec.clone(), &bad).unwrap_err(),
+            MsixError::PbaSize {
+                found: 2,
+                expected: 1
+            }
+        );
+        let mut bad = s;
+        bad.table.clear();
+        assert_eq!(
+            Msix::restore(rec, &bad).unwrap_err(),
+            MsixError::VectorCount(0)
+        );
     }
 }

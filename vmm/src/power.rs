@@ -2,8 +2,8 @@
 
 use std::sync::mpsc::Sender;
 
-use crate::devices::bus::BusDevice;
 use crate::VmEvent;
+use twin_devices::bus::BusDevice;
 
 pub struct PowerDevice {
     events: Sender<VmEvent>,

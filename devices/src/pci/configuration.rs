@@ -3,6 +3,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::persist::Persist;
+
 /// Number of 32-bit registers in the (conventional, 256-byte) configuration space.
 pub const NUM_CONFIG_REGISTERS: usize = 64;
 /// Number of BAR slots in a type-0 header.
@@ -324,18 +326,25 @@ impl PciConfiguration {
     pub fn command(&self) -> u16 {
         self.regs[REG_COMMAND_STATUS] as u16
     }
+}
 
-    pub fn state(&self) -> PciConfigurationState {
-        PciConfigurationState {
+/// Configuration space has no host resources: a state is all there is to it.
+impl Persist<'_> for PciConfiguration {
+    type State = PciConfigurationState;
+    type ConstructorArgs = ();
+    type Error = PciConfigError;
+
+    fn save(&self) -> Result<PciConfigurationState, PciConfigError> {
+        Ok(PciConfigurationState {
             regs: self.regs.to_vec(),
             writable: self.writable.to_vec(),
             bars: self.bars.to_vec(),
             last_capability: self.last_capability,
             next_capability: self.next_capability,
-        }
+        })
     }
 
-    pub fn from_state(state: &PciConfigurationState) -> Result<Self, PciConfigError> {
+    fn restore((): (), state: &PciConfigurationState) -> Result<Self, PciConfigError> {
         let regs: [u32; NUM_CONFIG_REGISTERS] =
             state
                 .regs
@@ -546,11 +555,14 @@ mod tests {
         c.add_capability(0x09, &[2, 0], &[0, 0xff]).unwrap();
         write32(&mut c, 1, 0x6);
         write32(&mut c, 4, u32::MAX);
-        let s = c.state();
-        let r = PciConfiguration::from_state(&s).unwrap();
-        assert_eq!(r.state(), s);
+        let s = c.save().unwrap();
+        let r = PciConfiguration::restore((), &s).unwrap();
+        assert_eq!(r.save().unwrap(), s);
         let mut bad = s.clone();
         bad.regs.pop();
-        assert!(PciConfiguration::from_state(&bad).is_err());
+        assert_eq!(
+            PciConfiguration::restore((), &bad).unwrap_err(),
+            PciConfigError::StateSize { found: 63 }
+        );
     }
 }

@@ -26,6 +26,7 @@ pub use configuration::{
 };
 
 use super::bus::BusDevice;
+use crate::persist::Persist;
 
 /// Number of device slots on bus 0.
 pub const NUM_SLOTS: u8 = 32;
@@ -51,11 +52,13 @@ pub trait PciDevice: Send {
 /// Shared handle to a PCI device (the same object is usually also on the MMIO bus).
 pub type SharedPciDevice = Arc<Mutex<dyn PciDevice>>;
 
-/// Errors of PCI bus set-up.
+/// Errors of PCI bus set-up and of restoring the root.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PciError {
     #[error("all {NUM_SLOTS} slots of PCI bus 0 are taken")]
     NoFreeSlot,
+    #[error("the saved configuration space of the host bridge is invalid")]
+    HostBridge(#[source] PciConfigError),
 }
 
 /// Bus/device/function of a PCI function (always bus 0, function 0 here).
@@ -158,29 +161,6 @@ impl PciRoot {
         }
     }
 
-    /// Rebuilds the root from saved state; the caller re-adds its devices in the same order.
-    pub fn restore(state: &PciRootState) -> Result<Self, PciConfigError> {
-        let mut root = Self::new();
-        root.config_address = state.config_address;
-        root.host_bridge
-            .lock()
-            .expect("host bridge lock poisoned")
-            .config = PciConfiguration::from_state(&state.host_bridge)?;
-        Ok(root)
-    }
-
-    pub fn save_state(&self) -> PciRootState {
-        PciRootState {
-            config_address: self.config_address,
-            host_bridge: self
-                .host_bridge
-                .lock()
-                .expect("host bridge lock poisoned")
-                .config
-                .state(),
-        }
-    }
-
     /// Puts `device` in the lowest free slot (1 onwards) and returns its address.
     pub fn add_device(&mut self, device: SharedPciDevice) -> Result<PciAddress, PciError> {
         let slot = (1..NUM_SLOTS)
@@ -268,6 +248,42 @@ impl PciRoot {
     }
 }
 
+/// The address register and the host bridge are the root's own state; the devices behind
+/// it save their own, and the caller re-adds them in the same order after a restore, so
+/// each gets its slot back.
+impl Persist<'_> for PciRoot {
+    type State = PciRootState;
+    type ConstructorArgs = ();
+    type Error = PciError;
+
+    fn save(&self) -> Result<PciRootState, PciError> {
+        let host_bridge = self
+            .host_bridge
+            .lock()
+            .expect("host bridge lock poisoned")
+            .config
+            .save()
+            .map_err(PciError::HostBridge)?;
+        Ok(PciRootState {
+            config_address: self.config_address,
+            host_bridge,
+        })
+    }
+
+    fn restore((): (), state: &PciRootState) -> Result<Self, PciError> {
+        let root = Self::new();
+        root.host_bridge
+            .lock()
+            .expect("host bridge lock poisoned")
+            .config =
+            PciConfiguration::restore((), &state.host_bridge).map_err(PciError::HostBridge)?;
+        Ok(Self {
+            config_address: state.config_address,
+            ..root
+        })
+    }
+}
+
 impl Default for PciRoot {
     fn default() -> Self {
         Self::new()
@@ -301,7 +317,7 @@ impl BusDevice for PciRoot {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::devices::bus::Bus;
+    use crate::bus::Bus;
 
     struct Fake {
         config: PciConfiguration,
@@ -433,8 +449,11 @@ mod tests {
         let (bus, root) = setup();
         bus.write(0xcf8, &addr(0, 1).to_le_bytes());
         bus.write(0xcfc, &[0x6]);
-        let s = root.lock().unwrap().save_state();
-        let r = PciRoot::restore(&s).unwrap();
-        assert_eq!(r.save_state(), s);
+        let s = root.lock().unwrap().save().unwrap();
+        assert_eq!(s.config_address, addr(0, 1));
+        // Through an encoding, as a checkpoint carries it.
+        let decoded: PciRootState = bincode::deserialize(&bincode::serialize(&s).unwrap()).unwrap();
+        let r = PciRoot::restore((), &decoded).unwrap();
+        assert_eq!(r.save().unwrap(), s);
     }
 }

@@ -1,0 +1,290 @@
+//! Checkpoints: the VM frozen, its state captured, the pages written since the last
+//! harvest taken.
+//!
+//! *Frozen* means the vCPUs are paused and every device lock is held: device workers (the
+//! virtio-net RX thread) write guest memory only under their lock, so guest memory and
+//! device state stand still, and a state captured then matches the memory read then. Every
+//! capture goes through [`Vmm::frozen`]; every harvest of the dirty logs (a checkpoint's,
+//! a snapshot's, a live sync round's) through one function, `Vmm::harvest`, which also
+//! bumps the tracking generation (see [`crate::dirty`]).
+
+use std::sync::MutexGuard;
+use std::time::Instant;
+
+use crate::devices::pci::{PciError, PciRoot};
+use crate::devices::serial::{SerialDevice, SerialError};
+use crate::devices::virtio::net::{NetError, VirtioNet};
+use crate::devices::virtio::pci::VirtioPersistError;
+use crate::memory::Memory;
+use crate::{bitmap_pages, DeviceStates, MachineState, TrackingSpan, Vmm, VmmError};
+use twin_devices::Persist;
+
+/// A device of the VM that failed to save (here) or restore (in the builder), by name,
+/// with its own typed error.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    #[error("serial port (COM1)")]
+    Serial(#[source] SerialError),
+    #[error("PCI root")]
+    PciRoot(#[source] PciError),
+    #[error("virtio-net")]
+    Net(#[source] VirtioPersistError<NetError>),
+}
+
+/// Time spent in each phase of one checkpoint.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct CheckpointTimings {
+    /// From the pause request until every vCPU is parked.
+    pub stop_ns: u64,
+    pub device_state_ns: u64,
+    pub kvm_state_ns: u64,
+    pub harvest_ns: u64,
+    pub copy_ns: u64,
+    /// From the pause request until the vCPUs run again: the guest-visible pause.
+    pub pause_ns: u64,
+}
+
+/// One checkpoint: the machine state and the pages written since the previous one.
+pub struct Checkpoint {
+    pub state: MachineState,
+    /// Dirty-page bitmap (KVM's log OR the VMM's), one bit per page.
+    pub dirty: Vec<u64>,
+    /// Contents of the dirty pages, in bitmap order, `PAGE_SIZE` bytes each.
+    pub pages: Vec<u8>,
+    /// The tracking generations `dirty` covers (see [`crate::dirty`]).
+    pub tracking: TrackingSpan,
+    pub timings: CheckpointTimings,
+}
+
+impl Checkpoint {
+    /// Indices of the dirty pages, ascending.
+    pub fn dirty_pages(&self) -> impl Iterator<Item = usize> + '_ {
+        bitmap_pages(&self.dirty)
+    }
+}
+
+/// What one harvest took: the pages written since the previous one and, if asked for,
+/// their contents.
+struct Harvest {
+    dirty: Vec<u64>,
+    tracking: TrackingSpan,
+    /// The dirty pages' contents in bitmap order (empty unless copied).
+    pages: Vec<u8>,
+    harvest_ns: u64,
+    copy_ns: u64,
+}
+
+impl Vmm {
+    /// Runs `f` on the VM frozen: the caller has paused the vCPUs, and every device lock
+    /// is held for the whole of `f`, so no device worker writes guest memory meanwhile. A
+    /// snapshot writes memory from here; state captured here matches that memory.
+    pub fn frozen<R>(&self, f: impl FnOnce(&Frozen<'_>) -> R) -> R {
+        debug_assert!(self.is_paused(), "freeze only a paused VM");
+        let frozen = Frozen {
+            vmm: self,
+            locked: self.lock_devices(),
+        };
+        f(&frozen)
+    }
+
+    /// Pauses the vCPUs, runs `f` on the VM frozen, unfreezes and resumes: the guest stands
+    /// still for exactly `f`. Returns `f`'s result, when the pause was requested, and how
+    /// long the vCPUs took to stop.
+    fn pause_frozen<R>(&self, f: impl FnOnce(&Frozen<'_>) -> R) -> (R, Instant, u64) {
+        let t0 = Instant::now();
+        self.pause();
+        let stop_ns = t0.elapsed().as_nanos() as u64;
+        let r = self.frozen(f);
+        self.resume();
+        (r, t0, stop_ns)
+    }
+
+    /// Holds every device lock (see the module docs).
+    fn lock_devices(&self) -> LockedDevices<'_> {
+        // Same order as a vCPU's config-space access: PCI root, then the device.
+        let pci = self.pci.lock().expect("PCI root lock poisoned");
+        let net = self
+            .net
+            .as_ref()
+            .map(|n| n.dev.lock().expect("net device lock poisoned"));
+        let serial = self.serial.lock().expect("serial lock poisoned");
+        LockedDevices { net, pci, serial }
+    }
+
+    /// Pauses the VM, captures its whole state, resumes it. No pages.
+    pub fn capture_state(&self) -> Result<MachineState, VmmError> {
+        self.pause_frozen(|fz| fz.capture()).0
+    }
+
+    /// Pages written since the previous harvest (KVM's log OR the VMM's bitmap), read while
+    /// the guest runs: for the rounds of a live initial sync, where a page written again
+    /// after being read is caught by the next round.
+    pub fn harvest_dirty(&self) -> Result<Vec<u64>, VmmError> {
+        Ok(self.harvest(false)?.dirty)
+    }
+
+    /// Starts dirty-page tracking: KVM's log on, both logs cleared. The next checkpoint
+    /// returns the pages written from now on.
+    pub fn start_dirty_tracking(&self) -> Result<(), VmmError> {
+        self.dirty.start(&self.vm, &self.memory)?;
+        Ok(())
+    }
+
+    /// Gives back the pages of a harvest whose consumer failed (`dirty` and `span` of a
+    /// [`Checkpoint`]): the next harvest returns them again, so nothing written before the
+    /// failure is missing from the next checkpoint or increment. True if the tracking is
+    /// then as if the harvest had not happened (no other harvest since); false if another
+    /// harvest came in between, whose span the next one cannot reach back over (see
+    /// [`crate::dirty`]). Safe while the guest runs.
+    pub fn restore_dirty(&self, dirty: &[u64], span: TrackingSpan) -> bool {
+        self.dirty.merge_back(&self.memory, dirty, span)
+    }
+
+    /// One epoch checkpoint: pause, capture device + KVM state, harvest the dirty pages
+    /// (KVM's log OR the VMM's own bitmap) and copy them, resume. With `copy_pages` false
+    /// only the bitmap is returned (the caller reads memory itself while the VM stays
+    /// paused, e.g. for a snapshot that keeps the VM stopped).
+    pub fn checkpoint(&self, copy_pages: bool) -> Result<Checkpoint, VmmError> {
+        self.checkpoint_sealed(copy_pages, || ())
+    }
+
+    /// [`Vmm::checkpoint`], calling `seal` while the vCPUs are paused and the devices
+    /// locked: the point where the guest's output of this epoch is exactly what it has
+    /// transmitted so far (the output-commit buffer closes the epoch there).
+    pub fn checkpoint_sealed(
+        &self,
+        copy_pages: bool,
+        seal: impl FnOnce(),
+    ) -> Result<Checkpoint, VmmError> {
+        let (r, t0, stop_ns) = self.pause_frozen(|fz| {
+            seal();
+            fz.checkpoint(copy_pages)
+        });
+        let mut cp = r?;
+        cp.timings.stop_ns = stop_ns;
+        cp.timings.pause_ns = t0.elapsed().as_nanos() as u64;
+        Ok(cp)
+    }
+
+    /// Takes the pages written since the previous harvest, KVM's log OR the VMM's own
+    /// bitmap, and copies their contents if `copy_pages` (only while frozen: a running
+    /// guest would tear them).
+    fn harvest(&self, copy_pages: bool) -> Result<Harvest, VmmError> {
+        let t = Instant::now();
+        let (dirty, tracking) = self.dirty.harvest(&self.vm, &self.memory)?;
+        let harvest_ns = t.elapsed().as_nanos() as u64;
+        let t = Instant::now();
+        let mut pages = Vec::new();
+        if copy_pages {
+            self.memory.copy_pages(&dirty, &mut pages)?;
+        }
+        let copy_ns = t.elapsed().as_nanos() as u64;
+        Ok(Harvest {
+            dirty,
+            tracking,
+            pages,
+            harvest_ns,
+            copy_ns,
+        })
+    }
+}
+
+/// A VM with vCPUs paused and device locks held; see [`Vmm::frozen`].
+pub struct Frozen<'a> {
+    vmm: &'a Vmm,
+    locked: LockedDevices<'a>,
+}
+
+impl Frozen<'_> {
+    /// The whole machine state.
+    pub fn capture(&self) -> Result<MachineState, VmmError> {
+        self.capture_timed().map(|(s, _, _)| s)
+    }
+
+    /// Devices, then KVM VM state, then every vCPU; with the nanoseconds the devices and
+    /// the KVM parts took.
+    fn capture_timed(&self) -> Result<(MachineState, u64, u64), VmmError> {
+        let vmm = self.vmm;
+        let t = Instant::now();
+        // Devices first: a device quiescing may still raise an interrupt, which must land
+        // in the LAPIC/IOAPIC state captured after it (Firecracker learned this).
+        let devices = self.locked.save().map_err(VmmError::SaveDevices)?;
+        let device_ns = t.elapsed().as_nanos() as u64;
+        let vm = vmm.vm.save()?;
+        let mut vcpus = Vec::with_capacity(vmm.vcpus.len());
+        for v in &vmm.vcpus {
+            vcpus.push(v.save()?);
+        }
+        let kvm_ns = t.elapsed().as_nanos() as u64 - device_ns;
+        let state = MachineState {
+            config: vmm.config.clone(),
+            devices,
+            vm,
+            vcpus,
+        };
+        Ok((state, device_ns, kvm_ns))
+    }
+
+    /// State plus the pages dirtied since the last harvest (copied if `copy_pages`).
+    pub fn checkpoint(&self, copy_pages: bool) -> Result<Checkpoint, VmmError> {
+        let (state, device_state_ns, kvm_state_ns) = self.capture_timed()?;
+        let h = self.vmm.harvest(copy_pages)?;
+        Ok(Checkpoint {
+            state,
+            dirty: h.dirty,
+            pages: h.pages,
+            tracking: h.tracking,
+            timings: CheckpointTimings {
+                device_state_ns,
+                kvm_state_ns,
+                harvest_ns: h.harvest_ns,
+                copy_ns: h.copy_ns,
+                ..Default::default()
+            },
+        })
+    }
+
+    /// Guest RAM, which stands still while frozen.
+    pub fn memory(&self) -> &Memory {
+        &self.vmm.memory
+    }
+
+    /// Starts dirty tracking (KVM's log on, both logs cleared); returns the generation
+    /// from which the next harvest counts: what a first full snapshot is the base of.
+    pub fn start_dirty_tracking(&self) -> Result<u64, VmmError> {
+        Ok(self.vmm.dirty.start(&self.vmm.vm, &self.vmm.memory)?)
+    }
+
+    /// Turns dirty tracking off again: undoes [`Frozen::start_dirty_tracking`] when what
+    /// it was started for failed, so that a failure leaves the VM as it was (tracking off
+    /// costs the guest no write faults).
+    pub fn stop_dirty_tracking(&self) -> Result<(), VmmError> {
+        Ok(self.vmm.dirty.stop(&self.vmm.vm)?)
+    }
+
+    /// [`Vmm::restore_dirty`]: gives back the pages of a checkpoint taken here whose
+    /// consumer failed.
+    pub fn restore_dirty(&self, dirty: &[u64], span: TrackingSpan) -> bool {
+        self.vmm.restore_dirty(dirty, span)
+    }
+}
+
+/// Device locks held during a capture (taken PCI root → NIC → serial; the NIC before its
+/// sink).
+struct LockedDevices<'a> {
+    net: Option<MutexGuard<'a, VirtioNet>>,
+    pci: MutexGuard<'a, PciRoot>,
+    serial: MutexGuard<'a, SerialDevice>,
+}
+
+impl LockedDevices<'_> {
+    /// Saves every device, stopping at the first that cannot.
+    fn save(&self) -> Result<DeviceStates, DeviceError> {
+        let net = self.net.as_ref().map(|n| n.save()).transpose();
+        Ok(DeviceStates {
+            net: net.map_err(DeviceError::Net)?,
+            serial: self.serial.save().map_err(DeviceError::Serial)?,
+            pci: self.pci.save().map_err(DeviceError::PciRoot)?,
+        })
+    }
+}
