@@ -204,4 +204,7 @@ pub struct VmStatus {
     pub vcpus: u32,
     pub uptime_s: f64,
     pub snapshots: u64,
+    /// A backup that took over with `--arbiter`: the record it won.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub arbiter: Option<ArbiterStatus>,
 }

@@ -422,15 +422,7 @@ impl Primary {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .clone();
-            twin_api::status::ArbiterStatus {
-                endpoints: a.client.endpoints(),
-                generation: seen.as_ref().map_or(0, twin_arbiter::Seen::generation),
-                owner: seen
-                    .as_ref()
-                    .and_then(|x| x.record.as_ref())
-                    .map(|r| r.owner.label.clone()),
-                owned_here: seen.as_ref().is_some_and(|x| x.owned_by(&a.me.id)),
-            }
+            arbiter_status(a, seen.as_ref())
         });
         twin_api::PrimaryStatus {
             role: "primary".into(),
@@ -1249,5 +1241,20 @@ fn send_epochs(
             s.status().stretched += 1;
             next_tick = Instant::now();
         }
+    }
+}
+
+/// The arbiter as `twin status` shows it: `seen` is the record as last read.
+pub fn arbiter_status(
+    a: &twin_arbiter::Arbitration,
+    seen: Option<&twin_arbiter::Seen>,
+) -> twin_api::status::ArbiterStatus {
+    twin_api::status::ArbiterStatus {
+        endpoints: a.client.endpoints(),
+        generation: seen.map_or(0, twin_arbiter::Seen::generation),
+        owner: seen
+            .and_then(|x| x.record.as_ref())
+            .map(|r| r.owner.label.clone()),
+        owned_here: seen.is_some_and(|x| x.owned_by(&a.me.id)),
     }
 }

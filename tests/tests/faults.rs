@@ -1393,7 +1393,10 @@ fn partition_both_ways(rep: &mut Report, arbiter: bool) {
     rig.assert_no_panics();
     // Without an arbiter what is asserted is that the measurement happened and both
     // processes answered status; with one, that the world saw one VM and lost nothing.
-    assert!(pst.is_ok() || arbiter, "primary status unavailable: {pst:?}");
+    assert!(
+        pst.is_ok() || arbiter,
+        "primary status unavailable: {pst:?}"
+    );
     assert!(bst.is_ok(), "backup status unavailable: {bst:?}");
     assert!(!ports.is_empty());
     if arbiter {

@@ -358,6 +358,8 @@ struct Session {
     role: &'static str,
     started: Instant,
     snapshots: u64,
+    /// A backup that took over with an arbiter: the record it won.
+    arbiter: Option<twin_api::status::ArbiterStatus>,
 }
 
 fn take_snapshot(
@@ -401,6 +403,7 @@ fn status(vmm: &Vmm, session: &Session) -> twin_api::VmStatus {
         vcpus: u32::from(vmm.config().vcpus),
         uptime_s: session.started.elapsed().as_secs_f64(),
         snapshots: session.snapshots,
+        arbiter: session.arbiter.clone(),
     }
 }
 
@@ -449,12 +452,14 @@ fn serve_vm(
     sigs: Termination,
     role: &'static str,
     events: &EventLog,
+    arbiter: Option<twin_api::status::ArbiterStatus>,
 ) -> Result<ExitCode> {
     forward_signals(sigs, vmm.event_sender())?;
     let mut session = Session {
         role,
         started: Instant::now(),
         snapshots: 0,
+        arbiter,
     };
     let outcome = loop {
         if let Some(outcome) = next_vm_outcome(&vmm) {
@@ -527,7 +532,7 @@ fn run(args: RunArgs) -> Result<ExitCode> {
     vmm.start().context("cannot start the VM")?;
     tracing::info!(mem = args.vm.mem.0, vcpus = args.vm.vcpus, tap = %args.host.tap, "VM running");
     emit_running(&events, &vmm, ApiRole::Standalone);
-    serve_vm(vmm, &control, sigs, "standalone", &events)
+    serve_vm(vmm, &control, sigs, "standalone", &events, None)
 }
 
 fn restore(args: RestoreArgs) -> Result<ExitCode> {
@@ -554,7 +559,7 @@ fn restore(args: RestoreArgs) -> Result<ExitCode> {
     }
     tracing::info!(pages, paused = args.paused, elapsed_ms = t0.elapsed().as_millis() as u64, dir = %args.dir.display(), "VM restored and running");
     emit_running(&events, &vmm, ApiRole::Standalone);
-    serve_vm(vmm, &control, sigs, "standalone", &events)
+    serve_vm(vmm, &control, sigs, "standalone", &events, None)
 }
 
 fn protect(args: ProtectArgs) -> Result<ExitCode> {
@@ -803,7 +808,19 @@ fn backup(args: BackupArgs) -> Result<ExitCode> {
             );
             emit_running(&events, &vmm, ApiRole::TookOver);
             match &args.reprotect {
-                None => serve_vm(vmm, &control, pending, "primary (took over)", &events),
+                None => {
+                    let arbiter = arbitration
+                        .as_ref()
+                        .map(|a| twin_primary::arbiter_status(a, arbiter_seen.as_ref()));
+                    serve_vm(
+                        vmm,
+                        &control,
+                        pending,
+                        "primary (took over)",
+                        &events,
+                        arbiter,
+                    )
+                }
                 Some(standby) => {
                     // The same process goes on as this VM's primary, under its identity and
                     // (with an arbiter) as the record's owner it just became.

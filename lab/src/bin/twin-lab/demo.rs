@@ -25,9 +25,10 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::Value;
 use twin_api::{Event, EventKind};
+use twin_lab::etcd::EtcdHost;
 use twin_lab::events::{took_over, Events, Recorder};
 use twin_lab::{
-    guest_service, Ha, HarnessError, Netns, Signal, TestDir, Topology, TwinProcess,
+    guest_service, Ha, HarnessError, HostRole, Netns, Signal, TestDir, Topology, TwinProcess,
     BACKUP_REPL_ADDR, BRIDGE, CLIENT_ADDR, GUEST_CIDR, PRIMARY_REPL_ADDR, TAP,
 };
 
@@ -67,6 +68,27 @@ pub struct DemoArgs {
     /// Silence from the primary after which the backup takes over.
     #[arg(long, default_value = "100ms")]
     heartbeat_timeout: Millis,
+    /// A real etcd as the arbiter (`--arbiter` on both sides), so that a partition cannot
+    /// give two VMs: `auto` uses it when etcd is installed.
+    #[arg(long, value_enum, default_value_t = UseArbiter::Auto)]
+    arbiter: UseArbiter,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum UseArbiter {
+    Auto,
+    On,
+    Off,
+}
+
+impl UseArbiter {
+    fn wanted(self) -> bool {
+        match self {
+            UseArbiter::On => true,
+            UseArbiter::Off => false,
+            UseArbiter::Auto => twin_lab::etcd::installed(),
+        }
+    }
 }
 
 /// Set by the signal thread on SIGINT, SIGTERM or SIGHUP.
@@ -191,6 +213,25 @@ fn demo(args: &DemoArgs) -> Result<bool> {
     ));
     let backup_sock = dir.join("backup.sock");
     let primary_sock = dir.join("primary.sock");
+    let etcd = if args.arbiter.wanted() {
+        let e = EtcdHost::start(&topo, &dir).context("starting etcd, the arbiter")?;
+        log.step(format_args!(
+            "arbiter: etcd in a namespace of its own, reached by each host on a link of its own ({}, {}); whoever takes the VM over must win its record first",
+            e.url(HostRole::Primary),
+            e.url(HostRole::Backup)
+        ));
+        Some(e)
+    } else {
+        log.step("no arbiter (--arbiter off, or etcd not installed): a partition of the replication link could give two VMs");
+        None
+    };
+    let arbiter_args = |role: HostRole| -> Vec<String> {
+        etcd.as_ref()
+            .map(|e| vec!["--arbiter".to_string(), e.url(role)])
+            .unwrap_or_default()
+    };
+    let backup_arbiter = arbiter_args(HostRole::Backup);
+    let primary_arbiter = arbiter_args(HostRole::Primary);
     let mut backup = spawn_twin(
         &topo.backup.ns,
         &dir,
@@ -210,7 +251,10 @@ fn demo(args: &DemoArgs) -> Result<bool> {
             &dir.join("backup-console.txt").to_string_lossy(),
             "--control",
             &backup_sock.to_string_lossy(),
-        ],
+        ]
+        .into_iter()
+        .chain(backup_arbiter.iter().map(String::as_str))
+        .collect::<Vec<_>>(),
     )?;
     let backup_events = Events::at(&backup_sock).record(false);
     wait_event(
@@ -252,7 +296,10 @@ fn demo(args: &DemoArgs) -> Result<bool> {
             &dir.join("primary-console.txt").to_string_lossy(),
             "--control",
             &primary_sock.to_string_lossy(),
-        ],
+        ]
+        .into_iter()
+        .chain(primary_arbiter.iter().map(String::as_str))
+        .collect::<Vec<_>>(),
     )?;
     log.step(format_args!(
         "primary (pid {}) booting the built-in guest ({} MiB, {}), checkpoint every {} ms",
@@ -426,6 +473,7 @@ fn demo(args: &DemoArgs) -> Result<bool> {
     drop(backup);
     drop(backup_events);
     drop(primary);
+    drop(etcd);
     drop(dir);
     drop(topo);
     let left: Vec<_> = ns_names.iter().filter(|n| Netns::exists(n)).collect();
@@ -911,6 +959,24 @@ fn report(r: &Report) -> bool {
                 b["role"].as_str().unwrap_or("?"),
                 b["vm"].as_str().unwrap_or("?")
             ),
+        );
+        let a = &b["arbiter"];
+        row(
+            "arbiter: owner of the VM now",
+            if a.is_null() {
+                "no arbiter".to_string()
+            } else {
+                format!(
+                    "{} (generation {}{})",
+                    a["owner"].as_str().unwrap_or("?"),
+                    a["generation"],
+                    if a["owned_here"] == true {
+                        ", this host"
+                    } else {
+                        ""
+                    }
+                )
+            },
         );
     }
     row(
