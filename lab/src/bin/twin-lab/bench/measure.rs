@@ -151,15 +151,40 @@ fn vm_args(cmd: &str, plan: &Plan, w: Workload, dir: &TestDir, name: &str) -> Ve
 
 /// Starts a protected VM: the backup, then (once it listens) the primary. The processes go
 /// into `slots` as they start, so that the caller can inspect them whatever happens.
+/// How a protected run is set up.
+#[derive(Clone, Copy)]
+pub(super) struct Protection<'a> {
+    /// Checkpoints per second.
+    pub(super) hz: u32,
+    /// `--encrypt` on the primary.
+    pub(super) encrypt: bool,
+    /// `--arbiter` on both sides.
+    pub(super) arbiter: Option<&'a twin_lab::etcd::EtcdHost>,
+}
+
+impl Protection<'_> {
+    pub(super) fn at(hz: u32) -> Self {
+        Protection {
+            hz,
+            encrypt: false,
+            arbiter: None,
+        }
+    }
+}
+
 pub(super) fn start_protected(
     ha: &twin_lab::Ha,
     dir: &TestDir,
     plan: &Plan,
     w: Workload,
-    hz: u32,
-    encrypt: bool,
+    how: Protection<'_>,
     slots: &mut Slots,
 ) -> Result<()> {
+    let Protection {
+        hz,
+        encrypt,
+        arbiter,
+    } = how;
     let listen = SocketAddr::from((BACKUP_REPL_ADDR, REPL_PORT)).to_string();
     let key = dir.key_file();
     let mut backup_args: Vec<String> = vec![
@@ -177,6 +202,9 @@ pub(super) fn start_protected(
     ];
     if let Some(t) = &plan.heartbeat_timeout {
         backup_args.extend(["--heartbeat-timeout".into(), t.clone()]);
+    }
+    if let Some(e) = arbiter {
+        backup_args.extend(["--arbiter".into(), e.url(twin_lab::HostRole::Backup)]);
     }
     let backup = slots.backup.insert(spawn_twin(
         &ha.backup.ns,
@@ -199,6 +227,9 @@ pub(super) fn start_protected(
     let mut args = vm_args("protect", plan, w, dir, "primary");
     if encrypt {
         args.push("--encrypt".into());
+    }
+    if let Some(e) = arbiter {
+        args.extend(["--arbiter".into(), e.url(twin_lab::HostRole::Primary)]);
     }
     args.extend([
         "--key-file".into(),
@@ -370,8 +401,20 @@ pub(super) fn run_cell(plan: &Plan, run: &mut Run, keep_logs: &Path) -> Result<(
                     |e| matches!(e.kind, EventKind::VmRunning { .. }),
                 )?;
             }
-            Mode::Protected(hz) => start_protected(&ha, &dir, plan, w, hz, false, &mut slots)?,
-            Mode::Encrypted(hz) => start_protected(&ha, &dir, plan, w, hz, true, &mut slots)?,
+            Mode::Protected(hz) => {
+                start_protected(&ha, &dir, plan, w, Protection::at(hz), &mut slots)?
+            }
+            Mode::Encrypted(hz) => start_protected(
+                &ha,
+                &dir,
+                plan,
+                w,
+                Protection {
+                    encrypt: true,
+                    ..Protection::at(hz)
+                },
+                &mut slots,
+            )?,
         }
         let vm = slots.vm.as_mut().expect("started above");
         let mut client = connect(&ha, vm)?;

@@ -237,31 +237,41 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
                 bail!("{consecutive_failures} runs in a row failed, across workloads or unprotected; stopping (see the errors above and the logs in {})", failed_dir.display());
             }
         }
+        // Each trial without and (when etcd is installed) with the arbiter, interleaved so
+        // that both see the same machine.
+        let arbiter_modes: &[bool] = if twin_lab::etcd::installed() {
+            &[false, true]
+        } else {
+            &[false]
+        };
         for trial in 1..=plan.failovers {
-            check_interrupt()?;
-            let logs = failed_dir.join(format!("failover-{trial}"));
-            let t = run_failover(&plan, trial, &logs)
-                .with_context(|| format!("failover trial {trial}"))?;
-            match &t.error {
-                None => eprintln!(
-                    "bench: failover {trial}/{}: client-visible {} ms, backup detect→running {} ms, consistent: {}",
-                    plan.failovers,
-                    f(t.client_visible_ms, 1),
-                    f(
-                        t.backup_report
-                            .as_ref()
-                            .and_then(|r| json_f64(r, &["detect_to_running_ms"])),
-                        1
+            for &arbiter in arbiter_modes {
+                check_interrupt()?;
+                let tag = if arbiter { "arbiter" } else { "plain" };
+                let logs = failed_dir.join(format!("failover-{trial}-{tag}"));
+                let t = run_failover(&plan, trial, arbiter, &logs)
+                    .with_context(|| format!("failover trial {trial} ({tag})"))?;
+                match &t.error {
+                    None => eprintln!(
+                        "bench: failover {trial}/{} ({tag}): client-visible {} ms, backup detect→running {} ms, consistent: {}",
+                        plan.failovers,
+                        f(t.client_visible_ms, 1),
+                        f(
+                            t.backup_report
+                                .as_ref()
+                                .and_then(|r| json_f64(r, &["detect_to_running_ms"])),
+                            1
+                        ),
+                        t.consistent.unwrap_or(false)
                     ),
-                    t.consistent.unwrap_or(false)
-                ),
-                Some(e) => eprintln!(
-                    "bench: failover {trial}/{}: FAILED: {e} (logs in {})",
-                    plan.failovers,
-                    logs.display()
-                ),
+                    Some(e) => eprintln!(
+                        "bench: failover {trial}/{} ({tag}): FAILED: {e} (logs in {})",
+                        plan.failovers,
+                        logs.display()
+                    ),
+                }
+                failovers.push(t);
             }
-            failovers.push(t);
         }
         eprintln!("bench: physical limits again…");
         measure_limits(&plan, &mut limits).context("measuring the physical limits")?;
