@@ -539,6 +539,9 @@ fn replicate(s: &Shared) {
                     }
                     Some(arbiter::RunOn::Unreachable(why)) => {
                         error!("backup lost ({msg}) and the arbiter does not answer ({why}); holding all output until one of them does");
+                        // `twin status` says why output is held: the arbiter, not the policy.
+                        s.status().last_error =
+                            Some(format!("{msg}; the arbiter does not answer ({why})"));
                         LossPolicy::Hold
                     }
                     Some(arbiter::RunOn::Won) | None => s.cfg.on_backup_loss,

@@ -199,6 +199,17 @@ fn partition_and_the_primary_loses_the_arbiter() {
         |e| matches!(&e.kind, EventKind::BackupLost { policy, .. } if policy == "hold"),
     )
     .expect("the primary, without backup or arbiter, holds its output");
+    let st = rig.primary_status().expect("primary status");
+    let why = st["why_not"].as_str().unwrap_or_default().to_string();
+    rep.note(format!(
+        "primary status: protected {}, why not: {why}",
+        st["protected"]
+    ));
+    assert_eq!(st["protected"], false);
+    assert!(
+        why.contains("output held") && why.contains("arbiter does not answer"),
+        "twin status does not say why output is held: {why:?}"
+    );
     let (p, b) = frames_during(&rig, Duration::from_secs(3));
     rep.note(format!(
         "frames out in 3 s, primary cut off: primary {p}, backup {b}"
