@@ -318,10 +318,7 @@ impl Backup {
                 ClaimOutcome::Won
             }
             Ok(twin_arbiter::Claim::Lost(now)) => {
-                let owner = now
-                    .record
-                    .as_ref()
-                    .map_or("nobody".to_string(), |r| r.owner.label.clone());
+                let owner = now.owner_label();
                 warn!(
                     vm,
                     generation = now.generation(),

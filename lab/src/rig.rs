@@ -777,6 +777,25 @@ impl Rig {
             .finish(RIDE_THROUGH + Duration::from_secs(5))
     }
 
+    /// Waits until the client has had `PROOF_REPLIES` replies sent after `since` (the stream
+    /// goes on); `what` names the expectation in the panic.
+    pub fn wait_stream(&self, since: Instant, what: &str) {
+        if let Err(e) = self
+            .work()
+            .wait_replies_after(since, PROOF_REPLIES, PROGRESS_TIMEOUT)
+        {
+            panic!("{what}: {e}");
+        }
+    }
+
+    /// Ends the workload and checks its stream on the `survivor` (`check_stream`),
+    /// recording the longest gap from a second before `since` (the fault) as the recovery.
+    pub fn finish_and_check(&mut self, rep: &mut Report, since: Instant, survivor: &str) {
+        let (p, client) = self.finish_work();
+        rep.recover = p.max_gap_after(since - Duration::from_secs(1));
+        check_stream(rep, &p, client, survivor);
+    }
+
     pub fn primary_status(&self) -> std::result::Result<serde_json::Value, String> {
         status(
             &self.ha.primary.ns,

@@ -26,9 +26,7 @@ fn protection_and_failover_as_events() {
     let mut rig = Rig::start(&mut rep, Opts::default());
     let primary = Events::at(rig.dir.join("primary.sock"));
     let backup = Events::at(rig.dir.join("backup.sock"));
-    rig.work()
-        .wait_replies_after(Instant::now(), PROOF_REPLIES, PROGRESS_TIMEOUT)
-        .expect("protected stream");
+    rig.wait_stream(Instant::now(), "protected stream");
 
     rep.step("the primary's events: running, connected, synced, protected");
     let p = primary.all(0, false).expect("primary events");
@@ -168,9 +166,7 @@ fn protection_and_failover_as_events() {
             ..
         }
     )));
-    rig.work()
-        .wait_replies_after(died, PROOF_REPLIES, PROGRESS_TIMEOUT)
-        .expect("the stream resumes on the backup");
+    rig.wait_stream(died, "the stream resumes on the backup");
 
     rep.step("`twin events` prints the same events");
     let out = rig

@@ -109,12 +109,8 @@ fn primary_killed_with(rep: &mut Report, point: &str, nth: u64, auth: Auth) {
     let fo = rig.wait_failover(rep);
     let epoch = fo["epoch"].as_u64().expect("FAILOVER names the epoch");
     rep.step("waiting for the client stream to resume on the backup");
-    rig.work()
-        .wait_replies_after(died, PROOF_REPLIES, PROGRESS_TIMEOUT)
-        .expect("the client stream resumes on the backup");
-    let (p, client) = rig.finish_work();
-    rep.recover = p.max_gap_after(died - Duration::from_secs(1));
-    check_stream(rep, &p, client, "backup");
+    rig.wait_stream(died, "the client stream resumes on the backup");
+    rig.finish_and_check(rep, died, "backup");
     rig.assert_no_panics();
     rep.done(format!(
         "backup took over at epoch {epoch} (restore {:.1} ms, detect→running {:.1} ms); stream intact",
@@ -262,14 +258,10 @@ fn backup_killed_at(rep: &mut Report, point: &str, nth: u64) {
             is_backup_lost,
         )
         .expect("the primary reports the backup lost");
-    rig.work()
-        .wait_replies_after(died, PROOF_REPLIES, PROGRESS_TIMEOUT)
-        .expect("the primary keeps serving");
+    rig.wait_stream(died, "the primary keeps serving");
     let st = rig.primary_status().expect("primary status");
     assert_eq!(st["mode"], "unprotected", "primary status: {st}");
-    let (p, client) = rig.finish_work();
-    rep.recover = p.max_gap_after(died - Duration::from_secs(1));
-    check_stream(rep, &p, client, "primary");
+    rig.finish_and_check(rep, died, "primary");
     rig.assert_no_panics();
     rep.done(format!(
         "primary runs unprotected, stream intact (last_error: {})",
@@ -297,9 +289,7 @@ fn backup_killed_during_failover_restore() {
             ..Opts::default()
         },
     );
-    rig.work()
-        .wait_replies_after(Instant::now(), PROOF_REPLIES, PROGRESS_TIMEOUT)
-        .expect("protected stream");
+    rig.wait_stream(Instant::now(), "protected stream");
     rep.step("killing the primary");
     rig.assert_no_takeover_yet();
     rig.primary.kill().expect("SIGKILL the primary");
@@ -348,9 +338,7 @@ fn backup_killed_during_failover_restore() {
 fn backup_restarted_resyncs() {
     let mut rep = Report::new("backup_restarted_resyncs");
     let mut rig = Rig::start(&mut rep, Opts::default());
-    rig.work()
-        .wait_replies_after(Instant::now(), PROOF_REPLIES, PROGRESS_TIMEOUT)
-        .expect("protected stream");
+    rig.wait_stream(Instant::now(), "protected stream");
     let mark = rig.primary_events().mark();
     rep.step("killing the backup");
     rig.assert_no_takeover_yet();
@@ -383,20 +371,14 @@ fn backup_restarted_resyncs() {
         st["sessions"],
         st["last_sync"]
     ));
-    rig.work()
-        .wait_replies_after(Instant::now(), PROOF_REPLIES, PROGRESS_TIMEOUT)
-        .expect("protected stream with the new backup");
+    rig.wait_stream(Instant::now(), "protected stream with the new backup");
     rep.step("killing the primary to prove the new backup holds a good image");
     rig.assert_no_takeover_yet();
     rig.primary.kill().expect("SIGKILL the primary");
     let died = Instant::now();
     let fo = rig.wait_failover(&mut rep);
-    rig.work()
-        .wait_replies_after(died, PROOF_REPLIES, PROGRESS_TIMEOUT)
-        .expect("the stream resumes on the new backup");
-    let (p, client) = rig.finish_work();
-    rep.recover = p.max_gap_after(died - Duration::from_secs(1));
-    check_stream(&mut rep, &p, client, "new backup");
+    rig.wait_stream(died, "the stream resumes on the new backup");
+    rig.finish_and_check(&mut rep, died, "new backup");
     rig.assert_no_panics();
     rep.done(format!(
         "resync in {:.1}s, then failover to the new backup at epoch {}; stream intact",
@@ -414,9 +396,7 @@ fn backup_restarted_resyncs() {
 fn backup_stalled_past_the_primary_timeout() {
     let mut rep = Report::new("backup_stalled_past_the_primary_timeout");
     let mut rig = Rig::start(&mut rep, Opts::default());
-    rig.work()
-        .wait_replies_after(Instant::now(), PROOF_REPLIES, PROGRESS_TIMEOUT)
-        .expect("protected stream");
+    rig.wait_stream(Instant::now(), "protected stream");
     let pmark = rig.primary_events().mark();
     let bmark = rig.backup_events().mark();
     rep.step("freezing the backup (SIGSTOP) for 2 s");
@@ -467,19 +447,13 @@ fn backup_stalled_past_the_primary_timeout() {
         .map(|e| describe(&e))
         .unwrap_or_else(|| "nothing".into());
     rep.note(format!("how the backup saw the session end: {why}"));
-    rig.work()
-        .wait_replies_after(Instant::now(), PROOF_REPLIES, PROGRESS_TIMEOUT)
-        .expect("protected stream after the resync");
+    rig.wait_stream(Instant::now(), "protected stream after the resync");
     rep.step("killing the primary to prove the resynchronised replica");
     rig.primary.kill().expect("SIGKILL the primary");
     let died = Instant::now();
     let fo = rig.wait_failover(&mut rep);
-    rig.work()
-        .wait_replies_after(died, PROOF_REPLIES, PROGRESS_TIMEOUT)
-        .expect("the stream resumes on the backup");
-    let (p, client) = rig.finish_work();
-    rep.recover = p.max_gap_after(died - Duration::from_secs(1));
-    check_stream(&mut rep, &p, client, "backup");
+    rig.wait_stream(died, "the stream resumes on the backup");
+    rig.finish_and_check(&mut rep, died, "backup");
     rig.assert_no_panics();
     rep.done(format!(
         "no takeover by the thawed backup; resync, then failover at epoch {}; stream intact",
@@ -502,9 +476,7 @@ fn link_cut(rep: &mut Report, cut: Cut) {
             ..Opts::default()
         },
     );
-    rig.work()
-        .wait_replies_after(Instant::now(), PROOF_REPLIES, PROGRESS_TIMEOUT)
-        .expect("protected stream");
+    rig.wait_stream(Instant::now(), "protected stream");
     let mark = rig.primary_events().mark();
     rep.step(format!("cutting the replication link: {cut:?}"));
     rig.assert_no_takeover_yet();
@@ -526,12 +498,8 @@ fn link_cut(rep: &mut Report, cut: Cut) {
         )
         .expect("the primary reports the lost backup (holding output) or stands down");
     let fenced = matches!(said.kind, EventKind::StoodDown { .. });
-    rig.work()
-        .wait_replies_after(cut_at, PROOF_REPLIES, PROGRESS_TIMEOUT)
-        .expect("the stream resumes on the backup");
-    let (p, client) = rig.finish_work();
-    rep.recover = p.max_gap_after(cut_at - Duration::from_secs(1));
-    check_stream(rep, &p, client, "backup");
+    rig.wait_stream(cut_at, "the stream resumes on the backup");
+    rig.finish_and_check(rep, cut_at, "backup");
     let primary_fate = if fenced {
         // The takeover Goodbye reached it: it stops its VM.
         let st = rig
@@ -584,9 +552,7 @@ fn link_slowed_backup_lags() {
         },
     );
     let t0 = Instant::now();
-    rig.work()
-        .wait_replies_after(t0, PROOF_REPLIES, PROGRESS_TIMEOUT)
-        .expect("protected stream");
+    rig.wait_stream(t0, "protected stream");
     let before = rig.primary_status().expect("status");
     let fast_rate = rig.work().snapshot().replies_between(t0, Instant::now()) as f64
         / t0.elapsed().as_secs_f64();
@@ -645,9 +611,7 @@ fn link_slowed_backup_lags() {
     );
     rep.step("removing the limit");
     rig.ha.unslow_replication().expect("unslow");
-    rig.work()
-        .wait_replies_after(Instant::now(), PROOF_REPLIES, PROGRESS_TIMEOUT)
-        .expect("stream after the link recovers");
+    rig.wait_stream(Instant::now(), "stream after the link recovers");
     let (p, client) = rig.finish_work();
     rep.recover = p.max_gap_after(slow_at);
     check_stream(&mut rep, &p, client, "primary");
@@ -672,9 +636,7 @@ fn acks_withheld_output_held() {
             ..Opts::default()
         },
     );
-    rig.work()
-        .wait_replies_after(Instant::now(), PROOF_REPLIES, PROGRESS_TIMEOUT)
-        .expect("protected stream");
+    rig.wait_stream(Instant::now(), "protected stream");
     rep.step("dropping every Ack for 1.5 s");
     rig.assert_no_takeover_yet();
     let armed = Instant::now();
@@ -688,9 +650,7 @@ fn acks_withheld_output_held() {
     rig.proxy().disarm();
     let disarmed = Instant::now();
     let dropped = rig.proxy().injections().len();
-    rig.work()
-        .wait_replies_after(disarmed, PROOF_REPLIES, PROGRESS_TIMEOUT)
-        .expect("output flows again once acks pass");
+    rig.wait_stream(disarmed, "output flows again once acks pass");
     // Frames already released when the drop began may still arrive just after: allow the
     // first 150 ms.
     let p = rig.work().snapshot();
@@ -797,9 +757,7 @@ fn bad_frame(rep: &mut Report, fault: Fault) {
         },
     );
     let t = Instant::now();
-    rig.work()
-        .wait_replies_after(t, PROOF_REPLIES, PROGRESS_TIMEOUT)
-        .expect("protected stream");
+    rig.wait_stream(t, "protected stream");
     let (bmark, pmark) = (rig.backup_events().mark(), rig.primary_events().mark());
     rep.step(format!("arming {fault:?}"));
     rig.assert_no_takeover_yet();
@@ -816,17 +774,13 @@ fn bad_frame(rep: &mut Report, fault: Fault) {
         inj[0].epoch
     ));
     expect_resync(rep, &mut rig, &inj, bmark, pmark);
-    rig.work()
-        .wait_replies_after(Instant::now(), PROOF_REPLIES, PROGRESS_TIMEOUT)
-        .expect("protected stream after the resync");
+    rig.wait_stream(Instant::now(), "protected stream after the resync");
     rep.step("killing the primary to prove the resynchronised replica");
     rig.assert_no_takeover_yet();
     rig.primary.kill().expect("SIGKILL the primary");
     let died = Instant::now();
     let fo = rig.wait_failover(rep);
-    rig.work()
-        .wait_replies_after(died, PROOF_REPLIES, PROGRESS_TIMEOUT)
-        .expect("the stream resumes on the backup");
+    rig.wait_stream(died, "the stream resumes on the backup");
     let (p, client) = rig.finish_work();
     rep.recover = p.max_gap_after(armed);
     check_stream(rep, &p, client, "backup");
@@ -883,9 +837,7 @@ fn proxy_truncated_frame() {
             ..Opts::default()
         },
     );
-    rig.work()
-        .wait_replies_after(Instant::now(), PROOF_REPLIES, PROGRESS_TIMEOUT)
-        .expect("protected stream");
+    rig.wait_stream(Instant::now(), "protected stream");
     rep.step("truncating the next Pages frame");
     rig.assert_no_takeover_yet();
     let armed = Instant::now();
@@ -907,9 +859,7 @@ fn proxy_truncated_frame() {
         "the backup failed over at epoch {epoch}, but epoch {cut_epoch} was truncated"
     );
     assert!(!rig.backup_committed(cut_epoch));
-    rig.work()
-        .wait_replies_after(inj[0].at, PROOF_REPLIES, PROGRESS_TIMEOUT)
-        .expect("the stream resumes on the backup");
+    rig.wait_stream(inj[0].at, "the stream resumes on the backup");
     let (p, client) = rig.finish_work();
     rep.recover = p.max_gap_after(armed);
     check_stream(&mut rep, &p, client, "backup");
@@ -982,9 +932,7 @@ fn proxy_wrong_version_hello() {
     let st = rig.primary_status().expect("status");
     rep.note(format!("primary last_error: {}", st["last_error"]));
     assert_ne!(st["mode"], "protected");
-    rig.work()
-        .wait_replies_after(Instant::now(), PROOF_REPLIES, PROGRESS_TIMEOUT)
-        .expect("the VM serves, unprotected");
+    rig.wait_stream(Instant::now(), "the VM serves, unprotected");
     let bst = rig.backup_status().expect("backup status");
     assert!(
         bst["committed_epoch"].is_null() && bst["mem_size"].is_null(),
@@ -1126,9 +1074,7 @@ fn snapshot_disk_full() {
 fn tap_deleted_while_running() {
     let mut rep = Report::new("tap_deleted_while_running");
     let mut rig = Rig::start(&mut rep, Opts::default());
-    rig.work()
-        .wait_replies_after(Instant::now(), PROOF_REPLIES, PROGRESS_TIMEOUT)
-        .expect("protected stream");
+    rig.wait_stream(Instant::now(), "protected stream");
     let mark = rig.primary.mark();
     rep.step("deleting the primary's TAP");
     rig.assert_no_takeover_yet();
@@ -1308,9 +1254,7 @@ fn partition_both_ways(rep: &mut Report, arbiter: bool) {
             ..Opts::default()
         },
     );
-    rig.work()
-        .wait_replies_after(Instant::now(), PROOF_REPLIES, PROGRESS_TIMEOUT)
-        .expect("protected stream");
+    rig.wait_stream(Instant::now(), "protected stream");
     let neigh_before = client_neighbour(&rig.ha);
     let port_before = switch_port(&rig.ha);
     rep.step("cutting replication both ways, both hosts alive");
@@ -1470,9 +1414,7 @@ fn failover_proves_the_replica(
     rig.primary.kill().expect("SIGKILL the primary");
     let died = Instant::now();
     let fo = rig.wait_failover(rep);
-    rig.work()
-        .wait_replies_after(died, PROOF_REPLIES, PROGRESS_TIMEOUT)
-        .expect("the stream resumes on the backup");
+    rig.wait_stream(died, "the stream resumes on the backup");
     let (p, client) = rig.finish_work();
     rep.recover = p.max_gap_after(since);
     check_stream(rep, &p, client, "backup");
@@ -1498,9 +1440,7 @@ fn stranger_takes_idle_slot() {
             ..Opts::default()
         },
     );
-    rig.work()
-        .wait_replies_after(Instant::now(), PROOF_REPLIES, PROGRESS_TIMEOUT)
-        .expect("protected stream");
+    rig.wait_stream(Instant::now(), "protected stream");
     let vm = protected_vm(&rig);
     let pmark = rig.primary_events().mark();
     rep.step("a stranger queues Hello{generation: 2^62} and its own VM description");
@@ -1555,9 +1495,7 @@ fn stranger_without_the_key() {
     use twin_link::{Key, LinkConfig, LinkError};
     let mut rep = Report::new("stranger_without_the_key");
     let mut rig = Rig::start(&mut rep, Opts::default());
-    rig.work()
-        .wait_replies_after(Instant::now(), PROOF_REPLIES, PROGRESS_TIMEOUT)
-        .expect("protected stream");
+    rig.wait_stream(Instant::now(), "protected stream");
     let (bmark, blog) = (rig.backup_events().mark(), rig.backup().mark());
     rep.step("a stranger without a key, then one with another key");
     let none =
@@ -1593,9 +1531,7 @@ fn stranger_without_the_key() {
     });
     rep.note(format!("stranger: {e}; backup: {}", log_msg(&l1)));
     rep.note(format!("stranger: {e2}; backup: {}", log_msg(&l2)));
-    rig.work()
-        .wait_replies_after(Instant::now(), PROOF_REPLIES, PROGRESS_TIMEOUT)
-        .expect("the protected stream goes on");
+    rig.wait_stream(Instant::now(), "the protected stream goes on");
     let st = rig.primary_status().expect("primary status");
     assert_eq!(st["mode"], "protected", "{st}");
     let bst = rig.backup_status().expect("backup status");
@@ -1616,9 +1552,7 @@ fn stranger_without_the_key() {
 /// probes, an EOF) may make it take over. It resynchronises and later fails over intact.
 fn backup_stall(rep: &mut Report, stall: Duration, probe: bool) {
     let mut rig = Rig::start(rep, Opts::default());
-    rig.work()
-        .wait_replies_after(Instant::now(), PROOF_REPLIES, PROGRESS_TIMEOUT)
-        .expect("protected stream");
+    rig.wait_stream(Instant::now(), "protected stream");
     let stop_probe = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let prober = probe.then(|| {
         let (ns, stop) = (rig.ha.primary.ns.clone(), stop_probe.clone());
@@ -1678,9 +1612,7 @@ fn backup_stall(rep: &mut Report, stall: Duration, probe: bool) {
     rig.assert_no_takeover_yet();
     let st = rig.primary_status().expect("primary status");
     assert_eq!(st["mode"], "protected", "{st}");
-    rig.work()
-        .wait_replies_after(Instant::now(), PROOF_REPLIES, PROGRESS_TIMEOUT)
-        .expect("protected stream after the resync");
+    rig.wait_stream(Instant::now(), "protected stream after the resync");
     let fo = failover_proves_the_replica(rep, rig, frozen);
     rep.done(format!(
         "no takeover by the thawed backup; resync, then failover at epoch {} intact",
@@ -1715,9 +1647,7 @@ fn goodbye_before_hello() {
             ..Opts::default()
         },
     );
-    rig.work()
-        .wait_replies_after(Instant::now(), PROOF_REPLIES, PROGRESS_TIMEOUT)
-        .expect("protected stream");
+    rig.wait_stream(Instant::now(), "protected stream");
     let (pmark, bmark) = (rig.primary_events().mark(), rig.backup_events().mark());
     rep.step("freezing the backup until the primary gives up on it");
     rig.assert_no_takeover_yet();
@@ -1774,9 +1704,7 @@ fn goodbye_before_hello() {
         "takeover {:.1}s after the thaw",
         waited.as_secs_f64()
     ));
-    rig.work()
-        .wait_replies_after(thawed, PROOF_REPLIES, PROGRESS_TIMEOUT)
-        .expect("the stream resumes on the backup");
+    rig.wait_stream(thawed, "the stream resumes on the backup");
     let (p, client) = rig.finish_work();
     rep.recover = p.max_gap_after(frozen);
     check_stream(&mut rep, &p, client, "backup");
@@ -1970,9 +1898,7 @@ fn busy_backup_refuses_a_second_primary() {
     use twin_wire::RefuseReason;
     let mut rep = Report::new("busy_backup_refuses_a_second_primary");
     let rig = Rig::start(&mut rep, Opts::default());
-    rig.work()
-        .wait_replies_after(Instant::now(), PROOF_REPLIES, PROGRESS_TIMEOUT)
-        .expect("protected stream");
+    rig.wait_stream(Instant::now(), "protected stream");
     let vm = protected_vm(&rig);
     let link = rig.dir.link_config();
     let ask = |vm, generation| {
@@ -1992,9 +1918,7 @@ fn busy_backup_refuses_a_second_primary() {
         "old generation: {} ({})",
         stale.reason, stale.detail
     ));
-    rig.work()
-        .wait_replies_after(Instant::now(), PROOF_REPLIES, PROGRESS_TIMEOUT)
-        .expect("the protected stream goes on");
+    rig.wait_stream(Instant::now(), "the protected stream goes on");
     let st = rig.primary_status().expect("primary status");
     assert_eq!(st["mode"], "protected", "{st}");
     let bst = rig.backup_status().expect("backup status");
@@ -2125,6 +2049,47 @@ fn backup_memory_cgroup_too_small() {
     rep.done("refused at the description naming the cgroup; no OOM kill; primary runs on");
 }
 
+/// Starts primary `name` with `auth` against `backup`, and waits until both sides name why
+/// the backup refused it: the primary's `backup_lost` and log line say `says.0`, the backup's
+/// `refused` event and log line say `says.1`.
+fn refused_primary(
+    rep: &mut Report,
+    (ha, dir): (&Ha, &TestDir),
+    (backup, be): (&mut TwinProcess, &twin_lab::events::Events),
+    (name, auth): (&str, &[String]),
+    says: (&str, &str),
+) -> TwinProcess {
+    let (bmark, blog) = (be.mark().expect("backup events"), backup.mark());
+    let mut primary = spawn_primary(ha, dir, name, &backup_listen(), auth, &[], "");
+    let pe = twin_lab::events::Events::at(dir.join(format!("{name}.sock")));
+    pe.wait_live(
+        &mut primary,
+        0,
+        &format!("{name} naming the cause"),
+        PROTECT_TIMEOUT,
+        |e| backup_lost_for(e, says.0),
+    )
+    .unwrap_or_else(|e| panic!("{name} does not say {:?}: {e}", says.0));
+    be.wait_live(
+        backup,
+        bmark,
+        &format!("the backup naming why it refused {name}"),
+        Duration::from_secs(10),
+        |e| refused_for(e, says.1),
+    )
+    .unwrap_or_else(|e| panic!("the backup does not say {:?}: {e}", says.1));
+    // What an operator reads in the logs.
+    let p = logged(&mut primary, Mark::default(), says.0, |l| {
+        l.contains("backup lost") && l.contains(says.0)
+    });
+    let b = logged(backup, blog, says.1, |l| {
+        l.contains("refused a replication peer") && l.contains(says.1)
+    });
+    rep.note(format!("{name}: {}", log_msg(&p)));
+    rep.note(format!("backup: {}", log_msg(&b)));
+    primary
+}
+
 /// Keys that differ, and a key on one side only: both sides name the cause.
 #[test]
 fn wrong_key_named_on_both_sides() {
@@ -2143,65 +2108,25 @@ fn wrong_key_named_on_both_sides() {
     ];
     let be = twin_lab::events::Events::at(dir.join("backup.sock"));
     rep.step("a primary with another key");
-    let (bmark, blog) = (be.mark().expect("backup events"), backup.mark());
-    let mut primary = spawn_primary(&ha, &dir, "primary", &backup_listen(), &wrong, &[], "");
-    let pe = twin_lab::events::Events::at(dir.join("primary.sock"));
-    pe.wait_live(
-        &mut primary,
-        0,
-        "the primary naming the wrong key",
-        PROTECT_TIMEOUT,
-        |e| backup_lost_for(e, "key differs"),
-    )
-    .expect("the primary names the wrong key");
-    be.wait_live(
-        &mut backup,
-        bmark,
-        "the backup naming the wrong key",
-        Duration::from_secs(10),
-        |e| refused_for(e, "key differs"),
-    )
-    .expect("the backup names the wrong key");
-    // What an operator reads in the logs.
-    let p1 = logged(&mut primary, Mark::default(), "the wrong key", |l| {
-        l.contains("backup lost") && l.contains("key differs")
-    });
-    let b1 = logged(&mut backup, blog, "the wrong key", |l| {
-        l.contains("refused a replication peer") && l.contains("key differs")
-    });
-    rep.note(format!("primary: {}", log_msg(&p1)));
-    rep.note(format!("backup: {}", log_msg(&b1)));
+    let mut primary = refused_primary(
+        &mut rep,
+        (&ha, &dir),
+        (&mut backup, &be),
+        ("primary", &wrong),
+        ("key differs", "key differs"),
+    );
     primary.terminate().expect("SIGTERM");
     let _ = primary.wait_exit(Duration::from_secs(20));
     rep.step("a primary with no key (--no-auth)");
-    let (bmark, blog) = (be.mark().expect("backup events"), backup.mark());
     let noauth = ["--no-auth".to_string()];
-    let mut primary2 = spawn_primary(&ha, &dir, "primary2", &backup_listen(), &noauth, &[], "");
+    let primary2 = refused_primary(
+        &mut rep,
+        (&ha, &dir),
+        (&mut backup, &be),
+        ("primary2", &noauth),
+        ("requires an authenticated link", "has no key"),
+    );
     let pe2 = twin_lab::events::Events::at(dir.join("primary2.sock"));
-    pe2.wait_live(
-        &mut primary2,
-        0,
-        "the keyless primary naming the cause",
-        PROTECT_TIMEOUT,
-        |e| backup_lost_for(e, "requires an authenticated link"),
-    )
-    .expect("the keyless primary names the cause");
-    be.wait_live(
-        &mut backup,
-        bmark,
-        "the backup naming the keyless primary",
-        Duration::from_secs(10),
-        |e| refused_for(e, "has no key"),
-    )
-    .expect("the backup names the keyless primary");
-    let p2 = logged(&mut primary2, Mark::default(), "the missing key", |l| {
-        l.contains("backup lost") && l.contains("requires an authenticated link")
-    });
-    let b2 = logged(&mut backup, blog, "the keyless primary", |l| {
-        l.contains("refused a replication peer") && l.contains("has no key")
-    });
-    rep.note(format!("primary: {}", log_msg(&p2)));
-    rep.note(format!("backup: {}", log_msg(&b2)));
     assert!(pe2
         .find(0, is_protected)
         .expect("primary2 events")
