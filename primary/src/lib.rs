@@ -125,6 +125,8 @@ pub enum SessionError {
     Checkpoint(#[from] VmmError),
     #[error("encoding the machine state failed")]
     State(#[from] twin_vmm::container::ContainerError),
+    #[error("finding which pages of guest memory hold data (SEEK_DATA on its memfd) failed")]
+    MemoryScan(#[source] std::io::Error),
     #[error("the backup was silent for {0:?}")]
     Silent(Duration),
     #[error("the backup closed the connection")]
@@ -797,9 +799,14 @@ fn initial_sync(s: &Shared, writer: &FrameWriter) -> Result<(), SessionError> {
     // reads into this batch, and encoded from there.
     let mut batch = PageBatch::new(BATCH);
     let mut progress = SyncProgress::new(pages, &s.events);
+    // A hole of the memfd is a zero page, named without reading it (a read would allocate
+    // it); the pages of the data ranges are read and checked.
+    let data = ram.data_ranges().map_err(SessionError::MemoryScan)?;
+    let mut data = data.into_iter().flatten().peekable();
     for p in 0..pages {
         progress.at(p);
-        if !batch.add(ram, p, true)? {
+        let in_data = data.next_if_eq(&p).is_some();
+        if !in_data || !batch.add(ram, p, true)? {
             zero.push(p as u64);
             continue;
         }
