@@ -502,6 +502,11 @@ pub fn spawn_backup(
     b
 }
 
+/// [`spawn_backup`] with the test key and no extra flags.
+pub fn spawn_keyed_backup(ha: &Ha, dir: &TestDir, name: &str, failpoints: &str) -> TwinProcess {
+    spawn_backup(ha, dir, name, &Auth::Key.args(dir, false), &[], failpoints)
+}
+
 /// Waits for the `listening` event of the `twin backup` `b` serving `sock`.
 pub fn wait_listening(b: &mut TwinProcess, sock: &Path) {
     Events::at(sock)

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use twin_api::{Event, EventKind};
 use twin_lab::events::{took_over, Events, Recorder};
+use twin_lab::rig::spawn_keyed_backup;
 use twin_lab::*;
 
 /// Boot, live initial sync and first ack, on a busy 2-core machine with software KVM.
@@ -33,18 +34,6 @@ const GUEST_ARGS: &str = "dirty=16M/s,wss=64M";
 const ITERATIONS: u32 = 20;
 /// Longest the whole loop may take.
 const LOOP_BUDGET: Duration = Duration::from_secs(300);
-
-/// `twin backup` NAME (control socket `NAME.sock`) with the test key, listening.
-fn spawn_backup(ha: &Ha, dir: &TestDir, name: &str, failpoints: &str) -> TwinProcess {
-    twin_lab::rig::spawn_backup(
-        ha,
-        dir,
-        name,
-        &twin_lab::rig::Auth::Key.args(dir, false),
-        &[],
-        failpoints,
-    )
-}
 
 fn spawn_primary(ha: &Ha, dir: &TestDir, name: &str, control: &Path) -> TwinProcess {
     let backup = twin_lab::rig::backup_listen();
@@ -214,7 +203,7 @@ fn failover_once(iteration: u32, kill_after: Duration) -> Run {
     let ha = Topology::ha().expect("ha topology");
     let dir = TestDir::new(&format!("failover-{iteration}")).expect("test dir");
     let (psock, bsock) = (dir.join("primary.sock"), dir.join("twin-backup.sock"));
-    let mut backup = spawn_backup(&ha, &dir, "twin-backup", "");
+    let mut backup = spawn_keyed_backup(&ha, &dir, "twin-backup", "");
     let bevents = Events::at(&bsock).record(false);
     let mut primary = spawn_primary(&ha, &dir, "twin-protect", &psock);
     let pevents = Events::at(&psock).record(false);
@@ -417,7 +406,7 @@ fn a_new_backup_resynchronises_after_the_backup_dies_and_then_takes_over() {
         dir.join("twin-backup-1.sock"),
         dir.join("twin-backup-2.sock"),
     );
-    let mut backup1 = spawn_backup(&ha, &dir, "twin-backup-1", "");
+    let mut backup1 = spawn_keyed_backup(&ha, &dir, "twin-backup-1", "");
     let b1events = Events::at(&bsock1).record(false);
     let mut primary = spawn_primary(&ha, &dir, "twin-protect", &psock);
     let pevents = Events::at(&psock).record(false);
@@ -469,7 +458,7 @@ fn a_new_backup_resynchronises_after_the_backup_dies_and_then_takes_over() {
 
     // A new backup on the backup host: resynchronised, protected again.
     let t_new_backup = Instant::now();
-    let mut backup2 = spawn_backup(&ha, &dir, "twin-backup-2", "");
+    let mut backup2 = spawn_keyed_backup(&ha, &dir, "twin-backup-2", "");
     let b2events = Events::at(&bsock2).record(false);
     let st = wait_status(
         &ha.primary.ns,
@@ -562,7 +551,7 @@ fn a_primary_that_stalls_past_the_heartbeat_timeout_stands_down_after_the_takeov
     let ha = Topology::ha().expect("ha topology");
     let dir = TestDir::new("stalled-primary").expect("test dir");
     let (psock, bsock) = (dir.join("primary.sock"), dir.join("twin-backup.sock"));
-    let mut backup = spawn_backup(&ha, &dir, "twin-backup", "");
+    let mut backup = spawn_keyed_backup(&ha, &dir, "twin-backup", "");
     let bevents = Events::at(&bsock).record(false);
     let mut primary = spawn_primary(&ha, &dir, "twin-protect", &psock);
     let pevents = Events::at(&psock).record(false);

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use twin_api::EventKind;
 use twin_lab::events::{took_over, Events};
+use twin_lab::rig::spawn_keyed_backup;
 use twin_lab::*;
 
 const PROTECT_TIMEOUT: Duration = Duration::from_secs(90);
@@ -29,18 +30,6 @@ const FAILPOINTS: &str = "backup.before_ack=drop~3000";
 const SLACK: Duration = Duration::from_millis(200);
 /// A PING under protection (epoch 25 ms + ack) is answered well within this.
 const PROTECTED_PING: Duration = Duration::from_secs(2);
-
-/// `twin backup` NAME (control socket `NAME.sock`) with the test key, listening.
-fn spawn_backup(ha: &Ha, dir: &TestDir, name: &str, failpoints: &str) -> TwinProcess {
-    twin_lab::rig::spawn_backup(
-        ha,
-        dir,
-        name,
-        &twin_lab::rig::Auth::Key.args(dir, false),
-        &[],
-        failpoints,
-    )
-}
 
 fn status(ns: &Netns, dir: &TestDir, control: &Path, procs: &[&TwinProcess]) -> serde_json::Value {
     twin_status(ns, dir, control, CMD_TIMEOUT).unwrap_or_else(|e| panic!("{e}\n{}", tails(procs)))
@@ -63,7 +52,7 @@ fn output_is_held_while_the_backup_withholds_acks_and_released_when_they_flow() 
     let dir = TestDir::new("output-commit").expect("test dir");
     // The backups' control sockets are `<name>.sock` (the harness's `spawn_backup`).
     let (psock, bsock2) = (dir.join("primary.sock"), dir.join("twin-backup-2.sock"));
-    let mut backup1 = spawn_backup(&ha, &dir, "twin-backup-1", "");
+    let mut backup1 = spawn_keyed_backup(&ha, &dir, "twin-backup-1", "");
     let psock_s = psock.display().to_string();
     let backup_addr = twin_lab::rig::backup_listen();
     let key = dir.key_file();
@@ -118,7 +107,7 @@ fn output_is_held_while_the_backup_withholds_acks_and_released_when_they_flow() 
     // Replace the backup by one that withholds its acks for 3 s after its first epoch.
     backup1.kill().expect("SIGKILL the first backup");
     let mark = pevents.mark();
-    let backup2 = spawn_backup(&ha, &dir, "twin-backup-2", FAILPOINTS);
+    let backup2 = spawn_keyed_backup(&ha, &dir, "twin-backup-2", FAILPOINTS);
     let b2events = Events::at(&bsock2).record(false);
     let after_sync = pevents
         .wait(mark, "the initial sync sent", PROTECT_TIMEOUT, |e| {
