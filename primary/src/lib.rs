@@ -85,6 +85,10 @@ pub struct ProtectConfig {
     /// has passed since the previous checkpoint instead of waiting for the interval, so a
     /// reply waits ~1 ms instead of up to an interval. `None`: checkpoints on the timer only.
     pub eager_gap: Option<Duration>,
+    /// Pre-copy: harvest and copy the epoch's pages while the guest runs, just before the
+    /// pause, so that the pause copies only what is written in between
+    /// ([`twin_vmm::Vmm::precopy`]). Off: every page is copied inside the pause.
+    pub precopy: bool,
     pub on_backup_loss: LossPolicy,
     /// Silence from the backup longer than this means it is lost.
     pub backup_timeout: Duration,
@@ -1164,14 +1168,23 @@ fn send_epochs(
         last_checkpoint = started;
         let epoch = *next_epoch;
         let netbuf = &s.netbuf;
+        let pre = if s.cfg.precopy {
+            Some(s.vmm.precopy()?)
+        } else {
+            None
+        };
         twin_failpoints::hit("primary.before_pause");
-        let cp = s.vmm.checkpoint_sealed(true, || {
+        let seal = || {
             if let Err(e) = netbuf.seal(epoch) {
                 warn!("sealing output epoch {epoch}: {e}");
             }
             // The VM is paused here, its pages about to be collected.
             twin_failpoints::hit("primary.collect");
-        })?;
+        };
+        let cp = match pre {
+            Some(pre) => s.vmm.checkpoint_precopied(pre, seal)?,
+            None => s.vmm.checkpoint_sealed(true, seal)?,
+        };
         *next_epoch += 1;
         let state = cp.state.encode()?;
         let indices: Vec<usize> = cp.dirty_pages().collect();

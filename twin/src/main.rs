@@ -153,6 +153,10 @@ struct ProtectArgs {
     /// Checkpoint on the interval only, as classic Remus does.
     #[arg(long)]
     no_eager: bool,
+    /// Copy every dirty page inside the pause (no pre-copy while the guest runs first): the
+    /// pause then grows with the pages the guest dirtied in the epoch.
+    #[arg(long)]
+    no_precopy: bool,
     /// What to do with held output when the backup is lost: release it and run
     /// unprotected, or hold it until a backup returns.
     #[arg(long, value_enum, default_value_t = LossArg::Release)]
@@ -583,6 +587,7 @@ fn protect(args: ProtectArgs) -> Result<ExitCode> {
         backup: args.backup.clone(),
         interval: args.interval.0,
         eager_gap: (!args.no_eager).then_some(args.eager_gap.0),
+        precopy: !args.no_precopy,
         on_backup_loss: match args.on_backup_loss {
             LossArg::Release => LossPolicy::Release,
             LossArg::Hold => LossPolicy::Hold,
@@ -830,6 +835,7 @@ fn backup(args: BackupArgs) -> Result<ExitCode> {
                         backup: standby.clone(),
                         interval: Duration::from_millis(25),
                         eager_gap: Some(Duration::from_millis(2)),
+                        precopy: true,
                         on_backup_loss: twin_primary::LossPolicy::Release,
                         backup_timeout: Duration::from_millis(500),
                         heartbeat_interval: twin_link::HEARTBEAT_INTERVAL,

@@ -38,7 +38,7 @@ use crate::memory::{Memory, MemoryError};
 use crate::vcpu::{Vcpu, VcpuControl, VcpuError};
 use crate::vm::{Vm, VmError};
 
-pub use crate::checkpoint::{Checkpoint, CheckpointTimings, DeviceError, Frozen};
+pub use crate::checkpoint::{Checkpoint, CheckpointTimings, DeviceError, Frozen, PreCopy};
 pub use crate::dirty::TrackingSpan;
 pub use crate::snapshot::{SnapshotError, SnapshotOptions, SnapshotReport};
 pub use twin_devices::Persist;
