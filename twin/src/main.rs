@@ -464,6 +464,8 @@ fn take_snapshot(
     session: &mut Session,
     req: &SnapshotRequest,
 ) -> Result<serde_json::Value> {
+    // A slow disk, for the tests of long operations (`sleep(MS)`).
+    twin_failpoints::hit("twin.snapshot");
     let report = vmm.snapshot(
         &req.dir,
         SnapshotOptions {
