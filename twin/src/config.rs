@@ -237,5 +237,8 @@ mod tests {
         let text = include_str!("../../contrib/twin.example.toml");
         let argv = expand(&["protect", "--config", "FILE"], text).unwrap();
         crate::Cli::try_parse_from(&argv).unwrap_or_else(|e| panic!("{e}\n{argv:?}"));
+        let text = include_str!("../../contrib/twin-backup.example.toml");
+        let argv = expand(&["backup", "--config", "FILE"], text).unwrap();
+        crate::Cli::try_parse_from(&argv).unwrap_or_else(|e| panic!("{e}\n{argv:?}"));
     }
 }
