@@ -2,9 +2,10 @@
 //! README, an issue): four panels over the checkpoint rate (pause, guest throughput ratio,
 //! added reply latency) and bytes sent against dirty bytes per epoch.
 //!
-//! The PNG's text is drawn with DejaVu Sans read from the system (Debian's
-//! fonts-dejavu-core, which .ci/run installs): plotters' bitmap backend has no fonts of its
-//! own. Without it the PNG fails with an error naming the file; the SVG is written first.
+//! The text is laid out (both) and drawn (PNG) with DejaVu Sans read from the system
+//! (Debian's fonts-dejavu-core, which .ci/run installs; `TWIN_PLOT_FONT` names another TTF):
+//! plotters' bitmap backend has no fonts of its own. Without it the plots fail with an error
+//! naming the font and the package, after bench.md and bench.json are written.
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -147,9 +148,10 @@ fn bitmap_font() -> Result<()> {
 /// Draws `bench.svg` at `svg` and the same plot as a PNG at `png`.
 pub(super) fn draw(svg: &Path, png: &Path, r: &Report<'_>) -> Result<()> {
     let data = Data::of(r);
+    // Both backends lay text out with the registered font (plotters' ab_glyph feature).
+    bitmap_font().with_context(|| format!("writing {} and {}", svg.display(), png.display()))?;
     render(SVGBackend::new(svg, SIZE).into_drawing_area(), &data)
         .with_context(|| format!("writing {}", svg.display()))?;
-    bitmap_font().with_context(|| format!("writing {}", png.display()))?;
     render(BitMapBackend::new(png, SIZE).into_drawing_area(), &data)
         .with_context(|| format!("writing {}", png.display()))
 }
