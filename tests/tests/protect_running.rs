@@ -279,3 +279,133 @@ fn a_vm_started_with_twin_run_is_protected_later_and_fails_over() {
     assert_no_panic(&vm);
     assert_no_panic(&backup);
 }
+
+/// The same through the API alone, with curl: `PUT /v1/protect` on a `twin run` VM, then a
+/// planned switchover, `PUT /v1/failover` on the backup: the backup answers its report,
+/// the primary stands down and exits, and the client's counter goes on without a gap.
+#[test]
+fn protect_then_planned_failover_over_the_api_with_curl() {
+    require_kvm();
+    let ha = Topology::ha().expect("ha topology");
+    let dir = TestDir::new("api-failover").expect("test dir");
+    let (psock, bsock) = (dir.join("vm.sock"), dir.join("twin-backup.sock"));
+    let key = dir.key_file();
+    let auth = vec!["--key-file".to_string(), key.clone()];
+    let psock_s = psock.display().to_string();
+    let cons = dir.join("vm.console").display().to_string();
+    let mut vm = TwinProcess::spawn(
+        &ha.primary.ns,
+        &dir,
+        "twin-run",
+        &[
+            "run",
+            "--tap",
+            TAP,
+            "--ip",
+            GUEST_CIDR,
+            "--mem",
+            "128M",
+            "--control",
+            &psock_s,
+            "--console",
+            &cons,
+        ],
+    )
+    .expect("spawn twin run");
+    let pevents = Events::at(&psock).record(false);
+    let mut guest =
+        GuestClient::connect_retry(ha.client_ns(), guest_service(), BOOT_TIMEOUT, || {
+            vm.ensure_running()
+        })
+        .expect("guest service");
+    guest
+        .set_request_timeout(Duration::from_secs(30))
+        .expect("request timeout");
+    let load = IncrLoad::start(guest, "counter", 0);
+    load.wait_for(50, PROGRESS_TIMEOUT, || vm.ensure_running())
+        .unwrap_or_else(|e| panic!("{e}\n{}", vm.tail(20)));
+    let mut backup = spawn_backup(&ha, &dir, "twin-backup", &auth, &[], "");
+    let bevents = Events::at(&bsock).record(false);
+
+    let curl = |sock: &std::path::Path, path: &str, body: Option<String>| -> (u16, String) {
+        let mut cmd = Command::new("curl");
+        cmd.args([
+            "-sS",
+            "--max-time",
+            "60",
+            "-w",
+            "\n%{http_code}",
+            "-X",
+            "PUT",
+        ])
+        .arg("--unix-socket")
+        .arg(sock);
+        if let Some(b) = body {
+            cmd.args(["-H", "content-type: application/json", "--data-binary", &b]);
+        }
+        let out = cmd
+            .arg(format!("http://localhost{path}"))
+            .output()
+            .expect("curl");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or((&text, "0"));
+        (code.trim().parse().unwrap_or(0), body.to_string())
+    };
+    let body = serde_json::json!({"backup": backup_listen(), "key_file": key}).to_string();
+    let (code, answer) = curl(&psock, "/v1/protect", Some(body));
+    eprintln!("PUT /v1/protect: {code} {answer}");
+    assert_eq!(code, 200, "{answer}\n{}", tails(&[&vm, &backup]));
+    let v: serde_json::Value = serde_json::from_str(&answer).expect("JSON");
+    assert_eq!(v["mode"], "connecting", "{v}");
+    pevents
+        .wait(0, "protected", PROTECT_TIMEOUT, |e| {
+            matches!(e.kind, EventKind::Protected { .. })
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", tails(&[&vm, &backup])));
+    // Protecting twice is a conflict, not a second session.
+    let body = serde_json::json!({"backup": backup_listen(), "key_file": key}).to_string();
+    let (code, again) = curl(&psock, "/v1/protect", Some(body));
+    assert!(
+        code == 409
+            && again.contains(r#""code":"conflict""#)
+            && again.contains("protected already"),
+        "a second PUT /v1/protect on a protected VM: {code} {again}"
+    );
+    load.wait_for(load.incrs() + 50, PROGRESS_TIMEOUT, || vm.ensure_running())
+        .unwrap_or_else(|e| panic!("{e}\n{}", tails(&[&vm, &backup])));
+
+    let (code, report) = curl(&bsock, "/v1/failover", None);
+    eprintln!("PUT /v1/failover: {code} {report}");
+    assert_eq!(code, 200, "{report}\n{}", tails(&[&vm, &backup]));
+    let r: serde_json::Value = serde_json::from_str(&report).expect("JSON");
+    assert!(r["epoch"].as_u64().is_some(), "failover report: {r}");
+    let exited = vm.wait_exit(Duration::from_secs(20));
+    assert!(
+        exited.is_ok(),
+        "the primary did not stand down and exit after the planned failover\n{}",
+        tails(&[&vm, &backup])
+    );
+    pevents.wait_end(Duration::from_secs(5));
+    assert!(
+        pevents
+            .find(0, |e| matches!(e.kind, EventKind::StoodDown { .. }))
+            .is_some(),
+        "no stood_down among {:?}",
+        pevents.names_since(0)
+    );
+    assert!(bevents
+        .find(0, |e| matches!(e.kind, EventKind::FailoverComplete(_)))
+        .is_some());
+    let n = load.incrs();
+    load.wait_for(n + 50, PROGRESS_TIMEOUT, || backup.ensure_running())
+        .unwrap_or_else(|e| panic!("after the switchover: {e}\n{}", tails(&[&vm, &backup])));
+    let (mut guest, ops) = load
+        .finish()
+        .unwrap_or_else(|e| panic!("{e}\n{}", tails(&[&vm, &backup])));
+    let last =
+        check_incr_sequence(&ops, 1).unwrap_or_else(|e| panic!("{e}\n{}", tails(&[&vm, &backup])));
+    assert_eq!(guest.get("counter").expect("GET"), last);
+    eprintln!("{last} INCRs in sequence across PUT /v1/protect and PUT /v1/failover");
+    assert_no_panic(&vm);
+    assert_no_panic(&backup);
+}
