@@ -39,6 +39,7 @@ pub const KNOWN: &[&str] = &[
     "backup.mid_apply",
     "backup.before_ack",
     "backup.restore",
+    "twin.snapshot",
 ];
 
 /// What an armed point does.

@@ -1030,7 +1030,13 @@ fn read_acks(
                 let done: Vec<u64> = st.in_flight.range(..=a.epoch).map(|(e, _)| *e).collect();
                 for e in done {
                     if let Some(sent) = st.in_flight.remove(&e) {
-                        st.ack_ns.push(now.duration_since(sent).as_nanos() as u64);
+                        let ack = now.duration_since(sent);
+                        st.ack_ns.push(ack.as_nanos() as u64);
+                        // Per epoch, for the metrics' ack-latency histogram.
+                        s.events.emit(EventKind::EpochAcked {
+                            epoch: e,
+                            ack_us: ack.as_secs_f64() * 1e6,
+                        });
                     }
                 }
                 st.acked = Some(st.acked.map_or(a.epoch, |x| x.max(a.epoch)));

@@ -623,7 +623,7 @@ fn with_logs(
 
 fn status(sock: &Path) -> Result<Value> {
     match control::request(sock, &Request::Status)? {
-        Response::Ok(v) => Ok(v),
+        Response::Ok(v) | Response::Accepted(v) => Ok(v),
         Response::Error(e) => bail!("{e}"),
     }
 }

@@ -526,7 +526,7 @@ pub(super) fn measure(
     let s1 = client.stats().context("guest STATS at the window end")?;
     if let Some(sock) = status {
         match control::request(sock, &Request::Status).context("reading the primary's status")? {
-            Response::Ok(v) => run.status = Some(v),
+            Response::Ok(v) | Response::Accepted(v) => run.status = Some(v),
             Response::Error(e) => bail!("the primary's status: {e}"),
         }
     }

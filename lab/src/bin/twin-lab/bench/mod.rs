@@ -30,14 +30,14 @@
 //! start and at the end.
 //!
 //! Output in `--out` (default `results/`): `bench.md` (also printed), `bench.json` (every
-//! run, raw per-epoch samples), `bench.svg`. Logs of failed runs go to `failed/` there.
+//! run, raw per-epoch samples), `bench.svg` and the same plot as `bench.png`. Logs of failed runs go to `failed/` there.
 //! Needs root and `/dev/kvm`, like the end-to-end tests. Ctrl-C stops everything started
 //! (processes killed, namespaces deleted). Not a timed test: nothing here judges speed.
 //!
 //! Here: the command, its options and Ctrl-C. What runs and in which order: `plan`; one
 //! cell run: `measure`; the failover trials: `failover`; machine facts and physical limits:
 //! `limits`; quantiles: `stats`; aggregation, `bench.md` and `bench.json`: `report`;
-//! `bench.svg`: `plot`.
+//! `bench.svg`, `bench.png`: `plot`.
 
 mod failover;
 mod limits;
@@ -64,7 +64,7 @@ use stats::{dist, json_f64};
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
-    /// Directory for bench.md, bench.json and bench.svg (created if missing).
+    /// Directory for bench.md, bench.json, bench.svg and bench.png (created if missing).
     #[arg(long, default_value = "results")]
     out: PathBuf,
     /// A shorter run (about 2 minutes): one round, 2 s windows, 3 failovers.
@@ -312,13 +312,15 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
     std::fs::write(&json_path, serde_json::to_vec_pretty(&json)?)
         .with_context(|| format!("writing {}", json_path.display()))?;
     let svg_path = args.out.join("bench.svg");
-    plot::draw(&svg_path, &report).with_context(|| format!("writing {}", svg_path.display()))?;
+    let png_path = args.out.join("bench.png");
+    plot::draw(&svg_path, &png_path, &report)?;
     println!("{md}");
     eprintln!(
-        "bench: wrote {}, {}, {} in {:.0} s",
+        "bench: wrote {}, {}, {}, {} in {:.0} s",
         md_path.display(),
         json_path.display(),
         svg_path.display(),
+        png_path.display(),
         elapsed_s
     );
     let failures = runs.iter().filter(|r| r.error.is_some()).count()
