@@ -11,6 +11,7 @@ mod builder;
 pub mod checkpoint;
 pub mod container;
 pub mod dirty;
+pub mod hot;
 pub mod layout;
 pub mod memory;
 pub mod power;
