@@ -212,6 +212,9 @@ pub(super) fn start_protected(
         "--interval".into(),
         format!("{}us", 1_000_000 / hz),
     ]);
+    if let Some(g) = &plan.eager_gap {
+        args.extend(["--eager-gap".into(), g.clone()]);
+    }
     let primary = slots
         .vm
         .insert(spawn_twin(&ha.primary.ns, dir, "primary", &args, "info")?);

@@ -101,6 +101,9 @@ pub struct BenchArgs {
     /// `--heartbeat-timeout` for the backups [default: the backup's own default].
     #[arg(long)]
     heartbeat_timeout: Option<String>,
+    /// `--eager-gap` for the protected primaries [default: the primary's own default].
+    #[arg(long)]
+    eager_gap: Option<String>,
 }
 
 // ---------------------------------------------------------------------------------------

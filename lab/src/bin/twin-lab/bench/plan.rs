@@ -120,6 +120,7 @@ pub(super) struct Plan {
     /// The PING probe waits a random time in `[0, probe_think_max)` after each reply.
     pub(super) probe_think_max: Duration,
     pub(super) heartbeat_timeout: Option<String>,
+    pub(super) eager_gap: Option<String>,
     #[serde(skip)]
     pub(super) workload_list: Vec<Workload>,
 }
@@ -164,6 +165,7 @@ impl Plan {
                 .unwrap_or_default()
                 .max(PROBE_THINK_MIN),
             heartbeat_timeout: a.heartbeat_timeout.clone(),
+            eager_gap: a.eager_gap.clone(),
             workload_list,
         })
     }

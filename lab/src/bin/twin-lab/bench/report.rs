@@ -181,9 +181,10 @@ pub(super) fn markdown(r: &Report<'_>) -> String {
         &format!(
             "- per cell: fresh namespaces and processes, {:.1} s settle, {:.1} s measured, {} round(s) interleaved; guest {} RAM, memory workloads over wss={WSS}; \
              memory workloads probed by one PING at a time, each after a random think time in [0, {} ms) so that probes sample every phase of the checkpoint interval; the TCP workload by INCR back to back on one connection; backup heartbeat timeout: {}; \
-             output commit: the `twin protect` default (eager: a checkpoint at most 2 ms after output starts waiting, so achieved Hz above the target are those extra checkpoints)",
+             output commit: eager, `--eager-gap` {} (a checkpoint as soon as output waits and that long has passed since the previous one, so achieved Hz above the target are those extra checkpoints)",
             p.warmup_secs, p.cell_secs, p.rounds, p.mem, p.probe_think_max.as_millis(),
-            p.heartbeat_timeout.as_deref().unwrap_or("the default")
+            p.heartbeat_timeout.as_deref().unwrap_or("the default"),
+            p.eager_gap.as_deref().unwrap_or("the `twin protect` default")
         ),
     );
     line(&mut s, "");
