@@ -123,6 +123,10 @@ pub struct PrimaryStatus {
     pub checkpoint_rate_hz: f64,
     /// Epochs that started late because the previous send outlasted the interval.
     pub stretched_epochs: u64,
+    /// Dirty pages not sent because the backup already held their contents (hot pages the
+    /// guest did not change in that epoch), over every session.
+    #[serde(default)]
+    pub unchanged_pages: u64,
     pub pause_us: Quantiles,
     pub pause_split_us_median: PauseSplit,
     pub epoch_bytes: Counts,

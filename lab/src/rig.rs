@@ -350,6 +350,8 @@ pub struct Opts {
     pub auth: Auth,
     /// A real etcd in a namespace of its own as the arbiter (`--arbiter` on both sides).
     pub arbiter: bool,
+    /// `--vcpus` of the primary (the backup takes the VM's shape from the stream).
+    pub vcpus: u8,
 }
 
 /// How a rig's replication link is secured.
@@ -389,6 +391,19 @@ impl Auth {
     }
 }
 
+/// The rig's `--vcpus`: `TWIN_TEST_VCPUS` (1 to 8) if set, so that a whole suite can run at
+/// several vCPUs (`TWIN_TEST_VCPUS=2 cargo test … --test faults`), else 1.
+fn default_vcpus() -> u8 {
+    match std::env::var("TWIN_TEST_VCPUS") {
+        Err(_) => 1,
+        Ok(v) => v
+            .parse()
+            .ok()
+            .filter(|n| (1..=8).contains(n))
+            .unwrap_or_else(|| panic!("TWIN_TEST_VCPUS={v:?}: expected 1 to 8")),
+    }
+}
+
 impl Default for Opts {
     fn default() -> Self {
         Opts {
@@ -402,6 +417,7 @@ impl Default for Opts {
             wait_protected: true,
             auth: Auth::Key,
             arbiter: false,
+            vcpus: default_vcpus(),
         }
     }
 }
@@ -625,6 +641,7 @@ impl Rig {
         if let Some(e) = &etcd {
             auth.extend(["--arbiter".into(), e.url(HostRole::Primary)]);
         }
+        let vcpus = opts.vcpus.to_string();
         let primary = spawn_primary(
             &ha,
             &dir,
@@ -636,6 +653,8 @@ impl Rig {
                 opts.guest_args,
                 "--on-backup-loss",
                 opts.policy,
+                "--vcpus",
+                &vcpus,
             ],
             &opts.primary_failpoints,
         );

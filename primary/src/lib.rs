@@ -27,6 +27,7 @@
 mod arbiter;
 pub mod mode;
 pub mod stats;
+mod unchanged;
 
 pub use mode::{Mode, ModeEvent, Transition};
 
@@ -209,6 +210,8 @@ struct Status {
     /// Checkpoints taken early because output was waiting (eager output commit).
     eager: u64,
     stretched: u64,
+    /// Dirty pages not sent: unchanged since the previous epoch (`unchanged`).
+    unchanged: u64,
     pause_ns: Samples,
     stop_ns: Samples,
     state_ns: Samples,
@@ -236,6 +239,7 @@ impl Status {
             checkpoints: 0,
             eager: 0,
             stretched: 0,
+            unchanged: 0,
             pause_ns: s(),
             stop_ns: s(),
             state_ns: s(),
@@ -452,6 +456,7 @@ impl Primary {
             eager_gap_ms: cfg.eager_gap.map(|g| g.as_secs_f64() * 1e3),
             checkpoint_rate_hz: rate,
             stretched_epochs: st.stretched,
+            unchanged_pages: st.unchanged,
             pause_us: q_us(&st.pause_ns),
             pause_split_us_median: PauseSplit {
                 stop_vcpus: us(st.stop_ns.median()),
@@ -1124,6 +1129,8 @@ fn send_epochs(
     let interval = s.cfg.interval;
     let codec = writer.codec();
     let mut wbuf = BytesMut::with_capacity(1 << 20);
+    // What the backup holds of the previous epoch's pages (this session's only).
+    let mut last_sent = unchanged::LastSent::default();
     let mut next_tick = Instant::now();
     let mut last_checkpoint = Instant::now();
     loop {
@@ -1193,13 +1200,19 @@ fn send_epochs(
         };
         *next_epoch += 1;
         let state = cp.state.encode()?;
-        let indices: Vec<usize> = cp.dirty_pages().collect();
-        let refs: Vec<PageRef<'_>> = indices
-            .iter()
+        let dirty: Vec<(u64, &[u8])> = cp
+            .dirty_pages()
             .enumerate()
-            .map(|(i, &p)| PageRef {
-                index: p as u64,
-                data: &cp.pages[i * PAGE_SIZE..(i + 1) * PAGE_SIZE],
+            .map(|(i, p)| (p as u64, &cp.pages[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]))
+            .collect();
+        // Hot pages are reported every epoch, written or not: send only what changed.
+        let skipped_before = last_sent.skipped;
+        let refs: Vec<PageRef<'_>> = last_sent
+            .filter(&dirty)
+            .into_iter()
+            .map(|i| PageRef {
+                index: dirty[i].0,
+                data: dirty[i].1,
             })
             .collect();
         let begin = EpochBegin {
@@ -1217,6 +1230,7 @@ fn send_epochs(
             let mut st = s.status();
             st.epoch = epoch;
             st.checkpoints += 1;
+            st.unchanged += last_sent.skipped - skipped_before;
             if started < next_tick {
                 st.eager += 1;
             }

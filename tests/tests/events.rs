@@ -134,6 +134,16 @@ fn protection_and_failover_as_events() {
         report.epoch > 0 && report.detect_to_running_ms > 0.0,
         "{report:?}"
     );
+    // `vm_running` follows `failover_complete` (the VM process emits it once the restored
+    // VM runs): wait for it too before reading the sequence.
+    backup
+        .wait(
+            mark,
+            "the VM running on the backup",
+            Duration::from_secs(10),
+            |e| matches!(e.kind, EventKind::VmRunning { .. }),
+        )
+        .expect("the backup's VM runs after the failover");
     let after = backup.all(mark, false).expect("events after the kill");
     let an = names(&after);
     assert!(

@@ -76,11 +76,16 @@ fn primary_killed_at(rep: &mut Report, point: &str, nth: u64) {
 }
 
 fn primary_killed_with(rep: &mut Report, point: &str, nth: u64, auth: Auth) {
+    primary_killed_on(rep, point, nth, auth, Opts::default().vcpus);
+}
+
+fn primary_killed_on(rep: &mut Report, point: &str, nth: u64, auth: Auth, vcpus: u8) {
     let mut rig = Rig::start(
         rep,
         Opts {
             primary_failpoints: format!("{point}={nth}*kill"),
             auth,
+            vcpus,
             ..Opts::default()
         },
     );
@@ -111,9 +116,24 @@ fn primary_killed_with(rep: &mut Report, point: &str, nth: u64, auth: Auth) {
     rep.step("waiting for the client stream to resume on the backup");
     rig.wait_stream(died, "the client stream resumes on the backup");
     rig.finish_and_check(rep, died, "backup");
+    // The VM the backup runs has every vCPU the primary had (restored from the stream).
+    let running = rig
+        .backup_events()
+        .events()
+        .into_iter()
+        .find_map(|e| match e.kind {
+            EventKind::VmRunning { vcpus, .. } => Some(vcpus),
+            _ => None,
+        })
+        .expect("the backup reports its VM running after the takeover");
+    assert_eq!(
+        running,
+        u32::from(vcpus),
+        "vCPUs of the VM the backup took over"
+    );
     rig.assert_no_panics();
     rep.done(format!(
-        "backup took over at epoch {epoch} (restore {:.1} ms, detect→running {:.1} ms); stream intact",
+        "backup took over at epoch {epoch} with {vcpus} vCPU(s) (restore {:.1} ms, detect→running {:.1} ms); stream intact",
         fo["restore_ms"].as_f64().unwrap_or(f64::NAN),
         fo["detect_to_running_ms"].as_f64().unwrap_or(f64::NAN)
     ));
@@ -129,6 +149,10 @@ scenarios! {
     /// is as clean as in the clear.
     primary_killed_mid_stream_encrypted:
         primary_killed_with("primary.mid_stream", 200, Auth::Encrypted);
+    /// A VM with two vCPUs (the second parked) killed mid-stream: every vCPU is paused,
+    /// captured and restored, the stream intact and VERIFY clean on the backup.
+    primary_killed_mid_stream_2_vcpus:
+        primary_killed_on("primary.mid_stream", 200, Auth::Key, 2);
 }
 
 /// Killed during the initial sync there is no committed checkpoint: the backup cannot take

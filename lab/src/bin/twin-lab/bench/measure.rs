@@ -20,6 +20,7 @@ use twin_lab::{
 };
 
 use super::plan::{Mode, Plan, Workload, PAGE, REPL_PORT};
+use super::redis::{run_matrix, RedisResult};
 use super::report::first_line;
 use super::stats::{dist, xorshift, Dist};
 use super::{check_interrupt, nap, Interrupted, INTERRUPTED};
@@ -48,6 +49,8 @@ pub(super) struct Run {
     pub(super) epoch_bytes: Vec<f64>,
     /// The primary's status at the end of the window.
     pub(super) status: Option<serde_json::Value>,
+    /// The Redis workload: every test of every redis-benchmark run of the matrix.
+    pub(super) redis: Vec<RedisResult>,
     #[serde(skip)]
     pub(super) key: (Workload, Mode),
     #[serde(skip)]
@@ -75,6 +78,7 @@ impl Run {
             dirty_pages: Vec::new(),
             epoch_bytes: Vec::new(),
             status: None,
+            redis: Vec::new(),
             key: (w, m),
             latency_raw: Vec::new(),
         }
@@ -239,6 +243,9 @@ pub(super) fn start_protected(
         "--interval".into(),
         format!("{}us", 1_000_000 / hz),
     ]);
+    if let Some(g) = &plan.eager_gap {
+        args.extend(["--eager-gap".into(), g.clone()]);
+    }
     let primary = slots
         .vm
         .insert(spawn_twin(&ha.primary.ns, dir, "primary", &args, "info")?);
@@ -422,7 +429,15 @@ pub(super) fn run_cell(plan: &Plan, run: &mut Run, keep_logs: &Path) -> Result<(
         vm.ensure_running()?;
         run.setup_s = t0.elapsed().as_secs_f64();
         let status = slots.backup.as_ref().map(|_| dir.join("primary.sock"));
-        measure(plan, run, vm, &mut client, status.as_deref())?;
+        measure(
+            plan,
+            run,
+            vm,
+            &mut client,
+            status.as_deref(),
+            ha.client_ns(),
+            &dir,
+        )?;
         if let Some(mode) = run
             .status
             .as_ref()
@@ -452,12 +467,15 @@ pub(super) fn run_cell(plan: &Plan, run: &mut Run, keep_logs: &Path) -> Result<(
 
 /// The measured window of a cell: the client load, guest STATS at both ends, the primary's
 /// per-epoch events in between and its status at the end (`status`: its control socket).
+/// The client load runs in `client_ns`; `dir` takes the output of the programs it runs.
 pub(super) fn measure(
     plan: &Plan,
     run: &mut Run,
     vm: &mut TwinProcess,
     client: &mut GuestClient,
     status: Option<&Path>,
+    client_ns: &Netns,
+    dir: &TestDir,
 ) -> Result<()> {
     let (w, m) = run.key;
     // The primary's epochs from the window's start on, as they happen (its ring of per-epoch
@@ -477,7 +495,10 @@ pub(super) fn measure(
     let end = start + Duration::from_secs_f64(plan.cell_secs);
     let mut rng = 0x2545_F491_4F6C_DD1Du64 ^ u64::from(run.round);
     let think_max = plan.probe_think_max.as_micros() as u64;
-    while Instant::now() < end {
+    if w == Workload::Redis {
+        run.redis = run_matrix(plan, client_ns, dir)?;
+    }
+    while w != Workload::Redis && Instant::now() < end {
         check_interrupt()?;
         let t = Instant::now();
         if w == Workload::Tcp {
@@ -533,7 +554,7 @@ pub(super) fn measure(
     vm.ensure_running()?;
 
     run.window_s = window;
-    run.requests = run.latency_raw.len() as u64;
+    run.requests = run.latency_raw.len() as u64 + run.redis.iter().map(|r| r.requests).sum::<u64>();
     run.requests_per_s = run.requests as f64 / window;
     run.latency_us = dist(&run.latency_raw);
     let guest_ns = stat(&s1, "uptime_ns")?.saturating_sub(stat(&s0, "uptime_ns")?);

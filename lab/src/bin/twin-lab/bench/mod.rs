@@ -44,6 +44,7 @@ mod limits;
 mod measure;
 mod plan;
 mod plot;
+mod redis;
 mod report;
 mod stats;
 
@@ -83,11 +84,16 @@ pub struct BenchArgs {
     #[arg(long, value_delimiter = ',', default_value = "100,40,10")]
     rates: Vec<u32>,
     /// Checkpoint rates to measure again with the replication stream encrypted
-    /// (`--encrypt`); empty for none.
-    #[arg(long, value_delimiter = ',', default_value = "40")]
+    /// (`--encrypt`); `--encrypt-rates` with no value for none.
+    #[arg(long, value_delimiter = ',', num_args = 0.., default_value = "40")]
     encrypt_rates: Vec<u32>,
-    /// Workloads to measure: idle, 16M, 64M, 256M (guest dirty rates per second), tcp.
-    #[arg(long, value_delimiter = ',', default_value = "idle,16M,64M,256M,tcp")]
+    /// Workloads to measure: idle, 16M, 64M, 256M (guest dirty rates per second), tcp,
+    /// redis (redis-benchmark, unprotected and protected at 40 Hz only).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "idle,16M,64M,256M,tcp,redis"
+    )]
     workloads: Vec<String>,
     /// Guest RAM.
     #[arg(long, default_value = "256M")]
@@ -95,6 +101,9 @@ pub struct BenchArgs {
     /// `--heartbeat-timeout` for the backups [default: the backup's own default].
     #[arg(long)]
     heartbeat_timeout: Option<String>,
+    /// `--eager-gap` for the protected primaries [default: the primary's own default].
+    #[arg(long)]
+    eager_gap: Option<String>,
 }
 
 // ---------------------------------------------------------------------------------------

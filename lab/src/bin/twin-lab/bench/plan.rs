@@ -21,6 +21,9 @@ pub(super) const WSS: &str = "128M";
 /// writes memory.
 pub(super) const FAILOVER_WORKLOAD: Workload = Workload::Dirty(16);
 pub(super) const FAILOVER_HZ: u32 = 40;
+/// The Redis workload is measured unprotected and protected at this rate only (each of its
+/// runs is a whole matrix of redis-benchmark runs).
+pub(super) const REDIS_HZ: u32 = 40;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Workload {
@@ -29,6 +32,8 @@ pub(super) enum Workload {
     Dirty(u32),
     /// The TCP service under a closed-loop client.
     Tcp,
+    /// `redis-benchmark` against the guest's RESP2 port (see `redis.rs`).
+    Redis,
 }
 
 impl Workload {
@@ -37,6 +42,7 @@ impl Workload {
         Ok(match t.as_str() {
             "idle" => Workload::Idle,
             "tcp" => Workload::Tcp,
+            "redis" => Workload::Redis,
             _ => {
                 let n = t
                     .trim_end_matches("/s")
@@ -45,7 +51,7 @@ impl Workload {
                     .ok()
                     .filter(|&n| n > 0)
                     .ok_or_else(|| {
-                        anyhow!("unknown workload {s:?} (known: idle, tcp, <N>M for dirty=<N>M/s)")
+                        anyhow!("unknown workload {s:?} (known: idle, tcp, redis, <N>M for dirty=<N>M/s)")
                     })?;
                 Workload::Dirty(n)
             }
@@ -57,12 +63,13 @@ impl Workload {
             Workload::Idle => "idle".into(),
             Workload::Dirty(m) => format!("dirty={m}M/s"),
             Workload::Tcp => "tcp closed-loop".into(),
+            Workload::Redis => "redis-benchmark".into(),
         }
     }
 
     pub(super) fn guest_args(self) -> Option<String> {
         match self {
-            Workload::Idle | Workload::Tcp => None,
+            Workload::Idle | Workload::Tcp | Workload::Redis => None,
             Workload::Dirty(m) => Some(format!("dirty={m}M/s,wss={WSS}")),
         }
     }
@@ -108,9 +115,12 @@ pub(super) struct Plan {
     pub(super) mem: String,
     pub(super) limit_reps: u32,
     pub(super) tcp_bytes: usize,
+    /// Seconds each redis-benchmark test (SET, GET, INCR) of the Redis workload lasts.
+    pub(super) redis_test_secs: f64,
     /// The PING probe waits a random time in `[0, probe_think_max)` after each reply.
     pub(super) probe_think_max: Duration,
     pub(super) heartbeat_timeout: Option<String>,
+    pub(super) eager_gap: Option<String>,
     #[serde(skip)]
     pub(super) workload_list: Vec<Workload>,
 }
@@ -146,6 +156,7 @@ impl Plan {
             mem: a.mem.clone(),
             limit_reps: if a.quick { 3 } else { 5 },
             tcp_bytes: if a.quick { 256 << 20 } else { 1 << 30 },
+            redis_test_secs: if a.quick { 1.0 } else { 2.0 },
             probe_think_max: a
                 .rates
                 .iter()
@@ -154,6 +165,7 @@ impl Plan {
                 .unwrap_or_default()
                 .max(PROBE_THINK_MIN),
             heartbeat_timeout: a.heartbeat_timeout.clone(),
+            eager_gap: a.eager_gap.clone(),
             workload_list,
         })
     }
@@ -165,6 +177,15 @@ impl Plan {
         m
     }
 
+    /// The modes `w` is measured in: every mode, except for the Redis workload, which is
+    /// measured unprotected and at [`REDIS_HZ`].
+    pub(super) fn modes_for(&self, w: Workload) -> Vec<Mode> {
+        match w {
+            Workload::Redis => vec![Mode::Unprotected, Mode::Protected(REDIS_HZ)],
+            _ => self.modes(),
+        }
+    }
+
     /// Every (round, workload, mode) in the order run: rounds interleave, and every other
     /// round runs backwards so that slow drifts in background load hit every mode alike.
     pub(super) fn schedule(&self) -> Vec<(u32, Workload, Mode)> {
@@ -172,7 +193,7 @@ impl Plan {
         for round in 1..=self.rounds {
             let mut cells = Vec::new();
             for &w in &self.workload_list {
-                for m in self.modes() {
+                for m in self.modes_for(w) {
                     cells.push((round, w, m));
                 }
             }
@@ -195,6 +216,7 @@ mod tests {
         assert_eq!(Workload::parse("64M").unwrap(), Workload::Dirty(64));
         assert_eq!(Workload::parse("256m/s").unwrap(), Workload::Dirty(256));
         assert_eq!(Workload::parse("TCP").unwrap(), Workload::Tcp);
+        assert_eq!(Workload::parse("redis").unwrap(), Workload::Redis);
         assert!(Workload::parse("0M").is_err());
         assert!(Workload::parse("lots").is_err());
     }

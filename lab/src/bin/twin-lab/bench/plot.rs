@@ -176,6 +176,10 @@ impl Data {
         let mut rates = p.rates.clone();
         rates.sort_unstable();
         for (wi, &w) in p.workload_list.iter().enumerate() {
+            if w == Workload::Redis {
+                // One rate only, and its numbers are redis-benchmark's: a table in bench.md.
+                continue;
+            }
             let base = aggregate(r.runs, w, Mode::Unprotected);
             let mut med = Vec::new();
             let mut p99 = Vec::new();
@@ -190,7 +194,7 @@ impl Data {
                     p99.push((x, d.p99 / 1e3));
                 }
                 let work = |a: &Agg| match w {
-                    Workload::Idle => None,
+                    Workload::Idle | Workload::Redis => None,
                     Workload::Dirty(_) => a.dirty_mib_s,
                     Workload::Tcp => a.rps,
                 };
