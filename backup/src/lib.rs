@@ -997,6 +997,7 @@ impl Backup {
         let host = HostResources {
             tap: Some(tap),
             console: console(),
+            disks: Vec::new(),
         };
         // The replica memory becomes the VM's RAM as it is: nothing is copied or loaded.
         let mut vmm = Vmm::restore(&state, replica.memory, host).map_err(BackupError::Restore)?;

@@ -240,6 +240,10 @@ struct VmArgs {
     /// Arguments for the built-in guest, e.g. `dirty=64M/s,wss=128M`.
     #[arg(long, default_value = "")]
     guest_args: String,
+    /// A disk: a raw image file (`PATH` or `PATH,readonly`), a virtio-blk device; repeat
+    /// for more (the first is the guest's disk 0). Sparse images stay sparse.
+    #[arg(long = "disk", value_name = "PATH[,readonly]")]
+    disks: Vec<args::Disk>,
     /// Linux kernel (bzImage) to boot instead of the built-in guest (not supported yet).
     #[arg(long)]
     kernel: Option<PathBuf>,
@@ -288,6 +292,10 @@ struct RestoreArgs {
     /// Leave the VM paused after restoring (resume with the control socket's Resume).
     #[arg(long)]
     paused: bool,
+    /// Where to build each of the snapshot's disks (a new file, in order: the first is disk
+    /// 0); the snapshot itself is left as it is.
+    #[arg(long = "disk", value_name = "PATH")]
+    disks: Vec<PathBuf>,
     #[command(flatten)]
     host: HostArgs,
 }
@@ -332,6 +340,14 @@ impl VmArgs {
             prefix_len: self.ip.prefix_len,
             gateway: self.gateway,
             guest_args: self.guest_args.clone(),
+            disks: self
+                .disks
+                .iter()
+                .map(|d| twin_vmm::DiskConfig {
+                    path: d.path.clone(),
+                    read_only: d.read_only,
+                })
+                .collect(),
             console: host.console()?,
             guest_elf: match &self.guest_elf {
                 Some(path) => std::fs::read(path)
@@ -538,11 +554,14 @@ fn restore(args: RestoreArgs) -> Result<ExitCode> {
     let memory = Memory::new(state.config.mem_size).context("cannot create guest memory")?;
     let pages = snapshot::load_memory(&args.dir, &memory)
         .with_context(|| format!("cannot restore {}", args.dir.display()))?;
+    let disks = snapshot::restore_disks(&args.dir, &args.disks)
+        .with_context(|| format!("cannot restore the disks of {}", args.dir.display()))?;
     let tap =
         twin_vmm::devices::tap::Tap::open(&args.host.tap).context("cannot open the VM's TAP")?;
     let host = HostResources {
         tap: Some(tap),
         console: args.host.console()?,
+        disks,
     };
     let mut vmm = Vmm::restore(&state, memory, host).context("cannot rebuild the VM")?;
     let events = EventLog::new();
