@@ -13,7 +13,9 @@ extern crate alloc;
 mod apic;
 mod arch;
 mod args;
+mod blk;
 mod boot;
+mod kvlog;
 mod mem;
 mod net;
 mod pagefmt;
@@ -23,6 +25,7 @@ mod resp;
 mod ring;
 mod serial;
 mod service;
+mod store;
 mod time;
 mod virtio;
 mod workload;
@@ -190,7 +193,53 @@ extern "C" fn twin_main(boot: *const BootInfo) -> ! {
         halts: 0,
         halted_tsc: 0,
         loops: 0,
+        disk: None,
     };
+    // Disk 0 (the first virtio-blk function on the bus) holds the store's log.
+    if let Some(f) = pci::find(virtio::VENDOR, blk::DEVICE_BLK) {
+        let dev = match blk::VirtioBlk::init(f, apic::id()) {
+            Ok(d) => d,
+            Err(why) => fail(EXIT_DEVICE, format_args!("virtio-blk: {why}")),
+        };
+        let i = dev.info;
+        println!(
+            "twin-guest: virtio-blk at 00:{:02x}.{} sectors={} ({}M){} features={:#x} queue={} max_io={}",
+            i.pci.device,
+            i.pci.function,
+            i.sectors,
+            i.sectors >> 11,
+            if i.read_only { " read-only" } else { "" },
+            i.features,
+            i.queue_size,
+            i.max_io,
+        );
+        let t0 = g.clock.now_ns();
+        let log = match store::DiskLog::open(dev, |op| g.replay(op)) {
+            Ok(l) => l,
+            Err((what, e)) => fail(EXIT_DEVICE, format_args!("disk 0: {what}: {}", e.message())),
+        };
+        let r = log.replay;
+        println!(
+            "twin-guest: disk 0 ({}): log of {} records replayed ({} refused), {} sectors used, in {} ms{}",
+            log.mode.name(),
+            r.records,
+            r.refused,
+            log.used_sectors(),
+            (g.clock.now_ns() - t0) / 1_000_000,
+            if log.mode == store::Mode::Foreign {
+                "; sector 0 is not a twin-kv-log label: the disk is left untouched and the store kept in memory only"
+            } else {
+                ""
+            },
+        );
+        if let Some((at, why)) = r.torn {
+            println!(
+                "twin-guest: disk 0: torn tail dropped at sector {at} ({}): never acknowledged, zeroed",
+                why.name()
+            );
+        }
+        g.disk = Some(log);
+    }
     println!(
         "twin-guest: ready: tcp {}.{}.{}.{}:{} ({} ms after entry)",
         ip[0],

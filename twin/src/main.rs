@@ -579,6 +579,14 @@ fn restore(args: RestoreArgs) -> Result<ExitCode> {
 fn protect(args: ProtectArgs) -> Result<ExitCode> {
     use twin_primary::{LossPolicy, ProtectConfig};
 
+    // Until the disks' writes travel with the checkpoints, a protected VM with a disk
+    // would fail over onto a backup without it: refused rather than lost at failover.
+    if !args.vm.disks.is_empty() {
+        anyhow::bail!(
+            "--disk is not replicated to the backup yet: twin protect runs VMs without disks \
+             (twin run takes --disk)"
+        );
+    }
     let sigs = Termination::block()?;
     let link = args.auth.link()?;
     if link.key.is_none() {
