@@ -350,7 +350,14 @@ pub struct Opts {
     pub auth: Auth,
     /// A real etcd in a namespace of its own as the arbiter (`--arbiter` on both sides).
     pub arbiter: bool,
+    /// A disk for the guest's durable store: the primary runs with `--disk
+    /// <dir>/primary-disk.img` (a new sparse image of [`DISK_SIZE`]), every backup with
+    /// `--replica-dir <dir>/<name>-replica` (its replica is `disk-0.img` there).
+    pub disk: bool,
 }
+
+/// Size of the rig's disk image (`Opts::disk`).
+pub const DISK_SIZE: u64 = 64 << 20;
 
 /// How a rig's replication link is secured.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -402,6 +409,7 @@ impl Default for Opts {
             wait_protected: true,
             auth: Auth::Key,
             arbiter: false,
+            disk: false,
         }
     }
 }
@@ -620,18 +628,26 @@ impl Rig {
         if let Some(e) = &etcd {
             auth.extend(["--arbiter".into(), e.url(HostRole::Primary)]);
         }
+        let disk = dir.join("primary-disk.img").to_string_lossy().into_owned();
+        let mut extra = vec![
+            "--guest-args",
+            opts.guest_args,
+            "--on-backup-loss",
+            opts.policy,
+        ];
+        if opts.disk {
+            std::fs::File::create(&disk)
+                .and_then(|f| f.set_len(DISK_SIZE))
+                .expect("create the primary's disk image");
+            extra.extend(["--disk", &disk]);
+        }
         let primary = spawn_primary(
             &ha,
             &dir,
             "primary",
             &target,
             &auth,
-            &[
-                "--guest-args",
-                opts.guest_args,
-                "--on-backup-loss",
-                opts.policy,
-            ],
+            &extra,
             &opts.primary_failpoints,
         );
         let mut rig = Rig {
@@ -747,12 +763,18 @@ impl Rig {
         if let Some(e) = &self.etcd {
             auth.extend(["--arbiter".into(), e.url(HostRole::Backup)]);
         }
+        let replica = self.replica_dir(name).to_string_lossy().into_owned();
+        let extra: Vec<&str> = if self.opts.disk {
+            vec!["--replica-dir", &replica]
+        } else {
+            vec![]
+        };
         let b = spawn_backup(
             &self.ha,
             &self.dir,
             name,
             &auth,
-            &[],
+            &extra,
             &self.opts.backup_failpoints,
         );
         self.record(name, true);
@@ -760,6 +782,16 @@ impl Rig {
             self.retired.push(old);
         }
         self.backup_started = Instant::now();
+    }
+
+    /// The `--replica-dir` of the backup `name` (`Opts::disk`).
+    pub fn replica_dir(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}-replica"))
+    }
+
+    /// The primary's disk image (`Opts::disk`).
+    pub fn primary_disk(&self) -> PathBuf {
+        self.dir.join("primary-disk.img")
     }
 
     pub fn backup(&mut self) -> &mut TwinProcess {

@@ -197,6 +197,11 @@ struct BackupArgs {
     auth: AuthArgs,
     #[command(flatten)]
     arbiter: ArbiterArgs,
+    /// Where the replicas of the protected VM's disks live, `DIR/disk-<i>.img` (sparse,
+    /// flushed as each epoch commits); after a takeover the VM runs on them. Needed for a
+    /// VM with disks.
+    #[arg(long, value_name = "DIR")]
+    replica_dir: Option<PathBuf>,
     /// After a takeover, protect the VM again to this standby backup (`HOST:PORT`, or a
     /// comma-separated list tried in order): a live initial sync, then epochs, with the
     /// same key and arbiter.
@@ -579,14 +584,6 @@ fn restore(args: RestoreArgs) -> Result<ExitCode> {
 fn protect(args: ProtectArgs) -> Result<ExitCode> {
     use twin_primary::{LossPolicy, ProtectConfig};
 
-    // Until the disks' writes travel with the checkpoints, a protected VM with a disk
-    // would fail over onto a backup without it: refused rather than lost at failover.
-    if !args.vm.disks.is_empty() {
-        anyhow::bail!(
-            "--disk is not replicated to the backup yet: twin protect runs VMs without disks \
-             (twin run takes --disk)"
-        );
-    }
     let sigs = Termination::block()?;
     let link = args.auth.link()?;
     if link.key.is_none() {
@@ -757,6 +754,7 @@ fn backup(args: BackupArgs) -> Result<ExitCode> {
         link: args.auth.link()?,
         events: events.clone(),
         arbiter: arbitration.clone(),
+        replica_dir: args.replica_dir.clone(),
     };
     // The TAP and the port first: a backup that cannot serve must not claim the control
     // socket (and a second one must never take a running backup's).

@@ -1,0 +1,245 @@
+//! Disk replication with output commit, end to end: a protected VM whose durable store is on
+//! a virtio-blk disk (`twin protect --disk`, `twin backup --replica-dir`).
+//!
+//! - The primary is SIGKILLed under an INCR load: the backup's VM answers every
+//!   acknowledged value from memory, and after the backup's VM is SIGKILLed in turn, a cold
+//!   boot of `twin run` on its disk replica replays a log that holds every acknowledged
+//!   value too — the disk replica was exactly the disk as of the committed epoch.
+//! - The stream is cut in the middle of an epoch carrying disk writes (failpoint
+//!   `primary.mid_stream`, kill): that partial epoch never touches the replica, which stays
+//!   the disk as of the last committed epoch (the log it holds is a prefix of the
+//!   primary's, ending at a record boundary, with every value the backup acknowledged).
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use twin_guest_image::kvlog::{self, Head, Op, SECTOR};
+use twin_lab::rig::*;
+use twin_lab::*;
+
+const PROGRESS: Duration = Duration::from_secs(60);
+const BOOT: Duration = Duration::from_secs(60);
+
+/// The values the log in `image` sets `key` to, in order (and how many records it has).
+fn log_values(image: &Path, key: &str) -> (Vec<u64>, usize) {
+    let bytes = std::fs::read(image).expect("read the image");
+    assert_eq!(
+        kvlog::label(&bytes[..SECTOR]),
+        kvlog::Label::Log,
+        "{} holds the guest's log",
+        image.display()
+    );
+    let total = (bytes.len() / SECTOR) as u64;
+    let (mut at, mut seq, mut out, mut n) = (1u64, 1u64, Vec::new(), 0);
+    while at < total {
+        let s = at as usize * SECTOR;
+        let Head::Record { sectors } = kvlog::head(&bytes[s..s + SECTOR], total - at) else {
+            break;
+        };
+        let Ok(op) = kvlog::decode(&bytes[s..s + sectors * SECTOR], seq) else {
+            break;
+        };
+        if let Op::Set(k, v) = op {
+            if k == key.as_bytes() {
+                out.push(std::str::from_utf8(v).unwrap().parse().unwrap());
+            }
+        }
+        n += 1;
+        at += sectors as u64;
+        seq += 1;
+    }
+    (out, n)
+}
+
+/// `twin run` of the built-in guest on `disk`, in `ns` on the TAP there.
+fn cold_boot(
+    ns: &Netns,
+    client: &Netns,
+    dir: &TestDir,
+    name: &str,
+    disk: &Path,
+) -> (TwinProcess, GuestClient) {
+    let disk = disk.to_string_lossy().into_owned();
+    let mut vm = TwinProcess::spawn(
+        ns,
+        dir,
+        name,
+        &[
+            "run", "--tap", TAP, "--ip", GUEST_CIDR, "--mem", "256M", "--disk", &disk,
+        ],
+    )
+    .expect("spawn twin run");
+    let g = GuestClient::connect_retry(client, guest_service(), BOOT, || vm.ensure_running())
+        .unwrap_or_else(|e| panic!("the cold-booted guest answers: {e:#}\n{}", vm.tail(20)));
+    (vm, g)
+}
+
+fn stat(g: &mut GuestClient, key: &str) -> String {
+    g.stats().expect("STATS")[key].clone()
+}
+
+#[test]
+fn failover_runs_on_the_disk_replica_and_it_holds_every_acknowledged_value() {
+    let mut rep = Report::new("disk_failover");
+    let mut rig = Rig::start(
+        &mut rep,
+        Opts {
+            disk: true,
+            ..Opts::default()
+        },
+    );
+    rep.step("protected INCRs, each appended to the log and flushed before its reply");
+    rig.work()
+        .wait_replies_after(Instant::now(), 300, PROGRESS)
+        .expect("protected stream");
+    rig.assert_no_takeover_yet();
+    rep.step("SIGKILL the primary");
+    rig.primary.kill().expect("SIGKILL the primary");
+    let died = Instant::now();
+    let fo = rig.wait_failover(&mut rep);
+    rig.work()
+        .wait_replies_after(died, 100, PROGRESS)
+        .expect("the stream resumes on the backup");
+    let (p, client) = rig.finish_work();
+    // Memory: every acknowledged value, the same connection, VERIFY passes.
+    check_stream(&mut rep, &p, client, "backup");
+    let mut g = GuestClient::connect(rig.ha.client_ns(), guest_service(), BOOT).expect("connect");
+    assert_eq!(
+        stat(&mut g, "disk"),
+        "log",
+        "the backup's VM runs with its disk"
+    );
+    let last = g.get(KEY).expect("GET");
+    assert_eq!(last, p.last);
+    drop(g);
+
+    rep.step("SIGKILL the backup's VM, cold boot its disk replica");
+    rig.backup().kill().expect("SIGKILL the backup's VM");
+    let replica = rig.replica_dir("backup").join("disk-0.img");
+    let (values, records) = log_values(&replica, KEY);
+    assert_eq!(
+        values.last().copied(),
+        Some(p.last),
+        "the replica's log ends at the last acknowledged value"
+    );
+    assert!(
+        values.windows(2).all(|w| w[1] == w[0] + 1) && values[0] == 1,
+        "the replica's log holds every INCR once, in order (1..={})",
+        p.last
+    );
+    let (mut vm, mut g) = cold_boot(
+        &rig.ha.backup.ns,
+        rig.ha.client_ns(),
+        &rig.dir,
+        "cold",
+        &replica,
+    );
+    assert_eq!(stat(&mut g, "log_replayed"), records.to_string());
+    assert_eq!(stat(&mut g, "log_torn"), "none");
+    assert_eq!(
+        g.get(KEY).expect("GET after the cold boot"),
+        p.last,
+        "disk and memory agree"
+    );
+    vm.terminate().expect("SIGTERM");
+    vm.wait_exit(Duration::from_secs(10)).expect("exit");
+    rig.assert_no_panics();
+    rep.done(format!(
+        "failover at epoch {} on the disk replica; {} INCRs, replica log {records} records, \
+         cold boot GET {}",
+        fo["epoch"], p.last, p.last
+    ));
+}
+
+#[test]
+fn a_stream_cut_mid_epoch_leaves_the_replica_as_of_the_last_commit() {
+    let mut rep = Report::new("disk_cut_mid_epoch");
+    // The 200th epoch's stream is cut half way (the primary dies there); with INCRs
+    // flowing, that epoch (and the one being written meanwhile) carries disk writes. The
+    // backup, once it has restored the VM from the replica, waits 3 s before running it:
+    // the replica can be read as the failover found it.
+    let mut rig = Rig::start(
+        &mut rep,
+        Opts {
+            disk: true,
+            primary_failpoints: "primary.mid_stream=200*kill".into(),
+            backup_failpoints: "backup.restore=sleep(3000)".into(),
+            ..Opts::default()
+        },
+    );
+    let mark = rig.backup().mark();
+    rep.step("waiting for the failpoint to kill the primary mid-epoch");
+    let status = rig
+        .primary
+        .wait_exit(Duration::from_secs(120))
+        .expect("the failpoint kills the primary");
+    assert!(killed_by_sigkill(status) && fired(&rig.primary, "primary.mid_stream"));
+    let acked = rig.work().snapshot().last;
+    rig.backup()
+        .wait_for(
+            mark,
+            "the restore failpoint",
+            Duration::from_secs(30),
+            |l| l.contains("failpoint fired") && l.contains("backup.restore"),
+        )
+        .expect("the backup restores the VM");
+    let replica = rig.replica_dir("backup").join("disk-0.img");
+    let primary = rig.primary_disk();
+    let (theirs, _) = log_values(&replica, KEY);
+    let (ours, _) = log_values(&primary, KEY);
+    rep.note(format!(
+        "at restore: {acked} acknowledged, primary log {} INCRs, replica {}",
+        ours.len(),
+        theirs.len()
+    ));
+    // The replica is the primary's disk as of the last commit: a prefix of its log that
+    // holds every acknowledged value, without the INCRs of the cut epoch (and of the one
+    // the primary was running), which reached the primary's disk only.
+    assert_eq!(
+        &ours[..theirs.len()],
+        &theirs[..],
+        "the replica's log is a prefix of the primary's"
+    );
+    assert!(
+        theirs.len() as u64 >= acked,
+        "every acknowledged INCR is on the replica"
+    );
+    assert!(
+        ours.len() > theirs.len(),
+        "the uncommitted epochs' disk writes stayed on the primary ({} vs {})",
+        ours.len(),
+        theirs.len()
+    );
+    let fo = rig.wait_failover(&mut rep);
+    let epoch = fo["epoch"].as_u64().unwrap();
+    assert!(
+        !rig.backup_committed(epoch + 1),
+        "the cut epoch was not committed"
+    );
+    let died = Instant::now();
+    rig.work()
+        .wait_replies_after(died, 50, PROGRESS)
+        .expect("the stream resumes on the backup");
+    let (p, client) = rig.finish_work();
+    check_stream(&mut rep, &p, client, "backup");
+    rig.backup().kill().expect("SIGKILL the backup's VM");
+    let (mut vm, mut g) = cold_boot(
+        &rig.ha.backup.ns,
+        rig.ha.client_ns(),
+        &rig.dir,
+        "cold",
+        &replica,
+    );
+    assert_eq!(stat(&mut g, "log_torn"), "none");
+    assert_eq!(g.get(KEY).unwrap(), p.last, "disk and memory agree");
+    vm.terminate().expect("SIGTERM");
+    vm.wait_exit(Duration::from_secs(10)).expect("exit");
+    rig.assert_no_panics();
+    rep.done(format!(
+        "cut in epoch {}; replica held {} of the primary's {} INCRs at restore; cold boot {}",
+        epoch + 1,
+        theirs.len(),
+        ours.len(),
+        p.last
+    ));
+}
