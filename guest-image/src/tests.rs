@@ -394,3 +394,31 @@ mod kvlog_format {
         );
     }
 }
+
+#[test]
+fn disk_workload_arguments() {
+    let a = guest_args::parse("disk=8M/s,dwss=256M,dblock=64K,dflush=16").unwrap();
+    assert_eq!(
+        (a.disk_bytes_per_sec, a.dwss_bytes, a.dblock_bytes, a.dflush),
+        (8 << 20, 256 << 20, 64 << 10, 16)
+    );
+    let d = guest_args::parse("").unwrap();
+    assert_eq!(
+        (d.disk_bytes_per_sec, d.dblock_bytes, d.dflush),
+        (0, 4096, 1)
+    );
+    // The working set is whole blocks.
+    assert_eq!(
+        guest_args::parse("dblock=8K,dwss=20K").unwrap().dwss_bytes,
+        16 << 10
+    );
+    for bad in [
+        "dblock=1000",
+        "dblock=128K",
+        "dblock=0",
+        "dflush=0",
+        "disk=1M/s,dwss=1K",
+    ] {
+        assert!(guest_args::parse(bad).is_err(), "{bad} accepted");
+    }
+}

@@ -15,6 +15,7 @@ mod arch;
 mod args;
 mod blk;
 mod boot;
+mod diskload;
 mod kvlog;
 mod mem;
 mod net;
@@ -194,6 +195,7 @@ extern "C" fn twin_main(boot: *const BootInfo) -> ! {
         halted_tsc: 0,
         loops: 0,
         disk: None,
+        diskload: None,
     };
     // Disk 0 (the first virtio-blk function on the bus) holds the store's log.
     if let Some(f) = pci::find(virtio::VENDOR, blk::DEVICE_BLK) {
@@ -238,7 +240,35 @@ extern "C" fn twin_main(boot: *const BootInfo) -> ! {
                 why.name()
             );
         }
+        let mut log = log;
+        if args.disk_bytes_per_sec > 0 {
+            let base = match log.reserve_tail(args.dwss_bytes / blk::SECTOR as u64) {
+                Ok(b) => b,
+                Err(why) => fail(EXIT_CONFIG, format_args!("disk workload: {why}")),
+            };
+            println!(
+                "twin-guest: disk workload dwss={}M at sector {base} ({} blocks of {}K), disk={} B/s, flush every {}",
+                mib(args.dwss_bytes),
+                args.dwss_bytes / args.dblock_bytes,
+                args.dblock_bytes >> 10,
+                args.disk_bytes_per_sec,
+                args.dflush,
+            );
+            g.diskload = Some(diskload::DiskLoad::new(
+                base,
+                args.dwss_bytes,
+                args.dblock_bytes,
+                args.disk_bytes_per_sec,
+                args.dflush,
+            ));
+        }
         g.disk = Some(log);
+    }
+    if args.disk_bytes_per_sec > 0 && g.diskload.is_none() {
+        fail(
+            EXIT_CONFIG,
+            format_args!("disk workload (disk=): no virtio-blk disk 0 to write"),
+        );
     }
     println!(
         "twin-guest: ready: tcp {}.{}.{}.{}:{} ({} ms after entry)",
@@ -251,6 +281,10 @@ extern "C" fn twin_main(boot: *const BootInfo) -> ! {
     );
 
     g.workload.start(g.clock.now_ns());
+    let now = g.clock.now_ns();
+    if let Some(l) = g.diskload.as_mut() {
+        l.start(now);
+    }
     let mut console = args.console.then(serial::Console::new);
     main_loop(&mut g, net.as_mut(), console.as_mut())
 }
@@ -273,6 +307,7 @@ fn main_loop(
             busy |= c.poll(g, &stats);
         }
         busy |= g.workload.step(now);
+        busy |= g.disk_step(now);
         if busy {
             if let Some(n) = net.as_deref_mut() {
                 n.dev.busy();

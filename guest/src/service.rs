@@ -20,7 +20,7 @@ pub const MAX_VALUE: usize = 16 << 10;
 /// Heap left free when the store grows (so the network stack never runs out).
 const HEAP_RESERVE: usize = 4 << 20;
 /// Longest reply line, including the newline.
-pub const MAX_REPLY: usize = 640;
+pub const MAX_REPLY: usize = 1024;
 
 /// Everything a request can see or change.
 pub struct Guest {
@@ -35,6 +35,8 @@ pub struct Guest {
     pub loops: u64,
     /// Disk 0 as the store's log (`None`: no disk, the store is in memory only).
     pub disk: Option<DiskLog>,
+    /// The disk workload (`disk=` guest argument), on the end of disk 0.
+    pub diskload: Option<crate::diskload::DiskLoad>,
 }
 
 /// Network counters reported by `STATS`.
@@ -344,26 +346,85 @@ impl Guest {
         )?;
         match &self.disk {
             None => write!(out, " disk=none"),
-            Some(d) => write!(
-                out,
-                " disk={} disk_sectors={} log_sectors={} log_replayed={} log_torn={} \
+            Some(d) => {
+                if let Some(l) = &self.diskload {
+                    write!(
+                        out,
+                        " dload_rate={} dload_blocks={} dload_written={} dload_flushes={} \
+                         dload_skipped={} dload_errors={} dload_busy_ns={}",
+                        l.rate(),
+                        l.blocks(),
+                        l.written,
+                        l.flushes,
+                        l.skipped,
+                        l.errors,
+                        l.busy_ns
+                    )?;
+                }
+                write!(
+                    out,
+                    " disk={} disk_sectors={} log_sectors={} log_replayed={} log_torn={} \
                  log_torn_at={} log_refused={} log_appended={} disk_requests={} disk_errors={}",
-                d.mode.name(),
-                d.sectors(),
-                d.used_sectors(),
-                d.replay.records,
-                d.replay.torn.map_or("none", |(_, t)| t.name()),
-                d.replay.torn.map_or(0, |(at, _)| at),
-                d.replay.refused,
-                d.appended,
-                d.device().requests,
-                d.device().errors,
-            ),
+                    d.mode.name(),
+                    d.sectors(),
+                    d.used_sectors(),
+                    d.replay.records,
+                    d.replay.torn.map_or("none", |(_, t)| t.name()),
+                    d.replay.torn.map_or(0, |(at, _)| at),
+                    d.replay.refused,
+                    d.appended,
+                    d.device().requests,
+                    d.device().errors,
+                )
+            }
         }
+    }
+
+    /// Runs the disk workload's writes due by `now_ns`.
+    pub fn disk_step(&mut self, now_ns: u64) -> bool {
+        let (Some(load), Some(disk)) = (self.diskload.as_mut(), self.disk.as_mut()) else {
+            return false;
+        };
+        let clock = &mut self.clock;
+        load.step(now_ns, disk.device_mut(), || clock.now_ns())
     }
 
     fn verify(&mut self, out: &mut Reply) -> fmt::Result {
         let v = self.workload.verify();
+        // The disk's blocks against the sequence numbers in memory (memory first: a
+        // failure there is reported as before).
+        let dv = match (v.first, self.diskload.as_mut(), self.disk.as_mut()) {
+            (None, Some(load), Some(disk)) => Some((load.verify(disk.device_mut()), load.written)),
+            _ => None,
+        };
+        if let Some((d, written)) = &dv {
+            if d.io_error {
+                return write!(out, "FAIL disk reason=io-error blocks={}", d.blocks);
+            }
+            if let Some((b, e, seq)) = d.first {
+                write!(
+                    out,
+                    "FAIL disk_block={b} bad_blocks={} blocks={} ",
+                    d.bad, d.blocks
+                )?;
+                return match e {
+                    PageError::Index { found } => write!(out, "reason=index found={found}"),
+                    PageError::Seq { found } => {
+                        write!(out, "reason=seq expected={seq} found={found}")
+                    }
+                    PageError::NotZero => write!(out, "reason=unwritten-block-not-zero"),
+                    PageError::Checksum { stored, computed } => write!(
+                        out,
+                        "reason=checksum seq={seq} stored={stored:#x} computed={computed:#x}"
+                    ),
+                };
+            }
+            return write!(
+                out,
+                "OK pages={} writes={} disk_blocks={} disk_writes={written}",
+                v.pages, self.workload.written, d.blocks
+            );
+        }
         match v.first {
             None => write!(out, "OK pages={} writes={}", v.pages, self.workload.written),
             Some((i, e, seq)) => {

@@ -60,6 +60,8 @@ pub struct DiskLog {
     next: u64,
     /// Sequence number of the next record.
     seq: u64,
+    /// First sector the log may not use (the disk workload's area starts there).
+    limit: u64,
     scratch: Vec<u8>,
     pub replay: Replay,
     /// Records appended since boot.
@@ -128,6 +130,7 @@ impl DiskLog {
             mode,
             next: 1,
             seq: 1,
+            limit: sectors,
             scratch: Vec::new(),
             replay: Replay::default(),
             appended: 0,
@@ -203,7 +206,7 @@ impl DiskLog {
             return Err(LogError::TooLarge);
         }
         let n = (len / SECTOR) as u64;
-        if self.next + n > self.dev.info.sectors {
+        if self.next + n > self.limit {
             return Err(LogError::Full);
         }
         self.scratch.resize(len, 0);
@@ -222,6 +225,29 @@ impl DiskLog {
         self.seq += 1;
         self.appended += 1;
         Ok(())
+    }
+
+    /// Gives the last `sectors` sectors of the disk to the disk workload: the log ends
+    /// before them. Its first sector, or why not (the log already reaches into them).
+    pub fn reserve_tail(&mut self, sectors: u64) -> Result<u64, &'static str> {
+        if self.mode != Mode::Log {
+            return Err("disk 0 is not writable by the guest (read-only or foreign)");
+        }
+        let base = self
+            .dev
+            .info
+            .sectors
+            .checked_sub(sectors)
+            .ok_or("dwss is larger than disk 0")?;
+        if base < self.next || base < 2 {
+            return Err("dwss does not leave room for the store's log on disk 0");
+        }
+        self.limit = base;
+        Ok(base)
+    }
+
+    pub fn device_mut(&mut self) -> &mut VirtioBlk {
+        &mut self.dev
     }
 
     /// Sectors used by the log (label included).

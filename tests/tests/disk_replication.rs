@@ -85,6 +85,9 @@ fn failover_runs_on_the_disk_replica_and_it_holds_every_acknowledged_value() {
         &mut rep,
         Opts {
             disk: true,
+            // The disk workload too: 4 KiB blocks at 2 MiB/s, a FLUSH after each, checked
+            // by VERIFY on the backup against the sequence numbers in its memory.
+            guest_args: "dirty=16M/s,wss=64M,disk=2M/s,dwss=8M",
             ..Opts::default()
         },
     );
