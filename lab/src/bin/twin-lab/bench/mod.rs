@@ -86,8 +86,13 @@ pub struct BenchArgs {
     /// (`--encrypt`); empty for none.
     #[arg(long, value_delimiter = ',', default_value = "40")]
     encrypt_rates: Vec<u32>,
-    /// Workloads to measure: idle, 16M, 64M, 256M (guest dirty rates per second), tcp.
-    #[arg(long, value_delimiter = ',', default_value = "idle,16M,64M,256M,tcp")]
+    /// Workloads to measure: idle, 16M, 64M, 256M (guest dirty rates per second), tcp,
+    /// disk8M (the guest's disk workload at 8 MiB/s).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "idle,16M,64M,256M,tcp,disk8M"
+    )]
     workloads: Vec<String>,
     /// Guest RAM.
     #[arg(long, default_value = "256M")]

@@ -137,6 +137,7 @@ pub(super) fn draw(path: &Path, r: &Report<'_>) -> Result<()> {
                 Workload::Idle => None,
                 Workload::Dirty(_) => a.dirty_mib_s,
                 Workload::Tcp => a.rps,
+                Workload::Disk(_) => a.disk_mib_s,
             };
             if let (Some(v), Some(b)) = (work(&a), work(&base)) {
                 if b > 0.0 {
