@@ -246,3 +246,61 @@ fn a_stream_cut_mid_epoch_leaves_the_replica_as_of_the_last_commit() {
         p.last
     ));
 }
+
+#[test]
+fn a_full_backup_disk_ends_the_session_and_the_primary_carries_on() {
+    let mut rep = Report::new("disk_backup_full");
+    let mut rig = Rig::start(
+        &mut rep,
+        Opts {
+            disk: true,
+            guest_args: "dirty=16M/s,wss=64M,disk=1M/s,dwss=4M",
+            ..Opts::default()
+        },
+    );
+    rig.work()
+        .wait_replies_after(Instant::now(), 50, PROGRESS)
+        .expect("protected stream");
+    rep.step("replacing the backup by one whose --replica-dir is a 256 KiB file system");
+    let mark = rig.primary_events().mark();
+    rig.backup().kill().expect("SIGKILL the first backup");
+    rig.primary_events()
+        .wait(
+            mark,
+            "the lost backup",
+            Duration::from_secs(20),
+            is_backup_lost,
+        )
+        .expect("the primary reports the first backup lost");
+    let fs = TinyFs::mount(rig.replica_dir("backup2"), "256k").expect("a 256 KiB tmpfs");
+    let mark = rig.primary_events().mark();
+    rig.spawn_backup("backup2");
+    let lost = rig
+        .primary_events()
+        .wait(mark, "the full backup lost", Duration::from_secs(60), |e| {
+            backup_lost_for(e, "No space left")
+        })
+        .expect("the session ends, naming the full disk");
+    rep.note(describe(&lost));
+    assert!(
+        describe(&lost).contains("disk replica"),
+        "the reason names the disk replica: {}",
+        describe(&lost)
+    );
+    // The primary carries on (policy release) and nothing acknowledged is lost.
+    let after = Instant::now();
+    rig.work()
+        .wait_replies_after(after, 50, PROGRESS)
+        .expect("the primary serves on");
+    assert!(
+        rig.backup().try_status().unwrap().is_none(),
+        "the backup did not crash"
+    );
+    let (p, client) = rig.finish_work();
+    check_stream(&mut rep, &p, client, "primary");
+    rig.assert_no_panics();
+    rep.done("the session ended with the full disk named; the primary served on".to_string());
+    // The processes (which hold the replica open) go before the file system.
+    drop(rig);
+    drop(fs);
+}
