@@ -259,3 +259,54 @@ fn a_read_only_disk_replays_and_refuses_changes() {
         "the read-only disk was written"
     );
 }
+
+#[test]
+fn an_io_error_on_the_host_disk_is_an_error_reply_not_a_crash() {
+    require_kvm();
+    let topo = Topology::single().expect("single topology");
+    let dir = TestDir::new("disk-eio").expect("test dir");
+    // A 16 MiB sparse image on a 128 KiB file system: the log's writes fail with ENOSPC
+    // on the host once it is full, and the device answers them IOERR.
+    let fs = TinyFs::mount(dir.join("tiny"), "128k").expect("a 128 KiB tmpfs");
+    let img = fs.path().join("disk0.img");
+    new_image(&img);
+    let (mut vm, mut g) = boot(&topo, &dir, "twin-run", img.to_str().unwrap());
+    let mut last_ok = None;
+    let mut refused = None;
+    // One 512-byte record per SET: 128 KiB holds fewer than 256 (the label and the
+    // file's pages count too).
+    for i in 0..2000u64 {
+        match g.request(&format!("SET k{i} {}", i + 1)) {
+            Ok(_) => last_ok = Some(i),
+            Err(HarnessError::Guest { reply, .. }) => {
+                refused = Some((i, reply));
+                break;
+            }
+            Err(e) => panic!("SET k{i}: {e}"),
+        }
+    }
+    let (i, reply) = refused.expect("the full file system makes a SET fail");
+    assert_eq!(reply, "ERR disk I/O error (the change was not made)");
+    assert!(
+        last_ok.is_some(),
+        "some SETs succeeded before the disk filled"
+    );
+    assert_eq!(
+        g.get(&format!("k{i}")).unwrap(),
+        0,
+        "the refused SET was not made"
+    );
+    g.ping().expect("the guest still answers");
+    let errors: u64 = stat(&mut g, "disk_errors").parse().unwrap();
+    assert!(errors >= 1, "the device reported the error to the guest");
+    vm.terminate().expect("SIGTERM");
+    vm.wait_exit(Duration::from_secs(10)).expect("exit");
+    assert_no_panic(&vm);
+    let err = vm.text(Stream::Stderr);
+    assert!(
+        err.contains("disk") && (err.contains("No space left") || err.contains("I/O")),
+        "the VMM logs the host I/O error:\n{err}"
+    );
+    drop(vm);
+    drop(fs);
+}
