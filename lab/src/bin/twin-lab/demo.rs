@@ -1058,7 +1058,10 @@ fn report(r: &Report) -> bool {
             false
         }
         Err(e) => {
-            row("cold boot of the backup's disk replica", format!("failed: {e:#}"));
+            row(
+                "cold boot of the backup's disk replica",
+                format!("failed: {e:#}"),
+            );
             false
         }
     };
