@@ -62,6 +62,9 @@ pub struct BackupConfig {
     /// The arbiter that must grant every takeover (`--arbiter`); `None`: take over on
     /// silence alone (a partition can then produce two VMs).
     pub arbiter: Option<twin_arbiter::Arbitration>,
+    /// Where the replicas of the VM's disks live (`--replica-dir`): `disk-<i>.img`. A VM
+    /// with disks is refused without it.
+    pub replica_dir: Option<std::path::PathBuf>,
 }
 
 /// A control request the backup loop serves.
@@ -817,9 +820,15 @@ impl Backup {
                         twin_vmm::describe_error(&e)
                     ))
                 })?;
+                // The old replica is superseded before its disk files are emptied for this
+                // one: it must not stay a failover image on disks that are no longer it.
+                self.replica = None;
+                let disks = replica::create_disks(self.cfg.replica_dir.as_deref(), &d.disks)
+                    .map_err(|e| SessionEnd::Replica(twin_vmm::describe_error(&e)))?;
                 // A new session always resynchronises; the old replica is superseded.
                 self.replica = Some(Replica {
                     memory,
+                    disks,
                     vm_id: s.vm_id,
                     generation: s.generation,
                     committed: None,
@@ -854,7 +863,20 @@ impl Backup {
                     ))),
                 }
             }
+            Step::SyncDisk(d) => {
+                let r = self.replica.as_ref().expect("described before sync");
+                // Disk index and range were checked by the phase.
+                r.disks[d.disk as usize]
+                    .write(d.offset, &d.data)
+                    .map_err(|e| SessionEnd::Replica(twin_vmm::describe_error(&e)))
+            }
             Step::SyncDone => {
+                // The copy is durable before any epoch is acknowledged on top of it.
+                let r = self.replica.as_ref().expect("described before sync");
+                for disk in &r.disks {
+                    disk.flush()
+                        .map_err(|e| SessionEnd::Replica(twin_vmm::describe_error(&e)))?;
+                }
                 self.state = BackupState::Synced;
                 info!("initial sync complete");
                 self.cfg.events.emit(EventKind::SyncComplete);
@@ -890,6 +912,50 @@ impl Backup {
                     r.memory.size()
                 ),
             });
+        }
+        if state.config.disks.len() != r.disks.len()
+            || state
+                .config
+                .disks
+                .iter()
+                .zip(&r.disks)
+                .any(|(d, rd)| d.capacity != rd.capacity)
+        {
+            self.stats.epochs_rejected += 1;
+            return Err(SessionEnd::BadEpoch {
+                epoch: epoch.epoch,
+                what: format!(
+                    "its state has {} disks of other sizes than the {} described",
+                    state.config.disks.len(),
+                    r.disks.len()
+                ),
+            });
+        }
+        // The disks first, in order, then flushed: durable before the ack below. A failure
+        // ends the session (the primary follows its --on-backup-loss policy); this epoch
+        // is not acknowledged, and the replica is no failover image any more.
+        let writes: usize = epoch.disk_writes.iter().map(|w| w.writes.len()).sum();
+        let mut applied = 0usize;
+        let mut touched = vec![false; r.disks.len()];
+        for w in &epoch.disk_writes {
+            let disk = &r.disks[w.disk as usize];
+            touched[w.disk as usize] = true;
+            for e in &w.writes {
+                if applied == writes / 2 {
+                    twin_failpoints::hit("backup.mid_disk_apply");
+                }
+                if let Err(e) = disk.apply(e) {
+                    r.committed = None;
+                    return Err(SessionEnd::Replica(twin_vmm::describe_error(&e)));
+                }
+                applied += 1;
+            }
+        }
+        for (disk, _) in r.disks.iter().zip(&touched).filter(|(_, t)| **t) {
+            if let Err(e) = disk.flush() {
+                r.committed = None;
+                return Err(SessionEnd::Replica(twin_vmm::describe_error(&e)));
+            }
         }
         let half = epoch.pages.len() / 2;
         for (i, page) in epoch.pages.iter().enumerate() {
@@ -991,9 +1057,22 @@ impl Backup {
             .expect("the backup holds its TAP until a takeover");
         // Frames that reached the standby TAP were meant for the old primary's guest.
         let stale = tap.drain();
+        // The VM runs on the disk replicas: exactly the disks as of the committed epoch.
+        let disks = replica
+            .disks
+            .iter()
+            .zip(&state.config.disks)
+            .enumerate()
+            .map(|(index, (d, spec))| {
+                twin_vmm::devices::virtio::blk::disk::DiskImage::open(&d.path, spec.read_only)
+                    .map(Arc::new)
+                    .map_err(|source| BackupError::Restore(VmmError::Disk { index, source }))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let host = HostResources {
             tap: Some(tap),
             console: console(),
+            disks,
         };
         // The replica memory becomes the VM's RAM as it is: nothing is copied or loaded.
         let mut vmm = Vmm::restore(&state, replica.memory, host).map_err(BackupError::Restore)?;

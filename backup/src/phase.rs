@@ -7,7 +7,8 @@
 
 use twin_wire::{
     AssembleError, CompleteEpoch, EpochAssembler, EpochMessage, FrameType, Geometry, GeometryError,
-    GoodbyeReason, Message, SyncError, SyncPages, SyncTracker, SyncZeroPages, VmDescription,
+    GoodbyeReason, Message, SyncDisk, SyncError, SyncPages, SyncTracker, SyncZeroPages,
+    VmDescription,
 };
 
 /// A session's phase.
@@ -19,10 +20,14 @@ pub enum Phase {
     Syncing {
         geometry: Geometry,
         tracker: SyncTracker,
+        /// The VM's disks (their sizes) and the disk bytes synced so far.
+        disks: Vec<u64>,
+        disk_bytes: u64,
     },
     /// Epochs; the assembler exists from the first `EpochBegin` on.
     Replicating {
         geometry: Geometry,
+        disks: Vec<u64>,
         assembler: Option<EpochAssembler>,
     },
 }
@@ -38,6 +43,8 @@ pub enum Step {
     SyncPages(SyncPages),
     /// Zero these pages (indices checked).
     SyncZeroPages(SyncZeroPages),
+    /// Write this disk data (disk and range checked).
+    SyncDisk(SyncDisk),
     /// Every page of the sync arrived.
     SyncDone,
     /// Apply and acknowledge a whole, verified epoch.
@@ -60,6 +67,8 @@ pub enum PhaseEnd {
     PageSize(u32, u32),
     #[error("initial sync")]
     Sync(#[source] SyncError),
+    #[error("initial sync of the disks: {0}")]
+    DiskSync(String),
     #[error("rejected epoch")]
     Epoch(#[source] AssembleError),
 }
@@ -93,12 +102,22 @@ impl Phase {
                     return Err(PhaseEnd::PageSize(d.page_size, page_size));
                 }
                 let tracker = SyncTracker::new(geometry);
-                Ok((Phase::Syncing { geometry, tracker }, Step::Describe(d)))
+                Ok((
+                    Phase::Syncing {
+                        geometry,
+                        tracker,
+                        disks: d.disks.clone(),
+                        disk_bytes: 0,
+                    },
+                    Step::Describe(d),
+                ))
             }
             (
                 Phase::Syncing {
                     geometry,
                     mut tracker,
+                    disks,
+                    mut disk_bytes,
                 },
                 msg,
             ) => {
@@ -111,26 +130,65 @@ impl Phase {
                         tracker.zero_pages(&z).map_err(PhaseEnd::Sync)?;
                         Step::SyncZeroPages(z)
                     }
+                    Message::SyncDisk(d) => {
+                        let Some(&cap) = disks.get(d.disk as usize) else {
+                            return Err(PhaseEnd::DiskSync(format!(
+                                "data for disk {}, the VM has {}",
+                                d.disk,
+                                disks.len()
+                            )));
+                        };
+                        let len = d.data.len() as u64;
+                        if d.offset.checked_add(len).is_none_or(|end| end > cap) {
+                            return Err(PhaseEnd::DiskSync(format!(
+                                "{len} bytes at {} are outside disk {} ({cap} bytes)",
+                                d.offset, d.disk
+                            )));
+                        }
+                        disk_bytes += len;
+                        Step::SyncDisk(d)
+                    }
                     Message::SyncDone(done) => {
                         tracker.done(&done).map_err(PhaseEnd::Sync)?;
+                        if done.disk_bytes_sent != disk_bytes {
+                            return Err(PhaseEnd::DiskSync(format!(
+                                "{} bytes of disk data sent, {disk_bytes} received",
+                                done.disk_bytes_sent
+                            )));
+                        }
                         return Ok((
                             Phase::Replicating {
                                 geometry,
+                                disks,
                                 assembler: None,
                             },
                             Step::SyncDone,
                         ));
                     }
                     other => {
-                        let p = Phase::Syncing { geometry, tracker };
+                        let p = Phase::Syncing {
+                            geometry,
+                            tracker,
+                            disks,
+                            disk_bytes,
+                        };
                         return Err(unexpected(&p, other.frame_type()));
                     }
                 };
-                Ok((Phase::Syncing { geometry, tracker }, step))
+                Ok((
+                    Phase::Syncing {
+                        geometry,
+                        tracker,
+                        disks,
+                        disk_bytes,
+                    },
+                    step,
+                ))
             }
             (
                 Phase::Replicating {
                     geometry,
+                    disks,
                     assembler,
                 },
                 msg,
@@ -139,12 +197,14 @@ impl Phase {
                 let Ok(em) = EpochMessage::try_from(msg) else {
                     let p = Phase::Replicating {
                         geometry,
+                        disks,
                         assembler,
                     };
                     return Err(unexpected(&p, t));
                 };
-                let mut asm =
-                    assembler.unwrap_or_else(|| EpochAssembler::new(geometry, em.epoch()));
+                let mut asm = assembler.unwrap_or_else(|| {
+                    EpochAssembler::new(geometry, em.epoch()).with_disks(disks.clone())
+                });
                 let step = match asm.push(em).map_err(PhaseEnd::Epoch)? {
                     Some(complete) => Step::Commit(complete),
                     None => Step::None,
@@ -152,6 +212,7 @@ impl Phase {
                 Ok((
                     Phase::Replicating {
                         geometry,
+                        disks,
                         assembler: Some(asm),
                     },
                     step,
@@ -181,6 +242,7 @@ mod tests {
             vcpus: 1,
             mac: [2, 0, 0, 0, 0, 1],
             config: Vec::new(),
+            disks: Vec::new(),
         })
     }
 
@@ -236,6 +298,7 @@ mod tests {
                         Step::Describe(_) => "describe",
                         Step::SyncPages(_) => "pages",
                         Step::SyncZeroPages(_) => "zero",
+                        Step::SyncDisk(_) => "disk",
                         Step::SyncDone => "synced",
                         Step::Commit(_) => "commit",
                     });
@@ -245,6 +308,68 @@ mod tests {
             }
         }
         (Ok(phase), steps)
+    }
+
+    fn disk_desc(pages: u64, disks: Vec<u64>) -> Message {
+        let Message::VmDescription(mut d) = desc(pages) else {
+            unreachable!()
+        };
+        d.disks = disks;
+        Message::VmDescription(d)
+    }
+
+    fn sync_disk(disk: u32, offset: u64, len: usize) -> Message {
+        Message::SyncDisk(twin_wire::SyncDisk {
+            disk,
+            offset,
+            data: Bytes::from(vec![1u8; len]),
+        })
+    }
+
+    fn done(pages: u64, disk_bytes: u64) -> Message {
+        Message::SyncDone(SyncDone {
+            pages_sent: pages,
+            disk_bytes_sent: disk_bytes,
+        })
+    }
+
+    #[test]
+    fn disk_sync_is_checked_against_the_description() {
+        let (end, steps) = run(vec![
+            disk_desc(1, vec![8192, 4096]),
+            sync_pages(&[0]),
+            sync_disk(0, 4096, 4096),
+            sync_disk(1, 0, 512),
+            done(1, 4608),
+        ]);
+        assert!(
+            matches!(end, Ok(Phase::Replicating { .. })),
+            "{:?}",
+            end.err()
+        );
+        assert_eq!(steps, ["describe", "pages", "disk", "disk", "synced"]);
+        for (bad, why) in [
+            (sync_disk(2, 0, 512), "data for disk 2, the VM has 2"),
+            (sync_disk(1, 4096, 512), "outside disk 1"),
+            (sync_disk(0, u64::MAX - 511, 512), "outside disk 0"),
+        ] {
+            let (end, _) = run(vec![disk_desc(1, vec![8192, 4096]), bad]);
+            let e = end.expect_err("refused");
+            assert!(e.to_string().contains(why), "{e}");
+        }
+        // A lost SyncDisk: the byte count does not add up.
+        let (end, _) = run(vec![
+            disk_desc(1, vec![8192]),
+            sync_pages(&[0]),
+            sync_disk(0, 0, 512),
+            done(1, 1024),
+        ]);
+        let e = end.expect_err("refused");
+        assert!(
+            e.to_string()
+                .contains("1024 bytes of disk data sent, 512 received"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -260,7 +385,10 @@ mod tests {
             Message::SyncZeroPages(SyncZeroPages {
                 indices: vec![2, 3],
             }),
-            Message::SyncDone(SyncDone { pages_sent: 4 }),
+            Message::SyncDone(SyncDone {
+                pages_sent: 4,
+                disk_bytes_sent: 0,
+            }),
         ];
         msgs.extend(epoch(7, &[1, 3]));
         msgs.extend(epoch(8, &[]));
@@ -296,7 +424,10 @@ mod tests {
                 vec![
                     desc(1),
                     sync_pages(&[0]),
-                    Message::SyncDone(SyncDone { pages_sent: 1 }),
+                    Message::SyncDone(SyncDone {
+                        pages_sent: 1,
+                        disk_bytes_sent: 0,
+                    }),
                     sync_pages(&[0]),
                 ],
                 "sync after SyncDone",
@@ -326,6 +457,7 @@ mod tests {
             vcpus: 1,
             mac: [0; 6],
             config: vec![],
+            disks: Vec::new(),
         })]);
         assert!(matches!(end, Err(PhaseEnd::Description(_))));
         let (end, _) = run(vec![Message::VmDescription(VmDescription {
@@ -334,6 +466,7 @@ mod tests {
             vcpus: 1,
             mac: [0; 6],
             config: vec![],
+            disks: Vec::new(),
         })]);
         assert!(matches!(end, Err(PhaseEnd::PageSize(8192, 4096))));
         let (end, _) = run(vec![desc(2), sync_pages(&[5])]);
@@ -341,7 +474,10 @@ mod tests {
         let (end, _) = run(vec![
             desc(2),
             sync_pages(&[0]),
-            Message::SyncDone(SyncDone { pages_sent: 1 }),
+            Message::SyncDone(SyncDone {
+                pages_sent: 1,
+                disk_bytes_sent: 0,
+            }),
         ]);
         assert!(
             matches!(end, Err(PhaseEnd::Sync(_))),
@@ -351,7 +487,10 @@ mod tests {
         let mut msgs = vec![
             desc(1),
             sync_pages(&[0]),
-            Message::SyncDone(SyncDone { pages_sent: 1 }),
+            Message::SyncDone(SyncDone {
+                pages_sent: 1,
+                disk_bytes_sent: 0,
+            }),
         ];
         msgs.extend(epoch(3, &[0]));
         msgs.extend(epoch(5, &[0]));
@@ -369,7 +508,10 @@ mod tests {
             vec![
                 desc(1),
                 sync_pages(&[0]),
-                Message::SyncDone(SyncDone { pages_sent: 1 }),
+                Message::SyncDone(SyncDone {
+                    pages_sent: 1,
+                    disk_bytes_sent: 0,
+                }),
             ],
         ] {
             let mut msgs = prefix;

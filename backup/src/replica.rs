@@ -6,9 +6,12 @@ use twin_vmm::memory::Memory;
 use twin_vmm::MachineState;
 use twin_wire::VmId;
 
-/// The replica: guest memory plus the last committed state.
+/// The replica: guest memory, the disks, plus the last committed state.
 pub struct Replica {
     pub memory: Memory,
+    /// The disk replicas, in order: exactly the disks as of the last committed epoch
+    /// (writes of an epoch are applied, and flushed, only when it commits).
+    pub disks: Vec<ReplicaDisk>,
     pub vm_id: VmId,
     pub generation: u64,
     /// The last committed epoch and its machine state: a failover image only while set.
@@ -20,6 +23,102 @@ impl Replica {
     pub fn committed_epoch(&self) -> Option<u64> {
         self.committed.as_ref().map(|(e, _)| *e)
     }
+}
+
+/// One disk's replica: a sparse file under `--replica-dir`.
+pub struct ReplicaDisk {
+    pub path: PathBuf,
+    pub file: std::fs::File,
+    pub capacity: u64,
+}
+
+/// Why a disk replica cannot be kept.
+#[derive(Debug, thiserror::Error)]
+pub enum DiskReplicaError {
+    #[error("the VM has {0} disks and this backup has no --replica-dir to hold their replicas")]
+    NoDir(usize),
+    #[error("{op} the disk replica {}", path.display())]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl ReplicaDisk {
+    fn io(&self, op: &'static str) -> impl FnOnce(std::io::Error) -> DiskReplicaError + '_ {
+        move |source| DiskReplicaError::Io {
+            op,
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    /// Writes sync data at `offset` (range checked by the session's phase).
+    pub fn write(&self, offset: u64, data: &[u8]) -> Result<(), DiskReplicaError> {
+        use std::os::unix::fs::FileExt;
+        self.file
+            .write_all_at(data, offset)
+            .map_err(self.io("writing"))
+    }
+
+    /// Applies one committed write (range checked by the assembler).
+    pub fn apply(&self, e: &twin_wire::DiskExtent) -> Result<(), DiskReplicaError> {
+        if e.data.is_empty() {
+            twin_vmm::devices::virtio::blk::disk::zero_range(&self.file, e.offset, e.zero_len)
+                .map_err(self.io("zeroing a range of"))
+        } else {
+            self.write(e.offset, &e.data)
+        }
+    }
+
+    /// Makes what was written durable.
+    pub fn flush(&self) -> Result<(), DiskReplicaError> {
+        self.file.sync_data().map_err(self.io("flushing"))
+    }
+}
+
+/// Creates (or empties) the replicas of disks of these sizes: `DIR/disk-<i>.img`, sparse,
+/// all zeroes until the sync writes them.
+pub fn create_disks(
+    dir: Option<&Path>,
+    sizes: &[u64],
+) -> Result<Vec<ReplicaDisk>, DiskReplicaError> {
+    if sizes.is_empty() {
+        return Ok(Vec::new());
+    }
+    let dir = dir.ok_or(DiskReplicaError::NoDir(sizes.len()))?;
+    std::fs::create_dir_all(dir).map_err(|source| DiskReplicaError::Io {
+        op: "creating the directory of",
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    sizes
+        .iter()
+        .enumerate()
+        .map(|(i, &capacity)| {
+            let path = dir.join(format!("disk-{i}.img"));
+            let io = |op| {
+                let path = path.clone();
+                move |source| DiskReplicaError::Io { op, path, source }
+            };
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&path)
+                .map_err(io("creating"))?;
+            file.set_len(capacity).map_err(io("sizing"))?;
+            file.sync_all().map_err(io("syncing"))?;
+            Ok(ReplicaDisk {
+                path,
+                file,
+                capacity,
+            })
+        })
+        .collect()
 }
 
 /// The VM a backup is pinned to once a session of it committed: no other VM may replace

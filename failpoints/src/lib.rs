@@ -37,6 +37,7 @@ pub const KNOWN: &[&str] = &[
     "primary.goodbye",
     "backup.mid_receive",
     "backup.mid_apply",
+    "backup.mid_disk_apply",
     "backup.before_ack",
     "backup.restore",
     "twin.snapshot",

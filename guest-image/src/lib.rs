@@ -43,6 +43,11 @@ pub mod vectors {
     pub const VIRTIO_TX: u8 = 0x23;
 }
 
+/// The format of the built-in guest's durable store on disk 0 (its `kvlog.rs`), for tools
+/// and tests that read disk images, or tear them.
+#[path = "../../guest/src/kvlog.rs"]
+pub mod kvlog;
+
 #[cfg(test)]
 #[path = "../../guest/src/args.rs"]
 #[allow(dead_code)]

@@ -304,3 +304,121 @@ fn rx_kick_when_the_device_used_our_new_buffers_too() {
     // Fewer than a quarter of the ring left: kick.
     assert!(rx_needs_kick(1060, 1000, 10, 256));
 }
+
+mod kvlog_format {
+    use crate::kvlog::{self, Head, Label, Op, Torn, SECTOR};
+
+    fn rec(seq: u64, op: &Op<'_>) -> Vec<u8> {
+        let mut b = vec![0xAA; 64 << 10];
+        let n = kvlog::encode(seq, op, &mut b).unwrap();
+        b.truncate(n);
+        b
+    }
+
+    #[test]
+    fn records_round_trip_in_whole_sectors() {
+        let big = vec![7u8; 16 << 10];
+        for op in [
+            Op::Set(b"k", b"42"),
+            Op::Set(b"", b""),
+            Op::Set(&[b'x'; 128], &big),
+            Op::Del(b"gone"),
+            Op::Clear,
+        ] {
+            let r = rec(9, &op);
+            assert_eq!(r.len() % SECTOR, 0);
+            let Head::Record { sectors } = kvlog::head(&r[..SECTOR], 100) else {
+                panic!("no record head for {op:?}");
+            };
+            assert_eq!(sectors * SECTOR, r.len());
+            assert_eq!(kvlog::decode(&r, 9), Ok(op));
+        }
+        // A 16 KiB value takes 33 sectors; padding is zero, not what the buffer held.
+        let r = rec(1, &Op::Set(b"k", b"1"));
+        assert_eq!(r.len(), SECTOR);
+        assert!(r[24 + 1 + 2 + 1 + 4 + 1..].iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn every_tear_is_detected() {
+        let r = rec(5, &Op::Set(b"key", b"123456"));
+        assert_eq!(kvlog::head(&[0u8; SECTOR], 10), Head::End);
+        assert_eq!(
+            kvlog::decode(&r, 6),
+            Err(Torn::Sequence {
+                expected: 6,
+                found: 5
+            })
+        );
+        // Any single flipped bit of the record's used bytes fails it.
+        for byte in 0..24 + 1 + 2 + 3 + 4 + 6 {
+            let mut t = r.clone();
+            t[byte] ^= 0x10;
+            let head = kvlog::head(&t[..SECTOR], 10);
+            let bad = match head {
+                Head::Record { .. } => kvlog::decode(&t, 5).is_err(),
+                Head::Torn(_) => true,
+                Head::End => false,
+            };
+            assert!(bad, "flipping byte {byte} went unnoticed");
+        }
+        let mut t = r.clone();
+        t[SECTOR / 2..].fill(0);
+        t[30] = b'9';
+        assert_eq!(kvlog::decode(&t, 5), Err(Torn::Checksum));
+        let mut t = r.clone();
+        t[4..8].copy_from_slice(&(1u32 << 20).to_le_bytes());
+        assert_eq!(kvlog::head(&t, 10), Head::Torn(Torn::Length));
+        let big = rec(1, &Op::Set(b"k", &[1u8; 4000]));
+        assert_eq!(kvlog::head(&big, 3), Head::Torn(Torn::PastEnd));
+        assert_eq!(kvlog::head(&[1u8; SECTOR], 3), Head::Torn(Torn::Magic));
+        assert!(kvlog::record_len(&Op::Set(b"k", &[0u8; 40 << 10])).is_none());
+    }
+
+    #[test]
+    fn labels() {
+        let mut s = [0u8; SECTOR];
+        assert_eq!(kvlog::label(&s), Label::Blank);
+        kvlog::write_label(&mut s);
+        assert_eq!(kvlog::label(&s), Label::Log);
+        s[300] = 1;
+        assert_eq!(kvlog::label(&s), Label::Foreign);
+    }
+
+    #[test]
+    fn crc32_is_ieee() {
+        assert_eq!(kvlog::crc32(0, b"123456789"), 0xCBF4_3926);
+        assert_eq!(
+            kvlog::crc32(kvlog::crc32(0, b"1234"), b"56789"),
+            0xCBF4_3926
+        );
+    }
+}
+
+#[test]
+fn disk_workload_arguments() {
+    let a = guest_args::parse("disk=8M/s,dwss=256M,dblock=64K,dflush=16").unwrap();
+    assert_eq!(
+        (a.disk_bytes_per_sec, a.dwss_bytes, a.dblock_bytes, a.dflush),
+        (8 << 20, 256 << 20, 64 << 10, 16)
+    );
+    let d = guest_args::parse("").unwrap();
+    assert_eq!(
+        (d.disk_bytes_per_sec, d.dblock_bytes, d.dflush),
+        (0, 4096, 1)
+    );
+    // The working set is whole blocks.
+    assert_eq!(
+        guest_args::parse("dblock=8K,dwss=20K").unwrap().dwss_bytes,
+        16 << 10
+    );
+    for bad in [
+        "dblock=1000",
+        "dblock=128K",
+        "dblock=0",
+        "dflush=0",
+        "disk=1M/s,dwss=1K",
+    ] {
+        assert!(guest_args::parse(bad).is_err(), "{bad} accepted");
+    }
+}

@@ -34,6 +34,9 @@ pub const VEC_CONFIG: u8 = 0x21;
 pub const VEC_RX: u8 = 0x22;
 /// virtio-net transmit queue MSI-X vector.
 pub const VEC_TX: u8 = 0x23;
+/// virtio-blk request queue MSI-X vector (counted in `other_irqs`: the block driver waits
+/// for its completions with the halt call, which any interrupt ends).
+pub const VEC_BLK: u8 = 0x24;
 /// Base of the (masked) legacy 8259 PIC vectors after remapping.
 pub const VEC_PIC_BASE: u8 = 0x30;
 

@@ -9,6 +9,10 @@ pub const PAGE: u64 = 4096;
 
 /// Default working-set size: 64 MiB.
 pub const DEFAULT_WSS: u64 = 64 << 20;
+/// Default disk working-set size: 16 MiB.
+pub const DEFAULT_DWSS: u64 = 16 << 20;
+/// Largest disk workload block (one virtio-blk request).
+pub const MAX_DBLOCK: u64 = 64 << 10;
 /// Default timer frequency.
 pub const DEFAULT_HZ: u32 = 100;
 /// Highest timer frequency accepted.
@@ -37,6 +41,14 @@ pub struct GuestArgs {
     /// Serve the line protocol on COM1 too (polled once per timer tick: one VM exit per
     /// tick, so off by default).
     pub console: bool,
+    /// Disk workload write rate in bytes per second (0 = off), on disk 0.
+    pub disk_bytes_per_sec: u64,
+    /// Its working set: the last `dwss` bytes of disk 0 (a multiple of `dblock`).
+    pub dwss_bytes: u64,
+    /// Bytes per disk write (a multiple of [`PAGE`], at most [`MAX_DBLOCK`]).
+    pub dblock_bytes: u64,
+    /// A FLUSH after every this many block writes (at least 1).
+    pub dflush: u64,
 }
 
 impl Default for GuestArgs {
@@ -47,6 +59,10 @@ impl Default for GuestArgs {
             hz: DEFAULT_HZ,
             pattern: Pattern::Sequential,
             console: false,
+            disk_bytes_per_sec: 0,
+            dwss_bytes: DEFAULT_DWSS,
+            dblock_bytes: PAGE,
+            dflush: 1,
         }
     }
 }
@@ -74,7 +90,7 @@ impl fmt::Display for ArgError<'_> {
             }
             ArgError::UnknownKey(key) => write!(
                 f,
-                "unknown guest argument {key:?} (known: dirty=<rate>/s, wss=<size>, hz=<n>, pattern=seq|random, console=on|off)"
+                "unknown guest argument {key:?} (known: dirty=<rate>/s, wss=<size>, hz=<n>, pattern=seq|random, console=on|off, disk=<rate>/s, dwss=<size>, dblock=<size>, dflush=<n>)"
             ),
             ArgError::BadValue { key, value, why } => {
                 write!(f, "bad value {value:?} for guest argument {key}: {why}")
@@ -167,8 +183,39 @@ pub fn parse(args: &str) -> Result<GuestArgs, ArgError<'_>> {
                     _ => return Err(bad("expected on or off")),
                 };
             }
+            "disk" => {
+                let rate = value.strip_suffix("/s").unwrap_or(value);
+                out.disk_bytes_per_sec =
+                    parse_size(rate).ok_or(bad("expected bytes per second, e.g. 8M/s"))?;
+            }
+            "dwss" => {
+                out.dwss_bytes = parse_size(value).ok_or(bad("expected a size, e.g. 64M"))?;
+            }
+            "dblock" => {
+                let b = parse_size(value).ok_or(bad("expected a size, e.g. 4K"))?;
+                if b == 0 || b % PAGE != 0 || b > MAX_DBLOCK {
+                    return Err(bad("must be a multiple of 4K, at most 64K"));
+                }
+                out.dblock_bytes = b;
+            }
+            "dflush" => {
+                let n = parse_size(value).ok_or(bad("expected a count, e.g. 1"))?;
+                if n == 0 {
+                    return Err(bad("must be at least 1 (a FLUSH after every n writes)"));
+                }
+                out.dflush = n;
+            }
             _ => return Err(ArgError::UnknownKey(key)),
         }
+    }
+    // Whole blocks (rounded down); a disk workload needs at least one.
+    out.dwss_bytes = out.dwss_bytes / out.dblock_bytes * out.dblock_bytes;
+    if out.disk_bytes_per_sec > 0 && out.dwss_bytes == 0 {
+        return Err(ArgError::BadValue {
+            key: "dwss",
+            value: "0",
+            why: "the disk workload (disk > 0) needs a working set of at least one block",
+        });
     }
     if out.dirty_bytes_per_sec > 0 && out.wss_bytes == 0 {
         return Err(ArgError::BadValue {

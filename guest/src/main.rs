@@ -13,7 +13,10 @@ extern crate alloc;
 mod apic;
 mod arch;
 mod args;
+mod blk;
 mod boot;
+mod diskload;
+mod kvlog;
 mod mem;
 mod net;
 mod pagefmt;
@@ -23,6 +26,7 @@ mod resp;
 mod ring;
 mod serial;
 mod service;
+mod store;
 mod time;
 mod virtio;
 mod workload;
@@ -190,7 +194,82 @@ extern "C" fn twin_main(boot: *const BootInfo) -> ! {
         halts: 0,
         halted_tsc: 0,
         loops: 0,
+        disk: None,
+        diskload: None,
     };
+    // Disk 0 (the first virtio-blk function on the bus) holds the store's log.
+    if let Some(f) = pci::find(virtio::VENDOR, blk::DEVICE_BLK) {
+        let dev = match blk::VirtioBlk::init(f, apic::id()) {
+            Ok(d) => d,
+            Err(why) => fail(EXIT_DEVICE, format_args!("virtio-blk: {why}")),
+        };
+        let i = dev.info;
+        println!(
+            "twin-guest: virtio-blk at 00:{:02x}.{} sectors={} ({}M){} features={:#x} queue={} max_io={}",
+            i.pci.device,
+            i.pci.function,
+            i.sectors,
+            i.sectors >> 11,
+            if i.read_only { " read-only" } else { "" },
+            i.features,
+            i.queue_size,
+            i.max_io,
+        );
+        let t0 = g.clock.now_ns();
+        let log = match store::DiskLog::open(dev, |op| g.replay(op)) {
+            Ok(l) => l,
+            Err((what, e)) => fail(EXIT_DEVICE, format_args!("disk 0: {what}: {}", e.message())),
+        };
+        let r = log.replay;
+        println!(
+            "twin-guest: disk 0 ({}): log of {} records replayed ({} refused), {} sectors used, in {} ms{}",
+            log.mode.name(),
+            r.records,
+            r.refused,
+            log.used_sectors(),
+            (g.clock.now_ns() - t0) / 1_000_000,
+            if log.mode == store::Mode::Foreign {
+                "; sector 0 is not a twin-kv-log label: the disk is left untouched and the store kept in memory only"
+            } else {
+                ""
+            },
+        );
+        if let Some((at, why)) = r.torn {
+            println!(
+                "twin-guest: disk 0: torn tail dropped at sector {at} ({}): never acknowledged, zeroed",
+                why.name()
+            );
+        }
+        let mut log = log;
+        if args.disk_bytes_per_sec > 0 {
+            let base = match log.reserve_tail(args.dwss_bytes / blk::SECTOR as u64) {
+                Ok(b) => b,
+                Err(why) => fail(EXIT_CONFIG, format_args!("disk workload: {why}")),
+            };
+            println!(
+                "twin-guest: disk workload dwss={}M at sector {base} ({} blocks of {}K), disk={} B/s, flush every {}",
+                mib(args.dwss_bytes),
+                args.dwss_bytes / args.dblock_bytes,
+                args.dblock_bytes >> 10,
+                args.disk_bytes_per_sec,
+                args.dflush,
+            );
+            g.diskload = Some(diskload::DiskLoad::new(
+                base,
+                args.dwss_bytes,
+                args.dblock_bytes,
+                args.disk_bytes_per_sec,
+                args.dflush,
+            ));
+        }
+        g.disk = Some(log);
+    }
+    if args.disk_bytes_per_sec > 0 && g.diskload.is_none() {
+        fail(
+            EXIT_CONFIG,
+            format_args!("disk workload (disk=): no virtio-blk disk 0 to write"),
+        );
+    }
     println!(
         "twin-guest: ready: tcp {}.{}.{}.{}:{} ({} ms after entry)",
         ip[0],
@@ -202,6 +281,10 @@ extern "C" fn twin_main(boot: *const BootInfo) -> ! {
     );
 
     g.workload.start(g.clock.now_ns());
+    let now = g.clock.now_ns();
+    if let Some(l) = g.diskload.as_mut() {
+        l.start(now);
+    }
     let mut console = args.console.then(serial::Console::new);
     main_loop(&mut g, net.as_mut(), console.as_mut())
 }
@@ -224,6 +307,7 @@ fn main_loop(
             busy |= c.poll(g, &stats);
         }
         busy |= g.workload.step(now);
+        busy |= g.disk_step(now);
         if busy {
             if let Some(n) = net.as_deref_mut() {
                 n.dev.busy();

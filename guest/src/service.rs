@@ -2,9 +2,11 @@
 //! protocol on port 6379 — over one key-value store, and the guest state they read.
 
 use crate::arch::{irq_count, IRQ_CONFIG, IRQ_OTHER, IRQ_RX, IRQ_TIMER, IRQ_TX};
+use crate::kvlog::Op;
 use crate::pagefmt::PageError;
 use crate::proto::{self, Command};
 use crate::resp;
+use crate::store::{DiskLog, LogError};
 use crate::time::Clock;
 use crate::workload::Workload;
 use alloc::collections::BTreeMap;
@@ -18,7 +20,7 @@ pub const MAX_VALUE: usize = 16 << 10;
 /// Heap left free when the store grows (so the network stack never runs out).
 const HEAP_RESERVE: usize = 4 << 20;
 /// Longest reply line, including the newline.
-pub const MAX_REPLY: usize = 640;
+pub const MAX_REPLY: usize = 1024;
 
 /// Everything a request can see or change.
 pub struct Guest {
@@ -31,6 +33,10 @@ pub struct Guest {
     /// TSC ticks spent in the halt call (idle).
     pub halted_tsc: u64,
     pub loops: u64,
+    /// Disk 0 as the store's log (`None`: no disk, the store is in memory only).
+    pub disk: Option<DiskLog>,
+    /// The disk workload (`disk=` guest argument), on the end of disk 0.
+    pub diskload: Option<crate::diskload::DiskLoad>,
 }
 
 /// Network counters reported by `STATS`.
@@ -70,6 +76,12 @@ pub enum StoreError {
     NotAnInteger,
     /// `INCR` past the largest integer.
     Overflow,
+    /// The log on disk 0 has no room for the change.
+    DiskFull,
+    /// Disk 0 is read-only: changes cannot be made durable, so they are refused.
+    DiskReadOnly,
+    /// Writing or flushing the change failed (the device answered an error).
+    DiskIo,
 }
 
 impl StoreError {
@@ -80,6 +92,9 @@ impl StoreError {
             StoreError::ValueTooLong => "value longer than 16384 bytes",
             StoreError::NotAnInteger => "value is not an integer or out of range",
             StoreError::Overflow => "increment or decrement would overflow",
+            StoreError::DiskFull => "disk log full",
+            StoreError::DiskReadOnly => "disk is read-only",
+            StoreError::DiskIo => "disk I/O error (the change was not made)",
         }
     }
 }
@@ -205,14 +220,20 @@ impl Guest {
         };
     }
 
-    /// Sets `k` to `v`.
+    /// Sets `k` to `v`: checked, made durable on disk 0 (if there is one), then applied,
+    /// so a change the disk refused is not made at all.
     pub fn set(&mut self, k: &[u8], v: &[u8]) -> Result<(), StoreError> {
+        self.check_set(k, v)?;
+        self.persist(Op::Set(k, v))?;
+        self.apply_set(k, v);
+        Ok(())
+    }
+
+    fn check_set(&self, k: &[u8], v: &[u8]) -> Result<(), StoreError> {
         if v.len() > MAX_VALUE {
             return Err(StoreError::ValueTooLong);
         }
-        if let Some(old) = self.kv.get_mut(k) {
-            old.clear();
-            old.extend_from_slice(v);
+        if self.kv.contains_key(k) {
             return Ok(());
         }
         if self.kv.len() >= MAX_KEYS {
@@ -221,7 +242,53 @@ impl Guest {
         if crate::mem::heap_usage().1 < HEAP_RESERVE {
             return Err(StoreError::HeapExhausted);
         }
-        self.kv.insert(k.to_vec(), v.to_vec());
+        Ok(())
+    }
+
+    fn apply_set(&mut self, k: &[u8], v: &[u8]) {
+        if let Some(old) = self.kv.get_mut(k) {
+            old.clear();
+            old.extend_from_slice(v);
+        } else {
+            self.kv.insert(k.to_vec(), v.to_vec());
+        }
+    }
+
+    /// Appends `op` to the log on disk 0 and flushes it (nothing without a disk).
+    fn persist(&mut self, op: Op<'_>) -> Result<(), StoreError> {
+        let Some(d) = self.disk.as_mut() else {
+            return Ok(());
+        };
+        d.append(op).map_err(|e| match e {
+            LogError::Full => StoreError::DiskFull,
+            LogError::ReadOnly => StoreError::DiskReadOnly,
+            LogError::TooLarge => StoreError::ValueTooLong,
+            LogError::Io(_) => StoreError::DiskIo,
+        })
+    }
+
+    /// Applies a change replayed from the log at boot (already durable); `false` if the
+    /// store's limits refuse it.
+    pub fn replay(&mut self, op: Op<'_>) -> bool {
+        match op {
+            Op::Set(k, v) => {
+                if self.check_set(k, v).is_err() {
+                    return false;
+                }
+                self.apply_set(k, v);
+            }
+            Op::Del(k) => {
+                self.kv.remove(k);
+            }
+            Op::Clear => self.kv.clear(),
+        }
+        true
+    }
+
+    /// Removes every key.
+    pub fn clear(&mut self) -> Result<(), StoreError> {
+        self.persist(Op::Clear)?;
+        self.kv.clear();
         Ok(())
     }
 
@@ -237,8 +304,12 @@ impl Guest {
     }
 
     /// Removes `k`; whether it was there.
-    pub fn del(&mut self, k: &[u8]) -> bool {
-        self.kv.remove(k).is_some()
+    pub fn del(&mut self, k: &[u8]) -> Result<bool, StoreError> {
+        if !self.kv.contains_key(k) {
+            return Ok(false);
+        }
+        self.persist(Op::Del(k))?;
+        Ok(self.kv.remove(k).is_some())
     }
 
     fn stats(&mut self, net: &NetStats, out: &mut Reply) -> fmt::Result {
@@ -277,11 +348,88 @@ impl Guest {
             net.gratuitous_arps,
             heap_used,
             heap_free,
-        )
+        )?;
+        match &self.disk {
+            None => write!(out, " disk=none"),
+            Some(d) => {
+                if let Some(l) = &self.diskload {
+                    write!(
+                        out,
+                        " dload_rate={} dload_blocks={} dload_written={} dload_flushes={} \
+                         dload_skipped={} dload_errors={} dload_busy_ns={}",
+                        l.rate(),
+                        l.blocks(),
+                        l.written,
+                        l.flushes,
+                        l.skipped,
+                        l.errors,
+                        l.busy_ns
+                    )?;
+                }
+                write!(
+                    out,
+                    " disk={} disk_sectors={} log_sectors={} log_replayed={} log_torn={} \
+                 log_torn_at={} log_refused={} log_appended={} disk_requests={} disk_errors={}",
+                    d.mode.name(),
+                    d.sectors(),
+                    d.used_sectors(),
+                    d.replay.records,
+                    d.replay.torn.map_or("none", |(_, t)| t.name()),
+                    d.replay.torn.map_or(0, |(at, _)| at),
+                    d.replay.refused,
+                    d.appended,
+                    d.device().requests,
+                    d.device().errors,
+                )
+            }
+        }
+    }
+
+    /// Runs the disk workload's writes due by `now_ns`.
+    pub fn disk_step(&mut self, now_ns: u64) -> bool {
+        let (Some(load), Some(disk)) = (self.diskload.as_mut(), self.disk.as_mut()) else {
+            return false;
+        };
+        let clock = &mut self.clock;
+        load.step(now_ns, disk.device_mut(), || clock.now_ns())
     }
 
     fn verify(&mut self, out: &mut Reply) -> fmt::Result {
         let v = self.workload.verify();
+        // The disk's blocks against the sequence numbers in memory (memory first: a
+        // failure there is reported as before).
+        let dv = match (v.first, self.diskload.as_mut(), self.disk.as_mut()) {
+            (None, Some(load), Some(disk)) => Some((load.verify(disk.device_mut()), load.written)),
+            _ => None,
+        };
+        if let Some((d, written)) = &dv {
+            if d.io_error {
+                return write!(out, "FAIL disk reason=io-error blocks={}", d.blocks);
+            }
+            if let Some((b, e, seq)) = d.first {
+                write!(
+                    out,
+                    "FAIL disk_block={b} bad_blocks={} blocks={} ",
+                    d.bad, d.blocks
+                )?;
+                return match e {
+                    PageError::Index { found } => write!(out, "reason=index found={found}"),
+                    PageError::Seq { found } => {
+                        write!(out, "reason=seq expected={seq} found={found}")
+                    }
+                    PageError::NotZero => write!(out, "reason=unwritten-block-not-zero"),
+                    PageError::Checksum { stored, computed } => write!(
+                        out,
+                        "reason=checksum seq={seq} stored={stored:#x} computed={computed:#x}"
+                    ),
+                };
+            }
+            return write!(
+                out,
+                "OK pages={} writes={} disk_blocks={} disk_writes={written}",
+                v.pages, self.workload.written, d.blocks
+            );
+        }
         match v.first {
             None => write!(out, "OK pages={} writes={}", v.pages, self.workload.written),
             Some((i, e, seq)) => {
@@ -374,8 +522,22 @@ impl Guest {
             if argc == 0 {
                 wrong(out, "del");
             } else {
-                let n = rest.iter().filter(|k| self.del(k)).count();
-                out.integer(n as i64);
+                let mut n = 0;
+                let mut failed = None;
+                for k in rest {
+                    match self.del(k) {
+                        Ok(true) => n += 1,
+                        Ok(false) => {}
+                        Err(e) => {
+                            failed = Some(e);
+                            break;
+                        }
+                    }
+                }
+                match failed {
+                    None => out.integer(n as i64),
+                    Some(e) => store_err(out, e),
+                }
             }
         } else if a.is(b"EXISTS") {
             if argc == 0 {
@@ -415,8 +577,10 @@ impl Guest {
         } else if a.is(b"DBSIZE") {
             out.integer(self.kv.len() as i64);
         } else if a.is(b"FLUSHALL") || a.is(b"FLUSHDB") {
-            self.kv.clear();
-            out.simple(b"OK");
+            match self.clear() {
+                Ok(()) => out.simple(b"OK"),
+                Err(e) => store_err(out, e),
+            }
         } else if a.is(b"SELECT") {
             match rest {
                 [db] if *db == b"0" => out.simple(b"OK"),
@@ -448,14 +612,25 @@ impl Guest {
             );
             out.bulk(s.as_bytes());
         } else if a.is(b"CONFIG") {
-            // redis-benchmark asks for `save` and `appendonly` before it starts. Nothing is
-            // written to a disk yet: the replica on the backup is what keeps the data.
+            // redis-benchmark asks for `save` and `appendonly` before it starts. With a disk,
+            // every change is appended to its log and flushed before the reply (`appendonly
+            // yes`, `appendfsync always`); without one the replica on the backup keeps it.
             match rest {
                 [sub, param] if sub.eq_ignore_ascii_case(b"GET") => {
                     let value: Option<&[u8]> = if param.eq_ignore_ascii_case(b"save") {
                         Some(b"")
                     } else if param.eq_ignore_ascii_case(b"appendonly") {
-                        Some(b"no")
+                        Some(
+                            if self
+                                .disk
+                                .as_ref()
+                                .is_some_and(|d| d.mode == crate::store::Mode::Log)
+                            {
+                                b"yes"
+                            } else {
+                                b"no"
+                            },
+                        )
                     } else {
                         None
                     };

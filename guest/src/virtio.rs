@@ -19,16 +19,16 @@ pub const VENDOR: u16 = 0x1AF4;
 /// Modern virtio-net PCI device ID.
 pub const DEVICE_NET: u16 = 0x1041;
 
-const STATUS_ACKNOWLEDGE: u8 = 1;
-const STATUS_DRIVER: u8 = 2;
-const STATUS_DRIVER_OK: u8 = 4;
-const STATUS_FEATURES_OK: u8 = 8;
-const STATUS_NEEDS_RESET: u8 = 0x40;
-const STATUS_FAILED: u8 = 0x80;
+pub(crate) const STATUS_ACKNOWLEDGE: u8 = 1;
+pub(crate) const STATUS_DRIVER: u8 = 2;
+pub(crate) const STATUS_DRIVER_OK: u8 = 4;
+pub(crate) const STATUS_FEATURES_OK: u8 = 8;
+pub(crate) const STATUS_NEEDS_RESET: u8 = 0x40;
+pub(crate) const STATUS_FAILED: u8 = 0x80;
 
 const F_MAC: u64 = 1 << 5;
 const F_STATUS: u64 = 1 << 16;
-const F_VERSION_1: u64 = 1 << 32;
+pub(crate) const F_VERSION_1: u64 = 1 << 32;
 
 const CAP_COMMON: u8 = 1;
 const CAP_NOTIFY: u8 = 2;
@@ -36,25 +36,26 @@ const CAP_ISR: u8 = 3;
 const CAP_DEVICE: u8 = 4;
 
 // Common configuration structure offsets.
-const C_DEVICE_FEATURE_SELECT: usize = 0x00;
-const C_DEVICE_FEATURE: usize = 0x04;
-const C_DRIVER_FEATURE_SELECT: usize = 0x08;
-const C_DRIVER_FEATURE: usize = 0x0C;
-const C_MSIX_CONFIG: usize = 0x10;
-const C_NUM_QUEUES: usize = 0x12;
-const C_DEVICE_STATUS: usize = 0x14;
-const C_QUEUE_SELECT: usize = 0x16;
-const C_QUEUE_SIZE: usize = 0x18;
-const C_QUEUE_MSIX_VECTOR: usize = 0x1A;
-const C_QUEUE_ENABLE: usize = 0x1C;
-const C_QUEUE_NOTIFY_OFF: usize = 0x1E;
-const C_QUEUE_DESC: usize = 0x20;
-const C_QUEUE_DRIVER: usize = 0x28;
-const C_QUEUE_DEVICE: usize = 0x30;
+pub(crate) const C_DEVICE_FEATURE_SELECT: usize = 0x00;
+pub(crate) const C_DEVICE_FEATURE: usize = 0x04;
+pub(crate) const C_DRIVER_FEATURE_SELECT: usize = 0x08;
+pub(crate) const C_DRIVER_FEATURE: usize = 0x0C;
+pub(crate) const C_MSIX_CONFIG: usize = 0x10;
+pub(crate) const C_NUM_QUEUES: usize = 0x12;
+pub(crate) const C_DEVICE_STATUS: usize = 0x14;
+pub(crate) const C_QUEUE_SELECT: usize = 0x16;
+pub(crate) const C_QUEUE_SIZE: usize = 0x18;
+pub(crate) const C_QUEUE_MSIX_VECTOR: usize = 0x1A;
+pub(crate) const C_QUEUE_ENABLE: usize = 0x1C;
+pub(crate) const C_QUEUE_NOTIFY_OFF: usize = 0x1E;
+pub(crate) const C_QUEUE_DESC: usize = 0x20;
+pub(crate) const C_QUEUE_DRIVER: usize = 0x28;
+pub(crate) const C_QUEUE_DEVICE: usize = 0x30;
 
-const NO_VECTOR: u16 = 0xFFFF;
+pub(crate) const NO_VECTOR: u16 = 0xFFFF;
 
-const VIRTQ_DESC_F_WRITE: u16 = 2;
+pub(crate) const VIRTQ_DESC_F_NEXT: u16 = 1;
+pub(crate) const VIRTQ_DESC_F_WRITE: u16 = 2;
 const VIRTQ_AVAIL_F_NO_INTERRUPT: u16 = 1;
 const VIRTQ_USED_F_NO_NOTIFY: u16 = 1;
 
@@ -115,33 +116,33 @@ fn mmio_write<T: RegWidth>(addr: usize, v: T) {
     unsafe { p.write_volatile(v) }
 }
 
-fn mmio_read8(addr: usize) -> u8 {
+pub(crate) fn mmio_read8(addr: usize) -> u8 {
     mmio_read(addr)
 }
-fn mmio_write8(addr: usize, v: u8) {
+pub(crate) fn mmio_write8(addr: usize, v: u8) {
     mmio_write(addr, v);
 }
-fn mmio_read16(addr: usize) -> u16 {
+pub(crate) fn mmio_read16(addr: usize) -> u16 {
     mmio_read(addr)
 }
-fn mmio_write16(addr: usize, v: u16) {
+pub(crate) fn mmio_write16(addr: usize, v: u16) {
     mmio_write(addr, v);
 }
-fn mmio_read32(addr: usize) -> u32 {
+pub(crate) fn mmio_read32(addr: usize) -> u32 {
     mmio_read(addr)
 }
-fn mmio_write32(addr: usize, v: u32) {
+pub(crate) fn mmio_write32(addr: usize, v: u32) {
     mmio_write(addr, v);
 }
 /// 64-bit register written as two 32-bit halves, low first (as Linux does).
-fn mmio_write64(addr: usize, v: u64) {
+pub(crate) fn mmio_write64(addr: usize, v: u64) {
     mmio_write32(addr, v as u32);
     mmio_write32(addr + 4, (v >> 32) as u32);
 }
 
 /// Allocate zeroed, page-aligned memory that lives for the rest of the guest's life (it is
 /// never freed: the device may access it until the VM stops).
-fn alloc_pages(bytes: usize) -> Result<usize, InitError> {
+pub(crate) fn alloc_pages(bytes: usize) -> Result<usize, InitError> {
     let layout = Layout::from_size_align(bytes.max(1), 4096).map_err(|_| "bad layout")?;
     // SAFETY: `alloc_zeroed` requires a layout of non-zero size: `bytes.max(1)` is at
     // least 1, and `from_size_align` checked the rest. A null result is handled below.
@@ -162,11 +163,11 @@ fn alloc_pages(bytes: usize) -> Result<usize, InitError> {
 /// through raw pointers, never through references, so the device's writes cannot change
 /// memory under a Rust borrow. The device accesses packet buffers only through
 /// descriptors whose ids are posted in the avail ring, and returns them in the used ring.
-struct Virtq {
-    size: u16,
-    desc: usize,
-    avail: usize,
-    used: usize,
+pub(crate) struct Virtq {
+    pub(crate) size: u16,
+    pub(crate) desc: usize,
+    pub(crate) avail: usize,
+    pub(crate) used: usize,
     notify: usize,
     queue_index: u16,
     /// Next avail index to publish.
@@ -176,7 +177,7 @@ struct Virtq {
 }
 
 impl Virtq {
-    fn alloc(size: u16, notify: usize, queue_index: u16) -> Result<Virtq, InitError> {
+    pub(crate) fn alloc(size: u16, notify: usize, queue_index: u16) -> Result<Virtq, InitError> {
         let n = usize::from(size);
         let desc = alloc_pages(16 * n)?;
         let avail = alloc_pages(6 + 2 * n)?;
@@ -227,8 +228,38 @@ impl Virtq {
         unsafe { ((d + 8) as *mut u32).write_volatile(len) };
     }
 
+    /// Point descriptor `id` at `[addr, addr + len)`, chained to `next` when `flags` has
+    /// [`VIRTQ_DESC_F_NEXT`] (for the block driver's header, data and status chains).
+    ///
+    /// # Safety
+    /// `[addr, addr + len)` must be memory that belongs to this queue's driver for the rest
+    /// of the guest's life and that Rust code does not reference while the chain is posted:
+    /// the device then reads it, or writes it with [`VIRTQ_DESC_F_WRITE`].
+    pub(crate) unsafe fn set_desc_chained(
+        &mut self,
+        id: u16,
+        addr: u64,
+        len: u32,
+        flags: u16,
+        next: u16,
+    ) {
+        assert!(id < self.size && next < self.size);
+        let d = self.desc + 16 * usize::from(id);
+        // SAFETY: id < size (asserted), so [d, d + 16) is descriptor `id` inside the
+        // 16 × size-byte, page-aligned table, each field aligned for its type; only volatile
+        // raw accesses reach the table (see `Virtq`), and `&mut self` makes this the only
+        // writer on the driver's side. What the device may do with [addr, addr + len) is
+        // the caller's contract.
+        unsafe {
+            (d as *mut u64).write_volatile(addr);
+            ((d + 8) as *mut u32).write_volatile(len);
+            ((d + 12) as *mut u16).write_volatile(flags);
+            ((d + 14) as *mut u16).write_volatile(next);
+        }
+    }
+
     /// Put descriptor `id` in the avail ring (not yet visible: see [`Virtq::publish`]).
-    fn push_avail(&mut self, id: u16) {
+    pub(crate) fn push_avail(&mut self, id: u16) {
         let slot = usize::from(self.avail_idx % self.size);
         // SAFETY: slot = avail_idx % size < size, so avail + 4 + 2 × slot is `ring[slot]`,
         // a 2-aligned u16 inside the 6 + 2 × size-byte avail ring (page-aligned); volatile
@@ -238,7 +269,7 @@ impl Virtq {
     }
 
     /// Make pushed entries visible to the device.
-    fn publish(&mut self) {
+    pub(crate) fn publish(&mut self) {
         fence(Ordering::Release);
         // SAFETY: avail + 2 is the avail ring's u16 `idx`, 2-aligned inside its allocation;
         // volatile raw write (see `Virtq`). The Release fence above keeps the descriptor
@@ -246,13 +277,13 @@ impl Virtq {
         unsafe { ((self.avail + 2) as *mut u16).write_volatile(self.avail_idx) };
     }
 
-    fn set_avail_flags(&mut self, flags: u16) {
+    pub(crate) fn set_avail_flags(&mut self, flags: u16) {
         // SAFETY: avail + 0 is the avail ring's u16 `flags`, at the start of its page-aligned
         // allocation; volatile raw write (see `Virtq`). The device only reads it, as a hint.
         unsafe { (self.avail as *mut u16).write_volatile(flags) };
     }
 
-    fn used_idx(&self) -> u16 {
+    pub(crate) fn used_idx(&self) -> u16 {
         // SAFETY: used + 2 is the used ring's u16 `idx`, 2-aligned inside its allocation.
         // The device writes it by DMA at any time, which is why it is read volatile through
         // a raw pointer and no reference to the ring exists (see `Virtq`).
@@ -265,12 +296,12 @@ impl Virtq {
         unsafe { (self.used as *const u16).read_volatile() }
     }
 
-    fn has_used(&self) -> bool {
+    pub(crate) fn has_used(&self) -> bool {
         self.used_idx() != self.last_used
     }
 
     /// Take the next used element: (descriptor id, bytes written).
-    fn pop_used(&mut self) -> Option<(u16, u32)> {
+    pub(crate) fn pop_used(&mut self) -> Option<(u16, u32)> {
         if !self.has_used() {
             return None;
         }
@@ -299,7 +330,7 @@ impl Virtq {
     }
 
     /// Notify the device, unless it asked not to be.
-    fn kick(&mut self) -> bool {
+    pub(crate) fn kick(&mut self) -> bool {
         mb();
         if self.used_flags() & VIRTQ_USED_F_NO_NOTIFY != 0 {
             return false;
@@ -445,15 +476,15 @@ pub struct VirtioNet {
     pub info: NetInfo,
 }
 
-struct Caps {
-    common: Option<usize>,
-    notify: Option<(usize, u32)>,
-    isr: Option<usize>,
-    device: Option<usize>,
-    msix: Option<u8>,
+pub(crate) struct Caps {
+    pub(crate) common: Option<usize>,
+    pub(crate) notify: Option<(usize, u32)>,
+    pub(crate) isr: Option<usize>,
+    pub(crate) device: Option<usize>,
+    pub(crate) msix: Option<u8>,
 }
 
-fn read_caps(f: PciFunction) -> Caps {
+pub(crate) fn read_caps(f: PciFunction) -> Caps {
     let mut caps = Caps {
         common: None,
         notify: None,

@@ -57,6 +57,8 @@ pub mod frame_type {
     pub const ACK: u8 = 12;
     pub const HEARTBEAT: u8 = 13;
     pub const GOODBYE: u8 = 14;
+    pub const DISK_WRITES: u8 = 15;
+    pub const SYNC_DISK: u8 = 16;
 
     /// A name for messages and reports.
     pub fn name(t: u8) -> &'static str {
@@ -75,6 +77,8 @@ pub mod frame_type {
             ACK => "Ack",
             HEARTBEAT => "Heartbeat",
             GOODBYE => "Goodbye",
+            DISK_WRITES => "DiskWrites",
+            SYNC_DISK => "SyncDisk",
             _ => "unknown",
         }
     }
@@ -141,9 +145,13 @@ impl Frame {
     pub fn epoch(&self) -> Option<u64> {
         use frame_type::*;
         match self.frame_type() {
-            EPOCH_BEGIN | PAGES | STATE | EPOCH_END | ACK if self.payload.len() >= 8 => Some(
-                u64::from_le_bytes(self.payload[..8].try_into().expect("8 bytes")),
-            ),
+            EPOCH_BEGIN | PAGES | DISK_WRITES | STATE | EPOCH_END | ACK
+                if self.payload.len() >= 8 =>
+            {
+                Some(u64::from_le_bytes(
+                    self.payload[..8].try_into().expect("8 bytes"),
+                ))
+            }
             _ => None,
         }
     }

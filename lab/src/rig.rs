@@ -352,7 +352,14 @@ pub struct Opts {
     pub arbiter: bool,
     /// `--vcpus` of the primary (the backup takes the VM's shape from the stream).
     pub vcpus: u8,
+    /// A disk for the guest's durable store: the primary runs with `--disk
+    /// <dir>/primary-disk.img` (a new sparse image of [`DISK_SIZE`]), every backup with
+    /// `--replica-dir <dir>/<name>-replica` (its replica is `disk-0.img` there).
+    pub disk: bool,
 }
+
+/// Size of the rig's disk image (`Opts::disk`).
+pub const DISK_SIZE: u64 = 64 << 20;
 
 /// How a rig's replication link is secured.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -418,6 +425,7 @@ impl Default for Opts {
             auth: Auth::Key,
             arbiter: false,
             vcpus: default_vcpus(),
+            disk: false,
         }
     }
 }
@@ -642,20 +650,28 @@ impl Rig {
             auth.extend(["--arbiter".into(), e.url(HostRole::Primary)]);
         }
         let vcpus = opts.vcpus.to_string();
+        let disk = dir.join("primary-disk.img").to_string_lossy().into_owned();
+        let mut extra = vec![
+            "--guest-args",
+            opts.guest_args,
+            "--on-backup-loss",
+            opts.policy,
+            "--vcpus",
+            &vcpus,
+        ];
+        if opts.disk {
+            std::fs::File::create(&disk)
+                .and_then(|f| f.set_len(DISK_SIZE))
+                .expect("create the primary's disk image");
+            extra.extend(["--disk", &disk]);
+        }
         let primary = spawn_primary(
             &ha,
             &dir,
             "primary",
             &target,
             &auth,
-            &[
-                "--guest-args",
-                opts.guest_args,
-                "--on-backup-loss",
-                opts.policy,
-                "--vcpus",
-                &vcpus,
-            ],
+            &extra,
             &opts.primary_failpoints,
         );
         let mut rig = Rig {
@@ -771,12 +787,18 @@ impl Rig {
         if let Some(e) = &self.etcd {
             auth.extend(["--arbiter".into(), e.url(HostRole::Backup)]);
         }
+        let replica = self.replica_dir(name).to_string_lossy().into_owned();
+        let extra: Vec<&str> = if self.opts.disk {
+            vec!["--replica-dir", &replica]
+        } else {
+            vec![]
+        };
         let b = spawn_backup(
             &self.ha,
             &self.dir,
             name,
             &auth,
-            &[],
+            &extra,
             &self.opts.backup_failpoints,
         );
         self.record(name, true);
@@ -784,6 +806,16 @@ impl Rig {
             self.retired.push(old);
         }
         self.backup_started = Instant::now();
+    }
+
+    /// The `--replica-dir` of the backup `name` (`Opts::disk`).
+    pub fn replica_dir(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}-replica"))
+    }
+
+    /// The primary's disk image (`Opts::disk`).
+    pub fn primary_disk(&self) -> PathBuf {
+        self.dir.join("primary-disk.img")
     }
 
     pub fn backup(&mut self) -> &mut TwinProcess {

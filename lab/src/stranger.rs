@@ -83,6 +83,7 @@ pub fn description(mem_size: u64, mac: [u8; 6]) -> Message {
         vcpus: 1,
         mac,
         config: Vec::new(),
+        disks: Vec::new(),
     })
 }
 

@@ -62,12 +62,13 @@ use tracing::{debug, error, info, warn};
 use twin_api::{EventKind, EventLog};
 use twin_link::{FrameReader, FrameWriter, Heartbeats, LinkConfig, RecvError};
 use twin_netbuf::{Mode as BufferMode, NetBuffer};
+use twin_vmm::devices::virtio::blk::disk::DiskWrite;
 use twin_vmm::memory::{Memory, PAGE_SIZE};
 use twin_vmm::{bitmap_pages, Vmm, VmmError};
 use twin_wire::{
-    handshake, EpochBegin, EpochEncoder, FrameCodec, Goodbye, GoodbyeReason, Hello, Message,
-    PageRef, Role, SyncDone, SyncPagesRef, SyncZeroPages, VmDescription, VmId, PROTOCOL_VERSION,
-    SOFTWARE_VERSION,
+    handshake, DiskExtent, DiskWrites, EpochBegin, EpochEncoder, FrameCodec, Goodbye,
+    GoodbyeReason, Hello, Message, PageRef, Role, SyncDisk, SyncDone, SyncPagesRef, SyncZeroPages,
+    VmDescription, VmId, MAX_DISK_DATA, PROTOCOL_VERSION, SOFTWARE_VERSION,
 };
 
 use crate::stats::Samples;
@@ -712,6 +713,7 @@ fn session(s: &Shared, generation: u64, next_epoch: &mut u64) -> Result<(), Sess
             vcpus: cfg.vcpus as u32,
             mac: cfg.mac.unwrap_or_default(),
             config: Vec::new(),
+            disks: cfg.disks.iter().map(|d| d.capacity).collect(),
         }))?;
         s.transition(ModeEvent::Syncing);
         initial_sync(s, &writer)
@@ -739,6 +741,9 @@ fn session(s: &Shared, generation: u64, next_epoch: &mut u64) -> Result<(), Sess
     };
     drop(heartbeats);
     writer.shutdown(std::net::Shutdown::Both);
+    // No one takes the disks' journal any more: a journal left on would end up holding
+    // the guest's writes back (it waits when full). The next session's sync starts anew.
+    s.vmm.stop_disk_journal();
     r
 }
 
@@ -795,6 +800,11 @@ fn initial_sync(s: &Shared, writer: &FrameWriter) -> Result<(), SessionError> {
     // Tracking starts before the first read, so a page written while (or after) it is
     // read is resent by a later round or by the first checkpoint.
     vmm.start_dirty_tracking()?;
+    // Likewise the disks: every write from now on is journaled and goes with the first
+    // checkpoint, so a block written while (or after) the copy below reads it is sent
+    // again, and applied after the copy.
+    vmm.start_disk_journal();
+    let disk_bytes = sync_disks(s, writer)?;
     let ram = vmm.memory();
     let pages = ram.page_count();
     let mut out = SyncOut {
@@ -854,6 +864,7 @@ fn initial_sync(s: &Shared, writer: &FrameWriter) -> Result<(), SessionError> {
     progress.done();
     writer.send(&Message::SyncDone(SyncDone {
         pages_sent: out.sent,
+        disk_bytes_sent: disk_bytes,
     }))?;
     let ms = t0.elapsed().as_secs_f64() * 1e3;
     info!(
@@ -875,6 +886,53 @@ fn initial_sync(s: &Shared, writer: &FrameWriter) -> Result<(), SessionError> {
         ms,
     });
     Ok(())
+}
+
+/// Copies every disk's data to the backup (holes are not sent: the replica starts zero),
+/// live: the guest keeps writing, and the journal started before holds what it writes.
+/// The bytes sent.
+fn sync_disks(s: &Shared, writer: &FrameWriter) -> Result<u64, SessionError> {
+    const CHUNK: u64 = 1 << 20;
+    let mut sent = 0u64;
+    for (disk, image) in s.vmm.disk_images().iter().enumerate() {
+        let t0 = Instant::now();
+        let cap = image.capacity();
+        let extents = twin_vmm::devices::virtio::blk::disk::data_extents(image.file(), cap)?;
+        let mut buf = vec![0u8; CHUNK as usize];
+        let mut bytes = 0u64;
+        for (start, len) in extents {
+            // Extents are block-granular on the file system; the wire wants sectors.
+            let from = start / 512 * 512;
+            let to = (start + len).div_ceil(512).saturating_mul(512).min(cap);
+            let mut at = from;
+            while at < to {
+                let n = CHUNK.min(to - at);
+                let chunk = &mut buf[..n as usize];
+                image.read_at(chunk, at)?;
+                if chunk.iter().any(|&b| b != 0) {
+                    writer.send(&Message::SyncDisk(SyncDisk {
+                        disk: disk as u32,
+                        offset: at,
+                        data: bytes::Bytes::copy_from_slice(chunk),
+                    }))?;
+                    bytes += n;
+                }
+                at += n;
+                if s.stopping() {
+                    return Err(SessionError::Stopping);
+                }
+            }
+        }
+        info!(
+            disk,
+            capacity = cap,
+            bytes,
+            ms = t0.elapsed().as_millis() as u64,
+            "disk copied to the backup (writes since are journaled)"
+        );
+        sent += bytes;
+    }
+    Ok(sent)
 }
 
 /// Sync batches on their way out.
@@ -1120,6 +1178,67 @@ fn epoch_loop(
     })
 }
 
+/// One disk's journal of an epoch as `DiskWrites` messages of at most [`MAX_DISK_DATA`]
+/// bytes of data each (a longer write is split).
+fn disk_messages(epoch: u64, disk: u32, journal: Vec<DiskWrite>) -> Vec<DiskWrites> {
+    let mut out = Vec::new();
+    let mut cur = DiskWrites {
+        epoch,
+        disk,
+        writes: Vec::new(),
+    };
+    let mut cur_bytes = 0usize;
+    let mut push = |e: DiskExtent, cur: &mut DiskWrites, cur_bytes: &mut usize| {
+        if *cur_bytes + e.data.len() > MAX_DISK_DATA && !cur.writes.is_empty() {
+            out.push(std::mem::replace(
+                cur,
+                DiskWrites {
+                    epoch,
+                    disk,
+                    writes: Vec::new(),
+                },
+            ));
+            *cur_bytes = 0;
+        }
+        *cur_bytes += e.data.len();
+        cur.writes.push(e);
+    };
+    for w in journal {
+        match w {
+            DiskWrite::Zero { offset, len } => push(
+                DiskExtent {
+                    offset,
+                    zero_len: len,
+                    data: bytes::Bytes::new(),
+                },
+                &mut cur,
+                &mut cur_bytes,
+            ),
+            DiskWrite::Data { offset, data } => {
+                let data = bytes::Bytes::from(data);
+                let mut at = 0;
+                while at < data.len() {
+                    let n = MAX_DISK_DATA.min(data.len() - at);
+                    push(
+                        DiskExtent {
+                            offset: offset + at as u64,
+                            zero_len: 0,
+                            data: data.slice(at..at + n),
+                        },
+                        &mut cur,
+                        &mut cur_bytes,
+                    );
+                    at += n;
+                }
+            }
+        }
+    }
+    if !cur.writes.is_empty() {
+        out.push(cur);
+    }
+    out
+}
+
 fn send_epochs(
     s: &Shared,
     writer: &FrameWriter,
@@ -1194,7 +1313,7 @@ fn send_epochs(
             // The VM is paused here, its pages about to be collected.
             twin_failpoints::hit("primary.collect");
         };
-        let cp = match pre {
+        let mut cp = match pre {
             Some(pre) => s.vmm.checkpoint_precopied(pre, seal)?,
             None => s.vmm.checkpoint_sealed(true, seal)?,
         };
@@ -1223,6 +1342,13 @@ fn send_epochs(
         wbuf.clear();
         let mut enc = EpochEncoder::begin(codec, begin, PAGE_SIZE as u32, &mut wbuf)?;
         enc.pages(&refs, &mut wbuf)?;
+        let mut disk_bytes = 0u64;
+        for (disk, journal) in std::mem::take(&mut cp.disk_writes).into_iter().enumerate() {
+            for w in disk_messages(epoch, disk as u32, journal) {
+                disk_bytes += w.writes.iter().map(|e| e.data.len() as u64).sum::<u64>();
+                enc.disk_writes(&w, &mut wbuf)?;
+            }
+        }
         enc.state(&state, &mut wbuf)?;
         enc.end(&mut wbuf)?;
         let bytes = wbuf.len() as u64;
@@ -1274,6 +1400,7 @@ fn send_epochs(
             epoch,
             pages = refs.len(),
             bytes,
+            disk_bytes,
             pause_us = cp.timings.pause_ns / 1000,
             "checkpoint sent"
         );
@@ -1299,5 +1426,51 @@ pub fn arbiter_status(
             .and_then(|x| x.record.as_ref())
             .map(|r| r.owner.label.clone()),
         owned_here: seen.is_some_and(|x| x.owned_by(&a.me.id)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_journal_becomes_capped_messages_in_order() {
+        let big = vec![7u8; MAX_DISK_DATA + 4096];
+        let journal = vec![
+            DiskWrite::Data {
+                offset: 0,
+                data: vec![1; 512],
+            },
+            DiskWrite::Zero {
+                offset: 4096,
+                len: 8192,
+            },
+            DiskWrite::Data {
+                offset: 1 << 20,
+                data: big.clone(),
+            },
+        ];
+        let msgs = disk_messages(9, 2, journal);
+        assert!(msgs.iter().all(|m| m.epoch == 9 && m.disk == 2));
+        for m in &msgs {
+            let data: usize = m.writes.iter().map(|e| e.data.len()).sum();
+            assert!(data <= MAX_DISK_DATA, "{data} bytes in one message");
+        }
+        let all: Vec<&DiskExtent> = msgs.iter().flat_map(|m| &m.writes).collect();
+        assert_eq!((all[0].offset, all[0].data.len()), (0, 512));
+        assert_eq!(
+            (all[1].offset, all[1].zero_len, all[1].data.len()),
+            (4096, 8192, 0)
+        );
+        // The long write is split at the cap, its pieces contiguous and complete.
+        let mut at = 1 << 20;
+        let mut joined = Vec::new();
+        for e in &all[2..] {
+            assert_eq!(e.offset, at);
+            at += e.data.len() as u64;
+            joined.extend_from_slice(&e.data);
+        }
+        assert_eq!(joined, big);
+        assert!(disk_messages(1, 0, Vec::new()).is_empty());
     }
 }

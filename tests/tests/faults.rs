@@ -249,12 +249,25 @@ fn primary_killed_during_initial_sync() {
 /// The backup dies (failpoint): the primary notices, runs unprotected (policy release), the
 /// client stream is untouched and VERIFY passes on the primary.
 fn backup_killed_at(rep: &mut Report, point: &str, nth: u64) {
+    backup_killed_with(rep, point, nth, Opts::default());
+}
+
+/// With a disk (`--disk`, `--replica-dir`) and the guest's disk workload on it.
+fn disk_opts() -> Opts {
+    Opts {
+        disk: true,
+        guest_args: "dirty=16M/s,wss=64M,disk=1M/s,dwss=4M",
+        ..Opts::default()
+    }
+}
+
+fn backup_killed_with(rep: &mut Report, point: &str, nth: u64, opts: Opts) {
     let mut rig = Rig::start(
         rep,
         Opts {
             backup_failpoints: format!("{point}={nth}*kill"),
             wait_protected: false,
-            ..Opts::default()
+            ..opts
         },
     );
     let mark = rig.primary_events().mark();
@@ -296,6 +309,9 @@ fn backup_killed_at(rep: &mut Report, point: &str, nth: u64) {
 scenarios! {
     backup_killed_mid_receive: backup_killed_at("backup.mid_receive", 200);
     backup_killed_mid_apply: backup_killed_at("backup.mid_apply", 200);
+    /// Killed while it writes an epoch's disk writes to its disk replica: the primary
+    /// runs on unprotected (the replica, partly written, is never a failover image).
+    backup_killed_mid_disk_apply: backup_killed_with("backup.mid_disk_apply", 50, disk_opts());
 }
 
 /// The primary dies, then the backup dies while restoring: nothing runs the VM. Known
@@ -773,11 +789,15 @@ fn expect_resync(rep: &mut Report, rig: &mut Rig, injected: &[Injection], bmark:
 /// Injects `fault` once protected; expects the backup to reject, the primary to resync, and
 /// then proves the resynchronised replica by failing over to it.
 fn bad_frame(rep: &mut Report, fault: Fault) {
+    bad_frame_with(rep, fault, Opts::default());
+}
+
+fn bad_frame_with(rep: &mut Report, fault: Fault, opts: Opts) {
     let mut rig = Rig::start(
         rep,
         Opts {
             proxy: true,
-            ..Opts::default()
+            ..opts
         },
     );
     let t = Instant::now();
@@ -844,6 +864,15 @@ scenarios! {
     /// before closing — so the backup knows the primary is alive and detaches instead of
     /// taking over.
     proxy_corrupt_ack: bad_frame(first(FaultKind::FlipBit, Way::ToPrimary, frame_type::ACK));
+    /// Disk writes corrupted on the wire (frame CRC), or with a forged frame CRC (the
+    /// epoch checksum catches it): the epoch is refused whole, the disk replica never
+    /// sees it, the pair resynchronises, and a later failover runs on a good replica.
+    proxy_corrupt_disk_writes:
+        bad_frame_with(first(FaultKind::FlipBit, Way::ToBackup, frame_type::DISK_WRITES), disk_opts());
+    proxy_corrupt_forged_disk_writes:
+        bad_frame_with(first(FaultKind::FlipBitForged, Way::ToBackup, frame_type::DISK_WRITES), disk_opts());
+    proxy_dropped_disk_writes:
+        bad_frame_with(first(FaultKind::Drop, Way::ToBackup, frame_type::DISK_WRITES), disk_opts());
 }
 
 /// A frame cut in half and the connection closed: to the backup this is exactly a primary

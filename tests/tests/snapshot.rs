@@ -1631,3 +1631,130 @@ fn restore_refuses_hostile_snapshots_with_one_clear_line() {
         failures.join("\n")
     );
 }
+
+/// A VM with a disk: a full snapshot then an incremental one (`--stop`), the process
+/// SIGKILLed, `twin restore --disk NEW` builds the disk from the chain (the base's copy,
+/// then the blocks written since); the restored VM's memory and disk agree — it answers
+/// the values of the snapshot, and after it is SIGKILLed in turn a cold boot of its disk
+/// replays every change, including one made after the restore. A restore never writes
+/// over an existing image.
+#[test]
+fn snapshot_chain_with_a_disk_restores_the_disk() {
+    require_kvm();
+    let topo = Topology::single().expect("single topology");
+    let dir = TestDir::new("snap-disk").expect("test dir");
+    let (sock1, sock2) = (dir.join("vm1.sock"), dir.join("vm2.sock"));
+    let (base, inc) = (dir.join("base"), dir.join("inc"));
+    let img = dir.join("disk.img");
+    File::create(&img)
+        .and_then(|f| f.set_len(16 << 20))
+        .expect("sparse image");
+    let restored_img = dir.join("restored.img");
+    let mut args = run_args(TAP, &sock1, "dirty=8M/s,wss=32M");
+    args.extend(["--disk".to_string(), img.display().to_string()]);
+    let mut vm =
+        TwinProcess::spawn(topo.vm_ns(), &dir, "twin-run", &strs(&args)).expect("spawn twin run");
+    let mut guest =
+        GuestClient::connect_retry(topo.client_ns(), guest_service(), BOOT_TIMEOUT, || {
+            vm.ensure_running()
+        })
+        .expect("guest service comes up");
+    for i in 1..=50 {
+        assert_eq!(guest.incr("counter").unwrap(), i);
+    }
+    snapshot_cmd(topo.vm_ns(), &dir, &base, &sock1, &[], &[&vm]);
+    for i in 51..=100 {
+        assert_eq!(guest.incr("counter").unwrap(), i);
+    }
+    guest.set("x", 7).unwrap();
+    snapshot_cmd(
+        topo.vm_ns(),
+        &dir,
+        &inc,
+        &sock1,
+        &["--incremental", "--stop"],
+        &[&vm],
+    );
+    vm.kill().expect("SIGKILL");
+    drop(guest);
+    // The base holds a sparse copy of the image, the increment only the blocks written.
+    let base_copy = fs::metadata(base.join("disk-0")).expect("base disk copy");
+    assert_eq!(base_copy.len(), 16 << 20);
+    assert!(
+        std::os::unix::fs::MetadataExt::blocks(&base_copy) * 512 < 1 << 20,
+        "the base's disk copy stays sparse"
+    );
+    assert!(
+        inc.join("disk-0.blocks").exists(),
+        "the increment has its block bitmap"
+    );
+
+    let inc_s = inc.display().to_string();
+    let restored_s = restored_img.display().to_string();
+    let sock2_s = sock2.display().to_string();
+    let mut restored = TwinProcess::spawn(
+        topo.vm_ns(),
+        &dir,
+        "twin-restore",
+        &[
+            "restore",
+            &inc_s,
+            "--tap",
+            TAP,
+            "--control",
+            &sock2_s,
+            "--disk",
+            &restored_s,
+        ],
+    )
+    .expect("spawn twin restore");
+    wait_restored(&mut restored, &sock2).unwrap_or_else(|e| panic!("restore: {e}"));
+    let mut guest =
+        GuestClient::connect_retry(topo.client_ns(), guest_service(), BOOT_TIMEOUT, || {
+            restored.ensure_running()
+        })
+        .expect("the restored guest answers");
+    assert_eq!(guest.get("counter").unwrap(), 100);
+    assert_eq!(guest.get("x").unwrap(), 7);
+    assert_eq!(
+        guest.incr("counter").unwrap(),
+        101,
+        "the restored VM writes its disk"
+    );
+    restored.kill().expect("SIGKILL the restored VM");
+    drop(guest);
+
+    // A second restore to the same image is refused: it would overwrite a disk.
+    let again = TwinProcess::run_to_exit(
+        topo.vm_ns(),
+        &dir,
+        "twin-restore-again",
+        &["restore", &inc_s, "--tap", TAP, "--disk", &restored_s],
+        CMD_TIMEOUT,
+    )
+    .expect("twin restore exits");
+    assert!(!again.status.success());
+    assert!(
+        again.stderr.contains("already there"),
+        "the refusal names the problem: {}",
+        again.stderr
+    );
+
+    let mut args = run_args(TAP, &dir.join("vm3.sock"), "");
+    args.retain(|a| a != "--guest-args" && !a.is_empty());
+    args.extend(["--disk".to_string(), restored_s.clone()]);
+    let mut cold =
+        TwinProcess::spawn(topo.vm_ns(), &dir, "twin-cold", &strs(&args)).expect("spawn twin run");
+    let mut guest =
+        GuestClient::connect_retry(topo.client_ns(), guest_service(), BOOT_TIMEOUT, || {
+            cold.ensure_running()
+        })
+        .expect("cold boot answers");
+    let stats = guest.stats().unwrap();
+    assert_eq!(stats["log_replayed"], "102", "{stats:?}");
+    assert_eq!(stats["log_torn"], "none");
+    assert_eq!(guest.get("counter").unwrap(), 101);
+    assert_eq!(guest.get("x").unwrap(), 7);
+    cold.terminate().unwrap();
+    cold.wait_exit(SHUTDOWN_TIMEOUT).unwrap();
+}

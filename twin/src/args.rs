@@ -23,6 +23,35 @@ pub enum ArgError {
     Duration(String),
     #[error("duration `{0}` must be positive")]
     NotPositive(String),
+    #[error("disk `{0}` is not PATH or PATH,readonly")]
+    Disk(String),
+}
+
+/// A disk image, `PATH` or `PATH,readonly` (`--disk`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Disk {
+    pub path: std::path::PathBuf,
+    pub read_only: bool,
+}
+
+impl FromStr for Disk {
+    type Err = ArgError;
+    fn from_str(s: &str) -> Result<Self, ArgError> {
+        let err = || ArgError::Disk(s.to_string());
+        let (path, read_only) = match s.rsplit_once(',') {
+            Some((p, "readonly" | "ro")) => (p, true),
+            Some((p, "readwrite" | "rw")) => (p, false),
+            Some(_) => return Err(err()),
+            None => (s, false),
+        };
+        if path.is_empty() {
+            return Err(err());
+        }
+        Ok(Disk {
+            path: path.into(),
+            read_only,
+        })
+    }
 }
 
 /// A byte size such as `256M`, `1G`, `4096`.
@@ -276,6 +305,16 @@ pub fn host_port(s: &str) -> Result<String, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn disks() {
+        let d: Disk = "/var/a.img".parse().unwrap();
+        assert_eq!((d.path.to_str(), d.read_only), (Some("/var/a.img"), false));
+        let d: Disk = "b.img,readonly".parse().unwrap();
+        assert_eq!((d.path.to_str(), d.read_only), (Some("b.img"), true));
+        assert!("b.img,bogus".parse::<Disk>().is_err());
+        assert!(",readonly".parse::<Disk>().is_err());
+    }
 
     #[test]
     fn sizes() {

@@ -281,6 +281,11 @@ struct BackupArgs {
     auth: AuthArgs,
     #[command(flatten)]
     arbiter: ArbiterArgs,
+    /// Where the replicas of the protected VM's disks live, `DIR/disk-<i>.img` (sparse,
+    /// flushed as each epoch commits); after a takeover the VM runs on them. Needed for a
+    /// VM with disks.
+    #[arg(long, value_name = "DIR")]
+    replica_dir: Option<PathBuf>,
     /// After a takeover, protect the VM again to this standby backup (`HOST:PORT`, or a
     /// comma-separated list tried in order): a live initial sync, then epochs, with the
     /// same key and arbiter.
@@ -324,6 +329,10 @@ struct VmArgs {
     /// Arguments for the built-in guest, e.g. `dirty=64M/s,wss=128M`.
     #[arg(long, default_value = "")]
     guest_args: String,
+    /// A disk: a raw image file (`PATH` or `PATH,readonly`), a virtio-blk device; repeat
+    /// for more (the first is the guest's disk 0). Sparse images stay sparse.
+    #[arg(long = "disk", value_name = "PATH[,readonly]")]
+    disks: Vec<args::Disk>,
     /// Linux kernel (bzImage) to boot instead of the built-in guest: not supported yet, so
     /// hidden (given, it is refused).
     #[arg(long, hide = true)]
@@ -378,6 +387,10 @@ struct RestoreArgs {
     /// Leave the VM paused after restoring (resume with the control socket's Resume).
     #[arg(long)]
     paused: bool,
+    /// Where to build each of the snapshot's disks (a new file, in order: the first is disk
+    /// 0); the snapshot itself is left as it is.
+    #[arg(long = "disk", value_name = "PATH")]
+    disks: Vec<PathBuf>,
     #[command(flatten)]
     host: HostArgs,
 }
@@ -426,6 +439,14 @@ impl VmArgs {
             prefix_len: self.ip.prefix_len,
             gateway: self.gateway,
             guest_args: self.guest_args.clone(),
+            disks: self
+                .disks
+                .iter()
+                .map(|d| twin_vmm::DiskConfig {
+                    path: d.path.clone(),
+                    read_only: d.read_only,
+                })
+                .collect(),
             console: host.console()?,
             guest_elf: match &self.guest_elf {
                 Some(path) => std::fs::read(path)
@@ -784,11 +805,14 @@ fn restore(args: RestoreArgs) -> Result<ExitCode> {
     let memory = Memory::new(state.config.mem_size).context("cannot create guest memory")?;
     let pages = snapshot::load_memory(&args.dir, &memory)
         .with_context(|| format!("cannot restore {}", args.dir.display()))?;
+    let disks = snapshot::restore_disks(&args.dir, &args.disks)
+        .with_context(|| format!("cannot restore the disks of {}", args.dir.display()))?;
     let tap =
         twin_vmm::devices::tap::Tap::open(&args.host.tap).context("cannot open the VM's TAP")?;
     let host = HostResources {
         tap: Some(tap),
         console: args.host.console()?,
+        disks,
     };
     let mut vmm = Vmm::restore(&state, memory, host).context("cannot rebuild the VM")?;
     let events = EventLog::new();
@@ -1063,6 +1087,7 @@ fn backup(args: BackupArgs) -> Result<ExitCode> {
         link: args.auth.link()?,
         events: events.clone(),
         arbiter: arbitration.clone(),
+        replica_dir: args.replica_dir.clone(),
     };
     // The TAP and the port first: a backup that cannot serve must not claim the control
     // socket (and a second one must never take a running backup's).

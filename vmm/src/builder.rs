@@ -17,6 +17,8 @@ use crate::devices::bus::Bus;
 use crate::devices::pci::PciRoot;
 use crate::devices::serial::{SerialArgs, SerialDevice};
 use crate::devices::tap::Tap;
+use crate::devices::virtio::blk::disk::{DiskImage, WriteLog};
+use crate::devices::virtio::blk::{BlkHost, BlkResources, VirtioBlk};
 use crate::devices::virtio::net::{NetResources, TapSink, VirtioNet};
 use crate::dirty::DirtyTracker;
 use crate::layout::*;
@@ -26,8 +28,8 @@ use crate::state;
 use crate::vcpu::{self, Vcpu, VcpuControl, VcpuError};
 use crate::vm::Vm;
 use crate::{
-    DeviceError, DeviceStates, HostResources, MachineConfig, MachineState, NetDevice, VmConfig,
-    VmEvent, Vmm, VmmError,
+    DeviceError, DeviceStates, DiskDevice, DiskSpec, HostResources, MachineConfig, MachineState,
+    NetDevice, VmConfig, VmEvent, Vmm, VmmError,
 };
 use twin_devices::Persist;
 
@@ -38,11 +40,28 @@ impl Vmm {
     /// Builds the VM: memory, KVM VM, vCPUs, devices, and loads the built-in guest.
     pub fn new(cfg: VmConfig) -> Result<Self, VmmError> {
         let memory = Memory::new(cfg.mem_size)?;
+        let disks = cfg
+            .disks
+            .iter()
+            .enumerate()
+            .map(|(index, d)| {
+                DiskImage::open(&d.path, d.read_only)
+                    .map(Arc::new)
+                    .map_err(|source| VmmError::Disk { index, source })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let config = MachineConfig {
             mem_size: cfg.mem_size,
             vcpus: cfg.vcpus,
             mac: cfg.net.as_ref().map(|n| n.mac),
             ip: Some(cfg.ip),
+            disks: disks
+                .iter()
+                .map(|d| DiskSpec {
+                    capacity: d.capacity(),
+                    read_only: d.read_only(),
+                })
+                .collect(),
         };
         let tap = match &cfg.net {
             Some(n) => Some(Tap::open(&n.tap).map_err(VmmError::Tap)?),
@@ -51,6 +70,7 @@ impl Vmm {
         let host = HostResources {
             tap,
             console: cfg.console,
+            disks,
         };
         let vmm = Self::build(config, memory, host, None)?;
         let tsc_khz = vmm.vcpus[0].fd().get_tsc_khz().map_err(VmmError::TscKhz)? as u64;
@@ -145,6 +165,7 @@ impl Vmm {
             serial: devices.serial,
             pci: devices.pci,
             net: devices.net,
+            disks: devices.disks,
             events_tx,
             events_rx: Mutex::new(events_rx),
             vm,
@@ -164,6 +185,7 @@ struct Devices {
     serial: Arc<Mutex<SerialDevice>>,
     pci: Arc<Mutex<PciRoot>>,
     net: Option<NetDevice>,
+    disks: Vec<DiskDevice>,
 }
 
 impl Devices {
@@ -232,6 +254,50 @@ impl Devices {
             (Some(_), None) if saved_net.is_some() => return Err(VmmError::NoTap),
             _ => None,
         };
+        if host.disks.len() != config.disks.len() {
+            return Err(VmmError::DiskCount {
+                saved: config.disks.len(),
+                given: host.disks.len(),
+            });
+        }
+        if let Some(d) = saved {
+            if d.disks.len() != config.disks.len() {
+                return Err(VmmError::DiskCount {
+                    saved: d.disks.len(),
+                    given: config.disks.len(),
+                });
+            }
+        }
+        let mut disks = Vec::with_capacity(host.disks.len());
+        for (index, image) in host.disks.into_iter().enumerate() {
+            let log = Arc::new(WriteLog::new(image.capacity()));
+            let res = BlkResources {
+                mem: memory.guest_memory().clone(),
+                msi: vm.msi_sender(),
+                model: BlkHost {
+                    disk: image.clone(),
+                    log: log.clone(),
+                },
+            };
+            // BARs after the NIC's, one per disk, at the same place on restore.
+            let bar = PCI_MMIO_START + (index as u64 + 1) * devices::virtio::pci::BAR_SIZE;
+            let dev = match saved.map(|d| &d.disks[index]) {
+                None => VirtioBlk::new_blk(bar, &format!("twin-disk{index}"), res)
+                    .map_err(|source| VmmError::Blk { index, source })?,
+                Some(st) => VirtioBlk::restore(res, st)
+                    .map_err(|source| restore_error(DeviceError::Disk { index, source }))?,
+            };
+            let bar = dev.bar_addr();
+            let dev = Arc::new(Mutex::new(dev));
+            pci.add_device(dev.clone()).map_err(VmmError::Pci)?;
+            mmio.insert(dev.clone(), bar, devices::virtio::pci::BAR_SIZE)?;
+            disks.push(DiskDevice {
+                dev,
+                image,
+                log,
+                worker: None,
+            });
+        }
         let pci = Arc::new(Mutex::new(pci));
         pio.insert(pci.clone(), PCI_CONFIG_PORT, PCI_CONFIG_PORT_SIZE)?;
         Ok(Devices {
@@ -240,6 +306,7 @@ impl Devices {
             serial,
             pci,
             net,
+            disks,
         })
     }
 }

@@ -13,6 +13,8 @@ use std::time::Instant;
 
 use crate::devices::pci::{PciError, PciRoot};
 use crate::devices::serial::{SerialDevice, SerialError};
+use crate::devices::virtio::blk::disk::DiskWrite;
+use crate::devices::virtio::blk::{BlkError, VirtioBlk};
 use crate::devices::virtio::net::{NetError, VirtioNet};
 use crate::devices::virtio::pci::VirtioPersistError;
 use crate::memory::{Memory, PAGE_SIZE};
@@ -29,6 +31,12 @@ pub enum DeviceError {
     PciRoot(#[source] PciError),
     #[error("virtio-net")]
     Net(#[source] VirtioPersistError<NetError>),
+    #[error("virtio-blk of disk {index}")]
+    Disk {
+        index: usize,
+        #[source]
+        source: VirtioPersistError<BlkError>,
+    },
 }
 
 /// Time spent in each phase of one checkpoint.
@@ -87,6 +95,10 @@ pub struct Checkpoint {
     pub pages: Vec<u8>,
     /// The tracking generations `dirty` covers (see [`crate::dirty`]).
     pub tracking: TrackingSpan,
+    /// Per disk, the writes that reached its image since the previous checkpoint, in
+    /// order (empty unless [`Vmm::start_disk_journal`]): every write whose completion
+    /// `state` shows is here or in an earlier checkpoint's.
+    pub disk_writes: Vec<Vec<DiskWrite>>,
     pub timings: CheckpointTimings,
 }
 
@@ -141,8 +153,18 @@ impl Vmm {
             .net
             .as_ref()
             .map(|n| n.dev.lock().expect("net device lock poisoned"));
+        let disks = self
+            .disks
+            .iter()
+            .map(|d| d.dev.lock().expect("disk device lock poisoned"))
+            .collect();
         let serial = self.serial.lock().expect("serial lock poisoned");
-        LockedDevices { net, pci, serial }
+        LockedDevices {
+            net,
+            disks,
+            pci,
+            serial,
+        }
     }
 
     /// Pauses the VM, captures its whole state, resumes it. No pages.
@@ -307,12 +329,20 @@ impl Frozen<'_> {
     /// State plus the pages dirtied since the last harvest (copied if `copy_pages`).
     pub fn checkpoint(&self, copy_pages: bool) -> Result<Checkpoint, VmmError> {
         let (state, device_state_ns, kvm_state_ns) = self.capture_timed()?;
+        // With the disks' locks held no completion can happen between the state and this.
+        let disk_writes = self
+            .vmm
+            .disks
+            .iter()
+            .map(|d| d.log.take_journal())
+            .collect();
         let h = self.vmm.harvest(copy_pages)?;
         Ok(Checkpoint {
             state,
             dirty: h.dirty,
             pages: h.pages,
             tracking: h.tracking,
+            disk_writes,
             timings: CheckpointTimings {
                 device_state_ns,
                 kvm_state_ns,
@@ -326,6 +356,17 @@ impl Frozen<'_> {
     /// Guest RAM, which stands still while frozen.
     pub fn memory(&self) -> &Memory {
         &self.vmm.memory
+    }
+
+    /// The disks' images: no request completes while frozen (one still in flight is in
+    /// the state and is executed again by a restored VM).
+    pub fn disk_images(&self) -> Vec<std::sync::Arc<crate::devices::virtio::blk::disk::DiskImage>> {
+        self.vmm.disk_images()
+    }
+
+    /// The logs of the disks' writes.
+    pub fn disk_logs(&self) -> Vec<std::sync::Arc<crate::devices::virtio::blk::disk::WriteLog>> {
+        self.vmm.disk_logs()
     }
 
     /// Starts dirty tracking (KVM's log on, both logs cleared); returns the generation
@@ -348,10 +389,11 @@ impl Frozen<'_> {
     }
 }
 
-/// Device locks held during a capture (taken PCI root → NIC → serial; the NIC before its
-/// sink).
+/// Device locks held during a capture (taken PCI root → NIC → disks → serial; the NIC
+/// before its sink).
 struct LockedDevices<'a> {
     net: Option<MutexGuard<'a, VirtioNet>>,
+    disks: Vec<MutexGuard<'a, VirtioBlk>>,
     pci: MutexGuard<'a, PciRoot>,
     serial: MutexGuard<'a, SerialDevice>,
 }
@@ -360,8 +402,18 @@ impl LockedDevices<'_> {
     /// Saves every device, stopping at the first that cannot.
     fn save(&self) -> Result<DeviceStates, DeviceError> {
         let net = self.net.as_ref().map(|n| n.save()).transpose();
+        let disks = self
+            .disks
+            .iter()
+            .enumerate()
+            .map(|(index, d)| {
+                d.save()
+                    .map_err(|source| DeviceError::Disk { index, source })
+            })
+            .collect::<Result<_, _>>()?;
         Ok(DeviceStates {
             net: net.map_err(DeviceError::Net)?,
+            disks,
             serial: self.serial.save().map_err(DeviceError::Serial)?,
             pci: self.pci.save().map_err(DeviceError::PciRoot)?,
         })

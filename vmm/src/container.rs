@@ -22,7 +22,8 @@ use serde::Serialize;
 pub const MAGIC: &[u8; 8] = b"TWINSTAT";
 /// Current format version. Bump on any change of the payload types. 2: a vCPU's state
 /// carries the CPUID it runs with (a version-1 state has none to restore, and is refused).
-pub const FORMAT_VERSION: u32 = 2;
+/// 3: the machine has disks (their sizes in the config, their devices in the states).
+pub const FORMAT_VERSION: u32 = 3;
 pub const HEADER_LEN: usize = 32;
 /// Default cap on a payload: machine state is tens of KiB per vCPU.
 pub const DEFAULT_MAX_PAYLOAD: u64 = 16 << 20;
@@ -205,7 +206,7 @@ mod tests {
         );
         assert_eq!(
             e.to_string(),
-            "state format version 1 is older than this build supports (2)"
+            format!("state format version 1 is older than this build supports ({FORMAT_VERSION})")
         );
         let mut k = b.clone();
         k[12] = 9;

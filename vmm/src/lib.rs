@@ -32,6 +32,8 @@ use crate::devices::bus::{Bus, BusError};
 use crate::devices::pci::{PciError, PciRoot};
 use crate::devices::serial::{ConsoleOut, SerialDevice};
 use crate::devices::tap::{Tap, TapError};
+use crate::devices::virtio::blk::disk::{DiskError, DiskImage, WriteLog};
+use crate::devices::virtio::blk::{BlkError, BlkWorker, VirtioBlk};
 use crate::devices::virtio::net::{NetError, NetSink, NetWorker, VirtioNet};
 use crate::devices::Pausable;
 use crate::dirty::DirtyTracker;
@@ -68,11 +70,29 @@ pub struct NetConfig {
     pub mac: [u8; 6],
 }
 
+/// A disk of the VM: a raw image file (`--disk PATH[,readonly]`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskConfig {
+    pub path: std::path::PathBuf,
+    pub read_only: bool,
+}
+
+/// What the guest sees of a disk: part of the machine's configuration, so a restored VM
+/// must be given an image of the same size and mode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DiskSpec {
+    /// Bytes (a multiple of 512).
+    pub capacity: u64,
+    pub read_only: bool,
+}
+
 /// What to build.
 pub struct VmConfig {
     pub mem_size: u64,
     pub vcpus: u8,
     pub net: Option<NetConfig>,
+    /// Disks in order: disk 0 is the first virtio-blk device on the PCI bus.
+    pub disks: Vec<DiskConfig>,
     pub ip: Ipv4Addr,
     pub prefix_len: u8,
     pub gateway: Option<Ipv4Addr>,
@@ -91,6 +111,8 @@ pub struct MachineConfig {
     /// The guest's address when the host knows it (built-in guest), for the gratuitous
     /// ARP a restored VM announces itself with.
     pub ip: Option<Ipv4Addr>,
+    /// The disks, in order.
+    pub disks: Vec<DiskSpec>,
 }
 
 /// State of every device, one field per device, each from that device's
@@ -101,6 +123,8 @@ pub struct DeviceStates {
     pub serial: devices::serial::SerialDeviceState,
     pub pci: devices::pci::PciRootState,
     pub net: Option<devices::virtio::net::VirtioNetState>,
+    /// One per disk, in order.
+    pub disks: Vec<devices::virtio::blk::VirtioBlkState>,
 }
 
 /// The whole VM except guest memory: what a checkpoint or snapshot carries beside pages.
@@ -133,6 +157,8 @@ pub struct HostResources {
     /// bridge port is forwarding long before a takeover).
     pub tap: Option<Tap>,
     pub console: ConsoleOut,
+    /// The images the disks run on, in order (as many as the saved state has disks).
+    pub disks: Vec<Arc<DiskImage>>,
 }
 
 /// `e` and its causes on one line, `outer: cause: root cause`.
@@ -215,6 +241,20 @@ pub enum VmmError {
     NoTap,
     #[error("the saved state has {saved} vCPUs, but {expected} were configured")]
     VcpuMismatch { saved: usize, expected: u8 },
+    #[error("opening disk {index}")]
+    Disk {
+        index: usize,
+        #[source]
+        source: DiskError,
+    },
+    #[error("disk {index}")]
+    Blk {
+        index: usize,
+        #[source]
+        source: BlkError,
+    },
+    #[error("the VM has {saved} disks, but {given} images were given for them")]
+    DiskCount { saved: usize, given: usize },
 }
 
 /// One VM and its devices.
@@ -227,6 +267,7 @@ pub struct Vmm {
     serial: Arc<Mutex<SerialDevice>>,
     pci: Arc<Mutex<PciRoot>>,
     net: Option<NetDevice>,
+    disks: Vec<DiskDevice>,
     events_tx: Sender<VmEvent>,
     events_rx: Mutex<Receiver<VmEvent>>,
     vm: Vm,
@@ -246,12 +287,29 @@ struct NetDevice {
     worker: Option<NetWorker>,
 }
 
+/// A disk: the device, its image, the log of its writes and, while running, its worker.
+struct DiskDevice {
+    dev: Arc<Mutex<VirtioBlk>>,
+    image: Arc<DiskImage>,
+    log: Arc<WriteLog>,
+    worker: Option<BlkWorker>,
+}
+
 impl Vmm {
     /// Starts the vCPU threads.
     pub fn start(&mut self) -> Result<(), VmmError> {
         if let Some(net) = &mut self.net {
             net.worker =
                 Some(NetWorker::start(net.dev.clone(), net.tap.clone()).map_err(VmmError::Net)?);
+        }
+        for (index, d) in self.disks.iter_mut().enumerate() {
+            if d.worker.is_none() {
+                let mem = self.memory.guest_memory().clone();
+                d.worker = Some(
+                    BlkWorker::start(d.dev.clone(), mem)
+                        .map_err(|source| VmmError::Blk { index, source })?,
+                );
+            }
         }
         for v in &mut self.vcpus {
             v.start(
@@ -335,12 +393,26 @@ impl Vmm {
                 .pause()
                 .map_err(VmmError::Net)?;
         }
+        for (index, d) in self.disks.iter().enumerate() {
+            d.dev
+                .lock()
+                .expect("disk device lock poisoned")
+                .pause()
+                .map_err(|source| VmmError::Blk { index, source })?;
+        }
         Ok(())
     }
 
     /// Undoes [`Vmm::pause_devices`]. A device that fails to resume may stay idle until the
     /// guest next notifies it.
     pub fn resume_devices(&self) -> Result<(), VmmError> {
+        for (index, d) in self.disks.iter().enumerate() {
+            d.dev
+                .lock()
+                .expect("disk device lock poisoned")
+                .resume()
+                .map_err(|source| VmmError::Blk { index, source })?;
+        }
         if let Some(n) = &self.net {
             n.dev
                 .lock()
@@ -349,6 +421,43 @@ impl Vmm {
                 .map_err(VmmError::Net)?;
         }
         Ok(())
+    }
+
+    /// The disks' images, in order.
+    pub fn disk_images(&self) -> Vec<Arc<DiskImage>> {
+        self.disks.iter().map(|d| d.image.clone()).collect()
+    }
+
+    /// The logs of the disks' writes, in order.
+    pub fn disk_logs(&self) -> Vec<Arc<WriteLog>> {
+        self.disks.iter().map(|d| d.log.clone()).collect()
+    }
+
+    /// Starts journaling every disk's writes: each checkpoint from now on carries the
+    /// writes that reached the images since the previous one ([`Checkpoint::disk_writes`]).
+    pub fn start_disk_journal(&self) {
+        for d in &self.disks {
+            d.log.start_journal();
+        }
+    }
+
+    /// Stops journaling (the journals' contents are dropped).
+    pub fn stop_disk_journal(&self) {
+        for d in &self.disks {
+            d.log.stop_journal();
+        }
+    }
+
+    /// Host-side counters of disk `index`.
+    pub fn disk_stats(&self, index: usize) -> Option<devices::virtio::blk::BlkStats> {
+        let d = self.disks.get(index)?;
+        Some(
+            d.dev
+                .lock()
+                .expect("disk device lock poisoned")
+                .device()
+                .stats(),
+        )
     }
 
     /// Replaces where the guest's transmitted frames go (the output-commit buffer);
@@ -387,6 +496,13 @@ impl Vmm {
     /// Why a device failed for good (the NIC's TAP disappeared), if one has: the VM can no
     /// longer do its job, and its driver should stop it (or hand it over to the backup).
     pub fn device_failure(&self) -> Option<String> {
+        if self.started {
+            for (i, d) in self.disks.iter().enumerate() {
+                if d.worker.as_ref().is_some_and(|w| !w.is_running()) {
+                    return Some(format!("the worker of disk {i} stopped"));
+                }
+            }
+        }
         self.net.as_ref()?.worker.as_ref()?.failure()
     }
 
@@ -403,6 +519,13 @@ impl Vmm {
         if let Some(w) = self.net.as_mut().and_then(|n| n.worker.take()) {
             if let Err(e) = w.stop() {
                 tracing::warn!("network worker ended with an error: {e}");
+            }
+        }
+        for (i, d) in self.disks.iter_mut().enumerate() {
+            if let Some(w) = d.worker.take() {
+                if let Err(e) = w.stop() {
+                    tracing::warn!("the worker of disk {i} ended with an error: {e}");
+                }
             }
         }
     }

@@ -1,16 +1,20 @@
 //! The backup's epoch assembler: a pure state machine that turns a sequence of decoded
 //! epoch messages into whole, verified checkpoints.
 //!
-//! An epoch is accepted only as `EpochBegin`, zero or more `Pages` batches, exactly one
-//! `State`, `EpochEnd`, for exactly the next epoch number, with every count, length and the
+//! An epoch is accepted only as `EpochBegin`, zero or more `Pages` batches, zero or more
+//! `DiskWrites` (each within a disk of the VM), exactly one `State`, `EpochEnd`, for exactly the next epoch number, with every count, length and the
 //! end-to-end checksum matching. Anything else is a typed [`AssembleError`]; the partial
 //! epoch is dropped and the committed position ([`EpochAssembler::next_epoch`]) is unchanged,
 //! so the replica only ever sees whole epochs.
 
 use crate::checksum::EpochChecksum;
 use crate::message::{
-    EpochBegin, EpochEnd, FrameType, Geometry, Message, Page, Pages, State, MAX_STATE_LEN,
+    DiskWrites, EpochBegin, EpochEnd, FrameType, Geometry, Message, Page, Pages, State,
+    MAX_STATE_LEN,
 };
+
+/// Most bytes of disk writes one epoch may carry (the backup holds them until the end).
+pub const MAX_EPOCH_DISK_BYTES: u64 = 1 << 30;
 use bytes::Bytes;
 use tracing::debug;
 
@@ -21,6 +25,8 @@ pub enum EpochMessage {
     Begin(EpochBegin),
     /// A batch of its pages.
     Pages(Pages),
+    /// Writes to one of its disks.
+    Disk(DiskWrites),
     /// Its state blob.
     State(State),
     /// Its end and checksum.
@@ -33,6 +39,7 @@ impl EpochMessage {
         match self {
             Self::Begin(m) => m.epoch,
             Self::Pages(m) => m.epoch,
+            Self::Disk(m) => m.epoch,
             Self::State(m) => m.epoch,
             Self::End(m) => m.epoch,
         }
@@ -43,6 +50,7 @@ impl EpochMessage {
         match self {
             Self::Begin(_) => FrameType::EpochBegin,
             Self::Pages(_) => FrameType::Pages,
+            Self::Disk(_) => FrameType::DiskWrites,
             Self::State(_) => FrameType::State,
             Self::End(_) => FrameType::EpochEnd,
         }
@@ -57,6 +65,7 @@ impl TryFrom<Message> for EpochMessage {
         match msg {
             Message::EpochBegin(m) => Ok(Self::Begin(m)),
             Message::Pages(m) => Ok(Self::Pages(m)),
+            Message::DiskWrites(m) => Ok(Self::Disk(m)),
             Message::State(m) => Ok(Self::State(m)),
             Message::EpochEnd(m) => Ok(Self::End(m)),
             other => Err(other),
@@ -69,6 +78,7 @@ impl From<EpochMessage> for Message {
         match msg {
             EpochMessage::Begin(m) => Message::EpochBegin(m),
             EpochMessage::Pages(m) => Message::Pages(m),
+            EpochMessage::Disk(m) => Message::DiskWrites(m),
             EpochMessage::State(m) => Message::State(m),
             EpochMessage::End(m) => Message::EpochEnd(m),
         }
@@ -82,6 +92,8 @@ pub struct CompleteEpoch {
     pub epoch: u64,
     /// Dirty pages, in the order they were sent (indices are distinct and in range).
     pub pages: Vec<Page>,
+    /// Writes to the disks, per message in the order sent (apply them in this order).
+    pub disk_writes: Vec<DiskWrites>,
     /// vCPU and device state.
     pub state: Bytes,
     /// The verified end-to-end checksum.
@@ -135,6 +147,44 @@ pub enum AssembleError {
         open: u64,
         /// The epoch it names.
         got: u64,
+    },
+    /// `DiskWrites` after the state.
+    #[error("epoch {epoch}: disk writes after the state")]
+    DiskAfterState {
+        /// The epoch.
+        epoch: u64,
+    },
+    /// `DiskWrites` for a disk the VM does not have.
+    #[error("epoch {epoch}: writes to disk {disk}, the VM has {disks}")]
+    NoSuchDisk {
+        /// The epoch.
+        epoch: u64,
+        /// The disk named.
+        disk: u32,
+        /// Disks of the VM.
+        disks: usize,
+    },
+    /// A disk write outside its disk.
+    #[error("epoch {epoch}: a write of {len} bytes at {offset} is outside disk {disk} ({capacity} bytes)")]
+    DiskOutOfRange {
+        /// The epoch.
+        epoch: u64,
+        /// The disk.
+        disk: u32,
+        /// Offset of the write.
+        offset: u64,
+        /// Its length.
+        len: u64,
+        /// The disk's size.
+        capacity: u64,
+    },
+    /// More disk data in one epoch than [`MAX_EPOCH_DISK_BYTES`].
+    #[error("epoch {epoch}: more than {max} bytes of disk writes")]
+    DiskTooMuch {
+        /// The epoch.
+        epoch: u64,
+        /// The cap.
+        max: u64,
     },
     /// `EpochBegin` announces more pages than the VM has.
     #[error("epoch {epoch} announces {declared} pages, the VM has {max}")]
@@ -275,6 +325,8 @@ pub enum AssembleError {
 struct Partial {
     begin: EpochBegin,
     pages: Vec<Page>,
+    disk: Vec<DiskWrites>,
+    disk_bytes: u64,
     state: Option<Bytes>,
     checksum: EpochChecksum,
 }
@@ -283,6 +335,8 @@ struct Partial {
 pub struct EpochAssembler {
     geometry: Geometry,
     max_state_len: u64,
+    /// Sizes of the VM's disks (writes are checked against them).
+    disks: Vec<u64>,
     next_epoch: u64,
     open: Option<Partial>,
     /// One bit per guest page: set for pages of the open epoch (duplicate detection).
@@ -307,6 +361,7 @@ impl EpochAssembler {
         Self {
             geometry,
             max_state_len: MAX_STATE_LEN as u64,
+            disks: Vec::new(),
             next_epoch,
             open: None,
             seen: Vec::new(),
@@ -316,6 +371,12 @@ impl EpochAssembler {
     /// Lower the state blob cap (the default is [`MAX_STATE_LEN`]).
     pub fn with_max_state_len(mut self, max_state_len: u64) -> Self {
         self.max_state_len = max_state_len;
+        self
+    }
+
+    /// The VM's disks, their sizes in bytes (without, any disk write is refused).
+    pub fn with_disks(mut self, disks: Vec<u64>) -> Self {
+        self.disks = disks;
         self
     }
 
@@ -381,6 +442,7 @@ impl EpochAssembler {
         match msg {
             EpochMessage::Begin(b) => self.begin(b).map(|()| None),
             EpochMessage::Pages(p) => self.pages(p).map(|()| None),
+            EpochMessage::Disk(w) => self.disk(w).map(|()| None),
             EpochMessage::State(s) => {
                 let partial = self.open_for(frame_type, s.epoch)?;
                 let epoch = s.epoch;
@@ -454,6 +516,8 @@ impl EpochAssembler {
             // Trust the announced count only up to a modest reservation; more grows as
             // pages actually arrive.
             pages: Vec::with_capacity(b.page_count.min(1 << 16) as usize),
+            disk: Vec::new(),
+            disk_bytes: 0,
             state: None,
             checksum: EpochChecksum::new(b.epoch),
         });
@@ -522,6 +586,46 @@ impl EpochAssembler {
         Ok(())
     }
 
+    fn disk(&mut self, w: DiskWrites) -> Result<(), AssembleError> {
+        let epoch = w.epoch;
+        let disks = self.disks.clone();
+        let partial = self.open_for(FrameType::DiskWrites, epoch)?;
+        if partial.state.is_some() {
+            return Err(AssembleError::DiskAfterState { epoch });
+        }
+        let Some(&capacity) = disks.get(w.disk as usize) else {
+            return Err(AssembleError::NoSuchDisk {
+                epoch,
+                disk: w.disk,
+                disks: disks.len(),
+            });
+        };
+        let mut bytes = 0u64;
+        for e in &w.writes {
+            let len = e.len();
+            if e.offset.checked_add(len).is_none_or(|end| end > capacity) {
+                return Err(AssembleError::DiskOutOfRange {
+                    epoch,
+                    disk: w.disk,
+                    offset: e.offset,
+                    len,
+                    capacity,
+                });
+            }
+            bytes += e.data.len() as u64;
+        }
+        partial.disk_bytes += bytes;
+        if partial.disk_bytes > MAX_EPOCH_DISK_BYTES {
+            return Err(AssembleError::DiskTooMuch {
+                epoch,
+                max: MAX_EPOCH_DISK_BYTES,
+            });
+        }
+        partial.checksum.disk(&w);
+        partial.disk.push(w);
+        Ok(())
+    }
+
     fn end(&mut self, e: EpochEnd) -> Result<CompleteEpoch, AssembleError> {
         let partial = self.open_for(FrameType::EpochEnd, e.epoch)?;
         let epoch = e.epoch;
@@ -547,13 +651,18 @@ impl EpochAssembler {
                 computed,
             });
         }
-        let pages = self.open.take().map(|p| p.pages).unwrap_or_default();
+        let (pages, disk_writes) = self
+            .open
+            .take()
+            .map(|p| (p.pages, p.disk))
+            .unwrap_or_default();
         self.clear_seen(&pages);
         // `begin` refused `u64::MAX`, so this cannot overflow.
         self.next_epoch = epoch + 1;
         Ok(CompleteEpoch {
             epoch,
             pages,
+            disk_writes,
             state,
             checksum: computed,
         })
@@ -983,5 +1092,210 @@ mod tests {
         assert_eq!(a.discard(), Some(1));
         assert_eq!(a.discard(), None);
         feed(&mut a, msgs).unwrap().unwrap();
+    }
+}
+
+#[cfg(test)]
+mod disk_tests {
+    use super::*;
+    use crate::codec::FrameCodec;
+    use crate::epoch_encoder::EpochEncoder;
+    use crate::message::DiskExtent;
+    use bytes::BytesMut;
+    use tokio_util::codec::Decoder;
+
+    const PS: u32 = 4096;
+
+    fn writes(epoch: u64, disk: u32, at: &[(u64, u8)]) -> DiskWrites {
+        DiskWrites {
+            epoch,
+            disk,
+            writes: at
+                .iter()
+                .map(|&(offset, fill)| {
+                    if fill == 0 {
+                        DiskExtent {
+                            offset,
+                            zero_len: 4096,
+                            data: Bytes::new(),
+                        }
+                    } else {
+                        DiskExtent {
+                            offset,
+                            zero_len: 0,
+                            data: Bytes::from(vec![fill; 1024]),
+                        }
+                    }
+                })
+                .collect(),
+        }
+    }
+
+    /// An epoch with no pages and `disk` writes, through the real encoder and decoder.
+    fn epoch_with(epoch: u64, disk: &[DiskWrites]) -> Vec<EpochMessage> {
+        let codec = FrameCodec::new();
+        let mut buf = BytesMut::new();
+        let state = b"state";
+        let mut enc = EpochEncoder::begin(
+            codec,
+            EpochBegin {
+                epoch,
+                page_count: 0,
+                state_len: state.len() as u64,
+            },
+            PS,
+            &mut buf,
+        )
+        .unwrap();
+        for w in disk {
+            enc.disk_writes(w, &mut buf).unwrap();
+        }
+        enc.state(state, &mut buf).unwrap();
+        enc.end(&mut buf).unwrap();
+        let mut dec = codec;
+        let mut out = Vec::new();
+        while let Some(m) = dec.decode_eof(&mut buf).unwrap() {
+            out.push(EpochMessage::try_from(m).unwrap());
+        }
+        out
+    }
+
+    fn assembler() -> EpochAssembler {
+        EpochAssembler::new(Geometry::new(64 * u64::from(PS), PS).unwrap(), 1)
+            .with_disks(vec![1 << 20, 8192])
+    }
+
+    fn feed(
+        a: &mut EpochAssembler,
+        m: Vec<EpochMessage>,
+    ) -> Result<Option<CompleteEpoch>, AssembleError> {
+        let mut last = None;
+        for m in m {
+            last = a.push(m)?;
+        }
+        Ok(last)
+    }
+
+    #[test]
+    fn disk_writes_come_with_their_epoch_in_order() {
+        let mut a = assembler();
+        let w = [
+            writes(1, 0, &[(0, 1), (512, 2), (4096, 0)]),
+            writes(1, 1, &[(4096, 3)]),
+            writes(1, 0, &[(0, 4)]),
+        ];
+        let msgs = epoch_with(1, &w);
+        let n = msgs.len();
+        // Nothing comes out before the end: a partial epoch's writes stay in the assembler.
+        for m in &msgs[..n - 1] {
+            assert_eq!(a.push(m.clone()).unwrap(), None);
+        }
+        let done = a.push(msgs[n - 1].clone()).unwrap().expect("epoch 1");
+        assert_eq!(done.disk_writes, w.to_vec());
+    }
+
+    #[test]
+    fn bad_disk_writes_are_refused_and_the_epoch_discarded() {
+        let mut a = assembler();
+        let e = feed(&mut a, epoch_with(1, &[writes(1, 2, &[(0, 1)])])).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                AssembleError::NoSuchDisk {
+                    disk: 2,
+                    disks: 2,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert_eq!((a.next_epoch(), a.open_epoch()), (1, None));
+        let e = feed(&mut a, epoch_with(1, &[writes(1, 1, &[(8192 - 512, 1)])])).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                AssembleError::DiskOutOfRange {
+                    disk: 1,
+                    capacity: 8192,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        let e = feed(
+            &mut a,
+            epoch_with(1, &[writes(1, 0, &[(u64::MAX - 511, 1)])]),
+        )
+        .unwrap_err();
+        assert!(matches!(e, AssembleError::DiskOutOfRange { .. }), "{e}");
+        // Writes after the state.
+        let mut msgs = epoch_with(1, &[]);
+        let end = msgs.pop().unwrap();
+        msgs.push(EpochMessage::Disk(writes(1, 0, &[(0, 1)])));
+        msgs.push(end);
+        let e = feed(&mut a, msgs).unwrap_err();
+        assert!(
+            matches!(e, AssembleError::DiskAfterState { epoch: 1 }),
+            "{e}"
+        );
+        // Data changed between encoder and assembler: the end-to-end checksum catches it.
+        let mut msgs = epoch_with(1, &[writes(1, 0, &[(0, 1)])]);
+        if let EpochMessage::Disk(w) = &mut msgs[1] {
+            w.writes[0].data = Bytes::from(vec![9u8; 1024]);
+        } else {
+            panic!("message 1 is the disk writes");
+        }
+        let e = feed(&mut a, msgs).unwrap_err();
+        assert!(matches!(e, AssembleError::Checksum { .. }), "{e}");
+        // A dropped disk message too (total bytes no longer match).
+        let mut msgs = epoch_with(1, &[writes(1, 0, &[(0, 1)]), writes(1, 0, &[(0, 2)])]);
+        msgs.remove(2);
+        assert!(feed(&mut a, msgs).is_err());
+        // Without disks, every disk write is refused.
+        let mut none = EpochAssembler::new(Geometry::new(64 * u64::from(PS), PS).unwrap(), 1);
+        let e = feed(&mut none, epoch_with(1, &[writes(1, 0, &[(0, 1)])])).unwrap_err();
+        assert!(
+            matches!(e, AssembleError::NoSuchDisk { disks: 0, .. }),
+            "{e}"
+        );
+        // And after all that, a good epoch 1 still commits.
+        assert!(feed(&mut a, epoch_with(1, &[writes(1, 0, &[(0, 1)])]))
+            .unwrap()
+            .is_some());
+    }
+
+    #[test]
+    fn disk_frames_round_trip_and_hostile_tables_are_refused() {
+        let codec = FrameCodec::new();
+        let w = writes(7, 1, &[(512, 5), (1024, 0)]);
+        for msg in [
+            Message::DiskWrites(w.clone()),
+            Message::SyncDisk(crate::message::SyncDisk {
+                disk: 3,
+                offset: 1 << 20,
+                data: Bytes::from(vec![1u8; 4096]),
+            }),
+        ] {
+            let mut buf = BytesMut::new();
+            codec.encode_message(&msg, &mut buf).unwrap();
+            let mut dec = codec;
+            assert_eq!(dec.decode_eof(&mut buf).unwrap(), Some(msg));
+        }
+        // Unaligned, empty or double-kind extents are refused by the encoder (and decoder).
+        let mut bad = w.clone();
+        bad.writes[0].offset = 100;
+        assert!(codec
+            .encode_message(&Message::DiskWrites(bad), &mut BytesMut::new())
+            .is_err());
+        let mut bad = w.clone();
+        bad.writes[1].zero_len = 0;
+        assert!(codec
+            .encode_message(&Message::DiskWrites(bad), &mut BytesMut::new())
+            .is_err());
+        let mut bad = w;
+        bad.writes[0].zero_len = 512;
+        assert!(codec
+            .encode_message(&Message::DiskWrites(bad), &mut BytesMut::new())
+            .is_err());
     }
 }

@@ -5,7 +5,9 @@
 //! or reordered batch and any reassembly bug before it applies anything.
 
 /// Running CRC-64/XZ over the content of one epoch:
-/// `epoch (u64 LE) ‖ for each page in order: index (u64 LE) ‖ data ‖ state_len (u64 LE) ‖ state`.
+/// `epoch (u64 LE) ‖ for each page in order: index (u64 LE) ‖ data ‖ for each disk-write
+/// message in order: disk (u32 LE) ‖ count (u64 LE) ‖ for each extent: offset, zero_len,
+/// data length (u64 LE each) ‖ data ‖ state_len (u64 LE) ‖ state`.
 #[derive(Clone)]
 pub struct EpochChecksum {
     digest: crc64fast::Digest,
@@ -37,6 +39,19 @@ impl EpochChecksum {
         self.digest.write(&index.to_le_bytes());
         self.digest.write(data);
         self.total_bytes += data.len() as u64;
+    }
+
+    /// Add a message of disk writes (after the pages, before the state).
+    pub fn disk(&mut self, w: &crate::message::DiskWrites) {
+        self.digest.write(&w.disk.to_le_bytes());
+        self.digest.write(&(w.writes.len() as u64).to_le_bytes());
+        for e in &w.writes {
+            self.digest.write(&e.offset.to_le_bytes());
+            self.digest.write(&e.zero_len.to_le_bytes());
+            self.digest.write(&(e.data.len() as u64).to_le_bytes());
+            self.digest.write(&e.data);
+            self.total_bytes += e.data.len() as u64;
+        }
     }
 
     /// Add the state blob (after the last page).

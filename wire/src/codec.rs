@@ -11,9 +11,10 @@
 use crate::checksum::EpochChecksum;
 use crate::frame::{crc64, FrameHeader, HeaderError, DEFAULT_MAX_FRAME_LEN, HEADER_LEN};
 use crate::message::{
-    check_page_size, Ack, EpochBegin, EpochEnd, FrameType, Goodbye, Heartbeat, Hello, HelloAck,
-    Message, Page, PageRef, Pages, PagesRef, Refuse, State, StateRef, SyncDone, SyncPages,
-    SyncPagesRef, SyncZeroPages, ValidationError, VmDescription, MAX_STATE_LEN, PROTOCOL_VERSION,
+    check_page_size, Ack, DiskExtent, DiskWrites, EpochBegin, EpochEnd, FrameType, Goodbye,
+    Heartbeat, Hello, HelloAck, Message, Page, PageRef, Pages, PagesRef, Refuse, State, StateRef,
+    SyncDisk, SyncDone, SyncPages, SyncPagesRef, SyncZeroPages, ValidationError, VmDescription,
+    MAX_STATE_LEN, PROTOCOL_VERSION,
 };
 use bincode::Options;
 use bytes::{BufMut, Bytes, BytesMut};
@@ -202,7 +203,22 @@ pub enum LayoutError {
         /// Actual payload length.
         actual: usize,
     },
+    /// The data lengths a `DiskWrites` declares do not add up to its payload.
+    #[error("disk writes declare {declared} bytes of data, the payload holds {actual}")]
+    DiskData {
+        /// Sum of the declared data lengths.
+        declared: u64,
+        /// Bytes after the extent table.
+        actual: usize,
+    },
 }
+
+/// Bytes before the extent table of a `DiskWrites`: epoch u64, disk u32, count u32.
+const DISK_WRITES_PREFIX: usize = 16;
+/// Bytes per extent entry: offset, zero_len, data_len (u64 each).
+const DISK_EXTENT_LEN: usize = 24;
+/// Bytes before the data of a `SyncDisk`: disk u32, reserved u32, offset u64.
+const SYNC_DISK_PREFIX: usize = 16;
 
 fn bincode_options(limit: u64) -> impl Options + Copy {
     bincode::DefaultOptions::new()
@@ -412,6 +428,46 @@ impl FrameCodec {
         )
     }
 
+    fn encode_disk_writes(&self, w: &DiskWrites, dst: &mut BytesMut) -> Result<(), EncodeError> {
+        let frame_type = FrameType::DiskWrites;
+        let data: u64 = w.writes.iter().map(|e| e.data.len() as u64).sum();
+        let len = (DISK_WRITES_PREFIX + DISK_EXTENT_LEN * w.writes.len()) as u64 + data;
+        self.check_len(frame_type, len)?;
+        let start = dst.len();
+        dst.reserve(HEADER_LEN + len as usize);
+        dst.put_bytes(0, HEADER_LEN);
+        dst.put_u64_le(w.epoch);
+        dst.put_u32_le(w.disk);
+        dst.put_u32_le(w.writes.len() as u32);
+        for e in &w.writes {
+            dst.put_u64_le(e.offset);
+            dst.put_u64_le(e.zero_len);
+            dst.put_u64_le(e.data.len() as u64);
+        }
+        for e in &w.writes {
+            dst.put_slice(&e.data);
+        }
+        let crc = crc64(&dst[start + HEADER_LEN..]);
+        Self::finish_frame(dst, start, frame_type, crc);
+        Ok(())
+    }
+
+    fn encode_sync_disk(&self, d: &SyncDisk, dst: &mut BytesMut) -> Result<(), EncodeError> {
+        let frame_type = FrameType::SyncDisk;
+        let len = (SYNC_DISK_PREFIX + d.data.len()) as u64;
+        self.check_len(frame_type, len)?;
+        let start = dst.len();
+        dst.reserve(HEADER_LEN + len as usize);
+        dst.put_bytes(0, HEADER_LEN);
+        dst.put_u32_le(d.disk);
+        dst.put_u32_le(0);
+        dst.put_u64_le(d.offset);
+        dst.put_slice(&d.data);
+        let crc = crc64(&dst[start + HEADER_LEN..]);
+        Self::finish_frame(dst, start, frame_type, crc);
+        Ok(())
+    }
+
     /// Encode a batch of zero-page indices (initial sync).
     pub fn encode_zero_pages(
         &self,
@@ -474,6 +530,8 @@ impl FrameCodec {
             Message::Ack(m) => self.encode_bincode(frame_type, m, dst),
             Message::Heartbeat(m) => self.encode_bincode(frame_type, m, dst),
             Message::Goodbye(m) => self.encode_bincode(frame_type, m, dst),
+            Message::DiskWrites(m) => self.encode_disk_writes(m, dst),
+            Message::SyncDisk(m) => self.encode_sync_disk(m, dst),
             Message::SyncPages(m) => self.encode_page_frame(
                 frame_type,
                 None,
@@ -545,6 +603,22 @@ impl FrameCodec {
             FrameType::Ack => Message::Ack(bc::<Ack>(frame_type, &payload)?),
             FrameType::Heartbeat => Message::Heartbeat(bc::<Heartbeat>(frame_type, &payload)?),
             FrameType::Goodbye => Message::Goodbye(bc::<Goodbye>(frame_type, &payload)?),
+            FrameType::DiskWrites => {
+                Message::DiskWrites(decode_disk_writes(&payload).map_err(malformed)?)
+            }
+            FrameType::SyncDisk => {
+                if payload.len() < SYNC_DISK_PREFIX {
+                    return Err(malformed(LayoutError::Short {
+                        need: SYNC_DISK_PREFIX,
+                        have: payload.len(),
+                    }));
+                }
+                Message::SyncDisk(SyncDisk {
+                    disk: read_u32(&payload, 0),
+                    offset: read_u64(&payload, 8),
+                    data: payload.slice(SYNC_DISK_PREFIX..),
+                })
+            }
             FrameType::SyncPages => {
                 let (page_size, pages) =
                     decode_page_list(&payload, SYNC_PAGES_PREFIX).map_err(malformed)?;
@@ -583,6 +657,53 @@ impl FrameCodec {
             .map_err(|source| DecodeError::Invalid { frame_type, source })?;
         Ok(msg)
     }
+}
+
+/// Parse `epoch u64 ‖ disk u32 ‖ count u32 ‖ count × (offset, zero_len, data_len) ‖ data`.
+/// The table is checked against the payload before anything is allocated for it; data are
+/// zero-copy slices of `payload`.
+fn decode_disk_writes(payload: &Bytes) -> Result<DiskWrites, LayoutError> {
+    if payload.len() < DISK_WRITES_PREFIX {
+        return Err(LayoutError::Short {
+            need: DISK_WRITES_PREFIX,
+            have: payload.len(),
+        });
+    }
+    let count = read_u32(payload, 12) as usize;
+    let table_end = DISK_WRITES_PREFIX as u64 + DISK_EXTENT_LEN as u64 * count as u64;
+    if table_end > payload.len() as u64 {
+        return Err(LayoutError::Short {
+            need: table_end as usize,
+            have: payload.len(),
+        });
+    }
+    let table_end = table_end as usize;
+    let actual = payload.len() - table_end;
+    let mut declared = 0u64;
+    for i in 0..count {
+        let at = DISK_WRITES_PREFIX + i * DISK_EXTENT_LEN;
+        declared = declared.saturating_add(read_u64(payload, at + 16));
+    }
+    if declared != actual as u64 {
+        return Err(LayoutError::DiskData { declared, actual });
+    }
+    let mut writes = Vec::with_capacity(count);
+    let mut data_at = table_end;
+    for i in 0..count {
+        let at = DISK_WRITES_PREFIX + i * DISK_EXTENT_LEN;
+        let len = read_u64(payload, at + 16) as usize;
+        writes.push(DiskExtent {
+            offset: read_u64(payload, at),
+            zero_len: read_u64(payload, at + 8),
+            data: payload.slice(data_at..data_at + len),
+        });
+        data_at += len;
+    }
+    Ok(DiskWrites {
+        epoch: read_u64(payload, 0),
+        disk: read_u32(payload, 8),
+        writes,
+    })
 }
 
 /// Parse `page_size u32 ‖ count u32 ‖ indices ‖ data` that follows `prefix - 8` other bytes.
@@ -758,6 +879,7 @@ mod tests {
                 vcpus: 2,
                 mac: [0x52, 0x54, 0, 1, 2, 3],
                 config: b"{\"net\":true}".to_vec(),
+                disks: Vec::new(),
             }),
             Message::SyncPages(SyncPages {
                 page_size: 4096,
@@ -770,7 +892,10 @@ mod tests {
             Message::SyncZeroPages(SyncZeroPages {
                 indices: vec![1, 2, 3, u64::MAX],
             }),
-            Message::SyncDone(SyncDone { pages_sent: 12 }),
+            Message::SyncDone(SyncDone {
+                pages_sent: 12,
+                disk_bytes_sent: 0,
+            }),
             Message::EpochBegin(EpochBegin {
                 epoch: 5,
                 page_count: 2,
@@ -1217,6 +1342,7 @@ mod tests {
                     vcpus: 1,
                     mac: [0; 6],
                     config: vec![0; 20_000],
+                    disks: Vec::new(),
                 }),
                 &mut buf,
             )

@@ -4,7 +4,7 @@
 
 use crate::checksum::EpochChecksum;
 use crate::codec::{EncodeError, FrameCodec};
-use crate::message::{EpochBegin, EpochEnd, Message, PageRef, PagesRef, StateRef};
+use crate::message::{DiskWrites, EpochBegin, EpochEnd, Message, PageRef, PagesRef, StateRef};
 use bytes::BytesMut;
 
 /// The primary broke the order of an epoch, or a frame failed to encode. Frames already
@@ -55,6 +55,8 @@ pub enum EpochEncodeError {
         declared: u64,
     },
     /// End before the state.
+    #[error("epoch {epoch}: disk writes after the state, or for another epoch")]
+    DiskOutOfOrder { epoch: u64 },
     #[error("epoch {epoch}: end before the state")]
     MissingState {
         /// The epoch.
@@ -137,6 +139,24 @@ impl EpochEncoder {
     }
 
     /// Append the `State` frame (after every announced page).
+    /// Writes of one disk in this epoch (after the pages, before the state; a disk may have
+    /// several messages, applied in order).
+    pub fn disk_writes(
+        &mut self,
+        w: &DiskWrites,
+        dst: &mut BytesMut,
+    ) -> Result<(), EpochEncodeError> {
+        let epoch = self.begin.epoch;
+        if self.state_sent || w.epoch != epoch {
+            return Err(EpochEncodeError::DiskOutOfOrder { epoch });
+        }
+        self.codec
+            .encode_message(&Message::DiskWrites(w.clone()), dst)
+            .map_err(|source| EpochEncodeError::Encode { epoch, source })?;
+        self.checksum.disk(w);
+        Ok(())
+    }
+
     pub fn state(&mut self, blob: &[u8], dst: &mut BytesMut) -> Result<(), EpochEncodeError> {
         let epoch = self.begin.epoch;
         if self.state_sent || self.sent_pages != self.begin.page_count {

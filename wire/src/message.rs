@@ -12,7 +12,7 @@ use std::fmt;
 
 /// Version of the protocol spoken by this build. A peer speaking another version is refused
 /// during the handshake: checkpoints are only meaningful between identical formats.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Version string of this build, sent in [`Hello`] so that a refusal can name both sides.
 pub const SOFTWARE_VERSION: &str = concat!("twin ", env!("CARGO_PKG_VERSION"));
@@ -197,6 +197,62 @@ pub struct VmDescription {
     /// Opaque VMM configuration (at most [`MAX_CONFIG_LEN`] bytes).
     #[serde(with = "byte_buf")]
     pub config: Vec<u8>,
+    /// The VM's disks, in order: each one's size in bytes (a multiple of [`DISK_SECTOR`]),
+    /// at most [`MAX_DISKS`].
+    pub disks: Vec<u64>,
+}
+
+/// Most disks a VM may have on the wire.
+pub const MAX_DISKS: usize = 16;
+/// Disk sizes, offsets and lengths are multiples of this.
+pub const DISK_SECTOR: u64 = 512;
+/// Most data bytes one [`DiskWrites`] or [`SyncDisk`] carries (the sender splits).
+pub const MAX_DISK_DATA: usize = 16 << 20;
+
+/// One write of the guest to a disk: `data` at `offset`, or `[offset, offset + zero_len)`
+/// made zero (a discard, a write of zeroes) with no data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskExtent {
+    /// Byte offset on the disk (a multiple of [`DISK_SECTOR`]).
+    pub offset: u64,
+    /// Bytes made zero; 0 for a data write.
+    pub zero_len: u64,
+    /// The bytes written (a multiple of [`DISK_SECTOR`]); empty for a zeroing. Decoded
+    /// data is a slice of the received frame.
+    pub data: Bytes,
+}
+
+impl DiskExtent {
+    /// Bytes of the disk it covers.
+    pub fn len(&self) -> u64 {
+        if self.data.is_empty() {
+            self.zero_len
+        } else {
+            self.data.len() as u64
+        }
+    }
+
+    /// Covers nothing (never valid on the wire).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The writes of epoch `epoch` to disk `disk`, in the order they reached the primary's
+/// image (part of the epoch: after its pages, before its state).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskWrites {
+    pub epoch: u64,
+    pub disk: u32,
+    pub writes: Vec<DiskExtent>,
+}
+
+/// Initial sync: `data` at `offset` of disk `disk` (what is not sent is zero).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SyncDisk {
+    pub disk: u32,
+    pub offset: u64,
+    pub data: Bytes,
 }
 
 impl VmDescription {
@@ -330,6 +386,8 @@ pub struct SyncDone {
     /// Number of page entries sent during the sync (full pages plus zero-page indices), so
     /// the backup can detect a lost batch.
     pub pages_sent: u64,
+    /// Bytes of disk data sent in `SyncDisk` messages, likewise.
+    pub disk_bytes_sent: u64,
 }
 
 /// Start of the checkpoint of one epoch.
@@ -561,6 +619,10 @@ pub enum Message {
     Heartbeat(Heartbeat),
     /// See [`Goodbye`].
     Goodbye(Goodbye),
+    /// See [`DiskWrites`].
+    DiskWrites(DiskWrites),
+    /// See [`SyncDisk`].
+    SyncDisk(SyncDisk),
 }
 
 /// Type byte of a frame. The values are part of the wire format and never reused.
@@ -595,11 +657,15 @@ pub enum FrameType {
     Heartbeat = 13,
     /// [`Goodbye`]
     Goodbye = 14,
+    /// [`DiskWrites`]
+    DiskWrites = 15,
+    /// [`SyncDisk`]
+    SyncDisk = 16,
 }
 
 impl FrameType {
     /// Every frame type, in wire order.
-    pub const ALL: [FrameType; 14] = [
+    pub const ALL: [FrameType; 16] = [
         Self::Hello,
         Self::HelloAck,
         Self::Refuse,
@@ -614,6 +680,8 @@ impl FrameType {
         Self::Ack,
         Self::Heartbeat,
         Self::Goodbye,
+        Self::DiskWrites,
+        Self::SyncDisk,
     ];
 
     /// The frame type with wire value `value`, if any.
@@ -640,6 +708,8 @@ impl Message {
             Self::Ack(_) => FrameType::Ack,
             Self::Heartbeat(_) => FrameType::Heartbeat,
             Self::Goodbye(_) => FrameType::Goodbye,
+            Self::DiskWrites(_) => FrameType::DiskWrites,
+            Self::SyncDisk(_) => FrameType::SyncDisk,
         }
     }
 
@@ -654,6 +724,13 @@ impl Message {
             Self::Goodbye(g) => check_text("detail", &g.detail),
             Self::VmDescription(d) => {
                 check_len("config", d.config.len(), MAX_CONFIG_LEN)?;
+                check_len("disks", d.disks.len(), MAX_DISKS)?;
+                if let Some(&size) = d.disks.iter().find(|&&s| s == 0 || s % DISK_SECTOR != 0) {
+                    return Err(ValidationError::Disk {
+                        what: "size",
+                        value: size,
+                    });
+                }
                 d.geometry().map(|_| ()).map_err(ValidationError::Geometry)
             }
             Self::SyncPages(s) => check_pages(s.page_size, s.pages.iter().map(Page::as_ref)),
@@ -664,6 +741,26 @@ impl Message {
                 usize::try_from(b.state_len).unwrap_or(usize::MAX),
                 MAX_STATE_LEN,
             ),
+            Self::DiskWrites(w) => {
+                check_len("disk", w.disk as usize, MAX_DISKS - 1)?;
+                let mut data = 0usize;
+                for e in &w.writes {
+                    check_extent(e.offset, e.len())?;
+                    if !e.data.is_empty() && e.zero_len != 0 {
+                        return Err(ValidationError::Disk {
+                            what: "extent with both data and a zero length at",
+                            value: e.offset,
+                        });
+                    }
+                    data += e.data.len();
+                }
+                check_len("disk write data", data, MAX_DISK_DATA)
+            }
+            Self::SyncDisk(d) => {
+                check_len("disk", d.disk as usize, MAX_DISKS - 1)?;
+                check_extent(d.offset, d.data.len() as u64)?;
+                check_len("disk sync data", d.data.len(), MAX_DISK_DATA)
+            }
             Self::SyncZeroPages(_)
             | Self::SyncDone(_)
             | Self::EpochEnd(_)
@@ -705,6 +802,30 @@ pub enum ValidationError {
     /// The VM description's geometry is invalid.
     #[error("invalid VM geometry")]
     Geometry(#[source] GeometryError),
+    /// A disk size, offset or length that is zero or not a multiple of 512.
+    #[error("disk {what} {value} is zero or not a multiple of 512")]
+    Disk {
+        /// Which field.
+        what: &'static str,
+        /// Its value.
+        value: u64,
+    },
+}
+
+fn check_extent(offset: u64, len: u64) -> Result<(), ValidationError> {
+    if offset % DISK_SECTOR != 0 {
+        return Err(ValidationError::Disk {
+            what: "offset",
+            value: offset,
+        });
+    }
+    if len == 0 || len % DISK_SECTOR != 0 {
+        return Err(ValidationError::Disk {
+            what: "length",
+            value: len,
+        });
+    }
+    Ok(())
 }
 
 pub(crate) fn check_page_size(page_size: u32) -> Result<(), ValidationError> {
@@ -754,7 +875,7 @@ mod tests {
             assert_eq!(FrameType::from_u8(t as u8), Some(t));
         }
         assert_eq!(FrameType::from_u8(0), None);
-        assert_eq!(FrameType::from_u8(15), None);
+        assert_eq!(FrameType::from_u8(17), None);
         assert_eq!(FrameType::from_u8(255), None);
     }
 

@@ -214,7 +214,11 @@ mod tests {
             pages: vec![page(3)],
         })
         .unwrap();
-        t.done(&SyncDone { pages_sent: 101 }).unwrap();
+        t.done(&SyncDone {
+            pages_sent: 101,
+            disk_bytes_sent: 0,
+        })
+        .unwrap();
         assert!(t.is_done());
         assert_eq!(
             t.zero_pages(&SyncZeroPages { indices: vec![] }),
@@ -230,7 +234,10 @@ mod tests {
         })
         .unwrap();
         assert_eq!(
-            t.done(&SyncDone { pages_sent: 98 }),
+            t.done(&SyncDone {
+                pages_sent: 98,
+                disk_bytes_sent: 0,
+            }),
             Err(SyncError::Incomplete {
                 missing: 2,
                 first: 7
@@ -246,7 +253,10 @@ mod tests {
         })
         .unwrap();
         assert_eq!(
-            t.done(&SyncDone { pages_sent: 150 }),
+            t.done(&SyncDone {
+                pages_sent: 150,
+                disk_bytes_sent: 0,
+            }),
             Err(SyncError::CountMismatch {
                 sent: 150,
                 received: 100
@@ -291,7 +301,10 @@ mod tests {
             Err(SyncError::PageOutOfRange { .. })
         ));
         assert!(matches!(
-            t.done(&SyncDone { pages_sent: 0 }),
+            t.done(&SyncDone {
+                pages_sent: 0,
+                disk_bytes_sent: 0,
+            }),
             Err(SyncError::Incomplete {
                 missing: 100,
                 first: 0

@@ -86,6 +86,7 @@ async fn primary_and_backup_complete_a_session() {
         vcpus: 1,
         mac: [2, 0, 0, 0, 0, 1],
         config: vec![],
+        disks: Vec::new(),
     }))
     .await
     .unwrap();
@@ -114,6 +115,7 @@ async fn primary_and_backup_complete_a_session() {
     .unwrap();
     io.send(Message::SyncDone(SyncDone {
         pages_sent: PAGES as u64,
+        disk_bytes_sent: 0,
     }))
     .await
     .unwrap();

@@ -7,6 +7,7 @@
 //! (`net/`: the model, its worker, its persist; a block device would be `blk/`), and is
 //! put on the buses as `VirtioPciDevice<Model>`.
 
+pub mod blk;
 pub mod net;
 pub mod pci;
 

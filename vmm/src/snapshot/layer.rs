@@ -30,6 +30,7 @@ use serde::{Deserialize, Serialize};
 use vm_memory::VolatileMemoryError;
 use vm_memory::{ReadVolatile, WriteVolatile};
 
+use super::disks::{self, DiskSource, LayerDisk};
 use crate::container::{self, ContainerError, Kind};
 use crate::memory::{Memory, PAGE_SIZE};
 use crate::{bitmap_runs, MachineState, TrackingSpan};
@@ -38,8 +39,8 @@ use crate::{bitmap_runs, MachineState, TrackingSpan};
 pub const MAX_CHAIN: usize = 256;
 
 /// Version of the snapshot layout (`meta`'s first field). 2: layer ids and tracking
-/// generations. Format 1 (no ids, nothing to check a chain with) is refused.
-pub const SNAPSHOT_FORMAT: u32 = 2;
+/// generations. 3: the disks (`disk-<i>`, see `disks.rs`). Older formats are refused.
+pub const SNAPSHOT_FORMAT: u32 = 3;
 
 /// A layer's identity: 128 random bits, written once, never reused.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -138,6 +139,9 @@ pub struct SnapshotMeta {
     pub created_unix_ms: u64,
     pub state_crc: u64,
     pub bitmap_crc: u64,
+    /// The disks, in order: a copy of each in a full layer, the blocks written since the
+    /// parent in an increment.
+    pub disks: Vec<LayerDisk>,
 }
 
 /// How a snapshot's pages were chosen.
@@ -280,7 +284,28 @@ pub fn write(
     ram: &Memory,
     layer: Layer<'_>,
 ) -> Result<WriteReport, LayerError> {
+    write_with_disks(dir, state, ram, layer, &[])
+}
+
+/// [`write()`], with the VM's disks: copied whole into a full layer, their blocks written
+/// since the parent into an increment (see `disks.rs`). The images must not change during
+/// the call either (the VM is frozen: a request still in flight is executed again by the
+/// restored VM).
+pub fn write_with_disks(
+    dir: &Path,
+    state: &MachineState,
+    ram: &Memory,
+    layer: Layer<'_>,
+    disks: &[DiskSource<'_>],
+) -> Result<WriteReport, LayerError> {
     check_target(dir)?;
+    let full = matches!(layer, Layer::Full { .. });
+    if disks.iter().any(|d| d.dirty.is_none() != full) {
+        return Err(LayerError::Inconsistent {
+            path: dir.to_path_buf(),
+            what: "a full layer copies every disk whole, an increment only written blocks".into(),
+        });
+    }
     let page_count = ram.page_count();
     let words = page_count.div_ceil(64);
     let (parent, mut present, tracking) = match layer {
@@ -325,6 +350,19 @@ pub fn write(
                     ram.size()
                 )));
             }
+            if meta.disks.len() != disks.len()
+                || meta
+                    .disks
+                    .iter()
+                    .zip(disks)
+                    .any(|(m, d)| m.capacity != d.image.capacity())
+            {
+                return Err(broken(format!(
+                    "the parent has {} disks of other sizes than the VM's {}",
+                    meta.disks.len(),
+                    disks.len()
+                )));
+            }
             if meta.tracking_to != tracking.from {
                 return Err(broken(format!(
                     "the pages harvested for this layer were written from dirty-tracking \
@@ -348,16 +386,18 @@ pub fn write(
     ));
     let _ = fs::remove_dir_all(&tmp);
     let parent = parent.map(|(p, _)| p);
-    let result = write_files(&tmp, state, ram, parent, ids, tracking, &present).and_then(|r| {
-        rename_no_replace(&tmp, dir)?;
-        Ok(r)
-    });
+    let result =
+        write_files(&tmp, state, ram, parent, ids, tracking, &present, disks).and_then(|r| {
+            rename_no_replace(&tmp, dir)?;
+            Ok(r)
+        });
     if result.is_err() {
         let _ = fs::remove_dir_all(&tmp);
     }
     result
 }
 
+#[allow(clippy::too_many_arguments)]
 fn write_files(
     dir: &Path,
     state: &MachineState,
@@ -366,6 +406,7 @@ fn write_files(
     (layer_id, parent_id): (LayerId, Option<LayerId>),
     tracking: TrackingSpan,
     present: &[u64],
+    disk_sources: &[DiskSource<'_>],
 ) -> Result<WriteReport, LayerError> {
     fs::create_dir_all(dir).map_err(io("creating snapshot directory", dir))?;
     let state_bytes = state.encode().map_err(LayerError::Encode)?;
@@ -388,6 +429,7 @@ fn write_files(
         write_pages(&mem, ram, first, count).map_err(io("writing guest memory to", &mem_path))?;
     }
     mem.sync_all().map_err(io("syncing", &mem_path))?;
+    let disks = disks::write(dir, disk_sources)?;
 
     let meta = SnapshotMeta {
         format: SNAPSHOT_FORMAT,
@@ -405,6 +447,7 @@ fn write_files(
             .unwrap_or(0),
         state_crc: container::crc64(&state_bytes),
         bitmap_crc: container::crc64(&bitmap),
+        disks,
     };
     let meta_bytes = container::encode(Kind::SnapshotMeta, &meta).map_err(LayerError::Encode)?;
     write_file(&dir.join("meta"), &meta_bytes)?;
@@ -641,11 +684,13 @@ mod tests {
                 vcpus: 1,
                 mac: None,
                 ip: None,
+                disks: vec![],
             },
             devices: DeviceStates {
                 serial: SerialDeviceState::default(),
                 pci: crate::Persist::save(&crate::devices::pci::PciRoot::new()).unwrap(),
                 net: None,
+                disks: vec![],
             },
             vm: VmState {
                 pic_master: Default::default(),
@@ -945,14 +990,14 @@ mod tests {
         assert!(matches!(e, LayerError::Format { found: 1, .. }), "{e:?}");
         let msg = e.to_string();
         assert!(
-            msg.contains("format 1 is older") && msg.contains("format 2"),
+            msg.contains("format 1 is older") && msg.contains("format 3"),
             "{msg}"
         );
-        rewrite_meta_raw(&d, 3);
+        rewrite_meta_raw(&d, 4);
         assert!(read_meta(&d)
             .unwrap_err()
             .to_string()
-            .contains("format 3 is newer"));
+            .contains("format 4 is newer"));
     }
 
     /// A current meta with only its format number changed.
@@ -971,6 +1016,7 @@ mod tests {
             created_unix_ms: 0,
             state_crc: 0,
             bitmap_crc: 0,
+            disks: vec![],
         };
         fs::write(
             dir.join("meta"),

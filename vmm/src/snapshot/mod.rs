@@ -8,15 +8,40 @@
 //! tracking (the next increment on the previous layer holds them and still chains), and
 //! tracking started for a failed first snapshot is stopped again.
 
+mod disks;
 mod layer;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+pub use disks::{DiskSource, LayerDisk};
 pub use layer::{
-    chain, check_target, load_memory, read_meta, read_state, write, Layer, LayerError, LayerId,
-    SnapshotMeta, WriteReport, MAX_CHAIN, SNAPSHOT_FORMAT,
+    chain, check_target, load_memory, read_meta, read_state, write, write_with_disks, Layer,
+    LayerError, LayerId, SnapshotMeta, WriteReport, MAX_CHAIN, SNAPSHOT_FORMAT,
 };
+
+/// Builds the disk images a VM restored from the chain ending at `dir` runs on, at
+/// `targets` (new files, one per disk of the snapshot, in order), and opens them as the
+/// snapshot's machine state says (read-only or not).
+pub fn restore_disks(
+    dir: &Path,
+    targets: &[PathBuf],
+) -> Result<Vec<std::sync::Arc<crate::devices::virtio::blk::disk::DiskImage>>, LayerError> {
+    let state = read_state(dir)?;
+    let ro: Vec<bool> = state.config.disks.iter().map(|d| d.read_only).collect();
+    let layers = chain(dir)?;
+    if ro.len() != targets.len() {
+        return Err(LayerError::Inconsistent {
+            path: dir.to_path_buf(),
+            what: format!(
+                "the snapshot's VM has {} disks, {} images were named for them (--disk)",
+                ro.len(),
+                targets.len()
+            ),
+        });
+    }
+    disks::restore(&layers, targets, &ro)
+}
 
 use crate::checkpoint::Frozen;
 use crate::{describe_error, TrackingSpan, Vmm, VmmError};
@@ -190,6 +215,42 @@ fn write_layer(
     } else {
         (fz.capture().map_err(SnapshotError::Capture)?, None)
     };
+    // The disks' blocks written since the previous layer: an increment stores them; a
+    // full layer copies the disks whole, and takes them only so that the next increment
+    // counts from here (a failure gives them back). The first snapshot starts tracking.
+    let logs = fz.disk_logs();
+    let images = fz.disk_images();
+    let mut started_disk_tracking = Vec::new();
+    let disk_dirty: Vec<Option<Vec<u64>>> = logs
+        .iter()
+        .map(|l| {
+            let taken = l.take_dirty();
+            if taken.is_none() {
+                l.start_tracking();
+                started_disk_tracking.push(l.clone());
+            }
+            taken
+        })
+        .collect();
+    if parent.is_some() && !started_disk_tracking.is_empty() {
+        for l in &started_disk_tracking {
+            l.stop_tracking();
+        }
+        for (l, d) in logs.iter().zip(&disk_dirty) {
+            if let Some(d) = d {
+                l.merge_dirty(d);
+            }
+        }
+        return Err(SnapshotError::TrackingOff);
+    }
+    let sources: Vec<DiskSource<'_>> = images
+        .iter()
+        .zip(&disk_dirty)
+        .map(|(image, dirty)| DiskSource {
+            image,
+            dirty: dirty.as_deref().filter(|_| parent.is_some()),
+        })
+        .collect();
     let mut started_tracking = false;
     let written = (|| {
         let layer = match (parent, &harvest) {
@@ -208,12 +269,23 @@ fn write_layer(
                 Layer::Full { tracking: from }
             }
         };
-        write(dir, &state, fz.memory(), layer).map_err(|source| SnapshotError::Write {
-            dir: dir.to_path_buf(),
-            source,
+        write_with_disks(dir, &state, fz.memory(), layer, &sources).map_err(|source| {
+            SnapshotError::Write {
+                dir: dir.to_path_buf(),
+                source,
+            }
         })
     })();
     if let Err(e) = &written {
+        // The disks' blocks go back too, and tracking started for this snapshot stops.
+        for (l, d) in logs.iter().zip(&disk_dirty) {
+            if let Some(d) = d {
+                l.merge_dirty(d);
+            }
+        }
+        for l in &started_disk_tracking {
+            l.stop_tracking();
+        }
         // The harvested pages are still owed to the layer the next increment is taken on
         // (the previous snapshot): give them back. And tracking started for this snapshot
         // only is stopped again.
@@ -253,10 +325,12 @@ mod tests {
             vcpus: 1,
             mac: None,
             ip: None,
+            disks: vec![],
         };
         let host = HostResources {
             tap: None,
             console: Box::new(std::io::sink()),
+            disks: vec![],
         };
         let mut vmm = Vmm::build(config, Memory::new(MEM).unwrap(), host, None)
             .expect("a KVM VM (needs /dev/kvm)");

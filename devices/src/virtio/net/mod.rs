@@ -19,7 +19,7 @@
 mod persist;
 mod rx;
 #[cfg(test)]
-mod test_util;
+pub(crate) mod test_util;
 
 use std::io::{self, Read};
 use std::sync::Arc;

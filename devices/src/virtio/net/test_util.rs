@@ -52,8 +52,8 @@ impl FrameSource for Frames {
 }
 
 /// A guest-side view of one split queue at `base` (desc, avail +0x1000, used +0x2000).
-pub(super) struct GuestQueue {
-    pub(super) mem: GuestMem,
+pub(crate) struct GuestQueue {
+    pub(crate) mem: GuestMem,
     base: u64,
     size: u16,
     next_desc: u16,
@@ -61,7 +61,7 @@ pub(super) struct GuestQueue {
 }
 
 impl GuestQueue {
-    pub(super) fn new(mem: &GuestMem, base: u64, size: u16) -> Self {
+    pub(crate) fn new(mem: &GuestMem, base: u64, size: u16) -> Self {
         Self {
             mem: mem.clone(),
             base,
@@ -70,7 +70,7 @@ impl GuestQueue {
             avail_idx: 0,
         }
     }
-    pub(super) fn program(&self, dev: &mut impl BusDevice, q: u16, vector: u16) {
+    pub(crate) fn program(&self, dev: &mut impl BusDevice, q: u16, vector: u16) {
         w(dev, 0x16, 2, u64::from(q));
         w(dev, 0x18, 2, u64::from(self.size));
         w(dev, 0x1a, 2, u64::from(vector));
@@ -80,7 +80,7 @@ impl GuestQueue {
         w(dev, 0x1c, 2, 1);
     }
     /// Adds a chain of (addr, len, writable) buffers and makes it available.
-    pub(super) fn add(&mut self, bufs: &[(u64, u32, bool)]) -> u16 {
+    pub(crate) fn add(&mut self, bufs: &[(u64, u32, bool)]) -> u16 {
         let head = self.next_desc;
         for (i, (addr, len, wr)) in bufs.iter().enumerate() {
             let idx = self.next_desc;
@@ -103,10 +103,10 @@ impl GuestQueue {
             .unwrap();
         head
     }
-    pub(super) fn used_idx(&self) -> u16 {
+    pub(crate) fn used_idx(&self) -> u16 {
         self.mem.read_obj(GuestAddress(self.base + 0x2002)).unwrap()
     }
-    pub(super) fn used(&self, i: u16) -> (u32, u32) {
+    pub(crate) fn used(&self, i: u16) -> (u32, u32) {
         let e = self.base + 0x2004 + u64::from(i % self.size) * 8;
         (
             self.mem.read_obj(GuestAddress(e)).unwrap(),
@@ -166,7 +166,7 @@ pub(super) fn frame(src_last: u8, len: usize) -> Vec<u8> {
     f
 }
 
-pub(super) fn dirty(mem: &GuestMem, addr: u64) -> bool {
+pub(crate) fn dirty(mem: &GuestMem, addr: u64) -> bool {
     mem.find_region(GuestAddress(addr))
         .unwrap()
         .bitmap()

@@ -232,6 +232,14 @@ fn demo(args: &DemoArgs) -> Result<bool> {
     };
     let backup_arbiter = arbiter_args(HostRole::Backup);
     let primary_arbiter = arbiter_args(HostRole::Primary);
+    // The guest's durable store lives on a disk: every INCR is appended to a log on it and
+    // flushed before the reply; the backup keeps a replica of the disk, written as each
+    // epoch commits.
+    let disk = dir.join("primary-disk.img");
+    std::fs::File::create(&disk)
+        .and_then(|f| f.set_len(64 << 20))
+        .context("creating the primary's disk image")?;
+    let replica_dir = dir.join("replica");
     let mut backup = spawn_twin(
         &topo.backup.ns,
         &dir,
@@ -251,6 +259,8 @@ fn demo(args: &DemoArgs) -> Result<bool> {
             &dir.join("backup-console.txt").to_string_lossy(),
             "--control",
             &backup_sock.to_string_lossy(),
+            "--replica-dir",
+            &replica_dir.to_string_lossy(),
         ]
         .into_iter()
         .chain(backup_arbiter.iter().map(String::as_str))
@@ -296,13 +306,15 @@ fn demo(args: &DemoArgs) -> Result<bool> {
             &dir.join("primary-console.txt").to_string_lossy(),
             "--control",
             &primary_sock.to_string_lossy(),
+            "--disk",
+            &disk.to_string_lossy(),
         ]
         .into_iter()
         .chain(primary_arbiter.iter().map(String::as_str))
         .collect::<Vec<_>>(),
     )?;
     log.step(format_args!(
-        "primary (pid {}) booting the built-in guest ({} MiB, {}), checkpoint every {} ms",
+        "primary (pid {}) booting the built-in guest ({} MiB, {}, its store on a 64 MiB disk), checkpoint every {} ms",
         primary.pid(),
         args.mem.0 >> 20,
         if args.guest_args.is_empty() {
@@ -452,6 +464,18 @@ fn demo(args: &DemoArgs) -> Result<bool> {
     };
     let backup_status = status(&backup_sock).ok();
 
+    // The disk side: stop the VM now running on the backup host, and cold-boot a new VM
+    // from the backup's disk replica alone (no memory): its log must hold every
+    // acknowledged INCR.
+    let _ = backup.terminate();
+    let _ = backup.wait_exit(Duration::from_secs(10));
+    let replica = replica_dir.join("disk-0.img");
+    log.step(format_args!(
+        "stopped the VM on the backup host; cold boot of `twin run --disk {}` (the disk replica)",
+        replica.display()
+    ));
+    let cold_get = cold_boot_get(&exe, &topo, &dir, &replica);
+
     let ok = report(&Report {
         args,
         before_status: &before_status,
@@ -463,6 +487,7 @@ fn demo(args: &DemoArgs) -> Result<bool> {
         switch_moved,
         verify,
         final_get,
+        cold_get,
     });
 
     // Orderly end: stop the VM now running on the backup host, then remove the network.
@@ -837,6 +862,38 @@ struct Report<'a> {
     switch_moved: Option<Duration>,
     verify: Result<String>,
     final_get: Result<String>,
+    /// `GET` of the key from a VM cold-booted on the backup's disk replica.
+    cold_get: Result<String>,
+}
+
+/// Boots `twin run` on `disk` in the backup host and asks it for the key.
+fn cold_boot_get(exe: &Path, topo: &Ha, dir: &TestDir, disk: &Path) -> Result<String> {
+    let mut vm = spawn_twin(
+        &topo.backup.ns,
+        dir,
+        "cold-boot",
+        exe,
+        &[
+            "run",
+            "--tap",
+            TAP,
+            "--ip",
+            GUEST_CIDR,
+            "--mem",
+            "256M",
+            "--disk",
+            &disk.to_string_lossy(),
+            "--console",
+            &dir.join("cold-boot-console.txt").to_string_lossy(),
+            "--control",
+            &dir.join("cold-boot.sock").to_string_lossy(),
+        ],
+    )?;
+    let got = connect_client(topo.client_ns(), guest_service(), &mut vm)
+        .and_then(|mut c| c.request(&format!("GET {KEY}")));
+    let _ = vm.terminate();
+    let _ = vm.wait_exit(Duration::from_secs(10));
+    got
 }
 
 /// Gaps and repeats in the sequence of acknowledged values.
@@ -1051,6 +1108,29 @@ fn report(r: &Report) -> bool {
             false
         }
     };
+    let cold_ok = match &r.cold_get {
+        Ok(g) if g.parse::<u64>().ok() == Some(last_acked) => {
+            row(
+                "cold boot of the backup's disk replica: GET",
+                format!("{g} = {last_acked} (the disk holds every acknowledged INCR)"),
+            );
+            true
+        }
+        Ok(g) => {
+            row(
+                "cold boot of the backup's disk replica: GET",
+                format!("NO: GET {g}, last acknowledged {last_acked}"),
+            );
+            false
+        }
+        Err(e) => {
+            row(
+                "cold boot of the backup's disk replica",
+                format!("failed: {e:#}"),
+            );
+            false
+        }
+    };
     let verify_ok = match &r.verify {
         Ok(v) => {
             row("guest VERIFY (memory workload intact)", v);
@@ -1080,6 +1160,9 @@ fn report(r: &Report) -> bool {
     }
     if !verify_ok {
         problems.push("guest VERIFY failed".to_string());
+    }
+    if !cold_ok {
+        problems.push("the backup's disk replica lacks acknowledged INCRs".to_string());
     }
     println!();
     if problems.is_empty() {

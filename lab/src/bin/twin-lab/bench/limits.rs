@@ -113,6 +113,10 @@ pub(super) struct Limits {
     pub(super) link_plain_gbps: Vec<f64>,
     /// The same, encrypted (AES-256-GCM records): the throughput cost of `--encrypt`.
     pub(super) link_encrypted_gbps: Vec<f64>,
+    /// µs per 4 KiB `pwrite` + `fdatasync` on the file system the disk images are on.
+    pub(super) disk_4k_fsync_us: Vec<f64>,
+    /// MB/s of 64 KiB sequential `O_DIRECT` writes of 64 MiB there (then `fdatasync`).
+    pub(super) disk_seq_direct_mbps: Vec<f64>,
 }
 
 impl Limits {
@@ -239,9 +243,64 @@ fn link_gbps(to: &Netns, ip: Ipv4Addr, from: &Netns, bytes: usize, encrypt: bool
     })
 }
 
+/// The disk's own limits, on the file system of the bench's disk images (the test
+/// directories' `/tmp`): 4 KiB write + `fdatasync` latency, and sequential `O_DIRECT`
+/// bandwidth — what the guest's disk could do at best.
+fn measure_disk(limits: &mut Limits) -> Result<()> {
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    let dir = twin_lab::TestDir::new("bench-disk").context("a directory for the disk limit")?;
+    let path = dir.join("limit.img");
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)
+        .context("creating the disk-limit file")?;
+    let block = vec![0x5au8; 4096];
+    let mut lat = Vec::new();
+    let until = Instant::now() + Duration::from_secs(1);
+    let mut at = 0u64;
+    while Instant::now() < until {
+        let t = Instant::now();
+        f.write_all_at(&block, at).context("4 KiB write")?;
+        f.sync_data().context("fdatasync")?;
+        lat.push(t.elapsed().as_secs_f64() * 1e6);
+        at = (at + 4096) % (32 << 20);
+    }
+    if let Some(m) = median(&lat) {
+        limits.disk_4k_fsync_us.push(m);
+    }
+    drop(f);
+    // O_DIRECT needs an aligned buffer: a 64 KiB chunk at a 4 KiB boundary of a larger Vec.
+    let mut raw = vec![0x3cu8; (64 << 10) + 4096];
+    let off = raw.as_ptr().align_offset(4096);
+    let buf = &mut raw[off..off + (64 << 10)];
+    buf.fill(0x3c);
+    let direct = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&path);
+    if let Ok(d) = direct {
+        let t = Instant::now();
+        let total: u64 = 64 << 20;
+        let mut at = 0;
+        while at < total {
+            d.write_all_at(buf, at).context("O_DIRECT write")?;
+            at += buf.len() as u64;
+        }
+        d.sync_data().context("fdatasync")?;
+        limits
+            .disk_seq_direct_mbps
+            .push(total as f64 / t.elapsed().as_secs_f64() / 1e6);
+    }
+    Ok(())
+}
+
 pub(super) fn measure_limits(plan: &Plan, limits: &mut Limits) -> Result<()> {
     check_interrupt()?;
     measure_memcpy(plan.limit_reps, limits);
+    measure_disk(limits)?;
     let ha = Topology::ha().context("building the ha topology for the TCP limits")?;
     for _ in 0..plan.limit_reps {
         check_interrupt()?;

@@ -19,7 +19,7 @@ use twin_lab::{
     BACKUP_REPL_ADDR, GUEST_CIDR, TAP,
 };
 
-use super::plan::{Mode, Plan, Workload, PAGE, REPL_PORT};
+use super::plan::{Mode, Plan, Workload, DISK_SIZE, PAGE, REPL_PORT};
 use super::redis::{run_matrix, RedisResult};
 use super::report::first_line;
 use super::stats::{dist, xorshift, Dist};
@@ -41,6 +41,11 @@ pub(super) struct Run {
     pub(super) latency_us: Option<Dist>,
     pub(super) guest_dirty_mib_s: Option<f64>,
     pub(super) guest_pages_skipped: Option<u64>,
+    /// Disk workload: MiB/s the guest wrote (4 KiB blocks, each flushed), its blocks
+    /// skipped (it could not keep up), and µs per block write + flush as the guest saw it.
+    pub(super) guest_disk_mib_s: Option<f64>,
+    pub(super) guest_disk_skipped: Option<u64>,
+    pub(super) disk_write_flush_us: Option<f64>,
     pub(super) checkpoints: u64,
     pub(super) checkpoint_rate_hz: Option<f64>,
     /// Per epoch in the window: pause (µs), dirty pages, bytes sent.
@@ -72,6 +77,9 @@ impl Run {
             latency_us: None,
             guest_dirty_mib_s: None,
             guest_pages_skipped: None,
+            guest_disk_mib_s: None,
+            guest_disk_skipped: None,
+            disk_write_flush_us: None,
             checkpoints: 0,
             checkpoint_rate_hz: None,
             pause_us: Vec::new(),
@@ -150,6 +158,13 @@ fn vm_args(cmd: &str, plan: &Plan, w: Workload, dir: &TestDir, name: &str) -> Ve
         a.push("--guest-args".into());
         a.push(g);
     }
+    if matches!(w, Workload::Disk(_)) {
+        let img = dir.join(format!("{name}-disk.img"));
+        // A fresh sparse image per VM (a failure shows as the VM refusing to start).
+        let _ = std::fs::File::create(&img).and_then(|f| f.set_len(DISK_SIZE));
+        a.push("--disk".into());
+        a.push(img.display().to_string());
+    }
     a
 }
 
@@ -209,6 +224,12 @@ pub(super) fn start_protected(
     }
     if let Some(e) = arbiter {
         backup_args.extend(["--arbiter".into(), e.url(twin_lab::HostRole::Backup)]);
+    }
+    if matches!(w, Workload::Disk(_)) {
+        backup_args.extend([
+            "--replica-dir".into(),
+            dir.join("replica").display().to_string(),
+        ]);
     }
     let backup = slots.backup.insert(spawn_twin(
         &ha.backup.ns,
@@ -565,6 +586,16 @@ pub(super) fn measure(
             Some((written * PAGE as u64) as f64 / (1 << 20) as f64 / (guest_ns as f64 / 1e9));
         run.guest_pages_skipped =
             Some(stat(&s1, "pages_skipped")?.saturating_sub(stat(&s0, "pages_skipped")?));
+    }
+    if matches!(w, Workload::Disk(_)) && guest_ns > 0 {
+        let d = |k: &str| -> Result<u64> { Ok(stat(&s1, k)?.saturating_sub(stat(&s0, k)?)) };
+        let blocks = d("dload_written")?;
+        run.guest_disk_mib_s =
+            Some((blocks * PAGE as u64) as f64 / (1 << 20) as f64 / (guest_ns as f64 / 1e9));
+        run.guest_disk_skipped = Some(d("dload_skipped")?);
+        if blocks > 0 {
+            run.disk_write_flush_us = Some(d("dload_busy_ns")? as f64 / blocks as f64 / 1e3);
+        }
     }
     if m != Mode::Unprotected {
         for e in epoch_samples(&window_events) {

@@ -88,11 +88,12 @@ pub struct BenchArgs {
     #[arg(long, value_delimiter = ',', num_args = 0.., default_value = "40")]
     encrypt_rates: Vec<u32>,
     /// Workloads to measure: idle, 16M, 64M, 256M (guest dirty rates per second), tcp,
-    /// redis (redis-benchmark, unprotected and protected at 40 Hz only).
+    /// redis (redis-benchmark, unprotected and protected at 40 Hz only), disk8M (the
+    /// guest's disk workload at 8 MiB/s).
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "idle,16M,64M,256M,tcp,redis"
+        default_value = "idle,16M,64M,256M,tcp,redis,disk8M"
     )]
     workloads: Vec<String>,
     /// Guest RAM.

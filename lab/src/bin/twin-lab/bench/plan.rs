@@ -34,7 +34,16 @@ pub(super) enum Workload {
     Tcp,
     /// `redis-benchmark` against the guest's RESP2 port (see `redis.rs`).
     Redis,
+    /// The guest's disk workload, MiB written per second (4 KiB blocks, a FLUSH after
+    /// each), on a sparse image of [`DISK_SIZE`] (`--disk`; the backup keeps its replica
+    /// under `--replica-dir`).
+    Disk(u32),
 }
+
+/// Size of the disk image of the disk workload.
+pub(super) const DISK_SIZE: u64 = 64 << 20;
+/// Its working set, at the end of the disk.
+pub(super) const DWSS: &str = "32M";
 
 impl Workload {
     pub(super) fn parse(s: &str) -> Result<Self> {
@@ -43,6 +52,18 @@ impl Workload {
             "idle" => Workload::Idle,
             "tcp" => Workload::Tcp,
             "redis" => Workload::Redis,
+            d if d.starts_with("disk") => {
+                let n = d
+                    .trim_start_matches("disk")
+                    .trim_start_matches('=')
+                    .trim_end_matches("/s")
+                    .trim_end_matches('m')
+                    .parse::<u32>()
+                    .ok()
+                    .filter(|&n| n > 0)
+                    .ok_or_else(|| anyhow!("bad disk workload {s:?} (disk<N>M: disk=<N>M/s)"))?;
+                Workload::Disk(n)
+            }
             _ => {
                 let n = t
                     .trim_end_matches("/s")
@@ -64,6 +85,7 @@ impl Workload {
             Workload::Dirty(m) => format!("dirty={m}M/s"),
             Workload::Tcp => "tcp closed-loop".into(),
             Workload::Redis => "redis-benchmark".into(),
+            Workload::Disk(m) => format!("disk={m}M/s"),
         }
     }
 
@@ -71,6 +93,7 @@ impl Workload {
         match self {
             Workload::Idle | Workload::Tcp | Workload::Redis => None,
             Workload::Dirty(m) => Some(format!("dirty={m}M/s,wss={WSS}")),
+            Workload::Disk(m) => Some(format!("disk={m}M/s,dwss={DWSS}")),
         }
     }
 }
@@ -217,6 +240,9 @@ mod tests {
         assert_eq!(Workload::parse("256m/s").unwrap(), Workload::Dirty(256));
         assert_eq!(Workload::parse("TCP").unwrap(), Workload::Tcp);
         assert_eq!(Workload::parse("redis").unwrap(), Workload::Redis);
+        assert_eq!(Workload::parse("disk8M").unwrap(), Workload::Disk(8));
+        assert_eq!(Workload::parse("disk=2M/s").unwrap(), Workload::Disk(2));
+        assert!(Workload::parse("disk").is_err());
         assert!(Workload::parse("0M").is_err());
         assert!(Workload::parse("lots").is_err());
     }

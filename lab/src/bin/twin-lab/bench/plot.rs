@@ -197,6 +197,7 @@ impl Data {
                     Workload::Idle | Workload::Redis => None,
                     Workload::Dirty(_) => a.dirty_mib_s,
                     Workload::Tcp => a.rps,
+                    Workload::Disk(_) => a.disk_mib_s,
                 };
                 if let (Some(v), Some(b)) = (work(&a), work(&base)) {
                     if b > 0.0 {
