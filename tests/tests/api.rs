@@ -634,11 +634,11 @@ fn bad_arguments_fail_at_parse_time_with_exit_2() {
         (
             vec![
                 "restore".into(),
-                a_dir.clone(),
+                dir.join("no-such-snap").display().to_string(),
                 "--tap".into(),
                 "tap0".into(),
             ],
-            "is not a Twin snapshot",
+            "no-such-snap is not a Twin snapshot: no such directory",
         ),
         (
             protect(&[
