@@ -180,6 +180,19 @@ fn every_route_answers_over_http_with_curl() {
     assert_eq!(v["vm"], "running", "{v}");
     assert_eq!(v["pid"].as_u64(), Some(u64::from(vm.pid())), "{v}");
 
+    // `twin pause` / `twin resume` are clients of the same routes.
+    for (cmd, want) in [("pause", "paused"), ("resume", "running")] {
+        let out = Command::new(twin_bin().expect("twin"))
+            .args([cmd, "--control"])
+            .arg(&sock)
+            .output()
+            .expect("twin pause/resume");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("twin {cmd}: {e}: {out:?}"));
+        assert_eq!(v["vm"], want, "twin {cmd}");
+        assert_eq!(api(&sock, "GET", "/v1/status", None).json()["vm"], want);
+    }
+
     // Pause: the guest stops answering until resumed.
     let p = api(&sock, "PUT", "/v1/vm/pause", None);
     assert_eq!(
@@ -256,6 +269,24 @@ fn every_route_answers_over_http_with_curl() {
         Some(next),
         "twin-next-seq {next} follows the last event listed: {}",
         ev.body
+    );
+
+    // `twin events` is a client of the same route.
+    let out = Command::new(twin_bin().expect("twin"))
+        .args(["events", "--control"])
+        .arg(&sock)
+        .output()
+        .expect("twin events");
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        event_names(&printed),
+        names,
+        "twin events printed {printed}"
     );
 
     // A followed stream: an event that happens while curl listens arrives on it.
@@ -634,11 +665,11 @@ fn bad_arguments_fail_at_parse_time_with_exit_2() {
         (
             vec![
                 "restore".into(),
-                a_dir.clone(),
+                dir.join("no-such-snap").display().to_string(),
                 "--tap".into(),
                 "tap0".into(),
             ],
-            "is not a Twin snapshot",
+            "no-such-snap is not a Twin snapshot: no such directory",
         ),
         (
             protect(&[

@@ -21,6 +21,7 @@ const PROTECT_TIMEOUT: Duration = Duration::from_secs(90);
 const TAKEOVER_TIMEOUT: Duration = Duration::from_secs(30);
 const PROGRESS_TIMEOUT: Duration = Duration::from_secs(60);
 const METRICS_ADDR: &str = "127.0.0.1:9465";
+const BACKUP_METRICS_ADDR: &str = "127.0.0.1:9466";
 
 /// `twin status [--check]` (text) of `sock`: exit code and stdout.
 fn status_text(sock: &std::path::Path, check: bool) -> (Option<i32>, String) {
@@ -40,9 +41,14 @@ fn status_text(sock: &std::path::Path, check: bool) -> (Option<i32>, String) {
     )
 }
 
-/// Scrapes `--metrics` inside `ns`.
+/// Scrapes `--metrics` of the primary inside `ns`.
 fn scrape(ns: &Netns) -> String {
-    let url = format!("http://{METRICS_ADDR}/metrics");
+    scrape_at(ns, METRICS_ADDR)
+}
+
+/// Scrapes `http://ADDR/metrics` inside `ns`.
+fn scrape_at(ns: &Netns, addr: &str) -> String {
+    let url = format!("http://{addr}/metrics");
     let out = Command::new("ip")
         .args([
             "netns",
@@ -140,7 +146,14 @@ fn a_vm_started_with_twin_run_is_protected_later_and_fails_over() {
     );
 
     // Protect it, live.
-    let mut backup = spawn_backup(&ha, &dir, "twin-backup", &auth, &[], "");
+    let mut backup = spawn_backup(
+        &ha,
+        &dir,
+        "twin-backup",
+        &auth,
+        &["--metrics", BACKUP_METRICS_ADDR],
+        "",
+    );
     let bevents = Events::at(&bsock).record(false);
     let before = load.incrs();
     let t0 = Instant::now();
@@ -276,6 +289,18 @@ fn a_vm_started_with_twin_run_is_protected_later_and_fails_over() {
     eprintln!("{last} INCRs in sequence across protect-later and the takeover");
     let (code, text) = status_text(&bsock, false);
     assert_eq!(code, Some(0), "{text}");
+    // The backup's metrics: the epochs it applied, then the takeover.
+    let m = scrape_at(&ha.backup.ns, BACKUP_METRICS_ADDR);
+    let committed = sample(&m, "twin_epochs_committed_total").unwrap_or(0.0);
+    let applies = sample(&m, "twin_backup_apply_seconds_count").unwrap_or(0.0);
+    eprintln!("backup metrics: {committed} epochs committed, {applies} applies");
+    assert!(
+        sample(&m, "twin_failovers_total") == Some(1.0)
+            && committed > 10.0
+            && applies == committed
+            && m.contains("twin_role{role=\"primary (took over)\"} 1"),
+        "metrics of the backup after the takeover:\n{m}"
+    );
     assert_no_panic(&vm);
     assert_no_panic(&backup);
 }
