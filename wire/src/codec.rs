@@ -12,7 +12,7 @@ use crate::checksum::EpochChecksum;
 use crate::frame::{crc64, FrameHeader, HeaderError, DEFAULT_MAX_FRAME_LEN, HEADER_LEN};
 use crate::message::{
     check_page_size, Ack, EpochBegin, EpochEnd, FrameType, Goodbye, Heartbeat, Hello, HelloAck,
-    Message, Page, PageRef, Pages, PagesRef, Refuse, State, StateRef, SyncDone, SyncPages,
+    Inbound, Message, Page, PageRef, Pages, PagesRef, Refuse, State, StateRef, SyncDone, SyncPages,
     SyncPagesRef, SyncZeroPages, ValidationError, VmDescription, MAX_STATE_LEN, PROTOCOL_VERSION,
 };
 use bincode::Options;
@@ -474,6 +474,7 @@ impl FrameCodec {
             Message::Ack(m) => self.encode_bincode(frame_type, m, dst),
             Message::Heartbeat(m) => self.encode_bincode(frame_type, m, dst),
             Message::Goodbye(m) => self.encode_bincode(frame_type, m, dst),
+            Message::Inbound(m) => self.encode_bincode(frame_type, m, dst),
             Message::SyncPages(m) => self.encode_page_frame(
                 frame_type,
                 None,
@@ -545,6 +546,7 @@ impl FrameCodec {
             FrameType::Ack => Message::Ack(bc::<Ack>(frame_type, &payload)?),
             FrameType::Heartbeat => Message::Heartbeat(bc::<Heartbeat>(frame_type, &payload)?),
             FrameType::Goodbye => Message::Goodbye(bc::<Goodbye>(frame_type, &payload)?),
+            FrameType::Inbound => Message::Inbound(bc::<Inbound>(frame_type, &payload)?),
             FrameType::SyncPages => {
                 let (page_size, pages) =
                     decode_page_list(&payload, SYNC_PAGES_PREFIX).map_err(malformed)?;
@@ -802,6 +804,10 @@ mod tests {
                 last_epoch: 3,
             }),
             Message::Goodbye(Goodbye::new(GoodbyeReason::Stopping, "shutdown")),
+            Message::Inbound(Inbound {
+                epoch: 9,
+                frame: vec![0xab; 74],
+            }),
         ]
     }
 

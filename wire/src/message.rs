@@ -12,7 +12,7 @@ use std::fmt;
 
 /// Version of the protocol spoken by this build. A peer speaking another version is refused
 /// during the handshake: checkpoints are only meaningful between identical formats.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Version string of this build, sent in [`Hello`] so that a refusal can name both sides.
 pub const SOFTWARE_VERSION: &str = concat!("twin ", env!("CARGO_PKG_VERSION"));
@@ -440,6 +440,23 @@ pub struct Ack {
     pub epoch: u64,
 }
 
+/// Most bytes of one [`Inbound`] frame (a virtio-net buffer's worth).
+pub const MAX_INBOUND_FRAME: usize = 65550;
+
+/// A network frame the primary's guest received while `epoch` was open (delivered after
+/// checkpoint `epoch - 1`). The backup keeps those of epochs it has not committed and, if
+/// it takes over from epoch `e`, delivers the ones with `epoch > e` to the guest before
+/// anything else: requests that reached the dead primary need not wait for the client's
+/// retransmission timer (≥ 200 ms on Linux). Best effort (one lost is retransmitted by
+/// the client as before) and harmless twice (the guest's TCP drops a duplicate).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Inbound {
+    pub epoch: u64,
+    /// The Ethernet frame, as the guest received it (no virtio header).
+    #[serde(with = "byte_buf")]
+    pub frame: Vec<u8>,
+}
+
 /// Liveness probe, sent both ways at a fixed interval.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Heartbeat {
@@ -561,6 +578,8 @@ pub enum Message {
     Heartbeat(Heartbeat),
     /// See [`Goodbye`].
     Goodbye(Goodbye),
+    /// See [`Inbound`].
+    Inbound(Inbound),
 }
 
 /// Type byte of a frame. The values are part of the wire format and never reused.
@@ -595,11 +614,13 @@ pub enum FrameType {
     Heartbeat = 13,
     /// [`Goodbye`]
     Goodbye = 14,
+    /// [`Inbound`]
+    Inbound = 15,
 }
 
 impl FrameType {
     /// Every frame type, in wire order.
-    pub const ALL: [FrameType; 14] = [
+    pub const ALL: [FrameType; 15] = [
         Self::Hello,
         Self::HelloAck,
         Self::Refuse,
@@ -614,6 +635,7 @@ impl FrameType {
         Self::Ack,
         Self::Heartbeat,
         Self::Goodbye,
+        Self::Inbound,
     ];
 
     /// The frame type with wire value `value`, if any.
@@ -640,6 +662,7 @@ impl Message {
             Self::Ack(_) => FrameType::Ack,
             Self::Heartbeat(_) => FrameType::Heartbeat,
             Self::Goodbye(_) => FrameType::Goodbye,
+            Self::Inbound(_) => FrameType::Inbound,
         }
     }
 
@@ -652,6 +675,7 @@ impl Message {
             Self::HelloAck(a) => check_text("software_version", &a.software_version),
             Self::Refuse(r) => check_text("detail", &r.detail),
             Self::Goodbye(g) => check_text("detail", &g.detail),
+            Self::Inbound(i) => check_len("frame", i.frame.len(), MAX_INBOUND_FRAME),
             Self::VmDescription(d) => {
                 check_len("config", d.config.len(), MAX_CONFIG_LEN)?;
                 d.geometry().map(|_| ()).map_err(ValidationError::Geometry)
@@ -754,8 +778,22 @@ mod tests {
             assert_eq!(FrameType::from_u8(t as u8), Some(t));
         }
         assert_eq!(FrameType::from_u8(0), None);
-        assert_eq!(FrameType::from_u8(15), None);
+        assert_eq!(FrameType::from_u8(16), None);
         assert_eq!(FrameType::from_u8(255), None);
+    }
+
+    #[test]
+    fn an_inbound_frame_longer_than_a_buffer_is_invalid() {
+        let ok = Message::Inbound(Inbound {
+            epoch: 1,
+            frame: vec![0; MAX_INBOUND_FRAME],
+        });
+        assert!(ok.validate().is_ok());
+        let long = Message::Inbound(Inbound {
+            epoch: 1,
+            frame: vec![0; MAX_INBOUND_FRAME + 1],
+        });
+        assert!(long.validate().is_err());
     }
 
     #[test]

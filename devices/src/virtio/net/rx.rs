@@ -139,6 +139,16 @@ fn rx_pass(dev: &mut VirtioNet, rx: &mut RxPending, src: &dyn FrameSource) -> Rx
             if delivered == RX_BATCH {
                 break RxStop::Budget;
             }
+            let injected = if rx.len.is_none() {
+                net.injected.pop_front()
+            } else {
+                None
+            };
+            if let Some(f) = injected {
+                let n = f.len().min(rx.buf.len());
+                rx.buf[..n].copy_from_slice(&f[..n]);
+                rx.len = Some(n);
+            }
             let len = match rx.len {
                 Some(len) => len,
                 None => match src.recv(&mut rx.buf) {
@@ -159,6 +169,9 @@ fn rx_pass(dev: &mut VirtioNet, rx: &mut RxPending, src: &dyn FrameSource) -> Rx
                 RxOutcome::Delivered => {
                     delivered += 1;
                     rx.len = None;
+                    if let Some(tap) = net.rx_tap.as_mut() {
+                        tap(&rx.buf[VNET_HDR_LEN..len]);
+                    }
                 }
                 RxOutcome::Dropped => rx.len = None,
                 RxOutcome::NoBuffers => break RxStop::NoBuffers,
