@@ -421,6 +421,39 @@ mod tests {
     }
 
     #[test]
+    fn injected_frames_come_first_and_the_rx_tap_sees_every_delivered_frame() {
+        let mut s = setup();
+        let src = Frames(RefCell::new([frame(1, 60)].into()));
+        let mut rx = RxPending {
+            buf: vec![0; MAX_BUFFER_LEN],
+            len: None,
+            error: None,
+        };
+        let seen = Arc::new(Mutex::new(Vec::<Vec<u8>>::new()));
+        let log = seen.clone();
+        s.dev.device_mut().set_rx_tap(Some(Box::new(move |f| {
+            log.lock().unwrap().push(f.to_vec())
+        })));
+        // A runt is refused at once; the good one waits for a buffer.
+        s.dev.device_mut().inject([frame(9, 60), vec![0; 3]]);
+        assert_eq!(s.dev.device().stats().rx_dropped, 1);
+        s.rxq.add(&[(0x50000, 1526, true)]);
+        s.rxq.add(&[(0x51000, 1526, true)]);
+        assert_eq!(rx_pass(&mut s.dev, &mut rx, &src), RxStop::SourceEmpty);
+        assert_eq!(s.rxq.used_idx(), 2);
+        let mut got = vec![0u8; 60];
+        s.mem
+            .read_slice(&mut got, GuestAddress(0x50000 + 12))
+            .unwrap();
+        assert_eq!(got, frame(9, 60), "the injected frame first");
+        s.mem
+            .read_slice(&mut got, GuestAddress(0x51000 + 12))
+            .unwrap();
+        assert_eq!(got, frame(1, 60), "then the TAP's");
+        assert_eq!(*seen.lock().unwrap(), vec![frame(9, 60), frame(1, 60)]);
+    }
+
+    #[test]
     fn paused_rx_leaves_guest_memory_alone_until_resumed() {
         use crate::Pausable;
         let mut s = setup();
