@@ -50,6 +50,10 @@ pub struct FailoverReport {
     pub restore_ms: f64,
     pub announce_ms: f64,
     pub stale_frames_dropped: usize,
+    /// Frames the primary's guest received after the committed epoch, delivered into the
+    /// restored guest before anything else (see `backup/src/inbound.rs`).
+    #[serde(default)]
+    pub replayed_frames: usize,
     pub detect_to_running_ms: f64,
 }
 
@@ -446,6 +450,7 @@ mod tests {
             restore_ms: 1.0,
             announce_ms: 0.1,
             stale_frames_dropped: 0,
+            replayed_frames: 2,
             detect_to_running_ms: 2.0,
         });
         let v = serde_json::to_value(&f).unwrap();

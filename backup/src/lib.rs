@@ -20,6 +20,7 @@
 
 mod accept;
 pub mod announce;
+mod inbound;
 mod phase;
 mod replica;
 pub mod takeover;
@@ -833,6 +834,7 @@ impl Backup {
                     generation: s.generation,
                     committed: None,
                     mac: d.mac,
+                    inbound: Default::default(),
                 });
                 self.state = BackupState::Syncing;
                 info!(
@@ -883,6 +885,13 @@ impl Backup {
                 Ok(())
             }
             Step::Commit(epoch) => self.apply(s, epoch),
+            Step::Inbound(f) => {
+                if let Some(r) = self.replica.as_mut() {
+                    let committed = r.committed_epoch();
+                    r.inbound.push(f, committed);
+                }
+                Ok(())
+            }
         }
     }
 
@@ -966,6 +975,7 @@ impl Backup {
             r.memory.write_page(page.index, &page.data);
         }
         r.committed = Some((epoch.epoch, state));
+        r.inbound.commit(epoch.epoch);
         if self.pin.is_none() {
             // From its first commit on, this backup stands for this VM only.
             self.pin = Some(Pin {
@@ -1046,7 +1056,11 @@ impl Backup {
         detected: Instant,
         console: impl FnOnce() -> ConsoleOut,
     ) -> Result<(Vmm, FailoverReport, VmId), BackupError> {
-        let replica = self.replica.take().expect("failover needs a replica");
+        let mut replica = self.replica.take().expect("failover needs a replica");
+        let replay = replica
+            .committed_epoch()
+            .map(|e| replica.inbound.take_after(e))
+            .unwrap_or_default();
         let (epoch, state) = replica.committed.expect("failover needs a committed state");
         info!(epoch, vm = %replica.vm_id, generation = replica.generation, "failover: restoring the VM from the replica");
         self.cfg.events.emit(EventKind::FailoverStarted { epoch });
@@ -1088,6 +1102,9 @@ impl Backup {
             announce::announce(tap, frame, &self.cfg.tap);
         }
         let announce_ms = t_announce.elapsed().as_secs_f64() * 1e3;
+        // What the primary's guest received after the committed epoch, first in line.
+        let replayed = replay.len();
+        vmm.inject_frames(replay);
         vmm.start().map_err(BackupError::Start)?;
         // Tell the guest it moved: it announces itself too and retransmits what its peers
         // never acknowledged (output of the epoch that died with the primary) at once.
@@ -1098,6 +1115,7 @@ impl Backup {
             restore_ms = format_args!("{restore_ms:.2}"),
             announce_ms = format_args!("{announce_ms:.2}"),
             total_ms = format_args!("{total_ms:.2}"),
+            replayed,
             "failover complete: the VM runs on this host"
         );
         Ok((
@@ -1107,6 +1125,7 @@ impl Backup {
                 restore_ms,
                 announce_ms,
                 stale_frames_dropped: stale,
+                replayed_frames: replayed,
                 detect_to_running_ms: total_ms,
             },
             replica.vm_id,

@@ -7,7 +7,7 @@
 
 use twin_wire::{
     AssembleError, CompleteEpoch, EpochAssembler, EpochMessage, FrameType, Geometry, GeometryError,
-    GoodbyeReason, Message, SyncDisk, SyncError, SyncPages, SyncTracker, SyncZeroPages,
+    GoodbyeReason, Inbound, Message, SyncDisk, SyncError, SyncPages, SyncTracker, SyncZeroPages,
     VmDescription,
 };
 
@@ -49,6 +49,8 @@ pub enum Step {
     SyncDone,
     /// Apply and acknowledge a whole, verified epoch.
     Commit(CompleteEpoch),
+    /// Keep a frame the primary's guest received (see `crate::inbound`).
+    Inbound(Inbound),
 }
 
 /// Why a session cannot go on (as the primary's messages make it end).
@@ -96,6 +98,8 @@ impl Phase {
                 detail: g.detail,
             }),
             (p, Message::Heartbeat(_)) => Ok((p, Step::None)),
+            // Between epochs (the primary writes each epoch with one write).
+            (p @ Phase::Replicating { .. }, Message::Inbound(i)) => Ok((p, Step::Inbound(i))),
             (Phase::AwaitDescription, Message::VmDescription(d)) => {
                 let geometry = d.geometry().map_err(PhaseEnd::Description)?;
                 if d.page_size != page_size {
@@ -301,6 +305,7 @@ mod tests {
                         Step::SyncDisk(_) => "disk",
                         Step::SyncDone => "synced",
                         Step::Commit(_) => "commit",
+                        Step::Inbound(_) => "inbound",
                     });
                     phase = p;
                 }
@@ -405,6 +410,35 @@ mod tests {
                 "none", "none", "commit"
             ]
         );
+    }
+
+    #[test]
+    fn inbound_frames_are_taken_between_epochs_only() {
+        let inbound = || {
+            Message::Inbound(twin_wire::Inbound {
+                epoch: 8,
+                frame: vec![0; 60],
+            })
+        };
+        let sync = vec![
+            desc(2),
+            sync_pages(&[0, 1]),
+            Message::SyncDone(SyncDone {
+                pages_sent: 2,
+                disk_bytes_sent: 0,
+            }),
+        ];
+        let mut msgs = sync.clone();
+        msgs.extend(epoch(7, &[1]));
+        msgs.push(inbound());
+        msgs.extend(epoch(8, &[]));
+        let (end, steps) = run(msgs);
+        assert!(end.is_ok(), "{:?}", end.err());
+        assert_eq!(steps.iter().filter(|s| **s == "inbound").count(), 1);
+        assert_eq!(steps.iter().filter(|s| **s == "commit").count(), 2);
+        // While syncing it is a protocol violation.
+        let (end, _) = run(vec![desc(2), inbound()]);
+        assert!(matches!(end, Err(PhaseEnd::Unexpected { .. })));
     }
 
     #[test]

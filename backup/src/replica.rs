@@ -17,6 +17,8 @@ pub struct Replica {
     /// The last committed epoch and its machine state: a failover image only while set.
     pub committed: Option<(u64, MachineState)>,
     pub mac: [u8; 6],
+    /// What the primary's guest received after the last committed epoch.
+    pub inbound: crate::inbound::InboundLog,
 }
 
 impl Replica {

@@ -25,6 +25,7 @@
 //! replica, so only its `Goodbye(Takeover)` makes this primary fence its output and stop.
 
 mod arbiter;
+mod inbound;
 pub mod mode;
 pub mod stats;
 mod unchanged;
@@ -1154,7 +1155,26 @@ fn epoch_loop(
         let join = |h: std::thread::ScopedJoinHandle<'_, SessionError>| {
             h.join().unwrap_or(SessionError::Unexpected("reader panic"))
         };
-        match send_epochs(s, writer, next_epoch, &failed) {
+        // Inbound frames go to the backup as the guest receives them.
+        let fwd = std::sync::Arc::new(inbound::Forward::new(*next_epoch));
+        {
+            let f = fwd.clone();
+            s.vmm
+                .set_net_rx_tap(Some(Box::new(move |frame| f.push(frame))));
+        }
+        let forwarder = {
+            let f = fwd.clone();
+            std::thread::Builder::new()
+                .name("inbound".into())
+                .spawn_scoped(scope, move || inbound::forward(&f, writer))
+        };
+        let sent = send_epochs(s, writer, next_epoch, &failed, &fwd);
+        s.vmm.set_net_rx_tap(None);
+        fwd.stop();
+        if let Ok(h) = forwarder {
+            let _ = h.join();
+        }
+        match sent {
             // The reader ended first (and said goodbye), or the connection broke under the
             // writer: the reader knows why the backup went away (a Goodbye, silence, a bad
             // frame).
@@ -1244,6 +1264,7 @@ fn send_epochs(
     writer: &FrameWriter,
     next_epoch: &mut u64,
     failed: &AtomicBool,
+    inbound: &inbound::Forward,
 ) -> Result<(), SessionError> {
     let interval = s.cfg.interval;
     let codec = writer.codec();
@@ -1310,6 +1331,8 @@ fn send_epochs(
             if let Err(e) = netbuf.seal(epoch) {
                 warn!("sealing output epoch {epoch}: {e}");
             }
+            // Frames delivered from here on are in the next checkpoint, not this one.
+            inbound.set_open(epoch + 1);
             // The VM is paused here, its pages about to be collected.
             twin_failpoints::hit("primary.collect");
         };

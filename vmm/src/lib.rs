@@ -488,6 +488,31 @@ impl Vmm {
         }
     }
 
+    /// Calls `tap` with every frame delivered into the guest from now on (see
+    /// [`devices::virtio::net::Net::set_rx_tap`]). No-op without a NIC.
+    pub fn set_net_rx_tap(&self, tap: Option<devices::virtio::net::RxTap>) {
+        if let Some(net) = &self.net {
+            net.dev
+                .lock()
+                .expect("net device lock poisoned")
+                .device_mut()
+                .set_rx_tap(tap);
+        }
+    }
+
+    /// Delivers Ethernet frames into the guest ahead of anything from the TAP (a backup
+    /// replaying what its primary's guest received after the last committed checkpoint).
+    /// No-op without a NIC.
+    pub fn inject_frames(&self, frames: Vec<Vec<u8>>) {
+        if let Some(net) = &self.net {
+            net.dev
+                .lock()
+                .expect("net device lock poisoned")
+                .device_mut()
+                .inject(frames);
+        }
+    }
+
     /// The NIC's TAP, for frames the host sends on the guest's behalf (gratuitous ARP).
     pub fn tap(&self) -> Option<Arc<Tap>> {
         self.net.as_ref().map(|n| n.tap.clone())

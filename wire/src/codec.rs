@@ -12,9 +12,9 @@ use crate::checksum::EpochChecksum;
 use crate::frame::{crc64, FrameHeader, HeaderError, DEFAULT_MAX_FRAME_LEN, HEADER_LEN};
 use crate::message::{
     check_page_size, Ack, DiskExtent, DiskWrites, EpochBegin, EpochEnd, FrameType, Goodbye,
-    Heartbeat, Hello, HelloAck, Message, Page, PageRef, Pages, PagesRef, Refuse, State, StateRef,
-    SyncDisk, SyncDone, SyncPages, SyncPagesRef, SyncZeroPages, ValidationError, VmDescription,
-    MAX_STATE_LEN, PROTOCOL_VERSION,
+    Heartbeat, Hello, HelloAck, Inbound, Message, Page, PageRef, Pages, PagesRef, Refuse, State,
+    StateRef, SyncDisk, SyncDone, SyncPages, SyncPagesRef, SyncZeroPages, ValidationError,
+    VmDescription, MAX_STATE_LEN, PROTOCOL_VERSION,
 };
 use bincode::Options;
 use bytes::{BufMut, Bytes, BytesMut};
@@ -532,6 +532,7 @@ impl FrameCodec {
             Message::Goodbye(m) => self.encode_bincode(frame_type, m, dst),
             Message::DiskWrites(m) => self.encode_disk_writes(m, dst),
             Message::SyncDisk(m) => self.encode_sync_disk(m, dst),
+            Message::Inbound(m) => self.encode_bincode(frame_type, m, dst),
             Message::SyncPages(m) => self.encode_page_frame(
                 frame_type,
                 None,
@@ -619,6 +620,7 @@ impl FrameCodec {
                     data: payload.slice(SYNC_DISK_PREFIX..),
                 })
             }
+            FrameType::Inbound => Message::Inbound(bc::<Inbound>(frame_type, &payload)?),
             FrameType::SyncPages => {
                 let (page_size, pages) =
                     decode_page_list(&payload, SYNC_PAGES_PREFIX).map_err(malformed)?;
@@ -927,6 +929,10 @@ mod tests {
                 last_epoch: 3,
             }),
             Message::Goodbye(Goodbye::new(GoodbyeReason::Stopping, "shutdown")),
+            Message::Inbound(Inbound {
+                epoch: 9,
+                frame: vec![0xab; 74],
+            }),
         ]
     }
 

@@ -498,6 +498,23 @@ pub struct Ack {
     pub epoch: u64,
 }
 
+/// Most bytes of one [`Inbound`] frame (a virtio-net buffer's worth).
+pub const MAX_INBOUND_FRAME: usize = 65550;
+
+/// A network frame the primary's guest received while `epoch` was open (delivered after
+/// checkpoint `epoch - 1`). The backup keeps those of epochs it has not committed and, if
+/// it takes over from epoch `e`, delivers the ones with `epoch > e` to the guest before
+/// anything else: requests that reached the dead primary need not wait for the client's
+/// retransmission timer (≥ 200 ms on Linux). Best effort (one lost is retransmitted by
+/// the client as before) and harmless twice (the guest's TCP drops a duplicate).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Inbound {
+    pub epoch: u64,
+    /// The Ethernet frame, as the guest received it (no virtio header).
+    #[serde(with = "byte_buf")]
+    pub frame: Vec<u8>,
+}
+
 /// Liveness probe, sent both ways at a fixed interval.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Heartbeat {
@@ -623,6 +640,8 @@ pub enum Message {
     DiskWrites(DiskWrites),
     /// See [`SyncDisk`].
     SyncDisk(SyncDisk),
+    /// See [`Inbound`].
+    Inbound(Inbound),
 }
 
 /// Type byte of a frame. The values are part of the wire format and never reused.
@@ -661,11 +680,13 @@ pub enum FrameType {
     DiskWrites = 15,
     /// [`SyncDisk`]
     SyncDisk = 16,
+    /// [`Inbound`]
+    Inbound = 17,
 }
 
 impl FrameType {
     /// Every frame type, in wire order.
-    pub const ALL: [FrameType; 16] = [
+    pub const ALL: [FrameType; 17] = [
         Self::Hello,
         Self::HelloAck,
         Self::Refuse,
@@ -682,6 +703,7 @@ impl FrameType {
         Self::Goodbye,
         Self::DiskWrites,
         Self::SyncDisk,
+        Self::Inbound,
     ];
 
     /// The frame type with wire value `value`, if any.
@@ -710,6 +732,7 @@ impl Message {
             Self::Goodbye(_) => FrameType::Goodbye,
             Self::DiskWrites(_) => FrameType::DiskWrites,
             Self::SyncDisk(_) => FrameType::SyncDisk,
+            Self::Inbound(_) => FrameType::Inbound,
         }
     }
 
@@ -722,6 +745,7 @@ impl Message {
             Self::HelloAck(a) => check_text("software_version", &a.software_version),
             Self::Refuse(r) => check_text("detail", &r.detail),
             Self::Goodbye(g) => check_text("detail", &g.detail),
+            Self::Inbound(i) => check_len("frame", i.frame.len(), MAX_INBOUND_FRAME),
             Self::VmDescription(d) => {
                 check_len("config", d.config.len(), MAX_CONFIG_LEN)?;
                 check_len("disks", d.disks.len(), MAX_DISKS)?;
@@ -875,8 +899,22 @@ mod tests {
             assert_eq!(FrameType::from_u8(t as u8), Some(t));
         }
         assert_eq!(FrameType::from_u8(0), None);
-        assert_eq!(FrameType::from_u8(17), None);
+        assert_eq!(FrameType::from_u8(18), None);
         assert_eq!(FrameType::from_u8(255), None);
+    }
+
+    #[test]
+    fn an_inbound_frame_longer_than_a_buffer_is_invalid() {
+        let ok = Message::Inbound(Inbound {
+            epoch: 1,
+            frame: vec![0; MAX_INBOUND_FRAME],
+        });
+        assert!(ok.validate().is_ok());
+        let long = Message::Inbound(Inbound {
+            epoch: 1,
+            frame: vec![0; MAX_INBOUND_FRAME + 1],
+        });
+        assert!(long.validate().is_err());
     }
 
     #[test]

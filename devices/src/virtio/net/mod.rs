@@ -129,7 +129,16 @@ pub struct Net {
     stats: NetStats,
     /// Paused by the VMM (a stopped VM): the RX worker leaves frames in the TAP.
     rx_paused: bool,
+    /// Called with every frame delivered into the guest (Ethernet frame, no vnet header),
+    /// under the device lock: the primary logs inbound frames for its backup.
+    rx_tap: Option<RxTap>,
+    /// Frames (vnet header room included) to deliver before anything from the TAP: what a
+    /// backup replays into the VM it took over.
+    injected: std::collections::VecDeque<Vec<u8>>,
 }
+
+/// See [`Net::set_rx_tap`].
+pub type RxTap = Box<dyn FnMut(&[u8]) + Send>;
 
 impl Net {
     pub fn new(mac: [u8; 6], sink: Box<dyn NetSink>) -> Result<Self, NetError> {
@@ -142,7 +151,31 @@ impl Net {
             sink_failing: false,
             stats: NetStats::default(),
             rx_paused: false,
+            rx_tap: None,
+            injected: std::collections::VecDeque::new(),
         })
+    }
+
+    /// Calls `tap` with every frame delivered into the guest from now on (under the device
+    /// lock, so whoever holds it — the checkpoint engine — sees a frame either delivered
+    /// and reported or neither).
+    pub fn set_rx_tap(&mut self, tap: Option<RxTap>) {
+        self.rx_tap = tap;
+    }
+
+    /// Queues Ethernet frames for delivery into the guest ahead of the TAP's, and wakes the
+    /// RX worker. Frames that are too short or too long are dropped as a TAP's would be.
+    pub fn inject(&mut self, frames: impl IntoIterator<Item = Vec<u8>>) {
+        for f in frames {
+            if f.len() < ETH_HLEN || f.len() + crate::tap::VNET_HDR_LEN > MAX_BUFFER_LEN {
+                self.stats.rx_dropped += 1;
+                continue;
+            }
+            let mut b = vec![0; crate::tap::VNET_HDR_LEN];
+            b.extend_from_slice(&f);
+            self.injected.push_back(b);
+        }
+        let _ = self.rx_kick.write(1);
     }
 
     /// Replaces where transmitted frames go; returns the previous sink.

@@ -139,6 +139,16 @@ fn rx_pass(dev: &mut VirtioNet, rx: &mut RxPending, src: &dyn FrameSource) -> Rx
             if delivered == RX_BATCH {
                 break RxStop::Budget;
             }
+            let injected = if rx.len.is_none() {
+                net.injected.pop_front()
+            } else {
+                None
+            };
+            if let Some(f) = injected {
+                let n = f.len().min(rx.buf.len());
+                rx.buf[..n].copy_from_slice(&f[..n]);
+                rx.len = Some(n);
+            }
             let len = match rx.len {
                 Some(len) => len,
                 None => match src.recv(&mut rx.buf) {
@@ -159,6 +169,9 @@ fn rx_pass(dev: &mut VirtioNet, rx: &mut RxPending, src: &dyn FrameSource) -> Rx
                 RxOutcome::Delivered => {
                     delivered += 1;
                     rx.len = None;
+                    if let Some(tap) = net.rx_tap.as_mut() {
+                        tap(&rx.buf[VNET_HDR_LEN..len]);
+                    }
                 }
                 RxOutcome::Dropped => rx.len = None,
                 RxOutcome::NoBuffers => break RxStop::NoBuffers,
@@ -405,6 +418,39 @@ mod tests {
         assert_eq!(s.rxq.used_idx(), 3);
         assert_eq!(s.rxq.used(2), (3, 92));
         assert_eq!(s.dev.device().stats().rx_frames, 3);
+    }
+
+    #[test]
+    fn injected_frames_come_first_and_the_rx_tap_sees_every_delivered_frame() {
+        let mut s = setup();
+        let src = Frames(RefCell::new([frame(1, 60)].into()));
+        let mut rx = RxPending {
+            buf: vec![0; MAX_BUFFER_LEN],
+            len: None,
+            error: None,
+        };
+        let seen = Arc::new(Mutex::new(Vec::<Vec<u8>>::new()));
+        let log = seen.clone();
+        s.dev.device_mut().set_rx_tap(Some(Box::new(move |f| {
+            log.lock().unwrap().push(f.to_vec())
+        })));
+        // A runt is refused at once; the good one waits for a buffer.
+        s.dev.device_mut().inject([frame(9, 60), vec![0; 3]]);
+        assert_eq!(s.dev.device().stats().rx_dropped, 1);
+        s.rxq.add(&[(0x50000, 1526, true)]);
+        s.rxq.add(&[(0x51000, 1526, true)]);
+        assert_eq!(rx_pass(&mut s.dev, &mut rx, &src), RxStop::SourceEmpty);
+        assert_eq!(s.rxq.used_idx(), 2);
+        let mut got = vec![0u8; 60];
+        s.mem
+            .read_slice(&mut got, GuestAddress(0x50000 + 12))
+            .unwrap();
+        assert_eq!(got, frame(9, 60), "the injected frame first");
+        s.mem
+            .read_slice(&mut got, GuestAddress(0x51000 + 12))
+            .unwrap();
+        assert_eq!(got, frame(1, 60), "then the TAP's");
+        assert_eq!(*seen.lock().unwrap(), vec![frame(9, 60), frame(1, 60)]);
     }
 
     #[test]

@@ -446,9 +446,11 @@ pub(super) fn markdown(r: &Report<'_>) -> String {
         &format!("Protected at {FAILOVER_HZ} Hz, `{}`, one client connection sending INCR back to back. \
          *Client-visible*: SIGKILL → the first reply on that same connection from the \
          backup (replies the primary released just before dying, arriving after the SIGKILL, \
-         do not count); it includes the client's TCP retransmission timeout (≥ 200 ms on Linux) for \
-         the request whose reply died with the primary. *Detect → running*: the backup's own \
-         figure (heartbeat silence noticed → VM running).", FAILOVER_WORKLOAD.label()),
+         do not count). The backup replays into the restored guest what the primary's guest \
+         received after the committed epoch and tells the guest it moved (it retransmits at \
+         once); a trial where neither applies waits for the client's TCP retransmission timeout \
+         (≥ 200 ms on Linux). *Detect → running*: the backup's own figure (heartbeat silence \
+         noticed → VM running).", FAILOVER_WORKLOAD.label()),
     );
     line(&mut s, "");
     let ok: Vec<&Failover> = r.failovers.iter().filter(|t| t.error.is_none()).collect();
