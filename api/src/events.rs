@@ -128,6 +128,9 @@ pub enum EventKind {
         copy_us: f64,
         eager: bool,
     },
+    /// The backup acknowledged an epoch (per epoch): `ack_us` from its checkpoint's send to
+    /// the acknowledgement.
+    EpochAcked { epoch: u64, ack_us: f64 },
     /// The backup was lost; the loss policy decided the output.
     BackupLost {
         reason: String,
@@ -196,7 +199,9 @@ impl EventKind {
     pub fn is_per_epoch(&self) -> bool {
         matches!(
             self,
-            EventKind::EpochSent { .. } | EventKind::EpochCommitted { .. }
+            EventKind::EpochSent { .. }
+                | EventKind::EpochAcked { .. }
+                | EventKind::EpochCommitted { .. }
         )
     }
 
@@ -213,6 +218,7 @@ impl EventKind {
             EventKind::SyncSent { .. } => "sync_sent",
             EventKind::Protected { .. } => "protected",
             EventKind::EpochSent { .. } => "epoch_sent",
+            EventKind::EpochAcked { .. } => "epoch_acked",
             EventKind::BackupLost { .. } => "backup_lost",
             EventKind::StoodDown { .. } => "stood_down",
             EventKind::TakeoverIgnored { .. } => "takeover_ignored",
@@ -234,7 +240,7 @@ impl EventKind {
 /// Lifecycle events kept (a process emits a few per session; this is hours of churn).
 const MAX_LIFECYCLE: usize = 10_000;
 /// Per-epoch events kept: tens of seconds at the highest checkpoint rates.
-const MAX_PER_EPOCH: usize = 8192;
+const MAX_PER_EPOCH: usize = 16384;
 
 struct Inner {
     next: u64,

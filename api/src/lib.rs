@@ -6,40 +6,58 @@
 //! interface: tests, `twin bench`, `twin demo` and monitoring scripts consume them.
 
 pub mod events;
+pub mod http;
 pub mod status;
 
 pub use events::{Decision, Event, EventKind, EventLog, FailoverReport, Role, Subscription};
+pub use http::{ApiError, ErrorBody, ErrorCode, EventsQuery, ProtectRequest, SnapshotRequest};
 pub use status::{BackupState, BackupStatus, LossPolicy, Mode, PrimaryStatus, VmStatus};
-
-use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-/// Requests a control-socket client can make (one JSON object per line).
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+/// What a control-socket client asks of the VM process's main loop (the HTTP server maps
+/// each `/v1/...` route to one).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub enum Request {
     Status,
-    Snapshot {
-        dir: PathBuf,
-        incremental: bool,
-        stop: bool,
-    },
+    Pause,
     Resume,
+    Snapshot(SnapshotRequest),
+    /// Put the running VM under protection.
+    Protect(ProtectRequest),
     Failover,
-    /// Events: the server answers `Ok({"next_seq": N})`, then sends every event still held
-    /// with `seq >= since`, one JSON [`Event`] per line; with `follow`, each new one as it
-    /// happens until the client closes, else it closes. Per-epoch events only with
-    /// `epochs`.
-    Events {
-        since: u64,
-        epochs: bool,
-        follow: bool,
-    },
+    /// Events: served by the control server itself from the process's [`EventLog`]
+    /// (`GET /v1/events`); never sent to the main loop.
+    Events(EventsQuery),
 }
 
-/// A response: a JSON value on success, a message on failure.
+impl Request {
+    /// A short name for messages (`taking a snapshot`).
+    pub fn what(&self) -> &'static str {
+        match self {
+            Request::Status => "reading the status",
+            Request::Pause => "pausing the VM",
+            Request::Resume => "resuming the VM",
+            Request::Snapshot(_) => "taking a snapshot",
+            Request::Protect(_) => "starting protection",
+            Request::Failover => "failing over",
+            Request::Events(_) => "streaming events",
+        }
+    }
+}
+
+/// An answer of the main loop: a JSON value on success, an error with a code. A long
+/// operation answers [`Response::Accepted`] first (it has started; no deadline applies to
+/// its outcome any more), then its outcome.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum Response {
     Ok(serde_json::Value),
-    Error(String),
+    Accepted(serde_json::Value),
+    Error(ApiError),
+}
+
+impl Response {
+    pub fn error(code: ErrorCode, message: impl Into<String>) -> Self {
+        Response::Error(ApiError::new(code, message))
+    }
 }

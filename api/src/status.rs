@@ -123,6 +123,10 @@ pub struct PrimaryStatus {
     pub checkpoint_rate_hz: f64,
     /// Epochs that started late because the previous send outlasted the interval.
     pub stretched_epochs: u64,
+    /// Dirty pages not sent because the backup already held their contents (hot pages the
+    /// guest did not change in that epoch), over every session.
+    #[serde(default)]
+    pub unchanged_pages: u64,
     pub pause_us: Quantiles,
     pub pause_split_us_median: PauseSplit,
     pub epoch_bytes: Counts,
@@ -204,4 +208,7 @@ pub struct VmStatus {
     pub vcpus: u32,
     pub uptime_s: f64,
     pub snapshots: u64,
+    /// A backup that took over with `--arbiter`: the record it won.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub arbiter: Option<ArbiterStatus>,
 }

@@ -73,6 +73,22 @@ impl Seen {
     pub fn owned_by(&self, id: &str) -> bool {
         self.record.as_ref().is_some_and(|r| r.owner.id == id)
     }
+
+    /// The owner's label, for messages ("nobody" when there is no record).
+    pub fn owner_label(&self) -> &str {
+        self.record
+            .as_ref()
+            .map_or("nobody", |r| r.owner.label.as_str())
+    }
+
+    /// Why a replica that sees this record must not run the VM.
+    pub fn given_away(&self) -> String {
+        format!(
+            "the arbiter gives the VM to {} (generation {})",
+            self.owner_label(),
+            self.generation()
+        )
+    }
 }
 
 /// What a claim came to.

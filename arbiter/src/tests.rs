@@ -169,3 +169,30 @@ fn unreachable_and_malformed() {
         );
     }
 }
+
+#[test]
+fn given_away_names_the_owner_and_generation_or_nobody() {
+    let none = Seen {
+        record: None,
+        revision: 0,
+    };
+    assert_eq!(
+        none.given_away(),
+        "the arbiter gives the VM to nobody (generation 0)"
+    );
+    let taken = Seen {
+        record: Some(Record {
+            owner: Owner {
+                id: "b-1".into(),
+                label: "backup on 10.0.0.2".into(),
+            },
+            generation: 7,
+        }),
+        revision: 12,
+    };
+    assert!(taken.owned_by("b-1") && !taken.owned_by("p-1"));
+    assert_eq!(
+        taken.given_away(),
+        "the arbiter gives the VM to backup on 10.0.0.2 (generation 7)"
+    );
+}

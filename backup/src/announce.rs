@@ -14,7 +14,9 @@ use twin_vmm::devices::tap::Tap;
 const SCHEDULE_MS: [u64; 6] = [0, 0, 0, 100, 300, 1000];
 
 /// Sends `frame` out of `tap` on [`SCHEDULE_MS`]: the first ones now, the rest from a
-/// short-lived thread so the takeover does not wait for them.
+/// short-lived thread so the takeover does not wait for them. That thread is detached on
+/// purpose: it owns only the TAP and one frame, ends within a second, and nothing needs its
+/// outcome (a failed send is logged; the guest announces itself too).
 pub fn announce(tap: Arc<Tap>, frame: Vec<u8>, tap_name: &str) {
     let send = |tap: &Tap, name: &str| {
         if let Err(e) = tap.write_frame(&frame) {

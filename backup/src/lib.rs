@@ -321,10 +321,7 @@ impl Backup {
                 ClaimOutcome::Won
             }
             Ok(twin_arbiter::Claim::Lost(now)) => {
-                let owner = now
-                    .record
-                    .as_ref()
-                    .map_or("nobody".to_string(), |r| r.owner.label.clone());
+                let owner = now.owner_label();
                 warn!(
                     vm,
                     generation = now.generation(),
@@ -1092,6 +1089,9 @@ impl Backup {
         }
         let announce_ms = t_announce.elapsed().as_secs_f64() * 1e3;
         vmm.start().map_err(BackupError::Start)?;
+        // Tell the guest it moved: it announces itself too and retransmits what its peers
+        // never acknowledged (output of the epoch that died with the primary) at once.
+        vmm.notify_network_moved();
         let total_ms = detected.elapsed().as_secs_f64() * 1e3;
         info!(
             epoch,

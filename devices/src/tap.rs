@@ -205,12 +205,40 @@ pub(crate) mod testutil {
     use std::os::fd::{FromRawFd, OwnedFd};
     use std::sync::atomic::{AtomicU32, Ordering};
 
-    /// A TAP the test created (TUNSETIFF creates it when missing), brought up, and an
-    /// `AF_PACKET` socket bound to it: frames sent on the socket come out of the TAP's fd,
-    /// frames written to the fd arrive on the socket. None when not privileged.
+    /// A TAP the test created (persistent until [`Tap::open`], which refuses missing
+    /// devices, has attached to it; then no longer, so it goes with its last fd), brought up, and an `AF_PACKET` socket
+    /// bound to it: frames sent on the socket come out of the TAP's fd, frames written to
+    /// the fd arrive on the socket. The tests need `CAP_NET_ADMIN` (they run as root) and
+    /// fail, naming the step, without it: a skip would pass without testing anything.
     pub struct TestTap {
         pub tap: std::sync::Arc<Tap>,
         pub sock: OwnedFd,
+    }
+
+    ioctl_iow_nr!(TUNSETPERSIST, TUNTAP_IOC, 203, ::std::os::raw::c_int);
+
+    /// Creates (`persist`) or removes a persistent TAP `name`.
+    fn set_persistent(name: &str, persist: bool) -> io::Result<()> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(TUN_PATH)?;
+        let mut req = IfReq {
+            name: [0; libc::IFNAMSIZ],
+            flags: IFF_TAP | IFF_NO_PI | IFF_VNET_HDR,
+            _pad: [0; 22],
+        };
+        req.name[..name.len()].copy_from_slice(name.as_bytes());
+        // SAFETY: `file` is an open tun fd and `req` a valid ifreq that outlives the call.
+        if unsafe { ioctl_with_mut_ref(&file, TUNSETIFF(), &mut req) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `file` is the tun fd just attached; TUNSETPERSIST takes an integer.
+        if unsafe { ioctl_with_val(&file, TUNSETPERSIST(), u64::from(persist)) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
     }
 
     pub fn test_tap() -> Option<TestTap> {
@@ -220,13 +248,24 @@ pub(crate) mod testutil {
             std::process::id() % 100_000,
             N.fetch_add(1, Ordering::Relaxed)
         );
+        set_persistent(&name, true).unwrap_or_else(|e| {
+            panic!("cannot create test TAP {name} (the TAP tests need CAP_NET_ADMIN): {e}")
+        });
         let tap = match Tap::open(&name) {
             Ok(t) => t,
             Err(e) => {
-                eprintln!("skipping TAP test: {e}");
-                return None;
+                let _ = set_persistent(&name, false);
+                panic!("cannot open the test TAP {name} just created: {e}");
             }
         };
+        // SAFETY: `tap`'s fd is the tun fd attached to the device; TUNSETPERSIST takes an
+        // integer. Not persistent any more: the device goes when the test's fds close.
+        if unsafe { ioctl_with_val(&tap.file, TUNSETPERSIST(), 0) } < 0 {
+            panic!(
+                "cannot make the test TAP {name} transient: {}",
+                io::Error::last_os_error()
+            );
+        }
         let cname = std::ffi::CString::new(name.clone()).ok()?;
         // SAFETY: plain syscalls on fds we own with valid, live arguments.
         unsafe {
@@ -242,8 +281,8 @@ pub(crate) mod testutil {
             let ok = libc::ioctl(s, libc::SIOCSIFFLAGS, &mut req) == 0;
             libc::close(s);
             if !ok {
-                eprintln!("skipping TAP test: cannot bring {name} up");
-                return None;
+                let _ = set_persistent(&name, false);
+                panic!("cannot bring the test TAP {name} up");
             }
             let ifindex = libc::if_nametoindex(cname.as_ptr());
             let proto = (libc::ETH_P_ALL as u16).to_be();

@@ -40,6 +40,7 @@ pub const KNOWN: &[&str] = &[
     "backup.mid_disk_apply",
     "backup.before_ack",
     "backup.restore",
+    "twin.snapshot",
 ];
 
 /// What an armed point does.

@@ -103,7 +103,18 @@ pub struct Net {
     scratch: Vec<u8>,
     pub gratuitous_arps: u64,
     reported_reset: bool,
+    /// Added to the clock smoltcp sees: [`RTO_WARP_NS`] per configuration interrupt.
+    warp_ns: u64,
 }
+
+/// How far smoltcp's clock jumps ahead on a configuration interrupt: its minimum
+/// retransmission timeout (`RTTE_MIN_RTO`, 1 s in smoltcp 0.14). The interrupt means the
+/// VM may have moved (a failover: the backup raises it right after the restore), and
+/// whatever it sent since the last committed checkpoint died with the old host, so every
+/// unacknowledged segment should go out again now rather than when its timer (≥ 1 s)
+/// expires; smoltcp has no "retransmit now", but a clock past every first-time RTO is
+/// exactly that. The only other cost is that keep-alives and idle timeouts come 1 s early.
+const RTO_WARP_NS: u64 = 1_000_000_000;
 
 fn instant(ns: u64) -> Instant {
     Instant::from_micros((ns / 1000) as i64)
@@ -145,6 +156,7 @@ impl Net {
             scratch: vec![0; resp::MAX_REQUEST],
             gratuitous_arps: 0,
             reported_reset: false,
+            warp_ns: 0,
         };
         net.keep_listening();
         net.announce();
@@ -258,10 +270,11 @@ impl Net {
                 );
             }
             self.announce();
+            self.warp_ns += RTO_WARP_NS;
         }
         let (rx0, tx0) = (self.dev.rx.packets, self.dev.tx.packets);
         self.dev.tx.reclaim();
-        let ts = instant(now_ns);
+        let ts = instant(now_ns + self.warp_ns);
         self.iface.poll_maintenance(ts);
         // Bounded ingress, so a flood cannot starve the rest of the main loop.
         for i in 0..RX_BUDGET {
@@ -286,7 +299,7 @@ impl Net {
     /// Does smoltcp want to be polled before `now_ns` plus a tick? (Only when it can make
     /// progress: with no free TX descriptor it waits for the TX interrupt.)
     pub fn wants_poll(&mut self, now_ns: u64) -> bool {
-        let ts = instant(now_ns);
+        let ts = instant(now_ns + self.warp_ns);
         self.dev.tx.has_free()
             && matches!(self.iface.poll_at(ts, &self.sockets), Some(at) if at <= ts)
     }

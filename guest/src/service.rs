@@ -153,10 +153,15 @@ impl Reply {
 
 impl Reply {
     /// Appends raw bytes (a stored value), as much as fits.
+    /// Appends `b` as one line's worth of text: a value set over RESP may hold any bytes,
+    /// and a CR or LF in it would end the reply early and make the rest look like the next
+    /// reply, so control bytes are written as `?`.
     pub fn write_bytes(&mut self, b: &[u8]) -> fmt::Result {
         let room = MAX_REPLY - 1 - self.len;
         let n = b.len().min(room);
-        self.buf[self.len..self.len + n].copy_from_slice(&b[..n]);
+        for (dst, &c) in self.buf[self.len..self.len + n].iter_mut().zip(b) {
+            *dst = if c < 0x20 || c == 0x7f { b'?' } else { c };
+        }
         self.len += n;
         Ok(())
     }

@@ -193,6 +193,11 @@ impl Drop for EtcdHost {
     }
 }
 
+/// Whether etcd is installed (in `PATH`).
+pub fn installed() -> bool {
+    which("etcd").is_some()
+}
+
 fn which(program: &str) -> Option<std::path::PathBuf> {
     std::env::var_os("PATH")?
         .to_str()?

@@ -20,15 +20,14 @@
 //! and for waits on a process that may exit right after the event (a primary that stands
 //! down).
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use twin_api::{Event, EventKind, Request, Response};
+use twin_api::{Event, EventKind, EventsQuery};
 
 use crate::error::{HarnessError, Result};
 use crate::process::TwinProcess;
@@ -53,52 +52,21 @@ impl Events {
         &self.sock
     }
 
+    /// `GET /v1/events` on the control socket (the answer's head within [`HEAD_TIMEOUT`]:
+    /// a stopped (SIGSTOP) process answers nothing).
     fn open(&self, since: u64, epochs: bool, follow: bool) -> Result<Stream> {
-        let io = |what: &str, e| HarnessError::io(format!("{what} {}", self.sock.display()), e);
-        let conn = UnixStream::connect(&self.sock).map_err(|e| io("connecting to", e))?;
-        self.request(conn, since, epochs, follow)
-    }
-
-    fn request(
-        &self,
-        mut conn: UnixStream,
-        since: u64,
-        epochs: bool,
-        follow: bool,
-    ) -> Result<Stream> {
-        let io = |what: &str, e| HarnessError::io(format!("{what} {}", self.sock.display()), e);
-        let mut line = serde_json::to_string(&Request::Events {
+        let q = EventsQuery {
             since,
             epochs,
             follow,
+        };
+        let stream = twin::control::client::events_within(&self.sock, q, HEAD_TIMEOUT)
+            .map_err(|e| HarnessError::InvalidArgument(anyhow_chain(&e)))?;
+        Ok(Stream {
+            next_seq: stream.next_seq(),
+            reader: stream.into_lines(),
+            partial: String::new(),
         })
-        .expect("requests serialize");
-        line.push('\n');
-        conn.write_all(line.as_bytes())
-            .map_err(|e| io("asking for events on", e))?;
-        // A stopped (SIGSTOP) process answers nothing: do not wait for it forever.
-        conn.set_read_timeout(Some(HEAD_TIMEOUT))
-            .map_err(|e| io("setting a timeout on", e))?;
-        let mut reader = BufReader::new(conn);
-        let mut head = String::new();
-        reader
-            .read_line(&mut head)
-            .map_err(|e| io("reading the events of", e))?;
-        match serde_json::from_str::<Response>(&head) {
-            Ok(Response::Ok(v)) => Ok(Stream {
-                reader,
-                next_seq: v["next_seq"].as_u64().unwrap_or(0),
-                partial: String::new(),
-            }),
-            Ok(Response::Error(e)) => Err(HarnessError::InvalidArgument(format!(
-                "{}: {e}",
-                self.sock.display()
-            ))),
-            Err(e) => Err(HarnessError::InvalidArgument(format!(
-                "{} answered {head:?}: {e}",
-                self.sock.display()
-            ))),
-        }
     }
 
     /// The sequence number the next event will get: pass it to [`Events::wait`] to wait for
@@ -240,7 +208,7 @@ impl Events {
 
 /// One open event stream.
 struct Stream {
-    reader: BufReader<UnixStream>,
+    reader: BufReader<twin::control::client::Body>,
     next_seq: u64,
     /// A line begun but not finished when a read timed out.
     partial: String,
@@ -260,6 +228,7 @@ impl Stream {
     fn read(&mut self, wait: Duration) -> Result<Next> {
         self.reader
             .get_ref()
+            .socket()
             .set_read_timeout(Some(wait.max(Duration::from_millis(1))))
             .map_err(|e| HarnessError::io("setting the event stream's timeout", e))?;
         match self.reader.read_line(&mut self.partial) {
@@ -286,6 +255,18 @@ impl Stream {
             Err(e) => Err(HarnessError::io("reading an event", e)),
         }
     }
+}
+
+/// An error and its causes, one line.
+fn anyhow_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        src = c.source();
+    }
+    out
 }
 
 /// The names of `events`' kinds, in order (for messages).
@@ -571,9 +552,7 @@ fn record(events: &Events, epochs: bool, shared: &RecShared) {
     let stopping = || shared.stop.load(Ordering::Acquire);
     while !stopping() {
         let next = shared.lock().next;
-        let stream = UnixStream::connect(&events.sock)
-            .map_err(|e| HarnessError::io("connecting", e))
-            .and_then(|c| events.request(c, next, epochs, true));
+        let stream = events.open(next, epochs, true);
         let mut s = match stream {
             Ok(s) => s,
             Err(_) => {

@@ -354,6 +354,8 @@ pub struct Opts {
     /// <dir>/primary-disk.img` (a new sparse image of [`DISK_SIZE`]), every backup with
     /// `--replica-dir <dir>/<name>-replica` (its replica is `disk-0.img` there).
     pub disk: bool,
+    /// `--vcpus` of the primary (the backup takes the VM's shape from the stream).
+    pub vcpus: u8,
 }
 
 /// Size of the rig's disk image (`Opts::disk`).
@@ -396,6 +398,19 @@ impl Auth {
     }
 }
 
+/// The rig's `--vcpus`: `TWIN_TEST_VCPUS` (1 to 8) if set, so that a whole suite can run at
+/// several vCPUs (`TWIN_TEST_VCPUS=2 cargo test … --test faults`), else 1.
+fn default_vcpus() -> u8 {
+    match std::env::var("TWIN_TEST_VCPUS") {
+        Err(_) => 1,
+        Ok(v) => v
+            .parse()
+            .ok()
+            .filter(|n| (1..=8).contains(n))
+            .unwrap_or_else(|| panic!("TWIN_TEST_VCPUS={v:?}: expected 1 to 8")),
+    }
+}
+
 impl Default for Opts {
     fn default() -> Self {
         Opts {
@@ -410,6 +425,7 @@ impl Default for Opts {
             auth: Auth::Key,
             arbiter: false,
             disk: false,
+            vcpus: default_vcpus(),
         }
     }
 }
@@ -508,6 +524,11 @@ pub fn spawn_backup(
     let mut b = spawn_twin(&ha.backup.ns, dir, name, &args, failpoints);
     wait_listening(&mut b, &dir.join(format!("{name}.sock")));
     b
+}
+
+/// [`spawn_backup`] with the test key and no extra flags.
+pub fn spawn_keyed_backup(ha: &Ha, dir: &TestDir, name: &str, failpoints: &str) -> TwinProcess {
+    spawn_backup(ha, dir, name, &Auth::Key.args(dir, false), &[], failpoints)
 }
 
 /// Waits for the `listening` event of the `twin backup` `b` serving `sock`.
@@ -628,12 +649,15 @@ impl Rig {
         if let Some(e) = &etcd {
             auth.extend(["--arbiter".into(), e.url(HostRole::Primary)]);
         }
+        let vcpus = opts.vcpus.to_string();
         let disk = dir.join("primary-disk.img").to_string_lossy().into_owned();
         let mut extra = vec![
             "--guest-args",
             opts.guest_args,
             "--on-backup-loss",
             opts.policy,
+            "--vcpus",
+            vcpus.as_str(),
         ];
         if opts.disk {
             std::fs::File::create(&disk)
@@ -807,6 +831,25 @@ impl Rig {
             .take()
             .expect("the workload runs")
             .finish(RIDE_THROUGH + Duration::from_secs(5))
+    }
+
+    /// Waits until the client has had `PROOF_REPLIES` replies sent after `since` (the stream
+    /// goes on); `what` names the expectation in the panic.
+    pub fn wait_stream(&self, since: Instant, what: &str) {
+        if let Err(e) = self
+            .work()
+            .wait_replies_after(since, PROOF_REPLIES, PROGRESS_TIMEOUT)
+        {
+            panic!("{what}: {e}");
+        }
+    }
+
+    /// Ends the workload and checks its stream on the `survivor` (`check_stream`),
+    /// recording the longest gap from a second before `since` (the fault) as the recovery.
+    pub fn finish_and_check(&mut self, rep: &mut Report, since: Instant, survivor: &str) {
+        let (p, client) = self.finish_work();
+        rep.recover = p.max_gap_after(since - Duration::from_secs(1));
+        check_stream(rep, &p, client, survivor);
     }
 
     pub fn primary_status(&self) -> std::result::Result<serde_json::Value, String> {

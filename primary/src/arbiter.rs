@@ -60,15 +60,8 @@ pub(crate) fn run_on(s: &Shared) -> RunOn {
             RunOn::Won
         }
         Ok(Claim::Lost(now)) => {
-            let owner = now
-                .record
-                .as_ref()
-                .map_or("nobody".to_string(), |r| r.owner.label.clone());
             report(s, "lost", Some(&now));
-            RunOn::Lost(format!(
-                "the arbiter gives the VM to {owner} (generation {})",
-                now.generation()
-            ))
+            RunOn::Lost(now.given_away())
         }
         Err(e) => {
             report(s, "unreachable", Some(&seen));
@@ -149,17 +142,7 @@ pub(crate) fn watch(s: &Arc<Shared>) {
             }
         };
         if !seen.owned_by(&arb.me.id) {
-            let owner = seen
-                .record
-                .as_ref()
-                .map_or("nobody".to_string(), |r| r.owner.label.clone());
-            fence(
-                s,
-                format!(
-                    "the arbiter gives the VM to {owner} (generation {})",
-                    seen.generation()
-                ),
-            );
+            fence(s, seen.given_away());
             return;
         }
         *s.arbiter_seen.lock().unwrap_or_else(|e| e.into_inner()) = Some(seen.clone());
@@ -175,17 +158,7 @@ pub(crate) fn watch(s: &Arc<Shared>) {
             }
         });
         if let Some(now) = lost {
-            let owner = now
-                .record
-                .as_ref()
-                .map_or("nobody".to_string(), |r| r.owner.label.clone());
-            fence(
-                s,
-                format!(
-                    "the arbiter gives the VM to {owner} (generation {})",
-                    now.generation()
-                ),
-            );
+            fence(s, now.given_away());
             return;
         }
         if let Err(e) = r {

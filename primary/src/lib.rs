@@ -27,6 +27,7 @@
 mod arbiter;
 pub mod mode;
 pub mod stats;
+mod unchanged;
 
 pub use mode::{Mode, ModeEvent, Transition};
 
@@ -86,6 +87,10 @@ pub struct ProtectConfig {
     /// has passed since the previous checkpoint instead of waiting for the interval, so a
     /// reply waits ~1 ms instead of up to an interval. `None`: checkpoints on the timer only.
     pub eager_gap: Option<Duration>,
+    /// Pre-copy: harvest and copy the epoch's pages while the guest runs, just before the
+    /// pause, so that the pause copies only what is written in between
+    /// ([`twin_vmm::Vmm::precopy`]). Off: every page is copied inside the pause.
+    pub precopy: bool,
     pub on_backup_loss: LossPolicy,
     /// Silence from the backup longer than this means it is lost.
     pub backup_timeout: Duration,
@@ -126,6 +131,8 @@ pub enum SessionError {
     Checkpoint(#[from] VmmError),
     #[error("encoding the machine state failed")]
     State(#[from] twin_vmm::container::ContainerError),
+    #[error("finding which pages of guest memory hold data (SEEK_DATA on its memfd) failed")]
+    MemoryScan(#[source] std::io::Error),
     #[error("the backup was silent for {0:?}")]
     Silent(Duration),
     #[error("the backup closed the connection")]
@@ -204,6 +211,8 @@ struct Status {
     /// Checkpoints taken early because output was waiting (eager output commit).
     eager: u64,
     stretched: u64,
+    /// Dirty pages not sent: unchanged since the previous epoch (`unchanged`).
+    unchanged: u64,
     pause_ns: Samples,
     stop_ns: Samples,
     state_ns: Samples,
@@ -231,6 +240,7 @@ impl Status {
             checkpoints: 0,
             eager: 0,
             stretched: 0,
+            unchanged: 0,
             pause_ns: s(),
             stop_ns: s(),
             state_ns: s(),
@@ -423,15 +433,7 @@ impl Primary {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .clone();
-            twin_api::status::ArbiterStatus {
-                endpoints: a.client.endpoints(),
-                generation: seen.as_ref().map_or(0, twin_arbiter::Seen::generation),
-                owner: seen
-                    .as_ref()
-                    .and_then(|x| x.record.as_ref())
-                    .map(|r| r.owner.label.clone()),
-                owned_here: seen.as_ref().is_some_and(|x| x.owned_by(&a.me.id)),
-            }
+            arbiter_status(a, seen.as_ref())
         });
         twin_api::PrimaryStatus {
             role: "primary".into(),
@@ -455,6 +457,7 @@ impl Primary {
             eager_gap_ms: cfg.eager_gap.map(|g| g.as_secs_f64() * 1e3),
             checkpoint_rate_hz: rate,
             stretched_epochs: st.stretched,
+            unchanged_pages: st.unchanged,
             pause_us: q_us(&st.pause_ns),
             pause_split_us_median: PauseSplit {
                 stop_vcpus: us(st.stop_ns.median()),
@@ -548,6 +551,9 @@ fn replicate(s: &Shared) {
                     }
                     Some(arbiter::RunOn::Unreachable(why)) => {
                         error!("backup lost ({msg}) and the arbiter does not answer ({why}); holding all output until one of them does");
+                        // `twin status` says why output is held: the arbiter, not the policy.
+                        s.status().last_error =
+                            Some(format!("{msg}; the arbiter does not answer ({why})"));
                         LossPolicy::Hold
                     }
                     Some(arbiter::RunOn::Won) | None => s.cfg.on_backup_loss,
@@ -812,9 +818,14 @@ fn initial_sync(s: &Shared, writer: &FrameWriter) -> Result<(), SessionError> {
     // reads into this batch, and encoded from there.
     let mut batch = PageBatch::new(BATCH);
     let mut progress = SyncProgress::new(pages, &s.events);
+    // A hole of the memfd is a zero page, named without reading it (a read would allocate
+    // it); the pages of the data ranges are read and checked.
+    let data = ram.data_ranges().map_err(SessionError::MemoryScan)?;
+    let mut data = data.into_iter().flatten().peekable();
     for p in 0..pages {
         progress.at(p);
-        if !batch.add(ram, p, true)? {
+        let in_data = data.next_if_eq(&p).is_some();
+        if !in_data || !batch.add(ram, p, true)? {
             zero.push(p as u64);
             continue;
         }
@@ -1100,7 +1111,13 @@ fn read_acks(
                 let done: Vec<u64> = st.in_flight.range(..=a.epoch).map(|(e, _)| *e).collect();
                 for e in done {
                     if let Some(sent) = st.in_flight.remove(&e) {
-                        st.ack_ns.push(now.duration_since(sent).as_nanos() as u64);
+                        let ack = now.duration_since(sent);
+                        st.ack_ns.push(ack.as_nanos() as u64);
+                        // Per epoch, for the metrics' ack-latency histogram.
+                        s.events.emit(EventKind::EpochAcked {
+                            epoch: e,
+                            ack_us: ack.as_secs_f64() * 1e6,
+                        });
                     }
                 }
                 st.acked = Some(st.acked.map_or(a.epoch, |x| x.max(a.epoch)));
@@ -1249,6 +1266,8 @@ fn send_epochs(
     let interval = s.cfg.interval;
     let codec = writer.codec();
     let mut wbuf = BytesMut::with_capacity(1 << 20);
+    // What the backup holds of the previous epoch's pages (this session's only).
+    let mut last_sent = unchanged::LastSent::default();
     let mut next_tick = Instant::now();
     let mut last_checkpoint = Instant::now();
     loop {
@@ -1299,23 +1318,38 @@ fn send_epochs(
         last_checkpoint = started;
         let epoch = *next_epoch;
         let netbuf = &s.netbuf;
+        let pre = if s.cfg.precopy {
+            Some(s.vmm.precopy()?)
+        } else {
+            None
+        };
         twin_failpoints::hit("primary.before_pause");
-        let mut cp = s.vmm.checkpoint_sealed(true, || {
+        let seal = || {
             if let Err(e) = netbuf.seal(epoch) {
                 warn!("sealing output epoch {epoch}: {e}");
             }
             // The VM is paused here, its pages about to be collected.
             twin_failpoints::hit("primary.collect");
-        })?;
+        };
+        let mut cp = match pre {
+            Some(pre) => s.vmm.checkpoint_precopied(pre, seal)?,
+            None => s.vmm.checkpoint_sealed(true, seal)?,
+        };
         *next_epoch += 1;
         let state = cp.state.encode()?;
-        let indices: Vec<usize> = cp.dirty_pages().collect();
-        let refs: Vec<PageRef<'_>> = indices
-            .iter()
+        let dirty: Vec<(u64, &[u8])> = cp
+            .dirty_pages()
             .enumerate()
-            .map(|(i, &p)| PageRef {
-                index: p as u64,
-                data: &cp.pages[i * PAGE_SIZE..(i + 1) * PAGE_SIZE],
+            .map(|(i, p)| (p as u64, &cp.pages[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]))
+            .collect();
+        // Hot pages are reported every epoch, written or not: send only what changed.
+        let skipped_before = last_sent.skipped;
+        let refs: Vec<PageRef<'_>> = last_sent
+            .filter(&dirty)
+            .into_iter()
+            .map(|i| PageRef {
+                index: dirty[i].0,
+                data: dirty[i].1,
             })
             .collect();
         let begin = EpochBegin {
@@ -1340,6 +1374,7 @@ fn send_epochs(
             let mut st = s.status();
             st.epoch = epoch;
             st.checkpoints += 1;
+            st.unchanged += last_sent.skipped - skipped_before;
             if started < next_tick {
                 st.eager += 1;
             }
@@ -1394,6 +1429,21 @@ fn send_epochs(
             s.status().stretched += 1;
             next_tick = Instant::now();
         }
+    }
+}
+
+/// The arbiter as `twin status` shows it: `seen` is the record as last read.
+pub fn arbiter_status(
+    a: &twin_arbiter::Arbitration,
+    seen: Option<&twin_arbiter::Seen>,
+) -> twin_api::status::ArbiterStatus {
+    twin_api::status::ArbiterStatus {
+        endpoints: a.client.endpoints(),
+        generation: seen.map_or(0, twin_arbiter::Seen::generation),
+        owner: seen
+            .and_then(|x| x.record.as_ref())
+            .map(|r| r.owner.label.clone()),
+        owned_here: seen.is_some_and(|x| x.owned_by(&a.me.id)),
     }
 }
 

@@ -37,6 +37,46 @@ fn frames_during(rig: &Rig, window: Duration) -> (u64, u64) {
     (p1 - p0, b1 - b0)
 }
 
+/// A protected VM with a real etcd arbiter, its client's stream flowing.
+fn start_with_arbiter(rep: &mut Report) -> Rig {
+    let rig = Rig::start(
+        rep,
+        Opts {
+            arbiter: true,
+            ..Opts::default()
+        },
+    );
+    rig.wait_stream(Instant::now(), "protected stream");
+    rig
+}
+
+/// The backup's claim goes unanswered, and `hold` later it still has not taken over.
+fn no_takeover_without_the_arbiter(be: &Events, bmark: u64, hold: Duration) {
+    be.wait(
+        bmark,
+        "an unanswered claim",
+        Duration::from_secs(30),
+        |e| matches!(&e.kind, EventKind::Arbitrated { outcome, .. } if outcome == "unreachable"),
+    )
+    .expect("the backup asks the arbiter and gets no answer");
+    std::thread::sleep(hold);
+    assert!(
+        !be.all(bmark, false)
+            .expect("events")
+            .iter()
+            .any(|e| matches!(e.kind, EventKind::FailoverStarted { .. })),
+        "the backup took over without the arbiter's grant"
+    );
+}
+
+/// Waits until the backup has taken over.
+fn wait_takeover(be: &Events, bmark: u64, why: &str) {
+    be.wait(bmark, "the takeover", Duration::from_secs(60), |e| {
+        matches!(e.kind, EventKind::FailoverComplete(_))
+    })
+    .expect(why);
+}
+
 /// How the two sides ended up.
 #[derive(Debug)]
 enum Winner {
@@ -95,16 +135,7 @@ fn settle(
 
 /// A partition of the replication link (`cut`) with both hosts and the arbiter alive.
 fn partition(rep: &mut Report, cut: Cut) {
-    let mut rig = Rig::start(
-        rep,
-        Opts {
-            arbiter: true,
-            ..Opts::default()
-        },
-    );
-    rig.work()
-        .wait_replies_after(Instant::now(), PROOF_REPLIES, PROGRESS_TIMEOUT)
-        .expect("protected stream");
+    let mut rig = start_with_arbiter(rep);
     let pe = Events::at(rig.dir.join("primary.sock"));
     let be = Events::at(rig.dir.join("backup.sock"));
     let (pmark, bmark) = (pe.mark().expect("mark"), be.mark().expect("mark"));
@@ -132,9 +163,7 @@ fn partition(rep: &mut Report, cut: Cut) {
             assert!(p > 0, "the primary's VM serves nobody");
         }
     }
-    rig.work()
-        .wait_replies_after(cut_at, PROOF_REPLIES, PROGRESS_TIMEOUT)
-        .expect("the client's stream goes on with the winner");
+    rig.wait_stream(cut_at, "the client's stream goes on with the winner");
     let (pr, client) = rig.finish_work();
     rep.recover = pr.max_gap_after(cut_at - Duration::from_secs(1));
     check_stream(rep, &pr, client, &format!("{winner:?}").to_lowercase());
@@ -168,16 +197,7 @@ fn partition_backup_to_primary_one_replica() {
 #[test]
 fn partition_and_the_primary_loses_the_arbiter() {
     let mut rep = Report::new("partition_and_the_primary_loses_the_arbiter");
-    let mut rig = Rig::start(
-        &mut rep,
-        Opts {
-            arbiter: true,
-            ..Opts::default()
-        },
-    );
-    rig.work()
-        .wait_replies_after(Instant::now(), PROOF_REPLIES, PROGRESS_TIMEOUT)
-        .expect("protected stream");
+    let mut rig = start_with_arbiter(&mut rep);
     let pe = Events::at(rig.dir.join("primary.sock"));
     let be = Events::at(rig.dir.join("backup.sock"));
     let (pmark, bmark) = (pe.mark().expect("mark"), be.mark().expect("mark"));
@@ -188,10 +208,7 @@ fn partition_and_the_primary_loses_the_arbiter() {
     rig.ha
         .cut_replication(Cut::Drop(Direction::Both))
         .expect("cut");
-    be.wait(bmark, "the takeover", Duration::from_secs(30), |e| {
-        matches!(e.kind, EventKind::FailoverComplete(_))
-    })
-    .expect("the backup wins the arbiter and takes over");
+    wait_takeover(&be, bmark, "the backup wins the arbiter and takes over");
     pe.wait(
         pmark,
         "the primary holding",
@@ -199,6 +216,17 @@ fn partition_and_the_primary_loses_the_arbiter() {
         |e| matches!(&e.kind, EventKind::BackupLost { policy, .. } if policy == "hold"),
     )
     .expect("the primary, without backup or arbiter, holds its output");
+    let st = rig.primary_status().expect("primary status");
+    let why = st["why_not"].as_str().unwrap_or_default().to_string();
+    rep.note(format!(
+        "primary status: protected {}, why not: {why}",
+        st["protected"]
+    ));
+    assert_eq!(st["protected"], false);
+    assert!(
+        why.contains("output held") && why.contains("arbiter does not answer"),
+        "twin status does not say why output is held: {why:?}"
+    );
     let (p, b) = frames_during(&rig, Duration::from_secs(3));
     rep.note(format!(
         "frames out in 3 s, primary cut off: primary {p}, backup {b}"
@@ -223,12 +251,8 @@ fn partition_and_the_primary_loses_the_arbiter() {
     .expect("the primary stands down once it hears the arbiter");
     let (p2, _) = frames_during(&rig, Duration::from_secs(2));
     assert_eq!(p2, 0, "the fenced primary's VM sent {p2} frames");
-    rig.work()
-        .wait_replies_after(cut_at, PROOF_REPLIES, PROGRESS_TIMEOUT)
-        .expect("the client's stream goes on with the backup");
-    let (pr, client) = rig.finish_work();
-    rep.recover = pr.max_gap_after(cut_at - Duration::from_secs(1));
-    check_stream(&mut rep, &pr, client, "backup");
+    rig.wait_stream(cut_at, "the client's stream goes on with the backup");
+    rig.finish_and_check(&mut rep, cut_at, "backup");
     rig.assert_no_panics();
     rep.done("backup won; cut-off primary held everything, then stood down; stream intact");
 }
@@ -239,16 +263,7 @@ fn partition_and_the_primary_loses_the_arbiter() {
 #[test]
 fn backup_without_the_arbiter_waits_then_takes_over() {
     let mut rep = Report::new("backup_without_the_arbiter_waits_then_takes_over");
-    let mut rig = Rig::start(
-        &mut rep,
-        Opts {
-            arbiter: true,
-            ..Opts::default()
-        },
-    );
-    rig.work()
-        .wait_replies_after(Instant::now(), PROOF_REPLIES, PROGRESS_TIMEOUT)
-        .expect("protected stream");
+    let mut rig = start_with_arbiter(&mut rep);
     let be = Events::at(rig.dir.join("backup.sock"));
     let bmark = be.mark().expect("mark");
     rep.step("cutting b↔etcd, then SIGKILL of the primary");
@@ -259,45 +274,22 @@ fn backup_without_the_arbiter_waits_then_takes_over() {
         .expect("cut b↔etcd");
     rig.primary.kill().expect("SIGKILL the primary");
     let died = Instant::now();
-    be.wait(
-        bmark,
-        "an unanswered claim",
-        Duration::from_secs(30),
-        |e| matches!(&e.kind, EventKind::Arbitrated { outcome, .. } if outcome == "unreachable"),
-    )
-    .expect("the backup asks the arbiter and gets no answer");
-    std::thread::sleep(Duration::from_secs(3));
+    no_takeover_without_the_arbiter(&be, bmark, Duration::from_secs(3));
     let st = rig.backup_status().expect("backup status");
     assert_eq!(st["state"], "claiming", "{st}");
-    assert!(
-        !be.all(bmark, false)
-            .expect("events")
-            .iter()
-            .any(|e| matches!(e.kind, EventKind::FailoverStarted { .. })),
-        "the backup took over without the arbiter's grant"
-    );
     rep.step("b↔etcd back: the claim wins, the backup takes over");
     rig.etcd
         .as_ref()
         .expect("etcd")
         .restore(HostRole::Backup)
         .expect("restore");
-    let done = be
-        .wait(bmark, "the takeover", Duration::from_secs(30), |e| {
-            matches!(e.kind, EventKind::FailoverComplete(_))
-        })
-        .expect("the backup takes over once the arbiter answers");
+    wait_takeover(&be, bmark, "the backup takes over once the arbiter answers");
     rep.note(format!(
         "took over {:.1}s after the kill",
         died.elapsed().as_secs_f64()
     ));
-    let _ = done;
-    rig.work()
-        .wait_replies_after(died, PROOF_REPLIES, PROGRESS_TIMEOUT)
-        .expect("the client's stream resumes on the backup");
-    let (pr, client) = rig.finish_work();
-    rep.recover = pr.max_gap_after(died - Duration::from_secs(1));
-    check_stream(&mut rep, &pr, client, "backup");
+    rig.wait_stream(died, "the client's stream resumes on the backup");
+    rig.finish_and_check(&mut rep, died, "backup");
     rig.assert_no_panics();
     rep.done(
         "no takeover while the arbiter was unreachable; took over once it answered; stream intact",
@@ -309,54 +301,24 @@ fn backup_without_the_arbiter_waits_then_takes_over() {
 #[test]
 fn etcd_down_during_a_failover() {
     let mut rep = Report::new("etcd_down_during_a_failover");
-    let mut rig = Rig::start(
-        &mut rep,
-        Opts {
-            arbiter: true,
-            ..Opts::default()
-        },
-    );
-    rig.work()
-        .wait_replies_after(Instant::now(), PROOF_REPLIES, PROGRESS_TIMEOUT)
-        .expect("protected stream");
+    let mut rig = start_with_arbiter(&mut rep);
     let be = Events::at(rig.dir.join("backup.sock"));
     let bmark = be.mark().expect("mark");
     rep.step("etcd killed, then the primary");
     rig.etcd.as_mut().expect("etcd").kill().expect("kill etcd");
     rig.primary.kill().expect("SIGKILL the primary");
     let died = Instant::now();
-    be.wait(
-        bmark,
-        "an unanswered claim",
-        Duration::from_secs(30),
-        |e| matches!(&e.kind, EventKind::Arbitrated { outcome, .. } if outcome == "unreachable"),
-    )
-    .expect("the backup gets no answer");
-    std::thread::sleep(Duration::from_secs(2));
-    assert!(
-        !be.all(bmark, false)
-            .expect("events")
-            .iter()
-            .any(|e| matches!(e.kind, EventKind::FailoverStarted { .. })),
-        "the backup took over without the arbiter's grant"
-    );
+    no_takeover_without_the_arbiter(&be, bmark, Duration::from_secs(2));
     rep.step("etcd restarted on its data");
     let dir_etcd = rig.etcd.as_mut().expect("etcd");
     dir_etcd.restart(&rig.dir).expect("restart etcd");
-    be.wait(bmark, "the takeover", Duration::from_secs(60), |e| {
-        matches!(e.kind, EventKind::FailoverComplete(_))
-    })
-    .expect("the backup takes over once etcd is back");
+    wait_takeover(&be, bmark, "the backup takes over once etcd is back");
     rep.note(format!(
         "took over {:.1}s after the kill",
         died.elapsed().as_secs_f64()
     ));
-    rig.work()
-        .wait_replies_after(died, PROOF_REPLIES, PROGRESS_TIMEOUT)
-        .expect("the client's stream resumes on the backup");
-    let (pr, client) = rig.finish_work();
-    rep.recover = pr.max_gap_after(died - Duration::from_secs(1));
-    check_stream(&mut rep, &pr, client, "backup");
+    rig.wait_stream(died, "the client's stream resumes on the backup");
+    rig.finish_and_check(&mut rep, died, "backup");
     rig.assert_no_panics();
     rep.done("no takeover while etcd was down; took over once it came back; stream intact");
 }
@@ -366,26 +328,14 @@ fn etcd_down_during_a_failover() {
 #[test]
 fn primary_stalled_past_the_timeout_with_an_arbiter() {
     let mut rep = Report::new("primary_stalled_past_the_timeout_with_an_arbiter");
-    let mut rig = Rig::start(
-        &mut rep,
-        Opts {
-            arbiter: true,
-            ..Opts::default()
-        },
-    );
-    rig.work()
-        .wait_replies_after(Instant::now(), PROOF_REPLIES, PROGRESS_TIMEOUT)
-        .expect("protected stream");
+    let mut rig = start_with_arbiter(&mut rep);
     let pe = Events::at(rig.dir.join("primary.sock"));
     let be = Events::at(rig.dir.join("backup.sock"));
     let (pmark, bmark) = (pe.mark().expect("mark"), be.mark().expect("mark"));
     rep.step("SIGSTOP of the primary for 2 s");
     rig.primary.signal(Signal::Stop).expect("SIGSTOP");
     let stopped = Instant::now();
-    be.wait(bmark, "the takeover", Duration::from_secs(30), |e| {
-        matches!(e.kind, EventKind::FailoverComplete(_))
-    })
-    .expect("the backup takes over");
+    wait_takeover(&be, bmark, "the backup takes over");
     std::thread::sleep(Duration::from_secs(2).saturating_sub(stopped.elapsed()));
     rig.primary.signal(Signal::Cont).expect("SIGCONT");
     let stood = pe
@@ -410,12 +360,8 @@ fn primary_stalled_past_the_timeout_with_an_arbiter() {
     let (p, b) = frames_during(&rig, Duration::from_secs(3));
     rep.note(format!("frames out in 3 s: primary {p}, backup {b}"));
     assert_eq!(p, 0, "SPLIT BRAIN: the thawed primary's VM sent {p} frames");
-    rig.work()
-        .wait_replies_after(stopped, PROOF_REPLIES, PROGRESS_TIMEOUT)
-        .expect("the client's stream goes on with the backup");
-    let (pr, client) = rig.finish_work();
-    rep.recover = pr.max_gap_after(stopped - Duration::from_secs(1));
-    check_stream(&mut rep, &pr, client, "backup");
+    rig.wait_stream(stopped, "the client's stream goes on with the backup");
+    rig.finish_and_check(&mut rep, stopped, "backup");
     rig.assert_no_panics();
     rep.done("backup won; the thawed primary stood down; one replica's frames; stream intact");
 }

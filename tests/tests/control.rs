@@ -5,15 +5,16 @@
 //!   naming the socket, and the running one still answers through it (a stale socket left by
 //!   a killed process is replaced);
 //! - the socket is private (mode 0600);
-//! - connections are bounded (beyond the cap a client gets an error line at once, and no
-//!   thread), and so is a request line (a 100 MB line is refused without being buffered);
+//! - connections are bounded (beyond the cap a client gets an HTTP 503 with an error body at
+//!   once, and no thread), and so are a request head and a body (a 100 MB head gets 431, a
+//!   100 MB body 413 from its Content-Length, neither buffered);
 //! - when accept fails (the process is out of file descriptors) the control thread backs off
 //!   instead of spinning, says so once, and serves again when descriptors are back.
 //!
 //! `twin backup` is the process under test where a VM is not needed (it serves its control
 //! socket from start-up, long before it runs a VM).
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
@@ -29,7 +30,7 @@ const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// A control command.
 const CMD_TIMEOUT: Duration = Duration::from_secs(30);
-/// The connection cap of the control socket (twin/src/control.rs).
+/// The connection cap of the control socket (twin/src/control/mod.rs).
 const MAX_CONNECTIONS: usize = 32;
 const TAP2: &str = "tap1";
 
@@ -274,11 +275,49 @@ fn cpu_time(stat: &Path) -> Duration {
     Duration::from_millis(ticks * 1000 / hz)
 }
 
-fn read_line_within(conn: &UnixStream, timeout: Duration) -> std::io::Result<String> {
+/// Everything the server sends on `conn` until it closes it (or `timeout` passes).
+fn read_answer_within(conn: &UnixStream, timeout: Duration) -> std::io::Result<String> {
     conn.set_read_timeout(Some(timeout))?;
-    let mut line = String::new();
-    BufReader::new(conn).read_line(&mut line)?;
-    Ok(line)
+    let mut answer = Vec::new();
+    let mut conn = conn;
+    match conn.read_to_end(&mut answer) {
+        Ok(_) => {}
+        Err(e) if answer.is_empty() => return Err(e),
+        Err(_) => {}
+    }
+    Ok(String::from_utf8_lossy(&answer).into_owned())
+}
+
+/// Sends `head` (and nothing after it) and then `body_len` bytes of body from a thread,
+/// stopping when the server closes; returns the server's answer and how much was sent.
+fn flood(sock: &Path, head: Vec<u8>, body_len: usize) -> (String, usize) {
+    let mut c = connect(sock);
+    let writer = {
+        let mut c = c.try_clone().expect("clone");
+        std::thread::spawn(move || {
+            if c.write_all(&head).is_err() {
+                return 0;
+            }
+            let chunk = vec![b'x'; 1 << 20];
+            let mut sent = 0usize;
+            while sent < body_len {
+                match c.write(&chunk) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => sent += n,
+                }
+            }
+            sent
+        })
+    };
+    c.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("read timeout");
+    let mut answer = Vec::new();
+    let _ = c.read_to_end(&mut answer);
+    // The server has answered and closed; a writer still blocked in write_all on a full
+    // socket buffer would wait forever: shut our side down.
+    let _ = c.shutdown(std::net::Shutdown::Both);
+    let sent = writer.join().expect("writer");
+    (String::from_utf8_lossy(&answer).into_owned(), sent)
 }
 
 /// Unix sockets are reached by path: no network namespace is involved.
@@ -286,8 +325,8 @@ fn connect(path: &Path) -> UnixStream {
     UnixStream::connect(path).unwrap_or_else(|e| panic!("connect {}: {e}", path.display()))
 }
 
-/// The socket is private; connections beyond the cap get an error line at once and cost no
-/// thread; a request line longer than the bound is refused without being buffered.
+/// The socket is private; connections beyond the cap get a 503 at once and cost no thread;
+/// a request head or body longer than the bound is refused without being buffered.
 #[test]
 fn control_socket_bounds_connections_and_lines() {
     require_root();
@@ -315,7 +354,7 @@ fn control_socket_bounds_connections_and_lines() {
     for _ in 0..20 {
         let c = connect(&sock);
         let t = Instant::now();
-        let line = read_line_within(&c, Duration::from_secs(5)).unwrap_or_default();
+        let line = read_answer_within(&c, Duration::from_secs(5)).unwrap_or_default();
         refused.push((line, t.elapsed()));
         conns.push(c);
     }
@@ -328,9 +367,12 @@ fn control_socket_bounds_connections_and_lines() {
     );
     for (line, took) in &refused {
         assert!(
-            line.contains("too many") && *took < Duration::from_secs(2),
+            line.starts_with("HTTP/1.1 503")
+                && line.contains(r#""code":"unavailable""#)
+                && line.contains("too many")
+                && *took < Duration::from_secs(2),
             "a connection beyond the cap of {MAX_CONNECTIONS} got {line:?} after {took:?}, \
-             want an immediate error line"
+             want an immediate 503 with an error body"
         );
     }
     assert!(
@@ -349,45 +391,54 @@ fn control_socket_bounds_connections_and_lines() {
     .unwrap_or_else(|e| panic!("{e}: {} threads, {base_threads} before", threads(pid)));
     twin_status(ns, &dir, &sock, CMD_TIMEOUT).expect("the socket serves after the flood");
 
-    // One 100 MB request line, never terminated.
+    // One 100 MB request head, never terminated: hyper's head buffer is bounded.
     let rss_before = rss_kib(pid);
-    let mut c = connect(&sock);
-    let writer = {
-        let mut c = c.try_clone().expect("clone");
-        std::thread::spawn(move || {
-            let chunk = vec![b'x'; 1 << 20];
-            let mut sent = 0usize;
-            for _ in 0..100 {
-                if c.write_all(&chunk).is_err() {
-                    break;
-                }
-                sent += chunk.len();
-            }
-            sent
-        })
-    };
-    c.set_read_timeout(Some(Duration::from_secs(20)))
-        .expect("read timeout");
-    let mut answer = Vec::new();
-    let _ = c.read_to_end(&mut answer);
-    let sent = writer.join().expect("writer");
-    let answer = String::from_utf8_lossy(&answer);
+    let (answer, sent) = flood(&sock, b"GET /v1/status".to_vec(), 100 << 20);
     let rss_after = rss_kib(pid);
     eprintln!(
-        "long line: {sent} bytes sent before the server closed; answer {answer:?}; RSS {rss_before} -> \
-         {rss_after} KiB"
+        "long head: {sent} bytes sent before the server closed; answer {answer:?}; RSS \
+         {rss_before} -> {rss_after} KiB"
     );
     assert!(
-        answer.contains("longer than"),
-        "a 100 MB request line got {answer:?}, want an error saying the line is too long"
+        answer.starts_with("HTTP/1.1 431") || answer.starts_with("HTTP/1.1 400"),
+        "a 100 MB request head got {answer:?}, want 431 (or 400): the head is too long"
     );
     assert!(
         sent < 100 << 20,
-        "the server read the whole 100 MB line instead of closing the connection"
+        "the server read the whole 100 MB head instead of closing the connection"
     );
     assert!(
         rss_after < rss_before + 16 * 1024,
-        "the server's RSS grew from {rss_before} to {rss_after} KiB on one long line"
+        "the server's RSS grew from {rss_before} to {rss_after} KiB on one long head"
+    );
+    twin_status(ns, &dir, &sock, CMD_TIMEOUT).expect("the socket serves after the long head");
+
+    // One 100 MB request body: refused from its Content-Length, before it is read.
+    let rss_before = rss_kib(pid);
+    let head = format!(
+        "PUT /v1/vm/snapshot HTTP/1.1\r\nhost: twin\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\n\r\n",
+        100u64 << 20
+    );
+    let (answer, sent) = flood(&sock, head.into_bytes(), 100 << 20);
+    let rss_after = rss_kib(pid);
+    eprintln!(
+        "long body: {sent} bytes sent before the server closed; answer {answer:?}; RSS \
+         {rss_before} -> {rss_after} KiB"
+    );
+    assert!(
+        answer.starts_with("HTTP/1.1 413")
+            && answer.contains(r#""code":"payload_too_large""#)
+            && answer.contains("longer than"),
+        "a 100 MB request body got {answer:?}, want 413 with an error saying it is too long"
+    );
+    assert!(
+        sent < 100 << 20,
+        "the server read the whole 100 MB body instead of refusing it"
+    );
+    assert!(
+        rss_after < rss_before + 16 * 1024,
+        "the server's RSS grew from {rss_before} to {rss_after} KiB on one long body"
     );
     twin_status(ns, &dir, &sock, CMD_TIMEOUT).expect("the socket serves after the long line");
     assert_no_panic(&backup);

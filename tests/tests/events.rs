@@ -26,9 +26,7 @@ fn protection_and_failover_as_events() {
     let mut rig = Rig::start(&mut rep, Opts::default());
     let primary = Events::at(rig.dir.join("primary.sock"));
     let backup = Events::at(rig.dir.join("backup.sock"));
-    rig.work()
-        .wait_replies_after(Instant::now(), PROOF_REPLIES, PROGRESS_TIMEOUT)
-        .expect("protected stream");
+    rig.wait_stream(Instant::now(), "protected stream");
 
     rep.step("the primary's events: running, connected, synced, protected");
     let p = primary.all(0, false).expect("primary events");
@@ -136,6 +134,16 @@ fn protection_and_failover_as_events() {
         report.epoch > 0 && report.detect_to_running_ms > 0.0,
         "{report:?}"
     );
+    // `vm_running` follows `failover_complete` (the VM process emits it once the restored
+    // VM runs): wait for it too before reading the sequence.
+    backup
+        .wait(
+            mark,
+            "the VM running on the backup",
+            Duration::from_secs(10),
+            |e| matches!(e.kind, EventKind::VmRunning { .. }),
+        )
+        .expect("the backup's VM runs after the failover");
     let after = backup.all(mark, false).expect("events after the kill");
     let an = names(&after);
     assert!(
@@ -168,9 +176,7 @@ fn protection_and_failover_as_events() {
             ..
         }
     )));
-    rig.work()
-        .wait_replies_after(died, PROOF_REPLIES, PROGRESS_TIMEOUT)
-        .expect("the stream resumes on the backup");
+    rig.wait_stream(died, "the stream resumes on the backup");
 
     rep.step("`twin events` prints the same events");
     let out = rig

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use twin_api::{Event, EventKind};
 use twin_lab::events::{took_over, Events, Recorder};
+use twin_lab::rig::spawn_keyed_backup;
 use twin_lab::*;
 
 /// Boot, live initial sync and first ack, on a busy 2-core machine with software KVM.
@@ -27,7 +28,6 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 const TAKEOVER_TIMEOUT: Duration = Duration::from_secs(20);
 const PROGRESS_TIMEOUT: Duration = Duration::from_secs(60);
 const CMD_TIMEOUT: Duration = Duration::from_secs(30);
-const REPL_PORT: u16 = 7777;
 const MEM: &str = "256M";
 const GUEST_ARGS: &str = "dirty=16M/s,wss=64M";
 /// Iterations of the random-kill loop (`TWIN_FAILOVER_ITERATIONS` overrides).
@@ -35,41 +35,8 @@ const ITERATIONS: u32 = 20;
 /// Longest the whole loop may take.
 const LOOP_BUDGET: Duration = Duration::from_secs(300);
 
-fn listen_addr() -> String {
-    format!("{BACKUP_REPL_ADDR}:{REPL_PORT}")
-}
-
-fn spawn_backup(ha: &Ha, dir: &TestDir, name: &str, control: &Path) -> TwinProcess {
-    let listen = listen_addr();
-    let control = control.display().to_string();
-    let key = dir.key_file();
-    let mut p = TwinProcess::spawn(
-        &ha.backup.ns,
-        dir,
-        name,
-        &[
-            "backup",
-            "--key-file",
-            &key,
-            "--listen",
-            &listen,
-            "--tap",
-            TAP,
-            "--control",
-            &control,
-        ],
-    )
-    .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
-    Events::at(&control)
-        .wait_live(&mut p, 0, "the backup listening", CMD_TIMEOUT, |e| {
-            matches!(e.kind, EventKind::Listening { .. })
-        })
-        .unwrap_or_else(|e| panic!("{name} does not listen: {e}"));
-    p
-}
-
 fn spawn_primary(ha: &Ha, dir: &TestDir, name: &str, control: &Path) -> TwinProcess {
-    let backup = listen_addr();
+    let backup = twin_lab::rig::backup_listen();
     let control = control.display().to_string();
     let key = dir.key_file();
     TwinProcess::spawn(
@@ -235,8 +202,8 @@ fn failover_once(iteration: u32, kill_after: Duration) -> Run {
     let t0 = Instant::now();
     let ha = Topology::ha().expect("ha topology");
     let dir = TestDir::new(&format!("failover-{iteration}")).expect("test dir");
-    let (psock, bsock) = (dir.join("primary.sock"), dir.join("backup.sock"));
-    let mut backup = spawn_backup(&ha, &dir, "twin-backup", &bsock);
+    let (psock, bsock) = (dir.join("primary.sock"), dir.join("twin-backup.sock"));
+    let mut backup = spawn_keyed_backup(&ha, &dir, "twin-backup", "");
     let bevents = Events::at(&bsock).record(false);
     let mut primary = spawn_primary(&ha, &dir, "twin-protect", &psock);
     let pevents = Events::at(&psock).record(false);
@@ -436,10 +403,10 @@ fn a_new_backup_resynchronises_after_the_backup_dies_and_then_takes_over() {
     let dir = TestDir::new("backup-replaced").expect("test dir");
     let (psock, bsock1, bsock2) = (
         dir.join("primary.sock"),
-        dir.join("backup1.sock"),
-        dir.join("backup2.sock"),
+        dir.join("twin-backup-1.sock"),
+        dir.join("twin-backup-2.sock"),
     );
-    let mut backup1 = spawn_backup(&ha, &dir, "twin-backup-1", &bsock1);
+    let mut backup1 = spawn_keyed_backup(&ha, &dir, "twin-backup-1", "");
     let b1events = Events::at(&bsock1).record(false);
     let mut primary = spawn_primary(&ha, &dir, "twin-protect", &psock);
     let pevents = Events::at(&psock).record(false);
@@ -491,7 +458,7 @@ fn a_new_backup_resynchronises_after_the_backup_dies_and_then_takes_over() {
 
     // A new backup on the backup host: resynchronised, protected again.
     let t_new_backup = Instant::now();
-    let mut backup2 = spawn_backup(&ha, &dir, "twin-backup-2", &bsock2);
+    let mut backup2 = spawn_keyed_backup(&ha, &dir, "twin-backup-2", "");
     let b2events = Events::at(&bsock2).record(false);
     let st = wait_status(
         &ha.primary.ns,
@@ -583,8 +550,8 @@ fn a_primary_that_stalls_past_the_heartbeat_timeout_stands_down_after_the_takeov
     require_kvm();
     let ha = Topology::ha().expect("ha topology");
     let dir = TestDir::new("stalled-primary").expect("test dir");
-    let (psock, bsock) = (dir.join("primary.sock"), dir.join("backup.sock"));
-    let mut backup = spawn_backup(&ha, &dir, "twin-backup", &bsock);
+    let (psock, bsock) = (dir.join("primary.sock"), dir.join("twin-backup.sock"));
+    let mut backup = spawn_keyed_backup(&ha, &dir, "twin-backup", "");
     let bevents = Events::at(&bsock).record(false);
     let mut primary = spawn_primary(&ha, &dir, "twin-protect", &psock);
     let pevents = Events::at(&psock).record(false);

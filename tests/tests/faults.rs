@@ -87,7 +87,21 @@ fn primary_killed_with(rep: &mut Report, point: &str, nth: u64, auth: Auth) {
     );
 }
 
+fn primary_killed_on(rep: &mut Report, point: &str, nth: u64, auth: Auth, vcpus: u8) {
+    primary_killed_opts(
+        rep,
+        point,
+        nth,
+        Opts {
+            auth,
+            vcpus,
+            ..Opts::default()
+        },
+    );
+}
+
 fn primary_killed_opts(rep: &mut Report, point: &str, nth: u64, opts: Opts) {
+    let vcpus = opts.vcpus;
     let mut rig = Rig::start(
         rep,
         Opts {
@@ -120,15 +134,26 @@ fn primary_killed_opts(rep: &mut Report, point: &str, nth: u64, opts: Opts) {
     let fo = rig.wait_failover(rep);
     let epoch = fo["epoch"].as_u64().expect("FAILOVER names the epoch");
     rep.step("waiting for the client stream to resume on the backup");
-    rig.work()
-        .wait_replies_after(died, PROOF_REPLIES, PROGRESS_TIMEOUT)
-        .expect("the client stream resumes on the backup");
-    let (p, client) = rig.finish_work();
-    rep.recover = p.max_gap_after(died - Duration::from_secs(1));
-    check_stream(rep, &p, client, "backup");
+    rig.wait_stream(died, "the client stream resumes on the backup");
+    rig.finish_and_check(rep, died, "backup");
+    // The VM the backup runs has every vCPU the primary had (restored from the stream).
+    let running = rig
+        .backup_events()
+        .events()
+        .into_iter()
+        .find_map(|e| match e.kind {
+            EventKind::VmRunning { vcpus, .. } => Some(vcpus),
+            _ => None,
+        })
+        .expect("the backup reports its VM running after the takeover");
+    assert_eq!(
+        running,
+        u32::from(vcpus),
+        "vCPUs of the VM the backup took over"
+    );
     rig.assert_no_panics();
     rep.done(format!(
-        "backup took over at epoch {epoch} (restore {:.1} ms, detect→running {:.1} ms); stream intact",
+        "backup took over at epoch {epoch} with {vcpus} vCPU(s) (restore {:.1} ms, detect→running {:.1} ms); stream intact",
         fo["restore_ms"].as_f64().unwrap_or(f64::NAN),
         fo["detect_to_running_ms"].as_f64().unwrap_or(f64::NAN)
     ));
@@ -155,6 +180,10 @@ scenarios! {
             ..disk_opts()
         }
     );
+    /// A VM with two vCPUs (the second parked) killed mid-stream: every vCPU is paused,
+    /// captured and restored, the stream intact and VERIFY clean on the backup.
+    primary_killed_mid_stream_2_vcpus:
+        primary_killed_on("primary.mid_stream", 200, Auth::Key, 2);
 }
 
 /// Killed during the initial sync there is no committed checkpoint: the backup cannot take
@@ -297,14 +326,10 @@ fn backup_killed_with(rep: &mut Report, point: &str, nth: u64, opts: Opts) {
             is_backup_lost,
         )
         .expect("the primary reports the backup lost");
-    rig.work()
-        .wait_replies_after(died, PROOF_REPLIES, PROGRESS_TIMEOUT)
-        .expect("the primary keeps serving");
+    rig.wait_stream(died, "the primary keeps serving");
     let st = rig.primary_status().expect("primary status");
     assert_eq!(st["mode"], "unprotected", "primary status: {st}");
-    let (p, client) = rig.finish_work();
-    rep.recover = p.max_gap_after(died - Duration::from_secs(1));
-    check_stream(rep, &p, client, "primary");
+    rig.finish_and_check(rep, died, "primary");
     rig.assert_no_panics();
     rep.done(format!(
         "primary runs unprotected, stream intact (last_error: {})",
@@ -335,9 +360,7 @@ fn backup_killed_during_failover_restore() {
             ..Opts::default()
         },
     );
-    rig.work()
-        .wait_replies_after(Instant::now(), PROOF_REPLIES, PROGRESS_TIMEOUT)
-        .expect("protected stream");
+    rig.wait_stream(Instant::now(), "protected stream");
     rep.step("killing the primary");
     rig.assert_no_takeover_yet();
     rig.primary.kill().expect("SIGKILL the primary");
@@ -386,9 +409,7 @@ fn backup_killed_during_failover_restore() {
 fn backup_restarted_resyncs() {
     let mut rep = Report::new("backup_restarted_resyncs");
     let mut rig = Rig::start(&mut rep, Opts::default());
-    rig.work()
-        .wait_replies_after(Instant::now(), PROOF_REPLIES, PROGRESS_TIMEOUT)
-        .expect("protected stream");
+    rig.wait_stream(Instant::now(), "protected stream");
     let mark = rig.primary_events().mark();
     rep.step("killing the backup");
     rig.assert_no_takeover_yet();
@@ -421,20 +442,14 @@ fn backup_restarted_resyncs() {
         st["sessions"],
         st["last_sync"]
     ));
-    rig.work()
-        .wait_replies_after(Instant::now(), PROOF_REPLIES, PROGRESS_TIMEOUT)
-        .expect("protected stream with the new backup");
+    rig.wait_stream(Instant::now(), "protected stream with the new backup");
     rep.step("killing the primary to prove the new backup holds a good image");
     rig.assert_no_takeover_yet();
     rig.primary.kill().expect("SIGKILL the primary");
     let died = Instant::now();
     let fo = rig.wait_failover(&mut rep);
-    rig.work()
-        .wait_replies_after(died, PROOF_REPLIES, PROGRESS_TIMEOUT)
-        .expect("the stream resumes on the new backup");
-    let (p, client) = rig.finish_work();
-    rep.recover = p.max_gap_after(died - Duration::from_secs(1));
-    check_stream(&mut rep, &p, client, "new backup");
+    rig.wait_stream(died, "the stream resumes on the new backup");
+    rig.finish_and_check(&mut rep, died, "new backup");
     rig.assert_no_panics();
     rep.done(format!(
         "resync in {:.1}s, then failover to the new backup at epoch {}; stream intact",
@@ -452,9 +467,7 @@ fn backup_restarted_resyncs() {
 fn backup_stalled_past_the_primary_timeout() {
     let mut rep = Report::new("backup_stalled_past_the_primary_timeout");
     let mut rig = Rig::start(&mut rep, Opts::default());
-    rig.work()
-        .wait_replies_after(Instant::now(), PROOF_REPLIES, PROGRESS_TIMEOUT)
-        .expect("protected stream");
+    rig.wait_stream(Instant::now(), "protected stream");
     let pmark = rig.primary_events().mark();
     let bmark = rig.backup_events().mark();
     rep.step("freezing the backup (SIGSTOP) for 2 s");
@@ -505,19 +518,13 @@ fn backup_stalled_past_the_primary_timeout() {
         .map(|e| describe(&e))
         .unwrap_or_else(|| "nothing".into());
     rep.note(format!("how the backup saw the session end: {why}"));
-    rig.work()
-        .wait_replies_after(Instant::now(), PROOF_REPLIES, PROGRESS_TIMEOUT)
-        .expect("protected stream after the resync");
+    rig.wait_stream(Instant::now(), "protected stream after the resync");
     rep.step("killing the primary to prove the resynchronised replica");
     rig.primary.kill().expect("SIGKILL the primary");
     let died = Instant::now();
     let fo = rig.wait_failover(&mut rep);
-    rig.work()
-        .wait_replies_after(died, PROOF_REPLIES, PROGRESS_TIMEOUT)
-        .expect("the stream resumes on the backup");
-    let (p, client) = rig.finish_work();
-    rep.recover = p.max_gap_after(died - Duration::from_secs(1));
-    check_stream(&mut rep, &p, client, "backup");
+    rig.wait_stream(died, "the stream resumes on the backup");
+    rig.finish_and_check(&mut rep, died, "backup");
     rig.assert_no_panics();
     rep.done(format!(
         "no takeover by the thawed backup; resync, then failover at epoch {}; stream intact",
@@ -540,9 +547,7 @@ fn link_cut(rep: &mut Report, cut: Cut) {
             ..Opts::default()
         },
     );
-    rig.work()
-        .wait_replies_after(Instant::now(), PROOF_REPLIES, PROGRESS_TIMEOUT)
-        .expect("protected stream");
+    rig.wait_stream(Instant::now(), "protected stream");
     let mark = rig.primary_events().mark();
     rep.step(format!("cutting the replication link: {cut:?}"));
     rig.assert_no_takeover_yet();
@@ -564,12 +569,8 @@ fn link_cut(rep: &mut Report, cut: Cut) {
         )
         .expect("the primary reports the lost backup (holding output) or stands down");
     let fenced = matches!(said.kind, EventKind::StoodDown { .. });
-    rig.work()
-        .wait_replies_after(cut_at, PROOF_REPLIES, PROGRESS_TIMEOUT)
-        .expect("the stream resumes on the backup");
-    let (p, client) = rig.finish_work();
-    rep.recover = p.max_gap_after(cut_at - Duration::from_secs(1));
-    check_stream(rep, &p, client, "backup");
+    rig.wait_stream(cut_at, "the stream resumes on the backup");
+    rig.finish_and_check(rep, cut_at, "backup");
     let primary_fate = if fenced {
         // The takeover Goodbye reached it: it stops its VM.
         let st = rig
@@ -622,9 +623,7 @@ fn link_slowed_backup_lags() {
         },
     );
     let t0 = Instant::now();
-    rig.work()
-        .wait_replies_after(t0, PROOF_REPLIES, PROGRESS_TIMEOUT)
-        .expect("protected stream");
+    rig.wait_stream(t0, "protected stream");
     let before = rig.primary_status().expect("status");
     let fast_rate = rig.work().snapshot().replies_between(t0, Instant::now()) as f64
         / t0.elapsed().as_secs_f64();
@@ -683,9 +682,7 @@ fn link_slowed_backup_lags() {
     );
     rep.step("removing the limit");
     rig.ha.unslow_replication().expect("unslow");
-    rig.work()
-        .wait_replies_after(Instant::now(), PROOF_REPLIES, PROGRESS_TIMEOUT)
-        .expect("stream after the link recovers");
+    rig.wait_stream(Instant::now(), "stream after the link recovers");
     let (p, client) = rig.finish_work();
     rep.recover = p.max_gap_after(slow_at);
     check_stream(&mut rep, &p, client, "primary");
@@ -710,9 +707,7 @@ fn acks_withheld_output_held() {
             ..Opts::default()
         },
     );
-    rig.work()
-        .wait_replies_after(Instant::now(), PROOF_REPLIES, PROGRESS_TIMEOUT)
-        .expect("protected stream");
+    rig.wait_stream(Instant::now(), "protected stream");
     rep.step("dropping every Ack for 1.5 s");
     rig.assert_no_takeover_yet();
     let armed = Instant::now();
@@ -726,9 +721,7 @@ fn acks_withheld_output_held() {
     rig.proxy().disarm();
     let disarmed = Instant::now();
     let dropped = rig.proxy().injections().len();
-    rig.work()
-        .wait_replies_after(disarmed, PROOF_REPLIES, PROGRESS_TIMEOUT)
-        .expect("output flows again once acks pass");
+    rig.wait_stream(disarmed, "output flows again once acks pass");
     // Frames already released when the drop began may still arrive just after: allow the
     // first 150 ms.
     let p = rig.work().snapshot();
@@ -839,9 +832,7 @@ fn bad_frame_with(rep: &mut Report, fault: Fault, opts: Opts) {
         },
     );
     let t = Instant::now();
-    rig.work()
-        .wait_replies_after(t, PROOF_REPLIES, PROGRESS_TIMEOUT)
-        .expect("protected stream");
+    rig.wait_stream(t, "protected stream");
     let (bmark, pmark) = (rig.backup_events().mark(), rig.primary_events().mark());
     rep.step(format!("arming {fault:?}"));
     rig.assert_no_takeover_yet();
@@ -858,17 +849,13 @@ fn bad_frame_with(rep: &mut Report, fault: Fault, opts: Opts) {
         inj[0].epoch
     ));
     expect_resync(rep, &mut rig, &inj, bmark, pmark);
-    rig.work()
-        .wait_replies_after(Instant::now(), PROOF_REPLIES, PROGRESS_TIMEOUT)
-        .expect("protected stream after the resync");
+    rig.wait_stream(Instant::now(), "protected stream after the resync");
     rep.step("killing the primary to prove the resynchronised replica");
     rig.assert_no_takeover_yet();
     rig.primary.kill().expect("SIGKILL the primary");
     let died = Instant::now();
     let fo = rig.wait_failover(rep);
-    rig.work()
-        .wait_replies_after(died, PROOF_REPLIES, PROGRESS_TIMEOUT)
-        .expect("the stream resumes on the backup");
+    rig.wait_stream(died, "the stream resumes on the backup");
     let (p, client) = rig.finish_work();
     rep.recover = p.max_gap_after(armed);
     check_stream(rep, &p, client, "backup");
@@ -934,9 +921,7 @@ fn proxy_truncated_frame() {
             ..Opts::default()
         },
     );
-    rig.work()
-        .wait_replies_after(Instant::now(), PROOF_REPLIES, PROGRESS_TIMEOUT)
-        .expect("protected stream");
+    rig.wait_stream(Instant::now(), "protected stream");
     rep.step("truncating the next Pages frame");
     rig.assert_no_takeover_yet();
     let armed = Instant::now();
@@ -958,9 +943,7 @@ fn proxy_truncated_frame() {
         "the backup failed over at epoch {epoch}, but epoch {cut_epoch} was truncated"
     );
     assert!(!rig.backup_committed(cut_epoch));
-    rig.work()
-        .wait_replies_after(inj[0].at, PROOF_REPLIES, PROGRESS_TIMEOUT)
-        .expect("the stream resumes on the backup");
+    rig.wait_stream(inj[0].at, "the stream resumes on the backup");
     let (p, client) = rig.finish_work();
     rep.recover = p.max_gap_after(armed);
     check_stream(&mut rep, &p, client, "backup");
@@ -1033,9 +1016,7 @@ fn proxy_wrong_version_hello() {
     let st = rig.primary_status().expect("status");
     rep.note(format!("primary last_error: {}", st["last_error"]));
     assert_ne!(st["mode"], "protected");
-    rig.work()
-        .wait_replies_after(Instant::now(), PROOF_REPLIES, PROGRESS_TIMEOUT)
-        .expect("the VM serves, unprotected");
+    rig.wait_stream(Instant::now(), "the VM serves, unprotected");
     let bst = rig.backup_status().expect("backup status");
     assert!(
         bst["committed_epoch"].is_null() && bst["mem_size"].is_null(),
@@ -1177,9 +1158,7 @@ fn snapshot_disk_full() {
 fn tap_deleted_while_running() {
     let mut rep = Report::new("tap_deleted_while_running");
     let mut rig = Rig::start(&mut rep, Opts::default());
-    rig.work()
-        .wait_replies_after(Instant::now(), PROOF_REPLIES, PROGRESS_TIMEOUT)
-        .expect("protected stream");
+    rig.wait_stream(Instant::now(), "protected stream");
     let mark = rig.primary.mark();
     rep.step("deleting the primary's TAP");
     rig.assert_no_takeover_yet();
@@ -1339,17 +1318,27 @@ fn ask_one_side(ha: &Ha, role: HostRole) -> String {
     }
 }
 
-/// Replication cut both ways while both hosts live, policy `release` (the default). Remus
-/// cannot tell this from a dead primary: the backup takes over, the primary releases its
-/// held output and keeps serving. This measures what the outside world sees; it asserts
-/// only that the measurements were taken and reported, not that the outcome is safe.
-#[test]
-fn split_brain_on_partition() {
-    let mut rep = Report::new("split_brain_on_partition");
-    let mut rig = Rig::start(&mut rep, Opts::default());
-    rig.work()
-        .wait_replies_after(Instant::now(), PROOF_REPLIES, PROGRESS_TIMEOUT)
-        .expect("protected stream");
+scenarios! {
+    /// Replication cut both ways while both hosts live, policy `release` (the default), no
+    /// arbiter. Remus cannot tell this from a dead primary: the backup takes over, the
+    /// primary releases its held output and keeps serving. This measures what the outside
+    /// world sees; it asserts only that the measurements were taken and reported, not that
+    /// the outcome is safe (that is what the arbiter is for: the next row).
+    split_brain_on_partition: partition_both_ways(false);
+    /// The same partition with a real etcd as the arbiter: exactly one side may answer when
+    /// the client is put in front of each alone, and no acknowledged INCR is lost.
+    no_split_brain_with_arbiter: partition_both_ways(true);
+}
+
+fn partition_both_ways(rep: &mut Report, arbiter: bool) {
+    let mut rig = Rig::start(
+        rep,
+        Opts {
+            arbiter,
+            ..Opts::default()
+        },
+    );
+    rig.wait_stream(Instant::now(), "protected stream");
     let neigh_before = client_neighbour(&rig.ha);
     let port_before = switch_port(&rig.ha);
     rep.step("cutting replication both ways, both hosts alive");
@@ -1430,10 +1419,30 @@ fn split_brain_on_partition() {
     rep.recover = p_end.max_gap_after(cut_at);
     rig.ha.restore_replication().expect("restore");
     rig.assert_no_panics();
-    // What is asserted: the measurement happened and both processes answered status.
-    assert!(pst.is_ok(), "primary status unavailable: {pst:?}");
+    // Without an arbiter what is asserted is that the measurement happened and both
+    // processes answered status; with one, that the world saw one VM and lost nothing.
+    assert!(
+        pst.is_ok() || arbiter,
+        "primary status unavailable: {pst:?}"
+    );
     assert!(bst.is_ok(), "backup status unavailable: {bst:?}");
     assert!(!ports.is_empty());
+    if arbiter {
+        assert!(
+            !both,
+            "SPLIT BRAIN with an arbiter: primary {primary_view}; backup {backup_view}"
+        );
+        assert!(
+            primary_view.starts_with("answers") || backup_view.starts_with("answers"),
+            "nobody serves the VM: primary {primary_view}; backup {backup_view}"
+        );
+        assert_eq!(p_end.lost, 0, "acknowledged INCRs lost");
+        rep.done(format!(
+            "ONE VM: backup took over={}, primary {primary_view}, backup {backup_view}",
+            took_over.is_some()
+        ));
+        return;
+    }
     rep.done(format!(
         "MEASURED: backup took over={}, primary kept serving={}, both answer={both}",
         took_over.is_some(),
@@ -1489,9 +1498,7 @@ fn failover_proves_the_replica(
     rig.primary.kill().expect("SIGKILL the primary");
     let died = Instant::now();
     let fo = rig.wait_failover(rep);
-    rig.work()
-        .wait_replies_after(died, PROOF_REPLIES, PROGRESS_TIMEOUT)
-        .expect("the stream resumes on the backup");
+    rig.wait_stream(died, "the stream resumes on the backup");
     let (p, client) = rig.finish_work();
     rep.recover = p.max_gap_after(since);
     check_stream(rep, &p, client, "backup");
@@ -1517,9 +1524,7 @@ fn stranger_takes_idle_slot() {
             ..Opts::default()
         },
     );
-    rig.work()
-        .wait_replies_after(Instant::now(), PROOF_REPLIES, PROGRESS_TIMEOUT)
-        .expect("protected stream");
+    rig.wait_stream(Instant::now(), "protected stream");
     let vm = protected_vm(&rig);
     let pmark = rig.primary_events().mark();
     rep.step("a stranger queues Hello{generation: 2^62} and its own VM description");
@@ -1574,9 +1579,7 @@ fn stranger_without_the_key() {
     use twin_link::{Key, LinkConfig, LinkError};
     let mut rep = Report::new("stranger_without_the_key");
     let mut rig = Rig::start(&mut rep, Opts::default());
-    rig.work()
-        .wait_replies_after(Instant::now(), PROOF_REPLIES, PROGRESS_TIMEOUT)
-        .expect("protected stream");
+    rig.wait_stream(Instant::now(), "protected stream");
     let (bmark, blog) = (rig.backup_events().mark(), rig.backup().mark());
     rep.step("a stranger without a key, then one with another key");
     let none =
@@ -1612,9 +1615,7 @@ fn stranger_without_the_key() {
     });
     rep.note(format!("stranger: {e}; backup: {}", log_msg(&l1)));
     rep.note(format!("stranger: {e2}; backup: {}", log_msg(&l2)));
-    rig.work()
-        .wait_replies_after(Instant::now(), PROOF_REPLIES, PROGRESS_TIMEOUT)
-        .expect("the protected stream goes on");
+    rig.wait_stream(Instant::now(), "the protected stream goes on");
     let st = rig.primary_status().expect("primary status");
     assert_eq!(st["mode"], "protected", "{st}");
     let bst = rig.backup_status().expect("backup status");
@@ -1635,9 +1636,7 @@ fn stranger_without_the_key() {
 /// probes, an EOF) may make it take over. It resynchronises and later fails over intact.
 fn backup_stall(rep: &mut Report, stall: Duration, probe: bool) {
     let mut rig = Rig::start(rep, Opts::default());
-    rig.work()
-        .wait_replies_after(Instant::now(), PROOF_REPLIES, PROGRESS_TIMEOUT)
-        .expect("protected stream");
+    rig.wait_stream(Instant::now(), "protected stream");
     let stop_probe = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let prober = probe.then(|| {
         let (ns, stop) = (rig.ha.primary.ns.clone(), stop_probe.clone());
@@ -1697,9 +1696,7 @@ fn backup_stall(rep: &mut Report, stall: Duration, probe: bool) {
     rig.assert_no_takeover_yet();
     let st = rig.primary_status().expect("primary status");
     assert_eq!(st["mode"], "protected", "{st}");
-    rig.work()
-        .wait_replies_after(Instant::now(), PROOF_REPLIES, PROGRESS_TIMEOUT)
-        .expect("protected stream after the resync");
+    rig.wait_stream(Instant::now(), "protected stream after the resync");
     let fo = failover_proves_the_replica(rep, rig, frozen);
     rep.done(format!(
         "no takeover by the thawed backup; resync, then failover at epoch {} intact",
@@ -1734,9 +1731,7 @@ fn goodbye_before_hello() {
             ..Opts::default()
         },
     );
-    rig.work()
-        .wait_replies_after(Instant::now(), PROOF_REPLIES, PROGRESS_TIMEOUT)
-        .expect("protected stream");
+    rig.wait_stream(Instant::now(), "protected stream");
     let (pmark, bmark) = (rig.primary_events().mark(), rig.backup_events().mark());
     rep.step("freezing the backup until the primary gives up on it");
     rig.assert_no_takeover_yet();
@@ -1793,9 +1788,7 @@ fn goodbye_before_hello() {
         "takeover {:.1}s after the thaw",
         waited.as_secs_f64()
     ));
-    rig.work()
-        .wait_replies_after(thawed, PROOF_REPLIES, PROGRESS_TIMEOUT)
-        .expect("the stream resumes on the backup");
+    rig.wait_stream(thawed, "the stream resumes on the backup");
     let (p, client) = rig.finish_work();
     rep.recover = p.max_gap_after(frozen);
     check_stream(&mut rep, &p, client, "backup");
@@ -1989,9 +1982,7 @@ fn busy_backup_refuses_a_second_primary() {
     use twin_wire::RefuseReason;
     let mut rep = Report::new("busy_backup_refuses_a_second_primary");
     let rig = Rig::start(&mut rep, Opts::default());
-    rig.work()
-        .wait_replies_after(Instant::now(), PROOF_REPLIES, PROGRESS_TIMEOUT)
-        .expect("protected stream");
+    rig.wait_stream(Instant::now(), "protected stream");
     let vm = protected_vm(&rig);
     let link = rig.dir.link_config();
     let ask = |vm, generation| {
@@ -2011,9 +2002,7 @@ fn busy_backup_refuses_a_second_primary() {
         "old generation: {} ({})",
         stale.reason, stale.detail
     ));
-    rig.work()
-        .wait_replies_after(Instant::now(), PROOF_REPLIES, PROGRESS_TIMEOUT)
-        .expect("the protected stream goes on");
+    rig.wait_stream(Instant::now(), "the protected stream goes on");
     let st = rig.primary_status().expect("primary status");
     assert_eq!(st["mode"], "protected", "{st}");
     let bst = rig.backup_status().expect("backup status");
@@ -2144,6 +2133,47 @@ fn backup_memory_cgroup_too_small() {
     rep.done("refused at the description naming the cgroup; no OOM kill; primary runs on");
 }
 
+/// Starts primary `name` with `auth` against `backup`, and waits until both sides name why
+/// the backup refused it: the primary's `backup_lost` and log line say `says.0`, the backup's
+/// `refused` event and log line say `says.1`.
+fn refused_primary(
+    rep: &mut Report,
+    (ha, dir): (&Ha, &TestDir),
+    (backup, be): (&mut TwinProcess, &twin_lab::events::Events),
+    (name, auth): (&str, &[String]),
+    says: (&str, &str),
+) -> TwinProcess {
+    let (bmark, blog) = (be.mark().expect("backup events"), backup.mark());
+    let mut primary = spawn_primary(ha, dir, name, &backup_listen(), auth, &[], "");
+    let pe = twin_lab::events::Events::at(dir.join(format!("{name}.sock")));
+    pe.wait_live(
+        &mut primary,
+        0,
+        &format!("{name} naming the cause"),
+        PROTECT_TIMEOUT,
+        |e| backup_lost_for(e, says.0),
+    )
+    .unwrap_or_else(|e| panic!("{name} does not say {:?}: {e}", says.0));
+    be.wait_live(
+        backup,
+        bmark,
+        &format!("the backup naming why it refused {name}"),
+        Duration::from_secs(10),
+        |e| refused_for(e, says.1),
+    )
+    .unwrap_or_else(|e| panic!("the backup does not say {:?}: {e}", says.1));
+    // What an operator reads in the logs.
+    let p = logged(&mut primary, Mark::default(), says.0, |l| {
+        l.contains("backup lost") && l.contains(says.0)
+    });
+    let b = logged(backup, blog, says.1, |l| {
+        l.contains("refused a replication peer") && l.contains(says.1)
+    });
+    rep.note(format!("{name}: {}", log_msg(&p)));
+    rep.note(format!("backup: {}", log_msg(&b)));
+    primary
+}
+
 /// Keys that differ, and a key on one side only: both sides name the cause.
 #[test]
 fn wrong_key_named_on_both_sides() {
@@ -2162,65 +2192,25 @@ fn wrong_key_named_on_both_sides() {
     ];
     let be = twin_lab::events::Events::at(dir.join("backup.sock"));
     rep.step("a primary with another key");
-    let (bmark, blog) = (be.mark().expect("backup events"), backup.mark());
-    let mut primary = spawn_primary(&ha, &dir, "primary", &backup_listen(), &wrong, &[], "");
-    let pe = twin_lab::events::Events::at(dir.join("primary.sock"));
-    pe.wait_live(
-        &mut primary,
-        0,
-        "the primary naming the wrong key",
-        PROTECT_TIMEOUT,
-        |e| backup_lost_for(e, "key differs"),
-    )
-    .expect("the primary names the wrong key");
-    be.wait_live(
-        &mut backup,
-        bmark,
-        "the backup naming the wrong key",
-        Duration::from_secs(10),
-        |e| refused_for(e, "key differs"),
-    )
-    .expect("the backup names the wrong key");
-    // What an operator reads in the logs.
-    let p1 = logged(&mut primary, Mark::default(), "the wrong key", |l| {
-        l.contains("backup lost") && l.contains("key differs")
-    });
-    let b1 = logged(&mut backup, blog, "the wrong key", |l| {
-        l.contains("refused a replication peer") && l.contains("key differs")
-    });
-    rep.note(format!("primary: {}", log_msg(&p1)));
-    rep.note(format!("backup: {}", log_msg(&b1)));
+    let mut primary = refused_primary(
+        &mut rep,
+        (&ha, &dir),
+        (&mut backup, &be),
+        ("primary", &wrong),
+        ("key differs", "key differs"),
+    );
     primary.terminate().expect("SIGTERM");
     let _ = primary.wait_exit(Duration::from_secs(20));
     rep.step("a primary with no key (--no-auth)");
-    let (bmark, blog) = (be.mark().expect("backup events"), backup.mark());
     let noauth = ["--no-auth".to_string()];
-    let mut primary2 = spawn_primary(&ha, &dir, "primary2", &backup_listen(), &noauth, &[], "");
+    let primary2 = refused_primary(
+        &mut rep,
+        (&ha, &dir),
+        (&mut backup, &be),
+        ("primary2", &noauth),
+        ("requires an authenticated link", "has no key"),
+    );
     let pe2 = twin_lab::events::Events::at(dir.join("primary2.sock"));
-    pe2.wait_live(
-        &mut primary2,
-        0,
-        "the keyless primary naming the cause",
-        PROTECT_TIMEOUT,
-        |e| backup_lost_for(e, "requires an authenticated link"),
-    )
-    .expect("the keyless primary names the cause");
-    be.wait_live(
-        &mut backup,
-        bmark,
-        "the backup naming the keyless primary",
-        Duration::from_secs(10),
-        |e| refused_for(e, "has no key"),
-    )
-    .expect("the backup names the keyless primary");
-    let p2 = logged(&mut primary2, Mark::default(), "the missing key", |l| {
-        l.contains("backup lost") && l.contains("requires an authenticated link")
-    });
-    let b2 = logged(&mut backup, blog, "the keyless primary", |l| {
-        l.contains("refused a replication peer") && l.contains("has no key")
-    });
-    rep.note(format!("primary: {}", log_msg(&p2)));
-    rep.note(format!("backup: {}", log_msg(&b2)));
     assert!(pe2
         .find(0, is_protected)
         .expect("primary2 events")

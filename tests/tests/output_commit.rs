@@ -17,12 +17,12 @@ use std::time::{Duration, Instant};
 
 use twin_api::EventKind;
 use twin_lab::events::{took_over, Events};
+use twin_lab::rig::spawn_keyed_backup;
 use twin_lab::*;
 
 const PROTECT_TIMEOUT: Duration = Duration::from_secs(90);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
 const CMD_TIMEOUT: Duration = Duration::from_secs(30);
-const REPL_PORT: u16 = 7777;
 /// The failpoint window, as configured below.
 const WINDOW: Duration = Duration::from_millis(3000);
 const FAILPOINTS: &str = "backup.before_ack=drop~3000";
@@ -30,44 +30,6 @@ const FAILPOINTS: &str = "backup.before_ack=drop~3000";
 const SLACK: Duration = Duration::from_millis(200);
 /// A PING under protection (epoch 25 ms + ack) is answered well within this.
 const PROTECTED_PING: Duration = Duration::from_secs(2);
-
-fn spawn_backup(
-    ha: &Ha,
-    dir: &TestDir,
-    name: &str,
-    control: &Path,
-    env: &[(&str, &str)],
-) -> TwinProcess {
-    let listen = format!("{BACKUP_REPL_ADDR}:{REPL_PORT}");
-    let control = control.display().to_string();
-    let key = dir.key_file();
-    let bin = twin_bin().expect("twin binary");
-    let mut p = TwinProcess::spawn_program(
-        &ha.backup.ns,
-        dir,
-        name,
-        &bin,
-        &[
-            "backup",
-            "--key-file",
-            &key,
-            "--listen",
-            &listen,
-            "--tap",
-            TAP,
-            "--control",
-            &control,
-        ],
-        env,
-    )
-    .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
-    Events::at(&control)
-        .wait_live(&mut p, 0, "the backup listening", CMD_TIMEOUT, |e| {
-            matches!(e.kind, EventKind::Listening { .. })
-        })
-        .unwrap_or_else(|e| panic!("{name} does not listen: {e}"));
-    p
-}
 
 fn status(ns: &Netns, dir: &TestDir, control: &Path, procs: &[&TwinProcess]) -> serde_json::Value {
     twin_status(ns, dir, control, CMD_TIMEOUT).unwrap_or_else(|e| panic!("{e}\n{}", tails(procs)))
@@ -88,14 +50,11 @@ fn output_is_held_while_the_backup_withholds_acks_and_released_when_they_flow() 
     require_kvm();
     let ha = Topology::ha().expect("ha topology");
     let dir = TestDir::new("output-commit").expect("test dir");
-    let (psock, bsock1, bsock2) = (
-        dir.join("primary.sock"),
-        dir.join("backup1.sock"),
-        dir.join("backup2.sock"),
-    );
-    let mut backup1 = spawn_backup(&ha, &dir, "twin-backup-1", &bsock1, &[]);
+    // The backups' control sockets are `<name>.sock` (the harness's `spawn_backup`).
+    let (psock, bsock2) = (dir.join("primary.sock"), dir.join("twin-backup-2.sock"));
+    let mut backup1 = spawn_keyed_backup(&ha, &dir, "twin-backup-1", "");
     let psock_s = psock.display().to_string();
-    let backup_addr = format!("{BACKUP_REPL_ADDR}:{REPL_PORT}");
+    let backup_addr = twin_lab::rig::backup_listen();
     let key = dir.key_file();
     let mut primary = TwinProcess::spawn(
         &ha.primary.ns,
@@ -148,13 +107,7 @@ fn output_is_held_while_the_backup_withholds_acks_and_released_when_they_flow() 
     // Replace the backup by one that withholds its acks for 3 s after its first epoch.
     backup1.kill().expect("SIGKILL the first backup");
     let mark = pevents.mark();
-    let backup2 = spawn_backup(
-        &ha,
-        &dir,
-        "twin-backup-2",
-        &bsock2,
-        &[("TWIN_FAILPOINTS", FAILPOINTS)],
-    );
+    let backup2 = spawn_keyed_backup(&ha, &dir, "twin-backup-2", FAILPOINTS);
     let b2events = Events::at(&bsock2).record(false);
     let after_sync = pevents
         .wait(mark, "the initial sync sent", PROTECT_TIMEOUT, |e| {

@@ -137,6 +137,64 @@ fn snapshot_cmd(
     v
 }
 
+/// `twin run` on `tap` serving `control`, and a client connected to its guest service with
+/// the long request timeout a move needs.
+fn start_vm(
+    topo: &Single,
+    dir: &TestDir,
+    tap: &str,
+    control: &Path,
+    guest_args: &str,
+) -> (TwinProcess, GuestClient) {
+    let mut vm = TwinProcess::spawn(
+        topo.vm_ns(),
+        dir,
+        "twin-run",
+        &strs(&run_args(tap, control, guest_args)),
+    )
+    .expect("spawn twin run");
+    let mut guest =
+        GuestClient::connect_retry(topo.client_ns(), guest_service(), BOOT_TIMEOUT, || {
+            vm.ensure_running()
+        })
+        .expect("guest service comes up");
+    guest
+        .set_request_timeout(MOVE_REQUEST_TIMEOUT)
+        .expect("request timeout");
+    (vm, guest)
+}
+
+/// `twin restore SNAP FLAGS --tap TAP --control CONTROL`, waited for until it runs.
+fn restore(
+    ns: &Netns,
+    dir: &TestDir,
+    label: &str,
+    snap: &Path,
+    tap: &str,
+    control: &Path,
+    flags: &[&str],
+) -> TwinProcess {
+    let (snap_s, control_s) = (snap.display().to_string(), control.display().to_string());
+    let mut args = vec!["restore", &snap_s];
+    args.extend_from_slice(flags);
+    args.extend_from_slice(&["--tap", tap, "--control", &control_s]);
+    let mut p = TwinProcess::spawn(ns, dir, label, &args)
+        .unwrap_or_else(|e| panic!("spawn `twin {}`: {e}", args.join(" ")));
+    wait_restored(&mut p, control)
+        .unwrap_or_else(|e| panic!("`twin {}`: {e}\n{}", args.join(" "), tails(&[&p])));
+    p
+}
+
+/// `RssShmem` of process `pid` in KiB: its resident shared memory (guest RAM is a memfd).
+fn rss_shmem_kib(pid: u32) -> u64 {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc/PID/status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("RssShmem:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("RssShmem in /proc/PID/status")
+}
+
 /// A second TAP on the `single` layout's bridge.
 fn second_tap(topo: &Single) -> Tap {
     let tap = Tap::create(topo.vm_ns(), TAP2, TapOptions::default()).expect("second TAP");
@@ -163,21 +221,7 @@ fn snapshot_stop_kill_restore_on_a_new_tap_keeps_the_connection_and_every_incr()
     let dir = TestDir::new("snap-move").expect("test dir");
     let (sock1, sock2) = (dir.join("vm1.sock"), dir.join("vm2.sock"));
     let snap = dir.join("snap");
-    let mut vm = TwinProcess::spawn(
-        topo.vm_ns(),
-        &dir,
-        "twin-run",
-        &strs(&run_args(TAP, &sock1, GUEST_ARGS)),
-    )
-    .expect("spawn twin run");
-    let mut guest =
-        GuestClient::connect_retry(topo.client_ns(), guest_service(), BOOT_TIMEOUT, || {
-            vm.ensure_running()
-        })
-        .expect("guest service comes up");
-    guest
-        .set_request_timeout(MOVE_REQUEST_TIMEOUT)
-        .expect("request timeout");
+    let (mut vm, guest) = start_vm(&topo, &dir, TAP, &sock1, GUEST_ARGS);
     let load = IncrLoad::start(guest, "counter", 4);
     if let Err(e) = load.wait_for(300, PROGRESS_TIMEOUT, || vm.ensure_running()) {
         panic!("before the snapshot: {e}\n{}", tails(&[&vm]));
@@ -187,6 +231,15 @@ fn snapshot_stop_kill_restore_on_a_new_tap_keeps_the_connection_and_every_incr()
     let t_snap = Instant::now();
     let report = snapshot_cmd(topo.vm_ns(), &dir, &snap, &sock1, &["--stop"], &[&vm]);
     let at_snapshot = load.incrs();
+    // The snapshot read only what the memfd holds: RAM the guest never touched (all but the
+    // workload's 64 MiB and the guest's own few pages) stays unallocated. A scan through
+    // the mapping would have allocated all 256 MiB of it.
+    let shmem = rss_shmem_kib(vm.pid());
+    assert!(
+        shmem < 160 << 10,
+        "after the snapshot the VM process holds {shmem} KiB of shared memory: the snapshot \
+         allocated guest RAM the guest never used"
+    );
     let killed = vm.kill().expect("SIGKILL the snapshotted VM process");
     assert_eq!(
         describe_status(killed),
@@ -194,21 +247,7 @@ fn snapshot_stop_kill_restore_on_a_new_tap_keeps_the_connection_and_every_incr()
         "the VM process should have died of SIGKILL"
     );
     let t_restore = Instant::now();
-    let mut restored = TwinProcess::spawn(
-        topo.vm_ns(),
-        &dir,
-        "twin-restore",
-        &[
-            "restore",
-            &snap.display().to_string(),
-            "--tap",
-            TAP2,
-            "--control",
-            &sock2.display().to_string(),
-        ],
-    )
-    .expect("spawn twin restore");
-    wait_restored(&mut restored, &sock2).unwrap_or_else(|e| panic!("restore: {e}"));
+    let mut restored = restore(topo.vm_ns(), &dir, "twin-restore", &snap, TAP2, &sock2, &[]);
     let restore_took = t_restore.elapsed();
     let after_restore = load.incrs();
     if let Err(e) = load.wait_for(after_restore + 300, PROGRESS_TIMEOUT, || {
@@ -475,19 +514,9 @@ fn restore_paused_then_snapshot_again_gives_the_same_state_and_memory() {
     let dir = TestDir::new("snap-twice").expect("test dir");
     let (sock1, sock2) = (dir.join("vm1.sock"), dir.join("vm2.sock"));
     let (snap_a, snap_b) = (dir.join("a"), dir.join("b"));
-    let mut vm = TwinProcess::spawn(
-        topo.vm_ns(),
-        &dir,
-        "twin-run",
-        &strs(&run_args(TAP, &sock1, GUEST_ARGS)),
-    )
-    .expect("spawn twin run");
+    let (mut vm, guest) = start_vm(&topo, &dir, TAP, &sock1, GUEST_ARGS);
     {
-        let mut guest =
-            GuestClient::connect_retry(topo.client_ns(), guest_service(), BOOT_TIMEOUT, || {
-                vm.ensure_running()
-            })
-            .expect("guest service comes up");
+        let mut guest = guest;
         for want in 1..=200 {
             assert_eq!(guest.incr("counter").expect("INCR"), want);
         }
@@ -498,22 +527,15 @@ fn restore_paused_then_snapshot_again_gives_the_same_state_and_memory() {
     let report_a = snapshot_cmd(topo.vm_ns(), &dir, &snap_a, &sock1, &["--stop"], &[&vm]);
     vm.kill().expect("SIGKILL the snapshotted VM process");
 
-    let mut restored = TwinProcess::spawn(
+    let restored = restore(
         topo.vm_ns(),
         &dir,
         "twin-restore-paused",
-        &[
-            "restore",
-            &snap_a.display().to_string(),
-            "--paused",
-            "--tap",
-            TAP2,
-            "--control",
-            &sock2.display().to_string(),
-        ],
-    )
-    .expect("spawn twin restore --paused");
-    wait_restored(&mut restored, &sock2).unwrap_or_else(|e| panic!("restore --paused: {e}"));
+        &snap_a,
+        TAP2,
+        &sock2,
+        &["--paused"],
+    );
     let sock2_s = sock2.display().to_string();
     let st = twin_json(
         topo.vm_ns(),
@@ -609,18 +631,7 @@ fn snapshot_stop_freezes_the_vm_even_when_frames_arrive() {
     let dir = TestDir::new("snap-frozen").expect("test dir");
     let sock = dir.join("vm.sock");
     let (snap_a, snap_b) = (dir.join("a"), dir.join("b"));
-    let mut vm = TwinProcess::spawn(
-        topo.vm_ns(),
-        &dir,
-        "twin-run",
-        &strs(&run_args(TAP, &sock, GUEST_ARGS)),
-    )
-    .expect("spawn twin run");
-    let mut guest =
-        GuestClient::connect_retry(topo.client_ns(), guest_service(), BOOT_TIMEOUT, || {
-            vm.ensure_running()
-        })
-        .expect("guest service comes up");
+    let (vm, mut guest) = start_vm(&topo, &dir, TAP, &sock, GUEST_ARGS);
     for want in 1..=100 {
         assert_eq!(guest.incr("counter").expect("INCR"), want);
     }
@@ -723,6 +734,109 @@ fn differing_pages(a: &[u8], b: &[u8]) -> Vec<usize> {
         .collect()
 }
 
+/// INCRs on `counter` over one connection, each checked against the count so far.
+struct Counter {
+    guest: GuestClient,
+    incrs: u64,
+}
+
+impl Counter {
+    fn new(guest: GuestClient) -> Self {
+        Counter { guest, incrs: 0 }
+    }
+
+    /// INCRs for `d`; returns the last acknowledged count.
+    fn incr_for(&mut self, d: Duration) -> u64 {
+        let until = Instant::now() + d;
+        loop {
+            self.incrs += 1;
+            assert_eq!(self.guest.incr("counter").expect("INCR"), self.incrs);
+            if Instant::now() >= until {
+                return self.incrs;
+            }
+        }
+    }
+}
+
+/// Asserts that the chain ending at the last of `layers` is exactly `layers`, and that it
+/// restores to the memory and (but for elapsed time) the state of `full`, a full snapshot of
+/// the same paused moment. `why` says what a difference would mean. Returns how many pages
+/// changed between the first layer and `full` (more than none: else this proves nothing).
+fn assert_chain_is_full(layers: &[&Path], full: &Path, why: &str) -> usize {
+    let (base, head) = (layers[0], layers[layers.len() - 1]);
+    let chain = snapshot::chain(head).unwrap_or_else(|e| panic!("chain of {head:?}: {e:?}"));
+    let canon = |p: &Path| fs::canonicalize(p).expect("canonicalize");
+    assert_eq!(
+        chain.iter().map(|(d, _)| canon(d)).collect::<Vec<_>>(),
+        layers.iter().map(|p| canon(p)).collect::<Vec<_>>(),
+        "{head:?} must chain to exactly {layers:?} (a failed snapshot is no layer)"
+    );
+    let size = snapshot::read_meta(full).expect("meta").mem_size;
+    let from_chain = load_into_memory(head, size);
+    let from_full = load_into_memory(full, size);
+    let from_base = load_into_memory(base, size);
+    let moved = differing_pages(from_base.as_slice(), from_full.as_slice()).len();
+    let diff = differing_pages(from_chain.as_slice(), from_full.as_slice());
+    eprintln!(
+        "{moved} pages changed between base and full; the chain's restore differs from the \
+         full snapshot in {} pages",
+        diff.len()
+    );
+    assert!(
+        moved > 0,
+        "the workload changed no page between base and full: the comparison proves nothing"
+    );
+    let mut all = layers.to_vec();
+    all.push(full);
+    assert!(
+        diff.is_empty(),
+        "{} pages differ between the chain {layers:?} and the full snapshot of the same paused \
+         VM ({moved} pages changed since base): {why}; first: {:?}\n{}",
+        diff.len(),
+        &diff[..diff.len().min(16)],
+        diff.iter()
+            .take(4)
+            .map(|&p| explain_page(
+                p,
+                &all,
+                from_base.as_slice(),
+                from_chain.as_slice(),
+                from_full.as_slice()
+            ))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    let (sh, sf) = (
+        snapshot::read_state(head).expect("state of the chain's head"),
+        snapshot::read_state(full).expect("state of the full snapshot"),
+    );
+    let sdiff = diff_states(&sh, &sf);
+    let unexpected: Vec<&String> = sdiff.keys().filter(|k| !time_dependent_field(k)).collect();
+    assert!(
+        unexpected.is_empty(),
+        "two snapshots of one paused VM differ in {unexpected:?}: {sdiff:?}"
+    );
+    moved
+}
+
+/// The chain's restore serves on the same connection: the last acknowledged count, the next
+/// INCR, and a memory workload that checks out.
+fn check_restored_chain(counter: &mut Counter, restored: &TwinProcess) {
+    let last = counter.incrs;
+    let got = counter
+        .guest
+        .get("counter")
+        .unwrap_or_else(|e| panic!("GET after restoring the chain: {e}\n{}", tails(&[restored])));
+    assert_eq!(got, last, "the restored chain lost acknowledged INCRs");
+    assert_eq!(counter.incr_for(Duration::ZERO), last + 1);
+    match counter.guest.verify().expect("VERIFY") {
+        Verify::Ok { pages, writes } => {
+            eprintln!("chain restored: VERIFY OK pages={pages} writes={writes}")
+        }
+        Verify::Fail(why) => panic!("guest memory verification failed after the chain: {why}"),
+    }
+}
+
 #[test]
 fn incremental_chain_restores_to_the_memory_of_a_full_snapshot_of_the_same_moment() {
     require_kvm();
@@ -736,33 +850,11 @@ fn incremental_chain_restores_to_the_memory_of_a_full_snapshot_of_the_same_momen
         dir.join("inc2"),
         dir.join("full"),
     );
-    let mut vm = TwinProcess::spawn(
-        topo.vm_ns(),
-        &dir,
-        "twin-run",
-        &strs(&run_args(TAP, &sock1, "dirty=32M/s,wss=64M")),
-    )
-    .expect("spawn twin run");
-    let mut guest =
-        GuestClient::connect_retry(topo.client_ns(), guest_service(), BOOT_TIMEOUT, || {
-            vm.ensure_running()
-        })
-        .expect("guest service comes up");
-    guest
-        .set_request_timeout(MOVE_REQUEST_TIMEOUT)
-        .expect("request timeout");
-    let mut incrs = 0u64;
-    let mut incr_for = |guest: &mut GuestClient, d: Duration| {
-        let until = Instant::now() + d;
-        while Instant::now() < until {
-            incrs += 1;
-            assert_eq!(guest.incr("counter").expect("INCR"), incrs);
-        }
-        incrs
-    };
-    incr_for(&mut guest, Duration::from_millis(300));
+    let (mut vm, guest) = start_vm(&topo, &dir, TAP, &sock1, "dirty=32M/s,wss=64M");
+    let mut counter = Counter::new(guest);
+    counter.incr_for(Duration::from_millis(300));
     let r_base = snapshot_cmd(topo.vm_ns(), &dir, &base, &sock1, &[], &[&vm]);
-    incr_for(&mut guest, Duration::from_secs(1));
+    counter.incr_for(Duration::from_secs(1));
     let r1 = snapshot_cmd(
         topo.vm_ns(),
         &dir,
@@ -771,8 +863,7 @@ fn incremental_chain_restores_to_the_memory_of_a_full_snapshot_of_the_same_momen
         &["--incremental"],
         &[&vm],
     );
-    incr_for(&mut guest, Duration::from_secs(1));
-    let last = incr_for(&mut guest, Duration::from_millis(1));
+    counter.incr_for(Duration::from_secs(1));
     // A quiet LAN before the last layer: the client's ACK of the last reply has landed. A
     // frame reaching the stopped VM between `inc2` and `full` would still be written into
     // guest RAM by the NIC (see `snapshot_stop_freezes_the_vm_even_when_frames_arrive`)
@@ -797,88 +888,25 @@ fn incremental_chain_restores_to_the_memory_of_a_full_snapshot_of_the_same_momen
             "{name} should hold some but not all pages: {r} (full: {r_full})"
         );
     }
-    let chain = snapshot::chain(&inc2).expect("chain of inc2");
-    let names: Vec<PathBuf> = chain.iter().map(|(d, _)| d.clone()).collect();
-    let canon = |p: &Path| fs::canonicalize(p).expect("canonicalize");
-    assert_eq!(
-        names.iter().map(|p| canon(p)).collect::<Vec<_>>(),
-        vec![canon(&base), canon(&inc1), canon(&inc2)],
-        "inc2 must chain to inc1 and base"
+    assert_chain_is_full(
+        &[&base, &inc1, &inc2],
+        &full,
+        "the chain lost or misplaced pages",
     );
-
-    let size = snapshot::read_meta(&full).expect("meta").mem_size;
-    let from_chain = load_into_memory(&inc2, size);
-    let from_full = load_into_memory(&full, size);
-    let from_base = load_into_memory(&base, size);
-    let diff = differing_pages(from_chain.as_slice(), from_full.as_slice());
-    assert!(
-        diff.is_empty(),
-        "{} pages differ between the chain base+inc1+inc2 and the full snapshot of the same \
-         paused VM; first: {:?}\n{}",
-        diff.len(),
-        &diff[..diff.len().min(16)],
-        diff.iter()
-            .take(4)
-            .map(|&p| explain_page(
-                p,
-                &[&base, &inc1, &inc2, &full],
-                from_base.as_slice(),
-                from_chain.as_slice(),
-                from_full.as_slice()
-            ))
-            .collect::<Vec<_>>()
-            .join("\n")
-    );
-    let moved = differing_pages(from_base.as_slice(), from_full.as_slice()).len();
-    assert!(
-        moved > 0,
-        "the workload changed no page between base and full: the comparison proves nothing"
-    );
-    // Both captures were of one paused VM: their states may differ only in elapsed time.
-    let (s2, sf) = (
-        snapshot::read_state(&inc2).expect("state inc2"),
-        snapshot::read_state(&full).expect("state full"),
-    );
-    let sdiff = diff_states(&s2, &sf);
-    let unexpected: Vec<&String> = sdiff.keys().filter(|k| !time_dependent_field(k)).collect();
-    assert!(
-        unexpected.is_empty(),
-        "two snapshots of one paused VM differ in {unexpected:?}: {sdiff:?}"
-    );
-    drop((from_chain, from_full, from_base));
 
     // And the chain restores to a working VM: same connection, same counter, VERIFY.
     vm.kill().expect("SIGKILL the snapshotted VM");
-    let mut restored = TwinProcess::spawn(
+    let restored = restore(
         topo.vm_ns(),
         &dir,
         "twin-restore-chain",
-        &[
-            "restore",
-            &inc2.display().to_string(),
-            "--tap",
-            TAP2,
-            "--control",
-            &sock2.display().to_string(),
-        ],
-    )
-    .expect("spawn twin restore of the chain");
-    wait_restored(&mut restored, &sock2).unwrap_or_else(|e| panic!("restore of the chain: {e}"));
-    let got = guest.get("counter").unwrap_or_else(|e| {
-        panic!(
-            "GET after restoring the chain: {e}\n{}",
-            tails(&[&restored])
-        )
-    });
-    assert_eq!(got, last, "the restored chain lost acknowledged INCRs");
-    assert_eq!(guest.incr("counter").expect("INCR"), last + 1);
-    match guest.verify().expect("VERIFY") {
-        Verify::Ok { pages, writes } => eprintln!(
-            "chain restored: {moved} pages moved since base; VERIFY OK pages={pages} writes={writes}"
-        ),
-        Verify::Fail(why) => panic!("guest memory verification failed after the chain: {why}"),
-    }
-    drop(guest);
+        &inc2,
+        TAP2,
+        &sock2,
+        &[],
+    );
+    check_restored_chain(&mut counter, &restored);
+    drop(counter);
     drop(restored);
     assert_no_panic(&vm);
 }
@@ -938,33 +966,11 @@ fn snapshot_failure_keeps_dirty() {
     );
     // Before the VM process starts: `ip netns exec` gives it a copy of the mount table.
     let tiny = TinyFs::mount(dir.join("tiny"), "256k").expect("a 256 KiB tmpfs");
-    let mut vm = TwinProcess::spawn(
-        topo.vm_ns(),
-        &dir,
-        "twin-run",
-        &strs(&run_args(TAP, &sock1, GUEST_ARGS)),
-    )
-    .expect("spawn twin run");
-    let mut guest =
-        GuestClient::connect_retry(topo.client_ns(), guest_service(), BOOT_TIMEOUT, || {
-            vm.ensure_running()
-        })
-        .expect("guest service comes up");
-    guest
-        .set_request_timeout(MOVE_REQUEST_TIMEOUT)
-        .expect("request timeout");
-    let mut incrs = 0u64;
-    let mut incr_for = |guest: &mut GuestClient, d: Duration| {
-        let until = Instant::now() + d;
-        while Instant::now() < until {
-            incrs += 1;
-            assert_eq!(guest.incr("counter").expect("INCR"), incrs);
-        }
-        incrs
-    };
-    incr_for(&mut guest, Duration::from_millis(300));
+    let (mut vm, guest) = start_vm(&topo, &dir, TAP, &sock1, GUEST_ARGS);
+    let mut counter = Counter::new(guest);
+    counter.incr_for(Duration::from_millis(300));
     let r_base = snapshot_cmd(topo.vm_ns(), &dir, &base, &sock1, &[], &[&vm]);
-    incr_for(&mut guest, Duration::from_secs(1));
+    counter.incr_for(Duration::from_secs(1));
 
     // 1. The target exists.
     fs::create_dir(&taken).expect("an existing directory in the way");
@@ -980,7 +986,7 @@ fn snapshot_failure_keeps_dirty() {
         exists.contains("already exists") && exists.contains("taken"),
         "the error does not say that the target exists: {exists}"
     );
-    incr_for(&mut guest, Duration::from_secs(1));
+    counter.incr_for(Duration::from_secs(1));
 
     // 2. The disk fills up while the layer is written.
     let nospace = snapshot_fails(
@@ -1003,8 +1009,7 @@ fn snapshot_failure_keeps_dirty() {
     assert!(left.is_empty(), "the failed snapshot left {left:?} behind");
     vm.ensure_running()
         .expect("the VM survives the failed snapshots");
-    incr_for(&mut guest, Duration::from_secs(1));
-    let last = incr_for(&mut guest, Duration::from_millis(1));
+    counter.incr_for(Duration::from_secs(1));
     // A quiet LAN before the good layer (see the chain test above).
     std::thread::sleep(Duration::from_millis(300));
     let r_inc = snapshot_cmd(
@@ -1019,95 +1024,30 @@ fn snapshot_failure_keeps_dirty() {
     eprintln!("failures:\n  {}\n  {}", exists.trim(), nospace.trim());
     eprintln!("base {r_base}\ninc {r_inc}\nfull {r_full}");
 
-    let chain = snapshot::chain(&inc).unwrap_or_else(|e| panic!("chain of inc: {e:?}"));
-    let canon = |p: &Path| fs::canonicalize(p).expect("canonicalize");
-    assert_eq!(
-        chain.iter().map(|(d, _)| canon(d)).collect::<Vec<_>>(),
-        vec![canon(&base), canon(&inc)],
-        "inc must chain to base (the failed snapshots are no layers)"
+    let moved = assert_chain_is_full(
+        &[&base, &inc],
+        &full,
+        "the pages written before the failed snapshots were lost",
     );
-    let size = snapshot::read_meta(&full).expect("meta").mem_size;
-    let from_chain = load_into_memory(&inc, size);
-    let from_full = load_into_memory(&full, size);
-    let from_base = load_into_memory(&base, size);
-    let moved = differing_pages(from_base.as_slice(), from_full.as_slice()).len();
     let inc_pages = r_inc["pages"].as_u64().expect("pages in the report");
-    let diff = differing_pages(from_chain.as_slice(), from_full.as_slice());
-    eprintln!(
-        "{moved} pages changed between base and full; the increment holds {inc_pages}; \
-         the chain's restore differs from the full snapshot in {} pages",
-        diff.len()
-    );
-    assert!(
-        moved > 0,
-        "the workload changed no page between base and full: the comparison proves nothing"
-    );
-    assert!(
-        diff.is_empty(),
-        "{} pages differ between the chain base+inc and the full snapshot of the same paused \
-         VM ({moved} pages changed since base, the increment holds {inc_pages}): the pages \
-         written before the failed snapshots were lost; first: {:?}\n{}",
-        diff.len(),
-        &diff[..diff.len().min(16)],
-        diff.iter()
-            .take(4)
-            .map(|&p| explain_page(
-                p,
-                &[&base, &inc, &full],
-                from_base.as_slice(),
-                from_chain.as_slice(),
-                from_full.as_slice()
-            ))
-            .collect::<Vec<_>>()
-            .join("\n")
-    );
     assert!(
         inc_pages as usize >= moved,
         "the increment holds {inc_pages} pages, fewer than the {moved} that changed since base"
     );
-    let (si, sf) = (
-        snapshot::read_state(&inc).expect("state inc"),
-        snapshot::read_state(&full).expect("state full"),
-    );
-    let sdiff = diff_states(&si, &sf);
-    let unexpected: Vec<&String> = sdiff.keys().filter(|k| !time_dependent_field(k)).collect();
-    assert!(
-        unexpected.is_empty(),
-        "two snapshots of one paused VM differ in {unexpected:?}: {sdiff:?}"
-    );
-    drop((from_chain, from_full, from_base));
 
     // The chain restores to a working VM whose memory workload checks out.
     vm.kill().expect("SIGKILL the snapshotted VM");
-    let mut restored = TwinProcess::spawn(
+    let restored = restore(
         topo.vm_ns(),
         &dir,
         "twin-restore-chain",
-        &[
-            "restore",
-            &inc.display().to_string(),
-            "--tap",
-            TAP2,
-            "--control",
-            &sock2.display().to_string(),
-        ],
-    )
-    .expect("spawn twin restore of the chain");
-    wait_restored(&mut restored, &sock2).unwrap_or_else(|e| panic!("restore of the chain: {e}"));
-    let got = guest.get("counter").unwrap_or_else(|e| {
-        panic!(
-            "GET after restoring the chain: {e}\n{}",
-            tails(&[&restored])
-        )
-    });
-    assert_eq!(got, last, "the restored chain lost acknowledged INCRs");
-    match guest.verify().expect("VERIFY") {
-        Verify::Ok { pages, writes } => {
-            eprintln!("chain restored: VERIFY OK pages={pages} writes={writes}")
-        }
-        Verify::Fail(why) => panic!("guest memory verification failed after the chain: {why}"),
-    }
-    drop(guest);
+        &inc,
+        TAP2,
+        &sock2,
+        &[],
+    );
+    check_restored_chain(&mut counter, &restored);
+    drop(counter);
     drop(restored);
     drop(tiny);
     assert_no_panic(&vm);
@@ -1214,18 +1154,7 @@ fn restore_refuses_hostile_snapshots_with_one_clear_line() {
     let dir = TestDir::new("snap-hostile").expect("test dir");
     let sock = dir.join("vm.sock");
     let (good, inc) = (dir.join("good"), dir.join("inc"));
-    let mut vm = TwinProcess::spawn(
-        topo.vm_ns(),
-        &dir,
-        "twin-run",
-        &strs(&run_args(TAP, &sock, "dirty=4M/s,wss=16M")),
-    )
-    .expect("spawn twin run");
-    let mut guest =
-        GuestClient::connect_retry(topo.client_ns(), guest_service(), BOOT_TIMEOUT, || {
-            vm.ensure_running()
-        })
-        .expect("guest service comes up");
+    let (mut vm, mut guest) = start_vm(&topo, &dir, TAP, &sock, "dirty=4M/s,wss=16M");
     for want in 1..=20 {
         assert_eq!(guest.incr("counter").expect("INCR"), want);
     }
@@ -1674,22 +1603,16 @@ fn restore_refuses_hostile_snapshots_with_one_clear_line() {
 
     // Control: the unmodified snapshot restores (so each failure above is the mutation's).
     let good_sock = dir.join("good.sock");
-    let mut ok = TwinProcess::spawn(
+    // (`restore` panics naming the command if the unmodified snapshot does not restore.)
+    let mut ok = restore(
         topo.vm_ns(),
         &dir,
         "restore-good",
-        &[
-            "restore",
-            &good.display().to_string(),
-            "--tap",
-            TAP,
-            "--control",
-            &good_sock.display().to_string(),
-        ],
-    )
-    .expect("spawn restore of the good snapshot");
-    wait_restored(&mut ok, &good_sock)
-        .unwrap_or_else(|e| panic!("the unmodified snapshot does not restore: {e}"));
+        &good,
+        TAP,
+        &good_sock,
+        &[],
+    );
     let mut guest =
         GuestClient::connect_retry(topo.client_ns(), guest_service(), BOOT_TIMEOUT, || {
             ok.ensure_running()

@@ -1,4 +1,6 @@
-//! Parsers for command-line values: sizes, IPv4 with prefix, MAC addresses.
+//! Parsers for command-line values: sizes, IPv4 with prefix, MAC addresses, durations, and
+//! the checks `clap` runs at parse time (exit 2, naming the value as the user typed it):
+//! guest RAM sizes, TAP devices, control-socket paths, snapshot directories, `HOST:PORT`.
 
 use std::net::Ipv4Addr;
 use std::str::FromStr;
@@ -12,8 +14,15 @@ pub enum ArgError {
     Cidr(String),
     #[error("MAC address `{0}` is not six hex bytes separated by colons")]
     Mac(String),
+    #[error(
+        "MAC address `{0}` is multicast (the low bit of its first byte is set); a NIC needs a \
+         unicast address, like 52:54:00:12:34:56"
+    )]
+    MulticastMac(String),
     #[error("duration `{0}` is not a whole number followed by us, ms or s, like 25ms or 500us")]
     Duration(String),
+    #[error("duration `{0}` must be positive")]
+    NotPositive(String),
     #[error("disk `{0}` is not PATH or PATH,readonly")]
     Disk(String),
 }
@@ -103,9 +112,12 @@ impl FromStr for Mac {
             }
             *b = u8::from_str_radix(p, 16).map_err(|_| err())?;
         }
-        // Multicast MACs cannot be a NIC's address.
-        if parts.next().is_some() || mac[0] & 1 != 0 {
+        if parts.next().is_some() {
             return Err(err());
+        }
+        // Multicast MACs cannot be a NIC's address.
+        if mac[0] & 1 != 0 {
+            return Err(ArgError::MulticastMac(s.to_string()));
         }
         Ok(Mac(mac))
     }
@@ -141,12 +153,153 @@ impl FromStr for Millis {
             return Err(err());
         };
         let n: u64 = num.parse().map_err(|_| err())?;
-        let ns = n
-            .checked_mul(unit_ns)
-            .filter(|&ns| ns > 0)
-            .ok_or_else(err)?;
+        if n == 0 {
+            return Err(ArgError::NotPositive(s.to_string()));
+        }
+        let ns = n.checked_mul(unit_ns).ok_or_else(err)?;
         Ok(Millis(std::time::Duration::from_nanos(ns)))
     }
+}
+
+/// Guest RAM granularity (huge-page sized, as the VMM maps it).
+const MEM_ALIGN: u64 = 2 << 20;
+/// Guest RAM ends where the MMIO hole starts (3 GiB).
+const MEM_MAX: u64 = 3 << 30;
+
+/// `--mem`: a [`Size`] that the VMM takes, checked at parse time in the user's unit.
+pub fn guest_mem(s: &str) -> Result<Size, String> {
+    let size: Size = s.parse().map_err(|e: ArgError| e.to_string())?;
+    if size.0 == 0 || size.0 % MEM_ALIGN != 0 {
+        return Err(format!("{s} must be a multiple of 2M (and not 0)"));
+    }
+    if size.0 > MEM_MAX {
+        return Err(format!(
+            "{s} is more than 3G, the most guest RAM below the MMIO hole"
+        ));
+    }
+    Ok(size)
+}
+
+/// `--tap`: a valid interface name that, if it exists, is a TAP device (a missing one is
+/// reported when the VM opens it, with how to create it). Asked of the kernel in this
+/// process's network namespace (ethtool's driver info: `tun`, bus `tap`), not of /sys,
+/// which shows the namespace that mounted it.
+pub fn tap_device(s: &str) -> Result<String, String> {
+    if s.is_empty() || s.len() >= libc::IFNAMSIZ || s.contains(['/', ' ', '\0']) {
+        return Err(format!(
+            "{s:?} is not an interface name (1 to 15 characters, no / or space)"
+        ));
+    }
+    match tun_kind(s) {
+        Ok(Some(kind)) if kind == "tap" => Ok(s.to_string()),
+        Ok(Some(kind)) => Err(format!(
+            "{s} is a {kind} device, not a TAP device (ip tuntap add NAME mode tap)"
+        )),
+        Ok(None) => Err(format!("{s} is not a TAP device")),
+        Err(e) if e.raw_os_error() == Some(libc::ENODEV) => Ok(s.to_string()),
+        Err(e) => Err(format!("cannot tell whether {s} is a TAP device: {e}")),
+    }
+}
+
+/// `ETHTOOL_GDRVINFO` (linux/ethtool.h).
+const ETHTOOL_GDRVINFO: u32 = 0x0000_0003;
+
+/// `struct ethtool_drvinfo` (linux/ethtool.h): the libc crate does not have it.
+#[repr(C)]
+struct EthtoolDrvinfo {
+    cmd: u32,
+    driver: [u8; 32],
+    version: [u8; 32],
+    fw_version: [u8; 32],
+    bus_info: [u8; 32],
+    erom_version: [u8; 32],
+    reserved2: [u8; 12],
+    /// n_priv_flags, n_stats, testinfo_len, eedump_len, regdump_len.
+    counts: [u32; 5],
+}
+
+/// `Some("tap")` / `Some("tun")` for a tun driver's device, `None` for any other device;
+/// ENODEV when there is no such device.
+fn tun_kind(name: &str) -> std::io::Result<Option<String>> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    // SAFETY: plain socket(2); the result is checked and owned below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just returned by socket(2) and nothing else owns it.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut info = EthtoolDrvinfo {
+        cmd: ETHTOOL_GDRVINFO,
+        driver: [0; 32],
+        version: [0; 32],
+        fw_version: [0; 32],
+        bus_info: [0; 32],
+        erom_version: [0; 32],
+        reserved2: [0; 12],
+        counts: [0; 5],
+    };
+    // SAFETY: all-zero is a valid ifreq (integers, arrays and a union of such).
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, b) in req.ifr_name.iter_mut().zip(name.bytes()) {
+        *d = b as libc::c_char;
+    }
+    req.ifr_ifru.ifru_data = std::ptr::addr_of_mut!(info).cast();
+    // SAFETY: `req` names the device and points at `info`, both live and writable for the
+    // call; SIOCETHTOOL with ETHTOOL_GDRVINFO writes at most an ethtool_drvinfo into it.
+    let rc = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCETHTOOL, &mut req) };
+    if rc < 0 {
+        let e = std::io::Error::last_os_error();
+        return match e.raw_os_error() {
+            // A device without ethtool driver info (lo) is not a TAP.
+            Some(libc::EOPNOTSUPP) | Some(libc::EINVAL) => Ok(None),
+            _ => Err(e),
+        };
+    }
+    let text = |b: &[u8]| {
+        let bytes: Vec<u8> = b.iter().take_while(|&&c| c != 0).copied().collect();
+        String::from_utf8_lossy(&bytes).into_owned()
+    };
+    if text(&info.driver) != "tun" {
+        return Ok(None);
+    }
+    Ok(Some(text(&info.bus_info)))
+}
+
+/// `--control`: a path that can be a control socket (not a directory, not another file).
+pub fn control_path(s: &str) -> Result<std::path::PathBuf, String> {
+    let p = std::path::PathBuf::from(s);
+    if p.is_dir() {
+        return Err(format!("{s} is a directory"));
+    }
+    crate::control::check_path(&p).map_err(|e| e.to_string())?;
+    Ok(p)
+}
+
+/// A snapshot directory to restore: its metadata must read as a Twin snapshot's.
+pub fn snapshot_dir(s: &str) -> Result<std::path::PathBuf, String> {
+    let p = std::path::PathBuf::from(s);
+    twin_vmm::snapshot::read_meta(&p).map_err(|e| {
+        let mut msg = format!("{s} is not a Twin snapshot: {e}");
+        let mut src = std::error::Error::source(&e);
+        while let Some(c) = src {
+            msg.push_str(&format!(": {c}"));
+            src = c.source();
+        }
+        msg
+    })?;
+    Ok(p)
+}
+
+/// `HOST:PORT` (a name resolved when the process starts, an IPv4 or `[IPv6]` address).
+pub fn host_port(s: &str) -> Result<String, String> {
+    let bad = || format!("`{s}` is not HOST:PORT, like 10.0.0.3:7000");
+    let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
+    let port: u16 = port.parse().map_err(|_| bad())?;
+    if host.is_empty() || port == 0 {
+        return Err(bad());
+    }
+    Ok(s.to_string())
 }
 
 #[cfg(test)]
@@ -194,6 +347,8 @@ mod tests {
         ] {
             assert!(bad.parse::<Mac>().is_err(), "{bad}");
         }
+        let e = "01:00:5e:00:00:01".parse::<Mac>().unwrap_err().to_string();
+        assert!(e.contains("multicast"), "{e}");
     }
 
     #[test]
@@ -210,5 +365,49 @@ mod tests {
         for bad in ["25", "0ms", "ms", "1h", "0.5ms"] {
             assert!(bad.parse::<Millis>().is_err(), "{bad}");
         }
+        assert_eq!(
+            "0ms".parse::<Millis>().unwrap_err().to_string(),
+            "duration `0ms` must be positive"
+        );
+    }
+
+    #[test]
+    fn guest_memory_in_the_users_unit() {
+        assert_eq!(guest_mem("256M"), Ok(Size(256 << 20)));
+        assert_eq!(guest_mem("3G"), Ok(Size(3 << 30)));
+        assert_eq!(
+            guest_mem("3M").unwrap_err(),
+            "3M must be a multiple of 2M (and not 0)"
+        );
+        assert!(guest_mem("0").unwrap_err().contains("multiple of 2M"));
+        assert!(guest_mem("4G").unwrap_err().contains("more than 3G"));
+        assert!(guest_mem("12Q").unwrap_err().contains("12Q"));
+    }
+
+    #[test]
+    fn host_ports() {
+        assert!(host_port("10.0.0.3:7000").is_ok());
+        assert!(host_port("backup.example:7000").is_ok());
+        assert!(host_port("[::1]:7000").is_ok());
+        for bad in ["nohost", "nohost:", ":7000", "h:0", "h:99999"] {
+            assert!(host_port(bad).unwrap_err().contains("HOST:PORT"), "{bad}");
+        }
+    }
+
+    #[test]
+    fn lo_is_not_a_tap() {
+        assert_eq!(tap_device("lo").unwrap_err(), "lo is not a TAP device");
+        // A missing device is left to the VM's open, which says how to create it.
+        assert_eq!(tap_device("twtnosuch0").as_deref(), Ok("twtnosuch0"));
+        assert!(tap_device("a/b").is_err());
+    }
+
+    #[test]
+    fn control_paths() {
+        let dir = std::env::temp_dir();
+        assert!(control_path(dir.to_str().unwrap())
+            .unwrap_err()
+            .ends_with("is a directory"));
+        assert!(control_path("/nonexistent/twin.sock").is_ok());
     }
 }

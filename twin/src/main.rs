@@ -1,29 +1,38 @@
 //! `twin`: Remus-style high availability for KVM virtual machines.
 
+mod config;
 mod lab;
+mod notify;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use twin_vmm::memory::Memory;
 use twin_vmm::snapshot;
 use twin_vmm::{HostResources, NetConfig, SnapshotOptions, VmConfig, VmEvent, Vmm};
 
 use twin::args::{self, Cidr, Mac, Size};
-use twin::control::{self, Control, Request, Response};
+use twin::control::{self, Control, Reply, Request, Response};
 use twin::signals::Termination;
-use twin_api::{EventKind, EventLog, Role as ApiRole};
+use twin_api::{ErrorCode, EventKind, EventLog, ProtectRequest, Role as ApiRole, SnapshotRequest};
 
 #[derive(Parser)]
 #[command(
     name = "twin",
     version,
-    about = "Remus-style high availability for KVM virtual machines"
+    about = "Remus-style high availability for KVM virtual machines",
+    // A `--config` file's values come first on the command line; the user's flags after
+    // them override them.
+    args_override_self = true
 )]
 struct Cli {
+    /// Read this subcommand's flags from a TOML file (keys are the long flag names; flags
+    /// on the command line override it). See contrib/twin.example.toml.
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -38,9 +47,15 @@ enum Command {
     Restore(RestoreArgs),
     /// Show the state of a running VM process.
     Status(StatusArgs),
-    /// Resume a VM left paused by `snapshot --stop` or `restore --paused`.
-    Resume(StatusArgs),
+    /// Pause a running VM (not a protected one).
+    Pause(ControlArgs),
+    /// Resume a VM left paused by `pause`, `snapshot --stop` or `restore --paused`.
+    Resume(ControlArgs),
     /// Run a VM protected by a backup: checkpoints every epoch, output held until acked.
+    ///
+    /// Without --tap, puts the VM already running behind --control (`twin run`, `twin
+    /// restore`) under protection instead, as `xl remus` does: a live initial sync, then
+    /// epochs; it returns once the VM is protected.
     Protect(ProtectArgs),
     /// Keep a replica of a protected VM and take over when its primary dies.
     Backup(BackupArgs),
@@ -60,12 +75,29 @@ enum Command {
     Keygen(KeygenArgs),
     /// Print a VM process's typed events (JSON, one per line), optionally following them.
     Events(EventsArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions(CompletionsArgs),
+    /// Print the man page (roff), e.g. `twin man > twin.1`.
+    Man,
+}
+
+#[derive(Args)]
+struct CompletionsArgs {
+    shell: clap_complete::Shell,
+}
+
+/// The control socket of a running process.
+#[derive(Args)]
+struct ControlArgs {
+    /// Control socket of the VM process.
+    #[arg(long, default_value = "/run/twin/twin.sock", value_parser = args::control_path)]
+    control: PathBuf,
 }
 
 #[derive(Args)]
 struct EventsArgs {
     /// Control socket of the process.
-    #[arg(long, default_value = "/run/twin/twin.sock")]
+    #[arg(long, default_value = "/run/twin/twin.sock", value_parser = args::control_path)]
     control: PathBuf,
     /// Only events from this sequence number on.
     #[arg(long, default_value_t = 0)]
@@ -141,7 +173,7 @@ struct KeygenArgs {
 #[derive(Args)]
 struct ProtectArgs {
     /// The backup's replication address, HOST:PORT.
-    #[arg(long)]
+    #[arg(long, value_parser = args::host_port)]
     backup: String,
     /// Checkpoint interval: the longest an epoch lasts.
     #[arg(long, default_value = "25ms")]
@@ -153,6 +185,10 @@ struct ProtectArgs {
     /// Checkpoint on the interval only, as classic Remus does.
     #[arg(long)]
     no_eager: bool,
+    /// Copy every dirty page inside the pause (no pre-copy while the guest runs first): the
+    /// pause then grows with the pages the guest dirtied in the epoch.
+    #[arg(long)]
+    no_precopy: bool,
     /// What to do with held output when the backup is lost: release it and run
     /// unprotected, or hold it until a backup returns.
     #[arg(long, value_enum, default_value_t = LossArg::Release)]
@@ -166,8 +202,53 @@ struct ProtectArgs {
     arbiter: ArbiterArgs,
     #[command(flatten)]
     vm: VmArgs,
-    #[command(flatten)]
-    host: HostArgs,
+    /// TAP device backing the guest NIC of the VM to start. Without it, the VM already
+    /// running behind --control is protected.
+    #[arg(long, value_parser = args::tap_device)]
+    tap: Option<String>,
+    /// Write the guest console to this file instead of standard output.
+    #[arg(long, requires = "tap")]
+    console: Option<PathBuf>,
+    /// Control socket of the VM process (the one started, or the running one to protect).
+    #[arg(long, default_value = "/run/twin/twin.sock", value_parser = args::control_path)]
+    control: PathBuf,
+    /// Serve Prometheus metrics over HTTP on ADDR:PORT (`/metrics`).
+    #[arg(long, requires = "tap")]
+    metrics: Option<std::net::SocketAddr>,
+}
+
+impl ProtectArgs {
+    /// The host resources of a VM to start, when --tap says to start one.
+    fn host(&self) -> Option<HostArgs> {
+        Some(HostArgs {
+            tap: self.tap.clone()?,
+            console: self.console.clone(),
+            control: self.control.clone(),
+            metrics: self.metrics,
+        })
+    }
+
+    /// The request that protects a running VM as these flags say.
+    fn request(&self) -> Result<ProtectRequest> {
+        let absolute = |p: &Path| {
+            std::path::absolute(p).with_context(|| format!("cannot resolve {}", p.display()))
+        };
+        Ok(ProtectRequest {
+            backup: self.backup.clone(),
+            key_file: self.auth.key_file.as_deref().map(absolute).transpose()?,
+            no_auth: self.auth.no_auth,
+            encrypt: self.auth.encrypt,
+            interval_ms: self.interval.0.as_secs_f64() * 1e3,
+            eager_gap_ms: (!self.no_eager).then_some(self.eager_gap.0.as_secs_f64() * 1e3),
+            precopy: !self.no_precopy,
+            on_backup_loss: match self.on_backup_loss {
+                LossArg::Release => twin_api::LossPolicy::Release,
+                LossArg::Hold => twin_api::LossPolicy::Hold,
+            },
+            backup_timeout_ms: self.backup_timeout.0.as_secs_f64() * 1e3,
+            arbiter: self.arbiter.arbiter.clone(),
+        })
+    }
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -182,7 +263,7 @@ struct BackupArgs {
     #[arg(long)]
     listen: std::net::SocketAddr,
     /// TAP the VM gets when this host takes over.
-    #[arg(long)]
+    #[arg(long, value_parser = args::tap_device)]
     tap: String,
     /// Silence from the primary longer than this means it is dead.
     #[arg(long, default_value = "100ms")]
@@ -191,8 +272,11 @@ struct BackupArgs {
     #[arg(long)]
     console: Option<PathBuf>,
     /// Control socket of this process.
-    #[arg(long, default_value = "/run/twin/backup.sock")]
+    #[arg(long, default_value = "/run/twin/backup.sock", value_parser = args::control_path)]
     control: PathBuf,
+    /// Serve Prometheus metrics over HTTP on ADDR:PORT (`/metrics`).
+    #[arg(long)]
+    metrics: Option<std::net::SocketAddr>,
     #[command(flatten)]
     auth: AuthArgs,
     #[command(flatten)]
@@ -212,7 +296,7 @@ struct BackupArgs {
 #[derive(Args)]
 struct FailoverArgs {
     /// Control socket of the backup process.
-    #[arg(long, default_value = "/run/twin/backup.sock")]
+    #[arg(long, default_value = "/run/twin/backup.sock", value_parser = args::control_path)]
     control: PathBuf,
 }
 
@@ -228,10 +312,10 @@ struct RunArgs {
 #[derive(Args, Clone)]
 struct VmArgs {
     /// Guest RAM, e.g. 256M or 1G (a multiple of 2M, at most 3G).
-    #[arg(long, default_value = "256M")]
+    #[arg(long, default_value = "256M", value_parser = args::guest_mem)]
     mem: Size,
     /// Number of vCPUs.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=64))]
     vcpus: u8,
     /// Guest MAC address.
     #[arg(long, default_value = "52:54:00:12:34:56")]
@@ -249,11 +333,12 @@ struct VmArgs {
     /// for more (the first is the guest's disk 0). Sparse images stay sparse.
     #[arg(long = "disk", value_name = "PATH[,readonly]")]
     disks: Vec<args::Disk>,
-    /// Linux kernel (bzImage) to boot instead of the built-in guest (not supported yet).
-    #[arg(long)]
+    /// Linux kernel (bzImage) to boot instead of the built-in guest: not supported yet, so
+    /// hidden (given, it is refused).
+    #[arg(long, hide = true)]
     kernel: Option<PathBuf>,
-    /// initramfs for --kernel (not supported yet).
-    #[arg(long)]
+    /// initramfs for --kernel (not supported yet; hidden).
+    #[arg(long, hide = true)]
     initrd: Option<PathBuf>,
     /// Developer option: a guest ELF following the built-in guest's boot contract, used
     /// instead of the embedded one.
@@ -265,19 +350,23 @@ struct VmArgs {
 #[derive(Args, Clone)]
 struct HostArgs {
     /// TAP device (must exist, e.g. `ip tuntap add tap0 mode tap`) backing the guest NIC.
-    #[arg(long)]
+    #[arg(long, value_parser = args::tap_device)]
     tap: String,
     /// Write the guest console to this file instead of standard output.
     #[arg(long)]
     console: Option<PathBuf>,
     /// Control socket of this VM process.
-    #[arg(long, default_value = "/run/twin/twin.sock")]
+    #[arg(long, default_value = "/run/twin/twin.sock", value_parser = args::control_path)]
     control: PathBuf,
+    /// Serve Prometheus metrics over HTTP on ADDR:PORT (`/metrics`).
+    #[arg(long)]
+    metrics: Option<std::net::SocketAddr>,
 }
 
 #[derive(Args)]
 struct SnapshotArgs {
-    /// Directory to create for the snapshot.
+    /// Directory to create for the snapshot (a relative one is taken from the current
+    /// directory).
     dir: PathBuf,
     /// Store only the pages written since the previous snapshot of this VM process.
     #[arg(long)]
@@ -286,13 +375,14 @@ struct SnapshotArgs {
     #[arg(long)]
     stop: bool,
     /// Control socket of the VM process.
-    #[arg(long, default_value = "/run/twin/twin.sock")]
+    #[arg(long, default_value = "/run/twin/twin.sock", value_parser = args::control_path)]
     control: PathBuf,
 }
 
 #[derive(Args)]
 struct RestoreArgs {
     /// Snapshot directory (the top layer of a chain).
+    #[arg(value_parser = args::snapshot_dir)]
     dir: PathBuf,
     /// Leave the VM paused after restoring (resume with the control socket's Resume).
     #[arg(long)]
@@ -308,11 +398,15 @@ struct RestoreArgs {
 #[derive(Args)]
 struct StatusArgs {
     /// Control socket of the VM process.
-    #[arg(long, default_value = "/run/twin/twin.sock")]
+    #[arg(long, default_value = "/run/twin/twin.sock", value_parser = args::control_path)]
     control: PathBuf,
-    /// Print JSON instead of text.
+    /// Print JSON instead of text (the typed status of twin-api).
     #[arg(long)]
     json: bool,
+    /// Exit 1 unless the VM is protected (a primary whose backup holds every checkpoint the
+    /// world's output depends on), for monitoring scripts; 2 when the status cannot be had.
+    #[arg(long)]
+    check: bool,
 }
 
 impl HostArgs {
@@ -379,25 +473,41 @@ struct Session {
     role: &'static str,
     started: Instant,
     snapshots: u64,
+    /// A backup that took over with an arbiter: the record it won.
+    arbiter: Option<twin_api::status::ArbiterStatus>,
+}
+
+/// What a VM without a backup needs to be put under protection later: the identity its
+/// replication sessions use (a VM that took over keeps its own) and, after a takeover, the
+/// arbiter record it won.
+struct Protectable {
+    vm_id: twin_wire::VmId,
+    arbiter_seen: Option<twin_arbiter::Seen>,
 }
 
 fn take_snapshot(
     vmm: &mut Vmm,
     session: &mut Session,
-    dir: &Path,
-    incremental: bool,
-    stop: bool,
+    req: &SnapshotRequest,
 ) -> Result<serde_json::Value> {
-    let report = vmm.snapshot(dir, SnapshotOptions { incremental, stop })?;
+    // A slow disk, for the tests of long operations (`sleep(MS)`).
+    twin_failpoints::hit("twin.snapshot");
+    let report = vmm.snapshot(
+        &req.dir,
+        SnapshotOptions {
+            incremental: req.incremental,
+            stop: req.stop,
+        },
+    )?;
     session.snapshots += 1;
     Ok(serde_json::json!({
-        "dir": dir,
-        "incremental": incremental,
+        "dir": req.dir,
+        "incremental": req.incremental,
         "pages": report.pages,
         "bytes": report.bytes,
         "mem_size": vmm.memory().size(),
         "paused_ms": report.paused.as_secs_f64() * 1e3,
-        "stopped": stop,
+        "stopped": req.stop,
         "layer_id": report.layer_id.to_string(),
         "parent_id": report.parent_id.map(|i| i.to_string()),
         "tracking_from": report.tracking.from,
@@ -422,67 +532,189 @@ fn status(vmm: &Vmm, session: &Session) -> twin_api::VmStatus {
         vcpus: u32::from(vmm.config().vcpus),
         uptime_s: session.started.elapsed().as_secs_f64(),
         snapshots: session.snapshots,
+        arbiter: session.arbiter.clone(),
     }
+}
+
+/// The replication settings a protect request asks for.
+fn protect_config(
+    req: &ProtectRequest,
+    ctx: &Protectable,
+) -> Result<twin_primary::ProtectConfig, twin_api::ApiError> {
+    use twin_api::ApiError;
+    let bad = |m: String| ApiError::new(ErrorCode::BadRequest, m);
+    let ms = |what: &str, v: f64| {
+        if v.is_finite() && v > 0.0 && v < 3.6e6 {
+            Ok(Duration::from_secs_f64(v / 1e3))
+        } else {
+            Err(bad(format!(
+                "{what} {v} ms must be positive (and under an hour)"
+            )))
+        }
+    };
+    args::host_port(&req.backup).map_err(bad)?;
+    let link = match (&req.key_file, req.no_auth) {
+        (Some(path), false) => {
+            let key = twin_link::Key::load(path).map_err(|e| bad(format!("{e:#}")))?;
+            twin_link::LinkConfig::with_key(key, req.encrypt)
+        }
+        (None, true) => twin_link::LinkConfig::insecure(),
+        (Some(_), true) => return Err(bad("key_file and no_auth exclude each other".into())),
+        (None, false) => return Err(bad("give key_file or no_auth".into())),
+    };
+    let arbiter = match &req.arbiter {
+        None => None,
+        Some(url) => Some(twin_arbiter::Arbitration {
+            client: twin_arbiter::Arbiter::new(url).map_err(|e| bad(format!("{e:#}")))?,
+            me: twin_arbiter::incarnation(&format!(
+                "primary {} (pid {})",
+                host_name(),
+                std::process::id()
+            )),
+        }),
+    };
+    Ok(twin_primary::ProtectConfig {
+        backup: req.backup.clone(),
+        interval: ms("interval", req.interval_ms)?,
+        eager_gap: req.eager_gap_ms.map(|g| ms("eager gap", g)).transpose()?,
+        precopy: req.precopy,
+        on_backup_loss: match req.on_backup_loss {
+            twin_api::LossPolicy::Release => twin_primary::LossPolicy::Release,
+            twin_api::LossPolicy::Hold => twin_primary::LossPolicy::Hold,
+        },
+        backup_timeout: ms("backup timeout", req.backup_timeout_ms)?,
+        heartbeat_interval: twin_link::HEARTBEAT_INTERVAL,
+        vm_id: ctx.vm_id,
+        link,
+        arbiter,
+        arbiter_seen: ctx.arbiter_seen.clone(),
+    })
+}
+
+/// What the main loop of a VM without a backup does next.
+enum Next {
+    Continue,
+    /// Go on protected with this configuration.
+    Protect(Box<twin_primary::ProtectConfig>),
 }
 
 fn handle_request(
     vmm: &mut Vmm,
     session: &mut Session,
     events: &EventLog,
+    ctx: &Protectable,
     req: Request,
-) -> Response {
+    reply: &Reply,
+) -> Next {
+    let fail = |e: anyhow::Error| Response::error(ErrorCode::Failed, format!("{e:#}"));
     let r = match req {
-        Request::Status => serde_json::to_value(status(vmm, session)).map_err(Into::into),
-        Request::Snapshot {
-            dir,
-            incremental,
-            stop,
-        } => take_snapshot(vmm, session, &dir, incremental, stop).inspect(|v| {
-            events.emit(EventKind::SnapshotWritten {
-                dir: dir.display().to_string(),
-                pages: v["pages"].as_u64().unwrap_or(0),
-                paused_ms: v["paused_ms"].as_f64().unwrap_or(0.0),
-            });
-        }),
+        Request::Status => {
+            Response::Ok(serde_json::to_value(status(vmm, session)).unwrap_or_default())
+        }
+        Request::Snapshot(req) => {
+            // The write can take long (seconds per GiB on a slow disk): the client is told
+            // it started, and gets the outcome, however long it takes.
+            let _ = reply.send(Response::Accepted(serde_json::json!({"dir": req.dir})));
+            match take_snapshot(vmm, session, &req) {
+                Ok(v) => {
+                    events.emit(EventKind::SnapshotWritten {
+                        dir: req.dir.display().to_string(),
+                        pages: v["pages"].as_u64().unwrap_or(0),
+                        paused_ms: v["paused_ms"].as_f64().unwrap_or(0.0),
+                    });
+                    Response::Ok(v)
+                }
+                Err(e) => fail(e),
+            }
+        }
+        Request::Pause => {
+            vmm.pause();
+            Response::Ok(serde_json::json!({"vm": "paused"}))
+        }
         Request::Resume => {
             resume_devices(vmm);
             vmm.resume();
-            Ok(serde_json::json!({"vm": "running"}))
+            Response::Ok(serde_json::json!({"vm": "running"}))
         }
-        Request::Failover => Err(anyhow::anyhow!(
-            "this VM is not protected; failover applies to `twin backup`"
-        )),
-        Request::Events { .. } => Err(anyhow::anyhow!(
-            "events are served by the control socket itself"
-        )),
+        Request::Protect(req) => {
+            if vmm.is_paused() {
+                Response::error(
+                    ErrorCode::Conflict,
+                    "the VM is paused; resume it before protecting it",
+                )
+            } else {
+                match protect_config(&req, ctx) {
+                    // Answered once the output buffer is in place.
+                    Ok(cfg) => return Next::Protect(Box::new(cfg)),
+                    Err(e) => Response::Error(e),
+                }
+            }
+        }
+        Request::Failover => Response::error(
+            ErrorCode::NotSupported,
+            "this VM is not protected; failover applies to `twin backup`",
+        ),
+        Request::Events(_) => Response::error(
+            ErrorCode::BadRequest,
+            "events are served by the control socket itself",
+        ),
     };
-    match r {
-        Ok(v) => Response::Ok(v),
-        Err(e) => Response::Error(format!("{e:#}")),
-    }
+    let _ = reply.send(r);
+    Next::Continue
 }
 
 /// Runs a started VM until it powers off or a termination signal arrives, answering
-/// control requests meanwhile.
+/// control requests meanwhile; a protect request puts it under protection and it goes on
+/// as a primary.
 fn serve_vm(
     mut vmm: Vmm,
     control: &Control,
     sigs: Termination,
     role: &'static str,
-    events: &EventLog,
+    events: &std::sync::Arc<EventLog>,
+    ctx: Protectable,
+    arbiter: Option<twin_api::status::ArbiterStatus>,
 ) -> Result<ExitCode> {
     forward_signals(sigs, vmm.event_sender())?;
     let mut session = Session {
         role,
         started: Instant::now(),
         snapshots: 0,
+        arbiter,
     };
     let outcome = loop {
         if let Some(outcome) = next_vm_outcome(&vmm) {
             break outcome;
         }
         while let Ok((req, reply)) = control.try_recv() {
-            let _ = reply.send(handle_request(&mut vmm, &mut session, events, req));
+            match handle_request(&mut vmm, &mut session, events, &ctx, req, &reply) {
+                Next::Continue => {}
+                Next::Protect(cfg) => {
+                    // The output flows until the backup is in sync, then waits for acks.
+                    let output = match OutputCommit::attach(&vmm, true) {
+                        Ok(o) => o,
+                        Err(e) => {
+                            let _ = reply.send(Response::error(
+                                ErrorCode::Failed,
+                                format!("cannot protect the VM: {e:#}"),
+                            ));
+                            continue;
+                        }
+                    };
+                    let _ = reply.send(Response::Ok(serde_json::json!({
+                        "backup": cfg.backup,
+                        "mode": "connecting",
+                    })));
+                    tracing::info!(backup = %cfg.backup, "protecting the running VM");
+                    return serve_protected(
+                        std::sync::Arc::new(vmm),
+                        output,
+                        *cfg,
+                        control,
+                        events,
+                    );
+                }
+            }
         }
     };
     vmm.shutdown();
@@ -540,15 +772,29 @@ fn next_vm_outcome(vmm: &Vmm) -> Option<Result<ExitCode>> {
     })
 }
 
+/// Serves the control socket (and `--metrics`) of a VM process.
+fn serve_control(host: &HostArgs, events: &std::sync::Arc<EventLog>) -> Result<Control> {
+    let control = control::serve(&host.control, events.clone())?;
+    if let Some(addr) = host.metrics {
+        control.serve_metrics(addr)?;
+    }
+    Ok(control)
+}
+
 fn run(args: RunArgs) -> Result<ExitCode> {
     let sigs = Termination::block()?;
     let events = EventLog::new();
     let mut vmm = Vmm::new(args.vm.to_config(&args.host)?).context("cannot start the VM")?;
-    let control = control::serve(&args.host.control, events.clone())?;
+    let control = serve_control(&args.host, &events)?;
     vmm.start().context("cannot start the VM")?;
     tracing::info!(mem = args.vm.mem.0, vcpus = args.vm.vcpus, tap = %args.host.tap, "VM running");
     emit_running(&events, &vmm, ApiRole::Standalone);
-    serve_vm(vmm, &control, sigs, "standalone", &events)
+    notify::ready("VM running, not protected");
+    let ctx = Protectable {
+        vm_id: twin_wire::VmId(*uuid_like(&args.vm.mac.0)),
+        arbiter_seen: None,
+    };
+    serve_vm(vmm, &control, sigs, "standalone", &events, ctx, None)
 }
 
 fn restore(args: RestoreArgs) -> Result<ExitCode> {
@@ -570,7 +816,7 @@ fn restore(args: RestoreArgs) -> Result<ExitCode> {
     };
     let mut vmm = Vmm::restore(&state, memory, host).context("cannot rebuild the VM")?;
     let events = EventLog::new();
-    let control = control::serve(&args.host.control, events.clone())?;
+    let control = serve_control(&args.host, &events)?;
     if args.paused {
         vmm.start_paused().context("cannot start the VM")?;
     } else {
@@ -578,48 +824,100 @@ fn restore(args: RestoreArgs) -> Result<ExitCode> {
     }
     tracing::info!(pages, paused = args.paused, elapsed_ms = t0.elapsed().as_millis() as u64, dir = %args.dir.display(), "VM restored and running");
     emit_running(&events, &vmm, ApiRole::Standalone);
-    serve_vm(vmm, &control, sigs, "standalone", &events)
+    notify::ready("VM restored, not protected");
+    let mac = vmm.config().mac.unwrap_or_default();
+    let ctx = Protectable {
+        vm_id: twin_wire::VmId(*uuid_like(&mac)),
+        arbiter_seen: None,
+    };
+    serve_vm(vmm, &control, sigs, "standalone", &events, ctx, None)
+}
+
+/// Checks that the backup's address resolves, before a VM is built for it: a name that
+/// does not resolve is a typo, not a backup that is down (which the primary retries).
+fn check_backup_resolves(backup: &str) -> Result<()> {
+    use std::net::ToSocketAddrs;
+    let addrs: Vec<_> = backup
+        .to_socket_addrs()
+        .with_context(|| format!("the backup address {backup} does not resolve"))?
+        .collect();
+    if addrs.is_empty() {
+        bail!("the backup address {backup} resolves to no address");
+    }
+    Ok(())
 }
 
 fn protect(args: ProtectArgs) -> Result<ExitCode> {
-    use twin_primary::{LossPolicy, ProtectConfig};
-
+    check_backup_resolves(&args.backup)?;
+    let Some(host) = args.host() else {
+        return protect_running(&args);
+    };
     let sigs = Termination::block()?;
     let link = args.auth.link()?;
     if link.key.is_none() {
         tracing::warn!("the replication link is NOT authenticated (--no-auth): anyone who reaches the backup's port can pose as it and stop this VM");
     }
-    let vmm = Vmm::new(args.vm.to_config(&args.host)?).context("cannot start the VM")?;
+    let vmm = Vmm::new(args.vm.to_config(&host)?).context("cannot start the VM")?;
     // Output commit from the first frame: the guest's output waits for the first backup.
     let output = OutputCommit::attach(&vmm, false)?;
     let events = EventLog::new();
-    let control = control::serve(&args.host.control, events.clone())?;
+    let control = serve_control(&host, &events)?;
     let mut vmm = vmm;
     vmm.start().context("cannot start the VM")?;
     forward_signals(sigs, vmm.event_sender())?;
     emit_running(&events, &vmm, ApiRole::Primary);
-    let cfg = ProtectConfig {
-        backup: args.backup.clone(),
-        interval: args.interval.0,
-        eager_gap: (!args.no_eager).then_some(args.eager_gap.0),
-        on_backup_loss: match args.on_backup_loss {
-            LossArg::Release => LossPolicy::Release,
-            LossArg::Hold => LossPolicy::Hold,
-        },
-        backup_timeout: args.backup_timeout.0,
-        heartbeat_interval: twin_link::HEARTBEAT_INTERVAL,
-        // A stable identity for this VM's replication sessions.
+    let req = args.request()?;
+    let ctx = Protectable {
         vm_id: twin_wire::VmId(*uuid_like(&args.vm.mac.0)),
-        link,
-        arbiter: args.arbiter.arbitration(format!(
-            "primary {} (pid {})",
-            host_name(),
-            std::process::id()
-        ))?,
         arbiter_seen: None,
     };
+    let cfg = protect_config(&req, &ctx).map_err(|e| anyhow::anyhow!("{e}"))?;
     tracing::info!(backup = %args.backup, interval_ms = args.interval.0.as_millis() as u64, "VM running, protecting");
     serve_protected(std::sync::Arc::new(vmm), output, cfg, &control, &events)
+}
+
+/// `twin protect` without --tap: asks the VM process behind --control to protect its VM,
+/// then follows its events until it is protected (printing the initial sync's progress).
+fn protect_running(args: &ProtectArgs) -> Result<ExitCode> {
+    let req = args.request()?;
+    let mark = control::events(&args.control, u64::MAX, false, false)?.next_seq();
+    let v = client(&args.control, Request::Protect(req))?;
+    eprintln!(
+        "protecting the VM behind {} with {}",
+        args.control.display(),
+        v["backup"].as_str().unwrap_or(&args.backup)
+    );
+    let mut stream = control::events(&args.control, mark, false, true)?;
+    while let Some(e) = stream.next_event()? {
+        match e.kind {
+            EventKind::BackupConnected { generation, .. } => {
+                eprintln!("backup connected (generation {generation}); initial sync")
+            }
+            EventKind::SyncProgress {
+                pages_done,
+                pages_total,
+            } => eprintln!(
+                "initial sync: {:.0}% ({pages_done} of {pages_total} pages)",
+                pages_done as f64 * 100.0 / pages_total.max(1) as f64
+            ),
+            EventKind::SyncSent { pages, ms, .. } => {
+                eprintln!("initial sync sent: {pages} pages in {}", fmt_ms(ms))
+            }
+            EventKind::Protected { epoch, generation } => {
+                println!(
+                    "PROTECTED by {} (epoch {epoch}, generation {generation})",
+                    args.backup
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
+            EventKind::BackupLost { reason, .. } => {
+                eprintln!("backup lost before protection: {reason}; the VM process retries")
+            }
+            EventKind::VmStopped { reason, .. } => bail!("the VM stopped: {reason}"),
+            _ => {}
+        }
+    }
+    bail!("the VM process closed its event stream before the VM was protected")
 }
 
 /// The output-commit buffer between a VM's NIC and its TAP, and the thread that releases
@@ -639,12 +937,37 @@ impl OutputCommit {
         if unprotected {
             netbuf.release_all();
         }
-        vmm.set_net_sink(Box::new(twin_primary::NetbufSink(netbuf.sink())));
         let tap = vmm.tap().context("a protected VM needs a NIC")?;
+        vmm.set_net_sink(Box::new(twin_primary::NetbufSink(netbuf.sink())));
         let release = netbuf
             .spawn_release_thread("net-release", move |frame| tap.write_vnet(frame))
             .context("spawning the output release thread")?;
         Ok(OutputCommit { netbuf, release })
+    }
+}
+
+/// READY=1 for systemd once the primary is protected the first time; STATUS= on changes.
+fn notify_protection(events: &std::sync::Arc<EventLog>, backup: String) {
+    if !notify::enabled() {
+        return;
+    }
+    let mut sub = events.subscribe(events.next_seq(), false);
+    let spawned = std::thread::Builder::new()
+        .name("sd-notify".into())
+        .spawn(move || loop {
+            for e in sub.next_batch(Duration::from_secs(1)) {
+                match e.kind {
+                    EventKind::Protected { .. } => notify::ready(&format!("protected by {backup}")),
+                    EventKind::BackupLost { reason, .. } => {
+                        notify::status(&format!("NOT PROTECTED: backup lost ({reason})"))
+                    }
+                    EventKind::VmStopped { .. } | EventKind::StoodDown { .. } => return,
+                    _ => {}
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "cannot start the sd_notify thread");
     }
 }
 
@@ -659,6 +982,8 @@ fn serve_protected(
 ) -> Result<ExitCode> {
     use twin_primary::{Mode, Primary};
     let OutputCommit { netbuf, release } = output;
+    let backup = cfg.backup.clone();
+    notify_protection(events, backup.clone());
     let primary = Primary::start(vmm.clone(), netbuf.clone(), cfg, events.clone())
         .context("starting replication")?;
     let outcome = loop {
@@ -671,20 +996,28 @@ fn serve_protected(
             break Ok(ExitCode::SUCCESS);
         }
         while let Ok((req, reply)) = control.try_recv() {
+            let conflict = |m: &str| Response::error(ErrorCode::Conflict, m);
             let resp = match req {
                 Request::Status => {
                     Response::Ok(serde_json::to_value(primary.status()).unwrap_or_default())
                 }
-                Request::Resume => Response::Error("a protected VM cannot be paused".into()),
-                Request::Snapshot { .. } => {
-                    Response::Error("snapshots of a protected VM are taken by its backup".into())
+                Request::Pause | Request::Resume => {
+                    conflict("a protected VM cannot be paused or resumed")
                 }
-                Request::Failover => Response::Error(
-                    "failover is requested from the backup (`twin failover`)".into(),
+                Request::Snapshot(_) => {
+                    conflict("snapshots of a protected VM are taken by its backup")
+                }
+                Request::Protect(_) => {
+                    conflict(&format!("the VM is protected already, by {backup}"))
+                }
+                Request::Failover => Response::error(
+                    ErrorCode::NotSupported,
+                    "failover is requested from the backup (`twin failover`)",
                 ),
-                Request::Events { .. } => {
-                    Response::Error("events are served by the control socket itself".into())
-                }
+                Request::Events(_) => Response::error(
+                    ErrorCode::BadRequest,
+                    "events are served by the control socket itself",
+                ),
             };
             let _ = reply.send(resp);
         }
@@ -760,6 +1093,10 @@ fn backup(args: BackupArgs) -> Result<ExitCode> {
     // socket (and a second one must never take a running backup's).
     let backup = Backup::bind(cfg)?;
     let control = control::serve(&args.control, events.clone())?;
+    if let Some(addr) = args.metrics {
+        control.serve_metrics(addr)?;
+    }
+    notify::ready(&format!("listening on {}", args.listen));
     let stop = Arc::new(AtomicBool::new(false));
     let (tx, rx) = std::sync::mpsc::channel::<BackupRequest>();
     let console_path = args.console.clone();
@@ -801,17 +1138,23 @@ fn backup(args: BackupArgs) -> Result<ExitCode> {
                     tx.send(BackupRequest::Failover(Box::new(move |r| {
                         let _ = reply.send(match r {
                             Ok(v) => Response::Ok(serde_json::to_value(v).unwrap_or_default()),
-                            Err(e) => Response::Error(e),
+                            Err(e) => Response::error(ErrorCode::Conflict, e),
                         });
                     })))
                 }
                 _ => {
-                    let _ = reply.send(Response::Error("the backup has no running VM yet".into()));
+                    let _ = reply.send(Response::error(
+                        ErrorCode::Conflict,
+                        "the backup has no running VM yet",
+                    ));
                     Ok(())
                 }
             };
             if forwarded.is_err() {
-                let _ = reply.send(Response::Error("the backup is shutting down".into()));
+                let _ = reply.send(Response::error(
+                    ErrorCode::Unavailable,
+                    "the backup is shutting down",
+                ));
             }
         }
     };
@@ -827,8 +1170,25 @@ fn backup(args: BackupArgs) -> Result<ExitCode> {
                 serde_json::to_string(&report).unwrap_or_default()
             );
             emit_running(&events, &vmm, ApiRole::TookOver);
+            notify::status("took over: the VM runs here");
             match &args.reprotect {
-                None => serve_vm(vmm, &control, pending, "primary (took over)", &events),
+                None => {
+                    let arbiter = arbitration
+                        .as_ref()
+                        .map(|a| twin_primary::arbiter_status(a, arbiter_seen.as_ref()));
+                    serve_vm(
+                        vmm,
+                        &control,
+                        pending,
+                        "primary (took over)",
+                        &events,
+                        Protectable {
+                            vm_id,
+                            arbiter_seen,
+                        },
+                        arbiter,
+                    )
+                }
                 Some(standby) => {
                     // The same process goes on as this VM's primary, under its identity and
                     // (with an arbiter) as the record's owner it just became.
@@ -838,6 +1198,7 @@ fn backup(args: BackupArgs) -> Result<ExitCode> {
                         backup: standby.clone(),
                         interval: Duration::from_millis(25),
                         eager_gap: Some(Duration::from_millis(2)),
+                        precopy: true,
                         on_backup_loss: twin_primary::LossPolicy::Release,
                         backup_timeout: Duration::from_millis(500),
                         heartbeat_interval: twin_link::HEARTBEAT_INTERVAL,
@@ -856,27 +1217,194 @@ fn backup(args: BackupArgs) -> Result<ExitCode> {
     }
 }
 
-/// The first line of `twin status`: protected or not, and why.
-fn headline(v: &serde_json::Value) -> Option<String> {
+/// Milliseconds for people: `0.42 ms`, `12.3 ms`, `1.25 s`.
+fn fmt_ms(ms: f64) -> String {
+    if ms >= 1000.0 {
+        format!("{:.2} s", ms / 1e3)
+    } else if ms >= 10.0 {
+        format!("{ms:.1} ms")
+    } else {
+        format!("{ms:.2} ms")
+    }
+}
+
+/// Bytes for people: `256 MiB`, `1.5 GiB`, `12 KiB`.
+fn fmt_bytes(b: u64) -> String {
+    let (v, unit) = match b {
+        b if b >= 1 << 30 => (b as f64 / (1u64 << 30) as f64, "GiB"),
+        b if b >= 1 << 20 => (b as f64 / (1u64 << 20) as f64, "MiB"),
+        b if b >= 1 << 10 => (b as f64 / 1024.0, "KiB"),
+        b => return format!("{b} B"),
+    };
+    if v.fract() < 0.05 || v >= 100.0 {
+        format!("{v:.0} {unit}")
+    } else {
+        format!("{v:.1} {unit}")
+    }
+}
+
+/// Seconds for people: `45 s`, `12 min`, `3.2 h`.
+fn fmt_duration(s: f64) -> String {
+    if s < 120.0 {
+        format!("{s:.0} s")
+    } else if s < 7200.0 {
+        format!("{:.0} min", s / 60.0)
+    } else {
+        format!("{:.1} h", s / 3600.0)
+    }
+}
+
+/// `twin status`'s headline and the lines under it: protected or not and why, role,
+/// generation, backup, epoch rate, last pause, held output — with units, rounded.
+fn headline(v: &serde_json::Value) -> Vec<String> {
     let generation = v["arbiter"]["generation"]
         .as_u64()
         .map(|g| format!(", arbiter generation {g}"))
         .unwrap_or_default();
-    match v["role"].as_str()? {
-        "primary" if v["protected"].as_bool() == Some(true) => Some(format!(
-            "PROTECTED by {}{generation}",
-            v["backup"].as_str()?
-        )),
-        "primary" => Some(format!(
-            "NOT PROTECTED: {}{generation}",
-            v["why_not"].as_str().unwrap_or("unknown")
-        )),
-        "backup" => Some(format!(
-            "BACKUP: {}",
-            v["state"].as_str().unwrap_or("unknown")
-        )),
-        _ => None,
+    let mut out = Vec::new();
+    match v["role"].as_str().unwrap_or("") {
+        "primary" => {
+            let backup = v["backup"].as_str().unwrap_or("?");
+            out.push(if v["protected"].as_bool() == Some(true) {
+                format!("Protected by {backup}{generation}")
+            } else {
+                format!(
+                    "Not protected: {}{generation}",
+                    v["why_not"].as_str().unwrap_or("unknown")
+                )
+            });
+            out.push(format!(
+                "  role primary, mode {}, backup {backup}, session generation {}",
+                v["mode"].as_str().unwrap_or("?"),
+                v["sessions"].as_u64().unwrap_or(0)
+            ));
+            out.push(format!(
+                "  epochs {:.1}/s (interval {}), last epoch {}, backup {} behind",
+                v["checkpoint_rate_hz"].as_f64().unwrap_or(0.0),
+                fmt_ms(v["interval_ms"].as_f64().unwrap_or(0.0)),
+                v["epoch"].as_u64().unwrap_or(0),
+                v["backup_lag_epochs"].as_u64().unwrap_or(0)
+            ));
+            out.push(format!(
+                "  pause {} median, {} p99; ack {} median",
+                fmt_ms(v["pause_us"]["median"].as_f64().unwrap_or(0.0) / 1e3),
+                fmt_ms(v["pause_us"]["p99"].as_f64().unwrap_or(0.0) / 1e3),
+                fmt_ms(v["ack_latency_us"]["median"].as_f64().unwrap_or(0.0) / 1e3)
+            ));
+            out.push(format!(
+                "  held output {} frames ({})",
+                v["held_output"]["frames"].as_u64().unwrap_or(0),
+                fmt_bytes(v["held_output"]["bytes"].as_u64().unwrap_or(0))
+            ));
+            if let Some(s) = v["protected_for_s"].as_f64() {
+                out.push(format!("  protected for {}", fmt_duration(s)));
+            }
+        }
+        "backup" => {
+            out.push(format!(
+                "Backup: {}{}",
+                v["state"].as_str().unwrap_or("unknown"),
+                v["committed_epoch"]
+                    .as_u64()
+                    .map(|e| format!(", committed epoch {e}"))
+                    .unwrap_or_default()
+            ));
+            out.push(format!(
+                "  listening on {}, {} received, last apply {}",
+                v["listen"].as_str().unwrap_or("?"),
+                fmt_bytes(v["bytes_received"].as_u64().unwrap_or(0)),
+                fmt_ms(v["last_apply_us"].as_f64().unwrap_or(0.0) / 1e3)
+            ));
+        }
+        role => {
+            out.push(format!("Not protected: no backup ({role})"));
+            out.push(format!(
+                "  VM {}, {} RAM, {} vCPU, up {}",
+                v["vm"].as_str().unwrap_or("?"),
+                fmt_bytes(v["mem_size"].as_u64().unwrap_or(0)),
+                v["vcpus"].as_u64().unwrap_or(0),
+                fmt_duration(v["uptime_s"].as_f64().unwrap_or(0.0))
+            ));
+        }
     }
+    out
+}
+
+/// `twin status`.
+fn print_status(a: &StatusArgs) -> Result<ExitCode> {
+    let v = match client(&a.control, Request::Status) {
+        Ok(v) => v,
+        Err(e) if a.check => {
+            eprintln!("twin: {e:#}");
+            return Ok(ExitCode::from(2));
+        }
+        Err(e) => return Err(e),
+    };
+    let protected = v["protected"].as_bool() == Some(true);
+    if a.json {
+        println!("{v}");
+    } else {
+        for line in headline(&v) {
+            println!("{line}");
+        }
+        if let Some(o) = v.as_object() {
+            println!();
+            for (k, v) in o {
+                println!("{k:>24}: {v}");
+            }
+        }
+    }
+    Ok(if a.check && !protected {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// `twin snapshot`: the directory resolved here (the VM process runs elsewhere), progress
+/// on stderr while it is written, then its outcome.
+fn snapshot_cmd(a: SnapshotArgs) -> Result<ExitCode> {
+    let dir = std::path::absolute(&a.dir)
+        .with_context(|| format!("cannot resolve {}", a.dir.display()))?;
+    eprintln!("snapshot: writing {}", dir.display());
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let ticker = {
+        let done = done.clone();
+        let t0 = Instant::now();
+        std::thread::spawn(move || {
+            let mut next = Duration::from_secs(5);
+            while !done.load(std::sync::atomic::Ordering::Acquire) {
+                std::thread::sleep(Duration::from_millis(100));
+                if t0.elapsed() >= next {
+                    eprintln!(
+                        "snapshot: still writing ({})",
+                        fmt_duration(t0.elapsed().as_secs_f64())
+                    );
+                    next += Duration::from_secs(5);
+                }
+            }
+        })
+    };
+    let r = client(
+        &a.control,
+        Request::Snapshot(SnapshotRequest {
+            dir,
+            incremental: a.incremental,
+            stop: a.stop,
+        }),
+    );
+    done.store(true, std::sync::atomic::Ordering::Release);
+    let _ = ticker.join();
+    let v = r?;
+    eprintln!(
+        "snapshot: {} pages ({}) in {}, VM paused {}",
+        v["pages"].as_u64().unwrap_or(0),
+        fmt_bytes(v["bytes"].as_u64().unwrap_or(0)),
+        v["dir"].as_str().unwrap_or("?"),
+        fmt_ms(v["paused_ms"].as_f64().unwrap_or(0.0))
+    );
+    println!("{v}");
+    Ok(ExitCode::SUCCESS)
 }
 
 /// `twin events`: the process's events as JSON lines on stdout.
@@ -895,14 +1423,29 @@ fn print_events(a: &EventsArgs) -> Result<ExitCode> {
 
 fn client(path: &Path, req: Request) -> Result<serde_json::Value> {
     match control::request(path, &req)? {
-        Response::Ok(v) => Ok(v),
+        Response::Ok(v) | Response::Accepted(v) => Ok(v),
         Response::Error(e) => bail!("{e}"),
     }
 }
 
+fn print_ok(v: serde_json::Value) -> ExitCode {
+    println!("{v}");
+    ExitCode::SUCCESS
+}
+
 fn main() -> ExitCode {
-    init_logging();
-    let cli = Cli::parse();
+    if let Err(e) = init_logging() {
+        eprintln!("twin: {e}");
+        return ExitCode::from(2);
+    }
+    let argv = match config::expand_args(std::env::args_os().collect(), &Cli::command()) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("twin: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let cli = Cli::parse_from(argv);
     if let Err(e) = twin_failpoints::validate_env() {
         eprintln!("twin: {e}");
         return ExitCode::FAILURE;
@@ -922,39 +1465,19 @@ fn main() -> ExitCode {
                 ExitCode::SUCCESS
             })
             .map_err(Into::into),
-        Command::Failover(a) => client(&a.control, Request::Failover).map(|v| {
-            println!("{v}");
-            ExitCode::SUCCESS
-        }),
-        Command::Snapshot(a) => client(
-            &a.control,
-            Request::Snapshot {
-                dir: a.dir,
-                incremental: a.incremental,
-                stop: a.stop,
-            },
-        )
-        .map(|v| {
-            println!("{v}");
-            ExitCode::SUCCESS
-        }),
-        Command::Resume(a) => client(&a.control, Request::Resume).map(|v| {
-            println!("{v}");
-            ExitCode::SUCCESS
-        }),
-        Command::Status(a) => client(&a.control, Request::Status).map(|v| {
-            if a.json {
-                println!("{v}");
-            } else if let Some(o) = v.as_object() {
-                if let Some(line) = headline(&v) {
-                    println!("{line}");
-                }
-                for (k, v) in o {
-                    println!("{k:>16}: {v}");
-                }
-            }
-            ExitCode::SUCCESS
-        }),
+        Command::Failover(a) => client(&a.control, Request::Failover).map(print_ok),
+        Command::Snapshot(a) => snapshot_cmd(a),
+        Command::Pause(a) => client(&a.control, Request::Pause).map(print_ok),
+        Command::Resume(a) => client(&a.control, Request::Resume).map(print_ok),
+        Command::Status(a) => print_status(&a),
+        Command::Completions(a) => {
+            clap_complete::generate(a.shell, &mut Cli::command(), "twin", &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Man => clap_mangen::Man::new(Cli::command())
+            .render(&mut std::io::stdout())
+            .map(|()| ExitCode::SUCCESS)
+            .context("writing the man page"),
     };
     match result {
         Ok(code) => code,
@@ -966,13 +1489,31 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("TWIN_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+/// Logging as `TWIN_LOG` (an `EnvFilter`, default `info`; an invalid one is an error) and
+/// `TWIN_LOG_FORMAT` (`text`, the default, or `json`: one JSON object per line) say.
+fn init_logging() -> Result<()> {
+    let filter = match std::env::var("TWIN_LOG") {
+        Ok(spec) => tracing_subscriber::EnvFilter::try_new(&spec)
+            .map_err(|e| anyhow::anyhow!("TWIN_LOG={spec:?} is not a log filter: {e}"))?,
+        Err(std::env::VarError::NotPresent) => tracing_subscriber::EnvFilter::new("info"),
+        Err(e) => bail!("TWIN_LOG: {e}"),
+    };
+    let json = match std::env::var("TWIN_LOG_FORMAT").as_deref() {
+        Ok("json") => true,
+        Ok("text") | Err(std::env::VarError::NotPresent) => false,
+        Ok(other) => bail!("TWIN_LOG_FORMAT={other:?}: give text or json"),
+        Err(e) => bail!("TWIN_LOG_FORMAT: {e}"),
+    };
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_target(false)
-        .init();
+        .with_target(false);
+    if json {
+        builder.json().with_current_span(false).init();
+    } else {
+        builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init();
+    }
+    Ok(())
 }

@@ -295,6 +295,10 @@ fn write_boot_info(mem: &GuestMem, p: &BootParams) -> Result<(), BootError> {
         .map_err(BootError::GuestMemory)
 }
 
+/// RFLAGS of a parked vCPU (every vCPU but the first; see `builder::boot_vcpu`): only the
+/// always-one bit, interrupts disabled.
+pub const PARKED_RFLAGS: u64 = 0x2;
+
 /// Registers the guest starts with.
 pub fn initial_regs(entry: EntryPoint) -> kvm_regs {
     kvm_regs {

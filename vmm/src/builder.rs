@@ -312,18 +312,31 @@ impl Devices {
 }
 
 /// Puts a new vCPU in the state the boot contract starts the guest in: long mode at CPL 3
-/// at `entry`, the LAPIC software-enabled.
+/// at `entry`, the LAPIC software-enabled. vCPU 0 runs the guest; every other vCPU is
+/// *parked*: halted with interrupts disabled (`RFLAGS.IF` clear, `KVM_MP_STATE_HALTED`), so
+/// that nothing but an INIT or NMI — which nothing sends it — wakes it. The built-in guest
+/// is single-threaded (one stack, one TSS: two vCPUs entering it would share both), but a
+/// parked vCPU is still a vCPU of the VM: paused, captured and restored with the others.
 fn boot_vcpu(v: &Vcpu, entry: EntryPoint) -> Result<(), VmmError> {
     let ioctl = |op: &'static str| move |source| VcpuError::Ioctl { op, source };
     let fd = v.fd();
     let sregs = fd.get_sregs().map_err(ioctl("KVM_GET_SREGS"))?;
     fd.set_sregs(&boot::initial_sregs(sregs))
         .map_err(ioctl("KVM_SET_SREGS"))?;
-    fd.set_regs(&boot::initial_regs(entry))
-        .map_err(ioctl("KVM_SET_REGS"))?;
+    let mut regs = boot::initial_regs(entry);
+    if v.id != 0 {
+        regs.rflags = boot::PARKED_RFLAGS;
+    }
+    fd.set_regs(&regs).map_err(ioctl("KVM_SET_REGS"))?;
     let lapic_error = |source| VmmError::Lapic { vcpu: v.id, source };
     let mut lapic = fd.get_lapic().map_err(lapic_error)?;
     boot::initial_lapic(&mut lapic);
     fd.set_lapic(&lapic).map_err(lapic_error)?;
+    if v.id != 0 {
+        fd.set_mp_state(kvm_bindings::kvm_mp_state {
+            mp_state: kvm_bindings::KVM_MP_STATE_HALTED,
+        })
+        .map_err(ioctl("KVM_SET_MP_STATE"))?;
+    }
     Ok(())
 }

@@ -17,7 +17,7 @@ use crate::devices::virtio::blk::disk::DiskWrite;
 use crate::devices::virtio::blk::{BlkError, VirtioBlk};
 use crate::devices::virtio::net::{NetError, VirtioNet};
 use crate::devices::virtio::pci::VirtioPersistError;
-use crate::memory::Memory;
+use crate::memory::{Memory, PAGE_SIZE};
 use crate::{bitmap_pages, DeviceStates, MachineState, TrackingSpan, Vmm, VmmError};
 use twin_devices::Persist;
 
@@ -50,6 +50,40 @@ pub struct CheckpointTimings {
     pub copy_ns: u64,
     /// From the pause request until the vCPUs run again: the guest-visible pause.
     pub pause_ns: u64,
+    /// The pre-copy before the pause (0: none), and how many pages it copied.
+    pub precopy_ns: u64,
+    pub precopied_pages: u64,
+}
+
+/// Pages harvested and copied while the guest ran; see [`Vmm::precopy`].
+pub struct PreCopy {
+    dirty: Vec<u64>,
+    pages: Vec<u8>,
+    tracking: TrackingSpan,
+    ns: u64,
+}
+
+/// The union of two harvests `a` then `b` (bitmaps and their pages in bitmap order), a page
+/// in both taken from `b`, the later copy.
+fn merge_pages(a: &[u64], a_pages: &[u8], b: &[u64], b_pages: &[u8]) -> (Vec<u64>, Vec<u8>) {
+    let words = a.len().max(b.len());
+    let word = |v: &[u64], i: usize| v.get(i).copied().unwrap_or(0);
+    let union: Vec<u64> = (0..words).map(|i| word(a, i) | word(b, i)).collect();
+    let count = union.iter().map(|w| w.count_ones() as usize).sum::<usize>();
+    let mut out = Vec::with_capacity(count * PAGE_SIZE);
+    let (mut ia, mut ib) = (0usize, 0usize);
+    for p in bitmap_pages(&union) {
+        let bit = |v: &[u64]| word(v, p / 64) >> (p % 64) & 1 == 1;
+        let (in_a, in_b) = (bit(a), bit(b));
+        if in_b {
+            out.extend_from_slice(&b_pages[ib * PAGE_SIZE..(ib + 1) * PAGE_SIZE]);
+        } else {
+            out.extend_from_slice(&a_pages[ia * PAGE_SIZE..(ia + 1) * PAGE_SIZE]);
+        }
+        ia += in_a as usize;
+        ib += in_b as usize;
+    }
+    (union, out)
 }
 
 /// One checkpoint: the machine state and the pages written since the previous one.
@@ -185,6 +219,51 @@ impl Vmm {
         let mut cp = r?;
         cp.timings.stop_ns = stop_ns;
         cp.timings.pause_ns = t0.elapsed().as_nanos() as u64;
+        Ok(cp)
+    }
+
+    /// Pre-copy: harvests and copies the pages written so far *while the guest runs*, so
+    /// that the pause of the checkpoint that follows ([`Vmm::checkpoint_precopied`]) copies
+    /// only what the guest writes from now until then. A page torn by a write during its
+    /// copy is dirty again and taken again in the pause: the checkpoint still holds every
+    /// page as it was at the pause.
+    pub fn precopy(&self) -> Result<PreCopy, VmmError> {
+        let t = Instant::now();
+        let h = self.harvest(true)?;
+        Ok(PreCopy {
+            dirty: h.dirty,
+            pages: h.pages,
+            tracking: h.tracking,
+            ns: t.elapsed().as_nanos() as u64,
+        })
+    }
+
+    /// [`Vmm::checkpoint_sealed`] completing a [`PreCopy`]: the pause harvests and copies
+    /// the pages written since it, and the checkpoint holds the union — a page copied in
+    /// both from the pause's copy — with one tracking span over both harvests. The merge
+    /// runs after the vCPUs resume. If the checkpoint fails, the pre-copy's pages are
+    /// given back to the tracking, as a failed harvest's are.
+    pub fn checkpoint_precopied(
+        &self,
+        pre: PreCopy,
+        seal: impl FnOnce(),
+    ) -> Result<Checkpoint, VmmError> {
+        let mut cp = match self.checkpoint_sealed(true, seal) {
+            Ok(cp) => cp,
+            Err(e) => {
+                self.restore_dirty(&pre.dirty, pre.tracking);
+                return Err(e);
+            }
+        };
+        let (dirty, pages) = merge_pages(&pre.dirty, &pre.pages, &cp.dirty, &cp.pages);
+        cp.dirty = dirty;
+        cp.pages = pages;
+        cp.tracking = TrackingSpan {
+            from: pre.tracking.from,
+            to: cp.tracking.to,
+        };
+        cp.timings.precopy_ns = pre.ns;
+        cp.timings.precopied_pages = pre.dirty.iter().map(|w| w.count_ones() as u64).sum();
         Ok(cp)
     }
 
@@ -338,5 +417,44 @@ impl LockedDevices<'_> {
             serial: self.serial.save().map_err(DeviceError::Serial)?,
             pci: self.pci.save().map_err(DeviceError::PciRoot)?,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn page(v: u8) -> Vec<u8> {
+        vec![v; PAGE_SIZE]
+    }
+
+    #[test]
+    fn merge_takes_the_union_and_the_later_copy() {
+        // a: pages 1, 3, 64 (copied while running); b: pages 3, 70 (copied in the pause).
+        let a = vec![(1 << 1) | (1 << 3), 1];
+        let a_pages = [page(1), page(3), page(64)].concat();
+        let b = vec![1 << 3, 1 << 6];
+        let b_pages = [page(33), page(70)].concat();
+        let (u, pages) = merge_pages(&a, &a_pages, &b, &b_pages);
+        assert_eq!(bitmap_pages(&u).collect::<Vec<_>>(), vec![1, 3, 64, 70]);
+        let firsts: Vec<u8> = pages.chunks(PAGE_SIZE).map(|c| c[0]).collect();
+        assert_eq!(
+            firsts,
+            vec![1, 33, 64, 70],
+            "page 3 must be the pause's copy"
+        );
+        assert!(pages
+            .chunks(PAGE_SIZE)
+            .all(|c| c.iter().all(|&x| x == c[0])));
+    }
+
+    #[test]
+    fn merge_of_empty_and_of_different_lengths() {
+        let (u, pages) = merge_pages(&[], &[], &[], &[]);
+        assert!(u.is_empty() && pages.is_empty());
+        let (u, pages) = merge_pages(&[0, 0, 1], &page(128), &[1], &page(0));
+        assert_eq!(bitmap_pages(&u).collect::<Vec<_>>(), vec![0, 128]);
+        assert_eq!(pages.len(), 2 * PAGE_SIZE);
+        assert_eq!((pages[0], pages[PAGE_SIZE]), (0, 128));
     }
 }

@@ -19,6 +19,7 @@
 
 use std::sync::Mutex;
 
+use crate::hot::HotPages;
 use crate::memory::Memory;
 use crate::vm::{Vm, VmError};
 
@@ -37,6 +38,11 @@ struct Generations {
     /// The generation since which the pending pages (KVM's log + the VMM's bitmap) hold
     /// every write.
     pending_since: u64,
+    /// Which reported pages stay writable (with KVM's manual protection; see
+    /// [`crate::hot`]). Sized at the first harvest.
+    hot: Option<HotPages>,
+    /// Scratch: the pages the last harvest re-protected.
+    clear: Vec<u64>,
 }
 
 /// The bookkeeping of one VM's dirty tracking; the lock also makes a harvest and its
@@ -58,7 +64,13 @@ impl DirtyTracker {
     pub(crate) fn start(&self, vm: &Vm, memory: &Memory) -> Result<u64, VmError> {
         let mut g = self.lock();
         vm.set_dirty_logging(true)?;
-        vm.take_dirty_log()?;
+        // With manual protection reading does not clear (logging may already have been on,
+        // from an earlier session): re-protect whatever the log still holds.
+        let stale = vm.take_dirty_log()?;
+        vm.clear_dirty_log(&stale)?;
+        if let Some(h) = g.hot.as_mut() {
+            h.reset();
+        }
         memory.take_vmm_dirty_bitmap();
         g.current += 1;
         g.pending_since = g.current;
@@ -67,7 +79,10 @@ impl DirtyTracker {
 
     /// Turns KVM's log off (undoing a [`DirtyTracker::start`] whose consumer failed).
     pub(crate) fn stop(&self, vm: &Vm) -> Result<(), VmError> {
-        let _g = self.lock();
+        let mut g = self.lock();
+        if let Some(h) = g.hot.as_mut() {
+            h.reset();
+        }
         vm.set_dirty_logging(false)
     }
 
@@ -79,6 +94,16 @@ impl DirtyTracker {
     ) -> Result<(Vec<u64>, TrackingSpan), VmError> {
         let mut g = self.lock();
         let mut dirty = vm.take_dirty_log()?;
+        if vm.manual_protect() {
+            // Re-protect what was reported except the hot pages, which stay writable and
+            // stay in the log (so the next harvest reports them again).
+            let g = &mut *g;
+            let hot = g
+                .hot
+                .get_or_insert_with(|| HotPages::new(memory.page_count()));
+            hot.decide(&dirty, &mut g.clear);
+            vm.clear_dirty_log(&g.clear)?;
+        }
         for (d, v) in dirty.iter_mut().zip(memory.take_vmm_dirty_bitmap()) {
             *d |= v;
         }

@@ -11,6 +11,7 @@ mod builder;
 pub mod checkpoint;
 pub mod container;
 pub mod dirty;
+pub mod hot;
 pub mod layout;
 pub mod memory;
 pub mod power;
@@ -40,7 +41,7 @@ use crate::memory::{Memory, MemoryError};
 use crate::vcpu::{Vcpu, VcpuControl, VcpuError};
 use crate::vm::{Vm, VmError};
 
-pub use crate::checkpoint::{Checkpoint, CheckpointTimings, DeviceError, Frozen};
+pub use crate::checkpoint::{Checkpoint, CheckpointTimings, DeviceError, Frozen, PreCopy};
 pub use crate::dirty::TrackingSpan;
 pub use crate::snapshot::{SnapshotError, SnapshotOptions, SnapshotReport};
 pub use twin_devices::Persist;
@@ -470,6 +471,21 @@ impl Vmm {
                 .device_mut()
                 .set_sink(sink),
         )
+    }
+
+    /// Raises the NIC's configuration interrupt without changing its configuration: "the
+    /// VM may have moved" (after a failover restore). The built-in guest announces itself
+    /// and retransmits whatever its peers have not acknowledged at once; a Linux driver
+    /// rereads the status, finds nothing changed and does nothing (proper
+    /// `VIRTIO_NET_F_GUEST_ANNOUNCE` also needs a control queue, which this device lacks).
+    /// No-op without a NIC.
+    pub fn notify_network_moved(&self) {
+        if let Some(net) = &self.net {
+            net.dev
+                .lock()
+                .expect("net device lock poisoned")
+                .config_changed();
+        }
     }
 
     /// The NIC's TAP, for frames the host sends on the guest's behalf (gratuitous ARP).

@@ -14,10 +14,12 @@
 //! signal it, the vCPUs right after it), loading state comes after the devices, in the
 //! order KVM needs.
 
+use std::sync::atomic::{AtomicU32, Ordering};
+
 use kvm_bindings::{
     kvm_clock_data, kvm_cpuid_entry2, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state,
-    kvm_msr_entry, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, Msrs,
-    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
+    kvm_msr_entry, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_sync_regs, kvm_vcpu_events, kvm_xcrs,
+    kvm_xsave, Msrs, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
 };
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
@@ -110,15 +112,22 @@ fn capture_vcpu(
     cpuid: &[kvm_cpuid_entry2],
     vcpu: &VcpuFd,
     msr_indices: &[u32],
+    tsc_cache: &AtomicU32,
+    synced: Option<kvm_sync_regs>,
 ) -> Result<VcpuState, StateError> {
     // Events first: reading them does not change them, but later reads (MSRs) could make
-    // KVM process pending work on some hosts.
-    let events = vcpu
-        .get_vcpu_events()
-        .map_err(ioctl("KVM_GET_VCPU_EVENTS"))?;
+    // KVM process pending work on some hosts. With `synced` (what KVM stored in `kvm_run`
+    // at the exit the vCPU is parked after) regs, sregs and events cost no ioctl.
+    let (events, regs, sregs) = match synced {
+        Some(s) => (s.events, s.regs, s.sregs),
+        None => (
+            vcpu.get_vcpu_events()
+                .map_err(ioctl("KVM_GET_VCPU_EVENTS"))?,
+            vcpu.get_regs().map_err(ioctl("KVM_GET_REGS"))?,
+            vcpu.get_sregs().map_err(ioctl("KVM_GET_SREGS"))?,
+        ),
+    };
     let mp_state = vcpu.get_mp_state().map_err(ioctl("KVM_GET_MP_STATE"))?;
-    let regs = vcpu.get_regs().map_err(ioctl("KVM_GET_REGS"))?;
-    let sregs = vcpu.get_sregs().map_err(ioctl("KVM_GET_SREGS"))?;
     let xsave = vcpu.get_xsave().map_err(ioctl("KVM_GET_XSAVE"))?;
     let xcrs = vcpu.get_xcrs().map_err(ioctl("KVM_GET_XCRS"))?;
     let debugregs = vcpu.get_debug_regs().map_err(ioctl("KVM_GET_DEBUGREGS"))?;
@@ -139,7 +148,14 @@ fn capture_vcpu(
             first_refused: entries[n].index,
         });
     }
-    let tsc_khz = vcpu.get_tsc_khz().map_err(ioctl("KVM_GET_TSC_KHZ"))?;
+    let tsc_khz = match tsc_cache.load(Ordering::Relaxed) {
+        0 => {
+            let khz = vcpu.get_tsc_khz().map_err(ioctl("KVM_GET_TSC_KHZ"))?;
+            tsc_cache.store(khz, Ordering::Relaxed);
+            khz
+        }
+        khz => khz,
+    };
     Ok(VcpuState {
         id,
         cpuid: cpuid.to_vec(),
@@ -237,7 +253,15 @@ impl Persist<'_> for Vcpu {
     type Error = StateError;
 
     fn save(&self) -> Result<VcpuState, StateError> {
-        capture_vcpu(self.id, self.cpuid(), &self.fd(), self.saved_msrs())
+        let fd = self.fd();
+        capture_vcpu(
+            self.id,
+            self.cpuid(),
+            &fd,
+            self.saved_msrs(),
+            self.tsc_khz_cache(),
+            self.synced_regs(&fd),
+        )
     }
 
     fn restore(mut vcpu: Vcpu, state: &VcpuState) -> Result<Vcpu, StateError> {
@@ -248,6 +272,9 @@ impl Persist<'_> for Vcpu {
             });
         }
         vcpu.set_cpuid(&state.cpuid).map_err(StateError::Cpuid)?;
+        // The restore may set another TSC frequency: the next save reads it anew.
+        vcpu.tsc_khz_cache().store(0, Ordering::Relaxed);
+        vcpu.regs_set();
         restore_vcpu(&vcpu.fd(), state)?;
         Ok(vcpu)
     }

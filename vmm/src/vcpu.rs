@@ -9,13 +9,16 @@
 //! registers are consistent; a vCPU stopped by the kick (`EINTR`) has nothing pending.
 
 use std::cell::Cell;
-use std::sync::atomic::{AtomicU32, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, AtomicUsize, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::thread::JoinHandle;
 
-use kvm_bindings::{kvm_cpuid_entry2, kvm_run, CpuId, KVM_MAX_CPUID_ENTRIES};
-use kvm_ioctls::{VcpuExit, VcpuFd};
+use kvm_bindings::{
+    kvm_cpuid_entry2, kvm_run, CpuId, KVM_MAX_CPUID_ENTRIES, KVM_SYNC_X86_EVENTS,
+    KVM_SYNC_X86_REGS, KVM_SYNC_X86_SREGS,
+};
+use kvm_ioctls::{SyncReg, VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::devices::bus::Bus;
@@ -118,6 +121,17 @@ pub struct Vcpu {
     /// The CPUID the vCPU runs with, as given to KVM: part of its saved state, so a
     /// restore on another host gives the guest the CPU it booted on.
     cpuid: Vec<kvm_cpuid_entry2>,
+    /// The guest TSC frequency as KVM last reported it (0: not read yet). It changes only
+    /// by `KVM_SET_TSC_KHZ`, which only a restore issues (and which resets this), so a
+    /// save reads the copy: one ioctl less in every checkpoint.
+    tsc_khz: AtomicU32,
+    /// KVM copies regs, sregs and events into `kvm_run` at every exit
+    /// (`KVM_CAP_SYNC_REGS`): a save reads them there instead of issuing three ioctls.
+    sync_regs: bool,
+    /// True once the vCPU thread's `KVM_RUN` has returned at least once since the
+    /// registers were last set by someone else (a restore): only then does `kvm_run` hold
+    /// the vCPU's registers. A vCPU that never ran (a paused restore) is saved by ioctls.
+    synced: Arc<AtomicBool>,
 }
 
 impl Vcpu {
@@ -125,18 +139,40 @@ impl Vcpu {
         let fd = vm
             .create_vcpu(id as u64)
             .map_err(|source| VcpuError::Create { id, source })?;
+        let all = (KVM_SYNC_X86_REGS | KVM_SYNC_X86_SREGS | KVM_SYNC_X86_EVENTS) as i32;
+        let sync_regs = vm.check_extension_int(kvm_ioctls::Cap::SyncRegs) & all == all;
         Ok(Vcpu {
             id,
+            sync_regs,
+            synced: Arc::new(AtomicBool::new(false)),
             fd: Arc::new(Mutex::new(fd)),
             thread: None,
             saved_msrs: Vec::new(),
             cpuid: Vec::new(),
+            tsc_khz: AtomicU32::new(0),
         })
     }
 
     /// The MSR indices a save of this vCPU reads.
     pub fn saved_msrs(&self) -> &[u32] {
         &self.saved_msrs
+    }
+
+    /// Regs, sregs and events as KVM stored them in `kvm_run` at the vCPU's last exit, if
+    /// it has one since its registers were last set (see the field). Only while paused.
+    pub(crate) fn synced_regs(&self, fd: &VcpuFd) -> Option<kvm_bindings::kvm_sync_regs> {
+        (self.sync_regs && self.synced.load(Ordering::Acquire)).then(|| fd.sync_regs())
+    }
+
+    /// The registers were set from outside the run loop (a restore): `kvm_run` no longer
+    /// holds them until the vCPU runs again.
+    pub(crate) fn regs_set(&self) {
+        self.synced.store(false, Ordering::Release);
+    }
+
+    /// The cached guest TSC frequency (see the field); 0 until a save has read it.
+    pub(crate) fn tsc_khz_cache(&self) -> &AtomicU32 {
+        &self.tsc_khz
     }
 
     /// Sets the MSR indices a save reads: those KVM can save and this vCPU can read.
@@ -205,9 +241,10 @@ impl Vcpu {
     ) -> Result<(), VcpuError> {
         let fd = self.fd.clone();
         let id = self.id;
+        let synced = self.sync_regs.then(|| self.synced.clone());
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{id}"))
-            .spawn(move || run_loop(id, fd, control, pio, mmio, events))
+            .spawn(move || run_loop(id, fd, synced, control, pio, mmio, events))
             .map_err(|source| VcpuError::Spawn { id, source })?;
         self.thread = Some(thread);
         Ok(())
@@ -306,12 +343,29 @@ impl VcpuControl {
 fn run_loop(
     id: u8,
     fd: Arc<Mutex<VcpuFd>>,
+    synced: Option<Arc<AtomicBool>>,
     control: Arc<VcpuControl>,
     pio: Arc<RwLock<Bus>>,
     mmio: Arc<RwLock<Bus>>,
     events: Sender<VmEvent>,
 ) {
-    let run_ptr: *mut kvm_run = fd.lock().expect("vcpu fd poisoned").get_kvm_run();
+    let run_ptr: *mut kvm_run = {
+        let mut guard = fd.lock().expect("vcpu fd poisoned");
+        if synced.is_some() {
+            // Every exit, including the kick's EINTR and the immediate exit that completes
+            // an MMIO/PIO, stores these into `kvm_run` (KVM's `store_regs` on the way out).
+            guard.set_sync_valid_reg(SyncReg::Register);
+            guard.set_sync_valid_reg(SyncReg::SystemRegister);
+            guard.set_sync_valid_reg(SyncReg::VcpuEvents);
+        }
+        guard.get_kvm_run()
+    };
+    // Set after the first `KVM_RUN` returns; every later one refreshes `kvm_run` too.
+    let mark_synced = || {
+        if let Some(s) = &synced {
+            s.store(true, Ordering::Release);
+        }
+    };
     KVM_RUN.with(|r| r.set(run_ptr));
     // Whether the last exit was MMIO/PIO: KVM consumes its result (a port read's value)
     // only on the next KVM_RUN. After an `EINTR` (the kick) nothing is pending.
@@ -328,6 +382,7 @@ fn run_loop(
                     guard.set_kvm_immediate_exit(1);
                     let _ = guard.run();
                     guard.set_kvm_immediate_exit(0);
+                    mark_synced();
                     io_pending = false;
                 }
                 drop(guard);
@@ -340,7 +395,9 @@ fn run_loop(
         }
         let mut guard = fd.lock().expect("vcpu fd poisoned");
         io_pending = false;
-        let exit = match guard.run() {
+        let ran = guard.run();
+        mark_synced();
+        let exit = match ran {
             Ok(exit) => exit,
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 guard.set_kvm_immediate_exit(0);

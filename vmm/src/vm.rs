@@ -4,10 +4,12 @@ use std::io;
 use std::sync::Arc;
 
 use kvm_bindings::{
-    kvm_msi, kvm_pit_config, kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES,
-    KVM_PIT_SPEAKER_DUMMY,
+    kvm_clear_dirty_log, kvm_enable_cap, kvm_msi, kvm_pit_config, kvm_userspace_memory_region,
+    KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Kvm, VmFd};
+use vmm_sys_util::ioctl::ioctl_with_ref;
+use vmm_sys_util::ioctl_iowr_nr;
 
 use crate::memory::Memory;
 use twin_devices::interrupt::{MsiMessage, MsiSender};
@@ -29,6 +31,10 @@ pub enum VmError {
     MemoryRegion(#[source] kvm_ioctls::Error),
     #[error("reading KVM's dirty log failed")]
     DirtyLog(#[source] kvm_ioctls::Error),
+    #[error("KVM_CLEAR_DIRTY_LOG (re-protecting harvested pages) failed")]
+    ClearDirtyLog(#[source] io::Error),
+    #[error("enabling KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 failed")]
+    ManualProtect(#[source] kvm_ioctls::Error),
     #[error("connecting an eventfd to guest interrupt {gsi} failed")]
     Irqfd {
         gsi: u32,
@@ -40,12 +46,28 @@ pub enum VmError {
 /// Slot number of guest RAM.
 pub const RAM_SLOT: u32 = 0;
 
+/// `KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE`: `KVM_GET_DIRTY_LOG` stops write-protecting what it
+/// reports; `KVM_CLEAR_DIRTY_LOG` does it for the pages asked (kernel `kvm.h`).
+const KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE: u64 = 1;
+
+// KVM_CLEAR_DIRTY_LOG = _IOWR(KVMIO, 0xc0, struct kvm_clear_dirty_log), which kvm-ioctls
+// does not wrap.
+ioctl_iowr_nr!(
+    KVM_CLEAR_DIRTY_LOG,
+    kvm_bindings::KVMIO,
+    0xc0,
+    kvm_clear_dirty_log
+);
+
 /// A KVM VM with its guest RAM registered.
 pub struct Vm {
     kvm: Kvm,
     fd: Arc<VmFd>,
     /// The RAM slot; behind a lock because dirty logging is toggled on a shared VM.
     ram: std::sync::Mutex<kvm_userspace_memory_region>,
+    /// `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2` is on: reading the dirty log protects nothing,
+    /// [`Vm::clear_dirty_log`] does (see [`crate::hot`]).
+    manual_protect: bool,
 }
 
 impl Vm {
@@ -64,6 +86,20 @@ impl Vm {
             ..Default::default()
         };
         fd.create_pit2(pit).map_err(VmError::Pit)?;
+        // Manual protection lets hot pages stay writable between harvests (`crate::hot`).
+        // It must be on before the slot has dirty logging; without it (an old kernel),
+        // every harvest re-protects everything, as before.
+        let manual_protect =
+            u64::try_from(kvm.check_extension_raw(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2.into()))
+                .is_ok_and(|flags| flags & KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE != 0);
+        if manual_protect {
+            let cap = kvm_enable_cap {
+                cap: KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
+                args: [KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE, 0, 0, 0],
+                ..Default::default()
+            };
+            fd.enable_cap(&cap).map_err(VmError::ManualProtect)?;
+        }
         let ram = kvm_userspace_memory_region {
             slot: RAM_SLOT,
             flags: 0,
@@ -76,6 +112,7 @@ impl Vm {
             kvm,
             fd: Arc::new(fd),
             ram: std::sync::Mutex::new(ram),
+            manual_protect,
         })
     }
 
@@ -97,7 +134,45 @@ impl Vm {
         self.ram.lock().expect("ram slot lock poisoned").flags & KVM_MEM_LOG_DIRTY_PAGES != 0
     }
 
-    /// Pages the guest wrote since the previous call, one bit per page in u64 words.
+    /// Whether harvests choose what to re-protect ([`Vm::clear_dirty_log`]); otherwise
+    /// [`Vm::take_dirty_log`] re-protects everything it reports.
+    pub fn manual_protect(&self) -> bool {
+        self.manual_protect
+    }
+
+    /// Re-protects the pages set in `bitmap` (one bit per page of guest RAM) and clears them
+    /// from the dirty log: the next write to each is logged again. Only with
+    /// [`Vm::manual_protect`]; a no-op otherwise.
+    pub fn clear_dirty_log(&self, bitmap: &[u64]) -> Result<(), VmError> {
+        if !self.manual_protect || bitmap.iter().all(|&w| w == 0) {
+            return Ok(());
+        }
+        let size = self.ram.lock().expect("ram slot lock poisoned").memory_size;
+        let pages = size.div_ceil(4096);
+        let words = pages.div_ceil(64) as usize;
+        let mut bits = bitmap.to_vec();
+        bits.resize(words, 0);
+        let mut arg = kvm_clear_dirty_log {
+            slot: RAM_SLOT,
+            num_pages: pages as u32,
+            first_page: 0,
+            ..Default::default()
+        };
+        arg.__bindgen_anon_1.dirty_bitmap = bits.as_mut_ptr().cast();
+        // SAFETY: KVM_CLEAR_DIRTY_LOG reads `num_pages` bits from `dirty_bitmap`, which points
+        // at `bits`: `words` u64s = num_pages rounded up to 64 bits, alive and unaliased for
+        // the call. `first_page` 0 is 64-aligned, and `num_pages` covers the slot exactly (the
+        // kernel accepts a count that is not a multiple of 64 only when it reaches the slot's
+        // end, which it does). The kernel writes nothing back into `arg`.
+        let ret = unsafe { ioctl_with_ref(self.fd.as_ref(), KVM_CLEAR_DIRTY_LOG(), &arg) };
+        if ret < 0 {
+            return Err(VmError::ClearDirtyLog(io::Error::last_os_error()));
+        }
+        Ok(())
+    }
+
+    /// Pages the guest wrote since the previous call (with [`Vm::manual_protect`]: since
+    /// they were last cleared), one bit per page in u64 words.
     pub fn take_dirty_log(&self) -> Result<Vec<u64>, VmError> {
         let size = self.ram.lock().expect("ram slot lock poisoned").memory_size as usize;
         self.fd

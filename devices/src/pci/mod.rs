@@ -34,9 +34,18 @@ pub const NUM_SLOTS: u8 = 32;
 pub const MMIO_WINDOW_BASE: u64 = 0xc000_0000;
 
 /// A PCI function as configuration mechanism #1 sees it.
+///
+/// Every function has a [`PciConfiguration`]; the access methods default to it, so a
+/// function overrides them only where a register has side effects (the virtio transport's
+/// MSI-X enable and `pci_cfg` window).
 pub trait PciDevice: Send {
+    /// The function's configuration space.
+    fn config(&self) -> &PciConfiguration;
+    fn config_mut(&mut self) -> &mut PciConfiguration;
     /// Reads the 32-bit configuration register `reg` (byte offset `reg * 4`).
-    fn read_config_register(&mut self, reg: usize) -> u32;
+    fn read_config_register(&mut self, reg: usize) -> u32 {
+        self.config().read_reg(reg)
+    }
     /// Writes `data` (1, 2 or 4 bytes) at byte `offset` within register `reg`. Returns the
     /// BAR move the write made, if any.
     fn write_config_register(
@@ -44,9 +53,13 @@ pub trait PciDevice: Send {
         reg: usize,
         offset: u64,
         data: &[u8],
-    ) -> Option<BarReprogram>;
+    ) -> Option<BarReprogram> {
+        self.config_mut().write(reg, offset, data)
+    }
     /// The BARs the device decodes, at their current addresses.
-    fn bars(&self) -> Vec<PciBar>;
+    fn bars(&self) -> Vec<PciBar> {
+        self.config().bars()
+    }
 }
 
 /// Shared handle to a PCI device (the same object is usually also on the MMIO bus).
@@ -109,20 +122,13 @@ impl Default for PciHostBridge {
     }
 }
 
+/// The host bridge decodes no BARs: its configuration space has none.
 impl PciDevice for PciHostBridge {
-    fn read_config_register(&mut self, reg: usize) -> u32 {
-        self.config.read_reg(reg)
+    fn config(&self) -> &PciConfiguration {
+        &self.config
     }
-    fn write_config_register(
-        &mut self,
-        reg: usize,
-        offset: u64,
-        data: &[u8],
-    ) -> Option<BarReprogram> {
-        self.config.write(reg, offset, data)
-    }
-    fn bars(&self) -> Vec<PciBar> {
-        Vec::new()
+    fn config_mut(&mut self) -> &mut PciConfiguration {
+        &mut self.config
     }
 }
 
@@ -343,19 +349,11 @@ mod tests {
     }
 
     impl PciDevice for Fake {
-        fn read_config_register(&mut self, reg: usize) -> u32 {
-            self.config.read_reg(reg)
+        fn config(&self) -> &PciConfiguration {
+            &self.config
         }
-        fn write_config_register(
-            &mut self,
-            reg: usize,
-            offset: u64,
-            data: &[u8],
-        ) -> Option<BarReprogram> {
-            self.config.write(reg, offset, data)
-        }
-        fn bars(&self) -> Vec<PciBar> {
-            self.config.bars()
+        fn config_mut(&mut self) -> &mut PciConfiguration {
+            &mut self.config
         }
     }
 

@@ -312,7 +312,12 @@ pub fn write_with_disks(
         Layer::Full { tracking } => {
             let mut bm = vec![0u64; words];
             let mut page = vec![0u8; PAGE_SIZE];
-            for p in 0..page_count {
+            // Holes of the memfd are zero pages: only the data ranges are read (reading a
+            // hole would allocate it).
+            let ranges = ram
+                .data_ranges()
+                .map_err(io("finding the guest memory's data", dir))?;
+            for p in ranges.into_iter().flatten() {
                 ram.read_page(p, &mut page)
                     .expect("every page below page_count is in RAM");
                 if !is_zero(&page) {

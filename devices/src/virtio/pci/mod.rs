@@ -35,9 +35,7 @@ use crate::bus::BusDevice;
 use crate::interrupt::MsiSender;
 use crate::pci::configuration::COMMAND_MEMORY_SPACE;
 use crate::pci::msix::{Msix, MsixError, MsixLayout, MSIX_CAP_ID};
-use crate::pci::{
-    BarKind, BarReprogram, PciBar, PciConfigError, PciConfiguration, PciDevice, PciHeader,
-};
+use crate::pci::{BarKind, BarReprogram, PciConfigError, PciConfiguration, PciDevice, PciHeader};
 use crate::GuestMem;
 
 pub use persist::{VirtioPciArgs, VirtioPciDeviceState, VirtioPciState, VirtioPersistError};
@@ -396,6 +394,14 @@ impl<D: VirtioDevice> BusDevice for VirtioPciDevice<D> {
 }
 
 impl<D: VirtioDevice> PciDevice for VirtioPciDevice<D> {
+    fn config(&self) -> &PciConfiguration {
+        &self.config
+    }
+
+    fn config_mut(&mut self) -> &mut PciConfiguration {
+        &mut self.config
+    }
+
     fn read_config_register(&mut self, reg: usize) -> u32 {
         if reg == self.pci_cfg_cap / 4 + 4 {
             if let Some((offset, length)) = self.pci_cfg_window() {
@@ -424,9 +430,5 @@ impl<D: VirtioDevice> PciDevice for VirtioPciDevice<D> {
             }
         }
         moved
-    }
-
-    fn bars(&self) -> Vec<PciBar> {
-        self.config.bars()
     }
 }

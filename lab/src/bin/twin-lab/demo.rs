@@ -25,9 +25,10 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::Value;
 use twin_api::{Event, EventKind};
+use twin_lab::etcd::EtcdHost;
 use twin_lab::events::{took_over, Events, Recorder};
 use twin_lab::{
-    guest_service, Ha, HarnessError, Netns, Signal, TestDir, Topology, TwinProcess,
+    guest_service, Ha, HarnessError, HostRole, Netns, Signal, TestDir, Topology, TwinProcess,
     BACKUP_REPL_ADDR, BRIDGE, CLIENT_ADDR, GUEST_CIDR, PRIMARY_REPL_ADDR, TAP,
 };
 
@@ -67,6 +68,27 @@ pub struct DemoArgs {
     /// Silence from the primary after which the backup takes over.
     #[arg(long, default_value = "100ms")]
     heartbeat_timeout: Millis,
+    /// A real etcd as the arbiter (`--arbiter` on both sides), so that a partition cannot
+    /// give two VMs: `auto` uses it when etcd is installed.
+    #[arg(long, value_enum, default_value_t = UseArbiter::Auto)]
+    arbiter: UseArbiter,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum UseArbiter {
+    Auto,
+    On,
+    Off,
+}
+
+impl UseArbiter {
+    fn wanted(self) -> bool {
+        match self {
+            UseArbiter::On => true,
+            UseArbiter::Off => false,
+            UseArbiter::Auto => twin_lab::etcd::installed(),
+        }
+    }
 }
 
 /// Set by the signal thread on SIGINT, SIGTERM or SIGHUP.
@@ -199,6 +221,25 @@ fn demo(args: &DemoArgs) -> Result<bool> {
         .and_then(|f| f.set_len(64 << 20))
         .context("creating the primary's disk image")?;
     let replica_dir = dir.join("replica");
+    let etcd = if args.arbiter.wanted() {
+        let e = EtcdHost::start(&topo, &dir).context("starting etcd, the arbiter")?;
+        log.step(format_args!(
+            "arbiter: etcd in a namespace of its own, reached by each host on a link of its own ({}, {}); whoever takes the VM over must win its record first",
+            e.url(HostRole::Primary),
+            e.url(HostRole::Backup)
+        ));
+        Some(e)
+    } else {
+        log.step("no arbiter (--arbiter off, or etcd not installed): a partition of the replication link could give two VMs");
+        None
+    };
+    let arbiter_args = |role: HostRole| -> Vec<String> {
+        etcd.as_ref()
+            .map(|e| vec!["--arbiter".to_string(), e.url(role)])
+            .unwrap_or_default()
+    };
+    let backup_arbiter = arbiter_args(HostRole::Backup);
+    let primary_arbiter = arbiter_args(HostRole::Primary);
     let mut backup = spawn_twin(
         &topo.backup.ns,
         &dir,
@@ -220,7 +261,10 @@ fn demo(args: &DemoArgs) -> Result<bool> {
             &backup_sock.to_string_lossy(),
             "--replica-dir",
             &replica_dir.to_string_lossy(),
-        ],
+        ]
+        .into_iter()
+        .chain(backup_arbiter.iter().map(String::as_str))
+        .collect::<Vec<_>>(),
     )?;
     let backup_events = Events::at(&backup_sock).record(false);
     wait_event(
@@ -264,7 +308,10 @@ fn demo(args: &DemoArgs) -> Result<bool> {
             &primary_sock.to_string_lossy(),
             "--disk",
             &disk.to_string_lossy(),
-        ],
+        ]
+        .into_iter()
+        .chain(primary_arbiter.iter().map(String::as_str))
+        .collect::<Vec<_>>(),
     )?;
     log.step(format_args!(
         "primary (pid {}) booting the built-in guest ({} MiB, {}, its store on a 64 MiB disk), checkpoint every {} ms",
@@ -451,6 +498,7 @@ fn demo(args: &DemoArgs) -> Result<bool> {
     drop(backup);
     drop(backup_events);
     drop(primary);
+    drop(etcd);
     drop(dir);
     drop(topo);
     let left: Vec<_> = ns_names.iter().filter(|n| Netns::exists(n)).collect();
@@ -600,7 +648,7 @@ fn with_logs(
 
 fn status(sock: &Path) -> Result<Value> {
     match control::request(sock, &Request::Status)? {
-        Response::Ok(v) => Ok(v),
+        Response::Ok(v) | Response::Accepted(v) => Ok(v),
         Response::Error(e) => bail!("{e}"),
     }
 }
@@ -968,6 +1016,24 @@ fn report(r: &Report) -> bool {
                 b["role"].as_str().unwrap_or("?"),
                 b["vm"].as_str().unwrap_or("?")
             ),
+        );
+        let a = &b["arbiter"];
+        row(
+            "arbiter: owner of the VM now",
+            if a.is_null() {
+                "no arbiter".to_string()
+            } else {
+                format!(
+                    "{} (generation {}{})",
+                    a["owner"].as_str().unwrap_or("?"),
+                    a["generation"],
+                    if a["owned_here"] == true {
+                        ", this host"
+                    } else {
+                        ""
+                    }
+                )
+            },
         );
     }
     row(

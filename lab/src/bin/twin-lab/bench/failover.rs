@@ -10,9 +10,10 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use twin_api::EventKind;
+use twin_lab::etcd::EtcdHost;
 use twin_lab::{Signal, TestDir, Topology};
 
-use super::measure::{connect, save_logs, start_protected, wait_event, Slots};
+use super::measure::{connect, save_logs, start_protected, wait_event, Protection, Slots};
 use super::plan::{Plan, FAILOVER_HZ, FAILOVER_WORKLOAD};
 use super::stats::json_f64;
 use super::{check_interrupt, nap, Interrupted, INTERRUPTED};
@@ -20,6 +21,9 @@ use super::{check_interrupt, nap, Interrupted, INTERRUPTED};
 #[derive(Debug, Default, Serialize)]
 pub(super) struct Failover {
     pub(super) trial: u32,
+    /// Both sides ran with a real etcd as the arbiter (the backup claims the VM's record
+    /// before it takes over).
+    pub(super) arbiter: bool,
     pub(super) error: Option<String>,
     /// SIGKILL of the primary → first reply on the same connection (from the backup).
     pub(super) client_visible_ms: Option<f64>,
@@ -42,22 +46,35 @@ struct LoopState {
     error: Option<String>,
 }
 
-pub(super) fn run_failover(plan: &Plan, trial: u32, keep_logs: &Path) -> Result<Failover> {
+pub(super) fn run_failover(
+    plan: &Plan,
+    trial: u32,
+    arbiter: bool,
+    keep_logs: &Path,
+) -> Result<Failover> {
     let mut out = Failover {
         trial,
+        arbiter,
         ..Default::default()
     };
     let ha = Topology::ha().context("building the ha topology")?;
     let dir = TestDir::new("bench-failover").context("creating the run directory")?;
     let mut slots = Slots::default();
+    let etcd = if arbiter {
+        Some(EtcdHost::start(&ha, &dir).context("starting etcd, the arbiter")?)
+    } else {
+        None
+    };
     let result = (|| -> Result<()> {
         start_protected(
             &ha,
             &dir,
             plan,
             FAILOVER_WORKLOAD,
-            FAILOVER_HZ,
-            false,
+            Protection {
+                arbiter: etcd.as_ref(),
+                ..Protection::at(FAILOVER_HZ)
+            },
             &mut slots,
         )?;
         let mut client = connect(&ha, slots.vm.as_mut().expect("started"))?;

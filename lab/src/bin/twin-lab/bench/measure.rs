@@ -20,6 +20,7 @@ use twin_lab::{
 };
 
 use super::plan::{Mode, Plan, Workload, DISK_SIZE, PAGE, REPL_PORT};
+use super::redis::{run_matrix, RedisResult};
 use super::report::first_line;
 use super::stats::{dist, xorshift, Dist};
 use super::{check_interrupt, nap, Interrupted, INTERRUPTED};
@@ -53,6 +54,8 @@ pub(super) struct Run {
     pub(super) epoch_bytes: Vec<f64>,
     /// The primary's status at the end of the window.
     pub(super) status: Option<serde_json::Value>,
+    /// The Redis workload: every test of every redis-benchmark run of the matrix.
+    pub(super) redis: Vec<RedisResult>,
     #[serde(skip)]
     pub(super) key: (Workload, Mode),
     #[serde(skip)]
@@ -83,6 +86,7 @@ impl Run {
             dirty_pages: Vec::new(),
             epoch_bytes: Vec::new(),
             status: None,
+            redis: Vec::new(),
             key: (w, m),
             latency_raw: Vec::new(),
         }
@@ -166,15 +170,40 @@ fn vm_args(cmd: &str, plan: &Plan, w: Workload, dir: &TestDir, name: &str) -> Ve
 
 /// Starts a protected VM: the backup, then (once it listens) the primary. The processes go
 /// into `slots` as they start, so that the caller can inspect them whatever happens.
+/// How a protected run is set up.
+#[derive(Clone, Copy)]
+pub(super) struct Protection<'a> {
+    /// Checkpoints per second.
+    pub(super) hz: u32,
+    /// `--encrypt` on the primary.
+    pub(super) encrypt: bool,
+    /// `--arbiter` on both sides.
+    pub(super) arbiter: Option<&'a twin_lab::etcd::EtcdHost>,
+}
+
+impl Protection<'_> {
+    pub(super) fn at(hz: u32) -> Self {
+        Protection {
+            hz,
+            encrypt: false,
+            arbiter: None,
+        }
+    }
+}
+
 pub(super) fn start_protected(
     ha: &twin_lab::Ha,
     dir: &TestDir,
     plan: &Plan,
     w: Workload,
-    hz: u32,
-    encrypt: bool,
+    how: Protection<'_>,
     slots: &mut Slots,
 ) -> Result<()> {
+    let Protection {
+        hz,
+        encrypt,
+        arbiter,
+    } = how;
     let listen = SocketAddr::from((BACKUP_REPL_ADDR, REPL_PORT)).to_string();
     let key = dir.key_file();
     let mut backup_args: Vec<String> = vec![
@@ -199,6 +228,9 @@ pub(super) fn start_protected(
             dir.join("replica").display().to_string(),
         ]);
     }
+    if let Some(e) = arbiter {
+        backup_args.extend(["--arbiter".into(), e.url(twin_lab::HostRole::Backup)]);
+    }
     let backup = slots.backup.insert(spawn_twin(
         &ha.backup.ns,
         dir,
@@ -221,6 +253,9 @@ pub(super) fn start_protected(
     if encrypt {
         args.push("--encrypt".into());
     }
+    if let Some(e) = arbiter {
+        args.extend(["--arbiter".into(), e.url(twin_lab::HostRole::Primary)]);
+    }
     args.extend([
         "--key-file".into(),
         key,
@@ -229,6 +264,9 @@ pub(super) fn start_protected(
         "--interval".into(),
         format!("{}us", 1_000_000 / hz),
     ]);
+    if let Some(g) = &plan.eager_gap {
+        args.extend(["--eager-gap".into(), g.clone()]);
+    }
     let primary = slots
         .vm
         .insert(spawn_twin(&ha.primary.ns, dir, "primary", &args, "info")?);
@@ -391,8 +429,20 @@ pub(super) fn run_cell(plan: &Plan, run: &mut Run, keep_logs: &Path) -> Result<(
                     |e| matches!(e.kind, EventKind::VmRunning { .. }),
                 )?;
             }
-            Mode::Protected(hz) => start_protected(&ha, &dir, plan, w, hz, false, &mut slots)?,
-            Mode::Encrypted(hz) => start_protected(&ha, &dir, plan, w, hz, true, &mut slots)?,
+            Mode::Protected(hz) => {
+                start_protected(&ha, &dir, plan, w, Protection::at(hz), &mut slots)?
+            }
+            Mode::Encrypted(hz) => start_protected(
+                &ha,
+                &dir,
+                plan,
+                w,
+                Protection {
+                    encrypt: true,
+                    ..Protection::at(hz)
+                },
+                &mut slots,
+            )?,
         }
         let vm = slots.vm.as_mut().expect("started above");
         let mut client = connect(&ha, vm)?;
@@ -400,7 +450,15 @@ pub(super) fn run_cell(plan: &Plan, run: &mut Run, keep_logs: &Path) -> Result<(
         vm.ensure_running()?;
         run.setup_s = t0.elapsed().as_secs_f64();
         let status = slots.backup.as_ref().map(|_| dir.join("primary.sock"));
-        measure(plan, run, vm, &mut client, status.as_deref())?;
+        measure(
+            plan,
+            run,
+            vm,
+            &mut client,
+            status.as_deref(),
+            ha.client_ns(),
+            &dir,
+        )?;
         if let Some(mode) = run
             .status
             .as_ref()
@@ -430,12 +488,15 @@ pub(super) fn run_cell(plan: &Plan, run: &mut Run, keep_logs: &Path) -> Result<(
 
 /// The measured window of a cell: the client load, guest STATS at both ends, the primary's
 /// per-epoch events in between and its status at the end (`status`: its control socket).
+/// The client load runs in `client_ns`; `dir` takes the output of the programs it runs.
 pub(super) fn measure(
     plan: &Plan,
     run: &mut Run,
     vm: &mut TwinProcess,
     client: &mut GuestClient,
     status: Option<&Path>,
+    client_ns: &Netns,
+    dir: &TestDir,
 ) -> Result<()> {
     let (w, m) = run.key;
     // The primary's epochs from the window's start on, as they happen (its ring of per-epoch
@@ -455,7 +516,10 @@ pub(super) fn measure(
     let end = start + Duration::from_secs_f64(plan.cell_secs);
     let mut rng = 0x2545_F491_4F6C_DD1Du64 ^ u64::from(run.round);
     let think_max = plan.probe_think_max.as_micros() as u64;
-    while Instant::now() < end {
+    if w == Workload::Redis {
+        run.redis = run_matrix(plan, client_ns, dir)?;
+    }
+    while w != Workload::Redis && Instant::now() < end {
         check_interrupt()?;
         let t = Instant::now();
         if w == Workload::Tcp {
@@ -504,14 +568,14 @@ pub(super) fn measure(
     let s1 = client.stats().context("guest STATS at the window end")?;
     if let Some(sock) = status {
         match control::request(sock, &Request::Status).context("reading the primary's status")? {
-            Response::Ok(v) => run.status = Some(v),
+            Response::Ok(v) | Response::Accepted(v) => run.status = Some(v),
             Response::Error(e) => bail!("the primary's status: {e}"),
         }
     }
     vm.ensure_running()?;
 
     run.window_s = window;
-    run.requests = run.latency_raw.len() as u64;
+    run.requests = run.latency_raw.len() as u64 + run.redis.iter().map(|r| r.requests).sum::<u64>();
     run.requests_per_s = run.requests as f64 / window;
     run.latency_us = dist(&run.latency_raw);
     let guest_ns = stat(&s1, "uptime_ns")?.saturating_sub(stat(&s0, "uptime_ns")?);

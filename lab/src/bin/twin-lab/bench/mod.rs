@@ -30,20 +30,21 @@
 //! start and at the end.
 //!
 //! Output in `--out` (default `results/`): `bench.md` (also printed), `bench.json` (every
-//! run, raw per-epoch samples), `bench.svg`. Logs of failed runs go to `failed/` there.
+//! run, raw per-epoch samples), `bench.svg` and the same plot as `bench.png`. Logs of failed runs go to `failed/` there.
 //! Needs root and `/dev/kvm`, like the end-to-end tests. Ctrl-C stops everything started
 //! (processes killed, namespaces deleted). Not a timed test: nothing here judges speed.
 //!
 //! Here: the command, its options and Ctrl-C. What runs and in which order: `plan`; one
 //! cell run: `measure`; the failover trials: `failover`; machine facts and physical limits:
 //! `limits`; quantiles: `stats`; aggregation, `bench.md` and `bench.json`: `report`;
-//! `bench.svg`: `plot`.
+//! `bench.svg`, `bench.png`: `plot`.
 
 mod failover;
 mod limits;
 mod measure;
 mod plan;
 mod plot;
+mod redis;
 mod report;
 mod stats;
 
@@ -64,7 +65,7 @@ use stats::{dist, json_f64};
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
-    /// Directory for bench.md, bench.json and bench.svg (created if missing).
+    /// Directory for bench.md, bench.json, bench.svg and bench.png (created if missing).
     #[arg(long, default_value = "results")]
     out: PathBuf,
     /// A shorter run (about 2 minutes): one round, 2 s windows, 3 failovers.
@@ -83,15 +84,16 @@ pub struct BenchArgs {
     #[arg(long, value_delimiter = ',', default_value = "100,40,10")]
     rates: Vec<u32>,
     /// Checkpoint rates to measure again with the replication stream encrypted
-    /// (`--encrypt`); empty for none.
-    #[arg(long, value_delimiter = ',', default_value = "40")]
+    /// (`--encrypt`); `--encrypt-rates` with no value for none.
+    #[arg(long, value_delimiter = ',', num_args = 0.., default_value = "40")]
     encrypt_rates: Vec<u32>,
     /// Workloads to measure: idle, 16M, 64M, 256M (guest dirty rates per second), tcp,
+    /// redis (redis-benchmark, unprotected and protected at 40 Hz only).
     /// disk8M (the guest's disk workload at 8 MiB/s).
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "idle,16M,64M,256M,tcp,disk8M"
+        default_value = "idle,16M,64M,256M,tcp,redis,disk8M"
     )]
     workloads: Vec<String>,
     /// Guest RAM.
@@ -100,6 +102,9 @@ pub struct BenchArgs {
     /// `--heartbeat-timeout` for the backups [default: the backup's own default].
     #[arg(long)]
     heartbeat_timeout: Option<String>,
+    /// `--eager-gap` for the protected primaries [default: the primary's own default].
+    #[arg(long)]
+    eager_gap: Option<String>,
 }
 
 // ---------------------------------------------------------------------------------------
@@ -242,31 +247,41 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
                 bail!("{consecutive_failures} runs in a row failed, across workloads or unprotected; stopping (see the errors above and the logs in {})", failed_dir.display());
             }
         }
+        // Each trial without and (when etcd is installed) with the arbiter, interleaved so
+        // that both see the same machine.
+        let arbiter_modes: &[bool] = if twin_lab::etcd::installed() {
+            &[false, true]
+        } else {
+            &[false]
+        };
         for trial in 1..=plan.failovers {
-            check_interrupt()?;
-            let logs = failed_dir.join(format!("failover-{trial}"));
-            let t = run_failover(&plan, trial, &logs)
-                .with_context(|| format!("failover trial {trial}"))?;
-            match &t.error {
-                None => eprintln!(
-                    "bench: failover {trial}/{}: client-visible {} ms, backup detect→running {} ms, consistent: {}",
-                    plan.failovers,
-                    f(t.client_visible_ms, 1),
-                    f(
-                        t.backup_report
-                            .as_ref()
-                            .and_then(|r| json_f64(r, &["detect_to_running_ms"])),
-                        1
+            for &arbiter in arbiter_modes {
+                check_interrupt()?;
+                let tag = if arbiter { "arbiter" } else { "plain" };
+                let logs = failed_dir.join(format!("failover-{trial}-{tag}"));
+                let t = run_failover(&plan, trial, arbiter, &logs)
+                    .with_context(|| format!("failover trial {trial} ({tag})"))?;
+                match &t.error {
+                    None => eprintln!(
+                        "bench: failover {trial}/{} ({tag}): client-visible {} ms, backup detect→running {} ms, consistent: {}",
+                        plan.failovers,
+                        f(t.client_visible_ms, 1),
+                        f(
+                            t.backup_report
+                                .as_ref()
+                                .and_then(|r| json_f64(r, &["detect_to_running_ms"])),
+                            1
+                        ),
+                        t.consistent.unwrap_or(false)
                     ),
-                    t.consistent.unwrap_or(false)
-                ),
-                Some(e) => eprintln!(
-                    "bench: failover {trial}/{}: FAILED: {e} (logs in {})",
-                    plan.failovers,
-                    logs.display()
-                ),
+                    Some(e) => eprintln!(
+                        "bench: failover {trial}/{} ({tag}): FAILED: {e} (logs in {})",
+                        plan.failovers,
+                        logs.display()
+                    ),
+                }
+                failovers.push(t);
             }
-            failovers.push(t);
         }
         eprintln!("bench: physical limits again…");
         measure_limits(&plan, &mut limits).context("measuring the physical limits")?;
@@ -307,13 +322,15 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
     std::fs::write(&json_path, serde_json::to_vec_pretty(&json)?)
         .with_context(|| format!("writing {}", json_path.display()))?;
     let svg_path = args.out.join("bench.svg");
-    plot::draw(&svg_path, &report).with_context(|| format!("writing {}", svg_path.display()))?;
+    let png_path = args.out.join("bench.png");
+    plot::draw(&svg_path, &png_path, &report)?;
     println!("{md}");
     eprintln!(
-        "bench: wrote {}, {}, {} in {:.0} s",
+        "bench: wrote {}, {}, {}, {} in {:.0} s",
         md_path.display(),
         json_path.display(),
         svg_path.display(),
+        png_path.display(),
         elapsed_s
     );
     let failures = runs.iter().filter(|r| r.error.is_some()).count()

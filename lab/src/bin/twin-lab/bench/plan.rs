@@ -21,6 +21,9 @@ pub(super) const WSS: &str = "128M";
 /// writes memory.
 pub(super) const FAILOVER_WORKLOAD: Workload = Workload::Dirty(16);
 pub(super) const FAILOVER_HZ: u32 = 40;
+/// The Redis workload is measured unprotected and protected at this rate only (each of its
+/// runs is a whole matrix of redis-benchmark runs).
+pub(super) const REDIS_HZ: u32 = 40;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Workload {
@@ -33,6 +36,8 @@ pub(super) enum Workload {
     /// each), on a sparse image of [`DISK_SIZE`] (`--disk`; the backup keeps its replica
     /// under `--replica-dir`).
     Disk(u32),
+    /// `redis-benchmark` against the guest's RESP2 port (see `redis.rs`).
+    Redis,
 }
 
 /// Size of the disk image of the disk workload.
@@ -58,6 +63,7 @@ impl Workload {
                     .ok_or_else(|| anyhow!("bad disk workload {s:?} (disk<N>M: disk=<N>M/s)"))?;
                 Workload::Disk(n)
             }
+            "redis" => Workload::Redis,
             _ => {
                 let n = t
                     .trim_end_matches("/s")
@@ -66,7 +72,7 @@ impl Workload {
                     .ok()
                     .filter(|&n| n > 0)
                     .ok_or_else(|| {
-                        anyhow!("unknown workload {s:?} (known: idle, tcp, <N>M for dirty=<N>M/s)")
+                        anyhow!("unknown workload {s:?} (known: idle, tcp, redis, <N>M for dirty=<N>M/s)")
                     })?;
                 Workload::Dirty(n)
             }
@@ -79,12 +85,13 @@ impl Workload {
             Workload::Dirty(m) => format!("dirty={m}M/s"),
             Workload::Tcp => "tcp closed-loop".into(),
             Workload::Disk(m) => format!("disk={m}M/s"),
+            Workload::Redis => "redis-benchmark".into(),
         }
     }
 
     pub(super) fn guest_args(self) -> Option<String> {
         match self {
-            Workload::Idle | Workload::Tcp => None,
+            Workload::Idle | Workload::Tcp | Workload::Redis => None,
             Workload::Dirty(m) => Some(format!("dirty={m}M/s,wss={WSS}")),
             Workload::Disk(m) => Some(format!("disk={m}M/s,dwss={DWSS}")),
         }
@@ -131,9 +138,12 @@ pub(super) struct Plan {
     pub(super) mem: String,
     pub(super) limit_reps: u32,
     pub(super) tcp_bytes: usize,
+    /// Seconds each redis-benchmark test (SET, GET, INCR) of the Redis workload lasts.
+    pub(super) redis_test_secs: f64,
     /// The PING probe waits a random time in `[0, probe_think_max)` after each reply.
     pub(super) probe_think_max: Duration,
     pub(super) heartbeat_timeout: Option<String>,
+    pub(super) eager_gap: Option<String>,
     #[serde(skip)]
     pub(super) workload_list: Vec<Workload>,
 }
@@ -169,6 +179,7 @@ impl Plan {
             mem: a.mem.clone(),
             limit_reps: if a.quick { 3 } else { 5 },
             tcp_bytes: if a.quick { 256 << 20 } else { 1 << 30 },
+            redis_test_secs: if a.quick { 1.0 } else { 2.0 },
             probe_think_max: a
                 .rates
                 .iter()
@@ -177,6 +188,7 @@ impl Plan {
                 .unwrap_or_default()
                 .max(PROBE_THINK_MIN),
             heartbeat_timeout: a.heartbeat_timeout.clone(),
+            eager_gap: a.eager_gap.clone(),
             workload_list,
         })
     }
@@ -188,6 +200,15 @@ impl Plan {
         m
     }
 
+    /// The modes `w` is measured in: every mode, except for the Redis workload, which is
+    /// measured unprotected and at [`REDIS_HZ`].
+    pub(super) fn modes_for(&self, w: Workload) -> Vec<Mode> {
+        match w {
+            Workload::Redis => vec![Mode::Unprotected, Mode::Protected(REDIS_HZ)],
+            _ => self.modes(),
+        }
+    }
+
     /// Every (round, workload, mode) in the order run: rounds interleave, and every other
     /// round runs backwards so that slow drifts in background load hit every mode alike.
     pub(super) fn schedule(&self) -> Vec<(u32, Workload, Mode)> {
@@ -195,7 +216,7 @@ impl Plan {
         for round in 1..=self.rounds {
             let mut cells = Vec::new();
             for &w in &self.workload_list {
-                for m in self.modes() {
+                for m in self.modes_for(w) {
                     cells.push((round, w, m));
                 }
             }
@@ -221,6 +242,7 @@ mod tests {
         assert_eq!(Workload::parse("disk8M").unwrap(), Workload::Disk(8));
         assert_eq!(Workload::parse("disk=2M/s").unwrap(), Workload::Disk(2));
         assert!(Workload::parse("disk").is_err());
+        assert_eq!(Workload::parse("redis").unwrap(), Workload::Redis);
         assert!(Workload::parse("0M").is_err());
         assert!(Workload::parse("lots").is_err());
     }

@@ -1,9 +1,16 @@
-//! `bench.svg`: four panels over the checkpoint rate (pause, guest throughput ratio, added
-//! reply latency) and bytes sent against dirty bytes per epoch.
+//! `bench.svg` and `bench.png` (the same drawing, for places that show only bitmaps: a
+//! README, an issue): four panels over the checkpoint rate (pause, guest throughput ratio,
+//! added reply latency) and bytes sent against dirty bytes per epoch.
+//!
+//! The text is laid out (both) and drawn (PNG) with DejaVu Sans read from the system
+//! (Debian's fonts-dejavu-core, which .ci/run installs; `TWIN_PLOT_FONT` names another TTF):
+//! plotters' bitmap backend has no fonts of its own. Without it the plots fail with an error
+//! naming the font and the package, after bench.md and bench.json are written.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
-use anyhow::{anyhow, Result};
+use anyhow::{anyhow, Context, Result};
 use plotters::coord::ranged1d::{AsRangedCoord, ValueFormatter};
 use plotters::prelude::*;
 
@@ -48,8 +55,8 @@ fn bounds(series: &[Series], log: bool) -> (f64, f64) {
     }
 }
 
-fn panel<Y>(
-    area: &DrawingArea<SVGBackend<'_>, plotters::coord::Shift>,
+fn panel<DB: DrawingBackend, Y>(
+    area: &DrawingArea<DB, plotters::coord::Shift>,
     title: &str,
     y_desc: &str,
     x_max: f64,
@@ -110,59 +117,125 @@ where
     Ok(())
 }
 
-pub(super) fn draw(path: &Path, r: &Report<'_>) -> Result<()> {
-    let p = r.plan;
-    let x_max = p.rates.iter().copied().max().unwrap_or(100) as f64 * 1.1;
-    let mut pause = Vec::new();
-    let mut ratio = Vec::new();
-    let mut added = Vec::new();
-    let mut sent: Vec<Scatter> = Vec::new();
-    let mut rates = p.rates.clone();
-    rates.sort_unstable();
-    for (wi, &w) in p.workload_list.iter().enumerate() {
-        let base = aggregate(r.runs, w, Mode::Unprotected);
-        let mut med = Vec::new();
-        let mut p99 = Vec::new();
-        let mut rat = Vec::new();
-        let mut add = Vec::new();
-        let mut sd = Vec::new();
-        for &hz in &rates {
-            let a = aggregate(r.runs, w, Mode::Protected(hz));
-            let x = f64::from(hz);
-            if let Some(d) = a.pause {
-                med.push((x, d.median / 1e3));
-                p99.push((x, d.p99 / 1e3));
+/// The plot's size in pixels.
+const SIZE: (u32, u32) = (1400, 1000);
+/// Where Debian's fonts-dejavu-core puts DejaVu Sans.
+const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
+
+/// Registers DejaVu Sans as plotters' "sans-serif" for the bitmap backend, once.
+fn bitmap_font() -> Result<()> {
+    static DONE: OnceLock<Result<(), String>> = OnceLock::new();
+    DONE.get_or_init(|| {
+        let font = std::env::var_os("TWIN_PLOT_FONT")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(FONT));
+        let bytes = std::fs::read(&font).map_err(|e| {
+            format!(
+                "cannot read the font {} for the PNG (install fonts-dejavu-core, or set \
+                 TWIN_PLOT_FONT to a TTF file): {e}",
+                font.display()
+            )
+        })?;
+        // Registered for the life of the process: plotters keeps a 'static reference.
+        let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
+        plotters::style::register_font("sans-serif", FontStyle::Normal, bytes)
+            .map_err(|_| format!("{} is not a font plotters can use", font.display()))
+    })
+    .clone()
+    .map_err(|e| anyhow!(e))
+}
+
+/// Draws `bench.svg` at `svg` and the same plot as a PNG at `png`.
+pub(super) fn draw(svg: &Path, png: &Path, r: &Report<'_>) -> Result<()> {
+    let data = Data::of(r);
+    // Both backends lay text out with the registered font (plotters' ab_glyph feature).
+    bitmap_font().with_context(|| format!("writing {} and {}", svg.display(), png.display()))?;
+    render(SVGBackend::new(svg, SIZE).into_drawing_area(), &data)
+        .with_context(|| format!("writing {}", svg.display()))?;
+    render(BitMapBackend::new(png, SIZE).into_drawing_area(), &data)
+        .with_context(|| format!("writing {}", png.display()))
+}
+
+/// What the panels show.
+struct Data {
+    x_max: f64,
+    pause: Vec<Series>,
+    ratio: Vec<Series>,
+    added: Vec<Series>,
+    sent: Vec<Scatter>,
+}
+
+impl Data {
+    fn of(r: &Report<'_>) -> Data {
+        let p = r.plan;
+        let x_max = p.rates.iter().copied().max().unwrap_or(100) as f64 * 1.1;
+        let mut pause = Vec::new();
+        let mut ratio = Vec::new();
+        let mut added = Vec::new();
+        let mut sent: Vec<Scatter> = Vec::new();
+        let mut rates = p.rates.clone();
+        rates.sort_unstable();
+        for (wi, &w) in p.workload_list.iter().enumerate() {
+            if w == Workload::Redis {
+                // One rate only, and its numbers are redis-benchmark's: a table in bench.md.
+                continue;
             }
-            let work = |a: &Agg| match w {
-                Workload::Idle => None,
-                Workload::Dirty(_) => a.dirty_mib_s,
-                Workload::Tcp => a.rps,
-                Workload::Disk(_) => a.disk_mib_s,
-            };
-            if let (Some(v), Some(b)) = (work(&a), work(&base)) {
-                if b > 0.0 {
-                    rat.push((x, v / b));
+            let base = aggregate(r.runs, w, Mode::Unprotected);
+            let mut med = Vec::new();
+            let mut p99 = Vec::new();
+            let mut rat = Vec::new();
+            let mut add = Vec::new();
+            let mut sd = Vec::new();
+            for &hz in &rates {
+                let a = aggregate(r.runs, w, Mode::Protected(hz));
+                let x = f64::from(hz);
+                if let Some(d) = a.pause {
+                    med.push((x, d.median / 1e3));
+                    p99.push((x, d.p99 / 1e3));
+                }
+                let work = |a: &Agg| match w {
+                    Workload::Idle | Workload::Redis => None,
+                    Workload::Dirty(_) => a.dirty_mib_s,
+                    Workload::Tcp => a.rps,
+                    Workload::Disk(_) => a.disk_mib_s,
+                };
+                if let (Some(v), Some(b)) = (work(&a), work(&base)) {
+                    if b > 0.0 {
+                        rat.push((x, v / b));
+                    }
+                }
+                if let (Some(l), Some(b)) = (a.latency, base.latency) {
+                    add.push((x, ((l.median - b.median) / 1e3).max(0.001)));
+                }
+                if let (Some(d), Some(b)) = (a.dirty_pages, a.epoch_bytes) {
+                    sd.push((
+                        (d.median * PAGE as f64 / (1 << 20) as f64).max(1e-3),
+                        (b.median / (1 << 20) as f64).max(1e-3),
+                    ));
                 }
             }
-            if let (Some(l), Some(b)) = (a.latency, base.latency) {
-                add.push((x, ((l.median - b.median) / 1e3).max(0.001)));
+            pause.push((w.label(), wi, med, p99));
+            if !rat.is_empty() {
+                ratio.push((w.label(), wi, rat, Vec::new()));
             }
-            if let (Some(d), Some(b)) = (a.dirty_pages, a.epoch_bytes) {
-                sd.push((
-                    (d.median * PAGE as f64 / (1 << 20) as f64).max(1e-3),
-                    (b.median / (1 << 20) as f64).max(1e-3),
-                ));
-            }
+            added.push((w.label(), wi, add, Vec::new()));
+            sent.push((w.label(), wi, sd));
         }
-        pause.push((w.label(), wi, med, p99));
-        if !rat.is_empty() {
-            ratio.push((w.label(), wi, rat, Vec::new()));
+        Data {
+            x_max,
+            pause,
+            ratio,
+            added,
+            sent,
         }
-        added.push((w.label(), wi, add, Vec::new()));
-        sent.push((w.label(), wi, sd));
     }
+}
 
-    let root = SVGBackend::new(path, (1400, 1000)).into_drawing_area();
+fn render<DB: DrawingBackend>(
+    root: DrawingArea<DB, plotters::coord::Shift>,
+    d: &Data,
+) -> Result<()> {
+    let (x_max, pause, ratio, added, sent) = (d.x_max, &d.pause, &d.ratio, &d.added, &d.sent);
     root.fill(&WHITE).map_err(err)?;
     let root = root
         .titled(
@@ -171,40 +244,40 @@ pub(super) fn draw(path: &Path, r: &Report<'_>) -> Result<()> {
         )
         .map_err(err)?;
     let areas = root.split_evenly((2, 2));
-    let (lo, hi) = bounds(&pause, true);
+    let (lo, hi) = bounds(pause, true);
     panel(
         &areas[0],
         "Pause per checkpoint (solid median, dashed p99)",
         "ms (log)",
         x_max,
         (lo..hi).log_scale(),
-        &pause,
+        pause,
     )?;
-    let (_, hi) = bounds(&ratio, false);
+    let (_, hi) = bounds(ratio, false);
     panel(
         &areas[1],
         "Guest throughput, protected / unprotected",
         "ratio",
         x_max,
         0f64..hi,
-        &ratio,
+        ratio,
     )?;
-    let (lo, hi) = bounds(&added, true);
+    let (lo, hi) = bounds(added, true);
     panel(
         &areas[2],
         "Reply latency added (median)",
         "ms (log)",
         x_max,
         (lo..hi).log_scale(),
-        &added,
+        added,
     )?;
-    sent_panel(&areas[3], &sent)?;
+    sent_panel(&areas[3], sent)?;
     root.present().map_err(err)?;
     Ok(())
 }
 
-fn sent_panel(
-    area: &DrawingArea<SVGBackend<'_>, plotters::coord::Shift>,
+fn sent_panel<DB: DrawingBackend>(
+    area: &DrawingArea<DB, plotters::coord::Shift>,
     sent: &[Scatter],
 ) -> Result<()> {
     let vals = sent
@@ -254,4 +327,72 @@ fn sent_panel(
         .draw()
         .map_err(err)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data() -> Data {
+        let line = |k: f64| vec![(10.0, k), (40.0, 2.0 * k), (100.0, 4.0 * k)];
+        Data {
+            x_max: 110.0,
+            pause: vec![("idle".into(), 0, line(0.3), line(1.0))],
+            ratio: vec![("16M".into(), 1, line(0.2), Vec::new())],
+            added: vec![("tcp".into(), 2, line(0.5), Vec::new())],
+            sent: vec![("64M".into(), 3, vec![(0.5, 0.6), (2.0, 2.4)])],
+        }
+    }
+
+    /// The PNG is the drawing, text included (the font is found and used), and a real PNG.
+    #[test]
+    fn the_png_has_the_plot_and_its_text() {
+        bitmap_font().expect("DejaVu Sans (fonts-dejavu-core) for the PNG");
+        let (w, h) = SIZE;
+        let mut buf = vec![0u8; (w * h * 3) as usize];
+        render(
+            BitMapBackend::with_buffer(&mut buf, SIZE).into_drawing_area(),
+            &data(),
+        )
+        .expect("render");
+        let px = |x: u32, y: u32| {
+            let i = ((y * w + x) * 3) as usize;
+            (buf[i], buf[i + 1], buf[i + 2])
+        };
+        // The title band above the panels holds only the title's text: dark pixels there
+        // mean the text was drawn.
+        let dark_in_title = (0..w)
+            .flat_map(|x| (0..28).map(move |y| (x, y)))
+            .filter(|&(x, y)| {
+                let (r, g, b) = px(x, y);
+                u32::from(r) + u32::from(g) + u32::from(b) < 200
+            })
+            .count();
+        assert!(
+            dark_in_title > 200,
+            "{dark_in_title} dark pixels in the title band"
+        );
+        // The series are drawn in their colours (red: workload 0).
+        let red = buf
+            .chunks(3)
+            .filter(|p| p[0] > 180 && p[1] < 80 && p[2] < 80)
+            .count();
+        assert!(red > 100, "{red} red pixels: the first series is missing");
+
+        let dir = std::env::temp_dir().join(format!("twin-plot-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (svg, png) = (dir.join("bench.svg"), dir.join("bench.png"));
+        let d = data();
+        render(SVGBackend::new(&svg, SIZE).into_drawing_area(), &d).unwrap();
+        render(BitMapBackend::new(&png, SIZE).into_drawing_area(), &d).unwrap();
+        let bytes = std::fs::read(&png).unwrap();
+        assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n", "not a PNG");
+        assert_eq!(&bytes[12..16], b"IHDR");
+        let dim = |at: usize| u32::from_be_bytes(bytes[at..at + 4].try_into().unwrap());
+        assert_eq!((dim(16), dim(20)), SIZE);
+        assert!(std::fs::read_to_string(&svg)
+            .unwrap()
+            .contains("Pause per checkpoint"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -6,7 +6,8 @@ use serde::Serialize;
 use super::failover::Failover;
 use super::limits::{Limits, Machine};
 use super::measure::Run;
-use super::plan::{Mode, Plan, Workload, FAILOVER_HZ, FAILOVER_WORKLOAD, PAGE, WSS};
+use super::plan::{Mode, Plan, Workload, FAILOVER_HZ, FAILOVER_WORKLOAD, PAGE, REDIS_HZ, WSS};
+use super::redis::{RedisResult, MATRIX, TESTS};
 use super::stats::{dist, json_f64, median, Dist};
 
 /// One (workload, mode) cell over all its runs.
@@ -186,9 +187,10 @@ pub(super) fn markdown(r: &Report<'_>) -> String {
         &format!(
             "- per cell: fresh namespaces and processes, {:.1} s settle, {:.1} s measured, {} round(s) interleaved; guest {} RAM, memory workloads over wss={WSS}; \
              memory workloads probed by one PING at a time, each after a random think time in [0, {} ms) so that probes sample every phase of the checkpoint interval; the TCP workload by INCR back to back on one connection; backup heartbeat timeout: {}; \
-             output commit: the `twin protect` default (eager: a checkpoint at most 2 ms after output starts waiting, so achieved Hz above the target are those extra checkpoints)",
+             output commit: eager, `--eager-gap` {} (a checkpoint as soon as output waits and that long has passed since the previous one, so achieved Hz above the target are those extra checkpoints)",
             p.warmup_secs, p.cell_secs, p.rounds, p.mem, p.probe_think_max.as_millis(),
-            p.heartbeat_timeout.as_deref().unwrap_or("the default")
+            p.heartbeat_timeout.as_deref().unwrap_or("the default"),
+            p.eager_gap.as_deref().unwrap_or("the `twin protect` default")
         ),
     );
     line(&mut s, "");
@@ -272,7 +274,11 @@ pub(super) fn markdown(r: &Report<'_>) -> String {
         "| --- | ---: | ---: | ---: | ---: | --- | ---: | --- | --- | ---: | ---: | ---: | --- |",
     );
     for &w in &p.workload_list {
-        for mode in p.modes().into_iter().filter(|m| *m != Mode::Unprotected) {
+        for mode in p
+            .modes_for(w)
+            .into_iter()
+            .filter(|m| *m != Mode::Unprotected)
+        {
             let a = aggregate(r.runs, w, mode);
             let hz = match mode {
                 Mode::Encrypted(hz) => format!("{hz} enc."),
@@ -355,13 +361,17 @@ pub(super) fn markdown(r: &Report<'_>) -> String {
     );
     for &w in &p.workload_list {
         let base = aggregate(r.runs, w, Mode::Unprotected);
+        if w == Workload::Redis {
+            // Its own section below.
+            continue;
+        }
         let work = |a: &Agg| match w {
-            Workload::Idle => None,
+            Workload::Idle | Workload::Redis => None,
             Workload::Dirty(_) => a.dirty_mib_s,
             Workload::Tcp => a.rps,
             Workload::Disk(_) => a.disk_mib_s,
         };
-        for mode in p.modes() {
+        for mode in p.modes_for(w) {
             let a = aggregate(r.runs, w, mode);
             if a.runs == a.failed {
                 line(
@@ -377,7 +387,7 @@ pub(super) fn markdown(r: &Report<'_>) -> String {
                 continue;
             }
             let unit = match w {
-                Workload::Idle => "",
+                Workload::Idle | Workload::Redis => "",
                 Workload::Dirty(_) => " MiB/s",
                 Workload::Tcp => " req/s",
                 Workload::Disk(_) => " MiB/s to disk",
@@ -425,6 +435,9 @@ pub(super) fn markdown(r: &Report<'_>) -> String {
     line(&mut s, "");
 
     disk_section(&mut s, r);
+    if p.workload_list.contains(&Workload::Redis) {
+        redis_section(&mut s, r);
+    }
 
     line(&mut s, "## Failover (SIGKILL of the primary)");
     line(&mut s, "");
@@ -439,42 +452,68 @@ pub(super) fn markdown(r: &Report<'_>) -> String {
     );
     line(&mut s, "");
     let ok: Vec<&Failover> = r.failovers.iter().filter(|t| t.error.is_none()).collect();
-    let col = |g: &dyn Fn(&Failover) -> Option<f64>| {
-        dist(&ok.iter().filter_map(|t| g(t)).collect::<Vec<_>>())
+    let with_arbiter = ok.iter().any(|t| t.arbiter);
+    let col = |arbiter: bool, g: &dyn Fn(&Failover) -> Option<f64>| {
+        dist(
+            &ok.iter()
+                .filter(|t| t.arbiter == arbiter)
+                .filter_map(|t| g(t))
+                .collect::<Vec<_>>(),
+        )
     };
-    let row = |s: &mut String, name: &str, d: Option<Dist>| {
-        let (med, p99, max, n) = d.map_or(("—".into(), "—".into(), "—".into(), 0), |d| {
+    let cells = |d: Option<Dist>| {
+        d.map_or(("—".into(), "—".into(), "—".into(), 0), |d| {
             (
                 f(Some(d.median), 1),
                 f(Some(d.p99), 1),
                 f(Some(d.max), 1),
                 d.n,
             )
-        });
-        s.push_str(&format!("| {name} | {med} | {p99} | {max} | {n} |\n"));
+        })
     };
-    line(&mut s, "| ms | median | p99 | max | n |");
-    line(&mut s, "| --- | ---: | ---: | ---: | ---: |");
-    row(
-        &mut s,
-        "client-visible: SIGKILL → first reply",
-        col(&|t| t.client_visible_ms),
-    );
+    let row = |s: &mut String, name: &str, g: &dyn Fn(&Failover) -> Option<f64>| {
+        let (med, p99, max, n) = cells(col(false, g));
+        if with_arbiter {
+            let (amed, ap99, amax, an) = cells(col(true, g));
+            s.push_str(&format!(
+                "| {name} | {med} | {p99} | {max} | {n} | {amed} | {ap99} | {amax} | {an} |\n"
+            ));
+        } else {
+            s.push_str(&format!("| {name} | {med} | {p99} | {max} | {n} |\n"));
+        }
+    };
+    if with_arbiter {
+        line(
+            &mut s,
+            "Each trial ran twice: as is, and with a real etcd as the arbiter (`--arbiter` on both sides: the backup must win the VM's record in etcd before it takes over; the arbiter is not on the epoch path, so only the takeover can cost more).",
+        );
+        line(&mut s, "");
+        line(
+            &mut s,
+            "| ms | median | p99 | max | n | arbiter: median | p99 | max | n |",
+        );
+        line(
+            &mut s,
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        );
+    } else {
+        line(&mut s, "| ms | median | p99 | max | n |");
+        line(&mut s, "| --- | ---: | ---: | ---: | ---: |");
+    }
+    row(&mut s, "client-visible: SIGKILL → first reply", &|t| {
+        t.client_visible_ms
+    });
     row(
         &mut s,
         "SIGKILL → backup reports failover_complete",
-        col(&|t| t.kill_to_failover_line_ms),
+        &|t| t.kill_to_failover_line_ms,
     );
-    row(
-        &mut s,
-        "backup: detect → running",
-        col(&|t| json_f64(t.backup_report.as_ref()?, &["detect_to_running_ms"])),
-    );
-    row(
-        &mut s,
-        "backup: restore",
-        col(&|t| json_f64(t.backup_report.as_ref()?, &["restore_ms"])),
-    );
+    row(&mut s, "backup: detect → running", &|t| {
+        json_f64(t.backup_report.as_ref()?, &["detect_to_running_ms"])
+    });
+    row(&mut s, "backup: restore", &|t| {
+        json_f64(t.backup_report.as_ref()?, &["restore_ms"])
+    });
     let consistent = ok.iter().filter(|t| t.consistent == Some(true)).count();
     line(&mut s, "");
     line(
@@ -500,9 +539,14 @@ pub(super) fn markdown(r: &Report<'_>) -> String {
             })
         })
         .chain(r.failovers.iter().filter_map(|t| {
-            t.error
-                .as_ref()
-                .map(|e| format!("- failover trial {}: {}", t.trial, first_line(e)))
+            t.error.as_ref().map(|e| {
+                format!(
+                    "- failover trial {}{}: {}",
+                    t.trial,
+                    if t.arbiter { " (arbiter)" } else { "" },
+                    first_line(e)
+                )
+            })
         }))
         .collect();
     if !failed.is_empty() {
@@ -531,6 +575,78 @@ pub(super) fn markdown(r: &Report<'_>) -> String {
         }
     }
     s
+}
+
+/// The Redis workload: per (connections, pipeline, test), medians over runs of
+/// redis-benchmark's own throughput and latency percentiles.
+fn redis_section(s: &mut String, r: &Report<'_>) {
+    let mut line = |l: &str| {
+        s.push_str(l);
+        s.push('\n');
+    };
+    line("## Redis clients (redis-benchmark)");
+    line("");
+    line(&format!(
+        "Debian's `redis-benchmark` (unmodified) from the client namespace against the guest's \
+         RESP2 port, `-r 100000` random keys, one run per connections × pipeline, tests SET, \
+         GET, INCR each about {:.0} s; protected at {REDIS_HZ} Hz with the default eager output \
+         commit. req/s and the p50/p99 latencies are redis-benchmark's own, medians over the \
+         runs (rounds). Ratio: protected / unprotected req/s.",
+        r.plan.redis_test_secs
+    ));
+    line("");
+    line("| conns | pipeline | test | unprotected req/s | protected req/s | ratio | unprotected p50 / p99 ms | protected p50 / p99 ms | runs |");
+    line("| ---: | ---: | --- | ---: | ---: | ---: | --- | --- | --- |");
+    let pick = |m: Mode, c: u32, pl: u32, t: &str, g: fn(&RedisResult) -> f64| -> Option<f64> {
+        median(
+            &r.runs
+                .iter()
+                .filter(|x| x.key == (Workload::Redis, m) && x.error.is_none())
+                .flat_map(|x| x.redis.iter())
+                .filter(|x| x.clients == c && x.pipeline == pl && x.test == t)
+                .map(g)
+                .collect::<Vec<_>>(),
+        )
+    };
+    let (u, pr) = (Mode::Unprotected, Mode::Protected(REDIS_HZ));
+    let runs = |m: Mode| {
+        let all = r.runs.iter().filter(|x| x.key == (Workload::Redis, m));
+        let n = all.clone().count();
+        let failed = all.filter(|x| x.error.is_some()).count();
+        (n, failed)
+    };
+    let ((un, uf), (pn, pf)) = (runs(u), runs(pr));
+    let runs_s = format!(
+        "{}/{}{}",
+        un - uf,
+        pn - pf,
+        if uf + pf > 0 {
+            format!(" ({} failed)", uf + pf)
+        } else {
+            String::new()
+        }
+    );
+    for &(c, pl) in &MATRIX {
+        for t in TESTS {
+            let (ur, prr) = (pick(u, c, pl, t, |x| x.rps), pick(pr, c, pl, t, |x| x.rps));
+            let lat = |m: Mode| {
+                format!(
+                    "{} / {}",
+                    f(pick(m, c, pl, t, |x| x.p50_ms), 2),
+                    f(pick(m, c, pl, t, |x| x.p99_ms), 2)
+                )
+            };
+            line(&format!(
+                "| {c} | {pl} | {t} | {} | {} | {} | {} | {} | {runs_s} |",
+                f(ur, 0),
+                f(prr, 0),
+                f(prr.zip(ur).filter(|(_, u)| *u > 0.0).map(|(p, u)| p / u), 2),
+                lat(u),
+                lat(pr)
+            ));
+        }
+    }
+    line("");
 }
 
 pub(super) fn first_line(s: &str) -> &str {
