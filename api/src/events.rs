@@ -98,6 +98,20 @@ pub enum EventKind {
     },
     /// Initial sync progress (at most every tenth of the RAM).
     SyncProgress { pages_done: u64, pages_total: u64 },
+    /// Initial sync of a disk: its data copied so far (at most every tenth of it), live.
+    DiskSyncProgress {
+        disk: u32,
+        bytes_done: u64,
+        bytes_total: u64,
+    },
+    /// A disk's data was copied to the backup (its writes since are journaled and go with
+    /// the first epoch).
+    DiskSynced {
+        disk: u32,
+        capacity: u64,
+        bytes: u64,
+        ms: f64,
+    },
     /// The initial sync was sent.
     SyncSent {
         pages: u64,
@@ -203,6 +217,8 @@ impl EventKind {
             EventKind::SnapshotWritten { .. } => "snapshot_written",
             EventKind::BackupConnected { .. } => "backup_connected",
             EventKind::SyncProgress { .. } => "sync_progress",
+            EventKind::DiskSyncProgress { .. } => "disk_sync_progress",
+            EventKind::DiskSynced { .. } => "disk_synced",
             EventKind::SyncSent { .. } => "sync_sent",
             EventKind::Protected { .. } => "protected",
             EventKind::EpochSent { .. } => "epoch_sent",

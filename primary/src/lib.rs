@@ -899,8 +899,10 @@ fn sync_disks(s: &Shared, writer: &FrameWriter) -> Result<u64, SessionError> {
         let t0 = Instant::now();
         let cap = image.capacity();
         let extents = twin_vmm::devices::virtio::blk::disk::data_extents(image.file(), cap)?;
+        let total: u64 = extents.iter().map(|&(_, len)| len).sum();
         let mut buf = vec![0u8; CHUNK as usize];
         let mut bytes = 0u64;
+        let (mut done, mut tenth) = (0u64, 0u64);
         for (start, len) in extents {
             // Extents are block-granular on the file system; the wire wants sectors.
             let from = start / 512 * 512;
@@ -919,18 +921,34 @@ fn sync_disks(s: &Shared, writer: &FrameWriter) -> Result<u64, SessionError> {
                     bytes += n;
                 }
                 at += n;
+                done += n;
+                if total > 0 && done * 10 / total > tenth {
+                    tenth = done * 10 / total;
+                    s.events.emit(EventKind::DiskSyncProgress {
+                        disk: disk as u32,
+                        bytes_done: done.min(total),
+                        bytes_total: total,
+                    });
+                }
                 if s.stopping() {
                     return Err(SessionError::Stopping);
                 }
             }
         }
+        let ms = t0.elapsed().as_secs_f64() * 1e3;
         info!(
             disk,
             capacity = cap,
             bytes,
-            ms = t0.elapsed().as_millis() as u64,
+            ms = format_args!("{ms:.1}"),
             "disk copied to the backup (writes since are journaled)"
         );
+        s.events.emit(EventKind::DiskSynced {
+            disk: disk as u32,
+            capacity: cap,
+            bytes,
+            ms,
+        });
         sent += bytes;
     }
     Ok(sent)

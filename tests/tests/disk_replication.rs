@@ -91,6 +91,13 @@ fn failover_runs_on_the_disk_replica_and_it_holds_every_acknowledged_value() {
             ..Opts::default()
         },
     );
+    let synced = rig
+        .primary_events()
+        .find(0, |e| {
+            matches!(e.kind, twin_api::EventKind::DiskSynced { disk: 0, .. })
+        })
+        .expect("the primary reports disk 0 copied to the backup");
+    rep.note(describe(&synced));
     rep.step("protected INCRs, each appended to the log and flushed before its reply");
     rig.work()
         .wait_replies_after(Instant::now(), 300, PROGRESS)

@@ -76,17 +76,37 @@ fn primary_killed_at(rep: &mut Report, point: &str, nth: u64) {
 }
 
 fn primary_killed_with(rep: &mut Report, point: &str, nth: u64, auth: Auth) {
-    primary_killed_on(rep, point, nth, auth, Opts::default().vcpus);
+    primary_killed_opts(
+        rep,
+        point,
+        nth,
+        Opts {
+            auth,
+            ..Opts::default()
+        },
+    );
 }
 
 fn primary_killed_on(rep: &mut Report, point: &str, nth: u64, auth: Auth, vcpus: u8) {
+    primary_killed_opts(
+        rep,
+        point,
+        nth,
+        Opts {
+            auth,
+            vcpus,
+            ..Opts::default()
+        },
+    );
+}
+
+fn primary_killed_opts(rep: &mut Report, point: &str, nth: u64, opts: Opts) {
+    let vcpus = opts.vcpus;
     let mut rig = Rig::start(
         rep,
         Opts {
             primary_failpoints: format!("{point}={nth}*kill"),
-            auth,
-            vcpus,
-            ..Opts::default()
+            ..opts
         },
     );
     rep.step(format!("waiting for failpoint {point} to kill the primary"));
@@ -149,6 +169,17 @@ scenarios! {
     /// is as clean as in the clear.
     primary_killed_mid_stream_encrypted:
         primary_killed_with("primary.mid_stream", 200, Auth::Encrypted);
+    /// Killed mid-stream during a burst of disk writes (the disk workload at 4 MiB/s, each
+    /// block flushed): the backup runs on its disk replica as of the last commit, and
+    /// VERIFY there checks every block against the sequence numbers in its memory.
+    primary_killed_mid_disk_burst: primary_killed_opts(
+        "primary.mid_stream",
+        100,
+        Opts {
+            guest_args: "dirty=16M/s,wss=64M,disk=4M/s,dwss=8M",
+            ..disk_opts()
+        }
+    );
     /// A VM with two vCPUs (the second parked) killed mid-stream: every vCPU is paused,
     /// captured and restored, the stream intact and VERIFY clean on the backup.
     primary_killed_mid_stream_2_vcpus:
