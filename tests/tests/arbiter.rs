@@ -372,10 +372,47 @@ fn primary_stalled_past_the_timeout_with_an_arbiter() {
 /// generation rises at each.
 #[test]
 fn three_hosts_two_failovers() {
-    let mut rep = Report::new("three_hosts_two_failovers");
+    three_hosts(Report::new("three_hosts_two_failovers"), false);
+}
+
+/// [`three_hosts_two_failovers`] with the guest's store on a disk: the re-protection copies
+/// the disk replica to the standby too, and after the second takeover a cold boot of the
+/// standby's replica has every acknowledged INCR.
+#[test]
+fn three_hosts_two_failovers_with_a_disk() {
+    three_hosts(Report::new("three_hosts_two_failovers_with_a_disk"), true);
+}
+
+fn three_hosts(mut rep: Report, disk: bool) {
     rep.step("building the layout with a standby, and etcd");
     let ha = Topology::ha_with_standby().expect("layout");
-    let dir = TestDir::new("three-hosts").expect("dir");
+    let dir = TestDir::new(if disk {
+        "three-hosts-disk"
+    } else {
+        "three-hosts"
+    })
+    .expect("dir");
+    let path = |n: &str| dir.join(n).to_string_lossy().into_owned();
+    let (primary_disk, backup_replica, standby_replica) = (
+        path("primary-disk.img"),
+        path("backup-replica"),
+        path("standby-replica"),
+    );
+    if disk {
+        std::fs::File::create(&primary_disk)
+            .and_then(|f| f.set_len(twin_lab::rig::DISK_SIZE))
+            .expect("the primary's disk image");
+    }
+    let with_disk = |flag: &'static str, v: &str| -> Vec<String> {
+        if disk {
+            vec![flag.to_string(), v.to_string()]
+        } else {
+            Vec::new()
+        }
+    };
+    let standby_disk = with_disk("--replica-dir", &standby_replica);
+    let backup_disk = with_disk("--replica-dir", &backup_replica);
+    let primary_disk_args = with_disk("--disk", &primary_disk);
     let etcd = twin_lab::etcd::EtcdHost::start(&ha, &dir).expect("etcd");
     let key = dir.key_file();
     let standby_listen = format!("{STANDBY_REPL_ADDR}:{REPL_PORT}");
@@ -405,20 +442,18 @@ fn three_hosts_two_failovers() {
             &ssock,
             "--console",
             &scons,
-        ],
+        ]
+        .into_iter()
+        .chain(standby_disk.iter().map(String::as_str))
+        .collect::<Vec<_>>(),
         "",
     );
     wait_listening(&mut standby, &dir.join("standby.sock"));
     let mut auth = Auth::Key.args(&dir, false);
     auth.extend(["--arbiter".into(), etcd.url(HostRole::Backup)]);
-    let mut backup = spawn_backup(
-        &ha,
-        &dir,
-        "backup",
-        &auth,
-        &["--reprotect", &standby_listen],
-        "",
-    );
+    let mut backup_extra = vec!["--reprotect", standby_listen.as_str()];
+    backup_extra.extend(backup_disk.iter().map(String::as_str));
+    let mut backup = spawn_backup(&ha, &dir, "backup", &auth, &backup_extra, "");
     let mut pauth = Auth::Key.args(&dir, true);
     pauth.extend(["--arbiter".into(), etcd.url(HostRole::Primary)]);
     let mut primary = spawn_primary(
@@ -427,7 +462,10 @@ fn three_hosts_two_failovers() {
         "primary",
         &backup_listen(),
         &pauth,
-        &["--guest-args", GUEST_ARGS],
+        &["--guest-args", GUEST_ARGS]
+            .into_iter()
+            .chain(primary_disk_args.iter().map(String::as_str))
+            .collect::<Vec<_>>(),
         "",
     );
     let pe = Events::at(dir.join("primary.sock"));
@@ -498,6 +536,42 @@ fn three_hosts_two_failovers() {
     let (p, client) = work.finish(RIDE_THROUGH + Duration::from_secs(5));
     rep.recover = p.max_gap_after(first - Duration::from_secs(1));
     check_stream(&mut rep, &p, client, "standby");
+    if disk {
+        rep.step("SIGKILL the standby's VM, cold boot its disk replica");
+        standby.kill().expect("SIGKILL the standby");
+        let image = dir.join("standby-replica").join("disk-0.img");
+        let image = image.to_string_lossy().into_owned();
+        let mut cold = spawn_twin(
+            &ha.host(HostRole::Standby).ns,
+            &dir,
+            "cold",
+            &[
+                "run", "--tap", TAP, "--ip", GUEST_CIDR, "--mem", "256M", "--disk", &image,
+            ],
+            "",
+        );
+        let mut g =
+            GuestClient::connect_retry(ha.client_ns(), guest_service(), BOOT_TIMEOUT, || {
+                cold.ensure_running()
+            })
+            .unwrap_or_else(|e| {
+                panic!("the cold-booted replica answers: {e:#}\n{}", cold.tail(20))
+            });
+        assert_eq!(
+            g.get(KEY).expect("GET after the cold boot"),
+            p.last,
+            "the standby's disk replica (copied at re-protection, then kept) has every \
+             acknowledged INCR"
+        );
+        rep.note(format!(
+            "cold boot of the standby's replica: GET {} = {}",
+            p.last, p.last
+        ));
+        drop(g);
+        cold.terminate().expect("SIGTERM");
+        let _ = cold.wait_exit(Duration::from_secs(10));
+        assert_no_panic(&cold);
+    }
     assert_no_panic(&standby);
     drop(etcd);
     rep.done(format!(
