@@ -251,7 +251,16 @@ impl Arbiter {
                 .and_then(|a| a.first())
                 .and_then(|x| x["response_range"]["kvs"].as_array())
                 .and_then(|a| a.first());
-            Ok(Claim::Lost(Self::parse_kv(vm, kv)?))
+            let now = Self::parse_kv(vm, kv)?;
+            // The very record this claim writes, by this incarnation: an earlier attempt of
+            // the same claim landed but its answer was lost (a timeout on the way back), so
+            // the retry finds the revision moved — by itself. That is a win, not a loss
+            // (else a backup whose link dropped etcd's reply would detach from a VM the
+            // record gives to it, and nobody would run it).
+            if now.record.as_ref() == Some(&next) {
+                return Ok(Claim::Won(now));
+            }
+            Ok(Claim::Lost(now))
         }
     }
 

@@ -104,6 +104,21 @@ fn claims_compare_and_swap_on_the_revision() {
     };
     assert!(lost.owned_by("b"));
     assert_eq!(lost.generation(), 2);
+    // The backup's claim again on the view it had (its first answer lost on the way back):
+    // the record it finds is its own claim, so it has won, at the same generation.
+    let Claim::Won(again) = a.claim("vm1", &first, &owner("b")).unwrap() else {
+        panic!("a retried claim that had landed must win");
+    };
+    assert_eq!(again, second);
+    // Another incarnation with the same view still loses.
+    let other = Owner {
+        id: "b2".into(),
+        label: "test b".into(),
+    };
+    assert!(matches!(
+        a.claim("vm1", &first, &other).unwrap(),
+        Claim::Lost(_)
+    ));
 }
 
 #[test]

@@ -177,6 +177,8 @@ pub(super) struct Protection<'a> {
     pub(super) hz: u32,
     /// `--encrypt` on the primary.
     pub(super) encrypt: bool,
+    /// `--no-precopy` on the primary (today's behaviour before pre-copy, for comparison).
+    pub(super) no_precopy: bool,
     /// `--arbiter` on both sides.
     pub(super) arbiter: Option<&'a twin_lab::etcd::EtcdHost>,
 }
@@ -186,6 +188,7 @@ impl Protection<'_> {
         Protection {
             hz,
             encrypt: false,
+            no_precopy: false,
             arbiter: None,
         }
     }
@@ -202,6 +205,7 @@ pub(super) fn start_protected(
     let Protection {
         hz,
         encrypt,
+        no_precopy,
         arbiter,
     } = how;
     let listen = SocketAddr::from((BACKUP_REPL_ADDR, REPL_PORT)).to_string();
@@ -252,6 +256,9 @@ pub(super) fn start_protected(
     let mut args = vm_args("protect", plan, w, dir, "primary");
     if encrypt {
         args.push("--encrypt".into());
+    }
+    if no_precopy {
+        args.push("--no-precopy".into());
     }
     if let Some(e) = arbiter {
         args.extend(["--arbiter".into(), e.url(twin_lab::HostRole::Primary)]);
@@ -439,6 +446,17 @@ pub(super) fn run_cell(plan: &Plan, run: &mut Run, keep_logs: &Path) -> Result<(
                 w,
                 Protection {
                     encrypt: true,
+                    ..Protection::at(hz)
+                },
+                &mut slots,
+            )?,
+            Mode::NoPrecopy(hz) => start_protected(
+                &ha,
+                &dir,
+                plan,
+                w,
+                Protection {
+                    no_precopy: true,
                     ..Protection::at(hz)
                 },
                 &mut slots,

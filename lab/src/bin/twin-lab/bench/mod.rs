@@ -87,6 +87,10 @@ pub struct BenchArgs {
     /// (`--encrypt`); `--encrypt-rates` with no value for none.
     #[arg(long, value_delimiter = ',', num_args = 0.., default_value = "40")]
     encrypt_rates: Vec<u32>,
+    /// Checkpoint rates to measure again without pre-copy (`--no-precopy`: every dirty page
+    /// copied inside the pause), beside the same rates with it; no value for none.
+    #[arg(long, value_delimiter = ',', num_args = 0.., default_value = "10")]
+    no_precopy_rates: Vec<u32>,
     /// Workloads to measure: idle, 16M, 64M, 256M (guest dirty rates per second), tcp,
     /// redis (redis-benchmark, unprotected and protected at 40 Hz only), disk8M (the
     /// guest's disk workload at 8 MiB/s).

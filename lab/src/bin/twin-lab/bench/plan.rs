@@ -105,6 +105,8 @@ pub(super) enum Mode {
     Protected(u32),
     /// Checkpoints per second, the replication stream encrypted.
     Encrypted(u32),
+    /// Checkpoints per second, every dirty page copied inside the pause (`--no-precopy`).
+    NoPrecopy(u32),
 }
 
 impl Mode {
@@ -113,13 +115,14 @@ impl Mode {
             Mode::Unprotected => "unprotected".into(),
             Mode::Protected(hz) => format!("protected {hz} Hz"),
             Mode::Encrypted(hz) => format!("protected {hz} Hz, encrypted"),
+            Mode::NoPrecopy(hz) => format!("protected {hz} Hz, no pre-copy"),
         }
     }
 
     pub(super) fn hz(self) -> Option<u32> {
         match self {
             Mode::Unprotected => None,
-            Mode::Protected(hz) | Mode::Encrypted(hz) => Some(hz),
+            Mode::Protected(hz) | Mode::Encrypted(hz) | Mode::NoPrecopy(hz) => Some(hz),
         }
     }
 }
@@ -134,6 +137,7 @@ pub(super) struct Plan {
     pub(super) failovers: u32,
     pub(super) rates: Vec<u32>,
     pub(super) encrypt_rates: Vec<u32>,
+    pub(super) no_precopy_rates: Vec<u32>,
     pub(super) workloads: Vec<String>,
     pub(super) mem: String,
     pub(super) limit_reps: u32,
@@ -158,7 +162,12 @@ impl Plan {
         if workload_list.is_empty() {
             bail!("--workloads is empty");
         }
-        for &hz in a.rates.iter().chain(&a.encrypt_rates) {
+        for &hz in a
+            .rates
+            .iter()
+            .chain(&a.encrypt_rates)
+            .chain(&a.no_precopy_rates)
+        {
             if !(1..=1000).contains(&hz) {
                 bail!("checkpoint rate {hz}/s is out of range (1–1000)");
             }
@@ -175,6 +184,7 @@ impl Plan {
             failovers: a.failovers.unwrap_or(if a.quick { 3 } else { 10 }),
             rates: a.rates.clone(),
             encrypt_rates: a.encrypt_rates.clone(),
+            no_precopy_rates: a.no_precopy_rates.clone(),
             workloads: workload_list.iter().map(|w| w.label()).collect(),
             mem: a.mem.clone(),
             limit_reps: if a.quick { 3 } else { 5 },
@@ -197,6 +207,7 @@ impl Plan {
         let mut m = vec![Mode::Unprotected];
         m.extend(self.rates.iter().map(|&hz| Mode::Protected(hz)));
         m.extend(self.encrypt_rates.iter().map(|&hz| Mode::Encrypted(hz)));
+        m.extend(self.no_precopy_rates.iter().map(|&hz| Mode::NoPrecopy(hz)));
         m
     }
 

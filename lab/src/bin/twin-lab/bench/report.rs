@@ -282,6 +282,7 @@ pub(super) fn markdown(r: &Report<'_>) -> String {
             let a = aggregate(r.runs, w, mode);
             let hz = match mode {
                 Mode::Encrypted(hz) => format!("{hz} enc."),
+                Mode::NoPrecopy(hz) => format!("{hz} no pre-copy"),
                 m => m.hz().unwrap_or_default().to_string(),
             };
             if a.runs == a.failed {
