@@ -95,59 +95,16 @@ impl VirtioBlk {
     /// Brings up the device at `f` (virtio 1.x initialization, its queue's completions on
     /// MSI-X entry 0 to LAPIC `apic_id`, vector [`VEC_BLK`]).
     pub fn init(f: PciFunction, apic_id: u8) -> Result<VirtioBlk, InitError> {
-        let caps = read_caps(f);
-        let common = caps
-            .common
-            .ok_or("no virtio common configuration capability")?;
-        let (notify_base, notify_mult) = caps.notify.ok_or("no virtio notify capability")?;
-        let device_cfg = caps
-            .device
-            .ok_or("no virtio device configuration capability")?;
-        let msix = caps.msix.ok_or("no MSI-X capability")?;
-        f.enable_memory_and_bus_master();
-
-        let status = |s: u8| mmio_write8(common + C_DEVICE_STATUS, s);
-        status(0);
-        let mut spins = 0;
-        while mmio_read8(common + C_DEVICE_STATUS) != 0 {
-            spins += 1;
-            if spins > 1_000_000 {
-                return Err("device did not reset");
-            }
-            core::hint::spin_loop();
-        }
-        status(STATUS_ACKNOWLEDGE);
-        status(STATUS_ACKNOWLEDGE | STATUS_DRIVER);
-        let mut offered = 0u64;
-        for sel in 0..2u32 {
-            mmio_write32(common + C_DEVICE_FEATURE_SELECT, sel);
-            offered |= u64::from(mmio_read32(common + C_DEVICE_FEATURE)) << (32 * sel);
-        }
-        if offered & F_VERSION_1 == 0 {
-            status(STATUS_FAILED);
-            return Err("device does not offer VIRTIO_F_VERSION_1");
-        }
+        let (t, offered) = Transport::begin(f)?;
+        let (common, device_cfg) = (t.common, t.device_cfg);
+        let status = |s: u8| t.status(s);
         if offered & F_FLUSH == 0 && offered & F_RO == 0 {
             // Without FLUSH nothing written is known to be durable: the store's promise.
-            status(STATUS_FAILED);
-            return Err("writable device does not offer VIRTIO_BLK_F_FLUSH");
+            return Err(t.fail("writable device does not offer VIRTIO_BLK_F_FLUSH"));
         }
         let features =
             offered & (F_VERSION_1 | F_FLUSH | F_RO | F_BLK_SIZE | F_SIZE_MAX | F_SEG_MAX);
-        for sel in 0..2u32 {
-            mmio_write32(common + C_DRIVER_FEATURE_SELECT, sel);
-            mmio_write32(common + C_DRIVER_FEATURE, (features >> (32 * sel)) as u32);
-        }
-        let s = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK;
-        status(s);
-        if mmio_read8(common + C_DEVICE_STATUS) & STATUS_FEATURES_OK == 0 {
-            status(STATUS_FAILED);
-            return Err("device refused our features (FEATURES_OK not set)");
-        }
-        if mmio_read16(common + C_NUM_QUEUES) < 1 {
-            status(STATUS_FAILED);
-            return Err("device has no queue");
-        }
+        let s = t.accept(features, 1, "device has no queue")?;
         let cap_lo = u64::from(mmio_read32(device_cfg));
         let cap_hi = u64::from(mmio_read32(device_cfg + 4));
         let sectors = cap_lo | (cap_hi << 32);
@@ -157,57 +114,28 @@ impl VirtioBlk {
             max_io = max_io.min(size_max) / SECTOR * SECTOR;
         }
         if features & F_SEG_MAX != 0 && mmio_read32(device_cfg + 12) == 0 {
-            status(STATUS_FAILED);
-            return Err("device allows no data segment (seg_max 0)");
+            return Err(t.fail("device allows no data segment (seg_max 0)"));
         }
         if features & F_BLK_SIZE != 0 && mmio_read32(device_cfg + 20) as usize != SECTOR {
-            status(STATUS_FAILED);
-            return Err("device's logical block size is not 512 bytes");
+            return Err(t.fail("device's logical block size is not 512 bytes"));
         }
         if max_io < SECTOR {
-            status(STATUS_FAILED);
-            return Err("device's size_max is below one sector");
+            return Err(t.fail("device's size_max is below one sector"));
         }
 
-        // MSI-X: entry 0 = the request queue; no config-change interrupt. Enable with the
-        // function masked, program the table, then unmask.
-        let msg_ctl = f.read16(msix + 2);
-        let table_reg = f.read32(msix + 4);
-        let table_bar = f
-            .bar_address((table_reg & 7) as u8)
-            .ok_or("MSI-X table BAR unassigned")?;
-        let table = (table_bar + u64::from(table_reg & !7)) as usize;
-        f.write16(msix + 2, msg_ctl | 0x8000 | 0x4000);
-        mmio_write32(table, 0xFEE0_0000 | (u32::from(apic_id) << 12));
-        mmio_write32(table + 4, 0);
-        mmio_write32(table + 8, u32::from(VEC_BLK));
-        mmio_write32(table + 12, 0);
-        f.write16(msix + 2, (msg_ctl | 0x8000) & !0x4000);
+        // MSI-X: entry 0 = the request queue; no config-change interrupt.
+        t.msix(f, apic_id, &[(0, VEC_BLK)], "MSI-X table is empty")?;
         mmio_write16(common + C_MSIX_CONFIG, NO_VECTOR);
 
-        mmio_write16(common + C_QUEUE_SELECT, 0);
-        let max = mmio_read16(common + C_QUEUE_SIZE);
-        if max < 3 {
-            status(STATUS_FAILED);
-            return Err("request queue has fewer than 3 entries");
-        }
-        let mut size = max.min(QUEUE_SIZE);
-        size = 1 << (15 - size.leading_zeros());
-        let notify_off = mmio_read16(common + C_QUEUE_NOTIFY_OFF);
-        let notify = notify_base + usize::from(notify_off) * notify_mult as usize;
-        let q = Virtq::alloc(size, notify, 0).inspect_err(|_| status(STATUS_FAILED))?;
-        mmio_write16(common + C_QUEUE_SIZE, size);
-        mmio_write64(common + C_QUEUE_DESC, q.desc as u64);
-        mmio_write64(common + C_QUEUE_DRIVER, q.avail as u64);
-        mmio_write64(common + C_QUEUE_DEVICE, q.used as u64);
-        mmio_write16(common + C_QUEUE_MSIX_VECTOR, 0);
-        if mmio_read16(common + C_QUEUE_MSIX_VECTOR) == NO_VECTOR {
-            status(STATUS_FAILED);
-            return Err("device refused the queue's MSI-X vector");
-        }
+        let mut q = t.queue(
+            0,
+            0,
+            QUEUE_SIZE,
+            (3, "request queue has fewer than 3 entries"),
+        )?;
+        let size = q.size;
         let hdr = alloc_pages(4096).inspect_err(|_| status(STATUS_FAILED))?;
         let buf = alloc_pages(MAX_IO).inspect_err(|_| status(STATUS_FAILED))?;
-        let mut q = q;
         // Completions interrupt: the driver halts until one comes.
         q.set_avail_flags(0);
         mmio_write16(common + C_QUEUE_ENABLE, 1);

@@ -519,10 +519,24 @@ pub(crate) fn read_caps(f: PciFunction) -> Caps {
     caps
 }
 
-impl VirtioNet {
-    /// Bring up the device at `f` (virtio 1.x initialization sequence, MSI-X to LAPIC
-    /// `apic_id`).
-    pub fn init(f: PciFunction, apic_id: u8) -> Result<VirtioNet, InitError> {
+/// A virtio-pci modern function being brought up (virtio 1.x §3.1.1): its structures, found
+/// by [`read_caps`]. The steps every driver here takes, in the specification's order:
+/// [`Transport::begin`] (reset, ACKNOWLEDGE | DRIVER, the offered features),
+/// [`Transport::accept`] (FEATURES_OK), [`Transport::msix`], [`Transport::queue`] per
+/// queue; the driver then enables its queues and sets DRIVER_OK.
+pub(crate) struct Transport {
+    pub(crate) common: usize,
+    notify_base: usize,
+    notify_mult: u32,
+    pub(crate) device_cfg: usize,
+    msix: u8,
+}
+
+impl Transport {
+    /// Finds the function's structures, enables it, resets the device (waiting for the
+    /// reset to take) and acknowledges it; returns it with the features the device offers,
+    /// which must include VERSION_1.
+    pub(crate) fn begin(f: PciFunction) -> Result<(Transport, u64), InitError> {
         let caps = read_caps(f);
         let common = caps
             .common
@@ -533,53 +547,90 @@ impl VirtioNet {
             .ok_or("no virtio device configuration capability")?;
         let msix = caps.msix.ok_or("no MSI-X capability")?;
         f.enable_memory_and_bus_master();
-
-        let status = |s: u8| mmio_write8(common + C_DEVICE_STATUS, s);
+        let t = Transport {
+            common,
+            notify_base,
+            notify_mult,
+            device_cfg,
+            msix,
+        };
         // Reset, and wait for the device to acknowledge it.
-        status(0);
+        t.status(0);
         let mut spins = 0;
-        while mmio_read8(common + C_DEVICE_STATUS) != 0 {
+        while t.device_status() != 0 {
             spins += 1;
             if spins > 1_000_000 {
                 return Err("device did not reset");
             }
             core::hint::spin_loop();
         }
-        status(STATUS_ACKNOWLEDGE);
-        status(STATUS_ACKNOWLEDGE | STATUS_DRIVER);
-
+        t.status(STATUS_ACKNOWLEDGE);
+        t.status(STATUS_ACKNOWLEDGE | STATUS_DRIVER);
         let mut offered = 0u64;
         for sel in 0..2u32 {
             mmio_write32(common + C_DEVICE_FEATURE_SELECT, sel);
             offered |= u64::from(mmio_read32(common + C_DEVICE_FEATURE)) << (32 * sel);
         }
         if offered & F_VERSION_1 == 0 {
-            status(STATUS_FAILED);
-            return Err("device does not offer VIRTIO_F_VERSION_1");
+            return Err(t.fail("device does not offer VIRTIO_F_VERSION_1"));
         }
-        let features = offered & (F_VERSION_1 | F_MAC | F_STATUS);
+        Ok((t, offered))
+    }
+
+    pub(crate) fn status(&self, s: u8) {
+        mmio_write8(self.common + C_DEVICE_STATUS, s);
+    }
+
+    pub(crate) fn device_status(&self) -> u8 {
+        mmio_read8(self.common + C_DEVICE_STATUS)
+    }
+
+    /// Sets FAILED (the driver gives up on the device) and returns `why`.
+    pub(crate) fn fail(&self, why: InitError) -> InitError {
+        self.status(STATUS_FAILED);
+        why
+    }
+
+    /// Writes the driver's `features`, sets FEATURES_OK and checks the device kept it, and
+    /// that the device has at least `queues` queues (`too_few` if not). Returns the status
+    /// written, to which the driver adds DRIVER_OK.
+    pub(crate) fn accept(
+        &self,
+        features: u64,
+        queues: u16,
+        too_few: InitError,
+    ) -> Result<u8, InitError> {
+        let common = self.common;
         for sel in 0..2u32 {
             mmio_write32(common + C_DRIVER_FEATURE_SELECT, sel);
             mmio_write32(common + C_DRIVER_FEATURE, (features >> (32 * sel)) as u32);
         }
         let s = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK;
-        status(s);
-        if mmio_read8(common + C_DEVICE_STATUS) & STATUS_FEATURES_OK == 0 {
-            status(STATUS_FAILED);
-            return Err("device refused our features (FEATURES_OK not set)");
+        self.status(s);
+        if self.device_status() & STATUS_FEATURES_OK == 0 {
+            return Err(self.fail("device refused our features (FEATURES_OK not set)"));
         }
-        if mmio_read16(common + C_NUM_QUEUES) < 2 {
-            status(STATUS_FAILED);
-            return Err("device has fewer than 2 queues");
+        if mmio_read16(common + C_NUM_QUEUES) < queues {
+            return Err(self.fail(too_few));
         }
+        Ok(s)
+    }
 
-        // MSI-X: entry 0 = config changes, 1 = RX, 2 = TX. Enable with the function
-        // masked, program the table, then unmask.
+    /// Enables MSI-X on `f` and programs `entries` (table entry, CPU vector) to LAPIC
+    /// `apic_id`: enabled with the function masked, the table written, then unmasked.
+    /// `too_small` if the table has fewer entries than the highest one given.
+    pub(crate) fn msix(
+        &self,
+        f: PciFunction,
+        apic_id: u8,
+        entries: &[(usize, u8)],
+        too_small: InitError,
+    ) -> Result<(), InitError> {
+        let msix = self.msix;
         let msg_ctl = f.read16(msix + 2);
-        let table_size = (msg_ctl & 0x7FF) + 1;
-        if table_size < 3 {
-            status(STATUS_FAILED);
-            return Err("MSI-X table has fewer than 3 entries");
+        let table_size = usize::from(msg_ctl & 0x7FF) + 1;
+        if entries.iter().any(|&(e, _)| e >= table_size) {
+            return Err(self.fail(too_small));
         }
         let table_reg = f.read32(msix + 4);
         let table_bar = f
@@ -587,7 +638,7 @@ impl VirtioNet {
             .ok_or("MSI-X table BAR unassigned")?;
         let table = (table_bar + u64::from(table_reg & !7)) as usize;
         f.write16(msix + 2, msg_ctl | 0x8000 | 0x4000);
-        for (entry, vector) in [(0usize, VEC_CONFIG), (1, VEC_RX), (2, VEC_TX)] {
+        for &(entry, vector) in entries {
             let e = table + 16 * entry;
             mmio_write32(e, 0xFEE0_0000 | (u32::from(apic_id) << 12));
             mmio_write32(e + 4, 0);
@@ -595,37 +646,68 @@ impl VirtioNet {
             mmio_write32(e + 12, 0); // unmask
         }
         f.write16(msix + 2, (msg_ctl | 0x8000) & !0x4000);
+        Ok(())
+    }
 
+    /// Sets up queue `index`: the largest power-of-two size ≤ both the device's and
+    /// `max_size`, refused (`too_short`) below `min_size` entries, its completions on
+    /// MSI-X entry `vector`. Sets FAILED on any error.
+    pub(crate) fn queue(
+        &self,
+        index: u16,
+        vector: u16,
+        max_size: u16,
+        (min_size, too_short): (u16, InitError),
+    ) -> Result<Virtq, InitError> {
+        let common = self.common;
+        mmio_write16(common + C_QUEUE_SELECT, index);
+        let max = mmio_read16(common + C_QUEUE_SIZE);
+        if max == 0 || max < min_size {
+            return Err(self.fail(too_short));
+        }
+        // Split virtqueue sizes must be powers of two; take the largest <= both limits.
+        let mut size = max.min(max_size);
+        size = 1 << (15 - size.leading_zeros());
+        let notify_off = mmio_read16(common + C_QUEUE_NOTIFY_OFF);
+        let notify = self.notify_base + usize::from(notify_off) * self.notify_mult as usize;
+        let q = Virtq::alloc(size, notify, index).inspect_err(|_| self.status(STATUS_FAILED))?;
+        mmio_write16(common + C_QUEUE_SIZE, size);
+        mmio_write64(common + C_QUEUE_DESC, q.desc as u64);
+        mmio_write64(common + C_QUEUE_DRIVER, q.avail as u64);
+        mmio_write64(common + C_QUEUE_DEVICE, q.used as u64);
+        mmio_write16(common + C_QUEUE_MSIX_VECTOR, vector);
+        if mmio_read16(common + C_QUEUE_MSIX_VECTOR) == NO_VECTOR {
+            return Err(self.fail("device refused a queue MSI-X vector"));
+        }
+        Ok(q)
+    }
+}
+
+impl VirtioNet {
+    /// Bring up the device at `f` (virtio 1.x initialization sequence, MSI-X to LAPIC
+    /// `apic_id`).
+    pub fn init(f: PciFunction, apic_id: u8) -> Result<VirtioNet, InitError> {
+        let (t, offered) = Transport::begin(f)?;
+        let (common, device_cfg) = (t.common, t.device_cfg);
+        let status = |s: u8| t.status(s);
+        let features = offered & (F_VERSION_1 | F_MAC | F_STATUS);
+        let s = t.accept(features, 2, "device has fewer than 2 queues")?;
+
+        // MSI-X: entry 0 = config changes, 1 = RX, 2 = TX.
+        t.msix(
+            f,
+            apic_id,
+            &[(0, VEC_CONFIG), (1, VEC_RX), (2, VEC_TX)],
+            "MSI-X table has fewer than 3 entries",
+        )?;
         mmio_write16(common + C_MSIX_CONFIG, 0);
         if mmio_read16(common + C_MSIX_CONFIG) == NO_VECTOR {
-            status(STATUS_FAILED);
-            return Err("device refused MSI-X vector 0 for config changes");
+            return Err(t.fail("device refused MSI-X vector 0 for config changes"));
         }
 
-        let setup = |index: u16, vector: u16| -> Result<Virtq, InitError> {
-            mmio_write16(common + C_QUEUE_SELECT, index);
-            let max = mmio_read16(common + C_QUEUE_SIZE);
-            if max == 0 {
-                return Err("queue not available");
-            }
-            // Split virtqueue sizes must be powers of two; take the largest <= both limits.
-            let mut size = max.min(MAX_QUEUE_SIZE);
-            size = 1 << (15 - size.leading_zeros());
-            let notify_off = mmio_read16(common + C_QUEUE_NOTIFY_OFF);
-            let notify = notify_base + usize::from(notify_off) * notify_mult as usize;
-            let q = Virtq::alloc(size, notify, index)?;
-            mmio_write16(common + C_QUEUE_SIZE, size);
-            mmio_write64(common + C_QUEUE_DESC, q.desc as u64);
-            mmio_write64(common + C_QUEUE_DRIVER, q.avail as u64);
-            mmio_write64(common + C_QUEUE_DEVICE, q.used as u64);
-            mmio_write16(common + C_QUEUE_MSIX_VECTOR, vector);
-            if mmio_read16(common + C_QUEUE_MSIX_VECTOR) == NO_VECTOR {
-                return Err("device refused a queue MSI-X vector");
-            }
-            Ok(q)
-        };
-        let rxq = setup(0, 1).inspect_err(|_| status(STATUS_FAILED))?;
-        let txq = setup(1, 2).inspect_err(|_| status(STATUS_FAILED))?;
+        let available = (1, "queue not available");
+        let rxq = t.queue(0, 1, MAX_QUEUE_SIZE, available)?;
+        let txq = t.queue(1, 2, MAX_QUEUE_SIZE, available)?;
 
         // RX: every descriptor gets a device-writable buffer, all posted.
         let rx_bufs = alloc_pages(BUF_LEN * usize::from(rxq.size))?;
