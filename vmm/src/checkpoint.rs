@@ -255,15 +255,21 @@ impl Vmm {
                 return Err(e);
             }
         };
-        let (dirty, pages) = merge_pages(&pre.dirty, &pre.pages, &cp.dirty, &cp.pages);
-        cp.dirty = dirty;
-        cp.pages = pages;
         cp.tracking = TrackingSpan {
             from: pre.tracking.from,
             to: cp.tracking.to,
         };
         cp.timings.precopy_ns = pre.ns;
         cp.timings.precopied_pages = pre.dirty.iter().map(|w| w.count_ones() as u64).sum();
+        // Every epoch goes through here: copy pages a second time only when both harvests
+        // hold some (an idle guest pre-copies nothing; a quiet window after the pre-copy
+        // leaves the pause nothing).
+        if cp.pages.is_empty() {
+            cp.dirty = pre.dirty;
+            cp.pages = pre.pages;
+        } else if !pre.pages.is_empty() {
+            (cp.dirty, cp.pages) = merge_pages(&pre.dirty, &pre.pages, &cp.dirty, &cp.pages);
+        }
         Ok(cp)
     }
 
