@@ -36,6 +36,19 @@ pub mod status {
 /// written out in [`pci`]).
 pub const VIRTIO_MSI_NO_VECTOR: u16 = 0xffff;
 
+/// Copies device configuration `cfg` from `offset` into `data`, bytes past its end reading as
+/// zero: [`VirtioDevice::read_config`] for a device whose configuration is a byte image.
+pub(crate) fn read_config_bytes(cfg: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = usize::try_from(offset)
+            .ok()
+            .and_then(|o| o.checked_add(i))
+            .and_then(|at| cfg.get(at))
+            .copied()
+            .unwrap_or(0);
+    }
+}
+
 /// A virtio device model behind the transport.
 pub trait VirtioDevice: Send {
     /// virtio device id (1 = network); the PCI device id is `0x1040 + id`.
