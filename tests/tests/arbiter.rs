@@ -77,6 +77,25 @@ fn wait_takeover(be: &Events, bmark: u64, why: &str) {
     .expect(why);
 }
 
+/// The end of a failover the arbiter held up: the backup takes over (`why` names the
+/// expectation), the client's stream resumes on it and is intact, nothing panicked.
+fn took_over_once_it_answers(
+    rep: &mut Report,
+    rig: &mut Rig,
+    (be, bmark): (&Events, u64),
+    died: Instant,
+    why: &str,
+) {
+    wait_takeover(be, bmark, why);
+    rep.note(format!(
+        "took over {:.1}s after the kill",
+        died.elapsed().as_secs_f64()
+    ));
+    rig.wait_stream(died, "the client's stream resumes on the backup");
+    rig.finish_and_check(rep, died, "backup");
+    rig.assert_no_panics();
+}
+
 /// How the two sides ended up.
 #[derive(Debug)]
 enum Winner {
@@ -283,14 +302,13 @@ fn backup_without_the_arbiter_waits_then_takes_over() {
         .expect("etcd")
         .restore(HostRole::Backup)
         .expect("restore");
-    wait_takeover(&be, bmark, "the backup takes over once the arbiter answers");
-    rep.note(format!(
-        "took over {:.1}s after the kill",
-        died.elapsed().as_secs_f64()
-    ));
-    rig.wait_stream(died, "the client's stream resumes on the backup");
-    rig.finish_and_check(&mut rep, died, "backup");
-    rig.assert_no_panics();
+    took_over_once_it_answers(
+        &mut rep,
+        &mut rig,
+        (&be, bmark),
+        died,
+        "the backup takes over once the arbiter answers",
+    );
     rep.done(
         "no takeover while the arbiter was unreachable; took over once it answered; stream intact",
     );
@@ -312,14 +330,13 @@ fn etcd_down_during_a_failover() {
     rep.step("etcd restarted on its data");
     let dir_etcd = rig.etcd.as_mut().expect("etcd");
     dir_etcd.restart(&rig.dir).expect("restart etcd");
-    wait_takeover(&be, bmark, "the backup takes over once etcd is back");
-    rep.note(format!(
-        "took over {:.1}s after the kill",
-        died.elapsed().as_secs_f64()
-    ));
-    rig.wait_stream(died, "the client's stream resumes on the backup");
-    rig.finish_and_check(&mut rep, died, "backup");
-    rig.assert_no_panics();
+    took_over_once_it_answers(
+        &mut rep,
+        &mut rig,
+        (&be, bmark),
+        died,
+        "the backup takes over once etcd is back",
+    );
     rep.done("no takeover while etcd was down; took over once it came back; stream intact");
 }
 
