@@ -311,8 +311,11 @@ impl Memory {
                 _ => out.push(first..end),
             }
             if hole <= data {
-                // A kernel that reports no progress would loop forever: take the rest.
-                out.push(first..self.page_count());
+                // A kernel that reports no progress would loop forever: take the rest (into
+                // the range just recorded, so the ranges stay ordered and disjoint).
+                if let Some(r) = out.last_mut() {
+                    r.end = self.page_count();
+                }
                 break;
             }
             at = hole;
