@@ -38,6 +38,8 @@ pub const KNOWN: &[&str] = &[
     "backup.mid_receive",
     "backup.mid_apply",
     "backup.mid_disk_apply",
+    "lazy.fault",
+    "lazy.prefetch",
     "backup.before_ack",
     "backup.restore",
     "twin.snapshot",

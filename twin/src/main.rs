@@ -391,6 +391,12 @@ struct RestoreArgs {
     /// 0); the snapshot itself is left as it is.
     #[arg(long = "disk", value_name = "PATH")]
     disks: Vec<PathBuf>,
+    /// How memory comes back: `eager` loads every page, then runs; `lazy` runs at once and
+    /// loads a page when the guest touches it; `ws` runs at once, serves touches first and
+    /// loads the working set (the pages an earlier restore saw touched first, then the
+    /// newest layer's) ahead of them, then the rest.
+    #[arg(long = "restore", value_name = "MODE", default_value = "ws")]
+    mode: twin_vmm::lazy::RestoreMode,
     #[command(flatten)]
     host: HostArgs,
 }
@@ -764,6 +770,9 @@ fn next_vm_outcome(vmm: &Vmm) -> Option<Result<ExitCode>> {
             Err(anyhow::anyhow!("vCPU {vcpu} failed: {reason}"))
         }
         Ok(VmEvent::DeviceFailed(reason)) => Err(anyhow::anyhow!("device failed: {reason}")),
+        Ok(VmEvent::MemoryLoadFailed(reason)) => Err(anyhow::anyhow!(
+            "the VM stopped: its memory could not be loaded: {reason}"
+        )),
         Ok(other) => Err(anyhow::anyhow!("VM stopped: {other:?}")),
         Err(RecvTimeoutError::Timeout) => return None,
         Err(RecvTimeoutError::Disconnected) => {
@@ -803,8 +812,16 @@ fn restore(args: RestoreArgs) -> Result<ExitCode> {
     let state = snapshot::read_state(&args.dir)
         .with_context(|| format!("cannot restore {}", args.dir.display()))?;
     let memory = Memory::new(state.config.mem_size).context("cannot create guest memory")?;
-    let pages = snapshot::load_memory(&args.dir, &memory)
-        .with_context(|| format!("cannot restore {}", args.dir.display()))?;
+    let source = std::sync::Arc::new(
+        snapshot::ChainSource::open(&args.dir, state.config.mem_size)
+            .with_context(|| format!("cannot restore {}", args.dir.display()))?,
+    );
+    let loader =
+        twin_vmm::lazy::Loader::start(&memory, source.clone(), args.mode, source.working_set())
+            .context("cannot start loading guest memory")?;
+    if args.mode == twin_vmm::lazy::RestoreMode::Eager {
+        loader.wait().context("cannot load guest memory")?;
+    }
     let disks = snapshot::restore_disks(&args.dir, &args.disks)
         .with_context(|| format!("cannot restore the disks of {}", args.dir.display()))?;
     let tap =
@@ -815,6 +832,14 @@ fn restore(args: RestoreArgs) -> Result<ExitCode> {
         disks,
     };
     let mut vmm = Vmm::restore(&state, memory, host).context("cannot rebuild the VM")?;
+    if args.mode != twin_vmm::lazy::RestoreMode::Eager {
+        // What this restore's guest touched first is the working set of the next.
+        let source = source.clone();
+        loader.on_complete(Box::new(move |touched| {
+            source.record_first_touches(&touched)
+        }));
+    }
+    vmm.attach_loader(loader);
     let events = EventLog::new();
     let control = serve_control(&args.host, &events)?;
     if args.paused {
@@ -822,7 +847,14 @@ fn restore(args: RestoreArgs) -> Result<ExitCode> {
     } else {
         vmm.start().context("cannot start the VM")?;
     }
-    tracing::info!(pages, paused = args.paused, elapsed_ms = t0.elapsed().as_millis() as u64, dir = %args.dir.display(), "VM restored and running");
+    // The VM may run on another host than the one it was snapshotted on: it is told it
+    // moved (it announces itself and prompts its peers at once) and the host announces
+    // its MAC too, so that clients reach it now and not when their ARP entry expires.
+    if !args.paused {
+        announce_restored(&vmm, &args.host.tap);
+    }
+    let progress = vmm.load_progress().unwrap_or_default();
+    tracing::info!(mode = %args.mode, pages = progress.data_pages, paused = args.paused, elapsed_ms = t0.elapsed().as_millis() as u64, dir = %args.dir.display(), "VM restored and running");
     emit_running(&events, &vmm, ApiRole::Standalone);
     notify::ready("VM restored, not protected");
     let mac = vmm.config().mac.unwrap_or_default();
@@ -831,6 +863,20 @@ fn restore(args: RestoreArgs) -> Result<ExitCode> {
         arbiter_seen: None,
     };
     serve_vm(vmm, &control, sigs, "standalone", &events, ctx, None)
+}
+
+/// Announces a restored VM where it now runs: the host sends a gratuitous ARP (RARP if
+/// the guest's address is unknown) for the guest's MAC and tells the guest it moved.
+fn announce_restored(vmm: &Vmm, tap_name: &str) {
+    if let Some(tap) = vmm.tap() {
+        let mac = vmm.config().mac.unwrap_or_default();
+        let frame = match vmm.config().ip {
+            Some(ip) => twin_backup::announce::gratuitous_arp(mac, ip),
+            None => twin_backup::announce::rarp(mac),
+        };
+        twin_backup::announce::announce(tap, frame, tap_name);
+    }
+    vmm.notify_network_moved();
 }
 
 /// Checks that the backup's address resolves, before a VM is built for it: a name that

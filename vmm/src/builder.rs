@@ -173,6 +173,7 @@ impl Vmm {
             dirty: DirtyTracker::default(),
             config,
             last_snapshot: None,
+            loader: None,
             started: false,
         })
     }

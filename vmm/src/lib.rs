@@ -13,10 +13,12 @@ pub mod container;
 pub mod dirty;
 pub mod hot;
 pub mod layout;
+pub mod lazy;
 pub mod memory;
 pub mod power;
 pub mod snapshot;
 pub mod state;
+pub mod uffd;
 pub mod vcpu;
 pub mod vm;
 
@@ -59,6 +61,9 @@ pub enum VmEvent {
     VcpuFailed { vcpu: u8, reason: String },
     /// A device worker failed.
     DeviceFailed(String),
+    /// A lazy restore could not load a page of guest memory: the VM cannot go on (a
+    /// vCPU may be waiting for that page).
+    MemoryLoadFailed(String),
     /// The process got a termination signal.
     Signal(i32),
 }
@@ -278,6 +283,8 @@ pub struct Vmm {
     /// The layer the next incremental snapshot is taken on (see [`snapshot`]).
     last_snapshot: Option<snapshot::LastLayer>,
     started: bool,
+    /// The lazy restore loading this VM's memory, while it runs (see [`lazy`]).
+    loader: Option<lazy::Loader>,
 }
 
 /// The NIC: the device, its TAP and, while running, its RX worker.
@@ -535,8 +542,40 @@ impl Vmm {
         &self.config
     }
 
+    /// Hands the VM the lazy restore loading its memory: a failure of the load stops the
+    /// VM ([`VmEvent::MemoryLoadFailed`]), and whatever needs all of memory waits for it.
+    pub fn attach_loader(&mut self, loader: lazy::Loader) {
+        loader.report_failures_to(self.events_tx.clone());
+        self.memory.set_pending_load(loader.gate());
+        self.loader = Some(loader);
+    }
+
+    /// How far the lazy restore of this VM's memory is, if it was restored lazily.
+    pub fn load_progress(&self) -> Option<lazy::LoadProgress> {
+        self.loader.as_ref().map(|l| l.progress())
+    }
+
+    /// The pages the guest touched first during its lazy restore (see
+    /// [`lazy::Loader::first_touches`]).
+    pub fn first_touches(&self) -> Option<Vec<u32>> {
+        self.loader.as_ref().map(|l| l.first_touches())
+    }
+
     /// Stops vCPUs and device workers; the VM can be dropped after this.
     pub fn shutdown(&mut self) {
+        if self
+            .loader
+            .as_ref()
+            .is_some_and(|l| l.progress().error.is_some())
+            && self.started
+        {
+            // A vCPU may wait forever for a page the failed loader will not serve: it
+            // cannot be joined. The process ends with them (its exit kills them); the
+            // uffd stays open so that no such page is ever filled with zeroes.
+            tracing::error!("guest memory failed to load: the vCPUs are left where they wait");
+            self.control.abandon(&mut self.vcpus);
+            self.started = false;
+        }
         if self.started {
             self.control.stop(&mut self.vcpus);
             self.started = false;

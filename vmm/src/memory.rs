@@ -67,6 +67,9 @@ pub struct Memory {
     mem: GuestMem,
     file: File,
     size: u64,
+    /// A lazy restore still loading this memory: until it completes, a hole of the memfd
+    /// is not a zero page (see [`crate::lazy`]).
+    pending: std::sync::Mutex<Option<crate::lazy::LoadGate>>,
 }
 
 impl Memory {
@@ -93,7 +96,12 @@ impl Memory {
         file.set_len(size)
             .map_err(|source| MemoryError::Truncate { size, source })?;
         let mem = Self::map(&file, size)?;
-        Ok(Memory { mem, file, size })
+        Ok(Memory {
+            mem,
+            file,
+            size,
+            pending: std::sync::Mutex::new(None),
+        })
     }
 
     fn map(file: &File, size: u64) -> Result<GuestMem, MemoryError> {
@@ -120,6 +128,30 @@ impl Memory {
 
     pub fn page_count(&self) -> usize {
         (self.size as usize) / PAGE_SIZE
+    }
+
+    /// Where guest RAM is mapped in this process: (first page, host address, pages) per
+    /// region, in page order (what a lazy restore registers with userfaultfd).
+    pub fn host_spans(&self) -> Vec<(usize, usize, usize)> {
+        vec![(0, self.host_address() as usize, self.page_count())]
+    }
+
+    /// Makes [`Memory::data_ranges`] wait for a lazy restore of this memory to complete.
+    pub fn set_pending_load(&self, gate: crate::lazy::LoadGate) {
+        *self.pending.lock().expect("pending lock") = Some(gate);
+    }
+
+    /// Waits until a lazy restore of this memory (if any) has loaded every page with data.
+    pub fn wait_loaded(&self) -> Result<(), crate::lazy::LazyError> {
+        let gate = self.pending.lock().expect("pending lock").clone();
+        match gate {
+            Some(g) => {
+                g.wait()?;
+                *self.pending.lock().expect("pending lock") = None;
+                Ok(())
+            }
+            None => Ok(()),
+        }
     }
 
     /// Host address of the mapping of GPA 0, for `KVM_SET_USER_MEMORY_REGION`.
@@ -282,6 +314,8 @@ impl Memory {
     /// the first snapshot ~250 ms of pause). A range may still hold zero pages (a page
     /// the guest zeroed, or tmpfs's large-folio rounding): callers check the pages in it.
     pub fn data_ranges(&self) -> std::io::Result<Vec<std::ops::Range<usize>>> {
+        // During a lazy restore a hole may be a page not loaded yet.
+        self.wait_loaded().map_err(std::io::Error::other)?;
         let fd = self.file.as_raw_fd();
         let size = self.size as libc::off_t;
         let mut out: Vec<std::ops::Range<usize>> = Vec::new();

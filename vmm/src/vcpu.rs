@@ -262,6 +262,11 @@ impl Vcpu {
             let _ = t.join();
         }
     }
+
+    /// Lets the thread go without waiting for it (see [`VcpuControl::abandon`]).
+    pub fn detach(&mut self) {
+        self.thread.take();
+    }
 }
 
 impl VcpuControl {
@@ -332,6 +337,20 @@ impl VcpuControl {
         }
         for v in vcpus.iter_mut() {
             v.join();
+        }
+    }
+
+    /// Asks every vCPU to stop, as [`VcpuControl::stop`], but does not wait for them: a vCPU
+    /// may be blocked on a page of guest memory that will never be loaded.
+    pub fn abandon(&self, vcpus: &mut [Vcpu]) {
+        {
+            let _st = self.state.lock().expect("vcpu control poisoned");
+            self.requested.store(REQ_STOP, Ordering::Release);
+            self.changed.notify_all();
+        }
+        for v in vcpus.iter_mut() {
+            v.kick();
+            v.detach();
         }
     }
 

@@ -112,7 +112,7 @@ pub enum LayerError {
     Encode(#[source] ContainerError),
 }
 
-fn io(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> LayerError {
+pub(crate) fn io(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> LayerError {
     let path = path.to_path_buf();
     move |source| LayerError::Io { op, path, source }
 }
@@ -615,6 +615,22 @@ pub fn chain(dir: &Path) -> Result<Vec<(PathBuf, SnapshotMeta)>, LayerError> {
     Ok(layers)
 }
 
+/// The page bitmap of one layer (its `pages` file), checked against its meta.
+pub(crate) fn layer_bitmap(d: &Path, meta: &SnapshotMeta) -> Result<Vec<u64>, LayerError> {
+    let bm_path = d.join("pages");
+    let bitmap = read_file(&bm_path, meta.mem_size / PAGE_SIZE as u64 / 8 + 8)?;
+    if container::crc64(&bitmap) != meta.bitmap_crc || bitmap.len() % 8 != 0 {
+        return Err(LayerError::Inconsistent {
+            path: bm_path,
+            what: "page bitmap does not match meta".into(),
+        });
+    }
+    Ok(bitmap
+        .chunks_exact(8)
+        .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+        .collect())
+}
+
 /// Fills fresh guest memory from the chain ending at `dir`; returns the pages loaded.
 pub fn load_memory(dir: &Path, memory: &Memory) -> Result<u64, LayerError> {
     let layers = chain(dir)?;
@@ -631,18 +647,8 @@ pub fn load_memory(dir: &Path, memory: &Memory) -> Result<u64, LayerError> {
                 ),
             });
         }
+        let words = layer_bitmap(d, meta)?;
         let bm_path = d.join("pages");
-        let bitmap = read_file(&bm_path, meta.mem_size / PAGE_SIZE as u64 / 8 + 8)?;
-        if container::crc64(&bitmap) != meta.bitmap_crc || bitmap.len() % 8 != 0 {
-            return Err(LayerError::Inconsistent {
-                path: bm_path,
-                what: "page bitmap does not match meta".into(),
-            });
-        }
-        let words: Vec<u64> = bitmap
-            .chunks_exact(8)
-            .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
-            .collect();
         let mem_path = d.join("memory");
         let f = File::open(&mem_path).map_err(io("opening", &mem_path))?;
         let mut n = 0u64;

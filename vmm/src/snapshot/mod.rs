@@ -10,6 +10,7 @@
 
 mod disks;
 mod layer;
+mod source;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -19,6 +20,7 @@ pub use layer::{
     chain, check_target, load_memory, read_meta, read_state, write, write_with_disks, Layer,
     LayerError, LayerId, SnapshotMeta, WriteReport, MAX_CHAIN, SNAPSHOT_FORMAT,
 };
+pub use source::{read_first_touches, ChainSource, FIRST_TOUCH_FILE};
 
 /// Builds the disk images a VM restored from the chain ending at `dir` runs on, at
 /// `targets` (new files, one per disk of the snapshot, in order), and opens them as the
