@@ -44,7 +44,7 @@ use twin_wire::{
 
 use crate::accept::{Acceptor, Candidate};
 use crate::phase::{Phase, PhaseEnd, Step};
-use crate::replica::{Pin, Replica};
+use crate::replica::{Pin, Replica, ReplicaMemory};
 use crate::takeover::{
     ClaimOutcome, Decision, EndKind, Standby, StandbyEvent, SELF_STALL, STALL_MEMORY,
 };
@@ -63,9 +63,13 @@ pub struct BackupConfig {
     /// The arbiter that must grant every takeover (`--arbiter`); `None`: take over on
     /// silence alone (a partition can then produce two VMs).
     pub arbiter: Option<twin_arbiter::Arbitration>,
-    /// Where the replicas of the VM's disks live (`--replica-dir`): `disk-<i>.img`. A VM
-    /// with disks is refused without it.
+    /// Where the replica lives on disk (`--replica-dir`): the disks as `disk-<i>.img`, the
+    /// memory as a replica store (`twin-store`). A VM with disks is refused without it;
+    /// without it the memory is kept in RAM.
     pub replica_dir: Option<std::path::PathBuf>,
+    /// The page cache the replica store may keep (`--replica-memory`); `None`: the kernel
+    /// (and the memory cgroup, if any) decides.
+    pub replica_memory: Option<u64>,
 }
 
 /// A control request the backup loop serves.
@@ -91,6 +95,8 @@ pub enum BackupError {
     Restore(#[source] VmmError),
     #[error("failover failed while starting the VM")]
     Start(#[source] VmmError),
+    #[error("failover failed: the replica store cannot be loaded")]
+    Load(#[source] twin_vmm::lazy::LazyError),
     #[error("stopped before any failover")]
     Stopped,
 }
@@ -813,17 +819,32 @@ impl Backup {
         match step {
             Step::None => Ok(()),
             Step::Describe(d) => {
-                replica::check_room(d.mem_size).map_err(|e| SessionEnd::Replica(e.to_string()))?;
-                let memory = Memory::new(d.mem_size).map_err(|e| {
-                    SessionEnd::Replica(format!(
-                        "cannot hold a replica of {} bytes: {}",
-                        d.mem_size,
-                        twin_vmm::describe_error(&e)
-                    ))
-                })?;
-                // The old replica is superseded before its disk files are emptied for this
-                // one: it must not stay a failover image on disks that are no longer it.
+                // The old replica is superseded before its files are emptied for this one:
+                // it must not stay a failover image on files that are no longer it.
                 self.replica = None;
+                let memory = match &self.cfg.replica_dir {
+                    Some(dir) => ReplicaMemory::Store(
+                        twin_store::Store::create(dir, d.mem_size, self.cfg.replica_memory)
+                            .map_err(|e| {
+                                SessionEnd::Replica(format!(
+                                    "cannot hold a replica of {} bytes: {}",
+                                    d.mem_size,
+                                    twin_vmm::describe_error(&e)
+                                ))
+                            })?,
+                    ),
+                    None => {
+                        replica::check_room(d.mem_size)
+                            .map_err(|e| SessionEnd::Replica(e.to_string()))?;
+                        ReplicaMemory::Ram(Memory::new(d.mem_size).map_err(|e| {
+                            SessionEnd::Replica(format!(
+                                "cannot hold a replica of {} bytes: {}",
+                                d.mem_size,
+                                twin_vmm::describe_error(&e)
+                            ))
+                        })?)
+                    }
+                };
                 let disks = replica::create_disks(self.cfg.replica_dir.as_deref(), &d.disks)
                     .map_err(|e| SessionEnd::Replica(twin_vmm::describe_error(&e)))?;
                 // A new session always resynchronises; the old replica is superseded.
@@ -851,19 +872,17 @@ impl Backup {
                 let r = self.replica.as_ref().expect("described before sync");
                 for page in &p.pages {
                     // Indices were range-checked by the sync tracker.
-                    r.memory.write_page(page.index, &page.data);
+                    r.memory
+                        .write_page(page.index, &page.data, 0)
+                        .map_err(|e| SessionEnd::Replica(twin_vmm::describe_error(&e)))?;
                 }
                 Ok(())
             }
             Step::SyncZeroPages(z) => {
                 let r = self.replica.as_ref().expect("described before sync");
-                match r.memory.zero_pages(&z.indices) {
-                    Ok(true) => Ok(()),
-                    Ok(false) => Err(SessionEnd::Replica("zero page index out of range".into())),
-                    Err(e) => Err(SessionEnd::Replica(format!(
-                        "cannot zero replica pages: {e}"
-                    ))),
-                }
+                r.memory
+                    .zero_pages(&z.indices)
+                    .map_err(|e| SessionEnd::Replica(twin_vmm::describe_error(&e)))
             }
             Step::SyncDisk(d) => {
                 let r = self.replica.as_ref().expect("described before sync");
@@ -940,6 +959,10 @@ impl Backup {
                 ),
             });
         }
+        if let ReplicaMemory::Store(st) = &r.memory {
+            // Until the commit below the store on disk mixes two epochs.
+            st.begin(epoch.epoch);
+        }
         // The disks first, in order, then flushed: durable before the ack below. A failure
         // ends the session (the primary follows its --on-backup-loss policy); this epoch
         // is not acknowledged, and the replica is no failover image any more.
@@ -972,7 +995,23 @@ impl Backup {
                 twin_failpoints::hit("backup.mid_apply");
             }
             // Indices were range-checked by the assembler.
-            r.memory.write_page(page.index, &page.data);
+            if let Err(e) = r.memory.write_page(page.index, &page.data, epoch.epoch) {
+                r.committed = None;
+                return Err(SessionEnd::Replica(twin_vmm::describe_error(&e)));
+            }
+        }
+        if let ReplicaMemory::Store(st) = &r.memory {
+            let committed = twin_store::StoreState {
+                epoch: epoch.epoch,
+                vm_id: s.vm_id.0,
+                generation: s.generation,
+                mac: r.mac,
+                machine: epoch.state.to_vec(),
+            };
+            if let Err(e) = st.commit(&committed) {
+                r.committed = None;
+                return Err(SessionEnd::Replica(twin_vmm::describe_error(&e)));
+            }
         }
         r.committed = Some((epoch.epoch, state));
         r.inbound.commit(epoch.epoch);
@@ -1088,8 +1127,31 @@ impl Backup {
             console: console(),
             disks,
         };
-        // The replica memory becomes the VM's RAM as it is: nothing is copied or loaded.
-        let mut vmm = Vmm::restore(&state, replica.memory, host).map_err(BackupError::Restore)?;
+        let mut vmm = match replica.memory {
+            // The replica memory becomes the VM's RAM as it is: nothing is copied or loaded.
+            ReplicaMemory::Ram(memory) => {
+                Vmm::restore(&state, memory, host).map_err(BackupError::Restore)?
+            }
+            // The VM runs at once on fresh RAM; its pages come from the store as it touches
+            // them, the working set (most recently written first) loaded ahead of it.
+            ReplicaMemory::Store(store) => {
+                let memory = Memory::new(state.config.mem_size)
+                    .map_err(|e| BackupError::Restore(e.into()))?;
+                let source = Arc::new(store.source());
+                let loader = twin_vmm::lazy::Loader::start(
+                    &memory,
+                    source.clone(),
+                    twin_vmm::lazy::RestoreMode::Ws,
+                )
+                .map_err(BackupError::Load)?;
+                loader.on_complete(Box::new(move |touched| {
+                    source.record_first_touches(&touched)
+                }));
+                let mut vmm = Vmm::restore(&state, memory, host).map_err(BackupError::Restore)?;
+                vmm.attach_loader(loader);
+                vmm
+            }
+        };
         twin_failpoints::hit("backup.restore");
         let restore_ms = t_restore.elapsed().as_secs_f64() * 1e3;
         let t_announce = Instant::now();

@@ -8,7 +8,7 @@ use twin_wire::VmId;
 
 /// The replica: guest memory, the disks, plus the last committed state.
 pub struct Replica {
-    pub memory: Memory,
+    pub memory: ReplicaMemory,
     /// The disk replicas, in order: exactly the disks as of the last committed epoch
     /// (writes of an epoch are applied, and flushed, only when it commits).
     pub disks: Vec<ReplicaDisk>,
@@ -24,6 +24,61 @@ pub struct Replica {
 impl Replica {
     pub fn committed_epoch(&self) -> Option<u64> {
         self.committed.as_ref().map(|(e, _)| *e)
+    }
+}
+
+/// Where the replica's memory is kept.
+pub enum ReplicaMemory {
+    /// A memfd, the kind a VM runs on: a failover maps it as the VM's RAM, nothing loaded
+    /// (fastest; costs the backup the VM's RAM).
+    Ram(Memory),
+    /// On disk, under `--replica-dir` (see `twin-store`): a failover restores it lazily,
+    /// working set first.
+    Store(twin_store::Store),
+}
+
+/// A write to the replica's memory failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryWriteError {
+    #[error("page {0} is outside the replica's memory")]
+    Range(u64),
+    #[error("cannot zero replica pages")]
+    Zero(#[source] std::io::Error),
+    #[error(transparent)]
+    Store(#[from] twin_store::StoreError),
+}
+
+impl ReplicaMemory {
+    pub fn size(&self) -> u64 {
+        match self {
+            Self::Ram(m) => m.size(),
+            Self::Store(s) => s.mem_size(),
+        }
+    }
+
+    /// Writes page `index` (range checked by the caller's phase or assembler; checked
+    /// again here) as written by `epoch` (0: the initial sync).
+    pub fn write_page(&self, index: u64, data: &[u8], epoch: u64) -> Result<(), MemoryWriteError> {
+        match self {
+            Self::Ram(m) => m
+                .write_page(index, data)
+                .then_some(())
+                .ok_or(MemoryWriteError::Range(index)),
+            Self::Store(s) => Ok(s.write_page(index, data, epoch)?),
+        }
+    }
+
+    pub fn zero_pages(&self, indices: &[u64]) -> Result<(), MemoryWriteError> {
+        match self {
+            Self::Ram(m) => match m.zero_pages(indices) {
+                Ok(true) => Ok(()),
+                Ok(false) => Err(MemoryWriteError::Range(
+                    indices.iter().copied().max().unwrap_or(0),
+                )),
+                Err(e) => Err(MemoryWriteError::Zero(e)),
+            },
+            Self::Store(s) => Ok(s.zero_pages(indices)?),
+        }
     }
 }
 

@@ -281,11 +281,18 @@ struct BackupArgs {
     auth: AuthArgs,
     #[command(flatten)]
     arbiter: ArbiterArgs,
-    /// Where the replicas of the protected VM's disks live, `DIR/disk-<i>.img` (sparse,
-    /// flushed as each epoch commits); after a takeover the VM runs on them. Needed for a
-    /// VM with disks.
+    /// Keep the replica on disk here: the VM's disks as `DIR/disk-<i>.img` (sparse,
+    /// flushed as each epoch commits) and its memory as a replica store (`memory.img`,
+    /// `pages.idx`, `state`), so the backup need not hold the VM's RAM; a takeover runs
+    /// the VM on the disk replicas at once and loads its memory lazily, working set
+    /// first. Needed for a VM with disks; without it the memory replica is kept in RAM.
     #[arg(long, value_name = "DIR")]
     replica_dir: Option<PathBuf>,
+    /// With --replica-dir: how much of the replica's memory the backup keeps cached in RAM
+    /// (the pages written most recently); the rest is written back and dropped from the
+    /// cache. Default: what the kernel (and the memory cgroup) allow.
+    #[arg(long, value_name = "SIZE", requires = "replica_dir")]
+    replica_memory: Option<args::Size>,
     /// After a takeover, protect the VM again to this standby backup (`HOST:PORT`, or a
     /// comma-separated list tried in order): a live initial sync, then epochs, with the
     /// same key and arbiter.
@@ -809,21 +816,17 @@ fn run(args: RunArgs) -> Result<ExitCode> {
 fn restore(args: RestoreArgs) -> Result<ExitCode> {
     let sigs = Termination::block()?;
     let t0 = Instant::now();
-    let state = snapshot::read_state(&args.dir)
+    let image = RestoreImage::open(&args.dir, &args.disks)
         .with_context(|| format!("cannot restore {}", args.dir.display()))?;
+    let state = image.state;
+    let source = image.source;
     let memory = Memory::new(state.config.mem_size).context("cannot create guest memory")?;
-    let source = std::sync::Arc::new(
-        snapshot::ChainSource::open(&args.dir, state.config.mem_size)
-            .with_context(|| format!("cannot restore {}", args.dir.display()))?,
-    );
-    let loader =
-        twin_vmm::lazy::Loader::start(&memory, source.clone(), args.mode, source.working_set())
-            .context("cannot start loading guest memory")?;
+    let loader = twin_vmm::lazy::Loader::start(&memory, source.clone(), args.mode)
+        .context("cannot start loading guest memory")?;
     if args.mode == twin_vmm::lazy::RestoreMode::Eager {
         loader.wait().context("cannot load guest memory")?;
     }
-    let disks = snapshot::restore_disks(&args.dir, &args.disks)
-        .with_context(|| format!("cannot restore the disks of {}", args.dir.display()))?;
+    let disks = image.disks;
     let tap =
         twin_vmm::devices::tap::Tap::open(&args.host.tap).context("cannot open the VM's TAP")?;
     let host = HostResources {
@@ -834,10 +837,8 @@ fn restore(args: RestoreArgs) -> Result<ExitCode> {
     let mut vmm = Vmm::restore(&state, memory, host).context("cannot rebuild the VM")?;
     if args.mode != twin_vmm::lazy::RestoreMode::Eager {
         // What this restore's guest touched first is the working set of the next.
-        let source = source.clone();
-        loader.on_complete(Box::new(move |touched| {
-            source.record_first_touches(&touched)
-        }));
+        let record = image.record;
+        loader.on_complete(Box::new(move |touched| record(&touched)));
     }
     vmm.attach_loader(loader);
     let events = EventLog::new();
@@ -863,6 +864,85 @@ fn restore(args: RestoreArgs) -> Result<ExitCode> {
         arbiter_seen: None,
     };
     serve_vm(vmm, &control, sigs, "standalone", &events, ctx, None)
+}
+
+/// What `twin restore` starts a VM from: a snapshot chain or a backup's replica store.
+struct RestoreImage {
+    state: twin_vmm::MachineState,
+    source: std::sync::Arc<dyn twin_vmm::lazy::PageSource>,
+    disks: Vec<std::sync::Arc<twin_vmm::devices::virtio::blk::disk::DiskImage>>,
+    /// Keeps a restore's first touches for the next restore from the same image.
+    record: Box<dyn FnOnce(&[u32]) + Send>,
+}
+
+impl RestoreImage {
+    /// Opens `dir`, a replica store if it has a store index, else a snapshot; the disks
+    /// are built at `targets` (new files) from the image's, which stay as they are.
+    fn open(dir: &std::path::Path, targets: &[PathBuf]) -> Result<Self> {
+        use twin_vmm::devices::virtio::blk::disk::{copy_sparse, DiskImage};
+        if !dir.join(twin_store::INDEX_FILE).exists() {
+            let state = snapshot::read_state(dir)?;
+            let source =
+                std::sync::Arc::new(snapshot::ChainSource::open(dir, state.config.mem_size)?);
+            let disks = snapshot::restore_disks(dir, targets)
+                .context("cannot build the snapshot's disks")?;
+            let rec = source.clone();
+            return Ok(RestoreImage {
+                state,
+                source,
+                disks,
+                record: Box::new(move |t| rec.record_first_touches(t)),
+            });
+        }
+        let (source, st) = twin_store::open_committed(dir)?;
+        let state = twin_vmm::MachineState::decode(&st.machine)
+            .context("the replica store's machine state does not decode")?;
+        if state.config.mem_size != source.mem_size() {
+            bail!(
+                "the replica store's state is for {} bytes of RAM, its memory has {}",
+                state.config.mem_size,
+                source.mem_size()
+            );
+        }
+        if state.config.disks.len() != targets.len() {
+            bail!(
+                "the replica's VM has {} disks, {} images were named for them (--disk)",
+                state.config.disks.len(),
+                targets.len()
+            );
+        }
+        let mut disks = Vec::new();
+        for (i, (spec, target)) in state.config.disks.iter().zip(targets).enumerate() {
+            let from = dir.join(format!("disk-{i}.img"));
+            let src = std::fs::File::open(&from)
+                .with_context(|| format!("cannot open the disk replica {}", from.display()))?;
+            let dst = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(target)
+                .with_context(|| {
+                    format!("cannot create {} (it must not exist)", target.display())
+                })?;
+            dst.set_len(spec.capacity)
+                .and_then(|()| copy_sparse(&src, &dst, spec.capacity).map(|_| ()))
+                .and_then(|()| dst.sync_all())
+                .with_context(|| {
+                    format!("cannot copy {} to {}", from.display(), target.display())
+                })?;
+            disks.push(std::sync::Arc::new(
+                DiskImage::open(target, spec.read_only)
+                    .with_context(|| format!("cannot open {}", target.display()))?,
+            ));
+        }
+        let source = std::sync::Arc::new(source);
+        let rec = source.clone();
+        Ok(RestoreImage {
+            state,
+            source,
+            disks,
+            record: Box::new(move |t| rec.record_first_touches(t)),
+        })
+    }
 }
 
 /// Announces a restored VM where it now runs: the host sends a gratuitous ARP (RARP if
@@ -1134,6 +1214,7 @@ fn backup(args: BackupArgs) -> Result<ExitCode> {
         events: events.clone(),
         arbiter: arbitration.clone(),
         replica_dir: args.replica_dir.clone(),
+        replica_memory: args.replica_memory.map(|s| s.0),
     };
     // The TAP and the port first: a backup that cannot serve must not claim the control
     // socket (and a second one must never take a running backup's).

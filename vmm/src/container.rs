@@ -34,6 +34,8 @@ pub const DEFAULT_MAX_PAYLOAD: u64 = 16 << 20;
 pub enum Kind {
     MachineState = 1,
     SnapshotMeta = 2,
+    /// The committed state of a replica store (`twin-store`).
+    ReplicaState = 3,
 }
 
 /// Errors reading or writing a state container.

@@ -55,6 +55,12 @@ pub trait PageSource: Send + Sync {
     fn read(&self, first: usize, buf: &mut [u8]) -> Result<(), SourceError>;
     /// What the source is, for messages ("replica store /var/lib/twin/vm1").
     fn describe(&self) -> String;
+    /// The working set, most wanted first, for [`RestoreMode::Ws`] (pages without data or
+    /// out of range are skipped). Called on the prefetch thread, so that working it out
+    /// does not delay the VM's start.
+    fn working_set(&self) -> Vec<u32> {
+        Vec::new()
+    }
 }
 
 /// A page source could not give a page.
@@ -202,14 +208,12 @@ pub struct Loader {
 
 impl Loader {
     /// Registers `memory` (fresh, all holes) with userfaultfd and starts serving it from
-    /// `source`. `order` is the working set, most wanted first (used by [`RestoreMode::Ws`];
-    /// pages without data or out of range in it are skipped). For [`RestoreMode::Eager`]
-    /// the caller waits with [`Loader::wait`] before it runs the VM.
+    /// `source`. For [`RestoreMode::Eager`] the caller waits with [`Loader::wait`] before
+    /// it runs the VM.
     pub fn start(
         memory: &Memory,
         source: Arc<dyn PageSource>,
         mode: RestoreMode,
-        order: Vec<u32>,
     ) -> Result<Self, LazyError> {
         let pages = memory.page_count();
         if source.page_count() != pages {
@@ -266,14 +270,18 @@ impl Loader {
                 .map_err(|e| LazyError::Thread("fault", e))?,
         );
         let s = shared.clone();
-        let order = if mode == RestoreMode::Ws {
-            order
-        } else {
-            Vec::new()
-        };
         let spawned = std::thread::Builder::new()
             .name("mem-prefetch".into())
-            .spawn(move || s.guard("prefetch thread", || s.prefetch(&order)));
+            .spawn(move || {
+                s.guard("prefetch thread", || {
+                    let order = if s.mode == RestoreMode::Ws {
+                        s.source.working_set()
+                    } else {
+                        Vec::new()
+                    };
+                    s.prefetch(&order)
+                })
+            });
         match spawned {
             Ok(t) => threads.push(t),
             Err(e) => {
@@ -785,6 +793,9 @@ mod tests {
         fn describe(&self) -> String {
             "the test source".into()
         }
+        fn working_set(&self) -> Vec<u32> {
+            vec![700, 701, 5, 2, 1 << 30]
+        }
     }
 
     fn word(mem: &Memory, page: usize) -> u64 {
@@ -801,7 +812,7 @@ mod tests {
                 pages: mem.page_count(),
                 fail_at: None,
             });
-            let l = Loader::start(&mem, src, mode, vec![700, 701, 5, 2]).unwrap();
+            let l = Loader::start(&mem, src, mode).unwrap();
             // Touches before the load ends are served by the fault thread.
             assert_eq!(word(&mem, 99), 0, "page 99 is not a data page");
             assert_eq!(word(&mem, 101), 102);
@@ -828,7 +839,7 @@ mod tests {
             pages: mem.page_count(),
             fail_at: None,
         });
-        let l = Loader::start(&mem, src, RestoreMode::Lazy, vec![]).unwrap();
+        let l = Loader::start(&mem, src, RestoreMode::Lazy).unwrap();
         let gm = mem.guest_memory();
         let last = mem.page_count() - 1;
         gm.write_obj(0xdead_u64, GuestAddress((last * PAGE_SIZE) as u64))
@@ -845,7 +856,7 @@ mod tests {
             pages: mem.page_count(),
             fail_at: Some(200),
         });
-        let l = Loader::start(&mem, src, RestoreMode::Ws, vec![]).unwrap();
+        let l = Loader::start(&mem, src, RestoreMode::Ws).unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         l.report_failures_to(tx);
         let e = l.wait().unwrap_err().to_string();

@@ -98,7 +98,7 @@ impl ChainSource {
 
     /// The order to prefetch in: the recorded first touches of an earlier lazy restore
     /// (if any), then every other page newest layer first.
-    pub fn working_set(&self) -> Vec<u32> {
+    fn order(&self) -> Vec<u32> {
         let mut order = read_first_touches(&self.top.join(FIRST_TOUCH_FILE), self.owner.len());
         let mut seen = vec![false; self.owner.len()];
         for &p in &order {
@@ -179,5 +179,9 @@ impl PageSource for ChainSource {
 
     fn describe(&self) -> String {
         format!("snapshot {}", self.top.display())
+    }
+
+    fn working_set(&self) -> Vec<u32> {
+        self.order()
     }
 }
