@@ -11,7 +11,9 @@ pub mod status;
 
 pub use events::{Decision, Event, EventKind, EventLog, FailoverReport, Role, Subscription};
 pub use http::{ApiError, ErrorBody, ErrorCode, EventsQuery, ProtectRequest, SnapshotRequest};
-pub use status::{BackupState, BackupStatus, LossPolicy, Mode, PrimaryStatus, VmStatus};
+pub use status::{
+    BackupState, BackupStatus, LossPolicy, Mode, PrimaryStatus, RestoreStatus, VmStatus,
+};
 
 use serde::{Deserialize, Serialize};
 

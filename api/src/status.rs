@@ -211,4 +211,31 @@ pub struct VmStatus {
     /// A backup that took over with `--arbiter`: the record it won.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub arbiter: Option<ArbiterStatus>,
+    /// A VM restored lazily (`twin restore`, a failover from a replica store): how far
+    /// loading its memory is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore: Option<RestoreStatus>,
+}
+
+/// Progress of loading a restored VM's memory.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct RestoreStatus {
+    /// `eager`, `lazy` or `ws`.
+    pub mode: String,
+    /// Pages with data in the image (zero pages are never loaded).
+    pub data_pages: u64,
+    /// Of those, resident.
+    pub resident: u64,
+    /// Pages still to load.
+    pub remaining: u64,
+    /// Faults served from the image (the guest waited for each).
+    pub faults: u64,
+    pub zero_faults: u64,
+    /// Pages loaded before the guest asked.
+    pub prefetched: u64,
+    pub bytes_read: u64,
+    pub complete: bool,
+    pub elapsed_ms: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }

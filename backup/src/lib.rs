@@ -1138,10 +1138,14 @@ impl Backup {
                 let memory = Memory::new(state.config.mem_size)
                     .map_err(|e| BackupError::Restore(e.into()))?;
                 let source = Arc::new(store.source());
-                let loader = twin_vmm::lazy::Loader::start(
+                // Where memory is short (a backup in a memory cgroup) the prefetcher loads
+                // what fits, most recently written first; the rest comes when touched.
+                let budget = replica::room().map(|r| r.saturating_sub(replica::OVERHEAD));
+                let loader = twin_vmm::lazy::Loader::start_within(
                     &memory,
                     source.clone(),
                     twin_vmm::lazy::RestoreMode::Ws,
+                    budget,
                 )
                 .map_err(BackupError::Load)?;
                 loader.on_complete(Box::new(move |touched| {

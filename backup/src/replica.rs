@@ -205,6 +205,16 @@ pub enum RoomError {
     },
 }
 
+/// Memory this process may still use: the least of the host's available memory and its
+/// memory cgroup's room; `None` if neither can be read.
+pub fn room() -> Option<u64> {
+    let cg = cgroup_room().map(|(r, _)| r);
+    match (mem_available(), cg) {
+        (Some(a), Some(c)) => Some(a.min(c)),
+        (a, c) => a.or(c),
+    }
+}
+
 /// Checks that `size` bytes of replica (plus [`OVERHEAD`]) fit in what this process may
 /// still use: the host's available memory and the memory cgroup's limit (v1 or v2). A
 /// replica's memfd grows as pages arrive, so without this check a backup whose limit is too

@@ -49,6 +49,9 @@ pub struct GuestArgs {
     pub dblock_bytes: u64,
     /// A FLUSH after every this many block writes (at least 1).
     pub dflush: u64,
+    /// Bytes of heap written once at boot and never again: memory a VM has touched and
+    /// then left cold (the part of a replica a restore should load last, or never).
+    pub cold_bytes: u64,
 }
 
 impl Default for GuestArgs {
@@ -63,6 +66,7 @@ impl Default for GuestArgs {
             dwss_bytes: DEFAULT_DWSS,
             dblock_bytes: PAGE,
             dflush: 1,
+            cold_bytes: 0,
         }
     }
 }
@@ -90,7 +94,7 @@ impl fmt::Display for ArgError<'_> {
             }
             ArgError::UnknownKey(key) => write!(
                 f,
-                "unknown guest argument {key:?} (known: dirty=<rate>/s, wss=<size>, hz=<n>, pattern=seq|random, console=on|off, disk=<rate>/s, dwss=<size>, dblock=<size>, dflush=<n>)"
+                "unknown guest argument {key:?} (known: dirty=<rate>/s, wss=<size>, hz=<n>, pattern=seq|random, cold=<size>, console=on|off, disk=<rate>/s, dwss=<size>, dblock=<size>, dflush=<n>)"
             ),
             ArgError::BadValue { key, value, why } => {
                 write!(f, "bad value {value:?} for guest argument {key}: {why}")
@@ -187,6 +191,10 @@ pub fn parse(args: &str) -> Result<GuestArgs, ArgError<'_>> {
                 let rate = value.strip_suffix("/s").unwrap_or(value);
                 out.disk_bytes_per_sec =
                     parse_size(rate).ok_or(bad("expected bytes per second, e.g. 8M/s"))?;
+            }
+            "cold" => {
+                let size = parse_size(value).ok_or(bad("expected a size, e.g. 128M"))?;
+                out.cold_bytes = size.checked_add(PAGE - 1).ok_or(bad("too large"))? / PAGE * PAGE;
             }
             "dwss" => {
                 out.dwss_bytes = parse_size(value).ok_or(bad("expected a size, e.g. 64M"))?;

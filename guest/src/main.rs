@@ -125,6 +125,10 @@ extern "C" fn twin_main(boot: *const BootInfo) -> ! {
     // the only call (twin_main runs once), and nothing has been allocated yet.
     unsafe { mem::init_heap(image_end as usize, (wss_base - image_end) as usize) };
 
+    if args.cold_bytes > 0 {
+        write_cold(args.cold_bytes);
+    }
+
     let mut clock = time::Clock::new(tsc0, boot.tsc_khz);
     let timer_count = apic::start_timer(args.hz);
     println!(
@@ -335,3 +339,24 @@ fn panic(info: &PanicInfo<'_>) -> ! {
 /// Referenced by the prebuilt `liballoc`; never called with `panic = "abort"`.
 #[no_mangle]
 extern "C" fn rust_eh_personality() {}
+
+/// `cold=`: writes `bytes` of heap once (every page distinct and non-zero) and never
+/// touches them again.
+fn write_cold(bytes: u64) {
+    let Ok(len) = usize::try_from(bytes) else {
+        fail(
+            EXIT_CONFIG,
+            format_args!("cold={}M is too large", mib(bytes)),
+        );
+    };
+    let mut cold: alloc::vec::Vec<u64> = alloc::vec::Vec::new();
+    if cold.try_reserve_exact(len / 8).is_err() {
+        fail(
+            EXIT_CONFIG,
+            format_args!("cold={}M does not fit in the heap", mib(bytes)),
+        );
+    }
+    cold.extend((0..len as u64 / 8).map(|i| 0xc01d_0000_0000_0000 | i));
+    println!("twin-guest: {}M written once (cold)", mib(bytes));
+    core::mem::forget(cold);
+}

@@ -61,6 +61,7 @@ pub use process::{
     assert_no_panic, describe_status, tails, twin_bin, twin_status, Finished, Mark, Signal, Stream,
     TestDir, TwinProcess,
 };
+pub use sys::MemoryCgroup;
 pub use tmpfs::TinyFs;
 pub use topology::{
     guest_service, Cut, Direction, Ha, Host, HostRole, Lan, LanPeer, Single, Tbf, Topology,

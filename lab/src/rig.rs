@@ -356,6 +356,12 @@ pub struct Opts {
     /// <dir>/primary-disk.img` (a new sparse image of [`DISK_SIZE`]), every backup with
     /// `--replica-dir <dir>/<name>-replica` (its replica is `disk-0.img` there).
     pub disk: bool,
+    /// The backup keeps the replica's memory in a replica store on disk (`--replica-dir
+    /// <dir>/<name>-replica`, also set by `disk`) and fails over from it lazily; `Some`
+    /// of a size also sets `--replica-memory`.
+    pub store: Option<Option<&'static str>>,
+    /// Every backup runs in a memory cgroup (v1) of this limit, joined as it starts.
+    pub backup_cgroup: Option<u64>,
 }
 
 /// Size of the rig's disk image (`Opts::disk`).
@@ -426,6 +432,8 @@ impl Default for Opts {
             arbiter: false,
             vcpus: default_vcpus(),
             disk: false,
+            store: None,
+            backup_cgroup: None,
         }
     }
 }
@@ -450,6 +458,8 @@ pub struct Rig {
     pub backup_started: Instant,
     pub dir: TestDir,
     pub ha: Ha,
+    /// The backups' memory cgroup (`Opts::backup_cgroup`), removed once they are gone.
+    pub cgroup: Option<crate::MemoryCgroup>,
 }
 
 pub fn spawn_twin(
@@ -674,6 +684,9 @@ impl Rig {
             &extra,
             &opts.primary_failpoints,
         );
+        let cgroup = opts
+            .backup_cgroup
+            .map(|l| crate::MemoryCgroup::new(rep.scenario, l));
         let mut rig = Rig {
             work: None,
             proxy: None,
@@ -684,6 +697,7 @@ impl Rig {
             etcd,
             opts,
             backup_started: Instant::now(),
+            cgroup,
             dir,
             ha,
         };
@@ -788,11 +802,14 @@ impl Rig {
             auth.extend(["--arbiter".into(), e.url(HostRole::Backup)]);
         }
         let replica = self.replica_dir(name).to_string_lossy().into_owned();
-        let extra: Vec<&str> = if self.opts.disk {
+        let mut extra: Vec<&str> = if self.opts.disk || self.opts.store.is_some() {
             vec!["--replica-dir", &replica]
         } else {
             vec![]
         };
+        if let Some(Some(budget)) = self.opts.store {
+            extra.extend(["--replica-memory", budget]);
+        }
         let b = spawn_backup(
             &self.ha,
             &self.dir,
@@ -801,6 +818,9 @@ impl Rig {
             &extra,
             &self.opts.backup_failpoints,
         );
+        if let Some(cg) = &self.cgroup {
+            cg.add(b.pid());
+        }
         self.record(name, true);
         if let Some(old) = self.backup.replace(b) {
             self.retired.push(old);

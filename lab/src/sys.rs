@@ -2,6 +2,7 @@
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 /// Moves the calling thread into the network namespace `fd` refers to.
@@ -143,5 +144,56 @@ mod tests {
         let status = child.wait().expect("wait");
         use std::os::unix::process::ExitStatusExt;
         assert_eq!(status.signal(), Some(libc::SIGKILL));
+    }
+}
+
+/// A memory cgroup (v1) for one process, removed on drop.
+pub struct MemoryCgroup {
+    dir: PathBuf,
+}
+
+impl MemoryCgroup {
+    pub fn new(name: &str, limit: u64) -> MemoryCgroup {
+        let dir = Path::new("/sys/fs/cgroup/memory")
+            .join(format!("twin-test-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("create the memory cgroup (cgroup v1)");
+        std::fs::write(dir.join("memory.limit_in_bytes"), limit.to_string())
+            .expect("set the limit");
+        MemoryCgroup { dir }
+    }
+
+    pub fn add(&self, pid: u32) {
+        std::fs::write(self.dir.join("cgroup.procs"), pid.to_string()).expect("move the process");
+    }
+
+    /// The most memory the cgroup's processes were charged at once.
+    pub fn max_usage(&self) -> u64 {
+        std::fs::read_to_string(self.dir.join("memory.max_usage_in_bytes"))
+            .ok()
+            .and_then(|t| t.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    pub fn oom_kills(&self) -> u64 {
+        std::fs::read_to_string(self.dir.join("memory.oom_control"))
+            .ok()
+            .and_then(|t| {
+                t.lines()
+                    .find_map(|l| l.strip_prefix("oom_kill "))
+                    .and_then(|v| v.trim().parse().ok())
+            })
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for MemoryCgroup {
+    fn drop(&mut self) {
+        // Its processes are gone by now (the test's processes drop first).
+        for _ in 0..50 {
+            if std::fs::remove_dir(&self.dir).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 }

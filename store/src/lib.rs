@@ -10,8 +10,9 @@
 //!   ([`Entry`]). The checksum makes a page damaged on disk an error, never memory a VM
 //!   runs on; the epoch is the working set's order for a restore (most recently written
 //!   first). The file is mapped; entries are updated in place as pages are written.
-//! - `state`: the committed epoch's machine state and the VM's identity, replaced
-//!   atomically (write + rename) at every commit.
+//! - `state`: the committed epoch's machine state and the VM's identity (a length, then a
+//!   checksummed container), written in place at every commit — while the header says the
+//!   epoch is being applied, so a state cut short is in a store refused as torn.
 //! - `first-touch`: the pages the guest touched first in the last lazy restore from it.
 //!
 //! The header says which epoch is being applied and which was committed: a store whose
@@ -217,6 +218,7 @@ impl Drop for Index {
 pub struct Store {
     dir: PathBuf,
     mem_path: PathBuf,
+    state: File,
     mem: Arc<File>,
     index: Arc<Index>,
     pages: u64,
@@ -235,12 +237,8 @@ impl Store {
         let pages = mem_size / PAGE_SIZE as u64;
         let mem_path = dir.join(MEMORY_FILE);
         let idx_path = dir.join(INDEX_FILE);
-        // The state of a previous replica must not pass for this one's.
-        match std::fs::remove_file(dir.join(STATE_FILE)) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io("removing the old state of", dir)(e)),
-        }
+        // The state of a previous replica is emptied below (truncated): it must not pass
+        // for this one's.
         let _ = std::fs::remove_file(dir.join(twin_vmm::snapshot::FIRST_TOUCH_FILE));
         let open = |p: &Path| {
             OpenOptions::new()
@@ -253,6 +251,7 @@ impl Store {
         };
         let mem = open(&mem_path)?;
         mem.set_len(mem_size).map_err(io("sizing", &mem_path))?;
+        let state = open(&dir.join(STATE_FILE))?;
         let idx = open(&idx_path)?;
         idx.set_len(HEADER as u64 + pages * 8)
             .map_err(io("sizing", &idx_path))?;
@@ -270,6 +269,7 @@ impl Store {
         Ok(Store {
             dir: dir.to_path_buf(),
             mem_path,
+            state,
             mem,
             index,
             pages,
@@ -375,14 +375,19 @@ impl Store {
     /// says so.
     pub fn commit(&self, state: &StoreState) -> Result<(), StoreError> {
         let path = self.dir.join(STATE_FILE);
-        let tmp = self.dir.join(".state.tmp");
         let bytes =
             container::encode(Kind::ReplicaState, state).map_err(|source| StoreError::State {
                 path: path.clone(),
                 source,
             })?;
-        std::fs::write(&tmp, &bytes).map_err(io("writing", &tmp))?;
-        std::fs::rename(&tmp, &path).map_err(io("replacing", &path))?;
+        // In place, no rename (a metadata update per epoch): the header still says this
+        // epoch is being applied, so a write cut short leaves a store refused as torn.
+        let mut out = Vec::with_capacity(8 + bytes.len());
+        out.extend_from_slice(&(bytes.len() as u64).to_le_bytes());
+        out.extend_from_slice(&bytes);
+        self.state
+            .write_all_at(&out, 0)
+            .map_err(io("writing", &path))?;
         self.index.set_header(H_COMMITTED, state.epoch);
         self.index.set_header(H_APPLYING, state.epoch);
         if let Some(t) = &self.trimmer {
@@ -474,8 +479,19 @@ pub fn open_committed(dir: &Path) -> Result<(StoreSource, StoreState), StoreErro
     }
     let state_path = dir.join(STATE_FILE);
     let bytes = std::fs::read(&state_path).map_err(io("reading", &state_path))?;
+    let len = bytes
+        .get(..8)
+        .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+        .filter(|&l| l <= MAX_STATE && 8 + l <= bytes.len() as u64)
+        .ok_or_else(|| {
+            not(format!(
+                "{STATE_FILE} is {} bytes, shorter than it says",
+                bytes.len()
+            ))
+        })?;
+    let bytes = &bytes[8..8 + len as usize];
     let state: StoreState =
-        container::decode(&bytes, Kind::ReplicaState, MAX_STATE).map_err(|source| {
+        container::decode(bytes, Kind::ReplicaState, MAX_STATE).map_err(|source| {
             StoreError::State {
                 path: state_path.clone(),
                 source,

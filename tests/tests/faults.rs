@@ -39,7 +39,7 @@
 //! before the fault to the end of the scenario (failure detection + restore + the client's
 //! TCP retransmission back-off).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use twin_api::EventKind;
@@ -292,7 +292,17 @@ fn disk_opts() -> Opts {
     }
 }
 
-fn backup_killed_with(rep: &mut Report, point: &str, nth: u64, opts: Opts) {
+/// The backup keeps the replica's memory in a replica store on disk (`--replica-dir`) with
+/// a 16 MiB cache budget (`--replica-memory`), and fails over from it lazily.
+fn store_opts() -> Opts {
+    Opts {
+        store: Some(Some("16M")),
+        guest_args: "dirty=16M/s,wss=64M",
+        ..Opts::default()
+    }
+}
+
+fn backup_killed_with(rep: &mut Report, point: &str, nth: u64, opts: Opts) -> Rig {
     let mut rig = Rig::start(
         rep,
         Opts {
@@ -335,6 +345,119 @@ fn backup_killed_with(rep: &mut Report, point: &str, nth: u64, opts: Opts) {
         "primary runs unprotected, stream intact (last_error: {})",
         st["last_error"].as_str().unwrap_or("-")
     ));
+    rig
+}
+
+/// The backup killed while it writes an epoch's pages into its replica store: the primary
+/// runs on, and the store left behind is refused by `twin restore` as torn (its pages
+/// mix two epochs), never run.
+#[test]
+fn backup_killed_mid_apply_to_a_replica_store_leaves_it_refused_as_torn() {
+    let mut rep =
+        Report::new("backup_killed_mid_apply_to_a_replica_store_leaves_it_refused_as_torn");
+    let rig = backup_killed_with(&mut rep, "backup.mid_apply", 100, store_opts());
+    let store = rig.replica_dir("backup");
+    let bin = twin_bin().expect("twin binary");
+    let out = std::process::Command::new(bin)
+        .args(["restore", &store.to_string_lossy(), "--tap", "twt-none0"])
+        .arg("--control")
+        .arg(rig.dir.join("restore.sock"))
+        .output()
+        .expect("run twin restore");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "twin restore of a torn store: {err}"
+    );
+    assert!(
+        err.contains("is torn") && err.contains("while applying epoch"),
+        "twin restore of a torn store said: {err}"
+    );
+    rep.note(format!("twin restore: {}", err.trim()));
+}
+
+/// The primary killed while the backup keeps its replica in a replica store: the VM runs
+/// on the backup at once, its memory loaded lazily (working set first), the stream
+/// intact and VERIFY clean; the backup reports the load's progress.
+fn primary_killed_with_a_replica_store(rep: &mut Report, point: &str, nth: u64) {
+    primary_killed_opts(rep, point, nth, store_opts());
+}
+
+/// A backup in an 80 MiB memory cgroup protects a 256 MiB VM that has written 112 MiB
+/// once (cold) and keeps writing a 24 MiB working set: with the replica in a replica
+/// store (and a 16 MiB cache budget) it keeps up — no OOM kill, the store holds more than
+/// the cgroup allows — and fails over in the same cgroup with VERIFY clean: the restore
+/// loads what fits, most recently written first, and the cold rest only when touched.
+/// (In RAM a replica of that size is refused: `backup_memory_cgroup_too_small`.)
+#[test]
+fn backup_in_a_small_memory_cgroup_keeps_up_with_a_replica_store() {
+    let mut rep = Report::new("backup_in_a_small_memory_cgroup_keeps_up_with_a_replica_store");
+    let limit: u64 = 80 << 20;
+    let mut rig = Rig::start(
+        &mut rep,
+        Opts {
+            backup_cgroup: Some(limit),
+            guest_args: "dirty=16M/s,wss=24M,cold=112M",
+            ..store_opts()
+        },
+    );
+    let mem = rig.replica_dir("backup").join("memory.img");
+    rep.step("waiting until the replica store holds more than the cgroup's limit");
+    let t0 = Instant::now();
+    let held = loop {
+        // Allocated blocks of the sparse file: the pages with data.
+        let held = std::fs::metadata(&mem)
+            .map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512)
+            .unwrap_or(0);
+        if held > limit + (16 << 20) {
+            break held;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(40),
+            "the store holds only {} MiB after 40 s",
+            held >> 20
+        );
+        rig.backup().ensure_running().expect("the backup is alive");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    rig.wait_stream(Instant::now(), "protected stream");
+    let cg = rig.cgroup.as_ref().expect("the cgroup");
+    assert_eq!(cg.oom_kills(), 0, "the cgroup OOM-killed the backup");
+    let peak = cg.max_usage();
+    rep.note(format!(
+        "store holds {} MiB; the backup's cgroup peaked at {} MiB of its {} MiB",
+        held >> 20,
+        peak >> 20,
+        limit >> 20
+    ));
+    rep.step("killing the primary");
+    rig.assert_no_takeover_yet();
+    rig.primary.kill().expect("SIGKILL the primary");
+    let died = Instant::now();
+    let fo = rig.wait_failover(&mut rep);
+    rig.wait_stream(died, "the stream resumes on the backup");
+    rig.finish_and_check(&mut rep, died, "backup");
+    let st = rig
+        .backup_status()
+        .expect("status of the VM that took over");
+    let r = &st["restore"];
+    assert_eq!(r["mode"], "ws", "status of the VM taken over: {st}");
+    assert!(
+        r["resident"].as_u64().unwrap_or(0) > 0 && r["bytes_read"].as_u64().unwrap_or(0) > 0,
+        "the restore's progress: {st}"
+    );
+    rig.assert_no_panics();
+    rep.done(format!(
+        "failover at epoch {} from a {} MiB store in an {} MiB cgroup; restore: {} of {} pages, {} faults, {} prefetched",
+        fo["epoch"],
+        held >> 20,
+        limit >> 20,
+        r["resident"],
+        r["data_pages"],
+        r["faults"],
+        r["prefetched"]
+    ));
 }
 
 scenarios! {
@@ -343,6 +466,12 @@ scenarios! {
     /// Killed while it writes an epoch's disk writes to its disk replica: the primary
     /// runs on unprotected (the replica, partly written, is never a failover image).
     backup_killed_mid_disk_apply: backup_killed_with("backup.mid_disk_apply", 50, disk_opts());
+    /// Killed mid-stream with the replica in a replica store (lazy failover).
+    primary_killed_mid_stream_with_a_replica_store:
+        primary_killed_with_a_replica_store("primary.mid_stream", 200);
+    /// Killed between the ack and the release of the output, replica in a store.
+    primary_killed_after_ack_with_a_replica_store:
+        primary_killed_with_a_replica_store("primary.after_ack", 200);
 }
 
 /// The primary dies, then the backup dies while restoring: nothing runs the VM. Known
@@ -2018,49 +2147,6 @@ fn busy_backup_refuses_a_second_primary() {
     ));
 }
 
-/// A memory cgroup (v1) for one process, removed on drop.
-struct MemoryCgroup {
-    dir: PathBuf,
-}
-
-impl MemoryCgroup {
-    fn new(name: &str, limit: u64) -> MemoryCgroup {
-        let dir = Path::new("/sys/fs/cgroup/memory")
-            .join(format!("twin-test-{}-{name}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("create the memory cgroup (cgroup v1)");
-        std::fs::write(dir.join("memory.limit_in_bytes"), limit.to_string())
-            .expect("set the limit");
-        MemoryCgroup { dir }
-    }
-
-    fn add(&self, pid: u32) {
-        std::fs::write(self.dir.join("cgroup.procs"), pid.to_string()).expect("move the process");
-    }
-
-    fn oom_kills(&self) -> u64 {
-        std::fs::read_to_string(self.dir.join("memory.oom_control"))
-            .ok()
-            .and_then(|t| {
-                t.lines()
-                    .find_map(|l| l.strip_prefix("oom_kill "))
-                    .and_then(|v| v.trim().parse().ok())
-            })
-            .unwrap_or(0)
-    }
-}
-
-impl Drop for MemoryCgroup {
-    fn drop(&mut self) {
-        // Its processes are gone by now (the test's processes drop first).
-        for _ in 0..50 {
-            if std::fs::remove_dir(&self.dir).is_ok() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-}
-
 /// A backup in an 80 MiB memory cgroup is asked to hold a 256 MiB replica: it refuses at
 /// the description, naming the limit, instead of being OOM-killed mid-sync.
 #[test]
@@ -2068,7 +2154,7 @@ fn backup_memory_cgroup_too_small() {
     let mut rep = Report::new("backup_memory_cgroup_too_small");
     let ha = Topology::ha().expect("ha topology");
     let dir = TestDir::new("backup-cgroup").expect("test dir");
-    let cg = MemoryCgroup::new("backup", 80 << 20);
+    let cg = twin_lab::MemoryCgroup::new("backup", 80 << 20);
     let auth = Auth::Key.args(&dir, false);
     // Entered with `nsenter --net`, as a systemd unit with `NetworkNamespacePath=` would be:
     // `ip netns exec` mounts a sysfs without the cgroup file systems, where the backup

@@ -546,6 +546,19 @@ fn status(vmm: &Vmm, session: &Session) -> twin_api::VmStatus {
         uptime_s: session.started.elapsed().as_secs_f64(),
         snapshots: session.snapshots,
         arbiter: session.arbiter.clone(),
+        restore: vmm.load_progress().map(|p| twin_api::RestoreStatus {
+            mode: p.mode.to_string(),
+            data_pages: p.data_pages,
+            resident: p.resident,
+            remaining: p.data_pages.saturating_sub(p.resident),
+            faults: p.faults,
+            zero_faults: p.zero_faults,
+            prefetched: p.prefetched,
+            bytes_read: p.bytes_read,
+            complete: p.complete,
+            elapsed_ms: p.elapsed_ms,
+            error: p.error,
+        }),
     }
 }
 
@@ -837,8 +850,7 @@ fn restore(args: RestoreArgs) -> Result<ExitCode> {
     let mut vmm = Vmm::restore(&state, memory, host).context("cannot rebuild the VM")?;
     if args.mode != twin_vmm::lazy::RestoreMode::Eager {
         // What this restore's guest touched first is the working set of the next.
-        let record = image.record;
-        loader.on_complete(Box::new(move |touched| record(&touched)));
+        loader.on_complete(image.record);
     }
     vmm.attach_loader(loader);
     let events = EventLog::new();
@@ -872,7 +884,7 @@ struct RestoreImage {
     source: std::sync::Arc<dyn twin_vmm::lazy::PageSource>,
     disks: Vec<std::sync::Arc<twin_vmm::devices::virtio::blk::disk::DiskImage>>,
     /// Keeps a restore's first touches for the next restore from the same image.
-    record: Box<dyn FnOnce(&[u32]) + Send>,
+    record: twin_vmm::lazy::CompleteHook,
 }
 
 impl RestoreImage {
@@ -891,7 +903,7 @@ impl RestoreImage {
                 state,
                 source,
                 disks,
-                record: Box::new(move |t| rec.record_first_touches(t)),
+                record: Box::new(move |t| rec.record_first_touches(&t)),
             });
         }
         let (source, st) = twin_store::open_committed(dir)?;
@@ -940,7 +952,7 @@ impl RestoreImage {
             state,
             source,
             disks,
-            record: Box::new(move |t| rec.record_first_touches(t)),
+            record: Box::new(move |t| rec.record_first_touches(&t)),
         })
     }
 }
@@ -1452,6 +1464,25 @@ fn headline(v: &serde_json::Value) -> Vec<String> {
                 v["vcpus"].as_u64().unwrap_or(0),
                 fmt_duration(v["uptime_s"].as_f64().unwrap_or(0.0))
             ));
+            let r = &v["restore"];
+            if r.is_object() {
+                let n = |k: &str| r[k].as_u64().unwrap_or(0);
+                out.push(format!(
+                    "  restored ({}): {} of {} pages resident{}, {} faults served, {} prefetched, {} read, {}",
+                    r["mode"].as_str().unwrap_or("?"),
+                    n("resident"),
+                    n("data_pages"),
+                    if r["complete"].as_bool() == Some(true) {
+                        String::new()
+                    } else {
+                        format!(" ({} to load)", n("remaining"))
+                    },
+                    n("faults"),
+                    n("prefetched"),
+                    fmt_bytes(n("bytes_read")),
+                    fmt_ms(r["elapsed_ms"].as_f64().unwrap_or(0.0))
+                ));
+            }
         }
     }
     out

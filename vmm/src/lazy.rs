@@ -190,9 +190,15 @@ struct Shared {
     finishing: AtomicBool,
     /// Called once with the first touches when the load completes.
     on_complete: Mutex<Option<CompleteHook>>,
+    /// Resident bytes past which the prefetcher stops (faults are still served), until
+    /// something needs all of memory ([`Loader::wait`]).
+    budget: Option<u64>,
+    /// [`Loader::wait`] asked for everything: the budget no longer holds the prefetcher.
+    forced: AtomicBool,
 }
 
-type CompleteHook = Box<dyn FnOnce(Vec<u32>) + Send>;
+/// What [`Loader::on_complete`] calls with the first touches.
+pub type CompleteHook = Box<dyn FnOnce(Vec<u32>) + Send>;
 
 #[derive(Default)]
 struct LoadState {
@@ -214,6 +220,18 @@ impl Loader {
         memory: &Memory,
         source: Arc<dyn PageSource>,
         mode: RestoreMode,
+    ) -> Result<Self, LazyError> {
+        Self::start_within(memory, source, mode, None)
+    }
+
+    /// [`Loader::start`], with the prefetcher stopping once `budget` bytes of guest memory
+    /// are resident: a VM restored where memory is short (a backup in a memory cgroup)
+    /// gets its working set ahead of its touches and the rest only when touched.
+    pub fn start_within(
+        memory: &Memory,
+        source: Arc<dyn PageSource>,
+        mode: RestoreMode,
+        budget: Option<u64>,
     ) -> Result<Self, LazyError> {
         let pages = memory.page_count();
         if source.page_count() != pages {
@@ -260,6 +278,8 @@ impl Loader {
             events: Mutex::new(None),
             finishing: AtomicBool::new(mode != RestoreMode::Lazy),
             on_complete: Mutex::new(None),
+            budget,
+            forced: AtomicBool::new(false),
         });
         let mut threads = Vec::new();
         let s = shared.clone();
@@ -385,6 +405,7 @@ impl LoadGate {
 
 impl Shared {
     fn wait(&self) -> Result<(), LazyError> {
+        self.forced.store(true, Ordering::Release);
         self.finishing.store(true, Ordering::Release);
         self.changed.notify_all();
         let mut st = self.state.lock().expect("load lock");
@@ -673,6 +694,27 @@ impl Shared {
         Ok(())
     }
 
+    /// Past the budget: waits until everything is asked for (or the load is over).
+    fn hold_at_budget(&self) {
+        let Some(budget) = self.budget else {
+            return;
+        };
+        if self.loaded.load(Ordering::Acquire) * (PAGE_SIZE as u64) < budget {
+            return;
+        }
+        tracing::info!(
+            resident_mib = budget >> 20,
+            "guest memory: prefetch stops at its budget; the rest loads when touched"
+        );
+        let mut st = self.state.lock().expect("load lock");
+        while !self.forced.load(Ordering::Acquire)
+            && st.complete_after.is_none()
+            && st.error.is_none()
+        {
+            st = self.changed.wait(st).expect("load lock");
+        }
+    }
+
     /// Loads the pages of `order` (the working set), then every other page with data, in
     /// runs; waits first for a finish request in a demand-only load.
     fn prefetch(&self, order: &[u32]) -> Result<(), String> {
@@ -711,6 +753,7 @@ impl Shared {
             }
             let n = self.load_run(first, count, &mut buf)?;
             self.prefetched.fetch_add(n, Ordering::Relaxed);
+            self.hold_at_budget();
         }
         // Everything else, in address order.
         let mut p = 0;
@@ -731,6 +774,7 @@ impl Shared {
             let n = self.load_run(p, count, &mut buf)?;
             self.prefetched.fetch_add(n, Ordering::Relaxed);
             p += count;
+            self.hold_at_budget();
         }
         Ok(())
     }
@@ -847,6 +891,24 @@ mod tests {
         l.wait().unwrap();
         assert_eq!(word(&mem, last), 0xdead);
         assert_eq!(l.first_touches(), vec![last as u32]);
+    }
+
+    #[test]
+    fn the_prefetcher_stops_at_its_budget_until_everything_is_asked_for() {
+        let mem = Memory::new(8 << 20).unwrap();
+        let src = Arc::new(Numbered {
+            pages: mem.page_count(),
+            fail_at: None,
+        });
+        let l = Loader::start_within(&mem, src, RestoreMode::Ws, Some(1 << 20)).unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        let p = l.progress();
+        assert!(!p.complete, "{p:?}");
+        // One run past the budget at most.
+        let most = (1 << 20) / PAGE_SIZE as u64 + PREFETCH_RUN as u64;
+        assert!(p.resident >= 256 && p.resident <= most, "{p:?}");
+        l.wait().unwrap();
+        assert!(l.progress().complete);
     }
 
     #[test]
