@@ -563,8 +563,8 @@ mod tests {
             }
             assert_eq!(read(g, PDPT_ADDR + pds * 8), 0, "nothing past RAM");
             // The hole as before, RAM above it cached, nothing past the end of RAM.
-            assert_eq!(pde(g, 3 * GIB), 3 * GIB | 0x87 | 0x18);
-            assert_eq!(pde(g, 4 * GIB), 4 * GIB | 0x87);
+            assert_eq!(pde(g, 3 * GIB), (3 * GIB) | 0x87 | 0x18);
+            assert_eq!(pde(g, 4 * GIB), (4 * GIB) | 0x87);
             let last = ram_end - (2 << 20);
             assert_eq!(pde(g, last), last | 0x87);
             if ram_end % GIB != 0 {

@@ -53,10 +53,12 @@ pub const PAGE_SIZE: usize = 4096;
 
 /// Largest guest RAM: 64 GiB (GPA up to 65 GiB). What bounds it, loosest first: the page
 /// directories of the guest's identity map must fit between [`crate::layout::PD_ADDR`] and
-/// the image (238 GiB of guest-physical space); the VMM keeps about 1.3 bytes per page of
-/// bookkeeping in memory whatever the guest touches (the hot-page state, [`crate::hot`]:
-/// 21 MiB at 64 GiB, plus four dirty bitmaps of 2 MiB each); and a replica must have room
-/// for all of it on the backup (`backup::replica::check_room`). Tested at 16 GiB.
+/// the image (238 GiB of guest-physical space); the VMM keeps about 2.4 bytes per page of
+/// bookkeeping whatever the guest touches (the hot-page state, [`crate::hot`], 2 bytes; its
+/// own dirty bitmaps and KVM's, a bit each: ~40 MiB at 64 GiB), and the primary's initial
+/// sync names every hole as a zero page (8 bytes each on the wire: 128 MiB at 64 GiB);
+/// and a replica must have room for all of it on the backup (`backup::replica::check_room`).
+/// Tested at 16 GiB.
 pub const MAX_MEM_SIZE: u64 = 64 << 30;
 
 const _: () = assert!(
