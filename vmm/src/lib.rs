@@ -175,16 +175,22 @@ pub fn describe_error(e: &dyn std::error::Error) -> String {
 
 /// Indices of the set bits of a page bitmap, ascending.
 pub fn bitmap_pages(bitmap: &[u64]) -> impl Iterator<Item = usize> + '_ {
-    bitmap.iter().enumerate().flat_map(|(w, &bits)| {
-        let mut b = bits;
-        std::iter::from_fn(move || {
-            (b != 0).then(|| {
-                let i = b.trailing_zeros() as usize;
-                b &= b - 1;
-                w * 64 + i
+    // Zero words skipped before the per-word iterator is built: a big guest's bitmap is
+    // mostly zeros (65536 words at 16 GiB, a few dozen set per epoch).
+    bitmap
+        .iter()
+        .enumerate()
+        .filter(|(_, &bits)| bits != 0)
+        .flat_map(|(w, &bits)| {
+            let mut b = bits;
+            std::iter::from_fn(move || {
+                (b != 0).then(|| {
+                    let i = b.trailing_zeros() as usize;
+                    b &= b - 1;
+                    w * 64 + i
+                })
             })
         })
-    })
 }
 
 /// Runs of consecutive set bits of a page bitmap, ascending: `(first page, page count)`.

@@ -14,8 +14,9 @@
 //! replica be mapped by a restored VM without a copy. The VMM maps it once, contiguously
 //! (page index `i` at [`Memory::host_address`] + `i × 4096`), and each guest range is a
 //! window into that mapping. Every write the VMM itself makes through [`GuestMem`] or
-//! [`Memory::pages`] is recorded in an [`AtomicBitmap`] (one per range for the devices'
-//! view, one for the contiguous view): KVM's dirty log only sees writes made by the guest,
+//! [`Memory::pages`] is recorded in a [`DirtyBitmap`] (one per range for the devices'
+//! view, one for the contiguous view; a harvest of one costs what was written, not the
+//! size of RAM): KVM's dirty log only sees writes made by the guest,
 //! so the checkpoint engine ORs these into KVM's (virtio RX buffers and used rings are
 //! written here).
 //!
@@ -33,7 +34,8 @@ use std::mem::ManuallyDrop;
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::sync::Arc;
 
-use vm_memory::bitmap::{AtomicBitmap, BS};
+use twin_devices::dirty_bitmap::DirtyBitmap;
+use vm_memory::bitmap::BS;
 use vm_memory::mmap::MmapRegion;
 use vm_memory::VolatileMemoryError;
 use vm_memory::{FileOffset, GuestAddress, VolatileMemory, VolatileSlice, WriteVolatile};
@@ -43,10 +45,10 @@ use crate::layout::{HIGH_RAM_START, MMIO_HOLE_START};
 /// Guest memory as the whole VMM sees it: dirty-tracked mmap regions (the devices' type).
 pub use twin_devices::GuestMem;
 /// One region of [`GuestMem`].
-pub type GuestRegion = vm_memory::GuestRegionMmap<AtomicBitmap>;
+pub type GuestRegion = vm_memory::GuestRegionMmap<DirtyBitmap>;
 /// Guest RAM as volatile memory: what [`Memory::pages`] gives out. Writes through it are
 /// recorded in the VMM's dirty bitmap.
-pub type GuestSlice<'a> = VolatileSlice<'a, BS<'a, AtomicBitmap>>;
+pub type GuestSlice<'a> = VolatileSlice<'a, BS<'a, DirtyBitmap>>;
 
 /// Size of a guest page, the unit of dirty tracking and of checkpoint transfer.
 pub const PAGE_SIZE: usize = 4096;
@@ -223,7 +225,7 @@ pub struct Memory {
     /// contiguous view [`Memory::pages`] gives out; its bitmap records writes through it.
     /// It owns the mapping the regions point into, so it is unmapped only once no region
     /// is left (see `Drop`).
-    whole: ManuallyDrop<MmapRegion<AtomicBitmap>>,
+    whole: ManuallyDrop<MmapRegion<DirtyBitmap>>,
     map: RamMap,
     file: File,
     size: u64,
@@ -256,7 +258,7 @@ impl Memory {
         let clone = file.try_clone().map_err(MemoryError::Memfd)?;
         // MAP_SHARED | MAP_NORESERVE, read-write: the memfd is sparse, a page costs memory
         // only once touched.
-        let whole = MmapRegion::<AtomicBitmap>::from_file(FileOffset::new(clone, 0), size as usize)
+        let whole = MmapRegion::<DirtyBitmap>::from_file(FileOffset::new(clone, 0), size as usize)
             .map_err(MemoryError::Map)?;
         let map = RamMap::new(size);
         let mut regions = Vec::with_capacity(map.ranges().len());
@@ -267,7 +269,7 @@ impl Memory {
             // prot and flags are `whole`'s. The region does not own the mapping: `whole`
             // outlives every region (`Drop` unmaps only when no region is left).
             let mapping = unsafe {
-                MmapRegion::<AtomicBitmap>::build_raw(
+                MmapRegion::<DirtyBitmap>::build_raw(
                     whole.as_ptr().add(r.file_offset() as usize),
                     r.size() as usize,
                     whole.prot(),
@@ -453,14 +455,13 @@ impl Memory {
     /// log) and clears it: the writes through the devices' regions (their bitmaps
     /// concatenated in page-index order) and through [`Memory::pages`].
     pub fn take_vmm_dirty_bitmap(&self) -> Vec<u64> {
-        let mut out = self.map.concat(
-            self.regions
-                .iter()
-                .map(|r| r.get_mmap().bitmap().get_and_reset()),
-        );
-        for (o, w) in out.iter_mut().zip(self.whole.bitmap().get_and_reset()) {
-            *o |= w;
+        let mut out = vec![0u64; self.page_count().div_ceil(64)];
+        for (region, r) in self.regions.iter().zip(self.map.ranges()) {
+            // Each range starts on a bitmap word (see `RamMap::split`).
+            let part = &mut out[r.first_page / 64..(r.first_page + r.pages).div_ceil(64)];
+            region.get_mmap().bitmap().take_into(part);
         }
+        self.whole.bitmap().take_into(&mut out);
         out
     }
 
@@ -473,9 +474,8 @@ impl Memory {
     pub fn mark_vmm_dirty(&self, bitmap: &[u64]) {
         // Into the contiguous view's bitmap: it counts page indices directly.
         let bm = self.whole.bitmap();
-        let pages = self.page_count();
-        for p in crate::bitmap_pages(bitmap).take_while(|&p| p < pages) {
-            bm.set_addr_range(p * PAGE_SIZE, PAGE_SIZE);
+        for (first, count) in crate::bitmap_runs(bitmap) {
+            bm.mark_pages(first, count); // clipped to RAM
         }
     }
 

@@ -178,26 +178,29 @@ impl Vm {
         }
         let ram = self.ram.lock().expect("ram slot lock poisoned");
         for (slot, (range, part)) in ram.iter().zip(self.map.split(bitmap)) {
-            if part.iter().all(|&w| w == 0) {
+            // Only the words from the first to the last with a page set: the kernel walks
+            // every word it is given, and a big guest's slot has tens of thousands.
+            let Some(first) = part.iter().position(|&w| w != 0) else {
                 continue;
-            }
-            let pages = range.pages;
-            let words = pages.div_ceil(64);
-            let mut bits = part.to_vec();
-            bits.resize(words, 0);
+            };
+            let last = part.iter().rposition(|&w| w != 0).unwrap_or(first);
+            let first_page = first * 64;
+            let end_page = ((last + 1) * 64).min(range.pages);
+            let mut bits = part[first..=last].to_vec();
             let mut arg = kvm_clear_dirty_log {
                 slot: slot.slot,
-                num_pages: u32::try_from(pages).expect("a slot of at most 64 GiB"),
-                first_page: 0,
+                num_pages: u32::try_from(end_page - first_page).expect("a slot of at most 64 GiB"),
+                first_page: first_page as u64,
                 ..Default::default()
             };
             arg.__bindgen_anon_1.dirty_bitmap = bits.as_mut_ptr().cast();
             // SAFETY: KVM_CLEAR_DIRTY_LOG reads `num_pages` bits from `dirty_bitmap`, which
-            // points at `bits`: `words` u64s = num_pages rounded up to 64 bits, alive and
-            // unaliased for the call. `first_page` 0 is 64-aligned, and `num_pages` covers the
-            // slot exactly (the kernel accepts a count that is not a multiple of 64 only when
-            // it reaches the slot's end, which it does). The kernel writes nothing back into
-            // `arg`.
+            // points at `bits`: `last - first + 1` u64s, at least num_pages rounded up to 64
+            // bits, alive and unaliased for the call. `first_page` is 64-aligned (a word
+            // boundary), and `num_pages` is whole words or reaches the slot's end (the only
+            // case where the kernel accepts a count that is not a multiple of 64); bits past
+            // the slot's end in the last word are never read. The kernel writes nothing back
+            // into `arg`.
             let ret = unsafe { ioctl_with_ref(self.fd.as_ref(), KVM_CLEAR_DIRTY_LOG(), &arg) };
             if ret < 0 {
                 return Err(VmError::ClearDirtyLog(io::Error::last_os_error()));
