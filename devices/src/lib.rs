@@ -11,6 +11,7 @@
 //! device is unit-tested without it.
 
 pub mod bus;
+pub mod dirty_bitmap;
 pub mod interrupt;
 pub mod pci;
 pub mod persist;
@@ -21,8 +22,9 @@ pub mod virtio;
 pub use persist::Persist;
 
 /// Guest memory as every device sees it: dirty-tracked mmap regions (the VMM's own writes,
-/// virtio RX buffers and used rings among them, land in the regions' bitmaps).
-pub type GuestMem = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;
+/// virtio RX buffers and used rings among them, land in the regions' bitmaps, whose harvest
+/// costs what was written, not the size of RAM: [`dirty_bitmap`]).
+pub type GuestMem = vm_memory::GuestMemoryMmap<dirty_bitmap::DirtyBitmap>;
 
 /// A device that does work on its own (a worker thread writing guest memory, raising
 /// interrupts) and can be stopped and started with the VM. Paused, it touches neither guest

@@ -64,6 +64,11 @@ mod guest_proto;
 mod guest_pagefmt;
 
 #[cfg(test)]
+#[path = "../../guest/src/ram.rs"]
+#[allow(dead_code)]
+mod guest_ram;
+
+#[cfg(test)]
 #[path = "../../guest/src/ring.rs"]
 #[allow(dead_code)]
 mod guest_ring;

@@ -4,6 +4,7 @@
 use super::guest_args::{self, ArgError, GuestArgs, Pattern};
 use super::guest_pagefmt::{self as pagefmt, PageError, WORDS};
 use super::guest_proto::{self as proto, Command};
+use super::guest_ram::{self as ram, PlaceError, Span, Spans};
 use super::guest_resp as resp;
 use super::GUEST_ELF;
 
@@ -103,6 +104,11 @@ fn args_defaults_and_sizes() {
     assert_eq!(guest_args::parse_size("M"), None);
     assert_eq!(guest_args::parse_size("99999999999999999999"), None);
     assert_eq!(guest_args::parse_size("17179869184G"), None, "overflow");
+    assert_eq!(GuestArgs::default().wss_base, None);
+    assert_eq!(
+        guest_args::parse("wssbase=2816M").unwrap().wss_base,
+        Some(2816 << 20)
+    );
 }
 
 #[test]
@@ -126,6 +132,129 @@ fn args_errors_are_clear() {
         guest_args::parse("dirty=1M,wss=0"),
         Err(ArgError::BadValue { key: "wss", .. })
     ));
+    assert!(matches!(
+        guest_args::parse("wssbase=4097"),
+        Err(ArgError::BadValue {
+            key: "wssbase",
+            why: "must be a multiple of 4K",
+            ..
+        })
+    ));
+}
+
+const GIB: u64 = 1 << 30;
+const MIB: u64 = 1 << 20;
+
+/// RAM as the VMM lays out `mem` bytes: up to 3 GiB at 0, the rest from 4 GiB.
+fn ram_of(mem: u64) -> Spans {
+    if mem <= 3 * GIB {
+        Spans::new(&[(0, mem)]).unwrap()
+    } else {
+        Spans::new(&[(0, 3 * GIB), (4 * GIB, mem - 3 * GIB)]).unwrap()
+    }
+}
+
+fn spans(s: &Spans) -> Vec<(u64, u64)> {
+    s.as_slice().iter().map(|s| (s.base, s.end())).collect()
+}
+
+#[test]
+fn ram_ranges_from_boot_info_are_checked() {
+    assert!(Spans::new(&[]).is_err());
+    assert!(Spans::new(&[(0, 0)]).is_err(), "empty");
+    assert!(Spans::new(&[(0, 4097)]).is_err(), "not whole pages");
+    assert!(Spans::new(&[(4 * GIB, GIB), (0, GIB)]).is_err(), "order");
+    assert!(Spans::new(&[(0, 2 * GIB), (GIB, GIB)]).is_err(), "overlap");
+    assert!(Spans::new(&[(u64::MAX - 4095, 4096)]).is_err(), "wraps");
+    assert!(Spans::new(&[(0, 4096); 5]).is_err(), "too many");
+    let r = ram_of(16 * GIB);
+    assert_eq!(r.total(), 16 * GIB);
+    assert_eq!(r.addr(0), Some(0));
+    assert_eq!(r.addr(3 * GIB - 1), Some(3 * GIB - 1));
+    assert_eq!(r.addr(3 * GIB), Some(4 * GIB), "past the hole");
+    assert_eq!(r.addr(16 * GIB - 1), Some(17 * GIB - 1));
+    assert_eq!(r.addr(16 * GIB), None);
+}
+
+#[test]
+fn a_small_guest_places_as_before() {
+    // 256 MiB: the working set is the top of RAM, the heap everything below it.
+    let image_end = 0x20_0000;
+    let l = ram::place(&ram_of(256 * MIB), image_end, 8 * MIB, 64 * MIB, None).unwrap();
+    assert_eq!(spans(&l.wss), vec![(192 * MIB, 256 * MIB)]);
+    assert_eq!(
+        l.heap,
+        Span {
+            base: image_end,
+            len: 192 * MIB - image_end
+        }
+    );
+    assert_eq!(
+        ram::place(&ram_of(256 * MIB), image_end, 8 * MIB, 250 * MIB, None),
+        Err(PlaceError::HeapTooSmall {
+            heap: 6 * MIB - image_end
+        })
+    );
+    assert_eq!(
+        ram::place(&ram_of(256 * MIB), image_end, 8 * MIB, 300 * MIB, None),
+        Err(PlaceError::TooLarge)
+    );
+    // The suggestion fits, one more page does not.
+    let max = ram::max_wss(&ram_of(256 * MIB), image_end, 8 * MIB, 8);
+    let heap_for = |w: u64| 8 * MIB + w / 4096 * 8;
+    assert!(ram::place(&ram_of(256 * MIB), image_end, heap_for(max), max, None).is_ok());
+    let over = max + 4096;
+    assert!(ram::place(&ram_of(256 * MIB), image_end, heap_for(over), over, None).is_err());
+}
+
+#[test]
+fn a_big_guest_places_its_working_set_above_4_gib_or_across_the_hole() {
+    let image_end = 0x20_0000;
+    let ram16 = ram_of(16 * GIB);
+    // From the top: all above 4 GiB, the heap keeps the whole range below the hole.
+    let l = ram::place(&ram16, image_end, 8 * MIB, 512 * MIB, None).unwrap();
+    assert_eq!(spans(&l.wss), vec![(17 * GIB - 512 * MIB, 17 * GIB)]);
+    assert_eq!(l.heap.end(), 3 * GIB);
+    // Larger than what is above 4 GiB (13 GiB): it continues below the hole.
+    let l = ram::place(&ram16, image_end, 40 * MIB, 14 * GIB, None).unwrap();
+    assert_eq!(spans(&l.wss), vec![(2 * GIB, 3 * GIB), (4 * GIB, 17 * GIB)]);
+    assert_eq!(l.wss.total(), 14 * GIB);
+    assert_eq!(l.heap.end(), 2 * GIB);
+    // From `wssbase`, across the hole.
+    let l = ram::place(&ram16, image_end, 8 * MIB, 512 * MIB, Some(2816 * MIB)).unwrap();
+    assert_eq!(
+        spans(&l.wss),
+        vec![(2816 * MIB, 3 * GIB), (4 * GIB, 4 * GIB + 256 * MIB)]
+    );
+    assert_eq!(l.heap.end(), 2816 * MIB);
+    assert_eq!(
+        l.wss.addr(256 * MIB),
+        Some(4 * GIB),
+        "page 65536 is the first above"
+    );
+    // Entirely above, from `wssbase`: the heap is the whole low range.
+    let l = ram::place(&ram16, image_end, 8 * MIB, 4 * GIB, Some(5 * GIB)).unwrap();
+    assert_eq!(spans(&l.wss), vec![(5 * GIB, 9 * GIB)]);
+    assert_eq!(l.heap.end(), 3 * GIB);
+    // Refusals: in the hole, below the image, unaligned, past the end of RAM.
+    for base in [3 * GIB, 0x1000, 2 * GIB + 1, 17 * GIB] {
+        assert_eq!(
+            ram::place(&ram16, image_end, 8 * MIB, 4096, Some(base)),
+            Err(PlaceError::BaseNotRam),
+            "{base:#x}"
+        );
+    }
+    assert_eq!(
+        ram::place(&ram16, image_end, 8 * MIB, 2 * GIB, Some(16 * GIB)),
+        Err(PlaceError::TooLarge)
+    );
+    // The most that fits: a little under 16 GiB (heap and the 8-byte-per-page table).
+    let max = ram::max_wss(&ram16, image_end, 8 * MIB, 8);
+    assert!(max > 15 * GIB && max < 16 * GIB, "{max}");
+    let heap_for = |w: u64| 8 * MIB + w / 4096 * 8;
+    assert!(ram::place(&ram16, image_end, heap_for(max), max, None).is_ok());
+    let over = max + 4096;
+    assert!(ram::place(&ram16, image_end, heap_for(over), over, None).is_err());
 }
 
 #[test]

@@ -34,6 +34,9 @@ pub struct GuestArgs {
     pub dirty_bytes_per_sec: u64,
     /// Working-set size in bytes (a multiple of [`PAGE`]).
     pub wss_bytes: u64,
+    /// Guest physical address where the working set starts (a multiple of [`PAGE`]); it
+    /// runs on through the RAM ranges, skipping the MMIO hole. `None`: the top of RAM.
+    pub wss_base: Option<u64>,
     /// LAPIC timer frequency.
     pub hz: u32,
     /// Page order of the workload.
@@ -59,6 +62,7 @@ impl Default for GuestArgs {
         GuestArgs {
             dirty_bytes_per_sec: 0,
             wss_bytes: DEFAULT_WSS,
+            wss_base: None,
             hz: DEFAULT_HZ,
             pattern: Pattern::Sequential,
             console: false,
@@ -94,7 +98,7 @@ impl fmt::Display for ArgError<'_> {
             }
             ArgError::UnknownKey(key) => write!(
                 f,
-                "unknown guest argument {key:?} (known: dirty=<rate>/s, wss=<size>, hz=<n>, pattern=seq|random, cold=<size>, console=on|off, disk=<rate>/s, dwss=<size>, dblock=<size>, dflush=<n>)"
+                "unknown guest argument {key:?} (known: dirty=<rate>/s, wss=<size>, wssbase=<address>, hz=<n>, pattern=seq|random, cold=<size>, console=on|off, disk=<rate>/s, dwss=<size>, dblock=<size>, dflush=<n>)"
             ),
             ArgError::BadValue { key, value, why } => {
                 write!(f, "bad value {value:?} for guest argument {key}: {why}")
@@ -165,6 +169,13 @@ pub fn parse(args: &str) -> Result<GuestArgs, ArgError<'_>> {
             "wss" => {
                 let size = parse_size(value).ok_or(bad("expected a size, e.g. 128M"))?;
                 out.wss_bytes = size.checked_add(PAGE - 1).ok_or(bad("too large"))? / PAGE * PAGE;
+            }
+            "wssbase" => {
+                let base = parse_size(value).ok_or(bad("expected an address, e.g. 2816M"))?;
+                if base % PAGE != 0 {
+                    return Err(bad("must be a multiple of 4K"));
+                }
+                out.wss_base = Some(base);
             }
             "hz" => {
                 let hz = parse_size(value).ok_or(bad("expected a frequency in Hz, e.g. 100"))?;

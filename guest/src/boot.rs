@@ -1,9 +1,14 @@
 //! `BootInfo` (at 0x6000, written by the VMM) and its validation.
 
+use crate::ram::{Spans, MAX_RANGES};
+
+/// End of the MMIO hole below 4 GiB: RAM resumes here.
+const MMIO_END: u64 = 1 << 32;
+
 /// Where the VMM puts `BootInfo`.
 pub const BOOT_INFO_ADDR: u64 = 0x6000;
 
-/// The boot contract's `BootInfo`, version 1.
+/// The boot contract's `BootInfo`, version 2 (version 1 without the RAM ranges).
 #[repr(C)]
 pub struct BootInfo {
     pub magic: [u8; 8],
@@ -17,14 +22,19 @@ pub struct BootInfo {
     pub ipv4_gateway: [u8; 4],
     pub args_len: u32,
     pub args: [u8; 1024],
+    /// How many of `ram` are RAM ranges (at least one).
+    pub ram_count: u32,
+    pub _pad2: u32,
+    /// `(base, size)` of each RAM range, in address order; the sizes add up to `mem_size`.
+    pub ram: [[u64; 2]; MAX_RANGES],
 }
 
-const _: () = assert!(core::mem::size_of::<BootInfo>() == 1072);
+const _: () = assert!(core::mem::size_of::<BootInfo>() == 1144);
 
 /// Expected `BootInfo::magic`.
 pub const MAGIC: [u8; 8] = *b"TWINBOOT";
 /// Expected `BootInfo::version`.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 
 impl BootInfo {
     /// Validate the structure at `ptr` (RDI at entry). Returns a description of the first
@@ -41,17 +51,28 @@ impl BootInfo {
         // are readable and never written again, so a `&'static` to them is sound. 0x6000 is
         // aligned for BootInfo (8), and every field is an integer or a byte array, so any
         // bytes the VMM wrote there are a valid BootInfo (the checks below judge them). No
-        // Rust object overlaps [0x6000, 0x6430): the image starts at 0x100000 and the CPL-0
+        // Rust object overlaps [0x6000, 0x6478): the image starts at 0x100000 and the CPL-0
         // stack is [0x8000, 0x10000).
         let b = unsafe { &*ptr };
         if b.magic != MAGIC {
             return Err("bad BootInfo magic (expected \"TWINBOOT\")");
         }
         if b.version != VERSION {
-            return Err("unsupported BootInfo version (expected 1)");
+            return Err("unsupported BootInfo version (expected 2)");
         }
         if (b.size as usize) < core::mem::size_of::<BootInfo>() {
-            return Err("BootInfo.size is smaller than the version-1 structure");
+            return Err("BootInfo.size is smaller than the version-2 structure");
+        }
+        let ram = b.ram_spans()?;
+        if ram.total() != b.mem_size {
+            return Err("BootInfo.ram ranges do not add up to mem_size");
+        }
+        if ram
+            .as_slice()
+            .iter()
+            .any(|s| s.base < MMIO_END && s.end() > crate::MMIO_START)
+        {
+            return Err("a BootInfo.ram range overlaps the MMIO hole");
         }
         if b.tsc_khz == 0 {
             return Err("BootInfo.tsc_khz is 0");
@@ -66,6 +87,20 @@ impl BootInfo {
             return Err("BootInfo.args is not UTF-8");
         }
         Ok(b)
+    }
+
+    /// The RAM ranges (validated by [`BootInfo::from_ptr`]).
+    pub fn ram_spans(&self) -> Result<Spans, &'static str> {
+        let n = self.ram_count as usize;
+        if n == 0 || n > MAX_RANGES {
+            return Err("BootInfo.ram_count is 0 or larger than the ram field");
+        }
+        let mut list = [(0u64, 0u64); MAX_RANGES];
+        for (l, r) in list.iter_mut().zip(&self.ram[..n]) {
+            *l = (r[0], r[1]);
+        }
+        Spans::new(&list[..n])
+            .map_err(|_| "BootInfo.ram ranges are not page-aligned, ordered and disjoint")
     }
 
     /// The guest arguments (validated as UTF-8 by [`BootInfo::from_ptr`]).

@@ -22,6 +22,7 @@ mod net;
 mod pagefmt;
 mod pci;
 mod proto;
+mod ram;
 mod resp;
 mod ring;
 mod serial;
@@ -39,7 +40,7 @@ use core::panic::PanicInfo;
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
-/// Lowest guest-physical address that is not RAM (PCI MMIO window).
+/// Lowest guest-physical address that is not RAM (PCI MMIO window); RAM resumes at 4 GiB.
 const MMIO_START: u64 = 0xC000_0000;
 /// Heap the guest needs besides the workload's sequence table.
 const MIN_HEAP: u64 = 8 << 20;
@@ -92,38 +93,66 @@ extern "C" fn twin_main(boot: *const BootInfo) -> ! {
         Err(e) => fail(EXIT_CONFIG, format_args!("{e}")),
     };
 
-    // Memory: [image end, wss base) is the heap; [wss base, top of RAM) the working set.
+    // Memory: the heap runs from the image's end in the RAM range below the MMIO hole; the
+    // working set is the top of RAM (above 4 GiB first on a big guest) or starts at
+    // `wssbase`, and may span the hole.
     let image_end = core::ptr::addr_of!(__image_end) as u64;
-    let ram_top = boot.mem_size.min(MMIO_START) & !(args::PAGE - 1);
-    let seq_table = args.wss_bytes / args::PAGE * 8;
-    // Saturating: `wss` comes from the command line and may be close to 2^64; a sum that
-    // wrapped would pass the check below and hand the allocator memory that does not exist.
-    let need = image_end
-        .saturating_add(MIN_HEAP)
-        .saturating_add(seq_table)
-        .saturating_add(args.wss_bytes);
-    if need > ram_top {
+    let Ok(ram) = boot.ram_spans() else {
         fail(
             EXIT_CONFIG,
-            format_args!(
-                "wss={}M does not fit in RAM: {}M of RAM below {:#x}, the image ends at {:#x} and \
-                 the guest needs {}M of heap besides; use wss <= {}M or more memory",
-                mib(args.wss_bytes),
-                mib(ram_top),
-                MMIO_START,
-                image_end,
-                mib(MIN_HEAP + seq_table),
-                mib(ram_top.saturating_sub(image_end + MIN_HEAP) * 4096 / 4104),
-            ),
+            format_args!("BootInfo.ram changed after validation"),
+        )
+    };
+    for r in ram.as_slice() {
+        println!(
+            "twin-guest: RAM [{:#x}, {:#x}) {}M",
+            r.base,
+            r.end(),
+            mib(r.len)
         );
     }
-    let wss_base = ram_top - args.wss_bytes;
-    // SAFETY: [image_end, wss_base) is RAM: the check above makes image_end + MIN_HEAP <=
-    // wss_base <= ram_top <= mem_size, below the MMIO hole. Nothing else uses it: the
-    // image (the CPL-3 stack is in its bss) ends at image_end, the VMM's structures and
-    // the CPL-0 stack are below 0x100000, and the working set starts at wss_base. This is
-    // the only call (twin_main runs once), and nothing has been allocated yet.
-    unsafe { mem::init_heap(image_end as usize, (wss_base - image_end) as usize) };
+    let seq_table = args.wss_bytes / args::PAGE * 8;
+    let layout = match ram::place(
+        &ram,
+        image_end,
+        MIN_HEAP.saturating_add(seq_table),
+        args.wss_bytes,
+        args.wss_base,
+    ) {
+        Ok(l) => l,
+        Err(e) => {
+            let max = ram::max_wss(&ram, image_end, MIN_HEAP, 8);
+            let why = match e {
+                ram::PlaceError::ImageNotInRam => "the image does not end in RAM",
+                ram::PlaceError::BaseNotRam => {
+                    "wssbase is not a RAM address above the image (RAM is [0, 3G) and from 4G)"
+                }
+                ram::PlaceError::TooLarge => "RAM ends before the working set does",
+                ram::PlaceError::HeapTooSmall { .. } => {
+                    "it leaves too little heap below the MMIO hole"
+                }
+            };
+            fail(
+                EXIT_CONFIG,
+                format_args!(
+                    "wss={}M does not fit in RAM: {why}; {}M of RAM, the image ends at {:#x} and \
+                     the guest needs {}M of heap besides; use wss <= {}M (at the top of RAM) or \
+                     more memory",
+                    mib(args.wss_bytes),
+                    mib(boot.mem_size),
+                    image_end,
+                    mib(MIN_HEAP + seq_table),
+                    mib(max),
+                ),
+            )
+        }
+    };
+    // SAFETY: `place` keeps the heap inside the RAM range holding the image's end, from
+    // there, and disjoint from the working set. Nothing else uses it: the image (the CPL-3
+    // stack is in its bss) ends at image_end, the VMM's structures and the CPL-0 stack are
+    // below 0x100000. This is the only call (twin_main runs once), and nothing has been
+    // allocated yet.
+    unsafe { mem::init_heap(layout.heap.base as usize, layout.heap.len as usize) };
 
     if args.cold_bytes > 0 {
         write_cold(args.cold_bytes);
@@ -134,24 +163,27 @@ extern "C" fn twin_main(boot: *const BootInfo) -> ! {
     println!(
         "twin-guest: timer {} Hz (LAPIC initial count {timer_count}), heap {}M at {image_end:#x}",
         args.hz,
-        mib(wss_base - image_end)
+        mib(layout.heap.len)
     );
 
-    // SAFETY: [wss_base, ram_top) is RAM (see above), page-aligned (ram_top is rounded
-    // down to a page, wss_bytes is a multiple of one), disjoint from the heap, and nothing
-    // but the workload refers to it.
-    let workload = unsafe {
-        workload::Workload::new(
-            wss_base as usize,
-            args.wss_bytes,
-            args.dirty_bytes_per_sec,
-            args.pattern,
-        )
-    };
+    // SAFETY: `place` builds the working set from page-aligned pieces of the RAM ranges
+    // BootInfo names (validated), disjoint from the heap and above the image; nothing but
+    // the workload refers to them.
+    let workload =
+        unsafe { workload::Workload::new(layout.wss, args.dirty_bytes_per_sec, args.pattern) };
+    for s in layout.wss.as_slice() {
+        println!(
+            "twin-guest: workload range [{:#x}, {:#x}) {}M",
+            s.base,
+            s.end(),
+            mib(s.len)
+        );
+    }
     println!(
-        "twin-guest: workload wss={}M ({} pages at {wss_base:#x}); dirty={} B/s ({} pages/s, {:?})",
+        "twin-guest: workload wss={}M ({} pages at {:#x}); dirty={} B/s ({} pages/s, {:?})",
         mib(args.wss_bytes),
         workload.pages(),
+        layout.wss.as_slice().first().map_or(0, |s| s.base),
         args.dirty_bytes_per_sec,
         args.dirty_bytes_per_sec / args::PAGE,
         args.pattern,

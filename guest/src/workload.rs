@@ -9,6 +9,7 @@
 
 use crate::args::{Pattern, PAGE};
 use crate::pagefmt::{self, PageError, WORDS};
+use crate::ram::Spans;
 use alloc::vec;
 use alloc::vec::Vec;
 
@@ -25,7 +26,9 @@ pub struct Verify {
 
 /// The workload state (all in guest memory, so it is checkpointed with the VM).
 pub struct Workload {
-    base: usize,
+    /// The working set: its pages laid end to end over these ranges (page `i` is byte
+    /// `i × PAGE` of them), which may lie on both sides of the MMIO hole.
+    set: Spans,
     pages: u64,
     seq: Vec<u64>,
     rate: u64,
@@ -44,16 +47,16 @@ pub struct Workload {
 }
 
 impl Workload {
-    /// A workload over `[base, base + bytes)` writing `rate` bytes per second.
+    /// A workload over the ranges of `set` writing `rate` bytes per second.
     ///
     /// # Safety
-    /// The range must be page-aligned RAM that nothing else uses for the rest of the
+    /// The ranges must be page-aligned RAM that nothing else uses for the rest of the
     /// guest's life: the workload makes `&mut` references to its pages.
-    pub unsafe fn new(base: usize, bytes: u64, rate: u64, pattern: Pattern) -> Workload {
-        let pages = bytes / PAGE;
+    pub unsafe fn new(set: Spans, rate: u64, pattern: Pattern) -> Workload {
+        let pages = set.total() / PAGE;
         let per_sec = rate / PAGE;
         Workload {
-            base,
+            set,
             pages,
             seq: vec![0; pages as usize],
             rate,
@@ -80,12 +83,16 @@ impl Workload {
 
     fn page(&mut self, i: u64) -> &mut [u64; WORDS] {
         // Checked in release builds too: the reference below is only sound inside the set.
-        assert!(i < self.pages, "workload page {i} out of range");
-        // SAFETY: i < pages, so the page at base + i × PAGE is inside the working set, which
-        // `new`'s caller gave this workload alone; it is page-aligned, so aligned for u64,
-        // and any bytes are valid u64s. The `&mut self` borrow makes it the only reference
-        // to that page while it lives.
-        unsafe { &mut *((self.base + (i * PAGE) as usize) as *mut [u64; WORDS]) }
+        let addr = match self.set.addr(i * PAGE) {
+            Some(a) if i < self.pages => a,
+            _ => panic!("workload page {i} out of range"),
+        };
+        // SAFETY: i < pages, so byte i × PAGE of the set is in one of its ranges, and so is
+        // the whole page (the ranges are whole pages): inside the working set, which `new`'s
+        // caller gave this workload alone; page-aligned, so aligned for u64, and any bytes
+        // are valid u64s. The `&mut self` borrow makes it the only reference to that page
+        // while it lives.
+        unsafe { &mut *(addr as usize as *mut [u64; WORDS]) }
     }
 
     fn write_page(&mut self, i: u64) {

@@ -163,8 +163,8 @@ impl FromStr for Millis {
 
 /// Guest RAM granularity (huge-page sized, as the VMM maps it).
 const MEM_ALIGN: u64 = 2 << 20;
-/// Guest RAM ends where the MMIO hole starts (3 GiB).
-const MEM_MAX: u64 = 3 << 30;
+/// The most guest RAM the VMM lays out (3 GiB below the MMIO hole, the rest above 4 GiB).
+const MEM_MAX: u64 = twin_vmm::memory::MAX_MEM_SIZE;
 
 /// `--mem`: a [`Size`] that the VMM takes, checked at parse time in the user's unit.
 pub fn guest_mem(s: &str) -> Result<Size, String> {
@@ -174,7 +174,8 @@ pub fn guest_mem(s: &str) -> Result<Size, String> {
     }
     if size.0 > MEM_MAX {
         return Err(format!(
-            "{s} is more than 3G, the most guest RAM below the MMIO hole"
+            "{s} is more than {}G, the most guest RAM the VMM supports",
+            MEM_MAX >> 30
         ));
     }
     Ok(size)
@@ -382,7 +383,9 @@ mod tests {
             "3M must be a multiple of 2M (and not 0)"
         );
         assert!(guest_mem("0").unwrap_err().contains("multiple of 2M"));
-        assert!(guest_mem("4G").unwrap_err().contains("more than 3G"));
+        assert_eq!(guest_mem("16G"), Ok(Size(16 << 30)));
+        assert_eq!(guest_mem("64G"), Ok(Size(64 << 30)));
+        assert!(guest_mem("65G").unwrap_err().contains("more than 64G"));
         assert!(guest_mem("12Q").unwrap_err().contains("12Q"));
     }
 

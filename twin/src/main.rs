@@ -318,7 +318,8 @@ struct RunArgs {
 /// Options describing the VM, shared by every command that creates one.
 #[derive(Args, Clone)]
 struct VmArgs {
-    /// Guest RAM, e.g. 256M or 1G (a multiple of 2M, at most 3G).
+    /// Guest RAM, e.g. 256M or 16G (a multiple of 2M, at most 64G; past 3G it continues
+    /// above the MMIO hole, at 4G).
     #[arg(long, default_value = "256M", value_parser = args::guest_mem)]
     mem: Size,
     /// Number of vCPUs.

@@ -11,7 +11,7 @@ use kvm_bindings::{kvm_dtable, kvm_lapic_state, kvm_regs, kvm_segment, kvm_sregs
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::layout::*;
-use crate::memory::GuestMem;
+use crate::memory::{GuestMem, RamMap};
 
 const ELF_MAGIC: &[u8; 4] = b"\x7fELF";
 const EM_X86_64: u16 = 62;
@@ -24,9 +24,14 @@ pub const HEADER_VERSION: u32 = 1;
 const HEADER_SIZE: usize = 8 + 4 + 4 + 8 + 8 + 256 * 8;
 
 pub const BOOT_INFO_MAGIC: &[u8; 8] = b"TWINBOOT";
-pub const BOOT_INFO_VERSION: u32 = 1;
+/// Version 2 added the RAM ranges (RAM above the MMIO hole).
+pub const BOOT_INFO_VERSION: u32 = 2;
 pub const MAX_GUEST_ARGS: usize = 1024;
-const BOOT_INFO_SIZE: usize = 48 + MAX_GUEST_ARGS;
+/// Room for this many RAM ranges in `BootInfo` (the VMM uses at most two).
+pub const MAX_RAM_RANGES: usize = 4;
+/// Offset of `ram_count` in `BootInfo`, after the arguments.
+const RAM_RANGES_OFFSET: usize = 48 + MAX_GUEST_ARGS;
+const BOOT_INFO_SIZE: usize = RAM_RANGES_OFFSET + 8 + MAX_RAM_RANGES * 16;
 
 const SEL_KERNEL_CODE: u16 = 0x08;
 const SEL_USER_DATA: u16 = 0x18 | 3;
@@ -40,7 +45,7 @@ pub enum BootError {
     NotElf,
     #[error("guest image is truncated: {0}")]
     Truncated(&'static str),
-    #[error("guest image segment at {addr:#x}+{len:#x} is outside guest RAM [{IMAGE_BASE:#x}, {mem:#x})")]
+    #[error("guest image segment at {addr:#x}+{len:#x} is outside guest RAM below the MMIO hole [{IMAGE_BASE:#x}, {mem:#x})")]
     SegmentOutOfRange { addr: u64, len: u64, mem: u64 },
     #[error("guest image has no `.twin_header` with magic TWINGST at {IMAGE_BASE:#x}")]
     NoHeader,
@@ -50,6 +55,8 @@ pub enum BootError {
     BadHeaderField { field: &'static str, value: u64 },
     #[error("--guest-args is {0} bytes, more than the {MAX_GUEST_ARGS} the guest accepts")]
     ArgsTooLong(usize),
+    #[error("guest RAM of {mem_size:#x} bytes needs an identity map beyond the {IDENTITY_MAP_MAX:#x} bytes the page directories below the image can hold")]
+    IdentityMapTooLarge { mem_size: u64 },
     #[error("writing boot structures into guest memory failed")]
     GuestMemory(#[source] vm_memory::GuestMemoryError),
 }
@@ -108,7 +115,8 @@ pub fn load_builtin_guest(
     if e_phentsize < 56 {
         return Err(BootError::NotElf);
     }
-    let mem_size = params.mem_size;
+    // The image loads into RAM below the MMIO hole.
+    let mem_size = params.mem_size.min(MMIO_HOLE_START);
     let mut image_end = IMAGE_BASE;
     for i in 0..e_phnum {
         let ph = e_phoff
@@ -189,7 +197,7 @@ pub fn load_builtin_guest(
     write_gdt(mem)?;
     write_idt(mem, &vectors)?;
     write_tss(mem)?;
-    write_page_tables(mem)?;
+    write_page_tables(mem, &RamMap::new(params.mem_size))?;
     write_boot_info(mem, params)?;
     Ok(EntryPoint {
         rip: entry,
@@ -250,21 +258,37 @@ fn write_tss(mem: &GuestMem) -> Result<(), BootError> {
         .map_err(BootError::GuestMemory)
 }
 
-fn write_page_tables(mem: &GuestMem) -> Result<(), BootError> {
+/// The identity map: 2 MiB pages, present + writable + user. `[0, 4 GiB)` is mapped whole,
+/// RAM and MMIO hole (uncached) alike, as in every version of the contract; above 4 GiB
+/// exactly the RAM (a 2 MiB multiple) is, one page directory per GiB it touches.
+fn write_page_tables(mem: &GuestMem, ram: &RamMap) -> Result<(), BootError> {
     const PRESENT_RW_USER: u64 = 0x7;
     const HUGE: u64 = 0x80;
     const UNCACHED: u64 = 0x18; // PWT | PCD
+    const GIB: u64 = 1 << 30;
+    const PAGE_2M: u64 = 2 << 20;
+    let ram_end = ram.ranges().last().map_or(0, |r| r.gpa_end());
+    let map_end = ram_end.max(HIGH_RAM_START);
+    if map_end > IDENTITY_MAP_MAX {
+        return Err(BootError::IdentityMapTooLarge {
+            mem_size: ram.page_count() as u64 * crate::memory::PAGE_SIZE as u64,
+        });
+    }
+    let pds = map_end.div_ceil(GIB);
     mem.write_obj(PDPT_ADDR | PRESENT_RW_USER, GuestAddress(PML4_ADDR))
         .map_err(BootError::GuestMemory)?;
-    let mut pd = vec![0u8; 4 * 4096];
-    for gib in 0..4u64 {
+    let mut pd = vec![0u8; (pds * 4096) as usize];
+    for gib in 0..pds {
         let pd_addr = PD_ADDR + gib * 4096;
         mem.write_obj(pd_addr | PRESENT_RW_USER, GuestAddress(PDPT_ADDR + gib * 8))
             .map_err(BootError::GuestMemory)?;
         for i in 0..512u64 {
-            let addr = (gib << 30) | (i << 21);
+            let addr = gib * GIB + i * PAGE_2M;
             let mut e = addr | PRESENT_RW_USER | HUGE;
-            if addr >= MMIO_HOLE_START {
+            if addr >= HIGH_RAM_START && addr >= ram_end {
+                continue; // neither RAM nor the hole: not present
+            }
+            if (MMIO_HOLE_START..HIGH_RAM_START).contains(&addr) {
                 e |= UNCACHED;
             }
             let off = ((gib * 512 + i) * 8) as usize;
@@ -291,6 +315,17 @@ fn write_boot_info(mem: &GuestMem, p: &BootParams) -> Result<(), BootError> {
     b[40..44].copy_from_slice(&p.gateway.unwrap_or(Ipv4Addr::UNSPECIFIED).octets());
     b[44..48].copy_from_slice(&(args.len() as u32).to_le_bytes());
     b[48..48 + args.len()].copy_from_slice(args);
+    // Version 2: the RAM ranges, in address order (their sizes add up to `mem_size`).
+    let ram = RamMap::new(p.mem_size);
+    let ranges = ram.ranges();
+    debug_assert!(ranges.len() <= MAX_RAM_RANGES);
+    b[RAM_RANGES_OFFSET..RAM_RANGES_OFFSET + 4]
+        .copy_from_slice(&(ranges.len() as u32).to_le_bytes());
+    for (i, r) in ranges.iter().take(MAX_RAM_RANGES).enumerate() {
+        let at = RAM_RANGES_OFFSET + 8 + i * 16;
+        b[at..at + 8].copy_from_slice(&r.gpa.to_le_bytes());
+        b[at + 8..at + 16].copy_from_slice(&r.size().to_le_bytes());
+    }
     mem.write_slice(&b, GuestAddress(BOOT_INFO_ADDR))
         .map_err(BootError::GuestMemory)
 }
@@ -499,6 +534,62 @@ mod tests {
             g.read_obj::<u8>(GuestAddress(BOOT_INFO_ADDR + 48)).unwrap(),
             b'd'
         );
+    }
+
+    #[test]
+    fn ram_above_the_hole_is_identity_mapped_and_announced() {
+        const GIB: u64 = 1 << 30;
+        let read = |g: &GuestMem, a: u64| g.read_obj::<u64>(GuestAddress(a)).unwrap();
+        let pde = |g: &GuestMem, gpa: u64| read(g, PD_ADDR + (gpa >> 21) * 8);
+        for (mem_size, ram_end) in [
+            (16 * GIB, 17 * GIB),
+            (3 * GIB + (2 << 20), 4 * GIB + (2 << 20)),
+        ] {
+            // Sparse: only the tables and the image are written.
+            let m = crate::memory::Memory::new(mem_size).unwrap();
+            let g = m.guest_memory();
+            let p = BootParams {
+                mem_size,
+                ..params()
+            };
+            load_builtin_guest(g, &tiny_elf(0x800, 0x4000, HEADER_MAGIC), &p).unwrap();
+            let pds = ram_end.div_ceil(GIB);
+            for gib in 0..pds {
+                assert_eq!(
+                    read(g, PDPT_ADDR + gib * 8),
+                    (PD_ADDR + gib * 4096) | 0x7,
+                    "PDPT entry {gib}"
+                );
+            }
+            assert_eq!(read(g, PDPT_ADDR + pds * 8), 0, "nothing past RAM");
+            // The hole as before, RAM above it cached, nothing past the end of RAM.
+            assert_eq!(pde(g, 3 * GIB), (3 * GIB) | 0x87 | 0x18);
+            assert_eq!(pde(g, 4 * GIB), (4 * GIB) | 0x87);
+            let last = ram_end - (2 << 20);
+            assert_eq!(pde(g, last), last | 0x87);
+            if ram_end % GIB != 0 {
+                assert_eq!(pde(g, ram_end), 0);
+            }
+            // BootInfo version 2 names both ranges.
+            assert_eq!(read(g, BOOT_INFO_ADDR + 8) as u32, 2);
+            let at = BOOT_INFO_ADDR + RAM_RANGES_OFFSET as u64;
+            assert_eq!(read(g, at) as u32, 2, "two ranges");
+            assert_eq!((read(g, at + 8), read(g, at + 16)), (0, 3 * GIB));
+            assert_eq!(
+                (read(g, at + 24), read(g, at + 32)),
+                (4 * GIB, mem_size - 3 * GIB)
+            );
+            assert_eq!(read(g, at + 40), 0, "no third range");
+        }
+        // A small guest: one range, the first 4 GiB mapped as always.
+        let m = crate::memory::Memory::new(16 << 20).unwrap();
+        let g = m.guest_memory();
+        load_builtin_guest(g, &tiny_elf(0x800, 0x4000, HEADER_MAGIC), &params()).unwrap();
+        let at = BOOT_INFO_ADDR + RAM_RANGES_OFFSET as u64;
+        assert_eq!(read(g, at) as u32, 1);
+        assert_eq!((read(g, at + 8), read(g, at + 16)), (0, 16 << 20));
+        assert_eq!(read(g, PDPT_ADDR + 4 * 8), 0);
+        assert_eq!(pde(g, GIB), GIB | 0x87, "[mem, 3 GiB) mapped as before");
     }
 
     #[test]

@@ -180,16 +180,22 @@ pub fn describe_error(e: &dyn std::error::Error) -> String {
 
 /// Indices of the set bits of a page bitmap, ascending.
 pub fn bitmap_pages(bitmap: &[u64]) -> impl Iterator<Item = usize> + '_ {
-    bitmap.iter().enumerate().flat_map(|(w, &bits)| {
-        let mut b = bits;
-        std::iter::from_fn(move || {
-            (b != 0).then(|| {
-                let i = b.trailing_zeros() as usize;
-                b &= b - 1;
-                w * 64 + i
+    // Zero words skipped before the per-word iterator is built: a big guest's bitmap is
+    // mostly zeros (65536 words at 16 GiB, a few dozen set per epoch).
+    bitmap
+        .iter()
+        .enumerate()
+        .filter(|(_, &bits)| bits != 0)
+        .flat_map(|(w, &bits)| {
+            let mut b = bits;
+            std::iter::from_fn(move || {
+                (b != 0).then(|| {
+                    let i = b.trailing_zeros() as usize;
+                    b &= b - 1;
+                    w * 64 + i
+                })
             })
         })
-    })
 }
 
 /// Runs of consecutive set bits of a page bitmap, ascending: `(first page, page count)`.
@@ -275,6 +281,9 @@ pub struct Vmm {
     disks: Vec<DiskDevice>,
     events_tx: Sender<VmEvent>,
     events_rx: Mutex<Receiver<VmEvent>>,
+    /// The lazy restore loading this VM's memory, while it runs (see [`lazy`]); dropped
+    /// before the memory it holds a view of.
+    loader: Option<lazy::Loader>,
     vm: Vm,
     memory: Memory,
     /// Generations of dirty tracking, and the lock that makes a harvest one step.
@@ -283,8 +292,6 @@ pub struct Vmm {
     /// The layer the next incremental snapshot is taken on (see [`snapshot`]).
     last_snapshot: Option<snapshot::LastLayer>,
     started: bool,
-    /// The lazy restore loading this VM's memory, while it runs (see [`lazy`]).
-    loader: Option<lazy::Loader>,
 }
 
 /// The NIC: the device, its TAP and, while running, its RX worker.

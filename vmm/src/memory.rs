@@ -1,10 +1,24 @@
-//! Guest memory: one memfd-backed region starting at guest physical address 0.
+//! Guest memory: one memfd, mapped once into the VMM and shown to the guest as one or two
+//! RAM ranges around the MMIO hole.
+//!
+//! **Page index** means a page's offset in the memfd (`index × 4096`), never a guest
+//! physical address: checkpoints, the replication protocol, replicas and snapshot memory
+//! files all count pages that way, so a guest's RAM is one contiguous array of pages
+//! whatever its guest-physical layout. Only this module turns one into the other
+//! ([`RamMap`]): pages `[0, 3 GiB)` of the file sit at GPA 0, pages from 3 GiB on at GPA
+//! 4 GiB, past the MMIO hole ([`crate::layout::HIGH_RAM_START`]). KVM sees one memory slot
+//! per range; its per-slot dirty logs are concatenated into one page-index bitmap
+//! ([`RamMap::concat`]) and split again to clear them ([`RamMap::split`]).
 //!
 //! The memfd lets a checkpoint read pages without going through the VMM's mapping and lets a
-//! replica be mapped by a restored VM without a copy. Every write the VMM itself makes
-//! through [`GuestMem`] is recorded in the region's [`AtomicBitmap`]: KVM's dirty log only
-//! sees writes made by the guest, so the checkpoint engine ORs this bitmap into KVM's
-//! (virtio RX buffers and used rings are written here).
+//! replica be mapped by a restored VM without a copy. The VMM maps it once, contiguously
+//! (page index `i` at [`Memory::host_address`] + `i × 4096`), and each guest range is a
+//! window into that mapping. Every write the VMM itself makes through [`GuestMem`] or
+//! [`Memory::pages`] is recorded in a [`DirtyBitmap`] (one per range for the devices'
+//! view, one for the contiguous view; a harvest of one costs what was written, not the
+//! size of RAM): KVM's dirty log only sees writes made by the guest,
+//! so the checkpoint engine ORs these into KVM's (virtio RX buffers and used rings are
+//! written here).
 //!
 //! Guest RAM is never handed out as `&[u8]`: the guest (or a device worker) may write it
 //! while it is read, which a Rust reference forbids. Pages are reached as vm-memory
@@ -16,28 +30,165 @@
 
 use std::ffi::CStr;
 use std::fs::File;
+use std::mem::ManuallyDrop;
 use std::os::fd::{AsRawFd, FromRawFd};
+use std::sync::Arc;
 
-use vm_memory::bitmap::{AtomicBitmap, BS};
+use twin_devices::dirty_bitmap::DirtyBitmap;
+use vm_memory::bitmap::BS;
+use vm_memory::mmap::MmapRegion;
 use vm_memory::VolatileMemoryError;
-use vm_memory::{
-    FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress,
-    VolatileSlice, WriteVolatile,
-};
+use vm_memory::{FileOffset, GuestAddress, VolatileMemory, VolatileSlice, WriteVolatile};
+
+use crate::layout::{HIGH_RAM_START, MMIO_HOLE_START};
 
 /// Guest memory as the whole VMM sees it: dirty-tracked mmap regions (the devices' type).
 pub use twin_devices::GuestMem;
 /// One region of [`GuestMem`].
-pub type GuestRegion = vm_memory::GuestRegionMmap<AtomicBitmap>;
+pub type GuestRegion = vm_memory::GuestRegionMmap<DirtyBitmap>;
 /// Guest RAM as volatile memory: what [`Memory::pages`] gives out. Writes through it are
 /// recorded in the VMM's dirty bitmap.
-pub type GuestSlice<'a> = VolatileSlice<'a, BS<'a, AtomicBitmap>>;
+pub type GuestSlice<'a> = VolatileSlice<'a, BS<'a, DirtyBitmap>>;
 
 /// Size of a guest page, the unit of dirty tracking and of checkpoint transfer.
 pub const PAGE_SIZE: usize = 4096;
 
-/// Largest RAM the built-in guest layout supports: RAM ends where the MMIO hole begins.
-pub const MAX_MEM_SIZE: u64 = crate::layout::MMIO_HOLE_START;
+/// Largest guest RAM: 64 GiB (GPA up to 65 GiB). What bounds it, loosest first: the page
+/// directories of the guest's identity map must fit between [`crate::layout::PD_ADDR`] and
+/// the image (238 GiB of guest-physical space); the VMM keeps about 2.4 bytes per page of
+/// bookkeeping whatever the guest touches (the hot-page state, [`crate::hot`], 2 bytes; its
+/// own dirty bitmaps and KVM's, a bit each: ~40 MiB at 64 GiB), and the primary's initial
+/// sync names every hole as a zero page (8 bytes each on the wire: 128 MiB at 64 GiB);
+/// and a replica must have room for all of it on the backup (`backup::replica::check_room`).
+/// Tested at 16 GiB.
+pub const MAX_MEM_SIZE: u64 = 64 << 30;
+
+const _: () = assert!(
+    (MMIO_HOLE_START as usize / PAGE_SIZE) % 64 == 0,
+    "the low range ends on a bitmap word, so per-slot bitmaps concatenate word by word"
+);
+const _: () = assert!(
+    HIGH_RAM_START + MAX_MEM_SIZE - MMIO_HOLE_START <= crate::layout::IDENTITY_MAP_MAX,
+    "the page directories of the largest guest fit below the image"
+);
+
+/// One contiguous range of guest RAM: `pages` pages of the memfd from page index
+/// `first_page`, at guest physical address `gpa`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RamRange {
+    pub gpa: u64,
+    pub first_page: usize,
+    pub pages: usize,
+}
+
+impl RamRange {
+    /// Bytes in the range.
+    pub fn size(&self) -> u64 {
+        (self.pages * PAGE_SIZE) as u64
+    }
+
+    /// Offset of the range's first byte in the memfd.
+    pub fn file_offset(&self) -> u64 {
+        (self.first_page * PAGE_SIZE) as u64
+    }
+
+    /// The first guest physical address after the range.
+    pub fn gpa_end(&self) -> u64 {
+        self.gpa + self.size()
+    }
+}
+
+/// Where the pages of a guest RAM of some size sit in guest physical memory, and the
+/// translation between page indices and guest physical addresses: the one place that knows
+/// (see the module documentation).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RamMap {
+    ranges: Vec<RamRange>,
+    pages: usize,
+}
+
+impl RamMap {
+    /// The layout of `size` bytes of RAM (a multiple of the page size): the first 3 GiB at
+    /// GPA 0, the rest from GPA 4 GiB.
+    pub fn new(size: u64) -> Self {
+        let pages = (size as usize) / PAGE_SIZE;
+        let low = pages.min(MMIO_HOLE_START as usize / PAGE_SIZE);
+        let mut ranges = vec![RamRange {
+            gpa: 0,
+            first_page: 0,
+            pages: low,
+        }];
+        if pages > low {
+            ranges.push(RamRange {
+                gpa: HIGH_RAM_START,
+                first_page: low,
+                pages: pages - low,
+            });
+        }
+        RamMap { ranges, pages }
+    }
+
+    /// The ranges, in page-index order (which is also GPA order).
+    pub fn ranges(&self) -> &[RamRange] {
+        &self.ranges
+    }
+
+    /// Pages of RAM in all.
+    pub fn page_count(&self) -> usize {
+        self.pages
+    }
+
+    /// The range holding page `index`.
+    fn range_of(&self, index: usize) -> Option<&RamRange> {
+        self.ranges
+            .iter()
+            .find(|r| (r.first_page..r.first_page + r.pages).contains(&index))
+    }
+
+    /// Guest physical address of page `index`, if it is RAM.
+    pub fn gpa(&self, index: usize) -> Option<u64> {
+        let r = self.range_of(index)?;
+        Some(r.gpa + ((index - r.first_page) * PAGE_SIZE) as u64)
+    }
+
+    /// Page index of the page holding guest physical address `gpa`, if it is RAM.
+    pub fn page(&self, gpa: u64) -> Option<usize> {
+        let r = self
+            .ranges
+            .iter()
+            .find(|r| (r.gpa..r.gpa_end()).contains(&gpa))?;
+        Some(r.first_page + ((gpa - r.gpa) as usize) / PAGE_SIZE)
+    }
+
+    /// Cuts a page-index bitmap (one bit per page, u64 words) into each range's own bitmap
+    /// (bit 0 = the range's first page), as KVM's per-slot calls take it. Every range
+    /// starts on a word (3 GiB is 12288 words), so each part is a sub-slice; a bitmap
+    /// shorter than RAM gives shorter (possibly empty) parts, extra words are ignored.
+    pub fn split<'a>(&'a self, bitmap: &'a [u64]) -> impl Iterator<Item = (RamRange, &'a [u64])> {
+        self.ranges.iter().map(move |r| {
+            let first = (r.first_page / 64).min(bitmap.len());
+            let end = (r.first_page + r.pages).div_ceil(64).min(bitmap.len());
+            (*r, &bitmap[first..end])
+        })
+    }
+
+    /// The inverse of [`RamMap::split`]: one page-index bitmap from the ranges' bitmaps,
+    /// in range order. Each part is cut or zero-padded to its range's words (KVM and
+    /// vm-memory size them so already), so a short part cannot shift the next range's
+    /// pages onto wrong indices.
+    pub fn concat(&self, parts: impl IntoIterator<Item = Vec<u64>>) -> Vec<u64> {
+        let mut out = Vec::with_capacity(self.pages.div_ceil(64));
+        let mut parts = parts.into_iter();
+        for r in &self.ranges {
+            let words = r.pages.div_ceil(64);
+            let part = parts.next().unwrap_or_default();
+            let take = part.len().min(words);
+            out.extend_from_slice(&part[..take]);
+            out.resize(out.len() + words - take, 0);
+        }
+        out
+    }
+}
 
 /// Errors creating guest memory.
 #[derive(Debug, thiserror::Error)]
@@ -55,7 +206,9 @@ pub enum MemoryError {
         source: std::io::Error,
     },
     #[error("mapping guest memory failed")]
-    Map(#[source] vm_memory::mmap::FromRangesError),
+    Map(#[source] vm_memory::mmap::MmapRegionError),
+    #[error("describing guest RAM range at GPA {gpa:#x} to vm-memory failed")]
+    Region { gpa: u64 },
     #[error("pages {first}..{} are not inside guest memory", first + count)]
     Range { first: usize, count: usize },
     #[error("copying guest memory failed")]
@@ -64,7 +217,16 @@ pub enum MemoryError {
 
 /// Guest RAM together with the file that backs it.
 pub struct Memory {
+    /// The devices' view: one region per [`RamRange`], each a window into `whole`.
     mem: GuestMem,
+    /// The regions of `mem`, to tell at drop whether anyone still holds one.
+    regions: Vec<Arc<GuestRegion>>,
+    /// The whole memfd mapped once (page index `i` at offset `i × PAGE_SIZE`): the
+    /// contiguous view [`Memory::pages`] gives out; its bitmap records writes through it.
+    /// It owns the mapping the regions point into, so it is unmapped only once no region
+    /// is left (see `Drop`).
+    whole: ManuallyDrop<MmapRegion<DirtyBitmap>>,
+    map: RamMap,
     file: File,
     size: u64,
     /// A lazy restore still loading this memory: until it completes, a hole of the memfd
@@ -73,7 +235,8 @@ pub struct Memory {
 }
 
 impl Memory {
-    /// Creates `size` bytes of zeroed guest RAM at GPA 0, backed by a new memfd.
+    /// Creates `size` bytes of zeroed guest RAM, backed by a new memfd and laid out as
+    /// [`RamMap::new`] says.
     pub fn new(size: u64) -> Result<Self, MemoryError> {
         if size == 0 || size % (2 << 20) != 0 {
             return Err(MemoryError::BadSize(size));
@@ -95,23 +258,42 @@ impl Memory {
         let file = unsafe { File::from_raw_fd(fd) };
         file.set_len(size)
             .map_err(|source| MemoryError::Truncate { size, source })?;
-        let mem = Self::map(&file, size)?;
+        let clone = file.try_clone().map_err(MemoryError::Memfd)?;
+        // MAP_SHARED | MAP_NORESERVE, read-write: the memfd is sparse, a page costs memory
+        // only once touched.
+        let whole = MmapRegion::<DirtyBitmap>::from_file(FileOffset::new(clone, 0), size as usize)
+            .map_err(MemoryError::Map)?;
+        let map = RamMap::new(size);
+        let mut regions = Vec::with_capacity(map.ranges().len());
+        for r in map.ranges() {
+            let region_err = MemoryError::Region { gpa: r.gpa };
+            // SAFETY: `r` lies inside the file (RamMap covers exactly `size` bytes), so
+            // `[base + offset, + r.size())` lies inside `whole`'s live mapping, page-aligned;
+            // prot and flags are `whole`'s. The region does not own the mapping: `whole`
+            // outlives every region (`Drop` unmaps only when no region is left).
+            let mapping = unsafe {
+                MmapRegion::<DirtyBitmap>::build_raw(
+                    whole.as_ptr().add(r.file_offset() as usize),
+                    r.size() as usize,
+                    whole.prot(),
+                    whole.flags(),
+                )
+            }
+            .map_err(MemoryError::Map)?;
+            let region = GuestRegion::new(mapping, GuestAddress(r.gpa)).ok_or(region_err)?;
+            regions.push(Arc::new(region));
+        }
+        let mem = GuestMem::from_arc_regions(regions.clone())
+            .map_err(|_| MemoryError::Region { gpa: 0 })?;
         Ok(Memory {
             mem,
+            regions,
+            whole: ManuallyDrop::new(whole),
+            map,
             file,
             size,
             pending: std::sync::Mutex::new(None),
         })
-    }
-
-    fn map(file: &File, size: u64) -> Result<GuestMem, MemoryError> {
-        let clone = file.try_clone().map_err(MemoryError::Memfd)?;
-        GuestMem::from_ranges_with_files([(
-            GuestAddress(0),
-            size as usize,
-            Some(FileOffset::new(clone, 0)),
-        )])
-        .map_err(MemoryError::Map)
     }
 
     pub fn guest_memory(&self) -> &GuestMem {
@@ -132,6 +314,7 @@ impl Memory {
 
     /// Where guest RAM is mapped in this process: (first page, host address, pages) per
     /// region, in page order (what a lazy restore registers with userfaultfd).
+    /// The memfd is mapped contiguously (see [`Memory::host_address`]): one span.
     pub fn host_spans(&self) -> Vec<(usize, usize, usize)> {
         vec![(0, self.host_address() as usize, self.page_count())]
     }
@@ -154,13 +337,24 @@ impl Memory {
         }
     }
 
-    /// Host address of the mapping of GPA 0, for `KVM_SET_USER_MEMORY_REGION`.
-    pub fn host_address(&self) -> u64 {
-        self.region().as_ptr() as u64
+    /// Where the pages are in guest physical memory (page index <-> GPA).
+    pub fn ram_map(&self) -> &RamMap {
+        &self.map
     }
 
-    fn region(&self) -> &GuestRegion {
-        self.mem.iter().next().expect("guest memory has one region")
+    /// Host address of page index 0: the memfd is mapped contiguously, page index `i` at
+    /// this address + `i × PAGE_SIZE` (a range's host address, for
+    /// `KVM_SET_USER_MEMORY_REGION`, is this plus its [`RamRange::file_offset`]).
+    pub fn host_address(&self) -> u64 {
+        self.whole.as_ptr() as u64
+    }
+
+    /// Each RAM range with the host address of its first page.
+    pub fn host_ranges(&self) -> impl Iterator<Item = (RamRange, u64)> + '_ {
+        self.map
+            .ranges()
+            .iter()
+            .map(|r| (*r, self.host_address() + r.file_offset()))
     }
 
     /// Pages `first..first + count` as volatile memory, to copy from or into with
@@ -179,9 +373,9 @@ impl Memory {
         {
             return Err(range);
         }
-        self.region()
-            .get_slice(MemoryRegionAddress(off as u64), len)
-            .map_err(|_| range)
+        // The contiguous view: a run of pages may span the MMIO hole in guest physical
+        // terms and still be one slice here.
+        self.whole.get_slice(off, len).map_err(|_| range)
     }
 
     /// Appends the contents of the pages set in `bitmap` (one bit per page, u64 words, as
@@ -219,7 +413,7 @@ impl Memory {
     /// A copy of the whole of guest RAM (tests and tools compare memories with it).
     pub fn to_vec(&self) -> Vec<u8> {
         let mut out = Vec::new();
-        out.write_all_volatile(&self.region().as_volatile_slice().expect("the whole region"))
+        out.write_all_volatile(&self.whole.as_volatile_slice())
             .expect("a Vec takes any number of bytes");
         out
     }
@@ -286,10 +480,18 @@ impl Memory {
         Ok(true)
     }
 
-    /// Takes the VMM's own dirty bitmap (one bit per page, u64 words, like KVM's log) and
-    /// clears it.
+    /// Takes the VMM's own dirty bitmap (one bit per page index, u64 words, like KVM's
+    /// log) and clears it: the writes through the devices' regions (their bitmaps
+    /// concatenated in page-index order) and through [`Memory::pages`].
     pub fn take_vmm_dirty_bitmap(&self) -> Vec<u64> {
-        self.region().get_mmap().bitmap().get_and_reset()
+        let mut out = vec![0u64; self.page_count().div_ceil(64)];
+        for (region, r) in self.regions.iter().zip(self.map.ranges()) {
+            // Each range starts on a bitmap word (see `RamMap::split`).
+            let part = &mut out[r.first_page / 64..(r.first_page + r.pages).div_ceil(64)];
+            region.get_mmap().bitmap().take_into(part);
+        }
+        self.whole.bitmap().take_into(&mut out);
+        out
     }
 
     /// Marks the pages set in `bitmap` (one bit per page, u64 words, as
@@ -299,11 +501,10 @@ impl Memory {
     /// end of guest RAM are ignored. Safe while the guest runs: setting a bit races nothing
     /// (the page is at worst reported once more than needed).
     pub fn mark_vmm_dirty(&self, bitmap: &[u64]) {
-        let mmap = self.region().get_mmap();
-        let bm = mmap.bitmap();
-        let pages = self.page_count();
-        for p in crate::bitmap_pages(bitmap).take_while(|&p| p < pages) {
-            bm.set_addr_range(p * PAGE_SIZE, PAGE_SIZE);
+        // Into the contiguous view's bitmap: it counts page indices directly.
+        let bm = self.whole.bitmap();
+        for (first, count) in crate::bitmap_runs(bitmap) {
+            bm.mark_pages(first, count); // clipped to RAM
         }
     }
 
@@ -367,6 +568,32 @@ impl Memory {
     /// Raw fd of the backing memfd.
     pub fn raw_fd(&self) -> i32 {
         self.file.as_raw_fd()
+    }
+}
+
+impl Drop for Memory {
+    /// Unmaps the memfd once no region into it is left. Device workers hold clones of
+    /// [`GuestMem`] (hence of the regions, which point into `whole` without owning it);
+    /// they are stopped before the memory is dropped, but if one still held a region the
+    /// mapping is leaked instead: a warning and some address space, not a use after free.
+    fn drop(&mut self) {
+        drop(std::mem::take(&mut self.mem));
+        let held = self
+            .regions
+            .iter()
+            .any(|r| Arc::strong_count(r) > 1 || Arc::strong_count(&r.get_mmap()) > 2);
+        self.regions.clear();
+        if held {
+            tracing::warn!(
+                size = self.size,
+                "guest memory dropped while a device still holds a region of it: mapping leaked"
+            );
+            return;
+        }
+        // SAFETY: `whole` is dropped once, here; no region into it is left (nobody else held
+        // one, checked above, and ours were just dropped), and no slice of it outlives
+        // `self` (they borrow it).
+        unsafe { ManuallyDrop::drop(&mut self.whole) };
     }
 }
 
@@ -517,8 +744,204 @@ mod tests {
         assert!(matches!(Memory::new(0), Err(MemoryError::BadSize(0))));
         assert!(matches!(Memory::new(3 << 20), Err(MemoryError::BadSize(_))));
         assert!(matches!(
-            Memory::new(8 << 30),
+            Memory::new(MAX_MEM_SIZE + (2 << 20)),
             Err(MemoryError::TooLarge { .. })
         ));
+    }
+
+    const GIB: u64 = 1 << 30;
+    const LOW_PAGES: usize = (3 * GIB) as usize / PAGE_SIZE;
+
+    #[test]
+    fn ram_up_to_3_gib_is_one_range_at_gpa_0() {
+        for size in [2 << 20, 256 << 20, 3 * GIB] {
+            let m = RamMap::new(size);
+            let pages = size as usize / PAGE_SIZE;
+            assert_eq!(
+                m.ranges(),
+                [RamRange {
+                    gpa: 0,
+                    first_page: 0,
+                    pages
+                }]
+            );
+            assert_eq!(m.gpa(0), Some(0));
+            assert_eq!(m.gpa(pages - 1), Some(size - PAGE_SIZE as u64));
+            assert_eq!(m.gpa(pages), None);
+            assert_eq!(m.page(size - 1), Some(pages - 1));
+            assert_eq!(m.page(size), None);
+        }
+    }
+
+    #[test]
+    fn ram_past_3_gib_continues_above_the_mmio_hole() {
+        let m = RamMap::new(16 * GIB);
+        assert_eq!(m.page_count(), (16 * GIB) as usize / PAGE_SIZE);
+        assert_eq!(
+            m.ranges(),
+            [
+                RamRange {
+                    gpa: 0,
+                    first_page: 0,
+                    pages: LOW_PAGES
+                },
+                RamRange {
+                    gpa: 4 * GIB,
+                    first_page: LOW_PAGES,
+                    pages: (13 * GIB) as usize / PAGE_SIZE
+                }
+            ]
+        );
+        assert_eq!(m.ranges()[1].file_offset(), 3 * GIB);
+        assert_eq!(m.ranges()[1].gpa_end(), 17 * GIB);
+        // Page index -> GPA: the last page below the hole, the first above it, the last.
+        assert_eq!(m.gpa(LOW_PAGES - 1), Some(3 * GIB - 4096));
+        assert_eq!(m.gpa(LOW_PAGES), Some(4 * GIB));
+        assert_eq!(m.gpa(m.page_count() - 1), Some(17 * GIB - 4096));
+        assert_eq!(m.gpa(m.page_count()), None);
+        // GPA -> page index, and nothing in the hole or past the end.
+        assert_eq!(m.page(3 * GIB - 1), Some(LOW_PAGES - 1));
+        assert_eq!(m.page(3 * GIB), None);
+        assert_eq!(m.page(4 * GIB - 1), None);
+        assert_eq!(m.page(4 * GIB + 4095), Some(LOW_PAGES));
+        assert_eq!(m.page(17 * GIB - 1), Some(m.page_count() - 1));
+        assert_eq!(m.page(17 * GIB), None);
+        assert_eq!(m.page(u64::MAX), None);
+        for p in [
+            0,
+            1,
+            LOW_PAGES - 1,
+            LOW_PAGES,
+            LOW_PAGES + 12345,
+            m.page_count() - 1,
+        ] {
+            assert_eq!(m.page(m.gpa(p).unwrap()), Some(p), "page {p} round trip");
+        }
+    }
+
+    #[test]
+    fn slot_bitmaps_concatenate_into_page_indices_and_split_back() {
+        // 3 GiB + 4 MiB: 12288 words below the hole, 16 above.
+        let m = RamMap::new(3 * GIB + (4 << 20));
+        let low_words = LOW_PAGES / 64;
+        let mut low = vec![0u64; low_words];
+        let mut high = vec![0u64; 16];
+        low[0] = 1; // page 0
+        low[low_words - 1] = 1 << 63; // the last page below the hole
+        high[0] = 0b101; // the first and third pages above it
+        high[15] = 1 << 63; // the last page of RAM
+        let all = m.concat([low.clone(), high.clone()]);
+        assert_eq!(all.len(), low_words + 16);
+        let pages: Vec<usize> = crate::bitmap_pages(&all).collect();
+        assert_eq!(
+            pages,
+            vec![
+                0,
+                LOW_PAGES - 1,
+                LOW_PAGES,
+                LOW_PAGES + 2,
+                m.page_count() - 1
+            ]
+        );
+        let gpas: Vec<u64> = pages.iter().map(|&p| m.gpa(p).unwrap()).collect();
+        assert_eq!(
+            gpas,
+            vec![
+                0,
+                3 * GIB - 4096,
+                4 * GIB,
+                4 * GIB + 2 * 4096,
+                4 * GIB + (4 << 20) - 4096
+            ]
+        );
+        let parts: Vec<(RamRange, &[u64])> = m.split(&all).collect();
+        assert_eq!(parts.len(), 2);
+        assert_eq!(parts[0].1, &low[..]);
+        assert_eq!(parts[1].1, &high[..]);
+        assert_eq!(parts[1].0.first_page, LOW_PAGES);
+        // A short part is padded, so the next range's pages keep their indices; a long one
+        // is cut. A short bitmap splits into short parts.
+        let padded = m.concat([
+            vec![1],
+            vec![1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17],
+        ]);
+        assert_eq!(padded.len(), low_words + 16);
+        assert_eq!(padded[low_words], 1);
+        assert_eq!(padded[low_words + 15], 16);
+        let short: Vec<usize> = m.split(&all[..10]).map(|(_, p)| p.len()).collect();
+        assert_eq!(short, vec![10, 0]);
+    }
+
+    #[test]
+    fn ram_above_the_hole_is_the_same_file_and_tracked_by_page_index() {
+        // Sparse: only the pages written here are allocated.
+        let m = Memory::new(4 * GIB).unwrap();
+        assert_eq!(
+            vm_memory::GuestMemoryBackend::num_regions(m.guest_memory()),
+            2
+        );
+        let hi = LOW_PAGES + 7;
+        // A device writes at GPA 4 GiB + 7 pages: page index 3 GiB / 4096 + 7.
+        m.guest_memory()
+            .write_obj(0x55u8, GuestAddress(4 * GIB + 7 * PAGE_SIZE as u64))
+            .unwrap();
+        m.guest_memory()
+            .write_obj(0x66u8, GuestAddress(3 * GIB - 1))
+            .unwrap();
+        assert!(
+            m.guest_memory()
+                .write_obj(0u8, GuestAddress(3 * GIB))
+                .is_err(),
+            "the hole is not RAM"
+        );
+        let mut page = [0u8; PAGE_SIZE];
+        m.read_page(hi, &mut page).unwrap();
+        assert_eq!(page[0], 0x55);
+        m.read_page(LOW_PAGES - 1, &mut page).unwrap();
+        assert_eq!(page[PAGE_SIZE - 1], 0x66);
+        // The contiguous view spans the hole: one slice over the last low and first high
+        // page.
+        let two = m.pages(LOW_PAGES - 1, 2).unwrap();
+        assert_eq!(two.len(), 2 * PAGE_SIZE);
+        // Written through the contiguous view: tracked by index too.
+        let far = m.page_count() - 1;
+        m.pages(far, 1).unwrap().write_obj(9u64, 0).unwrap();
+        let bm = m.take_vmm_dirty_bitmap();
+        assert_eq!(bm.len(), m.page_count() / 64);
+        let set: Vec<usize> = crate::bitmap_pages(&bm).collect();
+        assert_eq!(set, vec![LOW_PAGES - 1, hi, far]);
+        // Given back, they come back at the same indices.
+        m.mark_vmm_dirty(&bm);
+        assert_eq!(m.take_vmm_dirty_bitmap(), bm);
+        // The backup's write path and the file agree on where the page is.
+        assert!(m.write_page(far as u64, &[3u8; PAGE_SIZE]));
+        assert_eq!(
+            m.guest_memory()
+                .read_obj::<u8>(GuestAddress(5 * GIB - 1))
+                .unwrap(),
+            3
+        );
+        let ranges = m.data_ranges().unwrap();
+        for p in [LOW_PAGES - 1, hi, far] {
+            assert!(ranges.iter().any(|r| r.contains(&p)), "{p} in {ranges:?}");
+        }
+        assert!(m.resident_bytes().unwrap() < 64 << 20, "sparse");
+        assert!(m.zero_pages(&[hi as u64]).unwrap());
+        assert_eq!(
+            m.guest_memory()
+                .read_obj::<u8>(GuestAddress(4 * GIB + 7 * PAGE_SIZE as u64))
+                .unwrap(),
+            0
+        );
+    }
+
+    #[test]
+    fn a_region_held_past_the_memory_keeps_its_mapping() {
+        let m = Memory::new(4 * GIB).unwrap();
+        let held = m.guest_memory().clone();
+        drop(m);
+        // The mapping was leaked, not unmapped: the clone still reads RAM.
+        held.write_obj(1u8, GuestAddress(4 * GIB)).unwrap();
+        assert_eq!(held.read_obj::<u8>(GuestAddress(4 * GIB)).unwrap(), 1);
     }
 }

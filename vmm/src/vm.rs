@@ -1,4 +1,5 @@
-//! The KVM VM: its fd, in-kernel irqchip and PIT, and the memory slot of guest RAM.
+//! The KVM VM: its fd, in-kernel irqchip and PIT, and the memory slots of guest RAM (one
+//! per [`crate::memory::RamRange`]: below the MMIO hole and above it).
 
 use std::io;
 use std::sync::Arc;
@@ -11,7 +12,7 @@ use kvm_ioctls::{Kvm, VmFd};
 use vmm_sys_util::ioctl::ioctl_with_ref;
 use vmm_sys_util::ioctl_iowr_nr;
 
-use crate::memory::Memory;
+use crate::memory::{Memory, RamMap};
 use twin_devices::interrupt::{MsiMessage, MsiSender};
 
 /// Errors creating or configuring the KVM VM.
@@ -43,7 +44,8 @@ pub enum VmError {
     },
 }
 
-/// Slot number of guest RAM.
+/// Slot number of the first RAM range (at GPA 0); range `i` of the [`RamMap`] is slot
+/// `RAM_SLOT + i`.
 pub const RAM_SLOT: u32 = 0;
 
 /// `KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE`: `KVM_GET_DIRTY_LOG` stops write-protecting what it
@@ -63,8 +65,11 @@ ioctl_iowr_nr!(
 pub struct Vm {
     kvm: Kvm,
     fd: Arc<VmFd>,
-    /// The RAM slot; behind a lock because dirty logging is toggled on a shared VM.
-    ram: std::sync::Mutex<kvm_userspace_memory_region>,
+    /// The RAM slots, in page-index order; behind a lock because dirty logging is toggled on
+    /// a shared VM.
+    ram: std::sync::Mutex<Vec<kvm_userspace_memory_region>>,
+    /// Which page indices each slot holds: dirty logs are per slot, harvests per page index.
+    map: RamMap,
     /// `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2` is on: reading the dirty log protects nothing,
     /// [`Vm::clear_dirty_log`] does (see [`crate::hot`]).
     manual_protect: bool,
@@ -72,7 +77,7 @@ pub struct Vm {
 
 impl Vm {
     /// Opens `/dev/kvm`, creates the VM, the irqchip (PIC, IOAPIC, LAPICs) and PIT, and
-    /// registers `memory` as slot 0.
+    /// registers each range of `memory` as a slot.
     pub fn new(memory: &Memory) -> Result<Self, VmError> {
         let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
         let api = kvm.get_api_version();
@@ -100,18 +105,23 @@ impl Vm {
             };
             fd.enable_cap(&cap).map_err(VmError::ManualProtect)?;
         }
-        let ram = kvm_userspace_memory_region {
-            slot: RAM_SLOT,
-            flags: 0,
-            guest_phys_addr: 0,
-            memory_size: memory.size(),
-            userspace_addr: memory.host_address(),
-        };
-        Self::set_region(&fd, ram)?;
+        let mut ram = Vec::new();
+        for (i, (range, host)) in memory.host_ranges().enumerate() {
+            let slot = kvm_userspace_memory_region {
+                slot: RAM_SLOT + i as u32,
+                flags: 0,
+                guest_phys_addr: range.gpa,
+                memory_size: range.size(),
+                userspace_addr: host,
+            };
+            Self::set_region(&fd, slot)?;
+            ram.push(slot);
+        }
         Ok(Vm {
             kvm,
             fd: Arc::new(fd),
             ram: std::sync::Mutex::new(ram),
+            map: memory.ram_map().clone(),
             manual_protect,
         })
     }
@@ -126,12 +136,30 @@ impl Vm {
     /// first guest write to a page after a harvest takes a fault.
     pub fn set_dirty_logging(&self, on: bool) -> Result<(), VmError> {
         let mut ram = self.ram.lock().expect("ram slot lock poisoned");
-        ram.flags = if on { KVM_MEM_LOG_DIRTY_PAGES } else { 0 };
-        Self::set_region(&self.fd, *ram)
+        let flags = if on { KVM_MEM_LOG_DIRTY_PAGES } else { 0 };
+        for i in 0..ram.len() {
+            let slot = kvm_userspace_memory_region { flags, ..ram[i] };
+            if let Err(e) = Self::set_region(&self.fd, slot) {
+                // Put back the slots already switched: logging stays as it was, on all
+                // slots or none.
+                for done in &ram[..i] {
+                    let _ = Self::set_region(&self.fd, *done);
+                }
+                return Err(e);
+            }
+        }
+        for slot in ram.iter_mut() {
+            slot.flags = flags;
+        }
+        Ok(())
     }
 
     pub fn dirty_logging(&self) -> bool {
-        self.ram.lock().expect("ram slot lock poisoned").flags & KVM_MEM_LOG_DIRTY_PAGES != 0
+        self.ram
+            .lock()
+            .expect("ram slot lock poisoned")
+            .first()
+            .is_some_and(|s| s.flags & KVM_MEM_LOG_DIRTY_PAGES != 0)
     }
 
     /// Whether harvests choose what to re-protect ([`Vm::clear_dirty_log`]); otherwise
@@ -140,44 +168,61 @@ impl Vm {
         self.manual_protect
     }
 
-    /// Re-protects the pages set in `bitmap` (one bit per page of guest RAM) and clears them
-    /// from the dirty log: the next write to each is logged again. Only with
-    /// [`Vm::manual_protect`]; a no-op otherwise.
+    /// Re-protects the pages set in `bitmap` (one bit per page index of guest RAM) and
+    /// clears them from the dirty log: the next write to each is logged again. Only with
+    /// [`Vm::manual_protect`]; a no-op otherwise. One call per slot that has a page set,
+    /// with that slot's part of the bitmap.
     pub fn clear_dirty_log(&self, bitmap: &[u64]) -> Result<(), VmError> {
         if !self.manual_protect || bitmap.iter().all(|&w| w == 0) {
             return Ok(());
         }
-        let size = self.ram.lock().expect("ram slot lock poisoned").memory_size;
-        let pages = size.div_ceil(4096);
-        let words = pages.div_ceil(64) as usize;
-        let mut bits = bitmap.to_vec();
-        bits.resize(words, 0);
-        let mut arg = kvm_clear_dirty_log {
-            slot: RAM_SLOT,
-            num_pages: pages as u32,
-            first_page: 0,
-            ..Default::default()
-        };
-        arg.__bindgen_anon_1.dirty_bitmap = bits.as_mut_ptr().cast();
-        // SAFETY: KVM_CLEAR_DIRTY_LOG reads `num_pages` bits from `dirty_bitmap`, which points
-        // at `bits`: `words` u64s = num_pages rounded up to 64 bits, alive and unaliased for
-        // the call. `first_page` 0 is 64-aligned, and `num_pages` covers the slot exactly (the
-        // kernel accepts a count that is not a multiple of 64 only when it reaches the slot's
-        // end, which it does). The kernel writes nothing back into `arg`.
-        let ret = unsafe { ioctl_with_ref(self.fd.as_ref(), KVM_CLEAR_DIRTY_LOG(), &arg) };
-        if ret < 0 {
-            return Err(VmError::ClearDirtyLog(io::Error::last_os_error()));
+        let ram = self.ram.lock().expect("ram slot lock poisoned");
+        for (slot, (range, part)) in ram.iter().zip(self.map.split(bitmap)) {
+            // Only the words from the first to the last with a page set: the kernel walks
+            // every word it is given, and a big guest's slot has tens of thousands.
+            let Some(first) = part.iter().position(|&w| w != 0) else {
+                continue;
+            };
+            let last = part.iter().rposition(|&w| w != 0).unwrap_or(first);
+            let first_page = first * 64;
+            let end_page = ((last + 1) * 64).min(range.pages);
+            let mut bits = part[first..=last].to_vec();
+            let mut arg = kvm_clear_dirty_log {
+                slot: slot.slot,
+                num_pages: u32::try_from(end_page - first_page).expect("a slot of at most 64 GiB"),
+                first_page: first_page as u64,
+                ..Default::default()
+            };
+            arg.__bindgen_anon_1.dirty_bitmap = bits.as_mut_ptr().cast();
+            // SAFETY: KVM_CLEAR_DIRTY_LOG reads `num_pages` bits from `dirty_bitmap`, which
+            // points at `bits`: `last - first + 1` u64s, at least num_pages rounded up to 64
+            // bits, alive and unaliased for the call. `first_page` is 64-aligned (a word
+            // boundary), and `num_pages` is whole words or reaches the slot's end (the only
+            // case where the kernel accepts a count that is not a multiple of 64); bits past
+            // the slot's end in the last word are never read. The kernel writes nothing back
+            // into `arg`.
+            let ret = unsafe { ioctl_with_ref(self.fd.as_ref(), KVM_CLEAR_DIRTY_LOG(), &arg) };
+            if ret < 0 {
+                return Err(VmError::ClearDirtyLog(io::Error::last_os_error()));
+            }
         }
         Ok(())
     }
 
     /// Pages the guest wrote since the previous call (with [`Vm::manual_protect`]: since
-    /// they were last cleared), one bit per page in u64 words.
+    /// they were last cleared), one bit per page index in u64 words: the slots' logs
+    /// concatenated in page-index order.
     pub fn take_dirty_log(&self) -> Result<Vec<u64>, VmError> {
-        let size = self.ram.lock().expect("ram slot lock poisoned").memory_size as usize;
-        self.fd
-            .get_dirty_log(RAM_SLOT, size)
-            .map_err(VmError::DirtyLog)
+        let ram = self.ram.lock().expect("ram slot lock poisoned");
+        let mut logs = Vec::with_capacity(ram.len());
+        for slot in ram.iter() {
+            logs.push(
+                self.fd
+                    .get_dirty_log(slot.slot, slot.memory_size as usize)
+                    .map_err(VmError::DirtyLog)?,
+            );
+        }
+        Ok(self.map.concat(logs))
     }
 
     pub fn kvm(&self) -> &Kvm {
