@@ -37,7 +37,7 @@ use std::time::{Duration, Instant};
 
 use crate::uffd::{Fill, Uffd};
 
-use crate::memory::{GuestMem, Memory, PAGE_SIZE};
+use crate::memory::{Memory, PAGE_SIZE};
 use crate::VmEvent;
 
 /// Pages the prefetcher reads and copies at once (a run of consecutive pages to load).
@@ -168,8 +168,6 @@ struct Shared {
     /// Where guest RAM is mapped: (first page, host address, pages), in page order.
     spans: Vec<(usize, usize, usize)>,
     pages: usize,
-    /// Keeps the mapping alive as long as a loader thread may copy into it.
-    _mem: GuestMem,
     source: Arc<dyn PageSource>,
     mode: RestoreMode,
     resident: Vec<AtomicU64>,
@@ -260,7 +258,6 @@ impl Loader {
             uffd,
             spans,
             pages,
-            _mem: memory.guest_memory().clone(),
             source,
             mode,
             resident: (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
@@ -312,6 +309,8 @@ impl Loader {
         if data_pages == 0 {
             shared.complete();
         }
+        // Whoever needs all of memory waits for the load; the memory's drop stops it.
+        memory.set_pending_load(LoadGate(shared.clone()));
         Ok(Loader { shared, threads })
     }
 
@@ -346,12 +345,6 @@ impl Loader {
         self.shared.wait()
     }
 
-    /// A waiter to hand to [`Memory::set_pending_load`].
-    pub fn gate(&self) -> LoadGate {
-        LoadGate(self.shared.clone())
-    }
-
-    /// Pages of a lazy load wait until the load completes; the owner of the VM asks.
     pub fn mode(&self) -> RestoreMode {
         self.shared.mode
     }
@@ -400,6 +393,11 @@ pub struct LoadGate(Arc<Shared>);
 impl LoadGate {
     pub fn wait(&self) -> Result<(), LazyError> {
         self.0.wait()
+    }
+
+    /// Ends the load where it is (its memory is going away).
+    pub fn stop(&self) {
+        self.0.fail_quietly();
     }
 }
 
@@ -561,9 +559,10 @@ impl Shared {
         let mut at = 0;
         let mut retries = 0;
         while at < count {
-            // SAFETY: source and destination are `count - at` pages inside `buf` and
-            // inside the registered range of guest memory (kept mapped by `_mem`; runs
-            // never cross a span, see `contiguous`).
+            // SAFETY: the source is `count - at` pages inside `buf`; the destination is
+            // checked by the kernel against the registered range (runs never cross a
+            // span, see `contiguous`): a range unmapped since (the memory dropped, which
+            // stops the load first) fails the copy, it never writes elsewhere.
             let r = unsafe {
                 self.uffd.copy(
                     buf[at * PAGE_SIZE..].as_ptr(),

@@ -553,7 +553,6 @@ impl Vmm {
     /// VM ([`VmEvent::MemoryLoadFailed`]), and whatever needs all of memory waits for it.
     pub fn attach_loader(&mut self, loader: lazy::Loader) {
         loader.report_failures_to(self.events_tx.clone());
-        self.memory.set_pending_load(loader.gate());
         self.loader = Some(loader);
     }
 

@@ -577,6 +577,11 @@ impl Drop for Memory {
     /// they are stopped before the memory is dropped, but if one still held a region the
     /// mapping is leaked instead: a warning and some address space, not a use after free.
     fn drop(&mut self) {
+        // A lazy restore still loading this memory stops first (quietly: the VM is gone);
+        // a copy of its that races the unmapping fails on an address no longer registered.
+        if let Some(gate) = self.pending.get_mut().ok().and_then(|p| p.take()) {
+            gate.stop();
+        }
         drop(std::mem::take(&mut self.mem));
         let held = self
             .regions
