@@ -27,6 +27,19 @@ impl Replica {
     }
 }
 
+/// The one way an epoch's delta pages read the replica: the page as of the last committed
+/// epoch (see [`twin_wire::BasePages`] for why that is what the primary deltas against).
+/// The replica's memory is written only when an epoch is applied, never while one is
+/// assembled, so its contents are the committed ones here.
+impl twin_wire::BasePages for Replica {
+    fn read_committed_page(&self, index: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        let index = usize::try_from(index).map_err(std::io::Error::other)?;
+        self.memory
+            .read_page(index, buf)
+            .map_err(std::io::Error::other)
+    }
+}
+
 /// One disk's replica: a sparse file under `--replica-dir`.
 pub struct ReplicaDisk {
     pub path: PathBuf,
