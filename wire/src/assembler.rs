@@ -689,12 +689,13 @@ impl EpochAssembler {
                 // Bounded: the batch has at most the pages `EpochBegin` announced, which
                 // is at most the VM's, as for raw pages.
                 let mut out = vec![0u8; ps];
-                decode_page(page.encoding, &page.data, base, &mut out)
-                    .map_err(|source| AssembleError::PageDecode {
+                decode_page(page.encoding, &page.data, base, &mut out).map_err(|source| {
+                    AssembleError::PageDecode {
                         epoch,
                         index,
                         source,
-                    })?;
+                    }
+                })?;
                 Bytes::from(out)
             };
             self.add_page(Page { index, data });
@@ -705,12 +706,7 @@ impl EpochAssembler {
     fn pages(&mut self, batch: Pages) -> Result<(), AssembleError> {
         let geometry = self.geometry;
         let epoch = batch.epoch;
-        self.open_for_pages(
-            FrameType::Pages,
-            epoch,
-            batch.page_size,
-            batch.pages.len(),
-        )?;
+        self.open_for_pages(FrameType::Pages, epoch, batch.page_size, batch.pages.len())?;
         for page in batch.pages {
             let index = page.index;
             if index >= geometry.page_count() {
@@ -1446,7 +1442,6 @@ mod disk_tests {
             .encode_message(&Message::DiskWrites(bad), &mut BytesMut::new())
             .is_err());
     }
-
 }
 
 #[cfg(test)]
@@ -1691,7 +1686,10 @@ mod compressed_tests {
     fn corrupt_or_unbased_encoded_pages_are_refused_and_the_epoch_discarded() {
         let mut base = Replica::default();
         base.0.insert(3, data(3, 1));
-        let pages = [(3u64, changed(&data(3, 1), 8, 64, 2)), (9, vec![0; PS as usize])];
+        let pages = [
+            (3u64, changed(&data(3, 1), 8, 64, 2)),
+            (9, vec![0; PS as usize]),
+        ];
         let msgs = compressed_msgs(1, &pages, &base, 8);
         let corrupt = |f: &dyn Fn(&mut EncodedPage)| -> Vec<EpochMessage> {
             msgs.iter()
@@ -1710,7 +1708,11 @@ mod compressed_tests {
         let cut = corrupt(&|p| p.data = p.data.slice(..p.data.len() - 1));
         assert!(matches!(
             feed_with(&mut a, cut, &base),
-            Err(AssembleError::PageDecode { epoch: 1, index: 3, .. })
+            Err(AssembleError::PageDecode {
+                epoch: 1,
+                index: 3,
+                ..
+            })
         ));
         assert_idle_at(&a, 1);
         // Garbage.
@@ -1794,7 +1796,10 @@ mod compressed_tests {
             p[at..at + 4].copy_from_slice(&v.to_le_bytes());
         };
         let malformed = |r: Result<Option<Message>, DecodeError>| {
-            matches!(r, Err(DecodeError::Malformed { .. }) | Err(DecodeError::Invalid { .. }))
+            matches!(
+                r,
+                Err(DecodeError::Malformed { .. }) | Err(DecodeError::Invalid { .. })
+            )
         };
         // A count far beyond the payload.
         assert!(malformed(decode_payload(&|p| set_u32(p, 12, u32::MAX))));
@@ -1804,8 +1809,14 @@ mod compressed_tests {
         assert!(malformed(decode_payload(&|p| p[16 + 8] = 7)));
         assert!(malformed(decode_payload(&|p| p[16 + 9] = 1)));
         // A raw page that is not a page long (length moved from the second entry).
-        let raw = batch.pages.iter().position(|p| p.encoding == PageEncoding::Raw);
-        let lz4 = batch.pages.iter().position(|p| p.encoding == PageEncoding::Lz4);
+        let raw = batch
+            .pages
+            .iter()
+            .position(|p| p.encoding == PageEncoding::Raw);
+        let lz4 = batch
+            .pages
+            .iter()
+            .position(|p| p.encoding == PageEncoding::Lz4);
         if let (Some(r), Some(l)) = (raw, lz4) {
             assert!(malformed(decode_payload(&|p| {
                 let (ra, la) = (16 + 16 * r + 12, 16 + 16 * l + 12);

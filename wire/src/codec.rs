@@ -11,10 +11,11 @@
 use crate::checksum::EpochChecksum;
 use crate::frame::{crc64, FrameHeader, HeaderError, DEFAULT_MAX_FRAME_LEN, HEADER_LEN};
 use crate::message::{
-    check_encoded_pages, check_page_size, Ack, CompressedPages, CompressedPagesRef, DiskExtent, DiskWrites, EpochBegin, EpochEnd, FrameType, Goodbye,
-    Heartbeat, Hello, HelloAck, Inbound, Message, Page, PageRef, Pages, PagesRef, Refuse, State,
-    StateRef, SyncDisk, SyncDone, SyncPages, SyncPagesRef, SyncZeroPages, ValidationError,
-    VmDescription, MAX_STATE_LEN, PROTOCOL_VERSION,
+    check_encoded_pages, check_page_size, Ack, CompressedPages, CompressedPagesRef, DiskExtent,
+    DiskWrites, EpochBegin, EpochEnd, FrameType, Goodbye, Heartbeat, Hello, HelloAck, Inbound,
+    Message, Page, PageRef, Pages, PagesRef, Refuse, State, StateRef, SyncDisk, SyncDone,
+    SyncPages, SyncPagesRef, SyncZeroPages, ValidationError, VmDescription, MAX_STATE_LEN,
+    PROTOCOL_VERSION,
 };
 use crate::message::{EncodedPage, EncodedPageRef};
 use crate::pagecodec::PageEncoding;

@@ -3,8 +3,8 @@
 //! end-to-end checksum while it copies the pages.
 
 use crate::checksum::EpochChecksum;
-use crate::codec::{EncodeError, FrameCodec};
 use crate::codec::COMPRESSED_ENTRY_LEN;
+use crate::codec::{EncodeError, FrameCodec};
 use crate::message::{
     CompressedPagesRef, DiskWrites, EncodedPageRef, EpochBegin, EpochEnd, Message, PageRef,
     PagesRef, StateRef,

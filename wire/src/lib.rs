@@ -30,12 +30,12 @@ pub use epoch_encoder::{EpochEncodeError, EpochEncoder};
 pub use frame::{FrameHeader, HeaderError, DEFAULT_MAX_FRAME_LEN, HEADER_LEN, MAGIC};
 pub use handshake::{AcceptPolicy, HandshakeError};
 pub use message::{
-    Ack, CompressedPages, CompressedPagesRef, DiskExtent, DiskWrites, EncodedPage, EncodedPageRef, EpochBegin, EpochEnd, FrameType, Geometry, GeometryError, Goodbye,
-    GoodbyeReason, Heartbeat, Hello, HelloAck, Inbound, Message, Page, PageRef, Pages, PagesRef,
-    Refuse, RefuseReason, Role, State, StateRef, SyncDisk, SyncDone, SyncPages, SyncPagesRef,
-    SyncZeroPages, ValidationError, VmDescription, VmId, DISK_SECTOR, MAX_CONFIG_LEN, MAX_DISKS,
-    MAX_DISK_DATA, MAX_INBOUND_FRAME, MAX_PAGE_SIZE, MAX_STATE_LEN, MAX_TEXT_LEN, MIN_PAGE_SIZE,
-    PROTOCOL_VERSION, SOFTWARE_VERSION,
+    Ack, CompressedPages, CompressedPagesRef, DiskExtent, DiskWrites, EncodedPage, EncodedPageRef,
+    EpochBegin, EpochEnd, FrameType, Geometry, GeometryError, Goodbye, GoodbyeReason, Heartbeat,
+    Hello, HelloAck, Inbound, Message, Page, PageRef, Pages, PagesRef, Refuse, RefuseReason, Role,
+    State, StateRef, SyncDisk, SyncDone, SyncPages, SyncPagesRef, SyncZeroPages, ValidationError,
+    VmDescription, VmId, DISK_SECTOR, MAX_CONFIG_LEN, MAX_DISKS, MAX_DISK_DATA, MAX_INBOUND_FRAME,
+    MAX_PAGE_SIZE, MAX_STATE_LEN, MAX_TEXT_LEN, MIN_PAGE_SIZE, PROTOCOL_VERSION, SOFTWARE_VERSION,
 };
 pub use pagecodec::{PageCodecError, PageEncoding};
 pub use sync::{SyncError, SyncTracker};

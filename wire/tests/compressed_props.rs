@@ -20,8 +20,8 @@ use proptest::prelude::*;
 use tokio_util::codec::Decoder;
 use twin_wire::pagecodec::{encode_lz4, encode_xor_lz4, max_lz4_len};
 use twin_wire::{
-    BasePages, EncodedPageRef, EpochAssembler, EpochBegin, EpochEncoder, EpochMessage,
-    FrameCodec, FrameHeader, Geometry, PageEncoding, PageRef, HEADER_LEN,
+    BasePages, EncodedPageRef, EpochAssembler, EpochBegin, EpochEncoder, EpochMessage, FrameCodec,
+    FrameHeader, Geometry, PageEncoding, PageRef, HEADER_LEN,
 };
 
 const PS: usize = 4096;
@@ -250,7 +250,10 @@ fn check(sent: &Sent, replica: &Replica, yielded: &[(u64, Vec<(u64, Vec<u8>)>)])
         0 => HashMap::new(),
         n => sent.memory[n - 1].clone(),
     };
-    assert_eq!(replica.0, expected, "the replica is the memory of its last epoch");
+    assert_eq!(
+        replica.0, expected,
+        "the replica is the memory of its last epoch"
+    );
 }
 
 proptest! {

@@ -667,6 +667,10 @@ mod tests {
             harvest_us: 20.0,
             copy_us: 10.0,
             eager: false,
+            dirty_bytes: 12288,
+            page_bytes: 12400,
+            encode_cpu_us: 30.0,
+            send_cpu_us: 20.0,
         };
         let events = [
             ev(
