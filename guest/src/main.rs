@@ -142,15 +142,19 @@ extern "C" fn twin_main(boot: *const BootInfo) -> ! {
             args.wss_bytes,
             args.dirty_bytes_per_sec,
             args.pattern,
+            args.wfrac,
+            args.wdata,
         )
     };
     println!(
-        "twin-guest: workload wss={}M ({} pages at {wss_base:#x}); dirty={} B/s ({} pages/s, {:?})",
+        "twin-guest: workload wss={}M ({} pages at {wss_base:#x}); dirty={} B/s ({} pages/s, {:?}); a write changes {}% of a page ({:?})",
         mib(args.wss_bytes),
         workload.pages(),
         args.dirty_bytes_per_sec,
         args.dirty_bytes_per_sec / args::PAGE,
         args.pattern,
+        workload.write_shape().0,
+        workload.write_shape().1,
     );
 
     let mut net = match pci::find(virtio::VENDOR, virtio::DEVICE_NET) {
