@@ -356,7 +356,13 @@ pub struct Opts {
     /// <dir>/primary-disk.img` (a new sparse image of [`DISK_SIZE`]), every backup with
     /// `--replica-dir <dir>/<name>-replica` (its replica is `disk-0.img` there).
     pub disk: bool,
+    /// `--compress` of the primary (`None`: its default, `delta`).
+    pub compress: Option<&'static str>,
 }
+
+/// Guest arguments under which most dirty pages go as deltas: each write changes a
+/// quarter of a page.
+pub const DELTA_GUEST_ARGS: &str = "dirty=16M/s,wss=64M,wfrac=25";
 
 /// Size of the rig's disk image (`Opts::disk`).
 pub const DISK_SIZE: u64 = 64 << 20;
@@ -426,6 +432,7 @@ impl Default for Opts {
             arbiter: false,
             vcpus: default_vcpus(),
             disk: false,
+            compress: None,
         }
     }
 }
@@ -659,6 +666,9 @@ impl Rig {
             "--vcpus",
             &vcpus,
         ];
+        if let Some(c) = opts.compress {
+            extra.extend(["--compress", c]);
+        }
         if opts.disk {
             std::fs::File::create(&disk)
                 .and_then(|f| f.set_len(DISK_SIZE))

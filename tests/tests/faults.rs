@@ -180,6 +180,15 @@ scenarios! {
             ..disk_opts()
         }
     );
+    /// Killed mid-stream while most pages travel as deltas (each write changes a quarter
+    /// of a page): the backup takes over on a replica built from deltas, and VERIFY there
+    /// checks every page of the working set (index, sequence, checksum of its whole body,
+    /// which a delta decoded against the wrong base would break).
+    primary_killed_mid_stream_deltas:
+        primary_killed_opts("primary.mid_stream", 200, delta_opts());
+    /// The same with compression off (`--compress none`): raw pages, as before.
+    primary_killed_mid_stream_uncompressed:
+        primary_killed_opts("primary.mid_stream", 200, uncompressed_opts());
     /// A VM with two vCPUs (the second parked) killed mid-stream: every vCPU is paused,
     /// captured and restored, the stream intact and VERIFY clean on the backup.
     primary_killed_mid_stream_2_vcpus:
@@ -881,15 +890,54 @@ fn first(kind: FaultKind, way: Way, frame_type: u8) -> Fault {
     }
 }
 
+/// The rig with deltas flowing: compression on (the default) and a guest whose writes
+/// change a quarter of a page.
+fn delta_opts() -> Opts {
+    Opts {
+        guest_args: DELTA_GUEST_ARGS,
+        ..Opts::default()
+    }
+}
+
+/// Compression off (`--compress none`): epochs travel as `Pages`, as before protocol 4.
+fn uncompressed_opts() -> Opts {
+    Opts {
+        compress: Some("none"),
+        ..Opts::default()
+    }
+}
+
 scenarios! {
-    proxy_corrupt_frame_crc:
-        bad_frame(first(FaultKind::FlipBit, Way::ToBackup, frame_type::PAGES));
-    proxy_corrupt_forged_crc_epoch_checksum:
-        bad_frame(first(FaultKind::FlipBitForged, Way::ToBackup, frame_type::PAGES));
-    proxy_reordered_frames:
-        bad_frame(first(FaultKind::SwapWithNext, Way::ToBackup, frame_type::PAGES));
-    proxy_duplicated_frame:
-        bad_frame(first(FaultKind::Duplicate, Way::ToBackup, frame_type::PAGES));
+    /// Page frames (compressed, deltas among them) corrupted on the wire, reordered,
+    /// duplicated: the epoch is refused whole, the pair resynchronises, and a later
+    /// failover runs on a good replica. With a forged frame CRC the flipped bit reaches
+    /// the page decoder: a delta that no longer decodes, or decodes to another page than
+    /// the primary's (the epoch checksum is over the decoded pages).
+    proxy_corrupt_frame_crc: bad_frame_with(
+        first(FaultKind::FlipBit, Way::ToBackup, frame_type::COMPRESSED_PAGES),
+        delta_opts()
+    );
+    proxy_corrupt_forged_crc_epoch_checksum: bad_frame_with(
+        first(FaultKind::FlipBitForged, Way::ToBackup, frame_type::COMPRESSED_PAGES),
+        delta_opts()
+    );
+    proxy_reordered_frames: bad_frame_with(
+        first(FaultKind::SwapWithNext, Way::ToBackup, frame_type::COMPRESSED_PAGES),
+        delta_opts()
+    );
+    proxy_duplicated_frame: bad_frame_with(
+        first(FaultKind::Duplicate, Way::ToBackup, frame_type::COMPRESSED_PAGES),
+        delta_opts()
+    );
+    /// The same faults on raw `Pages` (`--compress none`).
+    proxy_corrupt_forged_crc_epoch_checksum_uncompressed: bad_frame_with(
+        first(FaultKind::FlipBitForged, Way::ToBackup, frame_type::PAGES),
+        uncompressed_opts()
+    );
+    proxy_reordered_frames_uncompressed: bad_frame_with(
+        first(FaultKind::SwapWithNext, Way::ToBackup, frame_type::PAGES),
+        uncompressed_opts()
+    );
     /// A corrupt Ack on its way to the primary: the primary drops the session. PROTOCOL.md
     /// §7: a payload CRC error is a protocol error, answered with `Refuse { protocol error }`
     /// before closing — so the backup knows the primary is alive and detaches instead of
@@ -922,20 +970,20 @@ fn proxy_truncated_frame() {
         },
     );
     rig.wait_stream(Instant::now(), "protected stream");
-    rep.step("truncating the next Pages frame");
+    rep.step("truncating the next CompressedPages frame");
     rig.assert_no_takeover_yet();
     let armed = Instant::now();
     rig.proxy().arm(Fault {
         kind: FaultKind::Truncate,
         way: Way::ToBackup,
-        frame_type: frame_type::PAGES,
+        frame_type: frame_type::COMPRESSED_PAGES,
         nth: Some(1),
     });
     let inj = rig
         .proxy()
         .wait_injections(1, Duration::from_secs(20))
         .expect("the proxy truncates a frame");
-    let cut_epoch = inj[0].epoch.expect("Pages names its epoch");
+    let cut_epoch = inj[0].epoch.expect("CompressedPages names its epoch");
     let fo = rig.wait_failover(&mut rep);
     let epoch = fo["epoch"].as_u64().expect("epoch");
     assert!(
