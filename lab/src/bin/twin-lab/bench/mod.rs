@@ -97,9 +97,19 @@ pub struct BenchArgs {
     #[arg(
         long,
         value_delimiter = ',',
+        num_args = 0..,
         default_value = "idle,16M,64M,256M,tcp,redis,disk8M"
     )]
     workloads: Vec<String>,
+    /// The compression section: memory workloads at 64 MiB/s whose writes change this
+    /// percent of a page (text-like data), `25r` a quarter with incompressible data,
+    /// `random` whole incompressible pages; each protected with compression (`delta`, the
+    /// default) and without (`--compress none`), side by side. No value for none.
+    #[arg(long, value_delimiter = ',', num_args = 0.., default_value = "5,25,100,25r,random")]
+    compress_workloads: Vec<String>,
+    /// Checkpoint rate of the compression section.
+    #[arg(long, default_value_t = 40)]
+    compress_hz: u32,
     /// Guest RAM.
     #[arg(long, default_value = "256M")]
     mem: String,
@@ -183,7 +193,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
     eprintln!(
         "bench: {} cell runs ({} workloads × {} modes × {} rounds, {:.1} s each) + {} failovers; numbers from a noisy shared {}-core machine",
         schedule.len(),
-        plan.workload_list.len(),
+        plan.workload_list.len() + plan.compress_list.len(),
         plan.modes().len(),
         plan.rounds,
         plan.cell_secs,
