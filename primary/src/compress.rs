@@ -288,7 +288,12 @@ fn encode_chunk(
             choices.push(Choice::Skip);
             continue;
         }
-        let d = base.and_then(|b| encode_xor_lz4(data, b, &mut scratch, &mut delta));
+        // A page rewritten almost whole XORs to noise (even text XOR text): count the
+        // changed words first (a compare pass, far cheaper than a compression) and spare
+        // the delta's compression when more than three quarters changed.
+        let d = base
+            .filter(|b| changed_words(data, b) * 4 <= PAGE_SIZE / 8 * 3)
+            .and_then(|b| encode_xor_lz4(data, b, &mut scratch, &mut delta));
         // A delta under half a page is rarely beaten by LZ4 of the page: spare the second
         // compression.
         let l = match d {
@@ -313,6 +318,14 @@ fn encode_chunk(
         buf.extend_from_slice(bytes);
     }
     (choices, buf, 0)
+}
+
+/// Words (8 bytes) in which `a` and `b` differ.
+fn changed_words(a: &[u8], b: &[u8]) -> usize {
+    a.chunks_exact(8)
+        .zip(b.chunks_exact(8))
+        .filter(|(x, y)| x != y)
+        .count()
 }
 
 /// CPU time of the calling thread, ns (`CLOCK_THREAD_CPUTIME_ID`: user and system).
@@ -426,6 +439,29 @@ mod tests {
         assert_eq!(c.cache.get(5), Some(&z[..]));
         c.reset();
         assert_eq!(c.cache.get(5), None);
+    }
+
+    #[test]
+    fn a_page_rewritten_whole_is_not_tried_as_a_delta() {
+        let text: Vec<u8> = b"twin replicates pages "
+            .iter()
+            .copied()
+            .cycle()
+            .take(PAGE_SIZE)
+            .collect();
+        let mut c = Compressor::new(Compression::Delta, 4 * PAGE_SIZE as u64);
+        c.encode(&[(1, &page(1))], 0);
+        let e = c.encode(&[(1, &text)], 0);
+        assert_eq!(
+            (e.lz4, e.delta),
+            (1, 0),
+            "every word changed: LZ4 of the page"
+        );
+        let mut t2 = text.clone();
+        t2[100..300].fill(b'x');
+        let e = c.encode(&[(1, &t2)], 0);
+        assert_eq!(e.delta, 1, "a few words changed: a delta");
+        assert_eq!(changed_words(&text, &t2), 26);
     }
 
     #[test]

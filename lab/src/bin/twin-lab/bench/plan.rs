@@ -48,6 +48,11 @@ pub(super) enum Workload {
 
 /// Dirty rate of the compression section's workloads, MiB/s.
 pub(super) const COMPRESS_DIRTY: u32 = 64;
+/// Their working set: half the default delta cache (64 MiB), so that a page is still
+/// cached when it is written again. (A larger one written round-robin evicts every page
+/// before its next write: no deltas at all — `--compress-cache` must exceed the pages
+/// rewritten between two writes of one page.)
+pub(super) const COMPRESS_WSS: &str = "32M";
 
 /// Size of the disk image of the disk workload.
 pub(super) const DISK_SIZE: u64 = 64 << 20;
@@ -133,7 +138,7 @@ impl Workload {
             Workload::Dirty(m) => Some(format!("dirty={m}M/s,wss={WSS}")),
             Workload::Disk(m) => Some(format!("disk={m}M/s,dwss={DWSS}")),
             Workload::Write { wfrac, text } => Some(format!(
-                "dirty={COMPRESS_DIRTY}M/s,wss={WSS},wfrac={wfrac},wdata={}",
+                "dirty={COMPRESS_DIRTY}M/s,wss={COMPRESS_WSS},wfrac={wfrac},wdata={}",
                 if text { "text" } else { "random" }
             )),
         }

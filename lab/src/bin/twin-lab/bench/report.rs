@@ -7,7 +7,8 @@ use super::failover::Failover;
 use super::limits::{Limits, Machine};
 use super::measure::Run;
 use super::plan::{
-    Mode, Plan, Workload, COMPRESS_DIRTY, FAILOVER_HZ, FAILOVER_WORKLOAD, PAGE, REDIS_HZ, WSS,
+    Mode, Plan, Workload, COMPRESS_DIRTY, COMPRESS_WSS, FAILOVER_HZ, FAILOVER_WORKLOAD, PAGE,
+    REDIS_HZ, WSS,
 };
 use super::redis::{RedisResult, MATRIX, TESTS};
 use super::stats::{dist, json_f64, median, Dist};
@@ -686,8 +687,11 @@ fn compression_section(s: &mut String, r: &Report<'_>) {
     line("## Compression (`--compress delta`, the default, against `--compress none`)");
     line("");
     line(&format!(
-        "The guest writes {COMPRESS_DIRTY} MiB/s over a {WSS} working set; each write changes \
+        "The guest writes {COMPRESS_DIRTY} MiB/s; each write changes \
          `wfrac` percent of a page (a run at a moving spot; text-like data or incompressible), \
+         round-robin over {COMPRESS_WSS} (inside the 64 MiB delta cache: a working set \
+         rewritten round-robin that exceeds the cache evicts each page before its next write, \
+         and gets no deltas), \
          *random* rewrites whole pages with incompressible data (the default memory workload). \
          Protected at {} Hz, both modes in the same run, cells interleaved. *sent / dirty*: \
          bytes of page frames on the wire over bytes of the dirty pages the checkpoints \
