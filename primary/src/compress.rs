@@ -65,6 +65,11 @@ impl DeltaCache {
         self.map.len()
     }
 
+    /// Whether it holds none.
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
     /// The copy last sent of page `index`, if kept.
     pub fn get(&self, index: u64) -> Option<&[u8]> {
         self.map.get(&index).map(|&s| &self.slots[s].2[..])

@@ -205,7 +205,10 @@ fn twin_wire_crc(b: &[u8]) -> u64 {
 
 /// Feeds `stream` in `chunk`-sized pieces through decoder and assembler; applies each
 /// yielded epoch to the replica. Returns the replica and the epochs yielded (with pages).
-fn receive(stream: &[u8], chunk: usize) -> (Replica, Vec<(u64, Vec<(u64, Vec<u8>)>)>) {
+/// The pages of an epoch, in order: (index, contents).
+type EpochPages = Vec<(u64, Vec<u8>)>;
+
+fn receive(stream: &[u8], chunk: usize) -> (Replica, Vec<(u64, EpochPages)>) {
     let geometry = Geometry::new(PAGES * PS as u64, PS as u32).unwrap();
     let mut asm = EpochAssembler::new(geometry, 1);
     let mut replica = Replica::default();
@@ -226,7 +229,7 @@ fn receive(stream: &[u8], chunk: usize) -> (Replica, Vec<(u64, Vec<(u64, Vec<u8>
             };
             match asm.push_with(em, &replica) {
                 Ok(Some(c)) => {
-                    let pages: Vec<(u64, Vec<u8>)> =
+                    let pages: EpochPages =
                         c.pages.iter().map(|p| (p.index, p.data.to_vec())).collect();
                     for (i, d) in &pages {
                         replica.0.insert(*i, d.clone());
@@ -241,7 +244,7 @@ fn receive(stream: &[u8], chunk: usize) -> (Replica, Vec<(u64, Vec<(u64, Vec<u8>
     (replica, yielded)
 }
 
-fn check(sent: &Sent, replica: &Replica, yielded: &[(u64, Vec<(u64, Vec<u8>)>)]) {
+fn check(sent: &Sent, replica: &Replica, yielded: &[(u64, EpochPages)]) {
     for (k, (epoch, pages)) in yielded.iter().enumerate() {
         assert_eq!(*epoch, k as u64 + 1, "epochs in order from the first");
         assert_eq!(pages, &sent.epochs[k], "epoch {epoch} byte-identical");

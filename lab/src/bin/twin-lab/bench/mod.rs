@@ -27,7 +27,9 @@
 //! the primary is SIGKILLed, and the time to the first reply from the backup on the same
 //! connection is measured, and the counter checked for continuity. Physical limits: memcpy
 //! of random 4 KiB pages, TCP over loopback and over the replication veth, measured at the
-//! start and at the end.
+//! start and at the end. Compression: memory workloads whose writes change 5/25/100% of a
+//! page (`--compress-workloads`), protected with `--compress delta` and `none` side by
+//! side — bytes sent per dirty byte, the replication thread's CPU per GiB, the pause.
 //!
 //! Output in `--out` (default `results/`): `bench.md` (also printed), `bench.json` (every
 //! run, raw per-epoch samples), `bench.svg` and the same plot as `bench.png`. Logs of failed runs go to `failed/` there.

@@ -703,8 +703,8 @@ fn compression_section(s: &mut String, r: &Report<'_>) {
         p.compress_hz
     ));
     line("");
-    line("| workload | mode | sent / dirty | encode CPU ms/GiB | encode + send CPU ms/GiB | pause median ms | pause p99 ms | sent KiB/epoch median (p99) | guest MiB/s | epochs |");
-    line("| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |");
+    line("| workload | mode | sent / dirty | encode CPU ms/GiB | encode + send CPU ms/GiB | pause median ms | pause p99 ms | reply median ms (p99) | sent KiB/epoch median (p99) | guest MiB/s | epochs |");
+    line("| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | --- | ---: | ---: |");
     for &w in &p.compress_list {
         for mode in p.modes_for(w) {
             let ok: Vec<&Run> = r
@@ -715,7 +715,7 @@ fn compression_section(s: &mut String, r: &Report<'_>) {
             let all = r.runs.iter().filter(|x| x.key == (w, mode)).count();
             if ok.is_empty() {
                 line(&format!(
-                    "| {} | {} | failed ({all} runs) | | | | | | | |",
+                    "| {} | {} | failed ({all} runs) | | | | | | | | |",
                     w.label(),
                     mode.label()
                 ));
@@ -741,7 +741,7 @@ fn compression_section(s: &mut String, r: &Report<'_>) {
             let sent = dist(&page_bytes);
             let agg = aggregate(r.runs, w, mode);
             line(&format!(
-                "| {} | {} | {} | {} | {} | {} | {} | {} ({}) | {} | {}{} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} ({}) | {} ({}) | {} | {}{} |",
                 w.label(),
                 match mode {
                     Mode::Uncompressed(_) => "none",
@@ -755,6 +755,8 @@ fn compression_section(s: &mut String, r: &Report<'_>) {
                 f(per_gib(encode + send), 0),
                 ms(pause.map(|d| d.median)),
                 ms(pause.map(|d| d.p99)),
+                ms(agg.latency.map(|d| d.median)),
+                ms(agg.latency.map(|d| d.p99)),
                 kib(sent.map(|d| d.median)),
                 kib(sent.map(|d| d.p99)),
                 f(agg.dirty_mib_s, 1),
