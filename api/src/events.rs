@@ -131,6 +131,18 @@ pub enum EventKind {
         harvest_us: f64,
         copy_us: f64,
         eager: bool,
+        /// Bytes of the dirty pages the checkpoint reported (a page each, before any is
+        /// skipped as unchanged or compressed), and of the page frames sent for them.
+        #[serde(default)]
+        dirty_bytes: u64,
+        #[serde(default)]
+        page_bytes: u64,
+        /// CPU time of the replication thread (and its encoding helpers) encoding the
+        /// epoch, and writing it to the socket.
+        #[serde(default)]
+        encode_cpu_us: f64,
+        #[serde(default)]
+        send_cpu_us: f64,
     },
     /// The backup acknowledged an epoch (per epoch): `ack_us` from its checkpoint's send to
     /// the acknowledgement.

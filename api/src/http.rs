@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::status::LossPolicy;
+use crate::status::{Compression, LossPolicy};
 
 /// The version prefix of every path.
 pub const API_PREFIX: &str = "/v1";
@@ -132,6 +132,19 @@ pub struct ProtectRequest {
     /// etcd arbiter, `etcd://HOST:PORT[,...]`.
     #[serde(default)]
     pub arbiter: Option<String>,
+    /// How checkpoint pages are encoded.
+    #[serde(default)]
+    pub compress: Compression,
+    /// The delta cache (what the primary last sent of each page), bytes.
+    #[serde(default = "default_compress_cache")]
+    pub compress_cache: u64,
+}
+
+/// Default size of the delta cache: 64 MiB (16,384 pages).
+pub const DEFAULT_COMPRESS_CACHE: u64 = 64 << 20;
+
+fn default_compress_cache() -> u64 {
+    DEFAULT_COMPRESS_CACHE
 }
 
 fn default_interval_ms() -> f64 {
@@ -189,5 +202,7 @@ mod tests {
         assert_eq!(p.on_backup_loss, LossPolicy::Release);
         assert_eq!(p.backup_timeout_ms, 500.0);
         assert!(!p.no_auth && p.key_file.is_none());
+        assert_eq!(p.compress, Compression::Delta);
+        assert_eq!(p.compress_cache, 64 << 20);
     }
 }

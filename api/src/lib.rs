@@ -10,9 +10,13 @@ pub mod http;
 pub mod status;
 
 pub use events::{Decision, Event, EventKind, EventLog, FailoverReport, Role, Subscription};
-pub use http::{ApiError, ErrorBody, ErrorCode, EventsQuery, ProtectRequest, SnapshotRequest};
+pub use http::{
+    ApiError, ErrorBody, ErrorCode, EventsQuery, ProtectRequest, SnapshotRequest,
+    DEFAULT_COMPRESS_CACHE,
+};
 pub use status::{
-    BackupState, BackupStatus, LossPolicy, Mode, PrimaryStatus, RestoreStatus, VmStatus,
+    BackupState, BackupStatus, Compression, CompressionStatus, LossPolicy, Mode, PrimaryStatus,
+    RestoreStatus, VmStatus,
 };
 
 use serde::{Deserialize, Serialize};

@@ -33,6 +33,37 @@ pub enum LossPolicy {
     Hold,
 }
 
+/// How the primary encodes the pages of its checkpoints (`twin protect --compress`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Compression {
+    /// Every page raw, as before protocol 4.
+    None,
+    /// Each page LZ4-compressed when that makes it smaller.
+    Lz4,
+    /// Each page as a delta against the copy the primary last sent of it (a bounded cache),
+    /// else LZ4, else raw: whichever is smallest.
+    #[default]
+    Delta,
+}
+
+/// What compression did, over every session.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct CompressionStatus {
+    pub mode: Compression,
+    /// The delta cache's size, bytes (0 unless `delta`).
+    pub cache_bytes: u64,
+    /// Pages sent raw, LZ4, as a delta.
+    pub raw_pages: u64,
+    pub lz4_pages: u64,
+    pub delta_pages: u64,
+    /// Bytes of the dirty pages sent (a page each) and bytes of their frames on the wire.
+    pub page_bytes_in: u64,
+    pub page_bytes_out: u64,
+    /// CPU time of encoding (the replication thread and its helpers), µs per MiB in.
+    pub encode_cpu_us_per_mib: f64,
+}
+
 /// A median and a 99th percentile.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Quantiles {
@@ -138,6 +169,8 @@ pub struct PrimaryStatus {
     pub protected_for_s: Option<f64>,
     /// With `--arbiter`.
     pub arbiter: Option<ArbiterStatus>,
+    #[serde(default)]
+    pub compression: CompressionStatus,
 }
 
 /// Where a backup is.

@@ -196,6 +196,15 @@ impl SessionEnd {
     }
 }
 
+/// No replica yet (before the VM's description): a delta page is refused.
+struct NoReplica;
+
+impl twin_wire::BasePages for NoReplica {
+    fn read_committed_page(&self, _: u64, _: &mut [u8]) -> std::io::Result<()> {
+        Err(std::io::Error::other("no replica"))
+    }
+}
+
 /// One admitted session.
 struct Session {
     vm_id: VmId,
@@ -759,7 +768,13 @@ impl Backup {
                 twin_failpoints::hit("backup.mid_receive");
             }
             let phase = s.phase.take().expect("a phase between messages");
-            let (phase, step) = match phase.on(msg, PAGE_SIZE as u32) {
+            // Delta pages decode against the replica as committed (nothing is written to
+            // it while an epoch is open); before the description there is none.
+            let base: &dyn twin_wire::BasePages = match &self.replica {
+                Some(r) => r,
+                None => &NoReplica,
+            };
+            let (phase, step) = match phase.on_with(msg, PAGE_SIZE as u32, base) {
                 Ok(next) => next,
                 Err(e) => {
                     if matches!(e, PhaseEnd::Epoch(_)) {

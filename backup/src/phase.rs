@@ -6,9 +6,9 @@
 //! [`Phase::AwaitDescription`] only once its `Hello` was accepted.
 
 use twin_wire::{
-    AssembleError, CompleteEpoch, EpochAssembler, EpochMessage, FrameType, Geometry, GeometryError,
-    GoodbyeReason, Inbound, Message, SyncDisk, SyncError, SyncPages, SyncTracker, SyncZeroPages,
-    VmDescription,
+    AssembleError, BasePages, CompleteEpoch, EpochAssembler, EpochMessage, FrameType, Geometry,
+    GeometryError, GoodbyeReason, Inbound, Message, SyncDisk, SyncError, SyncPages, SyncTracker,
+    SyncZeroPages, VmDescription,
 };
 
 /// A session's phase.
@@ -84,9 +84,28 @@ impl Phase {
         }
     }
 
-    /// The one transition function: `msg` arrives in this phase; `page_size` is the only one
-    /// this backup replicates.
+    /// [`Phase::on_with`] without a replica to decode delta pages against (a delta page
+    /// then ends the session).
+    #[cfg(test)]
     pub fn on(self, msg: Message, page_size: u32) -> Result<(Phase, Step), PhaseEnd> {
+        struct NoReplica;
+        impl BasePages for NoReplica {
+            fn read_committed_page(&self, _: u64, _: &mut [u8]) -> std::io::Result<()> {
+                Err(std::io::Error::other("no replica"))
+            }
+        }
+        self.on_with(msg, page_size, &NoReplica)
+    }
+
+    /// The one transition function: `msg` arrives in this phase; `page_size` is the only one
+    /// this backup replicates; `base` is the replica as of its last committed epoch, which
+    /// delta pages are decoded against (read only).
+    pub fn on_with(
+        self,
+        msg: Message,
+        page_size: u32,
+        base: &dyn BasePages,
+    ) -> Result<(Phase, Step), PhaseEnd> {
         let unexpected = |phase: &Phase, t: FrameType| PhaseEnd::Unexpected {
             what: format!("{t:?}"),
             phase: phase.name(),
@@ -209,7 +228,7 @@ impl Phase {
                 let mut asm = assembler.unwrap_or_else(|| {
                     EpochAssembler::new(geometry, em.epoch()).with_disks(disks.clone())
                 });
-                let step = match asm.push(em).map_err(PhaseEnd::Epoch)? {
+                let step = match asm.push_with(em, base).map_err(PhaseEnd::Epoch)? {
                     Some(complete) => Step::Commit(complete),
                     None => Step::None,
                 };
@@ -559,5 +578,149 @@ mod tests {
                 })
             ));
         }
+    }
+
+    /// The epochs of a session as the primary sends them with compression on: page 1 as a
+    /// delta against what it sent before, page 2 LZ4. `corrupt` flips a byte of the delta.
+    fn delta_epoch(n: u64, base: &[u8], page: &[u8], corrupt: bool) -> Vec<Message> {
+        use twin_wire::pagecodec::{encode_lz4, encode_xor_lz4, max_lz4_len};
+        use twin_wire::{EncodedPageRef, PageEncoding};
+        let mut scratch = vec![0; PS as usize];
+        let mut delta = vec![0; max_lz4_len(PS as usize)];
+        let dn = encode_xor_lz4(page, base, &mut scratch, &mut delta).expect("a small delta");
+        delta.truncate(dn);
+        if corrupt {
+            // A literal of the changed bytes: decodes, to the wrong page.
+            delta[dn - 3] ^= 0x40;
+        }
+        let zero = vec![0u8; PS as usize];
+        let mut lz4 = vec![0; max_lz4_len(PS as usize)];
+        let ln = encode_lz4(&zero, &mut lz4).unwrap();
+        let refs = [
+            EncodedPageRef {
+                index: 1,
+                encoding: PageEncoding::XorLz4,
+                data: &delta,
+                raw: page,
+            },
+            EncodedPageRef {
+                index: 2,
+                encoding: PageEncoding::Lz4,
+                data: &lz4[..ln],
+                raw: &zero,
+            },
+        ];
+        let mut buf = BytesMut::new();
+        let begin = EpochBegin {
+            epoch: n,
+            page_count: 2,
+            state_len: 1,
+        };
+        let mut enc = EpochEncoder::begin(FrameCodec::new(), begin, PS, &mut buf).unwrap();
+        enc.compressed_pages(&refs, &mut buf).unwrap();
+        enc.state(b"s", &mut buf).unwrap();
+        enc.end(&mut buf).unwrap();
+        let mut c = FrameCodec::new();
+        let mut out = Vec::new();
+        while let Some(m) = c.decode(&mut buf).unwrap() {
+            out.push(m);
+        }
+        out
+    }
+
+    /// Drives a real replica as the backup's session loop does (pages written only at a
+    /// commit). Returns how the session ended, if it did.
+    fn drive(
+        r: &crate::replica::Replica,
+        msgs: Vec<Message>,
+        phase: &mut Option<Phase>,
+    ) -> Option<PhaseEnd> {
+        for m in msgs {
+            match phase.take().unwrap().on_with(m, PS, r) {
+                Ok((p, step)) => {
+                    match step {
+                        Step::SyncPages(s) => s.pages.iter().for_each(|p| {
+                            r.memory.write_page(p.index, &p.data, 0).unwrap();
+                        }),
+                        Step::Commit(c) => c.pages.iter().for_each(|p| {
+                            r.memory.write_page(p.index, &p.data, c.epoch).unwrap();
+                        }),
+                        _ => {}
+                    }
+                    *phase = Some(p);
+                }
+                Err(e) => return Some(e),
+            }
+        }
+        None
+    }
+
+    /// Every page of the replica, as committed.
+    fn replica_bytes(r: &crate::replica::Replica) -> Vec<u8> {
+        let mut out = vec![0u8; (r.memory.size()) as usize];
+        for (i, page) in out.chunks_mut(PS as usize).enumerate() {
+            r.memory.read_committed_page(i as u64, page).unwrap();
+        }
+        out
+    }
+
+    #[test]
+    fn deltas_decode_against_the_replica_and_a_corrupt_one_leaves_it_untouched() {
+        deltas_against(crate::replica::ReplicaMemory::Ram(
+            twin_vmm::memory::Memory::new(2 << 20).unwrap(),
+        ));
+    }
+
+    /// The same with the replica's memory in a replica store on disk.
+    #[test]
+    fn deltas_decode_against_a_replica_store_and_a_corrupt_one_leaves_it_untouched() {
+        let dir = std::env::temp_dir().join(format!("twin-phase-store-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        deltas_against(crate::replica::ReplicaMemory::Store(
+            twin_store::Store::create(&dir, 2 << 20, None).unwrap(),
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    fn deltas_against(memory: crate::replica::ReplicaMemory) {
+        let r = crate::replica::Replica {
+            memory,
+            disks: Vec::new(),
+            vm_id: VmId([1; 16]),
+            generation: 1,
+            committed: None,
+            mac: [0; 6],
+            inbound: Default::default(),
+        };
+        let mut phase = Some(Phase::AwaitDescription);
+        // Sync: page 1 holds 0x01 bytes, pages from 4 on are zero.
+        let zero = Message::SyncZeroPages(SyncZeroPages {
+            indices: (4..512).collect(),
+        });
+        let end = drive(
+            &r,
+            vec![desc(512), sync_pages(&[0, 1, 2, 3]), zero, done(512, 0)],
+            &mut phase,
+        );
+        assert!(end.is_none(), "{end:?}");
+        let synced = vec![1u8; PS as usize];
+        let mut v1 = synced.clone();
+        v1[100..600].fill(0xee);
+        assert!(drive(&r, delta_epoch(1, &synced, &v1, false), &mut phase).is_none());
+        let mut got = vec![0; PS as usize];
+        r.memory.read_committed_page(1, &mut got).unwrap();
+        assert_eq!(got, v1, "the delta applied to the synced page");
+        let before = replica_bytes(&r);
+        let mut v2 = v1.clone();
+        v2[2000..2100].fill(0x11);
+        let end = drive(&r, delta_epoch(2, &v1, &v2, true), &mut phase);
+        assert!(
+            matches!(
+                end,
+                Some(PhaseEnd::Epoch(AssembleError::Checksum { epoch: 2, .. }))
+            ),
+            "{end:?}"
+        );
+        assert!(replica_bytes(&r) == before, "the replica is untouched");
     }
 }

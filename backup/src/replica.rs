@@ -80,6 +80,32 @@ impl ReplicaMemory {
             Self::Store(s) => Ok(s.zero_pages(indices)?),
         }
     }
+
+    /// Reads page `index` as of the last committed epoch (a delta's base; verified
+    /// against its checksum in a store).
+    pub fn read_committed_page(&self, index: u64, buf: &mut [u8]) -> Result<(), MemoryWriteError> {
+        match self {
+            Self::Ram(m) => m
+                .read_page(
+                    usize::try_from(index).map_err(|_| MemoryWriteError::Range(index))?,
+                    buf,
+                )
+                .map_err(|_| MemoryWriteError::Range(index)),
+            Self::Store(s) => Ok(s.read_page(index, buf)?),
+        }
+    }
+}
+
+/// The one way an epoch's delta pages read the replica: the page as of the last committed
+/// epoch (see [`twin_wire::BasePages`] for why that is what the primary deltas against).
+/// The replica's memory is written only when an epoch is applied, never while one is
+/// assembled, so its contents are the committed ones here.
+impl twin_wire::BasePages for Replica {
+    fn read_committed_page(&self, index: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        self.memory
+            .read_committed_page(index, buf)
+            .map_err(std::io::Error::other)
+    }
 }
 
 /// One disk's replica: a sparse file under `--replica-dir`.

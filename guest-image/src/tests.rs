@@ -325,6 +325,62 @@ fn page_format_detects_stale_and_torn_pages() {
     assert_ne!(page[3..], other[3..]);
 }
 
+#[test]
+fn partial_writes_change_a_run_of_the_body_and_still_verify() {
+    for data in [pagefmt::Data::Random, pagefmt::Data::Text] {
+        let mut page = [0u64; WORDS];
+        pagefmt::rewrite(&mut page, 5, 1, 0, pagefmt::BODY_WORDS, data);
+        assert_eq!(pagefmt::check(&page, 5, 1), Ok(()));
+        let before = page;
+        let count = pagefmt::BODY_WORDS / 4;
+        let from = pagefmt::rewrite_at(5, 2, count);
+        assert!(from + count <= pagefmt::BODY_WORDS);
+        pagefmt::rewrite(&mut page, 5, 2, from, count, data);
+        assert_eq!(pagefmt::check(&page, 5, 2), Ok(()));
+        let changed: Vec<usize> = (3..WORDS).filter(|&w| page[w] != before[w]).collect();
+        assert!(
+            changed
+                .iter()
+                .all(|&w| (3 + from..3 + from + count).contains(&w)),
+            "only the run changed"
+        );
+        assert!(
+            changed.len() > count / 2,
+            "{data:?}: {} of {count} words",
+            changed.len()
+        );
+        // A lost partial write under the new header is caught by the checksum.
+        let mut mixed = before;
+        mixed[..3].copy_from_slice(&page[..3]);
+        assert!(matches!(
+            pagefmt::check(&mixed, 5, 2),
+            Err(PageError::Checksum { .. })
+        ));
+        // Runs move between writes.
+        assert_ne!(
+            pagefmt::rewrite_at(5, 2, count),
+            pagefmt::rewrite_at(5, 3, count)
+        );
+    }
+    // Text is text: printable bytes and spaces.
+    let mut page = [0u64; WORDS];
+    pagefmt::rewrite(&mut page, 1, 1, 0, pagefmt::BODY_WORDS, pagefmt::Data::Text);
+    let bytes: Vec<u8> = page[3..].iter().flat_map(|w| w.to_le_bytes()).collect();
+    assert!(bytes.iter().all(|b| b.is_ascii_lowercase() || *b == b' '));
+}
+
+#[test]
+fn write_fraction_and_data_arguments() {
+    let a = guest_args::parse("wfrac=25,wdata=text").unwrap();
+    assert_eq!((a.wfrac, a.wdata), (25, guest_args::WriteData::Text));
+    assert_eq!(guest_args::parse("wfrac=5%").unwrap().wfrac, 5);
+    let d = GuestArgs::default();
+    assert_eq!((d.wfrac, d.wdata), (100, guest_args::WriteData::Random));
+    for bad in ["wfrac=0", "wfrac=101", "wfrac=x", "wdata=zip"] {
+        assert!(guest_args::parse(bad).is_err(), "{bad}");
+    }
+}
+
 /// A parsed request's arguments, owned, and the bytes it used.
 type Request = (Vec<Vec<u8>>, usize);
 

@@ -27,6 +27,15 @@ pub enum Pattern {
     Random,
 }
 
+/// What the workload's writes put in a page (`wdata`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WriteData {
+    /// Incompressible (the default, and the only kind before `wdata`).
+    Random,
+    /// Text-like: compresses about threefold.
+    Text,
+}
+
 /// The parsed guest arguments.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct GuestArgs {
@@ -41,6 +50,11 @@ pub struct GuestArgs {
     pub hz: u32,
     /// Page order of the workload.
     pub pattern: Pattern,
+    /// Percent of a page's body one write of the workload changes (1–100; 100: all of
+    /// it, the default).
+    pub wfrac: u8,
+    /// What those writes put there.
+    pub wdata: WriteData,
     /// Serve the line protocol on COM1 too (polled once per timer tick: one VM exit per
     /// tick, so off by default).
     pub console: bool,
@@ -65,6 +79,8 @@ impl Default for GuestArgs {
             wss_base: None,
             hz: DEFAULT_HZ,
             pattern: Pattern::Sequential,
+            wfrac: 100,
+            wdata: WriteData::Random,
             console: false,
             disk_bytes_per_sec: 0,
             dwss_bytes: DEFAULT_DWSS,
@@ -98,7 +114,7 @@ impl fmt::Display for ArgError<'_> {
             }
             ArgError::UnknownKey(key) => write!(
                 f,
-                "unknown guest argument {key:?} (known: dirty=<rate>/s, wss=<size>, wssbase=<address>, hz=<n>, pattern=seq|random, cold=<size>, console=on|off, disk=<rate>/s, dwss=<size>, dblock=<size>, dflush=<n>)"
+                "unknown guest argument {key:?} (known: dirty=<rate>/s, wss=<size>, wssbase=<address>, hz=<n>, pattern=seq|random, wfrac=<1-100>, wdata=random|text, cold=<size>, console=on|off, disk=<rate>/s, dwss=<size>, dblock=<size>, dflush=<n>)"
             ),
             ArgError::BadValue { key, value, why } => {
                 write!(f, "bad value {value:?} for guest argument {key}: {why}")
@@ -189,6 +205,20 @@ pub fn parse(args: &str) -> Result<GuestArgs, ArgError<'_>> {
                     "seq" | "sequential" => Pattern::Sequential,
                     "rand" | "random" => Pattern::Random,
                     _ => return Err(bad("expected seq or random")),
+                };
+            }
+            "wfrac" => {
+                let pct = value.strip_suffix('%').unwrap_or(value);
+                match parse_size(pct) {
+                    Some(p @ 1..=100) => out.wfrac = p as u8,
+                    _ => return Err(bad("expected a percentage of a page, 1 to 100")),
+                }
+            }
+            "wdata" => {
+                out.wdata = match value {
+                    "random" | "rand" => WriteData::Random,
+                    "text" => WriteData::Text,
+                    _ => return Err(bad("expected random or text")),
                 };
             }
             "console" => {

@@ -169,8 +169,15 @@ extern "C" fn twin_main(boot: *const BootInfo) -> ! {
     // SAFETY: `place` builds the working set from page-aligned pieces of the RAM ranges
     // BootInfo names (validated), disjoint from the heap and above the image; nothing but
     // the workload refers to them.
-    let workload =
-        unsafe { workload::Workload::new(layout.wss, args.dirty_bytes_per_sec, args.pattern) };
+    let workload = unsafe {
+        workload::Workload::new(
+            layout.wss,
+            args.dirty_bytes_per_sec,
+            args.pattern,
+            args.wfrac,
+            args.wdata,
+        )
+    };
     for s in layout.wss.as_slice() {
         println!(
             "twin-guest: workload range [{:#x}, {:#x}) {}M",
@@ -180,13 +187,15 @@ extern "C" fn twin_main(boot: *const BootInfo) -> ! {
         );
     }
     println!(
-        "twin-guest: workload wss={}M ({} pages at {:#x}); dirty={} B/s ({} pages/s, {:?})",
+        "twin-guest: workload wss={}M ({} pages at {:#x}); dirty={} B/s ({} pages/s, {:?}); a write changes {}% of a page ({:?})",
         mib(args.wss_bytes),
         workload.pages(),
         layout.wss.as_slice().first().map_or(0, |s| s.base),
         args.dirty_bytes_per_sec,
         args.dirty_bytes_per_sec / args::PAGE,
         args.pattern,
+        workload.write_shape().0,
+        workload.write_shape().1,
     );
 
     let mut net = match pci::find(virtio::VENDOR, virtio::DEVICE_NET) {

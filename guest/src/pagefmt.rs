@@ -3,7 +3,11 @@
 //! Pure `core` code: also compiled into host unit tests by `twin-guest-image`.
 //!
 //! A page is 512 little-endian u64 words: `[0]` = page index, `[1]` = sequence number,
-//! `[2]` = checksum of words `3..512`, `[3..512]` = a pattern derived from (index, seq).
+//! `[2]` = checksum of words `3..512`, `[3..512]` = the body: by default a pattern derived
+//! from (index, seq), rewritten whole by every write ([`fill`]); with a write fraction
+//! (`wfrac`) a write rewrites only a run of the body ([`rewrite`]), the rest staying as the
+//! last write left it, so the body depends on the page's history and only the checksum
+//! (over the whole body) says whether it is one the workload wrote.
 
 /// Words in a 4 KiB page.
 pub const WORDS: usize = 512;
@@ -32,6 +36,111 @@ pub fn fill(page: &mut [u64; WORDS], index: u64, seq: u64) -> u64 {
     page[1] = seq;
     page[2] = sum;
     sum
+}
+
+/// What a write puts in the body words it changes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Data {
+    /// Pseudo-random words: incompressible.
+    Random,
+    /// Words of a small vocabulary separated by spaces, as text in memory: LZ4 makes them
+    /// about a third.
+    Text,
+}
+
+/// Body words of a page.
+pub const BODY_WORDS: usize = WORDS - HEADER_WORDS;
+
+const VOCABULARY: [&[u8]; 32] = [
+    b"the",
+    b"replica",
+    b"of",
+    b"a",
+    b"page",
+    b"is",
+    b"what",
+    b"the",
+    b"backup",
+    b"holds",
+    b"when",
+    b"an",
+    b"epoch",
+    b"commits",
+    b"and",
+    b"output",
+    b"waits",
+    b"for",
+    b"its",
+    b"acknowledgement",
+    b"so",
+    b"that",
+    b"no",
+    b"client",
+    b"ever",
+    b"sees",
+    b"state",
+    b"lost",
+    b"in",
+    b"failover",
+    b"twin",
+    b"memory",
+];
+
+/// Write number `seq` of page `index` rewriting `count` body words from body word `from`
+/// (clamped to the body) with `data`; the rest of the body stays. Returns the checksum
+/// stored. `fill` is the same with the whole body and a pattern of its own.
+pub fn rewrite(
+    page: &mut [u64; WORDS],
+    index: u64,
+    seq: u64,
+    from: usize,
+    count: usize,
+    data: Data,
+) -> u64 {
+    let from = from.min(BODY_WORDS);
+    let count = count.min(BODY_WORDS - from);
+    let words = &mut page[HEADER_WORDS + from..HEADER_WORDS + from + count];
+    let mut x = splitmix(index ^ seq.rotate_left(40) ^ 0x7465_7874);
+    match data {
+        Data::Random => {
+            for w in words.iter_mut() {
+                x = x.wrapping_add(GOLDEN);
+                *w = splitmix(x);
+            }
+        }
+        Data::Text => {
+            // Bytes of words and spaces, eight to a word, little-endian.
+            let (mut word, mut at) = (VOCABULARY[0], 0usize);
+            for w in words.iter_mut() {
+                let mut v = 0u64;
+                for b in 0..8 {
+                    let byte = if at < word.len() {
+                        at += 1;
+                        word[at - 1]
+                    } else {
+                        x = x.wrapping_add(GOLDEN);
+                        word = VOCABULARY[(splitmix(x) % VOCABULARY.len() as u64) as usize];
+                        at = 0;
+                        b' '
+                    };
+                    v |= u64::from(byte) << (8 * b);
+                }
+                *w = v;
+            }
+        }
+    }
+    let sum = checksum(&page[HEADER_WORDS..]);
+    page[0] = index;
+    page[1] = seq;
+    page[2] = sum;
+    sum
+}
+
+/// Where write `seq` of page `index` starts rewriting `count` of the body's words: spread
+/// over the body, the same for the same write.
+pub fn rewrite_at(index: u64, seq: u64, count: usize) -> usize {
+    let room = (BODY_WORDS - count.min(BODY_WORDS)) as u64 + 1;
+    (splitmix(index.rotate_left(17) ^ seq) % room) as usize
 }
 
 /// Fletcher-style 64-bit checksum of the body (order-sensitive).

@@ -7,7 +7,7 @@
 //! checkpoint/restore that lost a page write leaves a page whose header does not match the
 //! table (or whose body does not match its checksum), and `VERIFY` reports it.
 
-use crate::args::{Pattern, PAGE};
+use crate::args::{Pattern, WriteData, PAGE};
 use crate::pagefmt::{self, PageError, WORDS};
 use crate::ram::Spans;
 use alloc::vec;
@@ -33,6 +33,9 @@ pub struct Workload {
     seq: Vec<u64>,
     rate: u64,
     pattern: Pattern,
+    /// Body words one write changes (all of them: the whole page is rewritten).
+    wwords: usize,
+    wdata: WriteData,
     cursor: u64,
     rng: u64,
     start_ns: u64,
@@ -52,7 +55,15 @@ impl Workload {
     /// # Safety
     /// The ranges must be page-aligned RAM that nothing else uses for the rest of the
     /// guest's life: the workload makes `&mut` references to its pages.
-    pub unsafe fn new(set: Spans, rate: u64, pattern: Pattern) -> Workload {
+    /// Each write changes `wfrac` percent of a page's body (rounded up to a word), with
+    /// `wdata`.
+    pub unsafe fn new(
+        set: Spans,
+        rate: u64,
+        pattern: Pattern,
+        wfrac: u8,
+        wdata: WriteData,
+    ) -> Workload {
         let pages = set.total() / PAGE;
         let per_sec = rate / PAGE;
         Workload {
@@ -61,6 +72,8 @@ impl Workload {
             seq: vec![0; pages as usize],
             rate,
             pattern,
+            wwords: (pagefmt::BODY_WORDS * usize::from(wfrac.clamp(1, 100))).div_ceil(100),
+            wdata,
             cursor: 0,
             rng: 0x2545_F491_4F6C_DD1D,
             start_ns: 0,
@@ -98,7 +111,33 @@ impl Workload {
     fn write_page(&mut self, i: u64) {
         let seq = self.seq[i as usize] + 1;
         self.seq[i as usize] = seq;
-        pagefmt::fill(self.page(i), i, seq);
+        let (words, data) = (self.wwords, self.wdata);
+        let data = match data {
+            WriteData::Random => pagefmt::Data::Random,
+            WriteData::Text => pagefmt::Data::Text,
+        };
+        match (words, data) {
+            // Today's write: the whole page, its own pattern.
+            (pagefmt::BODY_WORDS, pagefmt::Data::Random) => {
+                pagefmt::fill(self.page(i), i, seq);
+            }
+            // A page's first write fills it; later ones change a run of it.
+            _ if seq == 1 => {
+                pagefmt::rewrite(self.page(i), i, seq, 0, pagefmt::BODY_WORDS, data);
+            }
+            _ => {
+                let from = pagefmt::rewrite_at(i, seq, words);
+                pagefmt::rewrite(self.page(i), i, seq, from, words, data);
+            }
+        }
+    }
+
+    /// Percent of a page one write changes, and with what.
+    pub fn write_shape(&self) -> (usize, WriteData) {
+        (
+            (self.wwords * 100).div_ceil(pagefmt::BODY_WORDS),
+            self.wdata,
+        )
     }
 
     /// Start pacing writes from `now_ns`.

@@ -59,6 +59,9 @@ pub mod frame_type {
     pub const GOODBYE: u8 = 14;
     pub const DISK_WRITES: u8 = 15;
     pub const SYNC_DISK: u8 = 16;
+    pub const INBOUND: u8 = 17;
+    /// The epoch pages with `--compress lz4|delta` (the default).
+    pub const COMPRESSED_PAGES: u8 = 18;
 
     /// A name for messages and reports.
     pub fn name(t: u8) -> &'static str {
@@ -79,6 +82,8 @@ pub mod frame_type {
             GOODBYE => "Goodbye",
             DISK_WRITES => "DiskWrites",
             SYNC_DISK => "SyncDisk",
+            INBOUND => "Inbound",
+            COMPRESSED_PAGES => "CompressedPages",
             _ => "unknown",
         }
     }
@@ -145,7 +150,7 @@ impl Frame {
     pub fn epoch(&self) -> Option<u64> {
         use frame_type::*;
         match self.frame_type() {
-            EPOCH_BEGIN | PAGES | DISK_WRITES | STATE | EPOCH_END | ACK
+            EPOCH_BEGIN | PAGES | COMPRESSED_PAGES | DISK_WRITES | STATE | EPOCH_END | ACK
                 if self.payload.len() >= 8 =>
             {
                 Some(u64::from_le_bytes(

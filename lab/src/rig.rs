@@ -362,7 +362,13 @@ pub struct Opts {
     pub store: Option<Option<&'static str>>,
     /// Every backup runs in a memory cgroup (v1) of this limit, joined as it starts.
     pub backup_cgroup: Option<u64>,
+    /// `--compress` of the primary (`None`: its default, `delta`).
+    pub compress: Option<&'static str>,
 }
+
+/// Guest arguments under which most dirty pages go as deltas: each write changes a
+/// quarter of a page.
+pub const DELTA_GUEST_ARGS: &str = "dirty=16M/s,wss=64M,wfrac=25";
 
 /// Size of the rig's disk image (`Opts::disk`).
 pub const DISK_SIZE: u64 = 64 << 20;
@@ -434,6 +440,7 @@ impl Default for Opts {
             disk: false,
             store: None,
             backup_cgroup: None,
+            compress: None,
         }
     }
 }
@@ -669,6 +676,9 @@ impl Rig {
             "--vcpus",
             &vcpus,
         ];
+        if let Some(c) = opts.compress {
+            extra.extend(["--compress", c]);
+        }
         if opts.disk {
             std::fs::File::create(&disk)
                 .and_then(|f| f.set_len(DISK_SIZE))

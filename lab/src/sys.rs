@@ -111,42 +111,6 @@ pub(crate) fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn own_pid_is_alive_and_pid_zero_is_not() {
-        assert!(pid_alive(std::process::id()));
-        assert!(!pid_alive(0));
-    }
-
-    #[test]
-    fn pidfd_sees_exit_of_a_child() {
-        let mut child = std::process::Command::new("true")
-            .spawn()
-            .expect("spawn true");
-        let pidfd = PidFd::open(child.id()).expect("pidfd_open");
-        assert!(pidfd.wait_exited(Duration::from_secs(10)).expect("poll"));
-        assert!(child.wait().expect("wait").success());
-    }
-
-    #[test]
-    fn pidfd_times_out_on_a_running_child_and_signals_it() {
-        let mut child = std::process::Command::new("sleep")
-            .arg("30")
-            .spawn()
-            .expect("spawn sleep");
-        let pidfd = PidFd::open(child.id()).expect("pidfd_open");
-        assert!(!pidfd.wait_exited(Duration::from_millis(20)).expect("poll"));
-        pidfd.send_signal(libc::SIGKILL).expect("kill");
-        assert!(pidfd.wait_exited(Duration::from_secs(10)).expect("poll"));
-        let status = child.wait().expect("wait");
-        use std::os::unix::process::ExitStatusExt;
-        assert_eq!(status.signal(), Some(libc::SIGKILL));
-    }
-}
-
 /// A memory cgroup (v1) for one process, removed on drop.
 pub struct MemoryCgroup {
     dir: PathBuf,
@@ -195,5 +159,41 @@ impl Drop for MemoryCgroup {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_pid_is_alive_and_pid_zero_is_not() {
+        assert!(pid_alive(std::process::id()));
+        assert!(!pid_alive(0));
+    }
+
+    #[test]
+    fn pidfd_sees_exit_of_a_child() {
+        let mut child = std::process::Command::new("true")
+            .spawn()
+            .expect("spawn true");
+        let pidfd = PidFd::open(child.id()).expect("pidfd_open");
+        assert!(pidfd.wait_exited(Duration::from_secs(10)).expect("poll"));
+        assert!(child.wait().expect("wait").success());
+    }
+
+    #[test]
+    fn pidfd_times_out_on_a_running_child_and_signals_it() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("spawn sleep");
+        let pidfd = PidFd::open(child.id()).expect("pidfd_open");
+        assert!(!pidfd.wait_exited(Duration::from_millis(20)).expect("poll"));
+        pidfd.send_signal(libc::SIGKILL).expect("kill");
+        assert!(pidfd.wait_exited(Duration::from_secs(10)).expect("poll"));
+        let status = child.wait().expect("wait");
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(status.signal(), Some(libc::SIGKILL));
     }
 }

@@ -25,6 +25,7 @@
 //! replica, so only its `Goodbye(Takeover)` makes this primary fence its output and stop.
 
 mod arbiter;
+pub mod compress;
 mod inbound;
 pub mod mode;
 pub mod stats;
@@ -73,6 +74,7 @@ use twin_wire::{
 };
 
 use crate::stats::Samples;
+use twin_api::Compression;
 
 /// What to do with held output when the backup is lost (the control API's type).
 pub use twin_api::LossPolicy;
@@ -107,6 +109,9 @@ pub struct ProtectConfig {
     /// The ownership record as this process already holds it (a backup that took the VM
     /// over and protects it again); `None`: read or create it.
     pub arbiter_seen: Option<twin_arbiter::Seen>,
+    /// How checkpoint pages are encoded ([`compress`]), and the delta cache's size in bytes.
+    pub compress: twin_api::Compression,
+    pub compress_cache: u64,
 }
 
 /// Errors of one replication session; each ends the session.
@@ -214,6 +219,14 @@ struct Status {
     stretched: u64,
     /// Dirty pages not sent: unchanged since the previous epoch (`unchanged`).
     unchanged: u64,
+    /// Pages sent raw, LZ4, as deltas; bytes of dirty pages in, of page frames out; CPU
+    /// time encoding them.
+    raw_pages: u64,
+    lz4_pages: u64,
+    delta_pages: u64,
+    page_bytes_in: u64,
+    page_bytes_out: u64,
+    encode_cpu_ns: u64,
     pause_ns: Samples,
     stop_ns: Samples,
     state_ns: Samples,
@@ -242,6 +255,12 @@ impl Status {
             eager: 0,
             stretched: 0,
             unchanged: 0,
+            raw_pages: 0,
+            lz4_pages: 0,
+            delta_pages: 0,
+            page_bytes_in: 0,
+            page_bytes_out: 0,
+            encode_cpu_ns: 0,
             pause_ns: s(),
             stop_ns: s(),
             state_ns: s(),
@@ -485,6 +504,23 @@ impl Primary {
             last_error: st.last_error.clone(),
             protected_for_s: st.protected_since.map(|t| t.elapsed().as_secs_f64()),
             arbiter,
+            compression: twin_api::CompressionStatus {
+                mode: cfg.compress,
+                cache_bytes: match cfg.compress {
+                    twin_api::Compression::Delta => cfg.compress_cache,
+                    _ => 0,
+                },
+                raw_pages: st.raw_pages,
+                lz4_pages: st.lz4_pages,
+                delta_pages: st.delta_pages,
+                page_bytes_in: st.page_bytes_in,
+                page_bytes_out: st.page_bytes_out,
+                encode_cpu_us_per_mib: if st.page_bytes_in > 0 {
+                    st.encode_cpu_ns as f64 / 1e3 / (st.page_bytes_in as f64 / (1 << 20) as f64)
+                } else {
+                    0.0
+                },
+            },
         }
     }
 }
@@ -1289,6 +1325,10 @@ fn send_epochs(
     let mut wbuf = BytesMut::with_capacity(1 << 20);
     // What the backup holds of the previous epoch's pages (this session's only).
     let mut last_sent = unchanged::LastSent::default();
+    // With deltas, what it holds of every page in the cache (this session's only), which
+    // also finds the unchanged pages.
+    let mut compressor = compress::Compressor::new(s.cfg.compress, s.cfg.compress_cache);
+    let mode = compressor.mode();
     let mut next_tick = Instant::now();
     let mut last_checkpoint = Instant::now();
     loop {
@@ -1359,30 +1399,66 @@ fn send_epochs(
             None => s.vmm.checkpoint_sealed(true, seal)?,
         };
         *next_epoch += 1;
+        // From here on the guest runs: encoding is the replication thread's (and its
+        // helpers') work, off the pause.
+        let cpu0 = compress::thread_cpu_ns();
         let state = cp.state.encode()?;
         let dirty: Vec<(u64, &[u8])> = cp
             .dirty_pages()
             .enumerate()
             .map(|(i, p)| (p as u64, &cp.pages[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]))
             .collect();
+        let dirty_bytes = (dirty.len() * PAGE_SIZE) as u64;
         // Hot pages are reported every epoch, written or not: send only what changed.
         let skipped_before = last_sent.skipped;
-        let refs: Vec<PageRef<'_>> = last_sent
-            .filter(&dirty)
-            .into_iter()
-            .map(|i| PageRef {
-                index: dirty[i].0,
-                data: dirty[i].1,
-            })
-            .collect();
+        let to_send: Vec<(u64, &[u8])> = match mode {
+            // The delta cache finds them (and more: any page it holds).
+            Compression::Delta => dirty,
+            Compression::None | Compression::Lz4 => last_sent
+                .filter(&dirty)
+                .into_iter()
+                .map(|i| dirty[i])
+                .collect(),
+        };
+        let encoded = (mode != Compression::None).then(|| {
+            let helpers = if to_send.len() >= 1024 {
+                compress::free_cores()
+            } else {
+                0
+            };
+            compressor.encode(&to_send, helpers)
+        });
+        let refs: Vec<PageRef<'_>>;
+        let erefs: Vec<twin_wire::EncodedPageRef<'_>>;
+        let sent_pages = match &encoded {
+            None => {
+                refs = to_send
+                    .iter()
+                    .map(|&(index, data)| PageRef { index, data })
+                    .collect();
+                erefs = Vec::new();
+                refs.len()
+            }
+            Some(e) => {
+                refs = Vec::new();
+                erefs = e.refs(&to_send);
+                erefs.len()
+            }
+        };
         let begin = EpochBegin {
             epoch,
-            page_count: refs.len() as u64,
+            page_count: sent_pages as u64,
             state_len: state.len() as u64,
         };
         wbuf.clear();
         let mut enc = EpochEncoder::begin(codec, begin, PAGE_SIZE as u32, &mut wbuf)?;
-        enc.pages(&refs, &mut wbuf)?;
+        let pages_at = wbuf.len();
+        if encoded.is_some() {
+            enc.compressed_pages(&erefs, &mut wbuf)?;
+        } else {
+            enc.pages(&refs, &mut wbuf)?;
+        }
+        let page_bytes = (wbuf.len() - pages_at) as u64;
         let mut disk_bytes = 0u64;
         for (disk, journal) in std::mem::take(&mut cp.disk_writes).into_iter().enumerate() {
             for w in disk_messages(epoch, disk as u32, journal) {
@@ -1392,12 +1468,30 @@ fn send_epochs(
         }
         enc.state(&state, &mut wbuf)?;
         enc.end(&mut wbuf)?;
+        let cpu1 = compress::thread_cpu_ns();
+        let encode_cpu_ns =
+            cpu1.saturating_sub(cpu0) + encoded.as_ref().map_or(0, |e| e.helper_cpu_ns);
+        let unchanged = match &encoded {
+            Some(e) if mode == Compression::Delta => e.skipped,
+            _ => last_sent.skipped - skipped_before,
+        };
         let bytes = wbuf.len() as u64;
         {
             let mut st = s.status();
             st.epoch = epoch;
             st.checkpoints += 1;
-            st.unchanged += last_sent.skipped - skipped_before;
+            st.unchanged += unchanged;
+            match &encoded {
+                Some(e) => {
+                    st.raw_pages += e.raw;
+                    st.lz4_pages += e.lz4;
+                    st.delta_pages += e.delta;
+                }
+                None => st.raw_pages += sent_pages as u64,
+            }
+            st.page_bytes_in += dirty_bytes;
+            st.page_bytes_out += page_bytes;
+            st.encode_cpu_ns += encode_cpu_ns;
             if started < next_tick {
                 st.eager += 1;
             }
@@ -1409,7 +1503,7 @@ fn send_epochs(
             st.harvest_ns.push(t.harvest_ns);
             st.copy_ns.push(t.copy_ns);
             st.epoch_bytes.push(bytes);
-            st.dirty_pages.push(refs.len() as u64);
+            st.dirty_pages.push(sent_pages as u64);
             st.recent.push_back(Instant::now());
             while st.recent.len() > 200 {
                 st.recent.pop_front();
@@ -1422,13 +1516,14 @@ fn send_epochs(
         } else {
             writer.write(&wbuf)?;
         }
+        let send_cpu_ns = compress::thread_cpu_ns().saturating_sub(cpu1);
         s.last_epoch.store(epoch, Ordering::Release);
         twin_failpoints::hit("primary.after_send");
         let t = &cp.timings;
         let us = |ns: u64| ns as f64 / 1e3;
         s.events.emit(EventKind::EpochSent {
             epoch,
-            pages: refs.len() as u64,
+            pages: sent_pages as u64,
             bytes,
             pause_us: us(t.pause_ns),
             stop_us: us(t.stop_ns),
@@ -1436,10 +1531,14 @@ fn send_epochs(
             harvest_us: us(t.harvest_ns),
             copy_us: us(t.copy_ns),
             eager: started < next_tick,
+            dirty_bytes,
+            page_bytes,
+            encode_cpu_us: us(encode_cpu_ns),
+            send_cpu_us: us(send_cpu_ns),
         });
         debug!(
             epoch,
-            pages = refs.len(),
+            pages = sent_pages,
             bytes,
             disk_bytes,
             pause_us = cp.timings.pause_ns / 1000,

@@ -180,10 +180,57 @@ scenarios! {
             ..disk_opts()
         }
     );
+    /// The same with compression off (`--compress none`): raw pages, as before.
+    primary_killed_mid_stream_uncompressed:
+        primary_killed_opts("primary.mid_stream", 200, uncompressed_opts());
     /// A VM with two vCPUs (the second parked) killed mid-stream: every vCPU is paused,
     /// captured and restored, the stream intact and VERIFY clean on the backup.
     primary_killed_mid_stream_2_vcpus:
         primary_killed_on("primary.mid_stream", 200, Auth::Key, 2);
+}
+
+/// With most pages travelling as deltas (each write changes a quarter of a page), the
+/// primary's status shows deltas sent and less than half the dirty bytes on the wire; the
+/// primary is then SIGKILLed and the backup takes over on a replica built from deltas:
+/// the stream is intact and VERIFY there checks every page of the working set (index,
+/// sequence, checksum of its whole body — which a delta applied to the wrong base breaks).
+#[test]
+fn primary_killed_with_deltas() {
+    let mut rep = Report::new("primary_killed_with_deltas");
+    let mut rig = Rig::start(&mut rep, delta_opts());
+    rig.wait_stream(Instant::now(), "protected stream");
+    // A few seconds of epochs, so that the delta cache is warm.
+    std::thread::sleep(Duration::from_secs(2));
+    rep.step("reading the primary's compression counters");
+    let st = rig.primary_status().expect("primary status");
+    let c = &st["compression"];
+    let n = |k: &str| {
+        c[k].as_u64()
+            .unwrap_or_else(|| panic!("compression.{k} in {c}"))
+    };
+    assert_eq!(c["mode"], "delta", "{c}");
+    assert!(
+        n("delta_pages") > n("raw_pages") + n("lz4_pages"),
+        "mostly deltas: {c}"
+    );
+    let ratio = n("page_bytes_out") as f64 / n("page_bytes_in") as f64;
+    assert!(
+        ratio < 0.5,
+        "sent/dirty {ratio:.3} with a quarter of each page written: {c}"
+    );
+    rep.note(format!("sent/dirty {ratio:.3}"));
+    rep.step("killing the primary (SIGKILL)");
+    rig.assert_no_takeover_yet();
+    rig.primary.kill().expect("SIGKILL the primary");
+    let died = Instant::now();
+    let fo = rig.wait_failover(&mut rep);
+    rig.wait_stream(died, "the client stream resumes on the backup");
+    rig.finish_and_check(&mut rep, died, "backup");
+    rig.assert_no_panics();
+    rep.done(format!(
+        "deltas (sent/dirty {ratio:.3}); backup took over at epoch {}; stream intact, VERIFY clean",
+        fo["epoch"]
+    ));
 }
 
 /// Killed during the initial sync there is no committed checkpoint: the backup cannot take
@@ -1010,15 +1057,54 @@ fn first(kind: FaultKind, way: Way, frame_type: u8) -> Fault {
     }
 }
 
+/// The rig with deltas flowing: compression on (the default) and a guest whose writes
+/// change a quarter of a page.
+fn delta_opts() -> Opts {
+    Opts {
+        guest_args: DELTA_GUEST_ARGS,
+        ..Opts::default()
+    }
+}
+
+/// Compression off (`--compress none`): epochs travel as `Pages`, as before protocol 4.
+fn uncompressed_opts() -> Opts {
+    Opts {
+        compress: Some("none"),
+        ..Opts::default()
+    }
+}
+
 scenarios! {
-    proxy_corrupt_frame_crc:
-        bad_frame(first(FaultKind::FlipBit, Way::ToBackup, frame_type::PAGES));
-    proxy_corrupt_forged_crc_epoch_checksum:
-        bad_frame(first(FaultKind::FlipBitForged, Way::ToBackup, frame_type::PAGES));
-    proxy_reordered_frames:
-        bad_frame(first(FaultKind::SwapWithNext, Way::ToBackup, frame_type::PAGES));
-    proxy_duplicated_frame:
-        bad_frame(first(FaultKind::Duplicate, Way::ToBackup, frame_type::PAGES));
+    /// Page frames (compressed, deltas among them) corrupted on the wire, reordered,
+    /// duplicated: the epoch is refused whole, the pair resynchronises, and a later
+    /// failover runs on a good replica. With a forged frame CRC the flipped bit reaches
+    /// the page decoder: a delta that no longer decodes, or decodes to another page than
+    /// the primary's (the epoch checksum is over the decoded pages).
+    proxy_corrupt_frame_crc: bad_frame_with(
+        first(FaultKind::FlipBit, Way::ToBackup, frame_type::COMPRESSED_PAGES),
+        delta_opts()
+    );
+    proxy_corrupt_forged_crc_epoch_checksum: bad_frame_with(
+        first(FaultKind::FlipBitForged, Way::ToBackup, frame_type::COMPRESSED_PAGES),
+        delta_opts()
+    );
+    proxy_reordered_frames: bad_frame_with(
+        first(FaultKind::SwapWithNext, Way::ToBackup, frame_type::COMPRESSED_PAGES),
+        delta_opts()
+    );
+    proxy_duplicated_frame: bad_frame_with(
+        first(FaultKind::Duplicate, Way::ToBackup, frame_type::COMPRESSED_PAGES),
+        delta_opts()
+    );
+    /// The same faults on raw `Pages` (`--compress none`).
+    proxy_corrupt_forged_crc_epoch_checksum_uncompressed: bad_frame_with(
+        first(FaultKind::FlipBitForged, Way::ToBackup, frame_type::PAGES),
+        uncompressed_opts()
+    );
+    proxy_reordered_frames_uncompressed: bad_frame_with(
+        first(FaultKind::SwapWithNext, Way::ToBackup, frame_type::PAGES),
+        uncompressed_opts()
+    );
     /// A corrupt Ack on its way to the primary: the primary drops the session. PROTOCOL.md
     /// §7: a payload CRC error is a protocol error, answered with `Refuse { protocol error }`
     /// before closing — so the backup knows the primary is alive and detaches instead of
@@ -1051,20 +1137,20 @@ fn proxy_truncated_frame() {
         },
     );
     rig.wait_stream(Instant::now(), "protected stream");
-    rep.step("truncating the next Pages frame");
+    rep.step("truncating the next CompressedPages frame");
     rig.assert_no_takeover_yet();
     let armed = Instant::now();
     rig.proxy().arm(Fault {
         kind: FaultKind::Truncate,
         way: Way::ToBackup,
-        frame_type: frame_type::PAGES,
+        frame_type: frame_type::COMPRESSED_PAGES,
         nth: Some(1),
     });
     let inj = rig
         .proxy()
         .wait_injections(1, Duration::from_secs(20))
         .expect("the proxy truncates a frame");
-    let cut_epoch = inj[0].epoch.expect("Pages names its epoch");
+    let cut_epoch = inj[0].epoch.expect("CompressedPages names its epoch");
     let fo = rig.wait_failover(&mut rep);
     let epoch = fo["epoch"].as_u64().expect("epoch");
     assert!(

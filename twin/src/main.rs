@@ -196,6 +196,15 @@ struct ProtectArgs {
     /// Silence from the backup longer than this means it is lost.
     #[arg(long, default_value = "500ms")]
     backup_timeout: args::Millis,
+    /// How checkpoint pages travel: `delta` sends each page as a delta against the copy
+    /// last sent of it (while it is in the cache), LZ4, or raw, whichever is smallest;
+    /// `lz4` LZ4 or raw; `none` raw (as before). Encoded on the replication thread after
+    /// the guest resumed, never inside the pause.
+    #[arg(long, value_enum, default_value_t = CompressArg::Delta)]
+    compress: CompressArg,
+    /// Size of the delta cache (what was last sent of each page, most recently used first).
+    #[arg(long, default_value = "64M")]
+    compress_cache: Size,
     #[command(flatten)]
     auth: AuthArgs,
     #[command(flatten)]
@@ -247,8 +256,21 @@ impl ProtectArgs {
             },
             backup_timeout_ms: self.backup_timeout.0.as_secs_f64() * 1e3,
             arbiter: self.arbiter.arbiter.clone(),
+            compress: match self.compress {
+                CompressArg::None => twin_api::Compression::None,
+                CompressArg::Lz4 => twin_api::Compression::Lz4,
+                CompressArg::Delta => twin_api::Compression::Delta,
+            },
+            compress_cache: self.compress_cache.0,
         })
     }
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum CompressArg {
+    None,
+    Lz4,
+    Delta,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -615,6 +637,8 @@ fn protect_config(
         link,
         arbiter,
         arbiter_seen: ctx.arbiter_seen.clone(),
+        compress: req.compress,
+        compress_cache: req.compress_cache,
     })
 }
 
@@ -1346,6 +1370,8 @@ fn backup(args: BackupArgs) -> Result<ExitCode> {
                         link: args.auth.link()?,
                         arbiter: arbitration,
                         arbiter_seen,
+                        compress: twin_api::Compression::default(),
+                        compress_cache: twin_api::DEFAULT_COMPRESS_CACHE,
                     };
                     tracing::info!(standby = %standby, "took over; protecting the VM again");
                     serve_protected(std::sync::Arc::new(vmm), output, cfg, &control, &events)

@@ -252,6 +252,10 @@ mod tests {
             harvest_us: 1.0,
             copy_us: 1.0,
             eager: false,
+            dirty_bytes: 12288,
+            page_bytes: 12288,
+            encode_cpu_us: 1.0,
+            send_cpu_us: 1.0,
         });
         log.emit(EventKind::EpochAcked {
             epoch: 1,

@@ -9,9 +9,10 @@
 
 use crate::checksum::EpochChecksum;
 use crate::message::{
-    DiskWrites, EpochBegin, EpochEnd, FrameType, Geometry, Message, Page, Pages, State,
-    MAX_STATE_LEN,
+    CompressedPages, DiskWrites, EpochBegin, EpochEnd, FrameType, Geometry, Message, Page, Pages,
+    State, MAX_STATE_LEN,
 };
+use crate::pagecodec::{decode_page, PageCodecError, PageEncoding};
 
 /// Most bytes of disk writes one epoch may carry (the backup holds them until the end).
 pub const MAX_EPOCH_DISK_BYTES: u64 = 1 << 30;
@@ -25,6 +26,8 @@ pub enum EpochMessage {
     Begin(EpochBegin),
     /// A batch of its pages.
     Pages(Pages),
+    /// A batch of its pages, each encoded (raw, LZ4 or a delta).
+    Compressed(CompressedPages),
     /// Writes to one of its disks.
     Disk(DiskWrites),
     /// Its state blob.
@@ -39,6 +42,7 @@ impl EpochMessage {
         match self {
             Self::Begin(m) => m.epoch,
             Self::Pages(m) => m.epoch,
+            Self::Compressed(m) => m.epoch,
             Self::Disk(m) => m.epoch,
             Self::State(m) => m.epoch,
             Self::End(m) => m.epoch,
@@ -50,6 +54,7 @@ impl EpochMessage {
         match self {
             Self::Begin(_) => FrameType::EpochBegin,
             Self::Pages(_) => FrameType::Pages,
+            Self::Compressed(_) => FrameType::CompressedPages,
             Self::Disk(_) => FrameType::DiskWrites,
             Self::State(_) => FrameType::State,
             Self::End(_) => FrameType::EpochEnd,
@@ -65,6 +70,7 @@ impl TryFrom<Message> for EpochMessage {
         match msg {
             Message::EpochBegin(m) => Ok(Self::Begin(m)),
             Message::Pages(m) => Ok(Self::Pages(m)),
+            Message::CompressedPages(m) => Ok(Self::Compressed(m)),
             Message::DiskWrites(m) => Ok(Self::Disk(m)),
             Message::State(m) => Ok(Self::State(m)),
             Message::EpochEnd(m) => Ok(Self::End(m)),
@@ -78,10 +84,40 @@ impl From<EpochMessage> for Message {
         match msg {
             EpochMessage::Begin(m) => Message::EpochBegin(m),
             EpochMessage::Pages(m) => Message::Pages(m),
+            EpochMessage::Compressed(m) => Message::CompressedPages(m),
             EpochMessage::Disk(m) => Message::DiskWrites(m),
             EpochMessage::State(m) => Message::State(m),
             EpochMessage::End(m) => Message::EpochEnd(m),
         }
+    }
+}
+
+/// Where the assembler reads the *base* of a delta page ([`PageEncoding::XorLz4`]): the
+/// page as the backup's replica holds it **as of its last committed epoch** (the session's
+/// initial sync included). That is exactly what the primary deltas against — the contents
+/// it last sent for the page — because (1) after the sync only a committed epoch writes the
+/// replica's memory, whole or not at all; (2) an epoch names a page at most once (a second
+/// copy is [`AssembleError::DuplicatePage`]; pre-copy merges its two copies into one on the
+/// primary); (3) epochs are assembled one at a time and applied before the next one is
+/// assembled, so while an epoch is open the replica is its predecessor's; (4) a failed epoch
+/// ends the session, and a new session starts from a full sync with an empty delta cache.
+///
+/// One small trait so that the replica's memory can live anywhere (RAM, a file).
+pub trait BasePages {
+    /// Copies page `index` (in range: the assembler checked it) as of the last committed
+    /// epoch into `buf`, exactly one page.
+    fn read_committed_page(&self, index: u64, buf: &mut [u8]) -> std::io::Result<()>;
+}
+
+/// No replica to read from: a delta page is an error ([`EpochAssembler::push`]).
+struct NoBase;
+
+impl BasePages for NoBase {
+    fn read_committed_page(&self, _: u64, _: &mut [u8]) -> std::io::Result<()> {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            "no replica to read a base page from",
+        ))
     }
 }
 
@@ -246,6 +282,28 @@ pub enum AssembleError {
         /// The index.
         index: u64,
     },
+    /// A page of a `CompressedPages` batch does not decode (corrupt LZ4, wrong length, a
+    /// delta with no base).
+    #[error("epoch {epoch}: page {index} does not decode")]
+    PageDecode {
+        /// The epoch.
+        epoch: u64,
+        /// The page.
+        index: u64,
+        /// Why.
+        #[source]
+        source: PageCodecError,
+    },
+    /// The base of a delta page could not be read from the replica.
+    #[error("epoch {epoch}: the committed copy of page {index} cannot be read: {detail}")]
+    BasePage {
+        /// The epoch.
+        epoch: u64,
+        /// The page.
+        index: u64,
+        /// The replica's error.
+        detail: String,
+    },
     /// More pages arrived than `EpochBegin` announced.
     #[error("epoch {epoch}: more than the {declared} pages announced")]
     ExcessPages {
@@ -397,8 +455,21 @@ impl EpochAssembler {
 
     /// Consume one message. Returns the epoch it completes, if any. On error the partial
     /// epoch is discarded and the assembler waits for `EpochBegin { next_epoch }` again.
+    /// Delta pages need a base: see [`EpochAssembler::push_with`]; here they are refused.
     pub fn push(&mut self, msg: EpochMessage) -> Result<Option<CompleteEpoch>, AssembleError> {
-        let result = self.step(msg);
+        self.push_with(msg, &NoBase)
+    }
+
+    /// [`EpochAssembler::push`], decoding delta pages against `base` (the replica as of
+    /// the last committed epoch). Pages are decoded as their batch arrives, and the epoch
+    /// checksum is over the decoded pages: a delta decoded against anything but the base
+    /// the primary used fails it, and the epoch is rejected before it touches the replica.
+    pub fn push_with(
+        &mut self,
+        msg: EpochMessage,
+        base: &dyn BasePages,
+    ) -> Result<Option<CompleteEpoch>, AssembleError> {
+        let result = self.step(msg, base);
         if let Err(e) = &result {
             if let Some(epoch) = self.discard() {
                 debug!(epoch, error = %e, "partial epoch discarded");
@@ -437,11 +508,16 @@ impl EpochAssembler {
         }
     }
 
-    fn step(&mut self, msg: EpochMessage) -> Result<Option<CompleteEpoch>, AssembleError> {
+    fn step(
+        &mut self,
+        msg: EpochMessage,
+        base: &dyn BasePages,
+    ) -> Result<Option<CompleteEpoch>, AssembleError> {
         let frame_type = msg.frame_type();
         match msg {
             EpochMessage::Begin(b) => self.begin(b).map(|()| None),
             EpochMessage::Pages(p) => self.pages(p).map(|()| None),
+            EpochMessage::Compressed(p) => self.compressed(p, base).map(|()| None),
             EpochMessage::Disk(w) => self.disk(w).map(|()| None),
             EpochMessage::State(s) => {
                 let partial = self.open_for(frame_type, s.epoch)?;
@@ -524,39 +600,113 @@ impl EpochAssembler {
         Ok(())
     }
 
-    fn pages(&mut self, batch: Pages) -> Result<(), AssembleError> {
+    /// The open epoch, if a page batch of `frame_type` for `epoch` with pages of
+    /// `page_size`, `count` of them, may join it.
+    fn open_for_pages(
+        &mut self,
+        frame_type: FrameType,
+        epoch: u64,
+        page_size: u32,
+        count: usize,
+    ) -> Result<&mut Partial, AssembleError> {
         let geometry = self.geometry;
-        let epoch = batch.epoch;
-        let partial = match &mut self.open {
-            None => {
-                return Err(AssembleError::NotOpen {
-                    frame_type: FrameType::Pages,
-                    epoch,
-                })
-            }
-            Some(p) if p.begin.epoch != epoch => {
-                return Err(AssembleError::WrongEpoch {
-                    frame_type: FrameType::Pages,
-                    open: p.begin.epoch,
-                    got: epoch,
-                })
-            }
-            Some(p) => p,
-        };
+        let partial = self.open_for(frame_type, epoch)?;
         if partial.state.is_some() {
             return Err(AssembleError::PagesAfterState { epoch });
         }
-        if batch.page_size != geometry.page_size() {
+        if page_size != geometry.page_size() {
             return Err(AssembleError::PageSize {
                 epoch,
                 expected: geometry.page_size(),
-                got: batch.page_size,
+                got: page_size,
             });
         }
         let declared = partial.begin.page_count;
-        if partial.pages.len() as u64 + batch.pages.len() as u64 > declared {
+        if partial.pages.len() as u64 + count as u64 > declared {
             return Err(AssembleError::ExcessPages { epoch, declared });
         }
+        Ok(partial)
+    }
+
+    /// Checks that page `index` is in range and new in the open epoch.
+    fn check_new_page(&self, epoch: u64, index: u64) -> Result<(), AssembleError> {
+        let page_count = self.geometry.page_count();
+        if index >= page_count {
+            return Err(AssembleError::PageOutOfRange {
+                epoch,
+                index,
+                page_count,
+            });
+        }
+        if self.seen[(index / 64) as usize] & (1u64 << (index % 64)) != 0 {
+            return Err(AssembleError::DuplicatePage { epoch, index });
+        }
+        Ok(())
+    }
+
+    /// Adds a checked, decoded page to the open epoch.
+    fn add_page(&mut self, page: Page) {
+        let index = page.index;
+        // Mark and store together, so `discard` clears exactly the marked bits.
+        self.seen[(index / 64) as usize] |= 1u64 << (index % 64);
+        let partial = self.open.as_mut().expect("an open epoch");
+        partial.checksum.page(index, &page.data);
+        partial.pages.push(page);
+    }
+
+    fn compressed(
+        &mut self,
+        batch: CompressedPages,
+        base: &dyn BasePages,
+    ) -> Result<(), AssembleError> {
+        let epoch = batch.epoch;
+        self.open_for_pages(
+            FrameType::CompressedPages,
+            epoch,
+            batch.page_size,
+            batch.pages.len(),
+        )?;
+        let ps = self.geometry.page_size() as usize;
+        let mut base_buf = Vec::new();
+        for page in batch.pages {
+            let index = page.index;
+            self.check_new_page(epoch, index)?;
+            let data = if page.encoding == PageEncoding::Raw && page.data.len() == ps {
+                page.data
+            } else {
+                let base = if page.encoding.needs_base() {
+                    base_buf.resize(ps, 0);
+                    base.read_committed_page(index, &mut base_buf)
+                        .map_err(|e| AssembleError::BasePage {
+                            epoch,
+                            index,
+                            detail: e.to_string(),
+                        })?;
+                    Some(&base_buf[..])
+                } else {
+                    None
+                };
+                // Bounded: the batch has at most the pages `EpochBegin` announced, which
+                // is at most the VM's, as for raw pages.
+                let mut out = vec![0u8; ps];
+                decode_page(page.encoding, &page.data, base, &mut out).map_err(|source| {
+                    AssembleError::PageDecode {
+                        epoch,
+                        index,
+                        source,
+                    }
+                })?;
+                Bytes::from(out)
+            };
+            self.add_page(Page { index, data });
+        }
+        Ok(())
+    }
+
+    fn pages(&mut self, batch: Pages) -> Result<(), AssembleError> {
+        let geometry = self.geometry;
+        let epoch = batch.epoch;
+        self.open_for_pages(FrameType::Pages, epoch, batch.page_size, batch.pages.len())?;
         for page in batch.pages {
             let index = page.index;
             if index >= geometry.page_count() {
@@ -574,14 +724,8 @@ impl EpochAssembler {
                     page_size: geometry.page_size(),
                 });
             }
-            let (word, bit) = ((index / 64) as usize, 1u64 << (index % 64));
-            if self.seen[word] & bit != 0 {
-                return Err(AssembleError::DuplicatePage { epoch, index });
-            }
-            // Mark and store together, so `discard` clears exactly the marked bits.
-            self.seen[word] |= bit;
-            partial.checksum.page(index, &page.data);
-            partial.pages.push(page);
+            self.check_new_page(epoch, index)?;
+            self.add_page(page);
         }
         Ok(())
     }
@@ -1297,5 +1441,394 @@ mod disk_tests {
         assert!(codec
             .encode_message(&Message::DiskWrites(bad), &mut BytesMut::new())
             .is_err());
+    }
+}
+
+#[cfg(test)]
+mod compressed_tests {
+    use super::*;
+    use crate::codec::FrameCodec;
+    use crate::epoch_encoder::EpochEncoder;
+    use crate::message::{EncodedPage, PageRef};
+    use bytes::BytesMut;
+    use tokio_util::codec::Decoder;
+
+    const PS: u32 = 4096;
+
+    fn geometry() -> Geometry {
+        Geometry::new(64 * u64::from(PS), PS).unwrap()
+    }
+
+    fn data(index: u64, salt: u8) -> Vec<u8> {
+        (0..PS as usize)
+            .map(|i| (i as u8).wrapping_mul(salt) ^ index as u8)
+            .collect()
+    }
+
+    fn feed(
+        a: &mut EpochAssembler,
+        msgs: Vec<EpochMessage>,
+    ) -> Result<Option<CompleteEpoch>, AssembleError> {
+        feed_with(a, msgs, &NoBase)
+    }
+
+    fn assert_idle_at(a: &EpochAssembler, next: u64) {
+        assert_eq!(a.open_epoch(), None);
+        assert_eq!(a.next_epoch(), next);
+    }
+
+    use crate::message::EncodedPageRef;
+    use crate::pagecodec::{encode_lz4, encode_xor_lz4, max_lz4_len};
+    use std::collections::HashMap;
+
+    /// A replica as the assembler sees it: committed pages (missing ones are zero).
+    #[derive(Default)]
+    struct Replica(HashMap<u64, Vec<u8>>);
+
+    impl BasePages for Replica {
+        fn read_committed_page(&self, index: u64, buf: &mut [u8]) -> std::io::Result<()> {
+            match self.0.get(&index) {
+                Some(p) => buf.copy_from_slice(p),
+                None => buf.fill(0),
+            }
+            Ok(())
+        }
+    }
+
+    struct Broken;
+
+    impl BasePages for Broken {
+        fn read_committed_page(&self, _: u64, _: &mut [u8]) -> std::io::Result<()> {
+            Err(std::io::Error::other("disk on fire"))
+        }
+    }
+
+    /// Page `index` of `base` with bytes `[from, from + len)` rewritten.
+    fn changed(base: &[u8], from: usize, len: usize, salt: u8) -> Vec<u8> {
+        let mut p = base.to_vec();
+        for (i, b) in p[from..from + len].iter_mut().enumerate() {
+            *b = (i as u8).wrapping_mul(31).wrapping_add(salt) ^ 0x5a;
+        }
+        p
+    }
+
+    /// An epoch of `pages` (index, contents) as `CompressedPages`: each page a delta
+    /// against `base` when it has one there, else LZ4, else raw, in batches of `batch`.
+    fn compressed_msgs(
+        epoch: u64,
+        pages: &[(u64, Vec<u8>)],
+        base: &Replica,
+        batch: usize,
+    ) -> Vec<EpochMessage> {
+        let ps = PS as usize;
+        let mut encoded: Vec<(PageEncoding, Vec<u8>)> = Vec::new();
+        let mut scratch = vec![0; ps];
+        for (index, page) in pages {
+            let mut out = vec![0; max_lz4_len(ps)];
+            let e = match base.0.get(index) {
+                Some(b) => encode_xor_lz4(page, b, &mut scratch, &mut out)
+                    .map(|n| (PageEncoding::XorLz4, n)),
+                None => encode_lz4(page, &mut out).map(|n| (PageEncoding::Lz4, n)),
+            };
+            encoded.push(match e {
+                Some((e, n)) => (e, out[..n].to_vec()),
+                None => (PageEncoding::Raw, page.clone()),
+            });
+        }
+        let refs: Vec<EncodedPageRef<'_>> = pages
+            .iter()
+            .zip(&encoded)
+            .map(|((index, raw), (encoding, data))| EncodedPageRef {
+                index: *index,
+                encoding: *encoding,
+                data,
+                raw,
+            })
+            .collect();
+        let codec = FrameCodec::new();
+        let mut buf = BytesMut::new();
+        let mut enc = EpochEncoder::begin(
+            codec,
+            EpochBegin {
+                epoch,
+                page_count: pages.len() as u64,
+                state_len: 2,
+            },
+            PS,
+            &mut buf,
+        )
+        .unwrap();
+        for chunk in refs.chunks(batch.max(1)) {
+            enc.compressed_pages(chunk, &mut buf).unwrap();
+        }
+        enc.state(b"st", &mut buf).unwrap();
+        enc.end(&mut buf).unwrap();
+        let mut dec = codec;
+        let mut out = Vec::new();
+        while let Some(m) = dec.decode_eof(&mut buf).unwrap() {
+            out.push(EpochMessage::try_from(m).unwrap());
+        }
+        out
+    }
+
+    /// The same epoch as plain `Pages`.
+    fn raw_msgs(epoch: u64, pages: &[(u64, Vec<u8>)]) -> Vec<EpochMessage> {
+        let refs: Vec<PageRef<'_>> = pages
+            .iter()
+            .map(|(index, data)| PageRef {
+                index: *index,
+                data,
+            })
+            .collect();
+        let codec = FrameCodec::new();
+        let mut buf = BytesMut::new();
+        let mut enc = EpochEncoder::begin(
+            codec,
+            EpochBegin {
+                epoch,
+                page_count: pages.len() as u64,
+                state_len: 2,
+            },
+            PS,
+            &mut buf,
+        )
+        .unwrap();
+        enc.pages(&refs, &mut buf).unwrap();
+        enc.state(b"st", &mut buf).unwrap();
+        enc.end(&mut buf).unwrap();
+        let mut dec = codec;
+        let mut out = Vec::new();
+        while let Some(m) = dec.decode_eof(&mut buf).unwrap() {
+            out.push(EpochMessage::try_from(m).unwrap());
+        }
+        out
+    }
+
+    fn feed_with(
+        a: &mut EpochAssembler,
+        msgs: Vec<EpochMessage>,
+        base: &dyn BasePages,
+    ) -> Result<Option<CompleteEpoch>, AssembleError> {
+        let mut last = None;
+        for m in msgs {
+            last = a.push_with(m, base)?;
+        }
+        Ok(last)
+    }
+
+    /// Three epochs: the first fills pages 0..8 (LZ4 or raw: no base yet), the next two
+    /// change a quarter of some pages (deltas). Applying each compressed epoch to one
+    /// replica and each raw epoch to another gives identical replicas and identical epochs.
+    #[test]
+    fn compressed_and_raw_epochs_give_identical_replicas() {
+        let mut compressed = Replica::default();
+        let mut raw = Replica::default();
+        let mut ac = EpochAssembler::new(geometry(), 1);
+        let mut ar = EpochAssembler::new(geometry(), 1);
+        let mut current: HashMap<u64, Vec<u8>> = HashMap::new();
+        for epoch in 1..=3u64 {
+            let pages: Vec<(u64, Vec<u8>)> = match epoch {
+                1 => (0..8).map(|i| (i, data(i, 3))).collect(),
+                _ => [1u64, 4, 7, 20]
+                    .iter()
+                    .map(|&i| {
+                        let old = current.get(&i).cloned().unwrap_or_else(|| data(i, 9));
+                        (i, changed(&old, 512 * epoch as usize, 1024, epoch as u8))
+                    })
+                    .collect(),
+            };
+            let msgs = compressed_msgs(epoch, &pages, &compressed, 3);
+            if epoch > 1 {
+                assert!(msgs.iter().any(|m| matches!(m, EpochMessage::Compressed(b)
+                    if b.pages.iter().any(|p| p.encoding == PageEncoding::XorLz4))));
+            }
+            let c = feed_with(&mut ac, msgs, &compressed).unwrap().unwrap();
+            let r = feed_with(&mut ar, raw_msgs(epoch, &pages), &raw)
+                .unwrap()
+                .unwrap();
+            assert_eq!(c, r, "epoch {epoch}: the same pages, state and checksum");
+            for p in &c.pages {
+                compressed.0.insert(p.index, p.data.to_vec());
+            }
+            for p in &r.pages {
+                raw.0.insert(p.index, p.data.to_vec());
+            }
+            for (i, p) in pages {
+                current.insert(i, p);
+            }
+            assert_eq!(compressed.0, raw.0);
+            assert_eq!(compressed.0, current);
+        }
+    }
+
+    /// A delta decoded against another base than the primary's (a replica that is not
+    /// what the primary believes) decodes, but fails the epoch checksum: rejected whole.
+    #[test]
+    fn a_delta_against_the_wrong_base_fails_the_epoch_checksum() {
+        let mut primary_view = Replica::default();
+        primary_view.0.insert(2, data(2, 1));
+        let page = changed(&data(2, 1), 0, 100, 7);
+        let msgs = compressed_msgs(5, &[(2, page)], &primary_view, 8);
+        let mut backup = Replica::default();
+        backup.0.insert(2, data(2, 2));
+        let mut a = EpochAssembler::new(geometry(), 5);
+        assert!(matches!(
+            feed_with(&mut a, msgs.clone(), &backup),
+            Err(AssembleError::Checksum { epoch: 5, .. })
+        ));
+        assert_idle_at(&a, 5);
+        // The right base: accepted.
+        assert!(feed_with(&mut a, msgs, &primary_view).unwrap().is_some());
+        assert_idle_at(&a, 6);
+    }
+
+    #[test]
+    fn corrupt_or_unbased_encoded_pages_are_refused_and_the_epoch_discarded() {
+        let mut base = Replica::default();
+        base.0.insert(3, data(3, 1));
+        let pages = [
+            (3u64, changed(&data(3, 1), 8, 64, 2)),
+            (9, vec![0; PS as usize]),
+        ];
+        let msgs = compressed_msgs(1, &pages, &base, 8);
+        let corrupt = |f: &dyn Fn(&mut EncodedPage)| -> Vec<EpochMessage> {
+            msgs.iter()
+                .cloned()
+                .map(|m| match m {
+                    EpochMessage::Compressed(mut b) => {
+                        f(&mut b.pages[0]);
+                        EpochMessage::Compressed(b)
+                    }
+                    m => m,
+                })
+                .collect()
+        };
+        let mut a = EpochAssembler::new(geometry(), 1);
+        // A delta whose LZ4 block is cut short.
+        let cut = corrupt(&|p| p.data = p.data.slice(..p.data.len() - 1));
+        assert!(matches!(
+            feed_with(&mut a, cut, &base),
+            Err(AssembleError::PageDecode {
+                epoch: 1,
+                index: 3,
+                ..
+            })
+        ));
+        assert_idle_at(&a, 1);
+        // Garbage.
+        let garbage = corrupt(&|p| p.data = Bytes::from_static(&[0xf0; 9]));
+        assert!(matches!(
+            feed_with(&mut a, garbage, &base),
+            Err(AssembleError::PageDecode { index: 3, .. })
+        ));
+        // No base to apply the delta to.
+        assert!(matches!(
+            feed(&mut a, msgs.clone()),
+            Err(AssembleError::BasePage { index: 3, .. })
+        ));
+        assert!(matches!(
+            feed_with(&mut a, msgs.clone(), &Broken),
+            Err(AssembleError::BasePage { index: 3, .. })
+        ));
+        // Out of range, and a page twice.
+        let far = corrupt(&|p| p.index = 64);
+        assert!(matches!(
+            feed_with(&mut a, far, &base),
+            Err(AssembleError::PageOutOfRange { index: 64, .. })
+        ));
+        let twice = corrupt(&|p| p.index = 9);
+        assert!(matches!(
+            feed_with(&mut a, twice, &base),
+            Err(AssembleError::DuplicatePage { index: 9, .. })
+        ));
+        assert_idle_at(&a, 1);
+        // The untouched stream still goes through after all that.
+        let c = feed_with(&mut a, msgs, &base).unwrap().unwrap();
+        assert_eq!(c.pages[0].data, pages[0].1);
+        assert_eq!(c.pages[1].data, pages[1].1);
+    }
+
+    #[test]
+    fn compressed_frames_round_trip_and_hostile_tables_are_refused() {
+        use crate::codec::DecodeError;
+        let base = Replica::default();
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let noise: Vec<u8> = (0..PS)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        let pages = [(1u64, vec![0; PS as usize]), (2, noise)];
+        let msgs = compressed_msgs(1, &pages, &base, 8);
+        let EpochMessage::Compressed(batch) = msgs[1].clone() else {
+            panic!("{:?}", msgs[1]);
+        };
+        let codec = FrameCodec::new();
+        let mut buf = BytesMut::new();
+        codec
+            .encode_message(&Message::CompressedPages(batch.clone()), &mut buf)
+            .unwrap();
+        let frame = buf.clone();
+        let mut dec = codec;
+        assert_eq!(
+            dec.decode(&mut buf).unwrap(),
+            Some(Message::CompressedPages(batch.clone()))
+        );
+        // Re-frame a mutated payload (valid CRC) and decode it.
+        let decode_payload = |f: &dyn Fn(&mut Vec<u8>)| {
+            let mut payload = frame[crate::frame::HEADER_LEN..].to_vec();
+            f(&mut payload);
+            let header = crate::frame::FrameHeader {
+                frame_type: FrameType::CompressedPages as u8,
+                flags: 0,
+                payload_len: payload.len() as u32,
+                payload_crc: crate::frame::crc64(&payload),
+            };
+            let mut b = BytesMut::new();
+            b.extend_from_slice(&header.to_bytes());
+            b.extend_from_slice(&payload);
+            FrameCodec::new().decode(&mut b)
+        };
+        let set_u32 = |p: &mut Vec<u8>, at: usize, v: u32| {
+            p[at..at + 4].copy_from_slice(&v.to_le_bytes());
+        };
+        let malformed = |r: Result<Option<Message>, DecodeError>| {
+            matches!(
+                r,
+                Err(DecodeError::Malformed { .. }) | Err(DecodeError::Invalid { .. })
+            )
+        };
+        // A count far beyond the payload.
+        assert!(malformed(decode_payload(&|p| set_u32(p, 12, u32::MAX))));
+        // A length that does not add up.
+        assert!(malformed(decode_payload(&|p| set_u32(p, 16 + 12, 9999))));
+        // An unknown encoding, reserved bytes set.
+        assert!(malformed(decode_payload(&|p| p[16 + 8] = 7)));
+        assert!(malformed(decode_payload(&|p| p[16 + 9] = 1)));
+        // A raw page that is not a page long (length moved from the second entry).
+        let raw = batch
+            .pages
+            .iter()
+            .position(|p| p.encoding == PageEncoding::Raw);
+        let lz4 = batch
+            .pages
+            .iter()
+            .position(|p| p.encoding == PageEncoding::Lz4);
+        if let (Some(r), Some(l)) = (raw, lz4) {
+            assert!(malformed(decode_payload(&|p| {
+                let (ra, la) = (16 + 16 * r + 12, 16 + 16 * l + 12);
+                let rl = u32::from_le_bytes(p[ra..ra + 4].try_into().unwrap());
+                let ll = u32::from_le_bytes(p[la..la + 4].try_into().unwrap());
+                set_u32(p, ra, rl - 1);
+                set_u32(p, la, ll + 1);
+            })));
+        } else {
+            panic!("expected a raw and an LZ4 page in {batch:?}");
+        }
+        // Shorter than its prefix.
+        assert!(malformed(decode_payload(&|p| p.truncate(15))));
     }
 }

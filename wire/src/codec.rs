@@ -11,11 +11,14 @@
 use crate::checksum::EpochChecksum;
 use crate::frame::{crc64, FrameHeader, HeaderError, DEFAULT_MAX_FRAME_LEN, HEADER_LEN};
 use crate::message::{
-    check_page_size, Ack, DiskExtent, DiskWrites, EpochBegin, EpochEnd, FrameType, Goodbye,
-    Heartbeat, Hello, HelloAck, Inbound, Message, Page, PageRef, Pages, PagesRef, Refuse, State,
-    StateRef, SyncDisk, SyncDone, SyncPages, SyncPagesRef, SyncZeroPages, ValidationError,
-    VmDescription, MAX_STATE_LEN, PROTOCOL_VERSION,
+    check_encoded_pages, check_page_size, Ack, CompressedPages, CompressedPagesRef, DiskExtent,
+    DiskWrites, EpochBegin, EpochEnd, FrameType, Goodbye, Heartbeat, Hello, HelloAck, Inbound,
+    Message, Page, PageRef, Pages, PagesRef, Refuse, State, StateRef, SyncDisk, SyncDone,
+    SyncPages, SyncPagesRef, SyncZeroPages, ValidationError, VmDescription, MAX_STATE_LEN,
+    PROTOCOL_VERSION,
 };
+use crate::message::{EncodedPage, EncodedPageRef};
+use crate::pagecodec::PageEncoding;
 use bincode::Options;
 use bytes::{BufMut, Bytes, BytesMut};
 use serde::de::DeserializeOwned;
@@ -27,6 +30,11 @@ use tokio_util::codec::{Decoder, Encoder};
 const PAGES_PREFIX: usize = 16;
 /// Bytes before the page indices in a `SyncPages` payload: page_size u32, count u32.
 const SYNC_PAGES_PREFIX: usize = 8;
+/// Bytes before the entry table of a `CompressedPages` payload: epoch u64, page_size u32,
+/// count u32.
+const COMPRESSED_PREFIX: usize = 16;
+/// Bytes per entry of that table: index u64, encoding u8, reserved [u8; 3], data length u32.
+pub(crate) const COMPRESSED_ENTRY_LEN: usize = 16;
 /// Bytes before the blob in a `State` payload: epoch u64. (`SyncZeroPages` is just
 /// `index u64 × n`.)
 const STATE_PREFIX: usize = 8;
@@ -201,6 +209,23 @@ pub enum LayoutError {
         /// Length implied by count and size.
         expected: u64,
         /// Actual payload length.
+        actual: usize,
+    },
+    /// An entry of a `CompressedPages` table names an unknown encoding or has reserved
+    /// bytes set.
+    #[error("compressed page entry {entry}: {what}")]
+    Entry {
+        /// Position in the table.
+        entry: usize,
+        /// What is wrong.
+        what: &'static str,
+    },
+    /// The data lengths a `CompressedPages` table declares do not add up to its payload.
+    #[error("compressed pages declare {declared} bytes of data, the payload holds {actual}")]
+    EncodedData {
+        /// Sum of the declared lengths.
+        declared: u64,
+        /// Bytes after the table.
         actual: usize,
     },
     /// The data lengths a `DiskWrites` declares do not add up to its payload.
@@ -412,6 +437,66 @@ impl FrameCodec {
         )
     }
 
+    /// Encode a batch of encoded epoch pages (`CompressedPages`) from borrowed slices,
+    /// feeding each page's *decoded* contents into `checksum` when given.
+    pub(crate) fn encode_compressed_pages(
+        &self,
+        pages: CompressedPagesRef<'_>,
+        checksum: Option<&mut EpochChecksum>,
+        dst: &mut BytesMut,
+    ) -> Result<(), EncodeError> {
+        let frame_type = FrameType::CompressedPages;
+        let invalid = |source| EncodeError::Invalid { frame_type, source };
+        check_encoded_pages(
+            pages.page_size,
+            pages
+                .pages
+                .iter()
+                .map(|p| (p.index, p.encoding, p.data.len())),
+        )
+        .map_err(invalid)?;
+        let raw_wrong = |p: &&EncodedPageRef<'_>| p.raw.len() != pages.page_size as usize;
+        if let Some(p) = checksum
+            .is_some()
+            .then(|| pages.pages.iter().find(raw_wrong))
+            .flatten()
+        {
+            return Err(invalid(ValidationError::PageLength {
+                index: p.index,
+                len: p.raw.len(),
+                page_size: pages.page_size,
+            }));
+        }
+        let data: u64 = pages.pages.iter().map(|p| p.data.len() as u64).sum();
+        let len = (COMPRESSED_PREFIX + COMPRESSED_ENTRY_LEN * pages.pages.len()) as u64 + data;
+        self.check_len(frame_type, len)?;
+        let start = dst.len();
+        dst.reserve(HEADER_LEN + len as usize);
+        dst.put_bytes(0, HEADER_LEN);
+        dst.put_u64_le(pages.epoch);
+        dst.put_u32_le(pages.page_size);
+        // `len` fits the u32 cap and each entry takes 16 bytes, so the count fits too.
+        dst.put_u32_le(pages.pages.len() as u32);
+        for p in pages.pages {
+            dst.put_u64_le(p.index);
+            dst.put_u8(p.encoding as u8);
+            dst.put_bytes(0, 3);
+            // Checked above: at most a page, and a page is at most 2 MiB.
+            dst.put_u32_le(p.data.len() as u32);
+        }
+        for p in pages.pages {
+            dst.extend_from_slice(p.data);
+        }
+        let crc = crc64(&dst[start + HEADER_LEN..]);
+        if let Some(c) = checksum {
+            for p in pages.pages {
+                c.page(p.index, p.raw);
+            }
+        }
+        Self::finish_frame(dst, start, frame_type, crc);
+        Ok(())
+    }
+
     /// Encode a batch of initial-sync pages straight from borrowed slices.
     pub fn encode_sync_pages(
         &self,
@@ -549,6 +634,29 @@ impl FrameCodec {
                 None,
                 dst,
             ),
+            Message::CompressedPages(m) => {
+                // Only the framing: a message of already decoded pages has no `raw` to
+                // checksum (the epoch encoder uses `encode_compressed_pages`).
+                let refs: Vec<EncodedPageRef<'_>> = m
+                    .pages
+                    .iter()
+                    .map(|p| EncodedPageRef {
+                        index: p.index,
+                        encoding: p.encoding,
+                        data: &p.data,
+                        raw: &[],
+                    })
+                    .collect();
+                self.encode_compressed_pages(
+                    CompressedPagesRef {
+                        epoch: m.epoch,
+                        page_size: m.page_size,
+                        pages: &refs,
+                    },
+                    None,
+                    dst,
+                )
+            }
             Message::State(m) => self.encode_state(
                 StateRef {
                     epoch: m.epoch,
@@ -642,6 +750,9 @@ impl FrameCodec {
                     pages,
                 })
             }
+            FrameType::CompressedPages => {
+                Message::CompressedPages(decode_compressed_pages(&payload).map_err(malformed)?)
+            }
             FrameType::State => {
                 if payload.len() < STATE_PREFIX {
                     return Err(malformed(LayoutError::Short {
@@ -705,6 +816,67 @@ fn decode_disk_writes(payload: &Bytes) -> Result<DiskWrites, LayoutError> {
         epoch: read_u64(payload, 0),
         disk: read_u32(payload, 8),
         writes,
+    })
+}
+
+/// Parse `epoch u64 ‖ page_size u32 ‖ count u32 ‖ count × (index u64, encoding u8,
+/// reserved [u8; 3], len u32) ‖ data`. The table is checked against the payload before
+/// anything is allocated for it; the data lengths must add up to exactly the bytes after
+/// it; data are zero-copy slices of `payload`. (Lengths per encoding are checked by
+/// `Message::validate`.)
+fn decode_compressed_pages(payload: &Bytes) -> Result<CompressedPages, LayoutError> {
+    if payload.len() < COMPRESSED_PREFIX {
+        return Err(LayoutError::Short {
+            need: COMPRESSED_PREFIX,
+            have: payload.len(),
+        });
+    }
+    let count = read_u32(payload, 12) as usize;
+    let table_end = COMPRESSED_PREFIX as u64 + COMPRESSED_ENTRY_LEN as u64 * count as u64;
+    if table_end > payload.len() as u64 {
+        return Err(LayoutError::Short {
+            need: usize::try_from(table_end).unwrap_or(usize::MAX),
+            have: payload.len(),
+        });
+    }
+    let table_end = table_end as usize;
+    let actual = payload.len() - table_end;
+    let mut declared = 0u64;
+    for i in 0..count {
+        let at = COMPRESSED_PREFIX + i * COMPRESSED_ENTRY_LEN;
+        if payload[at + 9..at + 12] != [0, 0, 0] {
+            return Err(LayoutError::Entry {
+                entry: i,
+                what: "reserved bytes are not zero",
+            });
+        }
+        if PageEncoding::from_u8(payload[at + 8]).is_none() {
+            return Err(LayoutError::Entry {
+                entry: i,
+                what: "unknown page encoding",
+            });
+        }
+        declared += u64::from(read_u32(payload, at + 12));
+    }
+    if declared != actual as u64 {
+        return Err(LayoutError::EncodedData { declared, actual });
+    }
+    let mut pages = Vec::with_capacity(count);
+    let mut data_at = table_end;
+    for i in 0..count {
+        let at = COMPRESSED_PREFIX + i * COMPRESSED_ENTRY_LEN;
+        let len = read_u32(payload, at + 12) as usize;
+        pages.push(EncodedPage {
+            index: read_u64(payload, at),
+            encoding: PageEncoding::from_u8(payload[at + 8]).expect("checked above"),
+            data: payload.slice(data_at..data_at + len),
+        });
+        data_at += len;
+    }
+    Ok(CompressedPages {
+        epoch: read_u64(payload, 0),
+        page_size: read_u32(payload, 8),
+        pages,
     })
 }
 

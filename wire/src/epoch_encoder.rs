@@ -3,8 +3,12 @@
 //! end-to-end checksum while it copies the pages.
 
 use crate::checksum::EpochChecksum;
+use crate::codec::COMPRESSED_ENTRY_LEN;
 use crate::codec::{EncodeError, FrameCodec};
-use crate::message::{DiskWrites, EpochBegin, EpochEnd, Message, PageRef, PagesRef, StateRef};
+use crate::message::{
+    CompressedPagesRef, DiskWrites, EncodedPageRef, EpochBegin, EpochEnd, Message, PageRef,
+    PagesRef, StateRef,
+};
 use bytes::BytesMut;
 
 /// The primary broke the order of an epoch, or a frame failed to encode. Frames already
@@ -138,7 +142,56 @@ impl EpochEncoder {
         Ok(())
     }
 
-    /// Append the `State` frame (after every announced page).
+    /// Append `pages`, each already encoded, as one or more `CompressedPages` frames (split
+    /// where the next page would pass the codec's frame cap). The epoch checksum covers
+    /// each page's decoded contents (`raw`), as for [`EpochEncoder::pages`].
+    pub fn compressed_pages(
+        &mut self,
+        pages: &[EncodedPageRef<'_>],
+        dst: &mut BytesMut,
+    ) -> Result<(), EpochEncodeError> {
+        let epoch = self.begin.epoch;
+        if self.state_sent {
+            return Err(EpochEncodeError::PagesAfterState { epoch });
+        }
+        if self.sent_pages + pages.len() as u64 > self.begin.page_count {
+            return Err(EpochEncodeError::ExcessPages {
+                epoch,
+                declared: self.begin.page_count,
+            });
+        }
+        // Frame prefix: epoch, page size, count.
+        let cap = u64::from(self.codec.max_frame_len()).saturating_sub(16);
+        let mut rest = pages;
+        while !rest.is_empty() {
+            let mut n = 0;
+            let mut len = 0u64;
+            for p in rest {
+                let more = COMPRESSED_ENTRY_LEN as u64 + p.data.len() as u64;
+                if n > 0 && len + more > cap {
+                    break;
+                }
+                len += more;
+                n += 1;
+            }
+            let (chunk, tail) = rest.split_at(n);
+            self.codec
+                .encode_compressed_pages(
+                    CompressedPagesRef {
+                        epoch,
+                        page_size: self.page_size,
+                        pages: chunk,
+                    },
+                    Some(&mut self.checksum),
+                    dst,
+                )
+                .map_err(|source| EpochEncodeError::Encode { epoch, source })?;
+            self.sent_pages += n as u64;
+            rest = tail;
+        }
+        Ok(())
+    }
+
     /// Writes of one disk in this epoch (after the pages, before the state; a disk may have
     /// several messages, applied in order).
     pub fn disk_writes(
@@ -157,6 +210,7 @@ impl EpochEncoder {
         Ok(())
     }
 
+    /// Append the `State` frame (after every announced page).
     pub fn state(&mut self, blob: &[u8], dst: &mut BytesMut) -> Result<(), EpochEncodeError> {
         let epoch = self.begin.epoch;
         if self.state_sent || self.sent_pages != self.begin.page_count {

@@ -204,6 +204,21 @@ mod tests {
     }
 
     #[test]
+    fn a_primary_of_protocol_3_is_refused_naming_both_versions() {
+        // Protocol 4 added compressed pages; a primary of 3 cannot be served, nor a backup
+        // of 3 serve this primary (it refuses our Hello the same way).
+        let mut hello = Hello::new(Role::Primary, VM, 3);
+        hello.protocol_version = 3;
+        let refuse = accept_hello(&policy(), &hello).unwrap_err();
+        assert_eq!(refuse.reason, RefuseReason::VersionMismatch);
+        assert!(
+            refuse.detail.contains("version 3") && refuse.detail.contains("speaks 4"),
+            "{}",
+            refuse.detail
+        );
+    }
+
+    #[test]
     fn newer_ack_is_a_version_mismatch_for_the_primary() {
         let hello = Hello::new(Role::Primary, VM, 3);
         let mut ack = accept_hello(&policy(), &hello).unwrap();

@@ -20,20 +20,22 @@ mod epoch_encoder;
 mod frame;
 pub mod handshake;
 mod message;
+pub mod pagecodec;
 mod sync;
 
-pub use assembler::{AssembleError, CompleteEpoch, EpochAssembler, EpochMessage};
+pub use assembler::{AssembleError, BasePages, CompleteEpoch, EpochAssembler, EpochMessage};
 pub use checksum::EpochChecksum;
 pub use codec::{DecodeError, EncodeError, FrameCodec, LayoutError};
 pub use epoch_encoder::{EpochEncodeError, EpochEncoder};
 pub use frame::{FrameHeader, HeaderError, DEFAULT_MAX_FRAME_LEN, HEADER_LEN, MAGIC};
 pub use handshake::{AcceptPolicy, HandshakeError};
 pub use message::{
-    Ack, DiskExtent, DiskWrites, EpochBegin, EpochEnd, FrameType, Geometry, GeometryError, Goodbye,
-    GoodbyeReason, Heartbeat, Hello, HelloAck, Inbound, Message, Page, PageRef, Pages, PagesRef,
-    Refuse, RefuseReason, Role, State, StateRef, SyncDisk, SyncDone, SyncPages, SyncPagesRef,
-    SyncZeroPages, ValidationError, VmDescription, VmId, DISK_SECTOR, MAX_CONFIG_LEN, MAX_DISKS,
-    MAX_DISK_DATA, MAX_INBOUND_FRAME, MAX_PAGE_SIZE, MAX_STATE_LEN, MAX_TEXT_LEN, MIN_PAGE_SIZE,
-    PROTOCOL_VERSION, SOFTWARE_VERSION,
+    Ack, CompressedPages, CompressedPagesRef, DiskExtent, DiskWrites, EncodedPage, EncodedPageRef,
+    EpochBegin, EpochEnd, FrameType, Geometry, GeometryError, Goodbye, GoodbyeReason, Heartbeat,
+    Hello, HelloAck, Inbound, Message, Page, PageRef, Pages, PagesRef, Refuse, RefuseReason, Role,
+    State, StateRef, SyncDisk, SyncDone, SyncPages, SyncPagesRef, SyncZeroPages, ValidationError,
+    VmDescription, VmId, DISK_SECTOR, MAX_CONFIG_LEN, MAX_DISKS, MAX_DISK_DATA, MAX_INBOUND_FRAME,
+    MAX_PAGE_SIZE, MAX_STATE_LEN, MAX_TEXT_LEN, MIN_PAGE_SIZE, PROTOCOL_VERSION, SOFTWARE_VERSION,
 };
+pub use pagecodec::{PageCodecError, PageEncoding};
 pub use sync::{SyncError, SyncTracker};

@@ -6,13 +6,14 @@
 //! layout (see `PROTOCOL.md`) so that page data is copied once on encode (straight from guest
 //! memory into the output buffer) and never on decode ([`Bytes`] slices of the receive buffer).
 
+use crate::pagecodec::PageEncoding;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
 /// Version of the protocol spoken by this build. A peer speaking another version is refused
 /// during the handshake: checkpoints are only meaningful between identical formats.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Version string of this build, sent in [`Hello`] so that a refusal can name both sides.
 pub const SOFTWARE_VERSION: &str = concat!("twin ", env!("CARGO_PKG_VERSION"));
@@ -460,6 +461,57 @@ pub struct SyncPagesRef<'a> {
     pub pages: &'a [PageRef<'a>],
 }
 
+/// One page of a [`CompressedPages`] batch as it travels: raw, LZ4, or a delta against the
+/// backup's committed copy of the page (see [`crate::pagecodec`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EncodedPage {
+    /// Page index.
+    pub index: u64,
+    /// How `data` encodes the page.
+    pub encoding: PageEncoding,
+    /// Raw: exactly `page_size` bytes; compressed: 1 to `page_size - 1` bytes. Decoded
+    /// data is a slice of the received frame.
+    pub data: Bytes,
+}
+
+/// Borrowed form of [`EncodedPage`], for the encoder; `raw` is the page itself, which the
+/// epoch checksum covers (the backup checks it against what it decoded).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EncodedPageRef<'a> {
+    /// Page index.
+    pub index: u64,
+    /// How `data` encodes the page.
+    pub encoding: PageEncoding,
+    /// The encoded bytes.
+    pub data: &'a [u8],
+    /// The page, decoded (exactly `page_size` bytes).
+    pub raw: &'a [u8],
+}
+
+/// A batch of the dirty pages of one epoch, each page encoded on its own (protocol 4).
+/// An epoch may mix `Pages` and `CompressedPages` batches; its checksum covers the decoded
+/// pages either way.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CompressedPages {
+    /// Epoch the pages belong to.
+    pub epoch: u64,
+    /// Page size of every page in the batch.
+    pub page_size: u32,
+    /// The pages.
+    pub pages: Vec<EncodedPage>,
+}
+
+/// Borrowed form of [`CompressedPages`].
+#[derive(Debug, Clone, Copy)]
+pub struct CompressedPagesRef<'a> {
+    /// Epoch the pages belong to.
+    pub epoch: u64,
+    /// Page size of every page in the batch.
+    pub page_size: u32,
+    /// The pages.
+    pub pages: &'a [EncodedPageRef<'a>],
+}
+
 /// vCPU and device state of one epoch (opaque to this crate).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct State {
@@ -642,6 +694,8 @@ pub enum Message {
     SyncDisk(SyncDisk),
     /// See [`Inbound`].
     Inbound(Inbound),
+    /// See [`CompressedPages`].
+    CompressedPages(CompressedPages),
 }
 
 /// Type byte of a frame. The values are part of the wire format and never reused.
@@ -682,11 +736,13 @@ pub enum FrameType {
     SyncDisk = 16,
     /// [`Inbound`]
     Inbound = 17,
+    /// [`CompressedPages`]
+    CompressedPages = 18,
 }
 
 impl FrameType {
     /// Every frame type, in wire order.
-    pub const ALL: [FrameType; 17] = [
+    pub const ALL: [FrameType; 18] = [
         Self::Hello,
         Self::HelloAck,
         Self::Refuse,
@@ -704,6 +760,7 @@ impl FrameType {
         Self::DiskWrites,
         Self::SyncDisk,
         Self::Inbound,
+        Self::CompressedPages,
     ];
 
     /// The frame type with wire value `value`, if any.
@@ -733,6 +790,7 @@ impl Message {
             Self::DiskWrites(_) => FrameType::DiskWrites,
             Self::SyncDisk(_) => FrameType::SyncDisk,
             Self::Inbound(_) => FrameType::Inbound,
+            Self::CompressedPages(_) => FrameType::CompressedPages,
         }
     }
 
@@ -759,6 +817,10 @@ impl Message {
             }
             Self::SyncPages(s) => check_pages(s.page_size, s.pages.iter().map(Page::as_ref)),
             Self::Pages(p) => check_pages(p.page_size, p.pages.iter().map(Page::as_ref)),
+            Self::CompressedPages(p) => check_encoded_pages(
+                p.page_size,
+                p.pages.iter().map(|e| (e.index, e.encoding, e.data.len())),
+            ),
             Self::State(s) => check_len("state", s.blob.len(), MAX_STATE_LEN),
             Self::EpochBegin(b) => check_len(
                 "state_len",
@@ -823,6 +885,19 @@ pub enum ValidationError {
         /// Expected length.
         page_size: u32,
     },
+    /// An encoded page's length does not suit its encoding (raw: exactly a page;
+    /// compressed: at least one byte and less than a page).
+    #[error("page {index} is {len} bytes {encoding:?}, the page size is {page_size}")]
+    EncodedLength {
+        /// Page index.
+        index: u64,
+        /// Its encoding.
+        encoding: PageEncoding,
+        /// Its data length.
+        len: usize,
+        /// The page size.
+        page_size: u32,
+    },
     /// The VM description's geometry is invalid.
     #[error("invalid VM geometry")]
     Geometry(#[source] GeometryError),
@@ -877,6 +952,29 @@ pub(crate) fn check_pages<'a>(
     Ok(())
 }
 
+pub(crate) fn check_encoded_pages(
+    page_size: u32,
+    pages: impl Iterator<Item = (u64, PageEncoding, usize)>,
+) -> Result<(), ValidationError> {
+    check_page_size(page_size)?;
+    let ps = page_size as usize;
+    for (index, encoding, len) in pages {
+        let ok = match encoding {
+            PageEncoding::Raw => len == ps,
+            PageEncoding::Lz4 | PageEncoding::XorLz4 => (1..ps).contains(&len),
+        };
+        if !ok {
+            return Err(ValidationError::EncodedLength {
+                index,
+                encoding,
+                len,
+                page_size,
+            });
+        }
+    }
+    Ok(())
+}
+
 fn check_len(field: &'static str, len: usize, max: usize) -> Result<(), ValidationError> {
     if len > max {
         Err(ValidationError::TooLong { field, len, max })
@@ -899,7 +997,7 @@ mod tests {
             assert_eq!(FrameType::from_u8(t as u8), Some(t));
         }
         assert_eq!(FrameType::from_u8(0), None);
-        assert_eq!(FrameType::from_u8(18), None);
+        assert_eq!(FrameType::from_u8(19), None);
         assert_eq!(FrameType::from_u8(255), None);
     }
 

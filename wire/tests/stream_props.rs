@@ -501,7 +501,7 @@ proptest! {
     #[test]
     fn arbitrary_payloads_in_valid_frames_never_panic_or_overallocate(
         frames in proptest::collection::vec(
-            (0u8..16, proptest::collection::vec(any::<u8>(), 0..1200), any::<u32>(), any::<u32>()),
+            (0u8..20, proptest::collection::vec(any::<u8>(), 0..1200), any::<u32>(), any::<u32>()),
             1..12,
         ),
         chunks in proptest::collection::vec(1usize..700, 1..8),
@@ -510,8 +510,8 @@ proptest! {
         for (t, mut payload, a, b) in frames {
             // Give page frames a plausible prefix (page size, count) half of the time, so
             // the layout checks are reached with interesting values.
-            if (t == 5 || t == 9) && a % 2 == 0 {
-                let at = if t == 9 { 8 } else { 0 };
+            if (t == 5 || t == 9 || t == 18) && a % 2 == 0 {
+                let at = if t == 5 { 0 } else { 8 };
                 payload.resize(payload.len().max(at + 8), 0);
                 payload[at..at + 4].copy_from_slice(&(512u32 << (a % 4)).to_le_bytes());
                 payload[at + 4..at + 8].copy_from_slice(&(b % 4).to_le_bytes());

@@ -52,6 +52,12 @@ pub(super) struct Run {
     pub(super) pause_us: Vec<f64>,
     pub(super) dirty_pages: Vec<f64>,
     pub(super) epoch_bytes: Vec<f64>,
+    /// Per epoch: bytes of the dirty pages reported, of their page frames sent, and the
+    /// replication thread's CPU µs encoding and writing the epoch.
+    pub(super) dirty_bytes: Vec<f64>,
+    pub(super) page_bytes: Vec<f64>,
+    pub(super) encode_cpu_us: Vec<f64>,
+    pub(super) send_cpu_us: Vec<f64>,
     /// The primary's status at the end of the window.
     pub(super) status: Option<serde_json::Value>,
     /// The Redis workload: every test of every redis-benchmark run of the matrix.
@@ -85,6 +91,10 @@ impl Run {
             pause_us: Vec::new(),
             dirty_pages: Vec::new(),
             epoch_bytes: Vec::new(),
+            dirty_bytes: Vec::new(),
+            page_bytes: Vec::new(),
+            encode_cpu_us: Vec::new(),
+            send_cpu_us: Vec::new(),
             status: None,
             redis: Vec::new(),
             key: (w, m),
@@ -179,6 +189,8 @@ pub(super) struct Protection<'a> {
     pub(super) encrypt: bool,
     /// `--no-precopy` on the primary (today's behaviour before pre-copy, for comparison).
     pub(super) no_precopy: bool,
+    /// `--compress none` on the primary (raw pages, as before protocol 4).
+    pub(super) uncompressed: bool,
     /// `--arbiter` on both sides.
     pub(super) arbiter: Option<&'a twin_lab::etcd::EtcdHost>,
 }
@@ -189,6 +201,7 @@ impl Protection<'_> {
             hz,
             encrypt: false,
             no_precopy: false,
+            uncompressed: false,
             arbiter: None,
         }
     }
@@ -206,6 +219,7 @@ pub(super) fn start_protected(
         hz,
         encrypt,
         no_precopy,
+        uncompressed,
         arbiter,
     } = how;
     let listen = SocketAddr::from((BACKUP_REPL_ADDR, REPL_PORT)).to_string();
@@ -259,6 +273,9 @@ pub(super) fn start_protected(
     }
     if no_precopy {
         args.push("--no-precopy".into());
+    }
+    if uncompressed {
+        args.extend(["--compress".into(), "none".into()]);
     }
     if let Some(e) = arbiter {
         args.extend(["--arbiter".into(), e.url(twin_lab::HostRole::Primary)]);
@@ -388,6 +405,10 @@ struct EpochSample {
     pages: f64,
     bytes: f64,
     pause_us: f64,
+    dirty_bytes: f64,
+    page_bytes: f64,
+    encode_cpu_us: f64,
+    send_cpu_us: f64,
 }
 
 /// The epochs the primary sent among `events`.
@@ -399,11 +420,19 @@ fn epoch_samples(events: &[Event]) -> Vec<EpochSample> {
                 pages,
                 bytes,
                 pause_us,
+                dirty_bytes,
+                page_bytes,
+                encode_cpu_us,
+                send_cpu_us,
                 ..
             } => Some(EpochSample {
                 pages: pages as f64,
                 bytes: bytes as f64,
                 pause_us,
+                dirty_bytes: dirty_bytes as f64,
+                page_bytes: page_bytes as f64,
+                encode_cpu_us,
+                send_cpu_us,
             }),
             _ => None,
         })
@@ -457,6 +486,17 @@ pub(super) fn run_cell(plan: &Plan, run: &mut Run, keep_logs: &Path) -> Result<(
                 w,
                 Protection {
                     no_precopy: true,
+                    ..Protection::at(hz)
+                },
+                &mut slots,
+            )?,
+            Mode::Uncompressed(hz) => start_protected(
+                &ha,
+                &dir,
+                plan,
+                w,
+                Protection {
+                    uncompressed: true,
                     ..Protection::at(hz)
                 },
                 &mut slots,
@@ -599,7 +639,7 @@ pub(super) fn measure(
     let guest_ns = stat(&s1, "uptime_ns")?.saturating_sub(stat(&s0, "uptime_ns")?);
     let written =
         stat(&s1, "dirty_pages_written")?.saturating_sub(stat(&s0, "dirty_pages_written")?);
-    if matches!(w, Workload::Dirty(_)) && guest_ns > 0 {
+    if matches!(w, Workload::Dirty(_) | Workload::Write { .. }) && guest_ns > 0 {
         run.guest_dirty_mib_s =
             Some((written * PAGE as u64) as f64 / (1 << 20) as f64 / (guest_ns as f64 / 1e9));
         run.guest_pages_skipped =
@@ -620,6 +660,10 @@ pub(super) fn measure(
             run.pause_us.push(e.pause_us);
             run.dirty_pages.push(e.pages);
             run.epoch_bytes.push(e.bytes);
+            run.dirty_bytes.push(e.dirty_bytes);
+            run.page_bytes.push(e.page_bytes);
+            run.encode_cpu_us.push(e.encode_cpu_us);
+            run.send_cpu_us.push(e.send_cpu_us);
         }
         run.checkpoints = run.pause_us.len() as u64;
         run.checkpoint_rate_hz = Some(run.checkpoints as f64 / window);
@@ -667,6 +711,10 @@ mod tests {
             harvest_us: 20.0,
             copy_us: 10.0,
             eager: false,
+            dirty_bytes: 12288,
+            page_bytes: 12400,
+            encode_cpu_us: 30.0,
+            send_cpu_us: 20.0,
         };
         let events = [
             ev(
@@ -683,7 +731,11 @@ mod tests {
             [EpochSample {
                 pages: 3.0,
                 bytes: 13000.0,
-                pause_us: 412.0
+                pause_us: 412.0,
+                dirty_bytes: 12288.0,
+                page_bytes: 12400.0,
+                encode_cpu_us: 30.0,
+                send_cpu_us: 20.0,
             }]
         );
     }

@@ -27,7 +27,9 @@
 //! the primary is SIGKILLed, and the time to the first reply from the backup on the same
 //! connection is measured, and the counter checked for continuity. Physical limits: memcpy
 //! of random 4 KiB pages, TCP over loopback and over the replication veth, measured at the
-//! start and at the end.
+//! start and at the end. Compression: memory workloads whose writes change 5/25/100% of a
+//! page (`--compress-workloads`), protected with `--compress delta` and `none` side by
+//! side — bytes sent per dirty byte, the replication thread's CPU per GiB, the pause.
 //!
 //! Output in `--out` (default `results/`): `bench.md` (also printed), `bench.json` (every
 //! run, raw per-epoch samples), `bench.svg` and the same plot as `bench.png`. Logs of failed runs go to `failed/` there.
@@ -97,9 +99,19 @@ pub struct BenchArgs {
     #[arg(
         long,
         value_delimiter = ',',
+        num_args = 0..,
         default_value = "idle,16M,64M,256M,tcp,redis,disk8M"
     )]
     workloads: Vec<String>,
+    /// The compression section: memory workloads at 64 MiB/s whose writes change this
+    /// percent of a page (text-like data), `25r` a quarter with incompressible data,
+    /// `random` whole incompressible pages; each protected with compression (`delta`, the
+    /// default) and without (`--compress none`), side by side. No value for none.
+    #[arg(long, value_delimiter = ',', num_args = 0.., default_value = "5,25,100,25r,random")]
+    compress_workloads: Vec<String>,
+    /// Checkpoint rate of the compression section.
+    #[arg(long, default_value_t = 40)]
+    compress_hz: u32,
     /// Guest RAM.
     #[arg(long, default_value = "256M")]
     mem: String,
@@ -183,7 +195,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
     eprintln!(
         "bench: {} cell runs ({} workloads × {} modes × {} rounds, {:.1} s each) + {} failovers; numbers from a noisy shared {}-core machine",
         schedule.len(),
-        plan.workload_list.len(),
+        plan.workload_list.len() + plan.compress_list.len(),
         plan.modes().len(),
         plan.rounds,
         plan.cell_secs,

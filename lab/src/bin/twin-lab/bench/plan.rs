@@ -34,11 +34,25 @@ pub(super) enum Workload {
     Tcp,
     /// `redis-benchmark` against the guest's RESP2 port (see `redis.rs`).
     Redis,
+    /// The compression section's memory workload ([`COMPRESS_DIRTY`] MiB/s): each write
+    /// changes `wfrac` percent of a page, with text-like data (`text`) or incompressible.
+    Write {
+        wfrac: u8,
+        text: bool,
+    },
     /// The guest's disk workload, MiB written per second (4 KiB blocks, a FLUSH after
     /// each), on a sparse image of [`DISK_SIZE`] (`--disk`; the backup keeps its replica
     /// under `--replica-dir`).
     Disk(u32),
 }
+
+/// Dirty rate of the compression section's workloads, MiB/s.
+pub(super) const COMPRESS_DIRTY: u32 = 64;
+/// Their working set: half the default delta cache (64 MiB), so that a page is still
+/// cached when it is written again. (A larger one written round-robin evicts every page
+/// before its next write: no deltas at all — `--compress-cache` must exceed the pages
+/// rewritten between two writes of one page.)
+pub(super) const COMPRESS_WSS: &str = "32M";
 
 /// Size of the disk image of the disk workload.
 pub(super) const DISK_SIZE: u64 = 64 << 20;
@@ -79,8 +93,37 @@ impl Workload {
         })
     }
 
+    /// A workload of the compression section: `5`, `25`, `100` (percent of a page a write
+    /// changes, text-like data) or `random` (whole pages of incompressible data: today's
+    /// memory workload); `25r` for a quarter of a page, incompressible.
+    pub(super) fn parse_write(s: &str) -> Result<Self> {
+        let t = s.trim().to_ascii_lowercase();
+        if t == "random" {
+            return Ok(Workload::Write {
+                wfrac: 100,
+                text: false,
+            });
+        }
+        let (n, text) = match t.strip_suffix('r') {
+            Some(n) => (n, false),
+            None => (t.as_str(), true),
+        };
+        match n.trim_end_matches('%').parse::<u8>() {
+            Ok(wfrac @ 1..=100) => Ok(Workload::Write { wfrac, text }),
+            _ => bail!("bad compression workload {s:?} (known: 1–100 for a write changing that percent of a page with text, 25r for incompressible data, random)"),
+        }
+    }
+
     pub(super) fn label(self) -> String {
         match self {
+            Workload::Write {
+                wfrac: 100,
+                text: false,
+            } => format!("random pages, {COMPRESS_DIRTY}M/s"),
+            Workload::Write { wfrac, text } => format!(
+                "wfrac={wfrac}%{}, {COMPRESS_DIRTY}M/s",
+                if text { " text" } else { " random" }
+            ),
             Workload::Idle => "idle".into(),
             Workload::Dirty(m) => format!("dirty={m}M/s"),
             Workload::Tcp => "tcp closed-loop".into(),
@@ -94,6 +137,10 @@ impl Workload {
             Workload::Idle | Workload::Tcp | Workload::Redis => None,
             Workload::Dirty(m) => Some(format!("dirty={m}M/s,wss={WSS}")),
             Workload::Disk(m) => Some(format!("disk={m}M/s,dwss={DWSS}")),
+            Workload::Write { wfrac, text } => Some(format!(
+                "dirty={COMPRESS_DIRTY}M/s,wss={COMPRESS_WSS},wfrac={wfrac},wdata={}",
+                if text { "text" } else { "random" }
+            )),
         }
     }
 }
@@ -107,6 +154,8 @@ pub(super) enum Mode {
     Encrypted(u32),
     /// Checkpoints per second, every dirty page copied inside the pause (`--no-precopy`).
     NoPrecopy(u32),
+    /// Checkpoints per second, pages raw (`--compress none`: before protocol 4).
+    Uncompressed(u32),
 }
 
 impl Mode {
@@ -116,13 +165,17 @@ impl Mode {
             Mode::Protected(hz) => format!("protected {hz} Hz"),
             Mode::Encrypted(hz) => format!("protected {hz} Hz, encrypted"),
             Mode::NoPrecopy(hz) => format!("protected {hz} Hz, no pre-copy"),
+            Mode::Uncompressed(hz) => format!("protected {hz} Hz, --compress none"),
         }
     }
 
     pub(super) fn hz(self) -> Option<u32> {
         match self {
             Mode::Unprotected => None,
-            Mode::Protected(hz) | Mode::Encrypted(hz) | Mode::NoPrecopy(hz) => Some(hz),
+            Mode::Protected(hz)
+            | Mode::Encrypted(hz)
+            | Mode::NoPrecopy(hz)
+            | Mode::Uncompressed(hz) => Some(hz),
         }
     }
 }
@@ -148,8 +201,13 @@ pub(super) struct Plan {
     pub(super) probe_think_max: Duration,
     pub(super) heartbeat_timeout: Option<String>,
     pub(super) eager_gap: Option<String>,
+    /// The compression section: its workloads and checkpoint rate.
+    pub(super) compress_workloads: Vec<String>,
+    pub(super) compress_hz: u32,
     #[serde(skip)]
     pub(super) workload_list: Vec<Workload>,
+    #[serde(skip)]
+    pub(super) compress_list: Vec<Workload>,
 }
 
 impl Plan {
@@ -159,8 +217,16 @@ impl Plan {
             .iter()
             .map(|w| Workload::parse(w))
             .collect::<Result<Vec<_>>>()?;
-        if workload_list.is_empty() {
-            bail!("--workloads is empty");
+        let compress_list = a
+            .compress_workloads
+            .iter()
+            .map(|w| Workload::parse_write(w))
+            .collect::<Result<Vec<_>>>()?;
+        if workload_list.is_empty() && compress_list.is_empty() {
+            bail!("--workloads and --compress-workloads are empty");
+        }
+        if !(1..=1000).contains(&a.compress_hz) {
+            bail!("--compress-hz {} is out of range (1–1000)", a.compress_hz);
         }
         for &hz in a
             .rates
@@ -199,7 +265,10 @@ impl Plan {
                 .max(PROBE_THINK_MIN),
             heartbeat_timeout: a.heartbeat_timeout.clone(),
             eager_gap: a.eager_gap.clone(),
+            compress_workloads: compress_list.iter().map(|w| w.label()).collect(),
+            compress_hz: a.compress_hz,
             workload_list,
+            compress_list,
         })
     }
 
@@ -216,6 +285,11 @@ impl Plan {
     pub(super) fn modes_for(&self, w: Workload) -> Vec<Mode> {
         match w {
             Workload::Redis => vec![Mode::Unprotected, Mode::Protected(REDIS_HZ)],
+            // Compression on (the default) and off, side by side.
+            Workload::Write { .. } => vec![
+                Mode::Protected(self.compress_hz),
+                Mode::Uncompressed(self.compress_hz),
+            ],
             _ => self.modes(),
         }
     }
@@ -226,7 +300,7 @@ impl Plan {
         let mut out = Vec::new();
         for round in 1..=self.rounds {
             let mut cells = Vec::new();
-            for &w in &self.workload_list {
+            for &w in self.workload_list.iter().chain(&self.compress_list) {
                 for m in self.modes_for(w) {
                     cells.push((round, w, m));
                 }
@@ -256,5 +330,28 @@ mod tests {
         assert!(Workload::parse("disk").is_err());
         assert!(Workload::parse("0M").is_err());
         assert!(Workload::parse("lots").is_err());
+        assert_eq!(
+            Workload::parse_write("25").unwrap(),
+            Workload::Write {
+                wfrac: 25,
+                text: true
+            }
+        );
+        assert_eq!(
+            Workload::parse_write("random").unwrap(),
+            Workload::Write {
+                wfrac: 100,
+                text: false
+            }
+        );
+        assert_eq!(
+            Workload::parse_write("25r").unwrap(),
+            Workload::Write {
+                wfrac: 25,
+                text: false
+            }
+        );
+        assert!(Workload::parse_write("0").is_err());
+        assert!(Workload::parse_write("101").is_err());
     }
 }

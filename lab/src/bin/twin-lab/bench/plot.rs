@@ -195,7 +195,7 @@ impl Data {
                 }
                 let work = |a: &Agg| match w {
                     Workload::Idle | Workload::Redis => None,
-                    Workload::Dirty(_) => a.dirty_mib_s,
+                    Workload::Dirty(_) | Workload::Write { .. } => a.dirty_mib_s,
                     Workload::Tcp => a.rps,
                     Workload::Disk(_) => a.disk_mib_s,
                 };

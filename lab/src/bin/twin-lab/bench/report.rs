@@ -6,7 +6,10 @@ use serde::Serialize;
 use super::failover::Failover;
 use super::limits::{Limits, Machine};
 use super::measure::Run;
-use super::plan::{Mode, Plan, Workload, FAILOVER_HZ, FAILOVER_WORKLOAD, PAGE, REDIS_HZ, WSS};
+use super::plan::{
+    Mode, Plan, Workload, COMPRESS_DIRTY, COMPRESS_WSS, FAILOVER_HZ, FAILOVER_WORKLOAD, PAGE,
+    REDIS_HZ, WSS,
+};
 use super::redis::{RedisResult, MATRIX, TESTS};
 use super::stats::{dist, json_f64, median, Dist};
 
@@ -283,6 +286,7 @@ pub(super) fn markdown(r: &Report<'_>) -> String {
             let hz = match mode {
                 Mode::Encrypted(hz) => format!("{hz} enc."),
                 Mode::NoPrecopy(hz) => format!("{hz} no pre-copy"),
+                Mode::Uncompressed(hz) => format!("{hz} uncompressed"),
                 m => m.hz().unwrap_or_default().to_string(),
             };
             if a.runs == a.failed {
@@ -368,7 +372,7 @@ pub(super) fn markdown(r: &Report<'_>) -> String {
         }
         let work = |a: &Agg| match w {
             Workload::Idle | Workload::Redis => None,
-            Workload::Dirty(_) => a.dirty_mib_s,
+            Workload::Dirty(_) | Workload::Write { .. } => a.dirty_mib_s,
             Workload::Tcp => a.rps,
             Workload::Disk(_) => a.disk_mib_s,
         };
@@ -389,7 +393,7 @@ pub(super) fn markdown(r: &Report<'_>) -> String {
             }
             let unit = match w {
                 Workload::Idle | Workload::Redis => "",
-                Workload::Dirty(_) => " MiB/s",
+                Workload::Dirty(_) | Workload::Write { .. } => " MiB/s",
                 Workload::Tcp => " req/s",
                 Workload::Disk(_) => " MiB/s to disk",
             };
@@ -439,6 +443,7 @@ pub(super) fn markdown(r: &Report<'_>) -> String {
         redis_section(&mut s, r);
     }
     disk_section(&mut s, r);
+    compression_section(&mut s, r);
 
     line(&mut s, "## Failover (SIGKILL of the primary)");
     line(&mut s, "");
@@ -665,6 +670,106 @@ pub(super) struct JsonReport<'a> {
     pub(super) runs: &'a [Run],
     pub(super) failovers: &'a [Failover],
     pub(super) elapsed_s: f64,
+}
+
+/// `## Compression`: bytes on the wire per dirty byte, the replication thread's CPU per
+/// GiB and the pause, with compression (`delta`) and without (`--compress none`), for
+/// writes that change a part of a page up to incompressible whole pages.
+fn compression_section(s: &mut String, r: &Report<'_>) {
+    let p = r.plan;
+    if p.compress_list.is_empty() {
+        return;
+    }
+    let mut line = |l: &str| {
+        s.push_str(l);
+        s.push('\n');
+    };
+    line("## Compression (`--compress delta`, the default, against `--compress none`)");
+    line("");
+    line(&format!(
+        "The guest writes {COMPRESS_DIRTY} MiB/s; each write changes \
+         `wfrac` percent of a page (a run at a moving spot; text-like data or incompressible), \
+         round-robin over {COMPRESS_WSS} (inside the 64 MiB delta cache: a working set \
+         rewritten round-robin that exceeds the cache evicts each page before its next write, \
+         and gets no deltas), \
+         *random* rewrites whole pages with incompressible data (the default memory workload). \
+         Protected at {} Hz, both modes in the same run, cells interleaved. *sent / dirty*: \
+         bytes of page frames on the wire over bytes of the dirty pages the checkpoints \
+         reported (Σ over the windows; unchanged pages not sent count as dirty). *CPU*: the \
+         replication thread's (and its encoding helpers') CPU time \
+         (`CLOCK_THREAD_CPUTIME_ID`) per GiB of dirty pages: encoding the epoch (compression, \
+         framing, checksums) and writing it to the socket. The pause is the vCPUs' (encoding \
+         happens after they resume).",
+        p.compress_hz
+    ));
+    line("");
+    line("| workload | mode | sent / dirty | encode CPU ms/GiB | encode + send CPU ms/GiB | pause median ms | pause p99 ms | reply median ms (p99) | sent KiB/epoch median (p99) | guest MiB/s | epochs |");
+    line("| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | --- | ---: | ---: |");
+    for &w in &p.compress_list {
+        for mode in p.modes_for(w) {
+            let ok: Vec<&Run> = r
+                .runs
+                .iter()
+                .filter(|x| x.key == (w, mode) && x.error.is_none())
+                .collect();
+            let all = r.runs.iter().filter(|x| x.key == (w, mode)).count();
+            if ok.is_empty() {
+                line(&format!(
+                    "| {} | {} | failed ({all} runs) | | | | | | | | |",
+                    w.label(),
+                    mode.label()
+                ));
+                continue;
+            }
+            let sum = |f: fn(&Run) -> &Vec<f64>| -> f64 {
+                ok.iter().flat_map(|x| f(x).iter()).sum::<f64>()
+            };
+            let dirty = sum(|x| &x.dirty_bytes);
+            let gib = dirty / f64::from(1u32 << 30);
+            let per_gib = |us: f64| (gib > 0.0).then(|| us / 1e3 / gib);
+            let encode = sum(|x| &x.encode_cpu_us);
+            let send = sum(|x| &x.send_cpu_us);
+            let pause = dist(
+                &ok.iter()
+                    .flat_map(|x| x.pause_us.iter().copied())
+                    .collect::<Vec<_>>(),
+            );
+            let page_bytes: Vec<f64> = ok
+                .iter()
+                .flat_map(|x| x.page_bytes.iter().copied())
+                .collect();
+            let sent = dist(&page_bytes);
+            let agg = aggregate(r.runs, w, mode);
+            line(&format!(
+                "| {} | {} | {} | {} | {} | {} | {} | {} ({}) | {} ({}) | {} | {}{} |",
+                w.label(),
+                match mode {
+                    Mode::Uncompressed(_) => "none",
+                    _ => "delta",
+                },
+                f(
+                    (dirty > 0.0).then(|| page_bytes.iter().sum::<f64>() / dirty),
+                    3
+                ),
+                f(per_gib(encode), 0),
+                f(per_gib(encode + send), 0),
+                ms(pause.map(|d| d.median)),
+                ms(pause.map(|d| d.p99)),
+                ms(agg.latency.map(|d| d.median)),
+                ms(agg.latency.map(|d| d.p99)),
+                kib(sent.map(|d| d.median)),
+                kib(sent.map(|d| d.p99)),
+                f(agg.dirty_mib_s, 1),
+                pause.map_or(0, |d| d.n),
+                if ok.len() < all {
+                    format!(", {} run(s) failed", all - ok.len())
+                } else {
+                    String::new()
+                },
+            ));
+        }
+    }
+    line("");
 }
 
 /// `## Disk`: the disk workload's write rate and write + flush latency, unprotected against
