@@ -820,17 +820,41 @@ impl Rig {
         if let Some(Some(budget)) = self.opts.store {
             extra.extend(["--replica-memory", budget]);
         }
-        let b = spawn_backup(
-            &self.ha,
-            &self.dir,
-            name,
-            &auth,
-            &extra,
-            &self.opts.backup_failpoints,
-        );
-        if let Some(cg) = &self.cgroup {
-            cg.add(b.pid());
-        }
+        let b = match &self.cgroup {
+            None => spawn_backup(
+                &self.ha,
+                &self.dir,
+                name,
+                &auth,
+                &extra,
+                &self.opts.backup_failpoints,
+            ),
+            Some(cg) => {
+                // Entered with `nsenter --net`, as a systemd unit with
+                // `NetworkNamespacePath=` would be: under `ip netns exec` the backup cannot
+                // read its own cgroup's limit (ARCHITECTURE.md), and it must, to restore
+                // only what fits after a takeover.
+                let args = backup_args(&self.dir, name, &auth, &extra);
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                let mut env = vec![("TWIN_LOG", "info,twin_backup=debug")];
+                if !self.opts.backup_failpoints.is_empty() {
+                    env.push(("TWIN_FAILPOINTS", &self.opts.backup_failpoints));
+                }
+                let bin = twin_bin().expect("twin binary (build it or set TWIN_BIN)");
+                let mut b = TwinProcess::spawn_program_nsenter(
+                    &self.ha.backup.ns,
+                    &self.dir,
+                    name,
+                    &bin,
+                    &args,
+                    &env,
+                )
+                .unwrap_or_else(|e| panic!("spawning {name}: {e}"));
+                cg.add(b.pid());
+                wait_listening(&mut b, &self.dir.join(format!("{name}.sock")));
+                b
+            }
+        };
         self.record(name, true);
         if let Some(old) = self.backup.replace(b) {
             self.retired.push(old);

@@ -431,7 +431,7 @@ fn primary_killed_with_a_replica_store(rep: &mut Report, point: &str, nth: u64) 
     primary_killed_opts(rep, point, nth, store_opts());
 }
 
-/// A backup in an 80 MiB memory cgroup protects a 256 MiB VM that has written 112 MiB
+/// A backup in a 128 MiB memory cgroup protects a 256 MiB VM that has written 160 MiB
 /// once (cold) and keeps writing a 24 MiB working set: with the replica in a replica
 /// store (and a 16 MiB cache budget) it keeps up — no OOM kill, the store holds more than
 /// the cgroup allows — and fails over in the same cgroup with VERIFY clean: the restore
@@ -440,12 +440,12 @@ fn primary_killed_with_a_replica_store(rep: &mut Report, point: &str, nth: u64) 
 #[test]
 fn backup_in_a_small_memory_cgroup_keeps_up_with_a_replica_store() {
     let mut rep = Report::new("backup_in_a_small_memory_cgroup_keeps_up_with_a_replica_store");
-    let limit: u64 = 80 << 20;
+    let limit: u64 = 128 << 20;
     let mut rig = Rig::start(
         &mut rep,
         Opts {
             backup_cgroup: Some(limit),
-            guest_args: "dirty=16M/s,wss=24M,cold=112M",
+            guest_args: "dirty=16M/s,wss=24M,cold=160M",
             ..store_opts()
         },
     );
@@ -468,6 +468,16 @@ fn backup_in_a_small_memory_cgroup_keeps_up_with_a_replica_store() {
         rig.backup().ensure_running().expect("the backup is alive");
         std::thread::sleep(Duration::from_millis(200));
     };
+    rep.step("replicating for 120 epochs in the cgroup");
+    let t1 = Instant::now();
+    while !rig.backup_committed(120) {
+        assert!(
+            t1.elapsed() < Duration::from_secs(30),
+            "the backup did not commit 120 epochs in 30 s"
+        );
+        rig.backup().ensure_running().expect("the backup is alive");
+        std::thread::sleep(Duration::from_millis(100));
+    }
     rig.wait_stream(Instant::now(), "protected stream");
     let cg = rig.cgroup.as_ref().expect("the cgroup");
     assert_eq!(cg.oom_kills(), 0, "the cgroup OOM-killed the backup");
@@ -490,13 +500,24 @@ fn backup_in_a_small_memory_cgroup_keeps_up_with_a_replica_store() {
         .expect("status of the VM that took over");
     let r = &st["restore"];
     assert_eq!(r["mode"], "ws", "status of the VM taken over: {st}");
+    let cg = rig.cgroup.as_ref().expect("the cgroup");
+    assert_eq!(
+        cg.oom_kills(),
+        0,
+        "the VM taken over was OOM-killed in the cgroup"
+    );
+    assert!(
+        r["complete"] == false,
+        "the whole store was loaded into an {} MiB cgroup: {st}",
+        limit >> 20
+    );
     assert!(
         r["resident"].as_u64().unwrap_or(0) > 0 && r["bytes_read"].as_u64().unwrap_or(0) > 0,
         "the restore's progress: {st}"
     );
     rig.assert_no_panics();
     rep.done(format!(
-        "failover at epoch {} from a {} MiB store in an {} MiB cgroup; restore: {} of {} pages, {} faults, {} prefetched",
+        "failover at epoch {} from a {} MiB store in a {} MiB cgroup; restore: {} of {} pages, {} faults, {} prefetched",
         fo["epoch"],
         held >> 20,
         limit >> 20,
