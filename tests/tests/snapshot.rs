@@ -1758,3 +1758,178 @@ fn snapshot_chain_with_a_disk_restores_the_disk() {
     cold.terminate().unwrap();
     cold.wait_exit(SHUTDOWN_TIMEOUT).unwrap();
 }
+
+// ---------------------------------------------------------------------------------------
+// Lazy restore: the modes, the record of first touches, a loader that dies.
+
+/// The restore progress `twin status --json` of `control` reports.
+fn restore_progress(ns: &Netns, dir: &TestDir, control: &Path) -> serde_json::Value {
+    let st = twin_status(ns, dir, control, CMD_TIMEOUT).expect("twin status");
+    st["restore"].clone()
+}
+
+/// Waits until `f` holds of the restore progress of `control`.
+fn wait_progress(
+    ns: &Netns,
+    dir: &TestDir,
+    control: &Path,
+    what: &str,
+    f: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let t0 = Instant::now();
+    loop {
+        let r = restore_progress(ns, dir, control);
+        if f(&r) {
+            return r;
+        }
+        assert!(t0.elapsed() < RESTORE_TIMEOUT, "{what}: last progress {r}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// One snapshot of a VM that wrote a 32 MiB working set and 48 MiB once (cold), restored
+/// in each mode on the same TAP in turn: each restored VM passes VERIFY and keeps the
+/// counter; `eager` has loaded everything before it runs (no fault), `lazy` loads only what
+/// the guest touches (the cold pages stay on disk), `ws` loads everything in the
+/// background. The lazy restore, stopped, leaves its record of first touches
+/// (`first-touch`) beside the snapshot, which the next `ws` restore loads first.
+#[test]
+fn restore_in_each_mode_verifies_and_the_lazy_one_records_its_first_touches() {
+    require_kvm();
+    let topo = Topology::single().expect("single topology");
+    let dir = TestDir::new("snap-modes").expect("test dir");
+    let sock = dir.join("vm.sock");
+    let snap = dir.join("snap");
+    let (mut vm, mut guest) = start_vm(&topo, &dir, TAP, &sock, "dirty=8M/s,wss=32M,cold=48M");
+    for n in 1..=20 {
+        assert_eq!(guest.incr("counter").expect("INCR"), n);
+    }
+    drop(guest);
+    snapshot_cmd(topo.vm_ns(), &dir, &snap, &sock, &["--stop"], &[&vm]);
+    vm.kill().expect("SIGKILL the snapshotted VM");
+    let record = snap.join(snapshot::FIRST_TOUCH_FILE);
+    for mode in ["eager", "lazy", "ws"] {
+        let control = dir.join(format!("restore-{mode}.sock"));
+        let mut p = restore(
+            topo.vm_ns(),
+            &dir,
+            &format!("restore-{mode}"),
+            &snap,
+            TAP,
+            &control,
+            &["--restore", mode],
+        );
+        let early = restore_progress(topo.vm_ns(), &dir, &control);
+        assert_eq!(early["mode"], mode, "{early}");
+        let mut guest =
+            GuestClient::connect_retry(topo.client_ns(), guest_service(), BOOT_TIMEOUT, || {
+                p.ensure_running()
+            })
+            .unwrap_or_else(|e| panic!("{mode}: the restored VM serves: {e}\n{}", tails(&[&p])));
+        assert_eq!(
+            guest.incr("counter").expect("INCR"),
+            21,
+            "{mode}: every restore is of the same snapshot"
+        );
+        let v = guest.verify().expect("VERIFY");
+        assert!(
+            matches!(v, Verify::Ok { .. }),
+            "{mode}: VERIFY after the restore: {v:?}"
+        );
+        let data = early["data_pages"].as_u64().expect("data pages");
+        // The cold region alone is 12288 pages.
+        assert!(data > 12288, "{mode}: {early}");
+        match mode {
+            "eager" => {
+                assert_eq!(early["complete"], true, "eager: {early}");
+                assert_eq!(early["faults"], 0, "eager: {early}");
+            }
+            "lazy" => {
+                let r = restore_progress(topo.vm_ns(), &dir, &control);
+                assert_eq!(r["complete"], false, "lazy loads only what is touched: {r}");
+                assert_eq!(r["prefetched"], 0, "lazy: {r}");
+                assert!(r["faults"].as_u64().unwrap_or(0) > 0, "lazy: {r}");
+                assert!(
+                    r["resident"].as_u64().unwrap_or(0) + 12288 <= data,
+                    "lazy loaded the cold pages: {r}"
+                );
+            }
+            _ => {
+                let r = wait_progress(topo.vm_ns(), &dir, &control, "ws completes", |r| {
+                    r["complete"] == true
+                });
+                assert_eq!(r["resident"].as_u64(), Some(data), "ws: {r}");
+            }
+        }
+        drop(guest);
+        p.signal(Signal::Term).expect("SIGTERM the restored VM");
+        p.wait_exit(SHUTDOWN_TIMEOUT)
+            .expect("the restored VM stops");
+        if mode == "lazy" {
+            let n = fs::metadata(&record).map(|m| m.len() / 4).unwrap_or(0);
+            assert!(
+                n > 0,
+                "the lazy restore left no record of its first touches:\n{}",
+                p.tail(30)
+            );
+        }
+        assert_no_panic(&p);
+    }
+}
+
+/// A loader thread that dies (failpoint `lazy.fault` / `lazy.prefetch` = panic) stops the
+/// VM with one clear error, promptly — it must not leave a vCPU waiting forever on a page
+/// nobody will load.
+#[test]
+fn a_dead_loader_thread_stops_the_vm_with_a_clear_error() {
+    require_kvm();
+    let topo = Topology::single().expect("single topology");
+    let dir = TestDir::new("snap-loader-dies").expect("test dir");
+    let sock = dir.join("vm.sock");
+    let snap = dir.join("snap");
+    let (mut vm, guest) = start_vm(&topo, &dir, TAP, &sock, "dirty=32M/s,wss=16M");
+    drop(guest);
+    // The workload writes its working set once over: pages for the loader to load.
+    std::thread::sleep(Duration::from_secs(1));
+    snapshot_cmd(topo.vm_ns(), &dir, &snap, &sock, &["--stop"], &[&vm]);
+    vm.kill().expect("SIGKILL the snapshotted VM");
+    let bin = twin_bin().expect("twin binary");
+    for (mode, point) in [("lazy", "lazy.fault"), ("ws", "lazy.prefetch")] {
+        let control = dir.join(format!("dies-{mode}.sock"));
+        let (snap_s, control_s) = (snap.display().to_string(), control.display().to_string());
+        let args = [
+            "restore",
+            &snap_s,
+            "--restore",
+            mode,
+            "--tap",
+            TAP,
+            "--control",
+            &control_s,
+        ];
+        let fp = format!("{point}=panic");
+        let mut p = TwinProcess::spawn_program(
+            topo.vm_ns(),
+            &dir,
+            &format!("dies-{mode}"),
+            &bin,
+            &args,
+            &[("TWIN_FAILPOINTS", fp.as_str())],
+        )
+        .expect("spawn twin restore");
+        let status = p
+            .wait_exit(Duration::from_secs(20))
+            .unwrap_or_else(|e| panic!("{point}: the VM did not stop: {e}\n{}", tails(&[&p])));
+        // Exit 1, or SIGBUS if a thread touched a page poisoned as it stopped.
+        assert!(
+            status.code() == Some(1) || describe_status(status) == "killed by signal 7",
+            "{point}: {}",
+            describe_status(status)
+        );
+        let err = p.tail(20);
+        assert!(
+            err.contains("its memory could not be loaded") && err.contains("memory loader died"),
+            "{point}: the error does not say why the VM stopped:\n{err}"
+        );
+    }
+}

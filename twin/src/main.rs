@@ -815,9 +815,15 @@ fn next_vm_outcome(vmm: &Vmm) -> Option<Result<ExitCode>> {
             Err(anyhow::anyhow!("vCPU {vcpu} failed: {reason}"))
         }
         Ok(VmEvent::DeviceFailed(reason)) => Err(anyhow::anyhow!("device failed: {reason}")),
-        Ok(VmEvent::MemoryLoadFailed(reason)) => Err(anyhow::anyhow!(
-            "the VM stopped: its memory could not be loaded: {reason}"
-        )),
+        Ok(VmEvent::MemoryLoadFailed(reason)) => {
+            // Threads may wait on pages that will never load (a vCPU, KVM's async page
+            // fault worker, which tearing the VM down waits for): say why, poison those
+            // pages so the waits end in a memory error, and end the process here rather
+            // than unwind through a teardown that could wait on them.
+            eprintln!("twin: the VM stopped: its memory could not be loaded: {reason}");
+            vmm.abort_memory_load();
+            std::process::exit(1);
+        }
         Ok(other) => Err(anyhow::anyhow!("VM stopped: {other:?}")),
         Err(RecvTimeoutError::Timeout) => return None,
         Err(RecvTimeoutError::Disconnected) => {

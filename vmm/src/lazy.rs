@@ -315,7 +315,8 @@ impl Loader {
     }
 
     /// Calls `hook` with the first touches (see [`Loader::first_touches`]) when the load
-    /// completes (at once if it has).
+    /// completes (at once if it has), or when the loader is dropped before (not after a
+    /// failure).
     pub fn on_complete(&self, hook: CompleteHook) {
         if self.is_complete() {
             hook(self.first_touches());
@@ -328,6 +329,15 @@ impl Loader {
                 }
             }
         }
+    }
+
+    /// After a failure: makes every page not loaded a memory error (see
+    /// [`Uffd::poison`]) and wakes whoever waits on one, so that nothing waits forever on a
+    /// page nobody will load (a vCPU, KVM's async page-fault worker that a VM's teardown
+    /// waits for) and nothing ever reads a zero page in its place.
+    pub fn abort(&self) {
+        self.shared.fail_quietly();
+        self.shared.poison_missing();
     }
 
     /// Sends a failure of the load (now or later) to the VM's event channel.
@@ -372,16 +382,24 @@ impl Loader {
 impl Drop for Loader {
     fn drop(&mut self) {
         let failed = self.shared.state.lock().expect("load lock").error.is_some();
+        if !failed {
+            // A VM stopped before its load completed (a demand-only restore, typically)
+            // still leaves its record of first touches for the next restore.
+            let hook = self.shared.on_complete.lock().expect("load lock").take();
+            if let Some(h) = hook {
+                h(self.first_touches());
+            }
+        }
         // A loader dropped before it completed (the VM is gone): stop both threads.
         self.shared.fail_quietly();
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
         if failed {
-            // Closing the userfaultfd would wake a vCPU waiting for a page that could not
-            // be loaded, and the kernel would give it a zero page: the guest must never run
-            // on memory that is not its own. The process is ending; its exit closes it.
-            std::mem::forget(self.shared.clone());
+            // Closing the userfaultfd would wake whoever waits for a page that could not be
+            // loaded with a zero page there: the guest must never run on memory that is not
+            // its own. The pages not loaded are poisoned first.
+            self.shared.poison_missing();
         }
     }
 }
@@ -495,6 +513,46 @@ impl Shared {
             ms = self.started.elapsed().as_millis() as u64,
             "guest memory loaded"
         );
+    }
+
+    fn poison_missing(&self) {
+        let mut p = 0;
+        let mut poisoned = 0u64;
+        while p < self.pages {
+            if self.is_resident(p) {
+                p += 1;
+                continue;
+            }
+            let n = self.contiguous(p, self.pages - p);
+            let mut run = 1;
+            while run < n && !self.is_resident(p + run) {
+                run += 1;
+            }
+            let mut at = 0;
+            let mut tries = 0;
+            while at < run {
+                match self
+                    .uffd
+                    .poison(self.page_addr(p + at), (run - at) * PAGE_SIZE)
+                {
+                    Ok(Fill::Done(b)) if b >= PAGE_SIZE => {
+                        at += b / PAGE_SIZE;
+                        poisoned += (b / PAGE_SIZE) as u64;
+                    }
+                    Ok(Fill::Done(_)) if tries < 100 => tries += 1,
+                    // Present meanwhile (loaded, or faulted in as a zero page).
+                    Ok(_) => at += 1,
+                    Err(e) => {
+                        tracing::error!(
+                            "cannot poison the guest pages not loaded ({e}); a vCPU may wait on one"
+                        );
+                        return;
+                    }
+                }
+            }
+            p += run;
+        }
+        tracing::debug!(poisoned, "guest pages not loaded are poisoned");
     }
 
     fn wake_threads(&self) {
@@ -750,6 +808,7 @@ impl Shared {
                 count += 1;
                 i += 1;
             }
+            twin_failpoints::hit("lazy.prefetch");
             let n = self.load_run(first, count, &mut buf)?;
             self.prefetched.fetch_add(n, Ordering::Relaxed);
             self.hold_at_budget();
@@ -890,6 +949,21 @@ mod tests {
         l.wait().unwrap();
         assert_eq!(word(&mem, last), 0xdead);
         assert_eq!(l.first_touches(), vec![last as u32]);
+    }
+
+    #[test]
+    fn a_loader_dropped_before_it_completed_still_hands_over_its_first_touches() {
+        let mem = Memory::new(4 << 20).unwrap();
+        let src = Arc::new(Numbered {
+            pages: mem.page_count(),
+            fail_at: None,
+        });
+        let l = Loader::start(&mem, src, RestoreMode::Lazy).unwrap();
+        assert_eq!(word(&mem, 7), 8);
+        let (tx, rx) = std::sync::mpsc::channel();
+        l.on_complete(Box::new(move |t| tx.send(t).unwrap()));
+        drop(l);
+        assert_eq!(rx.try_recv().unwrap(), vec![7]);
     }
 
     #[test]

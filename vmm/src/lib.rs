@@ -556,6 +556,14 @@ impl Vmm {
         self.loader = Some(loader);
     }
 
+    /// Gives up loading this VM's memory after a failure ([`VmEvent::MemoryLoadFailed`]):
+    /// see [`lazy::Loader::abort`]. The VM cannot run on after this.
+    pub fn abort_memory_load(&self) {
+        if let Some(l) = &self.loader {
+            l.abort();
+        }
+    }
+
     /// How far the lazy restore of this VM's memory is, if it was restored lazily.
     pub fn load_progress(&self) -> Option<lazy::LoadProgress> {
         self.loader.as_ref().map(|l| l.progress())

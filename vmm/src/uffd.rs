@@ -72,7 +72,18 @@ struct UffdMsg {
     _pad: u32,
 }
 
+/// `struct uffdio_poison` (Linux 6.6): marks missing pages so that touching them is a
+/// memory error (SIGBUS, or -EHWPOISON to KVM) instead of a fault to serve.
+#[repr(C)]
+#[derive(Default)]
+struct UffdioPoison {
+    range: UffdioRange,
+    mode: u64,
+    updated: i64,
+}
+
 const _: () = assert!(std::mem::size_of::<UffdMsg>() == 32);
+const _: () = assert!(std::mem::size_of::<UffdioPoison>() == 32);
 const _: () = assert!(std::mem::size_of::<UffdioApi>() == 24);
 const _: () = assert!(std::mem::size_of::<UffdioRegister>() == 32);
 const _: () = assert!(std::mem::size_of::<UffdioCopy>() == 40);
@@ -84,6 +95,7 @@ ioctl_ior_nr!(UFFDIO_UNREGISTER_IOCTL, UFFDIO, 0x01, UffdioRange);
 ioctl_ior_nr!(UFFDIO_WAKE_IOCTL, UFFDIO, 0x02, UffdioRange);
 ioctl_iowr_nr!(UFFDIO_COPY_IOCTL, UFFDIO, 0x03, UffdioCopy);
 ioctl_iowr_nr!(UFFDIO_ZEROPAGE_IOCTL, UFFDIO, 0x04, UffdioZeropage);
+ioctl_iowr_nr!(UFFDIO_POISON_IOCTL, UFFDIO, 0x08, UffdioPoison);
 
 /// What a copy or zero-page request did.
 #[derive(Debug, PartialEq, Eq)]
@@ -206,6 +218,24 @@ impl Uffd {
         // kernel checks the range is registered.
         let rc = unsafe { ioctl_with_mut_ref(&self.fd, UFFDIO_ZEROPAGE_IOCTL(), &mut z) };
         filled(rc, z.zeropage)
+    }
+
+    /// Poisons the missing pages of `len` bytes at `dst` and wakes their faults: whoever
+    /// waits on them (a vCPU, KVM's async page-fault worker) gets a memory error instead
+    /// of waiting forever, and nobody ever sees a zero page there.
+    pub fn poison(&self, dst: usize, len: usize) -> std::io::Result<Fill> {
+        let mut p = UffdioPoison {
+            range: UffdioRange {
+                start: dst as u64,
+                len: len as u64,
+            },
+            mode: 0,
+            updated: 0,
+        };
+        // SAFETY: the ioctl reads the range and writes `updated` of a live struct; the
+        // kernel checks the range is registered.
+        let rc = unsafe { ioctl_with_mut_ref(&self.fd, UFFDIO_POISON_IOCTL(), &mut p) };
+        filled(rc, p.updated)
     }
 
     /// The address of the next page fault, `None` if no message is waiting.
