@@ -52,6 +52,12 @@ fn clone_taps(topo: &Single, n: u32) -> Vec<Tap> {
 /// Boots a VM, INCRs `counter` to `incrs`, snapshots it with `--stop` into `snap` and kills
 /// it: the snapshot every clone starts from.
 fn make_snapshot(topo: &Single, dir: &TestDir, snap: &Path, incrs: u64) {
+    make_chain(topo, dir, &[(snap, incrs)]);
+}
+
+/// As [`make_snapshot`], a layer per `(dir, incrs)`: the first full, the others
+/// incremental on it, `counter` INCRed to `incrs` before each; the last with `--stop`.
+fn make_chain(topo: &Single, dir: &TestDir, layers: &[(&Path, u64)]) {
     let control = dir.join("origin.sock");
     let control_s = control.display().to_string();
     let mut vm = TwinProcess::spawn(
@@ -76,25 +82,29 @@ fn make_snapshot(topo: &Single, dir: &TestDir, snap: &Path, incrs: u64) {
             vm.ensure_running()
         })
         .expect("the original guest serves");
-    for _ in 0..incrs {
-        guest.incr("counter").expect("INCR before the snapshot");
+    let mut count = 0;
+    for (k, (snap, incrs)) in layers.iter().enumerate() {
+        while count < *incrs {
+            count = guest.incr("counter").expect("INCR before the snapshot");
+        }
+        let snap_s = snap.display().to_string();
+        let mut args = vec!["snapshot", &snap_s, "--control", &control_s];
+        if k > 0 {
+            args.push("--incremental");
+        }
+        if k + 1 == layers.len() {
+            args.push("--stop");
+        }
+        let done = TwinProcess::run_to_exit(topo.vm_ns(), dir, "twin-snapshot", &args, CMD_TIMEOUT)
+            .expect("twin snapshot finishes");
+        assert!(
+            done.status.success(),
+            "twin snapshot failed: {}\n{}",
+            done.stderr,
+            tails(&[&vm])
+        );
     }
     drop(guest);
-    let snap_s = snap.display().to_string();
-    let done = TwinProcess::run_to_exit(
-        topo.vm_ns(),
-        dir,
-        "twin-snapshot",
-        &["snapshot", &snap_s, "--stop", "--control", &control_s],
-        CMD_TIMEOUT,
-    )
-    .expect("twin snapshot finishes");
-    assert!(
-        done.status.success(),
-        "twin snapshot failed: {}\n{}",
-        done.stderr,
-        tails(&[&vm])
-    );
     vm.kill().expect("SIGKILL the original VM");
 }
 
@@ -312,6 +322,52 @@ fn clones_each_serve_on_their_own_address_and_diverge_independently() {
         Verify::Ok { .. } => {}
         Verify::Fail(why) => panic!("the restored clone's memory fails VERIFY: {why}"),
     }
+}
+
+#[test]
+fn clones_of_a_chain_share_one_flattened_base() {
+    require_kvm();
+    let topo = Topology::single().expect("single topology");
+    let _taps = clone_taps(&topo, 2);
+    let dir = TestDir::new("clones-chain").expect("test dir");
+    let (full, incr) = (dir.join("full"), dir.join("incr"));
+    make_chain(&topo, &dir, &[(&full, 3), (&incr, 7)]);
+    let t0 = Instant::now();
+    let (mut clone, report) = start_clones(&topo, &dir, &incr, 2);
+    let (mut clients, _) = connect_all(&topo, &mut clone, 2, t0);
+    assert_eq!(
+        report["base"]["flattened"].as_u64(),
+        Some(2),
+        "a two-layer chain is flattened once: {report}"
+    );
+    for (i, c) in clients.iter_mut().enumerate() {
+        assert_eq!(
+            c.get("counter").unwrap(),
+            7,
+            "clone {i} has the newest layer's data"
+        );
+        assert!(
+            matches!(c.verify().expect("VERIFY"), Verify::Ok { .. }),
+            "clone {i} VERIFY"
+        );
+    }
+    assert_eq!(clients[1].incr("counter").unwrap(), 8);
+    assert_eq!(
+        clients[0].get("counter").unwrap(),
+        7,
+        "clone 0 does not see clone 1's INCR"
+    );
+    drop(clients);
+    clone.terminate().expect("SIGTERM twin clone");
+    let st = clone
+        .wait_exit(Duration::from_secs(30))
+        .expect("twin clone exits");
+    assert!(
+        st.success(),
+        "twin clone exited {}\n{}",
+        describe_status(st),
+        tails(&[&clone])
+    );
 }
 
 /// The report's numbers: N = 1, 4, 16 clones of a 256 MiB guest, one after the other.
