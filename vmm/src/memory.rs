@@ -1167,7 +1167,7 @@ mod tests {
             merge_ranges(vec![0..2, 5..9], vec![1..3, 9..10, 20..21]),
             vec![0..3, 5..10, 20..21]
         );
-        assert_eq!(merge_ranges(vec![], vec![4..5]), vec![4..5]);
+        assert_eq!(merge_ranges(vec![], vec![4..5, 7..8]), vec![4..5, 7..8]);
     }
 
     #[test]
