@@ -11,7 +11,11 @@
 //! ([`RamMap::concat`]) and split again to clear them ([`RamMap::split`]).
 //!
 //! The memfd lets a checkpoint read pages without going through the VMM's mapping and lets a
-//! replica be mapped by a restored VM without a copy. The VMM maps it once, contiguously
+//! replica be mapped by a restored VM without a copy. A clone ([`Memory::new_private`], `twin clone`) is
+//! the exception: its file is a base shared by every clone of one snapshot, mapped
+//! `MAP_PRIVATE`, so what asks the file ([`Memory::data_ranges`],
+//! [`Memory::resident_bytes`], [`Memory::zero_pages`]) accounts for the clone's private
+//! copies or refuses. The VMM maps it once, contiguously
 //! (page index `i` at [`Memory::host_address`] + `i × 4096`), and each guest range is a
 //! window into that mapping. Every write the VMM itself makes through [`GuestMem`] or
 //! [`Memory::pages`] is recorded in a [`DirtyBitmap`] (one per range for the devices'
