@@ -1227,6 +1227,19 @@ fn share_memory(args: &RestoreArgs, mem_size: u64) -> Result<Memory> {
             // No child of this process inherits it.
             // SAFETY: fcntl on the fd just taken over.
             unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+            // What `twin clone` hands over: a snapshot's memory file, or a memfd sealed
+            // so that no one can change it under the clones. A memfd still open to seals
+            // and not write-sealed is refused (a file on tmpfs reports only F_SEAL_SEAL).
+            // SAFETY: fcntl on the fd just taken over.
+            let seals = unsafe { libc::fcntl(fd, libc::F_GET_SEALS) };
+            let is_file = f.metadata().map(|m| m.is_file()).unwrap_or(false);
+            let unsealed_memfd =
+                seals >= 0 && seals & (libc::F_SEAL_WRITE | libc::F_SEAL_SEAL) == 0;
+            if !is_file || unsealed_memfd {
+                bail!(
+                    "--base-fd {fd} is not a clone base (a snapshot memory file or a sealed memfd)"
+                );
+            }
             f
         }
         None => {
