@@ -16,6 +16,7 @@ mod args;
 mod blk;
 mod boot;
 mod diskload;
+mod identity;
 mod kvlog;
 mod mem;
 mod net;

@@ -7,6 +7,7 @@
 //! dropped).
 
 use crate::arch::{irq_count, IRQ_CONFIG};
+use crate::identity::Identity;
 use crate::proto::MAX_LINE;
 use crate::resp;
 use crate::service::{After, Guest, NetStats, Reply, SocketCensus};
@@ -97,6 +98,8 @@ pub struct Net {
     conns: Vec<Conn>,
     ip: Ipv4Address,
     config_seen: u64,
+    /// Sequence number of the last network identity record applied (see [`crate::identity`]).
+    identity_seen: u32,
     connections: u64,
     reply: Reply,
     /// Where a Redis reply is built before it is queued.
@@ -151,6 +154,7 @@ impl Net {
             conns: Vec::new(),
             ip,
             config_seen: irq_count(IRQ_CONFIG),
+            identity_seen: Identity::current_seq(),
             connections: 0,
             reply: Reply::new(),
             scratch: vec![0; resp::MAX_REQUEST],
@@ -219,6 +223,39 @@ impl Net {
         self.gratuitous_arps += 1;
     }
 
+    /// Becomes the guest `id` names (a clone of a snapshot given its own MAC and address):
+    /// the interface's MAC, address and default route change, and every connection of the
+    /// old identity is reset (its peers knew another address; the listeners stay).
+    fn take_identity(&mut self, id: &Identity) {
+        let (m, ip) = (id.mac, id.ipv4_addr);
+        crate::println!(
+            "twin-guest: network identity {}: mac={:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x} ip={}.{}.{}.{}/{}",
+            id.seq, m[0], m[1], m[2], m[3], m[4], m[5], ip[0], ip[1], ip[2], ip[3], id.prefix_len
+        );
+        self.dev.info.mac = id.mac;
+        self.iface
+            .set_hardware_addr(HardwareAddress::Ethernet(EthernetAddress(id.mac)));
+        self.ip = Ipv4Address::from(id.ipv4_addr);
+        let (addr, prefix) = (self.ip, id.prefix_len);
+        self.iface.update_ip_addrs(|addrs| {
+            addrs.clear();
+            if !addr.is_unspecified() {
+                let _ = addrs.push(IpCidr::new(IpAddress::Ipv4(addr), prefix));
+            }
+        });
+        self.iface.routes_mut().remove_default_ipv4_route();
+        let gw = Ipv4Address::from(id.ipv4_gateway);
+        if !gw.is_unspecified() {
+            let _ = self.iface.routes_mut().add_default_ipv4_route(gw);
+        }
+        for c in self.conns.iter_mut() {
+            let s = self.sockets.get_mut::<tcp::Socket>(c.handle);
+            if s.state() != tcp::State::Listen {
+                s.abort();
+            }
+        }
+    }
+
     /// Counters for `STATS`.
     pub fn stats(&self) -> NetStats {
         NetStats {
@@ -268,6 +305,10 @@ impl Net {
                     "twin-guest: virtio-net link {}",
                     if up { "up" } else { "down" }
                 );
+            }
+            if let Some(id) = Identity::read().filter(|id| id.seq != self.identity_seen) {
+                self.identity_seen = id.seq;
+                self.take_identity(&id);
             }
             self.announce();
             self.warp_ns += RTO_WARP_NS;

@@ -4,6 +4,7 @@
 //! processes take termination signals (`signals`).
 
 pub mod args;
+pub mod clones;
 pub mod control;
 pub mod metrics;
 pub mod signals;

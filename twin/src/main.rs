@@ -45,6 +45,15 @@ enum Command {
     Snapshot(SnapshotArgs),
     /// Start a VM from a snapshot directory.
     Restore(RestoreArgs),
+    /// Start N clones of one snapshot, each with its own TAP, MAC and IPv4 address, sharing
+    /// the snapshot's unmodified pages copy-on-write.
+    ///
+    /// Each clone is a `twin restore --share-memory` process of its own (own control
+    /// socket, own TAP: a clone that crashes takes no other with it); this process starts
+    /// them, prints a JSON report once every clone runs (time taken, memory each costs),
+    /// and then stays as their supervisor: a termination signal stops them all, and it
+    /// exits once every clone has exited.
+    Clone(CloneArgs),
     /// Show the state of a running VM process.
     Status(StatusArgs),
     /// Pause a running VM (not a protected one).
@@ -427,8 +436,59 @@ struct RestoreArgs {
     /// newest layer's) ahead of them, then the rest.
     #[arg(long = "restore", value_name = "MODE", default_value = "ws")]
     mode: twin_vmm::lazy::RestoreMode,
+    /// Map the snapshot's memory copy-on-write instead of loading it (`--restore` does not
+    /// apply): every VM restored so from one snapshot shares the pages none of them wrote
+    /// (a one-layer snapshot's `memory` file through the page cache; a longer chain is
+    /// flattened into memory first, shared only by the clones of one `twin clone`).
+    #[arg(long, conflicts_with = "mode")]
+    share_memory: bool,
+    /// Give the restored guest this MAC (with --ip): a clone's own identity. It takes it
+    /// when it starts running, and drops the TCP connections of the old one.
+    #[arg(long, requires = "ip")]
+    mac: Option<Mac>,
+    /// Give the restored guest this IPv4 address and prefix (with --mac).
+    #[arg(long, requires = "mac")]
+    ip: Option<Cidr>,
+    /// The new identity's default gateway.
+    #[arg(long, requires = "ip")]
+    gateway: Option<std::net::Ipv4Addr>,
+    /// The flattened base image, an inherited fd (`twin clone` passes it).
+    #[arg(long, hide = true, requires = "share_memory")]
+    base_fd: Option<i32>,
     #[command(flatten)]
     host: HostArgs,
+}
+
+#[derive(Args)]
+struct CloneArgs {
+    /// Snapshot directory (the top layer of a chain).
+    #[arg(value_parser = args::snapshot_dir)]
+    dir: PathBuf,
+    /// How many clones to start.
+    #[arg(long, default_value_t = 1)]
+    count: u32,
+    /// Clone i runs on TAP `PREFIXi` (created beforehand, e.g. on one bridge).
+    #[arg(long, default_value = "tap-c")]
+    tap_prefix: String,
+    /// MAC of clone 0; clone i gets this + i (in the low three bytes).
+    #[arg(long, default_value = "52:54:00:00:10:00")]
+    mac_base: Mac,
+    /// Address of clone 0; clone i gets this + i in the same subnet.
+    #[arg(long, default_value = "10.0.0.10/24")]
+    ip_base: Cidr,
+    /// Default gateway of every clone.
+    #[arg(long)]
+    gateway: Option<std::net::Ipv4Addr>,
+    /// Directory for the clones' control sockets (`clone-i.sock`) and consoles
+    /// (`clone-i.console`), created if missing.
+    #[arg(long, default_value = "/run/twin/clones")]
+    control_dir: PathBuf,
+    /// Leave every clone paused (resume each through its control socket).
+    #[arg(long)]
+    paused: bool,
+    /// How long to wait for every clone to run.
+    #[arg(long, default_value = "120000ms")]
+    timeout: args::Millis,
 }
 
 #[derive(Args)]
@@ -864,12 +924,17 @@ fn restore(args: RestoreArgs) -> Result<ExitCode> {
         .with_context(|| format!("cannot restore {}", args.dir.display()))?;
     let state = image.state;
     let source = image.source;
-    let memory = Memory::new(state.config.mem_size).context("cannot create guest memory")?;
-    let loader = twin_vmm::lazy::Loader::start(&memory, source.clone(), args.mode)
-        .context("cannot start loading guest memory")?;
-    if args.mode == twin_vmm::lazy::RestoreMode::Eager {
-        loader.wait().context("cannot load guest memory")?;
-    }
+    let (memory, loader) = if args.share_memory {
+        (share_memory(&args, state.config.mem_size)?, None)
+    } else {
+        let memory = Memory::new(state.config.mem_size).context("cannot create guest memory")?;
+        let loader = twin_vmm::lazy::Loader::start(&memory, source.clone(), args.mode)
+            .context("cannot start loading guest memory")?;
+        if args.mode == twin_vmm::lazy::RestoreMode::Eager {
+            loader.wait().context("cannot load guest memory")?;
+        }
+        (memory, Some(loader))
+    };
     let disks = image.disks;
     let tap =
         twin_vmm::devices::tap::Tap::open(&args.host.tap).context("cannot open the VM's TAP")?;
@@ -879,11 +944,24 @@ fn restore(args: RestoreArgs) -> Result<ExitCode> {
         disks,
     };
     let mut vmm = Vmm::restore(&state, memory, host).context("cannot rebuild the VM")?;
-    if args.mode != twin_vmm::lazy::RestoreMode::Eager {
-        // What this restore's guest touched first is the working set of the next.
-        loader.on_complete(image.record);
+    if let Some(loader) = loader {
+        if args.mode != twin_vmm::lazy::RestoreMode::Eager {
+            // What this restore's guest touched first is the working set of the next.
+            loader.on_complete(image.record);
+        }
+        vmm.attach_loader(loader);
     }
-    vmm.attach_loader(loader);
+    if let (Some(mac), Some(ip)) = (args.mac, args.ip) {
+        let seq = vmm
+            .set_network_identity(&twin_vmm::boot::NetIdentity {
+                mac: mac.0,
+                ip: ip.addr,
+                prefix_len: ip.prefix_len,
+                gateway: args.gateway,
+            })
+            .context("cannot give the restored VM its new identity")?;
+        tracing::info!(%mac, %ip, seq, "the restored guest gets a new network identity");
+    }
     let events = EventLog::new();
     let control = serve_control(&args.host, &events)?;
     if args.paused {
@@ -907,6 +985,282 @@ fn restore(args: RestoreArgs) -> Result<ExitCode> {
         arbiter_seen: None,
     };
     serve_vm(vmm, &control, sigs, "standalone", &events, ctx, None)
+}
+
+/// Memory of a process as `/proc/PID/smaps_rollup` counts it, in KiB: all it maps
+/// (`Rss`), its proportional share of what it shares (`Pss`), and its anonymous memory
+/// (`Anonymous`: a clone's private copies of guest pages, and the VMM's own heap).
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+struct ProcMemory {
+    rss_kib: u64,
+    pss_kib: u64,
+    anon_kib: u64,
+}
+
+fn proc_memory(pid: u32) -> Result<ProcMemory> {
+    let path = format!("/proc/{pid}/smaps_rollup");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {path}"))?;
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    };
+    Ok(ProcMemory {
+        rss_kib: field("Rss:"),
+        pss_kib: field("Pss:"),
+        anon_kib: field("Anonymous:"),
+    })
+}
+
+/// Sends SIGTERM to every clone still running and waits for it.
+fn stop_clones(children: &mut [std::process::Child]) {
+    for c in children.iter_mut() {
+        if matches!(c.try_wait(), Ok(None)) {
+            // SAFETY: kill(2) of a child this process started and has not reaped (it is
+            // still running, so its pid is not reused).
+            unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGTERM) };
+        }
+    }
+    for c in children.iter_mut() {
+        let _ = c.wait();
+    }
+}
+
+/// `twin clone`: one `twin restore --share-memory` child per clone, all mapping one base.
+fn clone_cmd(a: CloneArgs) -> Result<ExitCode> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let sigs = Termination::block()?;
+    let t0 = Instant::now();
+    let dir = std::path::absolute(&a.dir)
+        .with_context(|| format!("cannot resolve {}", a.dir.display()))?;
+    let plans = twin::clones::plan(
+        a.count,
+        &a.tap_prefix,
+        a.mac_base,
+        a.ip_base,
+        &a.control_dir,
+    )?;
+    let state =
+        snapshot::read_state(&dir).with_context(|| format!("cannot clone {}", dir.display()))?;
+    if !state.config.disks.is_empty() {
+        bail!(
+            "cannot clone {}: its VM has {} disks, and clones of a VM with disks are not supported yet (each would need its own copy of every disk)",
+            dir.display(),
+            state.config.disks.len()
+        );
+    }
+    if state.config.mac.is_none() {
+        bail!(
+            "cannot clone {}: its VM has no network device, so a clone could not be told its identity",
+            dir.display()
+        );
+    }
+    std::fs::create_dir_all(&a.control_dir)
+        .with_context(|| format!("cannot create {}", a.control_dir.display()))?;
+    for p in &plans {
+        args::control_path(&p.control.display().to_string()).map_err(anyhow::Error::msg)?;
+    }
+    let (base, kind) = snapshot::clone_base(&dir, state.config.mem_size)
+        .with_context(|| format!("cannot clone {}", dir.display()))?;
+    let base_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let exe = std::env::current_exe().context("cannot find the twin executable")?;
+    let fd = base.as_raw_fd();
+    let mut children: Vec<std::process::Child> = Vec::with_capacity(plans.len());
+    for p in &plans {
+        let mut cmd = std::process::Command::new(&exe);
+        cmd.arg("restore")
+            .arg(&dir)
+            .args(["--share-memory", "--base-fd", &fd.to_string()])
+            .args(["--tap", &p.tap])
+            .args(["--mac", &p.mac.to_string(), "--ip", &p.ip.to_string()])
+            .arg("--control")
+            .arg(&p.control)
+            .arg("--console")
+            .arg(&p.console);
+        if let Some(g) = a.gateway {
+            cmd.args(["--gateway", &g.to_string()]);
+        }
+        if a.paused {
+            cmd.arg("--paused");
+        }
+        // SAFETY: runs in the forked child before exec and calls only fcntl(2) and prctl(2),
+        // which are async-signal-safe, on the child's own copy of the fd table.
+        unsafe {
+            cmd.pre_exec(move || {
+                // The base is inherited by the clone (and only by it: it stays close-on-exec
+                // in this process).
+                if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // A clone does not outlive its supervisor.
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            })
+        };
+        match cmd.spawn() {
+            Ok(c) => children.push(c),
+            Err(e) => {
+                stop_clones(&mut children);
+                return Err(e).context(format!("cannot start clone {}", p.index));
+            }
+        }
+    }
+    // Every clone running (or paused, as asked) behind its control socket.
+    let want = if a.paused { "paused" } else { "running" };
+    let mut ready = vec![false; plans.len()];
+    while ready.iter().any(|r| !r) {
+        if t0.elapsed() > a.timeout.0 {
+            stop_clones(&mut children);
+            bail!(
+                "clones {:?} were not {want} within {}",
+                ready
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, r)| !**r)
+                    .map(|(i, _)| i)
+                    .collect::<Vec<_>>(),
+                fmt_ms(a.timeout.0.as_secs_f64() * 1e3)
+            );
+        }
+        if sigs.pending()?.is_some() {
+            stop_clones(&mut children);
+            return Ok(ExitCode::FAILURE);
+        }
+        for (i, p) in plans.iter().enumerate() {
+            if let Ok(Some(st)) = children[i].try_wait() {
+                stop_clones(&mut children);
+                bail!(
+                    "clone {i} ({}) exited before it ran: {st}; its console is {}",
+                    p.tap,
+                    p.console.display()
+                );
+            }
+            if !ready[i] && p.control.exists() {
+                if let Ok(v) = client(&p.control, Request::Status) {
+                    ready[i] = v["vm"].as_str() == Some(want);
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let ready_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let mut clones = Vec::with_capacity(plans.len());
+    for (p, c) in plans.iter().zip(&children) {
+        let mem = proc_memory(c.id()).unwrap_or_default();
+        clones.push(serde_json::json!({
+            "index": p.index,
+            "pid": c.id(),
+            "tap": p.tap,
+            "mac": p.mac.to_string(),
+            "ip": p.ip.to_string(),
+            "control": p.control,
+            "console": p.console,
+            "memory": mem,
+        }));
+    }
+    let report = serde_json::json!({
+        "snapshot": dir,
+        "count": plans.len(),
+        "mem_size": state.config.mem_size,
+        "base": match &kind {
+            snapshot::CloneBase::Layer(path) => serde_json::json!({"layer": path}),
+            snapshot::CloneBase::Flattened { layers } => serde_json::json!({"flattened": layers}),
+        },
+        "base_ms": base_ms,
+        "ready_ms": ready_ms,
+        "clones": clones,
+    });
+    println!("{report}");
+    use std::io::Write as _;
+    let _ = std::io::stdout().flush();
+    eprintln!(
+        "clone: {} clones of {} {want} in {}",
+        plans.len(),
+        dir.display(),
+        fmt_ms(ready_ms)
+    );
+    notify::ready(&format!("{} clones {want}", plans.len()));
+    // Supervise: stop them all on a signal, end once none is left.
+    let mut failed = false;
+    let mut exited = vec![false; children.len()];
+    while exited.iter().any(|e| !e) {
+        if sigs.pending()?.is_some() {
+            stop_clones(&mut children);
+            break;
+        }
+        for (i, c) in children.iter_mut().enumerate() {
+            if exited[i] {
+                continue;
+            }
+            if let Ok(Some(st)) = c.try_wait() {
+                exited[i] = true;
+                if !st.success() {
+                    failed = true;
+                    tracing::warn!(clone = i, "clone exited: {st}");
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// The memory of a clone (`twin restore --share-memory`): the snapshot's memory mapped
+/// copy-on-write, from the base `twin clone` handed over (`--base-fd`) or, alone, from the
+/// snapshot itself ([`snapshot::clone_base`]).
+fn share_memory(args: &RestoreArgs, mem_size: u64) -> Result<Memory> {
+    use std::os::fd::FromRawFd;
+    if args.dir.join(twin_store::INDEX_FILE).exists() {
+        bail!(
+            "{} is a replica store; --share-memory maps a snapshot's memory (restore the store without it)",
+            args.dir.display()
+        );
+    }
+    let base = match args.base_fd {
+        Some(fd) => {
+            // SAFETY: `twin clone` started this process with the base open as `fd` and
+            // nothing else in this process uses it: it is owned from here on. A number that
+            // is no open file fails the fstat in `new_private`, not memory safety.
+            let f = unsafe { std::fs::File::from_raw_fd(fd) };
+            // No child of this process inherits it.
+            // SAFETY: fcntl on the fd just taken over.
+            unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+            // What `twin clone` hands over: a snapshot's memory file, or a memfd sealed
+            // so that no one can change it under the clones. A memfd still open to seals
+            // and not write-sealed is refused (a file on tmpfs reports only F_SEAL_SEAL).
+            // SAFETY: fcntl on the fd just taken over.
+            let seals = unsafe { libc::fcntl(fd, libc::F_GET_SEALS) };
+            let is_file = f.metadata().map(|m| m.is_file()).unwrap_or(false);
+            let unsealed_memfd =
+                seals >= 0 && seals & (libc::F_SEAL_WRITE | libc::F_SEAL_SEAL) == 0;
+            if !is_file || unsealed_memfd {
+                bail!(
+                    "--base-fd {fd} is not a clone base (a snapshot memory file or a sealed memfd)"
+                );
+            }
+            f
+        }
+        None => {
+            let (f, kind) = snapshot::clone_base(&args.dir, mem_size)
+                .with_context(|| format!("cannot share the memory of {}", args.dir.display()))?;
+            if let snapshot::CloneBase::Flattened { layers } = kind {
+                tracing::warn!(
+                    layers,
+                    "the snapshot is a chain: its memory was flattened for this VM alone (clones started with `twin clone` share one flattened copy)"
+                );
+            }
+            f
+        }
+    };
+    Memory::new_private(base, mem_size).context("cannot map the snapshot's memory copy-on-write")
 }
 
 /// What `twin restore` starts a VM from: a snapshot chain or a backup's replica store.
@@ -1644,6 +1998,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run(args),
         Command::Restore(args) => restore(args),
+        Command::Clone(args) => clone_cmd(args),
         Command::Protect(args) => protect(args),
         Command::Demo(args) => lab::exec("demo", &args),
         Command::Bench(args) => lab::exec("bench", &args),

@@ -439,6 +439,46 @@ pub fn initial_sregs(mut s: kvm_sregs) -> kvm_sregs {
     s
 }
 
+/// A network identity for a restored guest: what a clone of a snapshot becomes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NetIdentity {
+    pub mac: [u8; 6],
+    pub ip: Ipv4Addr,
+    pub prefix_len: u8,
+    pub gateway: Option<Ipv4Addr>,
+}
+
+const IDENTITY_MAGIC: &[u8; 8] = b"TWINNETI";
+
+/// Writes `id` as the guest's network identity record at [`IDENTITY_ADDR`] (magic
+/// `TWINNETI`, u32 sequence number, pad, MAC, prefix length, pad, IPv4 address, gateway:
+/// 32 bytes, see guest/src/identity.rs) with a sequence number one past the record there
+/// now, and returns that number. Only while no vCPU runs: the guest copies the record out
+/// when the NIC's configuration interrupt fires and takes an identity whose sequence
+/// number it has not seen.
+pub fn write_identity(mem: &GuestMem, id: &NetIdentity) -> Result<u32, BootError> {
+    let mut old = [0u8; 12];
+    mem.read_slice(&mut old, GuestAddress(IDENTITY_ADDR))
+        .map_err(BootError::GuestMemory)?;
+    let prev = if &old[..8] == IDENTITY_MAGIC {
+        u32::from_le_bytes(old[8..12].try_into().expect("4 bytes"))
+    } else {
+        0
+    };
+    // 0 never names an identity.
+    let seq = prev.wrapping_add(1).max(1);
+    let mut b = [0u8; 32];
+    b[0..8].copy_from_slice(IDENTITY_MAGIC);
+    b[8..12].copy_from_slice(&seq.to_le_bytes());
+    b[16..22].copy_from_slice(&id.mac);
+    b[22] = id.prefix_len;
+    b[24..28].copy_from_slice(&id.ip.octets());
+    b[28..32].copy_from_slice(&id.gateway.unwrap_or(Ipv4Addr::UNSPECIFIED).octets());
+    mem.write_slice(&b, GuestAddress(IDENTITY_ADDR))
+        .map_err(BootError::GuestMemory)?;
+    Ok(seq)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -6,6 +6,9 @@ pub const TSS_ADDR: u64 = 0x3000;
 /// 64-bit TSS (0x68 bytes) followed by the I/O permission bitmap and its terminator byte.
 pub const TSS_SIZE: u64 = 0x68 + 8192 + 1;
 pub const BOOT_INFO_ADDR: u64 = 0x6000;
+/// The network identity record (32 bytes): a new MAC and IPv4 address for a restored guest
+/// (a clone), see [`crate::boot::write_identity`].
+pub const IDENTITY_ADDR: u64 = 0x7000;
 /// RSP0 in the TSS: interrupts taken at CPL 3 switch to this stack.
 pub const KERNEL_STACK_TOP: u64 = 0x10000;
 pub const PML4_ADDR: u64 = 0x10000;

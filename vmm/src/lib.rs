@@ -250,6 +250,10 @@ pub enum VmmError {
     RestoreDevices(#[source] DeviceError),
     #[error("the saved state has a network device but no TAP was given for it")]
     NoTap,
+    #[error("a VM's network identity can only be changed before it starts")]
+    IdentityAfterStart,
+    #[error("the VM has no network device to give a new identity")]
+    IdentityWithoutNic,
     #[error("the saved state has {saved} vCPUs, but {expected} were configured")]
     VcpuMismatch { saved: usize, expected: u8 },
     #[error("opening disk {index}")]
@@ -500,6 +504,28 @@ impl Vmm {
                 .expect("net device lock poisoned")
                 .config_changed();
         }
+    }
+
+    /// Gives the restored guest a new network identity (a clone of a snapshot): the NIC's
+    /// configured MAC, the machine's configuration (what the host announces and a later
+    /// snapshot records) and the guest's identity record ([`boot::write_identity`]). The
+    /// guest takes it at the next configuration interrupt, which
+    /// [`Vmm::notify_network_moved`] raises. Only before the VM starts (no vCPU may run
+    /// while the record is written); needs a NIC.
+    pub fn set_network_identity(&mut self, id: &boot::NetIdentity) -> Result<u32, VmmError> {
+        if self.started {
+            return Err(VmmError::IdentityAfterStart);
+        }
+        let net = self.net.as_ref().ok_or(VmmError::IdentityWithoutNic)?;
+        let seq = boot::write_identity(self.memory.guest_memory(), id)?;
+        net.dev
+            .lock()
+            .expect("net device lock poisoned")
+            .device_mut()
+            .set_mac(id.mac);
+        self.config.mac = Some(id.mac);
+        self.config.ip = Some(id.ip);
+        Ok(seq)
     }
 
     /// Calls `tap` with every frame delivered into the guest from now on (see

@@ -11,7 +11,11 @@
 //! ([`RamMap::concat`]) and split again to clear them ([`RamMap::split`]).
 //!
 //! The memfd lets a checkpoint read pages without going through the VMM's mapping and lets a
-//! replica be mapped by a restored VM without a copy. The VMM maps it once, contiguously
+//! replica be mapped by a restored VM without a copy. A clone ([`Memory::new_private`], `twin clone`) is
+//! the exception: its file is a base shared by every clone of one snapshot, mapped
+//! `MAP_PRIVATE`, so what asks the file ([`Memory::data_ranges`],
+//! [`Memory::resident_bytes`], [`Memory::zero_pages`]) accounts for the clone's private
+//! copies or refuses. The VMM maps it once, contiguously
 //! (page index `i` at [`Memory::host_address`] + `i × 4096`), and each guest range is a
 //! window into that mapping. Every write the VMM itself makes through [`GuestMem`] or
 //! [`Memory::pages`] is recorded in a [`DirtyBitmap`] (one per range for the devices'
@@ -213,6 +217,13 @@ pub enum MemoryError {
     Range { first: usize, count: usize },
     #[error("copying guest memory failed")]
     Copy(#[source] VolatileMemoryError),
+    #[error("the base image of a clone must hold {size} bytes of guest RAM; it has {len}")]
+    Base {
+        size: u64,
+        len: u64,
+        #[source]
+        source: Option<std::io::Error>,
+    },
 }
 
 /// Guest RAM together with the file that backs it.
@@ -232,21 +243,15 @@ pub struct Memory {
     /// A lazy restore still loading this memory: until it completes, a hole of the memfd
     /// is not a zero page (see [`crate::lazy`]).
     pending: std::sync::Mutex<Option<crate::lazy::LoadGate>>,
+    /// A clone ([`Memory::new_private`]): `file` is the shared base, mapped copy-on-write.
+    private: bool,
 }
 
 impl Memory {
     /// Creates `size` bytes of zeroed guest RAM, backed by a new memfd and laid out as
     /// [`RamMap::new`] says.
     pub fn new(size: u64) -> Result<Self, MemoryError> {
-        if size == 0 || size % (2 << 20) != 0 {
-            return Err(MemoryError::BadSize(size));
-        }
-        if size > MAX_MEM_SIZE {
-            return Err(MemoryError::TooLarge {
-                size,
-                max: MAX_MEM_SIZE,
-            });
-        }
+        Self::check_size(size)?;
         let name: &CStr = c"twin-guest-ram";
         // SAFETY: `name` is a valid NUL-terminated string; the returned fd is checked and
         // owned by the `File` below.
@@ -258,11 +263,68 @@ impl Memory {
         let file = unsafe { File::from_raw_fd(fd) };
         file.set_len(size)
             .map_err(|source| MemoryError::Truncate { size, source })?;
-        let clone = file.try_clone().map_err(MemoryError::Memfd)?;
         // MAP_SHARED | MAP_NORESERVE, read-write: the memfd is sparse, a page costs memory
         // only once touched.
-        let whole = MmapRegion::<DirtyBitmap>::from_file(FileOffset::new(clone, 0), size as usize)
-            .map_err(MemoryError::Map)?;
+        Self::map(file, size, libc::MAP_SHARED | libc::MAP_NORESERVE, false)
+    }
+
+    /// Guest RAM of `size` bytes that starts as a copy of `base` (page index `i` at offset
+    /// `i × 4096`, as a snapshot layer's `memory` file or a flattened chain holds it),
+    /// mapped copy-on-write (`MAP_PRIVATE`): a clone. Every clone of one base shares the
+    /// base's pages in the page cache; a page the guest or a device writes is copied for
+    /// this memory alone, and `base` is never written (it may be opened read-only). `base`
+    /// must not change while the memory lives (a snapshot layer is written once; a
+    /// flattened chain is a sealed memfd): a page not yet copied reads what the file holds.
+    ///
+    /// What differs from [`Memory::new`]: the file is the base, not this memory, so
+    /// [`Memory::data_ranges`] adds the privately written pages (from `/proc/self/pagemap`)
+    /// to the base's data, [`Memory::resident_bytes`] counts only the private copies, and
+    /// [`Memory::zero_pages`] is refused (a hole punched in the base would zero that page
+    /// in every clone, and dropping a private copy would bring the base's page back).
+    pub fn new_private(base: File, size: u64) -> Result<Self, MemoryError> {
+        Self::check_size(size)?;
+        let len = base
+            .metadata()
+            .map_err(|source| MemoryError::Base {
+                size,
+                len: 0,
+                source: Some(source),
+            })?
+            .len();
+        if len < size {
+            // Past the end of the file a mapping faults with SIGBUS, not zeroes.
+            return Err(MemoryError::Base {
+                size,
+                len,
+                source: None,
+            });
+        }
+        Self::map(base, size, libc::MAP_PRIVATE | libc::MAP_NORESERVE, true)
+    }
+
+    fn check_size(size: u64) -> Result<(), MemoryError> {
+        if size == 0 || size % (2 << 20) != 0 {
+            return Err(MemoryError::BadSize(size));
+        }
+        if size > MAX_MEM_SIZE {
+            return Err(MemoryError::TooLarge {
+                size,
+                max: MAX_MEM_SIZE,
+            });
+        }
+        Ok(())
+    }
+
+    /// Maps `file` (`size` bytes from offset 0) with `flags` and lays guest RAM over it.
+    fn map(file: File, size: u64, flags: i32, private: bool) -> Result<Self, MemoryError> {
+        let clone = file.try_clone().map_err(MemoryError::Memfd)?;
+        let whole = MmapRegion::<DirtyBitmap>::build(
+            Some(FileOffset::new(clone, 0)),
+            size as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            flags,
+        )
+        .map_err(MemoryError::Map)?;
         let map = RamMap::new(size);
         let mut regions = Vec::with_capacity(map.ranges().len());
         for r in map.ranges() {
@@ -293,6 +355,7 @@ impl Memory {
             file,
             size,
             pending: std::sync::Mutex::new(None),
+            private,
         })
     }
 
@@ -449,7 +512,16 @@ impl Memory {
     /// pages, and writing or even reading them would fault each one in), and pages that
     /// held data are freed. Nothing is done and false returned if any index is out of
     /// range; an `Err` only if the kernel refuses the hole punch.
+    ///
+    /// Refused for a clone ([`Memory::new_private`]): its file is the base every clone
+    /// shares, and it is never a replica.
     pub fn zero_pages(&self, indices: &[u64]) -> std::io::Result<bool> {
+        if self.private {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::Unsupported,
+                "a clone's memory cannot be zeroed by punching holes: its file is the shared base",
+            ));
+        }
         let pages = self.page_count() as u64;
         if indices.iter().any(|&i| i >= pages) {
             return Ok(false);
@@ -517,51 +589,69 @@ impl Memory {
     pub fn data_ranges(&self) -> std::io::Result<Vec<std::ops::Range<usize>>> {
         // During a lazy restore a hole may be a page not loaded yet.
         self.wait_loaded().map_err(std::io::Error::other)?;
-        let fd = self.file.as_raw_fd();
-        let size = self.size as libc::off_t;
+        let base = file_data_ranges(&self.file, self.size)?;
+        if !self.private {
+            return Ok(base);
+        }
+        // A clone: the base's data, and every page this clone copied (which may be a page
+        // of a hole of the base that the guest wrote).
+        let private = self.private_pages()?;
+        Ok(merge_ranges(base, private))
+    }
+
+    /// The pages of a clone that hold a private copy (present and anonymous, or swapped
+    /// out), as ordered, disjoint ranges, from `/proc/self/pagemap` (8 bytes per page of
+    /// the mapping; reading it touches no page). Of a memory that is not a clone: none.
+    pub fn private_pages(&self) -> std::io::Result<Vec<std::ops::Range<usize>>> {
+        use std::os::unix::fs::FileExt;
+        const PRESENT: u64 = 1 << 63;
+        const SWAPPED: u64 = 1 << 62;
+        const FILE_OR_SHARED: u64 = 1 << 61;
         let mut out: Vec<std::ops::Range<usize>> = Vec::new();
-        let mut at: libc::off_t = 0;
-        while at < size {
-            // SAFETY: lseek on our own memfd; it moves only this fd's file offset, which
-            // nothing else uses (pages are reached through the mapping).
-            let data = unsafe { libc::lseek(fd, at, libc::SEEK_DATA) };
-            if data < 0 {
-                let e = std::io::Error::last_os_error();
-                // ENXIO: no data at or after `at`.
-                if e.raw_os_error() == Some(libc::ENXIO) {
-                    break;
+        if !self.private {
+            return Ok(out);
+        }
+        let pagemap = File::open("/proc/self/pagemap")?;
+        let first_vpage = self.host_address() / PAGE_SIZE as u64;
+        let total = self.page_count();
+        let mut buf = vec![0u8; 8 * 8192];
+        let mut at = 0usize;
+        while at < total {
+            let n = (total - at).min(buf.len() / 8);
+            let bytes = &mut buf[..n * 8];
+            pagemap.read_exact_at(bytes, (first_vpage + at as u64) * 8)?;
+            for (k, e) in bytes.chunks_exact(8).enumerate() {
+                let e = u64::from_le_bytes(e.try_into().expect("8 bytes"));
+                let private = e & SWAPPED != 0 || (e & PRESENT != 0 && e & FILE_OR_SHARED == 0);
+                if !private {
+                    continue;
                 }
-                return Err(e);
-            }
-            // SAFETY: as above.
-            let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
-            if hole < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            let hole = hole.min(size);
-            let first = data as usize / PAGE_SIZE;
-            let end = (hole as usize).div_ceil(PAGE_SIZE);
-            match out.last_mut() {
-                Some(r) if r.end >= first => r.end = r.end.max(end),
-                _ => out.push(first..end),
-            }
-            if hole <= data {
-                // A kernel that reports no progress would loop forever: take the rest (into
-                // the range just recorded, so the ranges stay ordered and disjoint).
-                if let Some(r) = out.last_mut() {
-                    r.end = self.page_count();
+                let p = at + k;
+                match out.last_mut() {
+                    Some(r) if r.end == p => r.end = p + 1,
+                    _ => out.push(p..p + 1),
                 }
-                break;
             }
-            at = hole;
+            at += n;
         }
         Ok(out)
     }
 
+    /// Whether this memory is a clone ([`Memory::new_private`]).
+    pub fn is_clone(&self) -> bool {
+        self.private
+    }
+
     /// Bytes of guest RAM the memfd holds in memory (its allocated blocks): what guest
     /// memory costs the host now.
+    ///
+    /// Of a clone: its private copies only (the base's pages are shared by every clone).
     pub fn resident_bytes(&self) -> std::io::Result<u64> {
         use std::os::unix::fs::MetadataExt;
+        if self.private {
+            let pages: usize = self.private_pages()?.iter().map(|r| r.len()).sum();
+            return Ok((pages * PAGE_SIZE) as u64);
+        }
         Ok(self.file.metadata()?.blocks() * 512)
     }
 
@@ -569,6 +659,71 @@ impl Memory {
     pub fn raw_fd(&self) -> i32 {
         self.file.as_raw_fd()
     }
+}
+
+/// The page ranges of `file` (of `size` bytes) backed by data, with `SEEK_DATA`/`SEEK_HOLE`
+/// (see [`Memory::data_ranges`]).
+fn file_data_ranges(file: &File, size: u64) -> std::io::Result<Vec<std::ops::Range<usize>>> {
+    let fd = file.as_raw_fd();
+    let page_count = size as usize / PAGE_SIZE;
+    let size = size as libc::off_t;
+    let mut out: Vec<std::ops::Range<usize>> = Vec::new();
+    let mut at: libc::off_t = 0;
+    while at < size {
+        // SAFETY: lseek on a file we own; it moves only its file offset, which nothing
+        // reads (pages are reached through the mapping; a clone's base may share its
+        // offset with other processes, and `SEEK_DATA`/`SEEK_HOLE` from an absolute
+        // position do not depend on it).
+        let data = unsafe { libc::lseek(fd, at, libc::SEEK_DATA) };
+        if data < 0 {
+            let e = std::io::Error::last_os_error();
+            // ENXIO: no data at or after `at`.
+            if e.raw_os_error() == Some(libc::ENXIO) {
+                break;
+            }
+            return Err(e);
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+        if hole < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let hole = hole.min(size);
+        let first = data as usize / PAGE_SIZE;
+        let end = (hole as usize).div_ceil(PAGE_SIZE);
+        match out.last_mut() {
+            Some(r) if r.end >= first => r.end = r.end.max(end),
+            _ => out.push(first..end),
+        }
+        if hole <= data {
+            // A kernel that reports no progress would loop forever: take the rest (into
+            // the range just recorded, so the ranges stay ordered and disjoint).
+            if let Some(r) = out.last_mut() {
+                r.end = page_count;
+            }
+            break;
+        }
+        at = hole;
+    }
+    Ok(out)
+}
+
+/// The union of two lists of ordered, disjoint page ranges, ordered and disjoint.
+fn merge_ranges(
+    a: Vec<std::ops::Range<usize>>,
+    b: Vec<std::ops::Range<usize>>,
+) -> Vec<std::ops::Range<usize>> {
+    let mut all = a;
+    all.extend(b);
+    all.sort_by_key(|r| r.start);
+    let mut out: Vec<std::ops::Range<usize>> = Vec::with_capacity(all.len());
+    for r in all {
+        match out.last_mut() {
+            Some(l) if l.end >= r.start => l.end = l.end.max(r.end),
+            _ => out.push(r),
+        }
+    }
+    out
 }
 
 impl Drop for Memory {
@@ -938,6 +1093,85 @@ mod tests {
                 .unwrap(),
             0
         );
+    }
+
+    #[test]
+    fn clones_share_the_base_and_diverge_privately() {
+        use std::io::Write as _;
+        let size = 4u64 << 20;
+        let mut base = tempfile_in_tmp();
+        base.set_len(size).unwrap();
+        // Pages 1 and 700 hold data in the base; the rest are holes.
+        for (p, v) in [(1u64, 0x11u8), (700, 0x22)] {
+            use std::io::Seek as _;
+            base.seek(std::io::SeekFrom::Start(p * PAGE_SIZE as u64))
+                .unwrap();
+            base.write_all(&[v; PAGE_SIZE]).unwrap();
+        }
+        let a = Memory::new_private(base.try_clone().unwrap(), size).unwrap();
+        let b = Memory::new_private(base.try_clone().unwrap(), size).unwrap();
+        assert!(a.is_clone() && !Memory::new(size).unwrap().is_clone());
+        let mut page = [0u8; PAGE_SIZE];
+        a.read_page(1, &mut page).unwrap();
+        assert_eq!(page[0], 0x11, "a clone starts as the base");
+        assert_eq!(a.resident_bytes().unwrap(), 0, "reading copies nothing");
+        // A writes a base page and a hole; B and the base see neither.
+        assert!(a.write_page(1, &[0xaa; PAGE_SIZE]));
+        a.guest_memory()
+            .write_obj(0x33u8, GuestAddress(900 * PAGE_SIZE as u64))
+            .unwrap();
+        b.read_page(1, &mut page).unwrap();
+        assert_eq!(page[0], 0x11, "the other clone keeps the base's page");
+        b.read_page(900, &mut page).unwrap();
+        assert_eq!(page[0], 0);
+        let mut on_disk = [0u8; PAGE_SIZE];
+        std::os::unix::fs::FileExt::read_exact_at(&base, &mut on_disk, PAGE_SIZE as u64).unwrap();
+        assert_eq!(on_disk[0], 0x11, "the base is never written");
+        a.read_page(1, &mut page).unwrap();
+        assert_eq!(page[0], 0xaa);
+        // A's data: the base's pages and its own copies (page 900, a hole of the base).
+        assert_eq!(a.private_pages().unwrap(), vec![1..2, 900..901]);
+        let ranges = a.data_ranges().unwrap();
+        for p in [1, 700, 900] {
+            assert!(ranges.iter().any(|r| r.contains(&p)), "{p} in {ranges:?}");
+        }
+        assert!(!b.data_ranges().unwrap().iter().any(|r| r.contains(&900)));
+        assert_eq!(a.resident_bytes().unwrap(), 2 * PAGE_SIZE as u64);
+        assert!(
+            a.zero_pages(&[1]).is_err(),
+            "no hole is punched in the base"
+        );
+        // A base shorter than the RAM is refused (its end would fault with SIGBUS).
+        assert!(matches!(
+            Memory::new_private(base.try_clone().unwrap(), 2 * size),
+            Err(MemoryError::Base { .. })
+        ));
+    }
+
+    /// A regular file in the temporary directory, already unlinked.
+    fn tempfile_in_tmp() -> File {
+        let path = std::env::temp_dir().join(format!(
+            "twin-memory-test-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .unwrap();
+        std::fs::remove_file(&path).unwrap();
+        f
+    }
+
+    #[test]
+    fn merged_ranges_are_ordered_and_disjoint() {
+        assert_eq!(
+            merge_ranges(vec![0..2, 5..9], vec![1..3, 9..10, 20..21]),
+            vec![0..3, 5..10, 20..21]
+        );
+        assert_eq!(merge_ranges(vec![], vec![4..5, 7..8]), vec![4..5, 7..8]);
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! holds each page (the newest that stored it), read from that layer's memory file.
 
 use std::fs::File;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -184,4 +185,81 @@ impl PageSource for ChainSource {
     fn working_set(&self) -> Vec<u32> {
         self.order()
     }
+}
+
+/// Where clones of a snapshot get their memory ([`clone_base`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CloneBase {
+    /// The chain is one full layer: its `memory` file itself, read-only (clones started
+    /// separately, e.g. by systemd, share it through the page cache).
+    Layer(PathBuf),
+    /// The chain's pages copied once into a sealed memfd (`layers` layers flattened): only
+    /// clones handed this file share it.
+    Flattened { layers: usize },
+}
+
+/// The base image clones of the snapshot chain at `dir` map copy-on-write
+/// ([`crate::memory::Memory::new_private`]): page index `i` at offset `i × 4096`, holes
+/// for zero pages, never written again. The chain is checked as a restore checks it
+/// ([`ChainSource::open`]). A one-layer chain is its layer's `memory` file (opened
+/// read-only: nothing is copied); a longer one is flattened into a new memfd, every page
+/// read from the layer that holds it, then sealed against writes, growing and shrinking,
+/// so no holder can change what the clones mapped. The memfd is close-on-exec; a parent
+/// that hands it to its children clears that itself.
+pub fn clone_base(dir: &Path, mem_size: u64) -> Result<(File, CloneBase), LayerError> {
+    let source = ChainSource::open(dir, mem_size)?;
+    if let [(path, _)] = source.files.as_slice() {
+        let f = File::open(path).map_err(io("opening", path))?;
+        return Ok((f, CloneBase::Layer(path.clone())));
+    }
+    let memfd_err = |source| LayerError::Io {
+        op: "creating the flattened memory of",
+        path: dir.to_path_buf(),
+        source,
+    };
+    // SAFETY: a valid NUL-terminated name; the fd is checked and owned by the `File`.
+    let fd = unsafe {
+        libc::memfd_create(
+            c"twin-clone-base".as_ptr(),
+            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+        )
+    };
+    if fd < 0 {
+        return Err(memfd_err(std::io::Error::last_os_error()));
+    }
+    // SAFETY: `fd` is fresh and owned by nothing else.
+    let f = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    f.set_len(mem_size).map_err(memfd_err)?;
+    const RUN: usize = 256;
+    let mut buf = vec![0u8; RUN * PAGE_SIZE];
+    let pages = source.page_count();
+    let mut p = 0;
+    while p < pages {
+        if !source.has_data(p) {
+            p += 1;
+            continue;
+        }
+        let mut n = 1;
+        while n < RUN && p + n < pages && source.has_data(p + n) {
+            n += 1;
+        }
+        let run = &mut buf[..n * PAGE_SIZE];
+        source
+            .read(p, run)
+            .map_err(|e| memfd_err(std::io::Error::other(e)))?;
+        f.write_all_at(run, (p * PAGE_SIZE) as u64)
+            .map_err(memfd_err)?;
+        p += n;
+    }
+    let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_WRITE | libc::F_SEAL_SEAL;
+    // SAFETY: fcntl on our own memfd; sealing changes no memory of this process.
+    if unsafe { libc::fcntl(f.as_raw_fd(), libc::F_ADD_SEALS, seals) } != 0 {
+        return Err(memfd_err(std::io::Error::last_os_error()));
+    }
+    Ok((
+        f,
+        CloneBase::Flattened {
+            layers: source.files.len(),
+        },
+    ))
 }

@@ -187,6 +187,12 @@ impl Net {
         self.mac
     }
 
+    /// Changes the MAC in the device's configuration (a restored clone's new identity);
+    /// the driver rereads it after a configuration interrupt.
+    pub fn set_mac(&mut self, mac: [u8; 6]) {
+        self.mac = mac;
+    }
+
     pub fn stats(&self) -> NetStats {
         self.stats
     }
