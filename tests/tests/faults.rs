@@ -431,6 +431,91 @@ fn primary_killed_with_a_replica_store(rep: &mut Report, point: &str, nth: u64) 
     primary_killed_opts(rep, point, nth, store_opts());
 }
 
+/// After a failover from a replica store the store still holds the VM as of the failover:
+/// with the taken-over VM SIGKILLed, `twin restore` of the store directory brings it back
+/// (VERIFY clean) — unless a page of it was damaged on disk, which stops the restore with
+/// an error naming the page, never a VM running on the damaged memory.
+#[test]
+fn a_replica_store_restores_after_a_failover_and_a_damaged_one_is_refused() {
+    let mut rep =
+        Report::new("a_replica_store_restores_after_a_failover_and_a_damaged_one_is_refused");
+    let mut rig = Rig::start(&mut rep, store_opts());
+    rig.wait_stream(Instant::now(), "protected stream");
+    rig.primary.kill().expect("SIGKILL the primary");
+    let died = Instant::now();
+    rig.wait_failover(&mut rep);
+    rig.wait_stream(died, "the stream resumes on the backup");
+    rig.finish_and_check(&mut rep, died, "backup");
+    rep.step("SIGKILL the VM taken over; restore its replica store");
+    rig.backup().kill().expect("SIGKILL the backup's VM");
+    let store = rig.replica_dir("backup");
+    let store_s = store.to_string_lossy().into_owned();
+    // A data page of the store, damaged by one flipped byte.
+    let idx = std::fs::read(store.join("pages.idx")).expect("read the index");
+    let page = idx[4096..]
+        .chunks_exact(8)
+        .position(|e| u64::from_le_bytes(e.try_into().unwrap()) >> 63 == 1)
+        .expect("a page with data");
+    let mem = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(store.join("memory.img"))
+        .expect("open memory.img");
+    let at = page as u64 * 4096 + 17;
+    let mut b = [0u8; 1];
+    std::os::unix::fs::FileExt::read_exact_at(&mem, &mut b, at).expect("read");
+    std::os::unix::fs::FileExt::write_all_at(&mem, &[!b[0]], at).expect("damage");
+    let control = rig.dir.join("restored.sock");
+    let control_s = control.to_string_lossy().into_owned();
+    let args = [
+        "restore",
+        &store_s,
+        "--restore",
+        "eager",
+        "--tap",
+        TAP,
+        "--control",
+        &control_s,
+    ];
+    let done = TwinProcess::run_to_exit(
+        &rig.ha.backup.ns,
+        &rig.dir,
+        "restore-damaged",
+        &args,
+        Duration::from_secs(30),
+    )
+    .expect("twin restore of a damaged store ends");
+    assert!(
+        !done.status.success(),
+        "a damaged store restored: {}",
+        done.stderr
+    );
+    assert!(
+        done.stderr.contains(&format!("page {page}")) && done.stderr.contains("damaged"),
+        "twin restore of a damaged store said: {}",
+        done.stderr
+    );
+    rep.note(format!("damaged: {}", done.stderr.trim()));
+    std::os::unix::fs::FileExt::write_all_at(&mem, &b, at).expect("repair");
+    let args = ["restore", &store_s, "--tap", TAP, "--control", &control_s];
+    let mut p = TwinProcess::spawn(&rig.ha.backup.ns, &rig.dir, "restore-store", &args)
+        .expect("spawn twin restore");
+    let mut guest =
+        GuestClient::connect_retry(rig.ha.client_ns(), guest_service(), BOOT_TIMEOUT, || {
+            p.ensure_running()
+        })
+        .unwrap_or_else(|e| panic!("the VM restored from the store serves: {e}\n{}", p.tail(20)));
+    let v = guest.verify().expect("VERIFY");
+    assert!(
+        matches!(v, Verify::Ok { .. }),
+        "VERIFY on the VM restored from the store: {v:?}"
+    );
+    assert_no_panic(&p);
+    rep.done(format!(
+        "restored from the store, VERIFY {v:?}; the damaged page {page} refused"
+    ));
+}
+
 /// A backup in a 128 MiB memory cgroup protects a 256 MiB VM that has written 160 MiB
 /// once (cold) and keeps writing a 24 MiB working set: with the replica in a replica
 /// store (and a 16 MiB cache budget) it keeps up — no OOM kill, the store holds more than
