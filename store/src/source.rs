@@ -36,11 +36,10 @@ impl StoreSource {
 
     /// Records the first touches of a restore from this store, for the next one.
     pub fn record_first_touches(&self, touched: &[u32]) {
-        let bytes: Vec<u8> = touched.iter().flat_map(|p| p.to_le_bytes()).collect();
-        let path = self.dir.join(twin_vmm::snapshot::FIRST_TOUCH_FILE);
-        if let Err(e) = std::fs::write(&path, bytes) {
-            tracing::warn!(path = %path.display(), "cannot record the restore's first touches: {e}");
-        }
+        twin_vmm::snapshot::write_first_touches(
+            &self.dir.join(twin_vmm::snapshot::FIRST_TOUCH_FILE),
+            touched,
+        );
     }
 
     /// Drops the store's memory file from the page cache (a cold restore, for the bench).

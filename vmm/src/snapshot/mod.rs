@@ -20,7 +20,9 @@ pub use layer::{
     chain, check_target, load_memory, read_meta, read_state, write, write_with_disks, Layer,
     LayerError, LayerId, SnapshotMeta, WriteReport, MAX_CHAIN, SNAPSHOT_FORMAT,
 };
-pub use source::{clone_base, read_first_touches, ChainSource, CloneBase, FIRST_TOUCH_FILE};
+pub use source::{
+    clone_base, read_first_touches, write_first_touches, ChainSource, CloneBase, FIRST_TOUCH_FILE,
+};
 
 /// Builds the disk images a VM restored from the chain ending at `dir` runs on, at
 /// `targets` (new files, one per disk of the snapshot, in order), and opens them as the

@@ -112,11 +112,16 @@ impl ChainSource {
     /// Records the first touches of this restore for the next one (best effort: a
     /// snapshot on a read-only medium still restores).
     pub fn record_first_touches(&self, touched: &[u32]) {
-        let bytes: Vec<u8> = touched.iter().flat_map(|p| p.to_le_bytes()).collect();
-        let path = self.top.join(FIRST_TOUCH_FILE);
-        if let Err(e) = std::fs::write(&path, bytes) {
-            tracing::warn!(path = %path.display(), "cannot record the restore's first touches: {e}");
-        }
+        write_first_touches(&self.top.join(FIRST_TOUCH_FILE), touched);
+    }
+}
+
+/// Writes a first-touch record (best effort: an image on a read-only medium still
+/// restores, only without the record).
+pub fn write_first_touches(path: &Path, touched: &[u32]) {
+    let bytes: Vec<u8> = touched.iter().flat_map(|p| p.to_le_bytes()).collect();
+    if let Err(e) = std::fs::write(path, bytes) {
+        tracing::warn!(path = %path.display(), "cannot record the restore's first touches: {e}");
     }
 }
 
