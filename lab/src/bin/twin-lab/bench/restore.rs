@@ -331,7 +331,10 @@ fn steady_of(samples: &[Sample]) -> Result<(f64, f64)> {
     );
     let ns = b.uptime_ns.saturating_sub(a.uptime_ns);
     if ns == 0 || b.written <= a.written {
-        bail!("the guest wrote nothing while its steady rate was measured");
+        bail!(
+            "the guest wrote nothing while its steady rate was measured ({} samples, first {a:?}, last {b:?})",
+            samples.len()
+        );
     }
     let rate = mib_s(b.written - a.written, ns);
     let min = windows(samples, WINDOW_NS)
