@@ -278,7 +278,11 @@ pub(super) fn start_protected(
     )?;
     let mut args = vm_args("protect", plan, w, dir, "primary");
     if let Some((mem, guest_args)) = guest {
-        let mem_at = args.iter().position(|a| a == "--mem").expect("vm_args has --mem") + 1;
+        let mem_at = args
+            .iter()
+            .position(|a| a == "--mem")
+            .expect("vm_args has --mem")
+            + 1;
         args[mem_at] = mem.to_string();
         if let Some(at) = args.iter().position(|a| a == "--guest-args") {
             args.drain(at..at + 2);

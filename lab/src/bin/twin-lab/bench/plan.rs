@@ -247,7 +247,10 @@ impl Plan {
             } else {
                 a.restore_mem.clone()
             },
-            trials: a.restore_trials.unwrap_or(if a.quick { 1 } else { 3 }).max(1),
+            trials: a
+                .restore_trials
+                .unwrap_or(if a.quick { 1 } else { 3 })
+                .max(1),
             dirty: a.restore_dirty.clone(),
             wss: a
                 .restore_wss
