@@ -111,6 +111,9 @@ pub(super) struct RestoreTrial {
     pub(super) cached_mib_at_start: Option<f64>,
     /// Failover: SIGKILL → the backup's detection (its restore start).
     pub(super) kill_to_detect_ms: Option<f64>,
+    /// `twin restore`: its process start → its VM running (its `vm_running` event): what
+    /// the process itself takes before the guest can run at all.
+    pub(super) process_to_running_ms: Option<f64>,
     /// Restore start (failover: SIGKILL) → the first reply on a new connection.
     pub(super) first_reply_ms: Option<f64>,
     /// Restore start → the rate is back to ≥ 90% of steady (and stays for [`HOLD_MS`]).
@@ -441,6 +444,11 @@ fn restore_once(
     let mut p = spawn_twin(&ha.primary.ns, dir, name, &args, "info")?;
     let result = (|| -> Result<()> {
         observe(ha.client_ns(), &mut p, &sock, t0, steady, t)?;
+        t.process_to_running_ms = Events::at(&sock)
+            .find(0, |e| matches!(e.kind, EventKind::VmRunning { .. }))
+            .ok()
+            .flatten()
+            .map(|e| e.t_ms);
         if mode == "lazy" {
             // Finishing the load records the first touches beside the snapshot.
             let scratch = dir.join(format!("{name}-scratch"));
@@ -1089,6 +1097,7 @@ pub(super) struct RestoreAgg {
     pub(super) cached_mib: Option<f64>,
     pub(super) steady_mib_s: Option<f64>,
     pub(super) kill_to_detect_ms: Option<f64>,
+    pub(super) process_to_running_ms: Option<f64>,
 }
 
 pub(super) fn aggregate(trials: &[RestoreTrial], mem: &str, kind: &str) -> RestoreAgg {
@@ -1114,6 +1123,7 @@ pub(super) fn aggregate(trials: &[RestoreTrial], mem: &str, kind: &str) -> Resto
         cached_mib: median(&fv(&|t| t.cached_mib_at_start)),
         steady_mib_s: median(&fv(&|t| t.steady_mib_s)),
         kill_to_detect_ms: median(&fv(&|t| t.kill_to_detect_ms)),
+        process_to_running_ms: median(&fv(&|t| t.process_to_running_ms)),
     }
 }
 
@@ -1170,10 +1180,10 @@ pub(super) fn markdown(s: &mut String, r: &RestoreResults) {
         line(s, "");
         line(s, &format!("### `--mem {mem}`"));
         line(s, "");
-        line(s, "| restore | n | first reply ms | back to 90% ms | pages read by then | pages read | faults | prefetched | load done ms | cached MiB at start | steady MiB/s |");
+        line(s, "| restore | n | first reply ms | process → VM running ms | back to 90% ms | pages read by then | pages read | faults | prefetched | load done ms | cached MiB at start | steady MiB/s |");
         line(
             s,
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         );
         let kinds = ["eager", "lazy", "ws", "failover"];
         let aggs: Vec<RestoreAgg> = kinds.iter().map(|k| aggregate(&r.trials, mem, k)).collect();
@@ -1184,7 +1194,7 @@ pub(super) fn markdown(s: &mut String, r: &RestoreResults) {
             line(
                 s,
                 &format!(
-                    "| {k} | {}{}{} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                    "| {k} | {}{}{} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                     a.n,
                     if a.failed > 0 {
                         format!(" ({} failed)", a.failed)
@@ -1197,6 +1207,7 @@ pub(super) fn markdown(s: &mut String, r: &RestoreResults) {
                         String::new()
                     },
                     mdist(&a.first_reply_ms),
+                    f1(a.process_to_running_ms),
                     mdist(&a.recovered_ms),
                     mnum(a.pages_read_at_recovery),
                     mnum(a.pages_read),
