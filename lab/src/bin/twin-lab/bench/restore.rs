@@ -111,8 +111,9 @@ pub(super) struct RestoreTrial {
     pub(super) cached_mib_at_start: Option<f64>,
     /// Failover: SIGKILL → the backup's detection (its restore start).
     pub(super) kill_to_detect_ms: Option<f64>,
-    /// `twin restore`: its process start → its VM running (its `vm_running` event): what
-    /// the process itself takes before the guest can run at all.
+    /// `twin restore`: its spawn → its VM running (its `vm_running` event's wall clock, ms
+    /// resolution): what the process takes before the guest can run at all (eager: the
+    /// whole load).
     pub(super) process_to_running_ms: Option<f64>,
     /// Restore start (failover: SIGKILL) → the first reply on a new connection.
     pub(super) first_reply_ms: Option<f64>,
@@ -441,6 +442,7 @@ fn restore_once(
     let mut args = vm_args("restore", dir, name);
     args.extend([snap.display().to_string(), "--restore".into(), mode.into()]);
     let t0 = Instant::now();
+    let started_unix_ms = unix_ms();
     let mut p = spawn_twin(&ha.primary.ns, dir, name, &args, "info")?;
     let result = (|| -> Result<()> {
         observe(ha.client_ns(), &mut p, &sock, t0, steady, t)?;
@@ -448,7 +450,7 @@ fn restore_once(
             .find(0, |e| matches!(e.kind, EventKind::VmRunning { .. }))
             .ok()
             .flatten()
-            .map(|e| e.t_ms);
+            .map(|e| e.unix_ms as f64 - started_unix_ms);
         if mode == "lazy" {
             // Finishing the load records the first touches beside the snapshot.
             let scratch = dir.join(format!("{name}-scratch"));
@@ -560,6 +562,13 @@ fn observe(
     Ok(())
 }
 
+/// The wall clock in ms: what events carry (`unix_ms`), comparable across processes.
+fn unix_ms() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64() * 1e3)
+}
+
 fn ms_since(t0: Instant) -> f64 {
     t0.elapsed().as_secs_f64() * 1e3
 }
@@ -637,9 +646,7 @@ fn failover_trial(
         // The pages the last epochs wrote are still dirty and stay cached.
         t.cached_mib_at_start = Some(drop_cached(&store)?);
         let killed = Instant::now();
-        let killed_unix_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0.0, |d| d.as_secs_f64() * 1e3);
+        let killed_unix_ms = unix_ms();
         slots
             .vm
             .as_ref()
