@@ -70,6 +70,15 @@ impl GuestClient {
         Self::from_stream(stream, addr)
     }
 
+    /// A client on a stream already connected to the guest service (a connection made
+    /// some other way, e.g. the first of many attempts to be answered).
+    pub fn from_connected(stream: TcpStream) -> Result<Self> {
+        let addr = stream
+            .peer_addr()
+            .map_err(|e| HarnessError::io("the peer of a connected stream", e))?;
+        Self::from_stream(stream, addr)
+    }
+
     fn from_stream(stream: TcpStream, addr: SocketAddr) -> Result<Self> {
         let io = |e| HarnessError::io(format!("setting up connection to {addr}"), e);
         stream.set_nodelay(true).map_err(io)?;

@@ -26,7 +26,7 @@ enum Command {
     /// Demonstrate a failover on this machine: namespaces, primary, backup, client, SIGKILL.
     Demo(demo::DemoArgs),
     /// Measure protected against unprotected runs and write a report.
-    Bench(bench::BenchArgs),
+    Bench(Box<bench::BenchArgs>),
 }
 
 fn main() -> ExitCode {
@@ -34,7 +34,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Demo(args) => demo::run(args),
-        Command::Bench(args) => bench::run(args),
+        Command::Bench(args) => bench::run(*args),
     };
     match result {
         Ok(code) => code,

@@ -136,7 +136,7 @@ pub(super) fn wait_event(
     }
 }
 
-fn spawn_twin(
+pub(super) fn spawn_twin(
     ns: &Netns,
     dir: &TestDir,
     name: &str,
@@ -193,6 +193,11 @@ pub(super) struct Protection<'a> {
     pub(super) uncompressed: bool,
     /// `--arbiter` on both sides.
     pub(super) arbiter: Option<&'a twin_lab::etcd::EtcdHost>,
+    /// `--replica-dir DIR/replica` on the backup (always for the disk workload).
+    pub(super) replica_dir: bool,
+    /// The VM's `--mem` and `--guest-args` instead of the plan's and the workload's (the
+    /// restore section's big guests).
+    pub(super) guest: Option<(&'a str, &'a str)>,
 }
 
 impl Protection<'_> {
@@ -203,6 +208,8 @@ impl Protection<'_> {
             no_precopy: false,
             uncompressed: false,
             arbiter: None,
+            replica_dir: false,
+            guest: None,
         }
     }
 }
@@ -221,6 +228,8 @@ pub(super) fn start_protected(
         no_precopy,
         uncompressed,
         arbiter,
+        replica_dir,
+        guest,
     } = how;
     let listen = SocketAddr::from((BACKUP_REPL_ADDR, REPL_PORT)).to_string();
     let key = dir.key_file();
@@ -243,7 +252,7 @@ pub(super) fn start_protected(
     if let Some(e) = arbiter {
         backup_args.extend(["--arbiter".into(), e.url(twin_lab::HostRole::Backup)]);
     }
-    if matches!(w, Workload::Disk(_)) {
+    if replica_dir || matches!(w, Workload::Disk(_)) {
         backup_args.extend([
             "--replica-dir".into(),
             dir.join("replica").display().to_string(),
@@ -268,6 +277,18 @@ pub(super) fn start_protected(
         |e| matches!(e.kind, EventKind::Listening { .. }),
     )?;
     let mut args = vm_args("protect", plan, w, dir, "primary");
+    if let Some((mem, guest_args)) = guest {
+        let mem_at = args
+            .iter()
+            .position(|a| a == "--mem")
+            .expect("vm_args has --mem")
+            + 1;
+        args[mem_at] = mem.to_string();
+        if let Some(at) = args.iter().position(|a| a == "--guest-args") {
+            args.drain(at..at + 2);
+        }
+        args.extend(["--guest-args".into(), guest_args.to_string()]);
+    }
     if encrypt {
         args.push("--encrypt".into());
     }

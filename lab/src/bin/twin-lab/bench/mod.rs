@@ -30,6 +30,10 @@
 //! start and at the end. Compression: memory workloads whose writes change 5/25/100% of a
 //! page (`--compress-workloads`), protected with `--compress delta` and `none` side by
 //! side — bytes sent per dirty byte, the replication thread's CPU per GiB, the pause.
+//! Restore (`twin bench restore`): a 4 GiB guest restored from a snapshot on disk with a
+//! cold page cache, eager, lazy and working set first, and failed over from a replica
+//! store — time to the first reply and until the guest's workload is back to 90% of its
+//! speed, pages read, faults, against the disk's read bandwidth (`restore`).
 //!
 //! Output in `--out` (default `results/`): `bench.md` (also printed), `bench.json` (every
 //! run, raw per-epoch samples), `bench.svg` and the same plot as `bench.png`. Logs of failed runs go to `failed/` there.
@@ -39,7 +43,7 @@
 //! Here: the command, its options and Ctrl-C. What runs and in which order: `plan`; one
 //! cell run: `measure`; the failover trials: `failover`; machine facts and physical limits:
 //! `limits`; quantiles: `stats`; aggregation, `bench.md` and `bench.json`: `report`;
-//! `bench.svg`, `bench.png`: `plot`.
+//! `bench.svg`, `bench.png`: `plot`; the restore section: `restore`.
 
 mod failover;
 mod limits;
@@ -48,6 +52,7 @@ mod plan;
 mod plot;
 mod redis;
 mod report;
+mod restore;
 mod stats;
 
 use std::path::PathBuf;
@@ -67,6 +72,14 @@ use stats::{dist, json_f64};
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
+    /// The sections to run [default: all]: `main` (the workload cells), `compress`,
+    /// `failover`, `restore` (eager/lazy/ws restores and a failover from a replica store,
+    /// of a big guest with its memory on disk). `twin bench restore` runs only that one.
+    #[arg(value_delimiter = ',')]
+    sections: Vec<String>,
+    /// The same as the positional SECTIONS, as an option.
+    #[arg(long = "sections", value_delimiter = ',', value_name = "SECTIONS")]
+    sections_opt: Vec<String>,
     /// Directory for bench.md, bench.json, bench.svg and bench.png (created if missing).
     #[arg(long, default_value = "results")]
     out: PathBuf,
@@ -121,6 +134,22 @@ pub struct BenchArgs {
     /// `--eager-gap` for the protected primaries [default: the primary's own default].
     #[arg(long)]
     eager_gap: Option<String>,
+    /// The restore section: guest RAM sizes (e.g. `4G,16G`) [default: 4G, quick: 1G].
+    #[arg(long, value_delimiter = ',')]
+    restore_mem: Vec<String>,
+    /// The restore section: trials per size [default: 3, quick: 1].
+    #[arg(long)]
+    restore_trials: Option<u32>,
+    /// The restore section: the guest's dirty rate per second.
+    #[arg(long, default_value = "256M")]
+    restore_dirty: String,
+    /// The restore section: the working set [default: 1G, quick: 256M].
+    #[arg(long)]
+    restore_wss: Option<String>,
+    /// The restore section: heap written once at boot, then cold (below 3 GiB with the
+    /// image) [default: 2G, quick: 256M].
+    #[arg(long)]
+    restore_cold: Option<String>,
 }
 
 // ---------------------------------------------------------------------------------------
@@ -205,6 +234,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
     let mut limits = Limits::default();
     let mut runs: Vec<Run> = Vec::new();
     let mut failovers: Vec<Failover> = Vec::new();
+    let mut restores = restore::RestoreResults::default();
     let result = (|| -> Result<()> {
         eprintln!("bench: physical limits (memcpy, loopback and veth TCP)…");
         measure_limits(&plan, &mut limits).context("measuring the physical limits")?;
@@ -299,6 +329,9 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
                 failovers.push(t);
             }
         }
+        if let Some(rp) = &plan.restore {
+            restore::run_section(&plan, rp, &failed_dir, &mut restores)?;
+        }
         eprintln!("bench: physical limits again…");
         measure_limits(&plan, &mut limits).context("measuring the physical limits")?;
         Ok(())
@@ -320,6 +353,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
         limits: &limits,
         runs: &runs,
         failovers: &failovers,
+        restore: &restores,
         elapsed_s,
     };
     let md = markdown(&report);
@@ -332,6 +366,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
         limits: &limits,
         runs: &runs,
         failovers: &failovers,
+        restore: &restores,
         elapsed_s,
     };
     let json_path = args.out.join("bench.json");
@@ -339,7 +374,9 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
         .with_context(|| format!("writing {}", json_path.display()))?;
     let svg_path = args.out.join("bench.svg");
     let png_path = args.out.join("bench.png");
-    plot::draw(&svg_path, &png_path, &report)?;
+    if !runs.is_empty() {
+        plot::draw(&svg_path, &png_path, &report)?;
+    }
     println!("{md}");
     eprintln!(
         "bench: wrote {}, {}, {}, {} in {:.0} s",
@@ -350,7 +387,8 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
         elapsed_s
     );
     let failures = runs.iter().filter(|r| r.error.is_some()).count()
-        + failovers.iter().filter(|t| t.error.is_some()).count();
+        + failovers.iter().filter(|t| t.error.is_some()).count()
+        + restores.trials.iter().filter(|t| t.error.is_some()).count();
     Ok(if failures > 0 {
         eprintln!("bench: {failures} run(s) failed; see the report");
         ExitCode::FAILURE

@@ -6,7 +6,11 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Result};
 use serde::Serialize;
 
+use super::restore::RestorePlan;
 use super::BenchArgs;
+
+/// Every section of a bench, in the order run.
+pub(super) const SECTIONS: [&str; 4] = ["main", "compress", "failover", "restore"];
 
 /// The guest's page size.
 pub(super) const PAGE: usize = 4096;
@@ -204,6 +208,10 @@ pub(super) struct Plan {
     /// The compression section: its workloads and checkpoint rate.
     pub(super) compress_workloads: Vec<String>,
     pub(super) compress_hz: u32,
+    /// The sections run (`main`, `compress`, `failover`, `restore`).
+    pub(super) sections: Vec<String>,
+    /// The restore section, when it runs.
+    pub(super) restore: Option<RestorePlan>,
     #[serde(skip)]
     pub(super) workload_list: Vec<Workload>,
     #[serde(skip)]
@@ -212,19 +220,49 @@ pub(super) struct Plan {
 
 impl Plan {
     pub(super) fn new(a: &BenchArgs) -> Result<Self> {
-        let workload_list = a
+        let sections = select_sections(a.sections.iter().chain(&a.sections_opt))?;
+        let on = |s: &str| sections.iter().any(|x| x == s);
+        let mut workload_list = a
             .workloads
             .iter()
             .map(|w| Workload::parse(w))
             .collect::<Result<Vec<_>>>()?;
-        let compress_list = a
+        let mut compress_list = a
             .compress_workloads
             .iter()
             .map(|w| Workload::parse_write(w))
             .collect::<Result<Vec<_>>>()?;
-        if workload_list.is_empty() && compress_list.is_empty() {
-            bail!("--workloads and --compress-workloads are empty");
+        if !on("main") {
+            workload_list.clear();
         }
+        if !on("compress") {
+            compress_list.clear();
+        }
+        if workload_list.is_empty() && compress_list.is_empty() && !on("restore") {
+            bail!("nothing to run: --workloads and --compress-workloads are empty (or their sections not selected), and the restore section is not selected");
+        }
+        let restore = on("restore").then(|| RestorePlan {
+            mems: if a.restore_mem.is_empty() {
+                vec![if a.quick { "1G" } else { "4G" }.to_string()]
+            } else {
+                a.restore_mem.clone()
+            },
+            trials: a
+                .restore_trials
+                .unwrap_or(if a.quick { 1 } else { 3 })
+                .max(1),
+            dirty: a.restore_dirty.clone(),
+            wss: a
+                .restore_wss
+                .clone()
+                .unwrap_or_else(|| if a.quick { "256M" } else { "1G" }.into()),
+            cold: a
+                .restore_cold
+                .clone()
+                .unwrap_or_else(|| if a.quick { "256M" } else { "2G" }.into()),
+            disk_file_mib: if a.quick { 256 } else { 1024 },
+            failover: true,
+        });
         if !(1..=1000).contains(&a.compress_hz) {
             bail!("--compress-hz {} is out of range (1–1000)", a.compress_hz);
         }
@@ -247,7 +285,11 @@ impl Plan {
             cell_secs,
             warmup_secs: if a.quick { 0.5 } else { 1.0 },
             rounds: a.rounds.unwrap_or(if a.quick { 1 } else { 2 }).max(1),
-            failovers: a.failovers.unwrap_or(if a.quick { 3 } else { 10 }),
+            failovers: if on("failover") {
+                a.failovers.unwrap_or(if a.quick { 3 } else { 10 })
+            } else {
+                0
+            },
             rates: a.rates.clone(),
             encrypt_rates: a.encrypt_rates.clone(),
             no_precopy_rates: a.no_precopy_rates.clone(),
@@ -267,6 +309,8 @@ impl Plan {
             eager_gap: a.eager_gap.clone(),
             compress_workloads: compress_list.iter().map(|w| w.label()).collect(),
             compress_hz: a.compress_hz,
+            sections,
+            restore,
             workload_list,
             compress_list,
         })
@@ -314,9 +358,38 @@ impl Plan {
     }
 }
 
+/// The sections named (all when none is), each known, in the order run.
+fn select_sections<'a>(named: impl Iterator<Item = &'a String>) -> Result<Vec<String>> {
+    let named: Vec<String> = named.map(|s| s.trim().to_ascii_lowercase()).collect();
+    for n in &named {
+        if !SECTIONS.contains(&n.as_str()) {
+            bail!(
+                "unknown bench section {n:?} (known: {})",
+                SECTIONS.join(", ")
+            );
+        }
+    }
+    Ok(SECTIONS
+        .iter()
+        .filter(|s| named.is_empty() || named.iter().any(|n| n == *s))
+        .map(|s| s.to_string())
+        .collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sections_default_to_all_and_keep_their_order() {
+        let s = |v: &[&str]| {
+            let v: Vec<String> = v.iter().map(|s| s.to_string()).collect();
+            select_sections(v.iter())
+        };
+        assert_eq!(s(&[]).unwrap(), SECTIONS);
+        assert_eq!(s(&["restore", "MAIN"]).unwrap(), ["main", "restore"]);
+        assert!(s(&["clone"]).is_err());
+    }
 
     #[test]
     fn workloads_parse() {

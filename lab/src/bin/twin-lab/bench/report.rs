@@ -119,6 +119,7 @@ pub(super) struct Report<'a> {
     pub(super) limits: &'a Limits,
     pub(super) runs: &'a [Run],
     pub(super) failovers: &'a [Failover],
+    pub(super) restore: &'a super::restore::RestoreResults,
     pub(super) elapsed_s: f64,
 }
 
@@ -532,6 +533,7 @@ pub(super) fn markdown(r: &Report<'_>) -> String {
             r.failovers.len() - ok.len()
         ),
     );
+    super::restore::markdown(&mut s, r.restore);
     let failed: Vec<String> = r
         .runs
         .iter()
@@ -669,6 +671,7 @@ pub(super) struct JsonReport<'a> {
     pub(super) limits: &'a Limits,
     pub(super) runs: &'a [Run],
     pub(super) failovers: &'a [Failover],
+    pub(super) restore: &'a super::restore::RestoreResults,
     pub(super) elapsed_s: f64,
 }
 
