@@ -39,6 +39,7 @@ impl StoreSource {
         twin_vmm::snapshot::write_first_touches(
             &self.dir.join(twin_vmm::snapshot::FIRST_TOUCH_FILE),
             touched,
+            self.index.pages(),
         );
     }
 

@@ -112,14 +112,25 @@ impl ChainSource {
     /// Records the first touches of this restore for the next one (best effort: a
     /// snapshot on a read-only medium still restores).
     pub fn record_first_touches(&self, touched: &[u32]) {
-        write_first_touches(&self.top.join(FIRST_TOUCH_FILE), touched);
+        write_first_touches(&self.top.join(FIRST_TOUCH_FILE), touched, self.owner.len());
     }
 }
 
-/// Writes a first-touch record (best effort: an image on a read-only medium still
-/// restores, only without the record).
-pub fn write_first_touches(path: &Path, touched: &[u32]) {
-    let bytes: Vec<u8> = touched.iter().flat_map(|p| p.to_le_bytes()).collect();
+/// Writes a first-touch record: this restore's first touches, then those of the record
+/// already there that it did not touch. A `ws` restore faults only on what its prefetcher
+/// had not loaded yet — a few pages — and must not replace the working set it was given
+/// with them. Best effort: an image on a read-only medium still restores, only without
+/// the record.
+pub fn write_first_touches(path: &Path, touched: &[u32], pages: usize) {
+    let old = read_first_touches(path, pages);
+    let mut seen = vec![false; pages];
+    let mut order = Vec::with_capacity(touched.len() + old.len());
+    for &p in touched.iter().chain(&old) {
+        if (p as usize) < pages && !std::mem::replace(&mut seen[p as usize], true) {
+            order.push(p);
+        }
+    }
+    let bytes: Vec<u8> = order.iter().flat_map(|p| p.to_le_bytes()).collect();
     if let Err(e) = std::fs::write(path, bytes) {
         tracing::warn!(path = %path.display(), "cannot record the restore's first touches: {e}");
     }
@@ -144,6 +155,27 @@ pub fn read_first_touches(path: &Path, pages: usize) -> Vec<u32> {
             ok
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_record_keeps_the_working_set_it_was_given_after_the_new_touches() {
+        let dir = std::env::temp_dir().join(format!("twin-touch-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(FIRST_TOUCH_FILE);
+        let _ = std::fs::remove_file(&path);
+        write_first_touches(&path, &[5, 1, 9], 16);
+        assert_eq!(read_first_touches(&path, 16), vec![5, 1, 9]);
+        // A ws restore that faulted on two pages only (one beyond RAM: ignored).
+        write_first_touches(&path, &[9, 3, 99], 16);
+        assert_eq!(read_first_touches(&path, 16), vec![9, 3, 5, 1]);
+        // A record from a larger VM: what is beyond this RAM is dropped.
+        assert_eq!(read_first_touches(&path, 4), vec![3, 1]);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
 
 impl PageSource for ChainSource {
