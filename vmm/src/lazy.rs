@@ -193,6 +193,8 @@ struct Shared {
     budget: Option<u64>,
     /// [`Loader::wait`] asked for everything: the budget no longer holds the prefetcher.
     forced: AtomicBool,
+    /// The load failed (a page that could not be loaded), as opposed to being stopped.
+    failed: AtomicBool,
 }
 
 /// What [`Loader::on_complete`] calls with the first touches.
@@ -277,6 +279,7 @@ impl Loader {
             on_complete: Mutex::new(None),
             budget,
             forced: AtomicBool::new(false),
+            failed: AtomicBool::new(false),
         });
         let mut threads = Vec::new();
         let s = shared.clone();
@@ -381,7 +384,8 @@ impl Loader {
 
 impl Drop for Loader {
     fn drop(&mut self) {
-        let failed = self.shared.state.lock().expect("load lock").error.is_some();
+        // A load that failed (not one stopped because its memory went away first).
+        let failed = self.shared.failed.load(Ordering::Acquire);
         if !failed {
             // A VM stopped before its load completed (a demand-only restore, typically)
             // still leaves its record of first touches for the next restore.
@@ -542,6 +546,8 @@ impl Shared {
                     Ok(Fill::Done(_)) if tries < 100 => tries += 1,
                     // Present meanwhile (loaded, or faulted in as a zero page).
                     Ok(_) => at += 1,
+                    // The mapping is gone (the memory was dropped): nobody can wait on it.
+                    Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return,
                     Err(e) => {
                         tracing::error!(
                             "cannot poison the guest pages not loaded ({e}); a vCPU may wait on one"
@@ -577,6 +583,7 @@ impl Shared {
             }
             st.error = Some(why.clone());
         }
+        self.failed.store(true, Ordering::Release);
         tracing::error!("loading guest memory failed: {why}");
         if let Some(tx) = self.events.lock().expect("load lock").as_ref() {
             let _ = tx.send(VmEvent::MemoryLoadFailed(why));
