@@ -1276,7 +1276,7 @@ impl RestoreImage {
     /// Opens `dir`, a replica store if it has a store index, else a snapshot; the disks
     /// are built at `targets` (new files) from the image's, which stay as they are.
     fn open(dir: &std::path::Path, targets: &[PathBuf]) -> Result<Self> {
-        use twin_vmm::devices::virtio::blk::disk::{copy_sparse, DiskImage};
+        use twin_vmm::devices::virtio::blk::disk::copy_sparse;
         if !dir.join(twin_store::INDEX_FILE).exists() {
             let state = snapshot::read_state(dir)?;
             let source =
@@ -1308,29 +1308,24 @@ impl RestoreImage {
                 targets.len()
             );
         }
-        let mut disks = Vec::new();
-        for (i, (spec, target)) in state.config.disks.iter().zip(targets).enumerate() {
+        // The disk replicas are copied to the new images (the store stays as it is); a
+        // failure removes the images made so far.
+        let read_only: Vec<bool> = state.config.disks.iter().map(|d| d.read_only).collect();
+        let disks = snapshot::build_images(targets, &read_only, |i, dst, target| {
             let from = dir.join(format!("disk-{i}.img"));
-            let src = std::fs::File::open(&from)
-                .with_context(|| format!("cannot open the disk replica {}", from.display()))?;
-            let dst = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(target)
-                .with_context(|| {
-                    format!("cannot create {} (it must not exist)", target.display())
-                })?;
-            dst.set_len(spec.capacity)
-                .and_then(|()| copy_sparse(&src, &dst, spec.capacity).map(|_| ()))
-                .and_then(|()| dst.sync_all())
-                .with_context(|| {
-                    format!("cannot copy {} to {}", from.display(), target.display())
-                })?;
-            disks.push(std::sync::Arc::new(
-                DiskImage::open(target, spec.read_only)
-                    .with_context(|| format!("cannot open {}", target.display()))?,
-            ));
-        }
+            let capacity = state.config.disks[i].capacity;
+            std::fs::File::open(&from)
+                .and_then(|src| {
+                    dst.set_len(capacity)?;
+                    copy_sparse(&src, dst, capacity).map(|_| ())
+                })
+                .map_err(|source| snapshot::LayerError::Io {
+                    op: "copying the disk replica to",
+                    path: target.to_path_buf(),
+                    source,
+                })
+        })
+        .context("cannot build the replica's disks")?;
         let source = std::sync::Arc::new(source);
         let rec = source.clone();
         Ok(RestoreImage {

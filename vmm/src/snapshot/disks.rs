@@ -144,6 +144,19 @@ pub fn restore(
             ),
         });
     }
+    build_images(targets, read_only, |i, dst, target| {
+        restore_one(layers, i, dst, target)
+    })
+}
+
+/// Creates the disk images `targets` (which must not exist), has `fill` write image `i`,
+/// syncs and opens them, read-only where `read_only` says. A failure removes every image
+/// it created: nothing half-written is left that looks like a restored disk.
+pub fn build_images(
+    targets: &[PathBuf],
+    read_only: &[bool],
+    mut fill: impl FnMut(usize, &File, &Path) -> Result<(), LayerError>,
+) -> Result<Vec<Arc<DiskImage>>, LayerError> {
     let mut created = Vec::new();
     let r: Result<Vec<Arc<DiskImage>>, LayerError> = (|| {
         for (i, target) in targets.iter().enumerate() {
@@ -160,7 +173,7 @@ pub fn restore(
                     _ => io("creating the restored disk", target)(e),
                 })?;
             created.push(target.clone());
-            restore_one(layers, i, &dst, target)?;
+            fill(i, &dst, target)?;
             dst.sync_all().map_err(io("syncing", target))?;
         }
         targets

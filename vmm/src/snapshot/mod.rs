@@ -15,7 +15,7 @@ mod source;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-pub use disks::{DiskSource, LayerDisk};
+pub use disks::{build_images, DiskSource, LayerDisk};
 pub use layer::{
     chain, check_target, load_memory, read_meta, read_state, write, write_with_disks, Layer,
     LayerError, LayerId, SnapshotMeta, WriteReport, MAX_CHAIN, SNAPSHOT_FORMAT,
