@@ -303,7 +303,7 @@ impl Store {
             return Err(StoreError::PageSize(data.len()));
         }
         if data.iter().all(|&b| b == 0) {
-            return self.zero_run(index, 1);
+            return self.zero_pages(&[index]);
         }
         self.mem
             .write_all_at(data, index * PAGE_SIZE as u64)
@@ -321,36 +321,9 @@ impl Store {
         for &i in indices {
             self.check(i)?;
         }
-        let mut i = 0;
-        while i < indices.len() {
-            let first = indices[i];
-            let mut n = 1u64;
-            while i + (n as usize) < indices.len() && indices[i + n as usize] == first + n {
-                n += 1;
-            }
-            self.zero_run(first, n)?;
-            i += n as usize;
-        }
-        Ok(())
-    }
-
-    fn zero_run(&self, first: u64, n: u64) -> Result<(), StoreError> {
-        // SAFETY: plain syscall on our own file; the range is inside it (checked by the
-        // callers).
-        let rc = unsafe {
-            libc::fallocate(
-                self.mem.as_raw_fd(),
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                (first * PAGE_SIZE as u64) as libc::off_t,
-                (n * PAGE_SIZE as u64) as libc::off_t,
-            )
-        };
-        if rc != 0 {
-            return Err(io("punching a zero page into", &self.mem_path)(
-                std::io::Error::last_os_error(),
-            ));
-        }
-        for p in first..first + n {
+        twin_vmm::memory::punch_pages(&self.mem, indices)
+            .map_err(io("punching zero pages into", &self.mem_path))?;
+        for &p in indices {
             self.index.set_entry(p as usize, Entry::ZERO);
         }
         Ok(())

@@ -526,29 +526,7 @@ impl Memory {
         if indices.iter().any(|&i| i >= pages) {
             return Ok(false);
         }
-        let mut i = 0;
-        while i < indices.len() {
-            // Coalesce a run of consecutive pages into one hole.
-            let first = indices[i];
-            let mut len = 1u64;
-            while i + (len as usize) < indices.len() && indices[i + len as usize] == first + len {
-                len += 1;
-            }
-            i += len as usize;
-            // SAFETY: plain syscall on our own memfd; the range lies inside the file (checked
-            // above). The shared mapping stays valid: punched pages read back as zeroes.
-            let rc = unsafe {
-                libc::fallocate(
-                    self.file.as_raw_fd(),
-                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                    (first * PAGE_SIZE as u64) as libc::off_t,
-                    (len * PAGE_SIZE as u64) as libc::off_t,
-                )
-            };
-            if rc != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-        }
+        punch_pages(&self.file, indices)?;
         Ok(true)
     }
 
@@ -755,6 +733,35 @@ impl Drop for Memory {
         // `self` (they borrow it).
         unsafe { ManuallyDrop::drop(&mut self.whole) };
     }
+}
+
+/// Punches the pages at `indices` (page-index order, in range: the caller checks) out of
+/// `file`, one hole per run of consecutive pages: they read back as zeroes, and hold no
+/// memory or disk blocks. Guest memory's memfd and a replica store's `memory.img` alike.
+pub fn punch_pages(file: &File, indices: &[u64]) -> std::io::Result<()> {
+    let mut i = 0;
+    while i < indices.len() {
+        let first = indices[i];
+        let mut len = 1u64;
+        while i + (len as usize) < indices.len() && indices[i + len as usize] == first + len {
+            len += 1;
+        }
+        i += len as usize;
+        // SAFETY: plain syscall on a file the caller owns; the range lies inside it (the
+        // caller checked). A shared mapping of it stays valid: punched pages read as zero.
+        let rc = unsafe {
+            libc::fallocate(
+                file.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                (first * PAGE_SIZE as u64) as libc::off_t,
+                (len * PAGE_SIZE as u64) as libc::off_t,
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
